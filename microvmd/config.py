@@ -1,0 +1,162 @@
+"""The daemon's one configuration object: built from a TOML file, then flags, validated once at start-up."""
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .units import default_socket_path, default_state_dir, parse_duration, parse_size
+
+MiB = 1 << 20
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-VM limits; the daemon-wide defaults live here and each VM may narrow them."""
+
+    fuel: int | None = None
+    memory: int = 256 * MiB
+    timeout: float | None = None
+    max_memory: int = 4096 * MiB  # no VM may ask for more
+    max_wasm_stack: int = 1 * MiB
+    table_elements: int = 100_000
+    instances: int = 1
+    tables: int = 4
+    memories: int = 1
+    log_bytes: int = 8 * MiB  # cap per console stream; older output is dropped beyond it
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    # Ticks of the one epoch clock; a running guest yields to the scheduler at every tick.
+    epoch_interval: float = 0.010
+    # Fuel between forced yields when a VM has a fuel budget (bounds the overshoot).
+    fuel_slice: int = 10_000_000
+    # Linear memory virtual reservation and guards; smaller values let more VMs fit the kernel's
+    # vm.max_map_count at the price of explicit bounds checks.
+    memory_reservation: int | None = None
+    memory_guard_size: int | None = None
+    workers: int = 0  # 0 = one per CPU
+    cache_compiled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: Path
+    state_dir: Path
+    log_level: str = "info"
+    listen: tuple[str, int] | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token_file: Path | None = None
+    gateway: tuple[str, int] | None = None
+    import_images: Path | None = None
+    upload_limit: int = 256 * MiB
+    json_limit: int = 4 * MiB
+    shutdown_timeout: float = 20.0
+    limits: Limits = field(default_factory=Limits)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    @property
+    def workers(self) -> int:
+        return self.engine.workers or (os.cpu_count() or 2)
+
+    def validate(self) -> Config:
+        if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ConfigError(f"unknown log level {self.log_level!r}")
+        if self.listen is not None:
+            missing = [n for n in ("tls_cert", "tls_key", "token_file") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(
+                    "--listen needs TLS and a token: missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
+                )
+        if self.limits.memory > self.limits.max_memory:
+            raise ConfigError("limits.memory is larger than limits.max_memory")
+        if self.limits.memory < 65536:
+            raise ConfigError("limits.memory must be at least one Wasm page (64KiB)")
+        if self.engine.epoch_interval <= 0 or self.engine.epoch_interval > 1:
+            raise ConfigError("engine.epoch_interval must be in (0, 1] seconds")
+        if self.upload_limit < 1024:
+            raise ConfigError("upload_limit is too small")
+        return self
+
+
+def _hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    return (host.strip("[]") or "127.0.0.1", int(port))
+
+
+_SIZE_KEYS = {"memory", "max_memory", "max_wasm_stack", "log_bytes", "upload_limit", "json_limit",
+              "memory_reservation", "memory_guard_size"}
+_DURATION_KEYS = {"timeout", "epoch_interval", "shutdown_timeout"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    try:
+        if key in _SIZE_KEYS and isinstance(value, str):
+            return parse_size(value)
+        if key in _DURATION_KEYS and isinstance(value, str):
+            return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return value
+
+
+def _section(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(sorted(unknown))}")
+    return cls(**{k: _coerce(k, v) for k, v in data.items()})
+
+
+def load(args: argparse.Namespace) -> Config:
+    """Flags win over the file, the file wins over the defaults."""
+    file_data: dict[str, Any] = {}
+    if args.config:
+        try:
+            file_data = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {args.config}: {exc}") from None
+    daemon = dict(file_data.get("daemon", {}))
+    limits = _section(Limits, file_data.get("limits", {}), "limits")
+    engine = _section(EngineSettings, file_data.get("engine", {}), "engine")
+    unknown = set(file_data) - {"daemon", "limits", "engine"}
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+
+    def pick(name: str) -> Any:
+        flag = getattr(args, name, None)
+        return flag if flag is not None else daemon.pop(name, None)
+
+    socket = pick("socket")
+    state_dir = pick("state_dir")
+    listen = pick("listen")
+    gateway = pick("gateway")
+    cfg = Config(
+        socket=Path(socket) if socket else default_socket_path(),
+        state_dir=Path(state_dir) if state_dir else default_state_dir(),
+        log_level=pick("log_level") or "info",
+        listen=_hostport(listen, "--listen") if listen else None,
+        tls_cert=Path(v) if (v := pick("tls_cert")) else None,
+        tls_key=Path(v) if (v := pick("tls_key")) else None,
+        token_file=Path(v) if (v := pick("token_file")) else None,
+        gateway=None if not gateway or gateway == "off" else _hostport(gateway, "--gateway"),
+        import_images=Path(v) if (v := pick("import_images")) else None,
+        limits=limits,
+        engine=engine,
+    )
+    rest = {k: _coerce(k, v) for k, v in daemon.items()}
+    known = {"upload_limit", "json_limit", "shutdown_timeout"}
+    if set(rest) - known:
+        raise ConfigError(f"unknown key(s) in [daemon]: {', '.join(sorted(set(rest) - known))}")
+    return replace(cfg, **rest).validate()

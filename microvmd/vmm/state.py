@@ -1,0 +1,39 @@
+"""VM lifecycle: an explicit state enum and the one table of allowed transitions."""
+from __future__ import annotations
+
+from enum import StrEnum
+
+from ..errors import InvalidState
+
+
+class VmState(StrEnum):
+    CREATED = "created"          # instantiated, not yet started
+    RUNNING = "running"          # on a vCPU, queued for one, or blocked in a device call
+    PAUSED = "paused"            # parked by the user; holds no thread
+    OUT_OF_FUEL = "out_of_fuel"  # parked at its fuel budget; `fuel add` lets it continue
+    EXITED = "exited"            # the guest ended by itself (exit code)
+    STOPPED = "stopped"          # the host ended it (reason in the exit record)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (VmState.EXITED, VmState.STOPPED)
+
+    @property
+    def live(self) -> bool:
+        return not self.terminal
+
+
+S = VmState
+TRANSITIONS: dict[VmState, frozenset[VmState]] = {
+    S.CREATED: frozenset({S.RUNNING, S.STOPPED}),
+    S.RUNNING: frozenset({S.PAUSED, S.OUT_OF_FUEL, S.EXITED, S.STOPPED}),
+    S.PAUSED: frozenset({S.RUNNING, S.STOPPED}),
+    S.OUT_OF_FUEL: frozenset({S.RUNNING, S.STOPPED}),
+    S.EXITED: frozenset(),
+    S.STOPPED: frozenset(),
+}
+
+
+def check_transition(vm_id: str, current: VmState, target: VmState, action: str) -> None:
+    if target not in TRANSITIONS[current]:
+        raise InvalidState(f"cannot {action} VM {vm_id}: it is {current.value}")
