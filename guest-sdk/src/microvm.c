@@ -1,0 +1,345 @@
+/*
+ * microvm.c - implementation of the microvmd guest SDK (see microvm.h and
+ * ABI.md).  Compiled into every SDK guest by guest-sdk/mvcc.
+ */
+#include "microvm.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+_Static_assert(sizeof(struct mv_pollfd) == 8, "mv_pollfd must be 8 bytes (ABI)");
+_Static_assert(offsetof(struct mv_pollfd, events) == 4, "mv_pollfd.events at offset 4 (ABI)");
+_Static_assert(offsetof(struct mv_pollfd, revents) == 6, "mv_pollfd.revents at offset 6 (ABI)");
+_Static_assert(sizeof(void *) == 4, "the microvmd ABI is wasm32-only");
+
+/* ---- host imports (ABI.md) ------------------------------------------------ */
+
+#define MV_IMPORT(mod, name) __attribute__((import_module(mod), import_name(name)))
+
+MV_IMPORT("microvm", "sleep_ms") int32_t __mv_sleep_ms(int32_t ms);
+MV_IMPORT("microvm", "yield") int32_t __mv_yield(void);
+
+MV_IMPORT("microvm_blk", "blk_count") int32_t __mv_blk_count(void);
+MV_IMPORT("microvm_blk", "blk_size") int64_t __mv_blk_size(int32_t dev);
+MV_IMPORT("microvm_blk", "blk_read") int32_t __mv_blk_read(int32_t dev, int64_t off, void *buf, int32_t len);
+MV_IMPORT("microvm_blk", "blk_write") int32_t __mv_blk_write(int32_t dev, int64_t off, const void *buf, int32_t len);
+MV_IMPORT("microvm_blk", "blk_flush") int32_t __mv_blk_flush(int32_t dev);
+MV_IMPORT("microvm_blk", "blk_flags") int32_t __mv_blk_flags(int32_t dev);
+
+MV_IMPORT("microvm_net", "net_listen") int32_t __mv_net_listen(int32_t port, int32_t backlog);
+MV_IMPORT("microvm_net", "net_accept") int32_t __mv_net_accept(int32_t sd, int32_t flags);
+MV_IMPORT("microvm_net", "net_connect") int32_t __mv_net_connect(const char *host, int32_t host_len, int32_t port, int32_t flags);
+MV_IMPORT("microvm_net", "net_send") int32_t __mv_net_send(int32_t sd, const void *buf, int32_t len, int32_t flags);
+MV_IMPORT("microvm_net", "net_recv") int32_t __mv_net_recv(int32_t sd, void *buf, int32_t len, int32_t flags);
+MV_IMPORT("microvm_net", "net_close") int32_t __mv_net_close(int32_t sd);
+MV_IMPORT("microvm_net", "net_poll") int32_t __mv_net_poll(struct mv_pollfd *fds, int32_t nfds, int32_t timeout_ms);
+
+/* ---- exports read by the daemon ------------------------------------------ */
+
+__attribute__((export_name("microvm_abi_version"))) int32_t microvm_abi_version(void) {
+    return MV_ABI_VERSION;
+}
+
+#ifndef MV_NO_ASYNCIFY
+/* Asyncify data: header {i32 cur; i32 end} followed by the unwind buffer.
+ * Every call resets the header, so the host calls this before starting an
+ * unwind, and never between an unwind and the matching rewind. */
+static _Alignas(16) unsigned char mv_asyncify_buf[MV_ASYNCIFY_BUF_SIZE];
+
+__attribute__((export_name("microvm_asyncify_data"))) int32_t microvm_asyncify_data(void) {
+    int32_t *hdr = (int32_t *)(void *)mv_asyncify_buf;
+    hdr[0] = (int32_t)(uintptr_t)(mv_asyncify_buf + 8);
+    hdr[1] = (int32_t)(uintptr_t)(mv_asyncify_buf + sizeof mv_asyncify_buf);
+    return (int32_t)(uintptr_t)mv_asyncify_buf;
+}
+#endif
+
+/* ---- error plumbing ---------------------------------------------------------- */
+
+/* Host calls return >= 0 or -(WASI errno); wasi-libc uses the same numbers. */
+static inline int32_t mv_ret32(int32_t r) {
+    if (r < 0) {
+        errno = -r;
+        return -1;
+    }
+    return r;
+}
+
+static inline int32_t mv_len32(size_t len) {
+    return len > INT32_MAX ? INT32_MAX : (int32_t)len;
+}
+
+int mv_abi_version(void) { return MV_ABI_VERSION; }
+
+/* ---- scheduling ---------------------------------------------------------------- */
+
+int mv_sleep_ms(int ms) { return mv_ret32(__mv_sleep_ms(ms < 0 ? 0 : ms)); }
+int mv_yield(void) { return mv_ret32(__mv_yield()); }
+
+/* ---- block devices --------------------------------------------------------------- */
+
+int mv_blk_count(void) { return mv_ret32(__mv_blk_count()); }
+
+long long mv_blk_size(int dev) {
+    int64_t r = __mv_blk_size(dev);
+    if (r < 0) {
+        errno = (int)-r;
+        return -1;
+    }
+    return r;
+}
+
+int mv_blk_flags(int dev) { return mv_ret32(__mv_blk_flags(dev)); }
+
+ssize_t mv_blk_read(int dev, long long offset, void *buf, size_t len) {
+    if (offset < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    return mv_ret32(__mv_blk_read(dev, offset, buf, mv_len32(len)));
+}
+
+ssize_t mv_blk_write(int dev, long long offset, const void *buf, size_t len) {
+    if (offset < 0 || len > INT32_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
+    return mv_ret32(__mv_blk_write(dev, offset, buf, (int32_t)len));
+}
+
+int mv_blk_flush(int dev) { return mv_ret32(__mv_blk_flush(dev)); }
+
+/* ---- sockets ------------------------------------------------------------------------ */
+
+int mv_listen(int port, int backlog) { return mv_ret32(__mv_net_listen(port, backlog)); }
+
+int mv_accept_flags(int sd, int flags) { return mv_ret32(__mv_net_accept(sd, flags)); }
+int mv_accept(int sd) { return mv_accept_flags(sd, 0); }
+
+int mv_connect_flags(const char *host, int port, int flags) {
+    if (!host) {
+        errno = EINVAL;
+        return -1;
+    }
+    return mv_ret32(__mv_net_connect(host, mv_len32(strlen(host)), port, flags));
+}
+int mv_connect(const char *host, int port) { return mv_connect_flags(host, port, 0); }
+
+int mv_parse_hostport(const char *hostport, char *host, size_t hostcap, int *port) {
+    if (!hostport || !host || !port || hostcap == 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    const char *h = hostport, *hend, *colon;
+    if (*h == '[') { /* [v6]:port */
+        h++;
+        hend = strchr(h, ']');
+        if (!hend || hend[1] != ':') {
+            errno = EINVAL;
+            return -1;
+        }
+        colon = hend + 1;
+    } else {
+        colon = strrchr(h, ':');
+        if (!colon) {
+            errno = EINVAL;
+            return -1;
+        }
+        hend = colon;
+        /* a bare IPv6 literal has more than one ':' and must be bracketed */
+        if (memchr(h, ':', (size_t)(hend - h))) {
+            errno = EINVAL;
+            return -1;
+        }
+    }
+    size_t hlen = (size_t)(hend - h);
+    if (hlen == 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (hlen >= hostcap) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    const char *p = colon + 1;
+    char *endp;
+    errno = 0;
+    long v = strtol(p, &endp, 10);
+    if (*p < '0' || *p > '9' || *endp != '\0' || errno || v < 1 || v > 65535) {
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+    *port = (int)v;
+    return 0;
+}
+
+int mv_connect_addr(const char *hostport) {
+    char host[256];
+    int port;
+    if (mv_parse_hostport(hostport, host, sizeof host, &port) < 0)
+        return -1;
+    return mv_connect(host, port);
+}
+
+ssize_t mv_send(int sd, const void *buf, size_t len, int flags) {
+    return mv_ret32(__mv_net_send(sd, buf, mv_len32(len), flags));
+}
+
+ssize_t mv_recv(int sd, void *buf, size_t len, int flags) {
+    return mv_ret32(__mv_net_recv(sd, buf, mv_len32(len), flags));
+}
+
+int mv_close(int sd) { return mv_ret32(__mv_net_close(sd)); }
+
+int mv_poll(struct mv_pollfd *fds, size_t nfds, int timeout_ms) {
+    if (nfds > INT32_MAX / sizeof *fds) {
+        errno = EINVAL;
+        return -1;
+    }
+    return mv_ret32(__mv_net_poll(fds, (int32_t)nfds, timeout_ms));
+}
+
+/* ---- helpers --------------------------------------------------------------------------- */
+
+ssize_t mv_send_all(int sd, const void *buf, size_t len) {
+    const char *p = buf;
+    size_t left = len;
+    while (left > 0) {
+        ssize_t n = mv_send(sd, p, left, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0) { /* a host must not do this for len > 0; avoid spinning */
+            errno = EIO;
+            return -1;
+        }
+        p += n;
+        left -= (size_t)n;
+    }
+    return (ssize_t)len;
+}
+
+ssize_t mv_send_str(int sd, const char *s) { return mv_send_all(sd, s, strlen(s)); }
+
+ssize_t mv_recv_line(int sd, char *buf, size_t cap) {
+    if (!buf || cap < 2) {
+        errno = EINVAL;
+        return -1;
+    }
+    size_t n = 0, consumed = 0;
+    for (;;) {
+        char c;
+        ssize_t r = mv_recv(sd, &c, 1, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            buf[n] = '\0';
+            return -1;
+        }
+        if (r == 0) /* end of stream: return what we have (0 if nothing) */
+            break;
+        consumed++;
+        if (c == '\n')
+            break;
+        buf[n++] = c;
+        if (n == cap - 1)
+            break;
+    }
+    if (n > 0 && buf[n - 1] == '\r' && consumed > n) /* strip CR only of a CRLF */
+        n--;
+    buf[n] = '\0';
+    return (ssize_t)consumed;
+}
+
+void mv_linebuf_init(struct mv_linebuf *lb) {
+    lb->start = lb->end = 0;
+    lb->eof = 0;
+    lb->data[0] = '\0';
+}
+
+ssize_t mv_linebuf_fill(struct mv_linebuf *lb, int sd, int flags) {
+    if (lb->start > 0) { /* compact */
+        memmove(lb->data, lb->data + lb->start, lb->end - lb->start);
+        lb->end -= lb->start;
+        lb->start = 0;
+    }
+    if (lb->end >= MV_LINEBUF_SIZE) {
+        errno = ENOBUFS;
+        return -1;
+    }
+    ssize_t r = mv_recv(sd, lb->data + lb->end, MV_LINEBUF_SIZE - lb->end, flags);
+    if (r == 0)
+        lb->eof = 1;
+    if (r > 0)
+        lb->end += (size_t)r;
+    return r;
+}
+
+char *mv_linebuf_next(struct mv_linebuf *lb) {
+    char *begin = lb->data + lb->start;
+    size_t avail = lb->end - lb->start;
+    if (avail == 0)
+        return NULL;
+    char *nl = memchr(begin, '\n', avail);
+    size_t len;
+    if (nl) {
+        len = (size_t)(nl - begin);
+        lb->start += len + 1;
+        if (len > 0 && begin[len - 1] == '\r')
+            len--;
+    } else if (lb->eof || avail >= MV_LINEBUF_SIZE) {
+        /* trailing partial line at end of stream, or an over-long line piece */
+        len = avail;
+        lb->start += avail;
+    } else {
+        return NULL;
+    }
+    begin[len] = '\0'; /* data has one spare byte beyond MV_LINEBUF_SIZE */
+    return begin;
+}
+
+static const char *mv_log_prefix;
+
+void mv_log_set_prefix(const char *prefix) { mv_log_prefix = prefix ? prefix : ""; }
+
+void mv_log(const char *fmt, ...) {
+    if (!mv_log_prefix)
+        mv_log_prefix = mv_env_str("MV_LOG_PREFIX", "[guest] ");
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    size_t len = strlen(msg);
+    /* one fprintf per line so concurrent writers do not interleave mid-line */
+    fprintf(stderr, "%s%s%s", mv_log_prefix, msg, (len && msg[len - 1] == '\n') ? "" : "\n");
+    fflush(stderr);
+}
+
+long mv_env_int(const char *name, long def) {
+    const char *s = getenv(name);
+    if (!s || !*s)
+        return def;
+    char *end;
+    int saved = errno;
+    errno = 0;
+    long v = strtol(s, &end, 0);
+    int bad = errno != 0 || *end != '\0';
+    errno = saved;
+    return bad ? def : v;
+}
+
+const char *mv_env_str(const char *name, const char *def) {
+    const char *s = getenv(name);
+    return s ? s : def;
+}
