@@ -11,6 +11,7 @@ it; host functions run on the thread that polls the call, and find their VM thro
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import itertools
 import threading
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime import _ffi as ffi
 
-WASMTIME_VERSION: str = getattr(wasmtime, "__version__", "") or "50"
+WASMTIME_VERSION: str = importlib.metadata.version("wasmtime")
 
 I32, I64 = 0, 1  # wasmtime_valkind_t
 _VALTYPES = {"i32": I32, "i64": I64}

@@ -1,0 +1,940 @@
+"""The commands of `microvm`: one `cmd_<handler>(ctx, ns) -> exit status` per command.
+
+Every request goes through ctx.api (an ApiClient). Errors: ClientError (daemon unreachable, API
+refused) -> `microvm: <message>` on stderr and 125; UsageError -> argparse-style error and 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from microvmd import __version__
+from microvmd.cli import output
+from microvmd.cli.client import ApiClient, ApiError, ClientError, Unreachable, q, read_token_file, resolve_target
+from microvmd.cli.spec import EXIT_CLIENT, UsageError, exit_status, looks_like_file, vm_spec_from_args
+from microvmd.units import format_duration, format_size, parse_count, parse_duration, parse_size
+
+EXIT_INTERRUPTED = 130
+LOG_DRAIN_GRACE = 2.0  # seconds to let console output drain after the VM exited
+
+
+class Ctx:
+    def __init__(self, ns):
+        self.ns = ns
+        self.json = bool(getattr(ns, "json", False))
+        self._api: ApiClient | None = None
+
+    @property
+    def api(self) -> ApiClient:
+        if self._api is None:
+            ns = self.ns
+            self._api = ApiClient(
+                resolve_target(
+                    getattr(ns, "socket", None),
+                    token_file=getattr(ns, "token_file", None),
+                    cafile=getattr(ns, "tls_ca", None),
+                )
+            )
+        return self._api
+
+    def error(self, message: str) -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"microvm: {message}\n")
+        sys.stderr.flush()
+
+    def out(self, text: str = "") -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def emit(self, obj) -> None:
+        output.print_json(obj)
+
+
+def run_command(ns) -> int:
+    ctx = Ctx(ns)
+    handler = globals()["cmd_" + ns.handler]
+    try:
+        return int(handler(ctx, ns) or 0)
+    except UsageError as e:
+        ns._parser.error(str(e))  # exits 2
+        raise  # unreachable
+    except ClientError as e:
+        ctx.error(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Our stdout went away (`microvm logs x | head`): stop quietly.
+        try:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+def _items(answer, key: str) -> list:
+    """{"vms": [...]} or a bare list -> the list."""
+    if isinstance(answer, dict):
+        value = answer.get(key)
+        return value if isinstance(value, list) else []
+    return answer if isinstance(answer, list) else []
+
+
+def _first(obj: dict, *keys, default=None):
+    for k in keys:
+        v = obj.get(k)
+        if v is not None and v != "":
+            return v
+    return default
+
+
+def _each(ctx: Ctx, refs: list[str], fn) -> tuple[int, list]:
+    """Apply fn to every ref; an API error is reported and the others still run (exit 125 at the end)."""
+    status, results = 0, []
+    for ref in refs:
+        try:
+            results.append((ref, fn(ref)))
+        except ApiError as e:
+            ctx.error(str(e))
+            status = EXIT_CLIENT
+    return status, results
+
+
+def _emit_results(ctx: Ctx, results: list, *, always_json: bool = False, show_ref: bool = True) -> None:
+    if ctx.json or always_json:
+        objs = [r for _, r in results if r is not None]
+        if objs:
+            ctx.emit(objs[0] if len(objs) == 1 else objs)
+    elif show_ref:
+        for ref, _ in results:
+            ctx.out(ref)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ClientError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _image_name_from_path(path: str) -> str:
+    base = os.path.basename(path)
+    stem, ext = os.path.splitext(base)
+    return stem if ext in (".wasm", ".wat") and stem else base
+
+
+def _upload_image(ctx: Ctx, path: str, name: str | None = None) -> dict:
+    data = _read_file(path)
+    img = ctx.api.post(
+        "/v1/images", data, query={"name": name} if name else None, content_type="application/wasm"
+    )
+    if not isinstance(img, dict) or not img.get("digest"):
+        raise ClientError(f"unexpected answer to the image upload: {img!r}")
+    return img
+
+
+def resolve_image(ctx: Ctx, arg: str) -> str:
+    """IMAGE|FILE.wasm -> an image reference: a file is uploaded (without a name) and its digest used."""
+    if looks_like_file(arg):
+        return _upload_image(ctx, arg)["digest"]
+    return arg
+
+
+def _convert(fn, value, option: str):
+    try:
+        return fn(value)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def _parse_env(items) -> dict:
+    from microvmd.cli.spec import parse_env
+
+    return parse_env(items)
+
+
+def _binary_writer(stream):
+    """(write, flush) for raw bytes on a text stream (sys.stdout / sys.stderr, or a test double)."""
+    buf = getattr(stream, "buffer", None)
+    if buf is not None:
+        def write(data: bytes) -> None:
+            buf.write(data)
+            buf.flush()
+    else:
+        def write(data: bytes) -> None:
+            stream.write(data.decode("utf-8", "replace"))
+            stream.flush()
+    return write
+
+
+def _same_destination(a, b) -> bool:
+    """Do two output streams end up in the same file/pipe/terminal (so one merged stream is right)?"""
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return True
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+class LogFollower:
+    """Copies a VM's console to our stdout/stderr.
+
+    When stdout and stderr go to the same place (a terminal, `2>&1`) one `stream=all` request keeps the
+    guest's interleaving; otherwise stdout and stderr are fetched separately, each to its own side.
+    """
+
+    def __init__(self, api: ApiClient, ref: str, *, follow: bool, stream: str | None = None):
+        self.api = api
+        self.ref = ref
+        self.follow = follow
+        if stream == "stderr":
+            plan = [("stderr", sys.stderr)]
+        elif stream in ("stdout", "all"):
+            plan = [(stream, sys.stdout)]
+        elif _same_destination(sys.stdout, sys.stderr):
+            plan = [("all", sys.stdout)]
+        else:
+            plan = [("stdout", sys.stdout), ("stderr", sys.stderr)]
+        self.plan = plan
+        self.responses: list = []
+        self.threads: list = []
+        self.errors: list[BaseException] = []
+
+    def open(self) -> None:
+        sys.stdout.flush()
+        for name, _ in self.plan:
+            self.responses.append(
+                self.api.request(
+                    "GET",
+                    f"/v1/vms/{q(self.ref)}/logs",
+                    stream=True,
+                    query={"follow": "true" if self.follow else None, "stream": name},
+                )
+            )
+
+    def _copy(self, resp, out) -> None:
+        write = _binary_writer(out)
+        try:
+            for chunk in resp.chunks():
+                write(chunk)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            if not resp.aborted:
+                self.errors.append(e)
+
+    def start(self) -> None:
+        """Open the streams and copy each in a background thread."""
+        import threading
+
+        if not self.responses:
+            self.open()
+        for resp, (_, out) in zip(self.responses, self.plan):
+            t = threading.Thread(target=self._copy, args=(resp, out), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def run(self) -> None:
+        """Copy everything in the foreground (until the end of the logs, or the VM's exit with follow)."""
+        self.open()
+        try:
+            if len(self.responses) == 1 or not self.follow:
+                for resp, (_, out) in zip(self.responses, self.plan):
+                    self._copy(resp, out)
+            else:
+                self.start()
+                while any(t.is_alive() for t in self.threads):
+                    for t in self.threads:
+                        t.join(0.2)
+        finally:
+            self.abort()
+            self.close()
+        self.raise_errors()
+
+    def finish(self, grace: float) -> None:
+        """Give the copiers `grace` seconds to reach the end of their streams, then stop them."""
+        deadline = time.monotonic() + grace
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.abort()
+        for t in self.threads:
+            t.join(1.0)
+
+    def abort(self) -> None:
+        for resp in self.responses:
+            resp.abort()
+
+    def close(self) -> None:
+        for resp in self.responses:
+            try:
+                resp.close()
+            except OSError:
+                pass
+
+    def raise_errors(self) -> None:
+        for e in self.errors:
+            if isinstance(e, (ClientError, BrokenPipeError, KeyboardInterrupt)):
+                raise e
+        if self.errors:
+            raise self.errors[0]
+
+
+class Progress:
+    """`label: 12MiB / 40MiB (30%)` on stderr, redrawn in place; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str, total: int | None):
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.1:
+            self._last = now
+            self._draw()
+
+    def _draw(self) -> None:
+        text = f"{self.label}: {format_size(self.done)}"
+        if self.total:
+            text += f" / {format_size(self.total)} ({min(100, self.done * 100 // self.total)}%)"
+        sys.stderr.write("\r" + text + "\x1b[K")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class _CountingReader:
+    def __init__(self, f, progress: Progress):
+        self.f = f
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.progress.update(len(data))
+        return data
+
+
+# --- system --------------------------------------------------------------------------------------------
+
+def cmd_info(ctx: Ctx, ns) -> int:
+    info = ctx.api.get("/v1/info")
+    if ctx.json or not isinstance(info, dict):
+        ctx.emit(info)
+        return 0
+    vms = info.get("vms") or {}
+    vm_text = ", ".join(f"{state} {count}" for state, count in vms.items()) if isinstance(vms, dict) else str(vms)
+    rows = [
+        ("Daemon version", info.get("version")),
+        ("Wasmtime version", info.get("wasmtime_version")),
+        ("Socket", info.get("socket") or ctx.api.target),
+        ("State dir", info.get("state_dir")),
+        ("Uptime", format_duration(info.get("uptime_s"))),
+        ("Images", info.get("images")),
+        ("VMs", vm_text or "none"),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    for k, v in rows:
+        ctx.out(f"{(k + ':').ljust(width)} {'-' if v is None else v}")
+    engine = info.get("engine")
+    if isinstance(engine, dict) and engine:
+        ctx.out("Engine:")
+        for k, v in engine.items():
+            ctx.out(f"  {k}: {v}")
+    known = {"version", "wasmtime_version", "socket", "state_dir", "uptime_s", "images", "vms", "engine"}
+    for k, v in info.items():
+        if k not in known and not isinstance(v, (dict, list)):
+            ctx.out(f"{k}: {v}")
+    return 0
+
+
+def cmd_version(ctx: Ctx, ns) -> int:
+    client = {"version": __version__, "python": sys.version.split()[0]}
+    daemon = None
+    problem = None
+    try:
+        daemon = ctx.api.get("/v1/info")
+    except ClientError as e:
+        problem = str(e)
+    if ctx.json:
+        ctx.emit({"client": client, "daemon": daemon})
+    else:
+        ctx.out(f"Client: microvm {client['version']} (Python {client['python']})")
+        if isinstance(daemon, dict):
+            extra = f" (wasmtime {daemon['wasmtime_version']})" if daemon.get("wasmtime_version") else ""
+            ctx.out(f"Daemon: microvmd {daemon.get('version', '?')}{extra}")
+        else:
+            ctx.out("Daemon: not reachable")
+    if problem:
+        ctx.error(problem)
+    return 0
+
+
+# --- images --------------------------------------------------------------------------------------------
+
+def cmd_image_import(ctx: Ctx, ns) -> int:
+    name = ns.name or _image_name_from_path(ns.file)
+    img = _upload_image(ctx, ns.file, name)
+    if ctx.json:
+        ctx.emit(img)
+    else:
+        ctx.out(f"{img.get('name') or name} {img['digest']}")
+    return 0
+
+
+def cmd_image_ls(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get("/v1/images")
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    rows = []
+    for img in _items(answer, "images"):
+        name = img.get("name")
+        if not name or name == img.get("digest"):
+            name = "<none>"
+        rows.append([name, output.short_digest(img.get("digest")), output.size(img.get("size")),
+                     output.ago(img.get("created"))])
+    output.table(["NAME", "DIGEST", "SIZE", "CREATED"], rows)
+    return 0
+
+
+def cmd_image_inspect(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/images/{q(ref)}"))
+    _emit_results(ctx, results, always_json=True)
+    return status
+
+
+def cmd_image_rm(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.delete(f"/v1/images/{q(ref)}"))
+    _emit_results(ctx, results)
+    return status
+
+
+# --- VMs -----------------------------------------------------------------------------------------------
+
+def _create_vm(ctx: Ctx, ns) -> dict:
+    spec = vm_spec_from_args(ns)
+    spec["image"] = resolve_image(ctx, ns.image)
+    vm = ctx.api.post("/v1/vms", spec)
+    if not isinstance(vm, dict) or not vm.get("id"):
+        raise ClientError(f"unexpected answer to the VM creation: {vm!r}")
+    return vm
+
+
+def cmd_create(ctx: Ctx, ns) -> int:
+    vm = _create_vm(ctx, ns)
+    if ctx.json:
+        ctx.emit(vm)
+    else:
+        ctx.out(vm["id"])
+    return 0
+
+
+def cmd_run(ctx: Ctx, ns) -> int:
+    vm_spec_from_args(ns)  # usage errors before anything is uploaded
+    if ns.detach:
+        return cmd_create(ctx, ns)
+    vm = _create_vm(ctx, ns)
+    return _attach(ctx, vm["id"], remove=ns.rm)
+
+
+def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
+    code, reason = exit_status(exit_obj if isinstance(exit_obj, dict) else None)
+    if reason is not None:
+        ctx.error(f"VM {label} stopped by host: {reason}")
+    return code
+
+
+def _attach(ctx: Ctx, vm_id: str, *, remove: bool) -> int:
+    """Stream the console of a started VM, wait for it, and return the exit status for the client."""
+    api = ctx.api
+    follower = LogFollower(api, vm_id, follow=True)
+    try:
+        try:
+            follower.start()
+            exit_obj = api.post(f"/v1/vms/{q(vm_id)}/wait")
+            follower.finish(LOG_DRAIN_GRACE)
+        except KeyboardInterrupt:
+            follower.abort()
+            sys.stderr.write("\n")
+            exit_obj = _kill_after_interrupt(ctx, vm_id)
+            if exit_obj is None:
+                return EXIT_INTERRUPTED
+        for e in follower.errors:
+            if isinstance(e, BrokenPipeError):
+                raise e
+            ctx.error(f"console output may be incomplete: {e}")
+        return _report_exit(ctx, vm_id, exit_obj)
+    finally:
+        follower.close()
+        if remove:
+            try:
+                api.delete(f"/v1/vms/{q(vm_id)}", query={"force": "true"})
+            except ClientError as e:
+                ctx.error(f"could not remove VM {vm_id}: {e}")
+
+
+def _kill_after_interrupt(ctx: Ctx, vm_id: str):
+    api = ctx.api
+    try:
+        try:
+            api.post(f"/v1/vms/{q(vm_id)}/kill")
+        except ApiError:
+            pass  # it has exited already (invalid_state): report its real exit below
+        return api.post(f"/v1/vms/{q(vm_id)}/wait", query={"timeout": "5"})
+    except (ClientError, KeyboardInterrupt):
+        return None
+
+
+def cmd_vm_action(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.post(f"/v1/vms/{q(ref)}/{ns.action}"))
+    _emit_results(ctx, results)
+    return status
+
+
+def cmd_wait(ctx: Ctx, ns) -> int:
+    query = None
+    if ns.timeout is not None:
+        query = {"timeout": f"{_convert(parse_duration, ns.timeout, '--timeout'):g}"}
+    exit_obj = ctx.api.post(f"/v1/vms/{q(ns.ref)}/wait", query=query)
+    if ctx.json:
+        ctx.emit(exit_obj)
+    return _report_exit(ctx, ns.ref, exit_obj)
+
+
+def cmd_rm(ctx: Ctx, ns) -> int:
+    query = {"force": "true"} if ns.force else None
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.delete(f"/v1/vms/{q(ref)}", query=query))
+    _emit_results(ctx, results)
+    return status
+
+
+def _state_text(vm: dict) -> str:
+    state = vm.get("state") or "-"
+    ex = vm.get("exit")
+    if state == "exited" and isinstance(ex, dict):
+        reason = ex.get("reason") or "exit"
+        detail = ex.get("code", 0) if reason == "exit" else reason
+        return f"exited ({0 if detail is None else detail})"
+    return state
+
+
+def _uptime(vm: dict) -> str:
+    if vm.get("state") in ("running", "paused", "out_of_fuel") and vm.get("started"):
+        return output.span(vm.get("started"))
+    return "-"
+
+
+def cmd_ps(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get("/v1/vms", query={"all": "true"} if ns.all else None)
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    vms = _items(answer, "vms")
+    if ns.quiet:
+        for vm in vms:
+            ctx.out(vm.get("id", ""))
+        return 0
+    rows = []
+    for vm in vms:
+        fuel = vm.get("fuel_consumed")
+        rows.append([
+            output.short_id(vm.get("id")),
+            vm.get("name"),
+            output.short_image(vm.get("image")),
+            _state_text(vm),
+            fuel if isinstance(fuel, int) else None,
+            output.size(vm.get("memory_bytes")),
+            output.ago(vm.get("created")),
+            _uptime(vm),
+        ])
+    output.table(["ID", "NAME", "IMAGE", "STATE", "FUEL USED", "MEMORY", "CREATED", "UPTIME"], rows)
+    return 0
+
+
+def cmd_inspect(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/vms/{q(ref)}"))
+    _emit_results(ctx, results, always_json=True)
+    return status
+
+
+def cmd_logs(ctx: Ctx, ns) -> int:
+    LogFollower(ctx.api, ns.ref, follow=ns.follow, stream=ns.stream).run()
+    return 0
+
+
+def cmd_fuel_add(ctx: Ctx, ns) -> int:
+    amount = _convert(parse_count, ns.amount, "AMOUNT")
+    if amount <= 0:
+        raise UsageError(f"AMOUNT: must be positive, got {ns.amount!r}")
+    vm = ctx.api.post(f"/v1/vms/{q(ns.ref)}/fuel", {"amount": amount})
+    if ctx.json:
+        ctx.emit(vm)
+    elif isinstance(vm, dict):
+        ctx.out(
+            f"{output.short_id(vm.get('id')) if vm.get('id') else ns.ref}: added {amount} fuel "
+            f"(remaining {vm.get('fuel_remaining', '-')}, state {vm.get('state', '-')})"
+        )
+    else:
+        ctx.out(ns.ref)
+    return 0
+
+
+# --- disks ---------------------------------------------------------------------------------------------
+
+def cmd_disk_create(ctx: Ctx, ns) -> int:
+    body: dict = {"name": ns.name}
+    if ns.from_file:
+        src = os.path.abspath(os.path.expanduser(ns.from_file))
+        if not os.path.isfile(src):
+            raise ClientError(f"cannot read {ns.from_file}: no such file")
+        body["from"] = src
+    if ns.size is not None:
+        body["size"] = _convert(parse_size, ns.size, "--size")
+        if body["size"] <= 0:
+            raise UsageError(f"--size: must be positive, got {ns.size!r}")
+    elif ns.from_file:
+        body["size"] = os.path.getsize(body["from"])
+    else:
+        raise UsageError("the following arguments are required: --size (or --from FILE)")
+    disk = ctx.api.post("/v1/disks", body)
+    if ctx.json:
+        ctx.emit(disk)
+    else:
+        ctx.out(disk.get("name", ns.name) if isinstance(disk, dict) else ns.name)
+    return 0
+
+
+def cmd_disk_ls(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get("/v1/disks")
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    rows = []
+    for d in _items(answer, "disks"):
+        used_by = _first(d, "used_by", "vms", "attached_to")
+        if isinstance(used_by, list):
+            used_by = ",".join(str(x) for x in used_by)
+        rows.append([d.get("name"), output.size(d.get("size")), used_by, output.ago(d.get("created"))])
+    output.table(["NAME", "SIZE", "USED BY", "CREATED"], rows)
+    return 0
+
+
+def cmd_disk_rm(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.delete(f"/v1/disks/{q(ref)}"))
+    _emit_results(ctx, results)
+    return status
+
+
+# --- snapshots -----------------------------------------------------------------------------------------
+
+def cmd_snapshot_create(ctx: Ctx, ns) -> int:
+    body: dict = {"diff": bool(ns.diff)}
+    if ns.name:
+        body["name"] = ns.name
+    snap = ctx.api.post(f"/v1/vms/{q(ns.ref)}/snapshots", body)
+    if ctx.json:
+        ctx.emit(snap)
+    else:
+        ctx.out(snap.get("name", "") if isinstance(snap, dict) else str(snap))
+    return 0
+
+
+def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get("/v1/snapshots")
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    rows = []
+    for s in _items(answer, "snapshots"):
+        vm = _first(s, "vm_name", "vm", "vm_id")
+        if isinstance(vm, dict):
+            vm = _first(vm, "name", "id")
+        kind = _first(s, "kind", "snapshot_kind")
+        if s.get("diff"):
+            kind = f"{kind or 'snapshot'} (diff)"
+        rows.append([s.get("name"), vm, kind, output.size(s.get("size")), output.ago(s.get("created"))])
+    output.table(["NAME", "VM", "KIND", "SIZE", "CREATED"], rows)
+    return 0
+
+
+def cmd_snapshot_inspect(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/snapshots/{q(ref)}"))
+    _emit_results(ctx, results, always_json=True)
+    return status
+
+
+def cmd_snapshot_rm(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.delete(f"/v1/snapshots/{q(ref)}"))
+    _emit_results(ctx, results)
+    return status
+
+
+def cmd_snapshot_export(ctx: Ctx, ns) -> int:
+    to_stdout = ns.output == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("refusing to write a snapshot to a terminal; use -o FILE or redirect stdout")
+    resp = ctx.api.request("GET", f"/v1/snapshots/{q(ns.ref)}/export", stream=True)
+    tmp = None
+    try:
+        progress = Progress(f"Exporting {ns.ref}", resp.length)
+        if to_stdout:
+            write = _binary_writer(sys.stdout)
+            for chunk in resp.chunks():
+                write(chunk)
+                progress.update(len(chunk))
+        else:
+            target = os.path.abspath(ns.output)
+            tmp = f"{target}.part-{os.getpid()}"
+            try:
+                with open(tmp, "wb") as f:
+                    for chunk in resp.chunks():
+                        f.write(chunk)
+                        progress.update(len(chunk))
+                os.replace(tmp, target)
+            except OSError as e:
+                raise ClientError(f"cannot write {ns.output}: {e.strerror or e}") from None
+            tmp = None
+        progress.finish()
+    finally:
+        resp.close()
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    if resp.length is not None and progress.done != resp.length:
+        raise ClientError(f"snapshot export cut short: got {progress.done} of {resp.length} bytes")
+    if ctx.json:
+        ctx.emit({"name": ns.ref, "file": ns.output, "size": progress.done})
+    return 0
+
+
+def cmd_snapshot_import(ctx: Ctx, ns) -> int:
+    if ns.file == "-":
+        f, size = sys.stdin.buffer, None
+    else:
+        try:
+            f = open(ns.file, "rb")
+            size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise ClientError(f"cannot read {ns.file}: {e.strerror or e}") from None
+    progress = Progress(f"Importing {ns.file}", size)
+    try:
+        snap = ctx.api.post(
+            "/v1/snapshots/import",
+            _CountingReader(f, progress),
+            content_type="application/octet-stream",
+            content_length=size,
+        )
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    progress.finish()
+    if ctx.json:
+        ctx.emit(snap)
+    else:
+        ctx.out(snap.get("name", "") if isinstance(snap, dict) else str(snap))
+    return 0
+
+
+def cmd_restore(ctx: Ctx, ns) -> int:
+    body: dict = {"start": bool(ns.start)}
+    if ns.name:
+        body["name"] = ns.name
+    vm = ctx.api.post(f"/v1/snapshots/{q(ns.ref)}/restore", body)
+    if ctx.json:
+        ctx.emit(vm)
+    else:
+        ctx.out(vm.get("id", "") if isinstance(vm, dict) else str(vm))
+    return 0
+
+
+def migrate_destination(to: str) -> str:
+    """--to value -> unix:///abs/path or https://HOST:PORT (a bare path is taken as a Unix socket)."""
+    if to.startswith("unix://"):
+        path = to[len("unix://"):]
+        if not path.startswith("/"):
+            raise UsageError(f"--to {to!r}: expected unix:///absolute/path.sock")
+        return to
+    if to.startswith("https://"):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(to)
+        try:
+            parts.port
+        except ValueError:
+            raise UsageError(f"--to {to!r}: bad port") from None
+        if not parts.hostname:
+            raise UsageError(f"--to {to!r}: expected https://HOST:PORT")
+        return to
+    if "://" not in to and (to.startswith(("/", ".")) or to.endswith(".sock")):
+        return "unix://" + os.path.abspath(to)
+    raise UsageError(f"--to {to!r}: expected unix:///path/to/other.sock or https://HOST:PORT")
+
+
+def cmd_migrate(ctx: Ctx, ns) -> int:
+    body: dict = {"to": migrate_destination(ns.to)}
+    if ns.to_token_file:
+        body["token"] = read_token_file(ns.to_token_file)
+    answer = ctx.api.post(f"/v1/vms/{q(ns.ref)}/migrate", body)
+    if ctx.json:
+        ctx.emit(answer)
+    else:
+        new_id = answer.get("id") if isinstance(answer, dict) else None
+        ctx.out(new_id or ns.ref)
+    return 0
+
+
+# --- functions -----------------------------------------------------------------------------------------
+
+def cmd_fn_deploy(ctx: Ctx, ns) -> int:
+    if bool(ns.image) == bool(ns.python):
+        raise UsageError("give either IMAGE or --python FILE.py (exactly one)")
+    body: dict = {"name": ns.name}
+    if ns.python:
+        body["python"] = _read_file(ns.python).decode("utf-8", "replace")
+    else:
+        body["image"] = resolve_image(ctx, ns.image)
+    if ns.route:
+        if not ns.route.startswith("/"):
+            raise UsageError(f"--route {ns.route!r}: must start with /")
+        body["route"] = ns.route
+    if ns.executor:
+        body["executor"] = ns.executor
+    if ns.fuel is not None:
+        body["fuel"] = _convert(parse_count, ns.fuel, "--fuel")
+    if ns.memory is not None:
+        body["memory"] = _convert(parse_size, ns.memory, "--memory")
+    if ns.timeout is not None:
+        body["timeout"] = _convert(parse_duration, ns.timeout, "--timeout")
+    if ns.max_concurrency is not None:
+        if ns.max_concurrency <= 0:
+            raise UsageError("--max-concurrency must be positive")
+        body["max_concurrency"] = ns.max_concurrency
+    if ns.env:
+        body["env"] = _parse_env(ns.env)
+    fn = ctx.api.post("/v1/functions", body)
+    if ctx.json:
+        ctx.emit(fn)
+    elif isinstance(fn, dict) and fn.get("route"):
+        ctx.out(f"{fn.get('name', ns.name)} {fn['route']}")
+    else:
+        ctx.out(ns.name)
+    return 0
+
+
+def cmd_fn_ls(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get("/v1/functions")
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    rows = []
+    for fn in _items(answer, "functions"):
+        image = _first(fn, "image", "digest")
+        if fn.get("python") and not image:
+            image = "(python)"
+        rows.append([fn.get("name"), fn.get("route"), fn.get("executor"), output.short_image(image),
+                     output.ago(fn.get("created"))])
+    output.table(["NAME", "ROUTE", "EXECUTOR", "IMAGE", "CREATED"], rows)
+    return 0
+
+
+def _invoke_body(data: bytes | None, method: str, path: str, headers: dict) -> dict:
+    body: dict = {"method": method, "path": path, "headers": headers}
+    if data is not None:
+        try:
+            body["body"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            import base64
+
+            body["body_base64"] = base64.b64encode(data).decode("ascii")
+    return body
+
+
+def cmd_fn_invoke(ctx: Ctx, ns) -> int:
+    data = None
+    if ns.data is not None:
+        if ns.data == "-":
+            data = _read_file("-")
+        elif ns.data.startswith("@"):
+            data = _read_file(ns.data[1:])
+        else:
+            data = ns.data.encode()
+    headers: dict[str, str] = {}
+    for h in ns.header:
+        k, sep, v = h.partition(":")
+        if not sep or not k.strip():
+            raise UsageError(f"-H {h!r}: expected 'Name: value'")
+        headers[k.strip()] = v.strip()
+    method = (ns.method or ("POST" if data is not None else "GET")).upper()
+    path = ns.path if ns.path.startswith("/") else "/" + ns.path
+    answer = ctx.api.post(f"/v1/functions/{q(ns.name)}/invoke", _invoke_body(data, method, path, headers))
+    if ctx.json:
+        ctx.emit(answer)
+        status = answer.get("status") if isinstance(answer, dict) else None
+        return 1 if isinstance(status, int) and status >= 400 else 0
+    write = _binary_writer(sys.stdout)
+    if isinstance(answer, dict) and ("body" in answer or "body_base64" in answer or "status" in answer):
+        if answer.get("body_base64") is not None:
+            import base64
+
+            write(base64.b64decode(answer["body_base64"]))
+        elif answer.get("body") is not None:
+            b = answer["body"]
+            write(b.encode() if isinstance(b, str) else str(b).encode())
+        status = answer.get("status")
+        if isinstance(status, int) and status >= 400:
+            ctx.error(f"function {ns.name} answered HTTP {status}")
+            return 1
+        return 0
+    if isinstance(answer, bytes):
+        write(answer)
+    elif answer is not None:
+        ctx.emit(answer)
+    return 0
+
+
+def cmd_fn_logs(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get(f"/v1/functions/{q(ns.name)}/logs")
+    if isinstance(answer, bytes):
+        _binary_writer(sys.stdout)(answer)
+    elif ctx.json:
+        ctx.emit(answer)
+    elif isinstance(answer, dict) and isinstance(answer.get("logs"), str):
+        sys.stdout.write(answer["logs"])
+    elif isinstance(answer, dict) and isinstance(answer.get("logs"), list):
+        for entry in answer["logs"]:
+            ctx.out(entry if isinstance(entry, str) else _log_line(entry))
+    elif answer is not None:
+        ctx.emit(answer)
+    return 0
+
+
+def _log_line(entry) -> str:
+    if not isinstance(entry, dict):
+        return str(entry)
+    import json
+
+    return json.dumps(entry)
+
+
+def cmd_fn_rm(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.delete(f"/v1/functions/{q(ref)}"))
+    _emit_results(ctx, results)
+    return status
+
+
+__all__ = ["run_command", "Ctx", "LogFollower", "resolve_image", "migrate_destination", "Unreachable"]

@@ -1,0 +1,348 @@
+"""`microvm`: the command-line client of microvmd.
+
+This module only builds the argument parser; the commands live in microvmd.cli.commands and the
+HTTP client in microvmd.cli.client, both imported when a command actually runs. Importing this
+module costs next to nothing (no argparse, http.client, json, asyncio, aiohttp, msgpack, wasmtime).
+"""
+from __future__ import annotations
+
+import sys
+
+PROG = "microvm"
+
+
+
+def _add_global_options(p, *, suppress: bool, token_file: bool = True) -> None:
+    """--socket/--json/--token-file/--tls-ca, accepted before the command and after it."""
+    import argparse
+
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    g = p.add_argument_group("global options")
+    if suppress:  # the copies accepted after the command are documented once, in `microvm --help`
+        add = g.add_argument
+
+        def add_argument(*a, **kw):
+            kw["help"] = argparse.SUPPRESS
+            return add(*a, **kw)
+
+        g.add_argument = add_argument
+    g.add_argument(
+        "--socket",
+        metavar="PATH|URL",
+        default=d(None),
+        help="daemon API: a Unix socket path, unix:///path or https://HOST:PORT "
+        "(default: $MICROVM_SOCKET, else the per-user default socket)",
+    )
+    g.add_argument("--json", action="store_true", default=d(False), help="print the API's JSON on stdout")
+    if token_file:
+        g.add_argument(
+            "--token-file",
+            metavar="FILE",
+            default=d(None),
+            help="bearer token for an https:// daemon (default: $MICROVM_TOKEN, $MICROVM_TOKEN_FILE)",
+        )
+    g.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=d(None),
+        help="CA bundle to verify an https:// daemon (default: $MICROVM_TLS_CA, else the system's)",
+    )
+
+
+def build_parser():
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def __init__(self, prog):
+            super().__init__(prog, max_help_position=32)
+
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    # `migrate --token-file` is the destination's token; the daemon's own goes before the command.
+    common_no_token = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common_no_token, suppress=True, token_file=False)
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage WebAssembly micro-VMs through the microvmd daemon.",
+        epilog="Examples:\n"
+        "  microvm run images/hello/hello.wasm\n"
+        "  microvm run -d --name web --memory 64MiB --publish 8080:8000 server\n"
+        "  microvm ps -a\n\n"
+        "Global options may also follow the command (microvm ps --json).\n"
+        "Run 'microvm COMMAND --help' for more about a command.",
+        formatter_class=Formatter,
+    )
+    _add_global_options(parser, suppress=False)
+    from microvmd import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+
+    def group(subs, name, help, **kw):
+        p = subs.add_parser(
+            name, help=help, description=help, formatter_class=Formatter, parents=[common], **kw
+        )
+        gsubs = p.add_subparsers(dest=name.replace("-", "_") + "_command", metavar="COMMAND", title="commands")
+        gsubs.required = True
+        return p, gsubs
+
+    def cmd(subs, name, handler, help, example, **kw):
+        desc = kw.pop("description", help)
+        extra = kw.pop("extra_epilog", "")
+        parents = kw.pop("parents", [common])
+        p = subs.add_parser(
+            name,
+            help=help,
+            description=desc,
+            epilog=extra + "Example:\n  " + "\n  ".join(example if isinstance(example, list) else [example]),
+            formatter_class=Formatter,
+            parents=parents,
+            **kw,
+        )
+        p.set_defaults(handler=handler, _parser=p)
+        return p
+
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subs.required = True
+
+    # --- system ---------------------------------------------------------------------------------------
+    cmd(subs, "info", "info", "Show the daemon's version, paths, engine and VM counts.", "microvm info")
+    cmd(
+        subs, "version", "version", "Show the client's version, and the daemon's when it is reachable.",
+        "microvm version",
+    )
+
+    # --- images ---------------------------------------------------------------------------------------
+    _, isubs = group(subs, "image", "Manage images (compiled WebAssembly modules).")
+    p = cmd(
+        isubs, "import", "image_import",
+        "Import a .wasm (or .wat) module as an image; prints its NAME and sha256 digest.",
+        ["microvm image import images/hello/hello.wasm", "microvm image import build/app.wasm --name app"],
+        description="Import a .wasm (or .wat) module as an image and print its NAME and sha256 digest.\n"
+        "The name defaults to the file name without its extension.",
+    )
+    p.add_argument("file", metavar="FILE", help="module file (.wasm or .wat)")
+    p.add_argument("--name", help="image name (default: the file name without extension)")
+    p = cmd(isubs, "ls", "image_ls", "List images.", "microvm image ls", aliases=["list"])
+    p = cmd(isubs, "inspect", "image_inspect", "Show an image as JSON.", "microvm image inspect hello")
+    p.add_argument("refs", metavar="NAME", nargs="+", help="image name, sha256:<hex> or digest prefix")
+    p = cmd(isubs, "rm", "image_rm", "Remove images.", "microvm image rm hello", aliases=["remove"])
+    p.add_argument("refs", metavar="NAME", nargs="+", help="image name, sha256:<hex> or digest prefix")
+
+    # --- VMs ------------------------------------------------------------------------------------------
+    def vm_options(p) -> None:
+        g = p.add_argument_group("VM options")
+        g.add_argument("--name", help="name the VM")
+        g.add_argument("-d", "--detach", action="store_true", help="run in the background and print the VM id")
+        g.add_argument("--rm", action="store_true", help="remove the VM when it exits")
+        g.add_argument("--fuel", metavar="N", help="instruction budget in fuel units (10M, 2G accepted)")
+        g.add_argument("--memory", metavar="SIZE", help="memory limit (65536, 64KiB, 64MiB, 1GiB)")
+        g.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (250ms, 10s, 2m)")
+        g.add_argument(
+            "-e", "--env", metavar="KEY=VALUE", action="append", default=[],
+            help="environment variable (repeatable; a bare KEY copies your value)",
+        )
+        g.add_argument(
+            "--dir", metavar="HOSTDIR[::GUESTDIR][:ro]", action="append", default=[],
+            help="WASI preopened directory (repeatable)",
+        )
+        g.add_argument(
+            "--disk", metavar="NAME[:ro|:cow]", action="append", default=[],
+            help="virtual disk (repeatable; device order = flag order)",
+        )
+        g.add_argument(
+            "-p", "--publish", metavar="[HOSTIP:]HOSTPORT:GUESTPORT", action="append", default=[],
+            help="publish a guest TCP port on the host (repeatable; HOSTIP defaults to 127.0.0.1)",
+        )
+        g.add_argument(
+            "--allow-egress", metavar="HOST:PORT|CIDR:PORT", action="append", default=[],
+            help="allow outbound connections to HOST:PORT or CIDR:PORT (repeatable; default deny)",
+        )
+        p.add_argument("image", metavar="IMAGE|FILE.wasm", help="image name or reference, or a module file to upload")
+        p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER, help="arguments for the guest")
+
+    p = cmd(
+        subs, "run", "run",
+        "Create and start a VM; attached, stream its console and exit with the guest's exit code.",
+        [
+            "microvm run images/hello/hello.wasm world",
+            "microvm run --rm --fuel 10M --memory 64MiB --timeout 10s --dir .::/data:ro app -- --verbose",
+            "microvm run -d --name web --publish 8080:8000 server",
+        ],
+        description="Create a VM from IMAGE (or upload FILE.wasm first) and start it.\n\n"
+        "Attached (the default) it streams the guest's stdout/stderr and exits with the guest's exit\n"
+        "code; if the host stopped the guest (out of fuel, timeout, memory limit, trap, kill) it prints\n"
+        "the reason and exits 137. Ctrl-C kills the VM. With -d it prints the VM id and returns.\n"
+        "Everything after IMAGE is passed to the guest.",
+    )
+    vm_options(p)
+    p.set_defaults(command="run")
+    p = cmd(
+        subs, "create", "create", "Create a VM without starting it; prints the VM id.",
+        ["microvm create --name job --fuel 1G app input.txt", "microvm start job"],
+        description="Create a VM from IMAGE (or upload FILE.wasm first) without starting it, and print\n"
+        "its id. Everything after IMAGE is passed to the guest.",
+    )
+    vm_options(p)
+    p.set_defaults(command="create")
+
+    for action, help in (
+        ("start", "Start created or stopped VMs."),
+        ("stop", "Stop running VMs."),
+        ("kill", "Kill running VMs immediately."),
+        ("pause", "Pause running VMs."),
+        ("resume", "Resume paused VMs."),
+    ):
+        p = cmd(subs, action, "vm_action", help, f"microvm {action} web")
+        p.add_argument("refs", metavar="VM", nargs="+", help="VM id, unique id prefix, or name")
+        p.set_defaults(action=action)
+
+    p = cmd(
+        subs, "wait", "wait",
+        "Wait until a VM exits; exit with the guest's exit code (137 if the host stopped it).",
+        "microvm wait job; echo $?",
+    )
+    p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
+    p.add_argument("--timeout", metavar="DURATION", help="give up after this long")
+    p = cmd(subs, "rm", "rm", "Remove VMs.", ["microvm rm job", "microvm rm -f web"], aliases=["remove"])
+    p.add_argument("-f", "--force", action="store_true", help="remove running VMs too (they are killed)")
+    p.add_argument("refs", metavar="VM", nargs="+", help="VM id, unique id prefix, or name")
+    p = cmd(subs, "ps", "ps", "List VMs (running ones; all with -a).", ["microvm ps", "microvm ps -aq"])
+    p.add_argument("-a", "--all", action="store_true", help="show exited VMs too")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only VM ids")
+    p = cmd(subs, "inspect", "inspect", "Show VMs as JSON.", "microvm inspect web")
+    p.add_argument("refs", metavar="VM", nargs="+", help="VM id, unique id prefix, or name")
+    p = cmd(
+        subs, "logs", "logs", "Print a VM's console output (follow it with -f).",
+        ["microvm logs job", "microvm logs -f web"],
+    )
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the VM exits")
+    p.add_argument(
+        "--stream", choices=["all", "stdout", "stderr"], default=None,
+        help="only this stream (default: both, guest stderr going to your stderr)",
+    )
+    p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
+
+    _, fsubs = group(subs, "fuel", "Manage a VM's fuel (instruction budget).")
+    p = cmd(
+        fsubs, "add", "fuel_add", "Add fuel to a VM; a VM that ran out of fuel continues.",
+        ["microvm fuel add job 1G", "microvm fuel add job 500000"],
+    )
+    p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
+    p.add_argument("amount", metavar="AMOUNT", help="fuel units (500000, 10M, 2G)")
+
+    # --- disks ----------------------------------------------------------------------------------------
+    _, dsubs = group(subs, "disk", "Manage virtual disks.")
+    p = cmd(
+        dsubs, "create", "disk_create", "Create a virtual disk.",
+        ["microvm disk create data --size 64MiB", "microvm disk create seed --size 1GiB --from seed.img"],
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", metavar="SIZE", help="disk size (64MiB, 1GiB); default with --from: the file's size")
+    p.add_argument("--from", dest="from_file", metavar="FILE", help="initial contents (a raw image file)")
+    cmd(dsubs, "ls", "disk_ls", "List virtual disks.", "microvm disk ls", aliases=["list"])
+    p = cmd(dsubs, "rm", "disk_rm", "Remove virtual disks.", "microvm disk rm data", aliases=["remove"])
+    p.add_argument("refs", metavar="NAME", nargs="+")
+
+    # --- snapshots ------------------------------------------------------------------------------------
+    _, ssubs = group(subs, "snapshot", "Manage VM snapshots.")
+    p = cmd(
+        ssubs, "create", "snapshot_create", "Snapshot a VM; prints the snapshot name.",
+        ["microvm snapshot create web --name web-1", "microvm snapshot create web --diff"],
+    )
+    p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
+    p.add_argument("--name", help="snapshot name (default: chosen by the daemon)")
+    p.add_argument("--diff", action="store_true", help="store only what changed since the previous snapshot")
+    cmd(ssubs, "ls", "snapshot_ls", "List snapshots.", "microvm snapshot ls", aliases=["list"])
+    p = cmd(ssubs, "inspect", "snapshot_inspect", "Show snapshots as JSON.", "microvm snapshot inspect web-1")
+    p.add_argument("refs", metavar="SNAP", nargs="+")
+    p = cmd(ssubs, "rm", "snapshot_rm", "Remove snapshots.", "microvm snapshot rm web-1", aliases=["remove"])
+    p.add_argument("refs", metavar="SNAP", nargs="+")
+    p = cmd(
+        ssubs, "export", "snapshot_export", "Export a snapshot to a file ('-o -' writes to stdout).",
+        "microvm snapshot export web-1 -o web-1.snap",
+    )
+    p.add_argument("ref", metavar="SNAP")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write it ('-' for stdout)")
+    p = cmd(
+        ssubs, "import", "snapshot_import", "Import a snapshot file ('-' reads stdin); prints its name.",
+        "microvm snapshot import web-1.snap",
+    )
+    p.add_argument("file", metavar="FILE")
+
+    p = cmd(
+        subs, "restore", "restore", "Create a VM from a snapshot; prints the VM id.",
+        ["microvm restore web-1 --name web2 --start"],
+    )
+    p.add_argument("ref", metavar="SNAP")
+    p.add_argument("--name", help="name of the new VM")
+    p.add_argument("--start", action="store_true", help="start the VM right away")
+
+    p = cmd(
+        subs, "migrate", "migrate", "Move a VM to another microvmd.",
+        [
+            "microvm migrate web --to unix:///run/other/microvmd.sock",
+            "microvm migrate web --to https://host2:7443 --token-file host2.token",
+        ],
+        parents=[common_no_token],
+    )
+    p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
+    p.add_argument("--to", required=True, metavar="unix:///PATH|https://HOST:PORT", help="the destination daemon")
+    p.add_argument(
+        "--token-file", dest="to_token_file", metavar="F", default=None,
+        help="bearer token for the destination daemon",
+    )
+
+    # --- functions ------------------------------------------------------------------------------------
+    _, nsubs = group(subs, "fn", "Manage functions (serverless handlers behind the HTTP gateway).")
+    p = cmd(
+        nsubs, "deploy", "fn_deploy", "Deploy (or replace) a function.",
+        [
+            "microvm fn deploy hello images/hello/hello.wasm --route /hello",
+            "microvm fn deploy greet --python greet.py --max-concurrency 4",
+        ],
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("image", metavar="IMAGE", nargs="?", help="image name or reference, or a module file to upload")
+    p.add_argument("--python", metavar="FILE.py", help="deploy a Python handler instead of an image")
+    p.add_argument("--route", metavar="/PATH", help="gateway route (default: chosen by the daemon)")
+    p.add_argument("--executor", choices=["wagi", "sdk"], help="how requests reach the guest")
+    p.add_argument("--fuel", metavar="N", help="fuel per invocation")
+    p.add_argument("--memory", metavar="SIZE", help="memory limit per invocation")
+    p.add_argument("--timeout", metavar="D", help="time limit per invocation")
+    p.add_argument("--max-concurrency", metavar="N", type=int, help="concurrent invocations at most")
+    p.add_argument("-e", "--env", metavar="K=V", action="append", default=[], help="environment (repeatable)")
+    cmd(nsubs, "ls", "fn_ls", "List functions.", "microvm fn ls", aliases=["list"])
+    p = cmd(
+        nsubs, "invoke", "fn_invoke", "Invoke a function and print its response body.",
+        [
+            "microvm fn invoke hello",
+            "microvm fn invoke greet --data '{\"name\": \"ada\"}' -H 'Content-Type: application/json'",
+            "microvm fn invoke upload --data @photo.jpg --path /photos",
+        ],
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--data", metavar="TEXT|@FILE|-", help="request body: text, @FILE, or - for stdin")
+    p.add_argument("--method", metavar="M", help="HTTP method (default: POST with --data, else GET)")
+    p.add_argument("--path", metavar="P", default="/", help="request path (default: /)")
+    p.add_argument(
+        "-H", "--header", metavar="'K: V'", action="append", default=[], help="request header (repeatable)"
+    )
+    p = cmd(nsubs, "logs", "fn_logs", "Print a function's logs.", "microvm fn logs hello")
+    p.add_argument("name", metavar="NAME")
+    p = cmd(nsubs, "rm", "fn_rm", "Remove functions.", "microvm fn rm hello", aliases=["remove"])
+    p.add_argument("refs", metavar="NAME", nargs="+")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from microvmd.cli.commands import run_command
+
+    return run_command(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``microvmd``: start-up, the main loop and graceful shutdown, with signals handled in one place."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from . import __version__, systemd
+from .config import Config, ConfigError, load
+from .errors import MicrovmError
+
+log = logging.getLogger("microvmd")
+
+
+class _VmFieldFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        vm = getattr(record, "vm", None)
+        if vm:
+            record.msg = f"vm={vm} {record.msg}"
+        return super().format(record)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="microvmd",
+        description="microvmd: a hypervisor for WebAssembly micro-VMs, driven over a Unix-socket HTTP API.",
+        epilog="Example: microvmd --socket /tmp/mv.sock --state-dir /tmp/mv-state --import-images images",
+    )
+    p.add_argument("--socket", help="API socket path (default: /run/microvmd/microvmd.sock for root, "
+                                    "$XDG_RUNTIME_DIR/microvmd/microvmd.sock otherwise)")
+    p.add_argument("--state-dir", dest="state_dir", help="where images, VMs and snapshots live "
+                                                         "(default: /var/lib/microvmd or ~/.local/share/microvmd)")
+    p.add_argument("--config", help="TOML configuration file ([daemon], [limits], [engine])")
+    p.add_argument("--log-level", dest="log_level", help="debug, info (default), warning, error")
+    p.add_argument("--listen", help="also serve the API over TLS on HOST:PORT (needs --tls-cert, --tls-key, "
+                                    "--token-file)")
+    p.add_argument("--tls-cert", dest="tls_cert")
+    p.add_argument("--tls-key", dest="tls_key")
+    p.add_argument("--token-file", dest="token_file")
+    p.add_argument("--gateway", help="function HTTP gateway HOST:PORT, or 'off' (default)")
+    p.add_argument("--import-images", dest="import_images", metavar="DIR",
+                   help="at start-up, import every DIR/<name>/<name>.wasm as image <name>")
+    p.add_argument("--version", action="version", version=f"microvmd {__version__}")
+    return p.parse_args(argv)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_VmFieldFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """Bind the API socket 0660 inside a 0750 directory; refuse to steal a live daemon's socket."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        os.chmod(path.parent, 0o750)
+    except OSError:
+        pass
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket from a daemon that died
+        else:
+            raise ConfigError(f"another microvmd is already serving {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    sock.listen(512)
+    return sock
+
+
+async def _import_images(hv: object, directory: Path) -> None:
+    from .vmm.manager import Hypervisor
+
+    assert isinstance(hv, Hypervisor)
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+        wasm = sub / f"{sub.name}.wasm"
+        if not wasm.is_file():
+            continue
+        try:
+            data = await hv.sched.on_io(wasm.read_bytes)
+            img = await hv.import_image(data, sub.name)
+            log.info("image %s ready (%s)", sub.name, img.digest[:19])
+        except MicrovmError as exc:
+            log.error("cannot import %s: %s", wasm, exc.message)
+
+
+async def serve(cfg: Config) -> int:
+    from .api.server import make_app
+    from .devices import install_devices
+    from .vmm.manager import Hypervisor
+
+    notifier = systemd.Notifier(unset_env=True)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    hv = Hypervisor(cfg)
+    install_devices(hv)
+    await hv.sched.on_io(hv.load)
+    if cfg.import_images is not None:
+        await _import_images(hv, cfg.import_images)
+
+    from .api import remote
+    token = remote.load_token(cfg)
+    app = make_app(hv, [remote.token_middleware(token)] if token else None)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    inherited = systemd.listen_fds()
+    sock = inherited[0] if inherited else _bind_unix(cfg.socket)
+    sock.setblocking(False)
+    sites: list[web.BaseSite] = [web.SockSite(runner, sock)]
+    for extra in hv.device_hooks:
+        sites.extend(getattr(extra, "sites", lambda r: [])(runner))
+    sites.extend(remote.sites(cfg, runner))
+    for s in sites:
+        await s.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    where = "socket passed by systemd" if inherited else str(cfg.socket)
+    log.info("microvmd %s serving on %s (state %s, %d vCPU workers)", __version__, where, cfg.state_dir,
+             cfg.workers)
+    notifier.ready(f"serving on {where}")
+    notifier.start_watchdog()
+
+    await stop.wait()
+    log.info("shutting down: stopping guests")
+    notifier.stopping("stopping guests")
+    notifier.stop_watchdog()
+    try:
+        await asyncio.wait_for(hv.shutdown(), cfg.shutdown_timeout)
+    except TimeoutError:
+        log.error("guests did not stop within %.0f s", cfg.shutdown_timeout)
+    await runner.cleanup()
+    for dev in hv.device_hooks:
+        await dev.shutdown()
+    if not inherited:
+        try:
+            cfg.socket.unlink()
+        except OSError:
+            pass
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load(args)
+    except ConfigError as exc:
+        print(f"microvmd: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the daemon usable
+        runner = asyncio.run
+    try:
+        return runner(serve(cfg))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Module ``microvm``: ``sleep_ms`` and ``yield``, the SDK's suspension points.
+
+Both suspend the guest through a HostOp, so a sleeping guest holds no thread and can be paused, stopped
+or snapshotted while it sleeps.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import wasmtime
+
+from ..vmm import wt
+from ..vmm.hostop import HostOp
+
+MAX_SLEEP_MS = 24 * 3600 * 1000
+
+
+class SleepOp(HostOp):
+    name = "sleep_ms"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        super().__init__()
+        self._handle: asyncio.TimerHandle | None = None
+        loop.call_soon_threadsafe(self._arm, loop, seconds)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        if not self.cancelled:
+            self._handle = loop.call_later(seconds, self.set_result, 0)
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+class ClockDevice:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def define(self, linker: wasmtime.Linker) -> None:
+        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"], self._sleep)
+        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], self._yield)
+
+    def _sleep(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
+        ms = args[0]
+        if ms < 0:
+            return [-28]  # EINVAL
+        return self._suspend(min(ms, MAX_SLEEP_MS) / 1000.0)
+
+    def _yield(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
+        return self._suspend(0.0)
+
+    def _suspend(self, seconds: float) -> Any:
+        vm = wt.current_vm()
+        assert self.loop is not None
+        op = SleepOp(self.loop, seconds)
+        vm.waiting = op
+        return op
+
+    async def attach(self, hv: Any, vm: Any) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def metrics(self, hv: Any) -> list[str]:
+        return []
+
+    async def shutdown(self) -> None:
+        pass

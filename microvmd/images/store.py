@@ -1,0 +1,292 @@
+"""Content-addressed image store with a compiled-code cache.
+
+Layout under ``<state>/images``::
+
+    blobs/<hex>/original.wasm   the bytes the user imported (WAT is converted; the text is kept too)
+    blobs/<hex>/module.wasm     the normalised module (mutable globals exported, start -> export)
+    blobs/<hex>/manifest.json   entry, default args/env/limits, kind, imports, exports
+    names/<name>                the digest a name points at
+    cache/<hex>.<engine>.cwasm  compiled code for this wasmtime version and engine configuration
+
+Imports are written into a temporary directory and renamed into place, so a failed import leaves nothing.
+All methods that hash, compile or touch files are synchronous and meant to run on an I/O thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from ..errors import BadRequest, Conflict, NotFound, Unprocessable
+from . import wasmbin
+
+log = logging.getLogger("microvmd.images")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RESERVED_PREFIX = "__microvm_"
+
+
+@dataclass
+class Image:
+    digest: str  # "sha256:<hex>"
+    size: int
+    created: float
+    names: list[str] = field(default_factory=list)
+    entry: str | None = "_start"
+    boot: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    kind: str = "wasi"  # "wasi" (plain WASI command), "sdk" (uses microvm devices), "reactor"
+    asyncify: bool = False
+    imports: list[str] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)
+    mutable_globals: dict[str, str] = field(default_factory=dict)  # export name -> value type
+    source_format: str = "wasm"
+
+    @property
+    def hex(self) -> str:
+        return self.digest.split(":", 1)[1]
+
+    def to_api(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.names[0] if self.names else self.digest
+        return d
+
+
+class ImageStore:
+    def __init__(self, root: Path, engine: wasmtime.Engine, linker: wasmtime.Linker, fingerprint: str,
+                 upload_limit: int) -> None:
+        self.root = root
+        self.engine = engine
+        self.linker = linker
+        self.fp = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        self.upload_limit = upload_limit
+        self.images: dict[str, Image] = {}  # by hex digest
+        self.names: dict[str, str] = {}     # name -> hex digest
+        self._modules: dict[str, wasmtime.Module] = {}
+        self._lock = threading.Lock()
+        self.compiles = 0  # for tests and metrics: how many times we really compiled
+        for sub in ("blobs", "names", "cache", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> None:
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+        for d in (self.root / "blobs").iterdir():
+            try:
+                data = json.loads((d / "manifest.json").read_text())
+                img = Image(**data)
+                img.names = []
+                self.images[img.hex] = img
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("skipping damaged image %s: %s", d.name, exc)
+        for f in (self.root / "names").iterdir():
+            hexd = f.read_text().strip()
+            if hexd in self.images:
+                self.names[f.name] = hexd
+                self.images[hexd].names.append(f.name)
+        log.info("loaded %d images", len(self.images))
+
+    # ------------------------------------------------------------------ import
+    def import_bytes(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
+        if name is not None and not NAME_RE.match(name):
+            raise BadRequest(f"invalid image name {name!r}: use letters, digits, '.', '_', '-' (max 128)",
+                             code="invalid_name")
+        if len(data) > self.upload_limit:
+            raise BadRequest(f"module is {len(data)} bytes, above the upload limit of {self.upload_limit}",
+                             code="too_large")
+        source_format = "wasm"
+        if not data.startswith(b"\0asm"):
+            if _looks_like_wat(data):
+                try:
+                    data = wasmtime.wat2wasm(data.decode("utf-8"))
+                except (UnicodeDecodeError, wasmtime.WasmtimeError) as exc:
+                    raise Unprocessable(f"invalid WAT: {_first_line(exc)}", code="invalid_module") from None
+                source_format = "wat"
+            else:
+                raise Unprocessable("not a WebAssembly module: no \\0asm magic and not WAT text",
+                                    code="invalid_module")
+        hexd = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            existing = self.images.get(hexd)
+        if existing is not None:
+            if name:
+                self._set_name(name, hexd)
+            return existing
+        try:
+            info = wasmbin.parse(data)
+            normalized, report = wasmbin.normalize(data, prefix=RESERVED_PREFIX)
+        except wasmbin.WasmFormatError as exc:
+            raise Unprocessable(f"malformed module: {exc}", code="invalid_module") from None
+        try:
+            module = wasmtime.Module(self.engine, normalized)
+        except wasmtime.WasmtimeError as exc:
+            raise Unprocessable(f"invalid module: {_first_line(exc)}", code="invalid_module") from None
+        try:
+            self.linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise Unprocessable(f"module needs imports microvmd does not provide: {_first_line(exc)}",
+                                code="unsupported_import") from None
+        img = self._describe(hexd, data, info, report, source_format, entry)
+        tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp"))
+        try:
+            (tmp / "original.wasm").write_bytes(data)
+            (tmp / "module.wasm").write_bytes(normalized)
+            (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
+            self._write_cache(hexd, module)
+            os.replace(tmp, self.root / "blobs" / hexd)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with self._lock:
+            self.images[hexd] = img
+            self._modules[hexd] = module
+            self.compiles += 1
+        if name:
+            self._set_name(name, hexd)
+        log.info("imported image %s digest=%s kind=%s", name or "-", img.digest, img.kind)
+        return img
+
+    def _describe(self, hexd: str, data: bytes, info: wasmbin.ModuleInfo, report: Any,
+                  source_format: str, entry: str | None) -> Image:
+        exports = [e.name for e in info.exports]
+        imports = [f"{i.module}.{i.name}" for i in info.imports]
+        sdk = any(i.module.startswith("microvm") for i in info.imports) or "microvm_abi_version" in exports
+        boot: list[str] = []
+        if report.start:
+            boot.append(report.start)
+        if entry is None:
+            if "_start" in exports:
+                entry = "_start"
+            elif "_initialize" in exports:
+                boot.append("_initialize")
+                entry = None
+            else:
+                entry = None
+        if entry is not None and entry not in exports:
+            raise Unprocessable(f"entry {entry!r} is not exported by the module", code="invalid_entry")
+        if entry is None and not boot:
+            raise Unprocessable("module has nothing to run: no _start, no start function and no entry given",
+                                code="invalid_entry")
+        kind = "sdk" if sdk else ("wasi" if entry == "_start" else "reactor")
+        return Image(
+            digest=f"sha256:{hexd}", size=len(data), created=time.time(), entry=entry, boot=boot, kind=kind,
+            asyncify="asyncify_start_unwind" in exports, imports=imports, exports=exports,
+            mutable_globals={g.name: g.valtype for g in report.globals if g.mutable},
+            source_format=source_format,
+        )
+
+    def _set_name(self, name: str, hexd: str) -> None:
+        path = self.root / "names" / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(hexd)
+        os.replace(tmp, path)
+        with self._lock:
+            old = self.names.get(name)
+            if old and old in self.images and name in self.images[old].names:
+                self.images[old].names.remove(name)
+            self.names[name] = hexd
+            if name not in self.images[hexd].names:
+                self.images[hexd].names.append(name)
+
+    # ------------------------------------------------------------------ lookup
+    def resolve(self, ref: str) -> Image:
+        with self._lock:
+            if ref in self.names:
+                return self.images[self.names[ref]]
+            hexd = ref.removeprefix("sha256:")
+            if hexd in self.images:
+                return self.images[hexd]
+            if len(hexd) >= 12 and re.fullmatch(r"[0-9a-f]+", hexd):
+                hits = [h for h in self.images if h.startswith(hexd)]
+                if len(hits) == 1:
+                    return self.images[hits[0]]
+                if len(hits) > 1:
+                    raise Conflict(f"image reference {ref!r} is ambiguous", code="ambiguous_ref")
+        raise NotFound(f"no such image: {ref}", code="image_not_found")
+
+    def module(self, img: Image) -> wasmtime.Module:
+        """The compiled module: from memory, else from the on-disk cache, else compiled (and cached)."""
+        with self._lock:
+            mod = self._modules.get(img.hex)
+        if mod is not None:
+            return mod
+        cache = self._cache_path(img.hex)
+        try:
+            mod = wasmtime.Module.deserialize_file(self.engine, str(cache))
+        except (wasmtime.WasmtimeError, OSError) as exc:
+            log.info("compiling image %s (no usable cache: %s)", img.digest, _first_line(exc))
+            mod = wasmtime.Module(self.engine, (self.root / "blobs" / img.hex / "module.wasm").read_bytes())
+            self._write_cache(img.hex, mod)
+            with self._lock:
+                self.compiles += 1
+        with self._lock:
+            self._modules[img.hex] = mod
+        return mod
+
+    def module_bytes(self, img: Image) -> bytes:
+        return (self.root / "blobs" / img.hex / "original.wasm").read_bytes()
+
+    def _cache_path(self, hexd: str) -> Path:
+        return self.root / "cache" / f"{hexd}.{self.fp}.cwasm"
+
+    def _write_cache(self, hexd: str, module: wasmtime.Module) -> None:
+        path = self._cache_path(hexd)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(module.serialize())
+        os.replace(tmp, path)
+
+    def remove(self, ref: str) -> Image:
+        img = self.resolve(ref)
+        with self._lock:
+            if ref in self.names and len(img.names) > 1:
+                # removing one of several names only untags
+                img.names.remove(ref)
+                del self.names[ref]
+                (self.root / "names" / ref).unlink(missing_ok=True)
+                return img
+            for n in list(img.names):
+                self.names.pop(n, None)
+                (self.root / "names" / n).unlink(missing_ok=True)
+            self.images.pop(img.hex, None)
+            self._modules.pop(img.hex, None)
+        shutil.rmtree(self.root / "blobs" / img.hex, ignore_errors=True)
+        for f in (self.root / "cache").glob(f"{img.hex}.*"):
+            f.unlink(missing_ok=True)
+        return img
+
+    def list(self) -> list[Image]:
+        with self._lock:
+            return sorted(self.images.values(), key=lambda i: i.created)
+
+
+def _looks_like_wat(data: bytes) -> bool:
+    head = data[:4096].lstrip()
+    while head.startswith(b";;"):
+        head = head.split(b"\n", 1)[1].lstrip() if b"\n" in head else b""
+    return head.startswith(b"(module") or head.startswith(b"(component")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "Caused by:" in lines:
+        i = lines.index("Caused by:")
+        return "; ".join(lines[:1] + lines[i + 1:i + 3])
+    return lines[0]
+

@@ -1,0 +1,502 @@
+"""The controller: every VM and image action goes through here. It never sees HTTP.
+
+All state changes happen on the event loop, under the VM's lock, through ``_transition``; guest code runs
+on vCPU workers (see scheduler.py) and blocking work (instantiation, file I/O) on I/O workers.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from ..config import Config
+from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, NotFound, Unprocessable
+from ..images.store import Image, ImageStore
+from . import wt
+from .machine import Machine, MachineSpec, SliceEnd
+from .scheduler import Scheduler
+from .state import VmState, check_transition
+from .vm import ExitRecord, Vm, VmSpec
+
+log = logging.getLogger("microvmd.vmm")
+
+ABI_VERSION = 1
+_CONTROL_PRIORITY = {"pause": 0, "stop": 1, "timeout": 2, "killed": 3}
+
+
+class Hypervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.opts = wt.EngineOptions(max_wasm_stack=cfg.limits.max_wasm_stack,
+                                     memory_reservation=cfg.engine.memory_reservation,
+                                     memory_guard_size=cfg.engine.memory_guard_size)
+        self.engine = wt.make_engine(self.opts)
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.allow_shadowing = True
+        self.linker.define_wasi()
+        self.device_hooks: list[Any] = []  # device modules: define imports, attach per VM
+        self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
+                                 cfg.upload_limit)
+        self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice)
+        self.vms: dict[str, Vm] = {}
+        self.vm_dir = cfg.state_dir / "vms"
+        self.vm_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self.fuel_total_finished = 0
+        self.closing = False
+
+    def add_device(self, device: Any) -> None:
+        device.define(self.linker)
+        self.device_hooks.append(device)
+
+    # ------------------------------------------------------------------ start-up and shutdown
+    def load(self) -> None:
+        self.images.load()
+        for d in sorted(self.vm_dir.iterdir()):
+            try:
+                rec = json.loads((d / "vm.json").read_text())
+                vm = self._vm_from_record(rec, d)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping damaged VM record %s: %s", d.name, exc)
+                continue
+            if vm.state.live:
+                # its native state died with the previous daemon
+                vm.state = VmState.STOPPED
+                vm.exit = ExitRecord(None, "daemon_restart", vm.fuel_consumed, vm.peak_memory,
+                                     0.0 if vm.started is None else time.time() - vm.started)
+                vm.finished = time.time()
+                self._save(vm)
+            self.vms[vm.id] = vm
+        log.info("loaded %d VM records", len(self.vms))
+
+    def _vm_from_record(self, rec: dict[str, Any], d: Path) -> Vm:
+        spec = VmSpec.from_dict(rec["spec"])
+        vm = Vm(rec["id"], spec, rec["digest"], rec["image_name"], d, self.cfg.limits.log_bytes,
+                rec.get("memory_limit", self.cfg.limits.memory))
+        vm.state = VmState(rec["state"])
+        vm.created, vm.started, vm.finished = rec["created"], rec.get("started"), rec.get("finished")
+        vm.exit = ExitRecord(**rec["exit"]) if rec.get("exit") else None
+        vm.fuel_consumed = rec.get("fuel_consumed", 0)
+        vm.fuel_budget = rec.get("fuel_budget")
+        vm.peak_memory = rec.get("peak_memory", 0)
+        vm.snapshot_kind = rec.get("snapshot_kind", "stopped_only")
+        return vm
+
+    async def shutdown(self) -> None:
+        """Stop every live VM (reason daemon_restart on next load is avoided: they are stopped now)."""
+        self.closing = True
+        live = [vm for vm in self.vms.values() if vm.state.live]
+        await asyncio.gather(*(self._kill(vm, "stopped") for vm in live), return_exceptions=True)
+        self.sched.close()
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, ref: str) -> Vm:
+        vm = self.vms.get(ref)
+        if vm is not None:
+            return vm
+        by_name = [v for v in self.vms.values() if v.name == ref]
+        if len(by_name) == 1:
+            return by_name[0]
+        if len(ref) >= 4:
+            hits = [v for v in self.vms.values() if v.id.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise Conflict(f"VM reference {ref!r} is ambiguous", code="ambiguous_ref")
+        raise NotFound(f"no such VM: {ref}", code="vm_not_found")
+
+    def list(self, all_: bool) -> list[Vm]:
+        vms = sorted(self.vms.values(), key=lambda v: v.created)
+        return vms if all_ else [v for v in vms if v.state.live]
+
+    # ------------------------------------------------------------------ images
+    async def import_image(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
+        return await self.sched.on_io(self.images.import_bytes, data, name, entry)  # type: ignore[no-any-return]
+
+    async def remove_image(self, ref: str) -> Image:
+        img = self.images.resolve(ref)
+        users = [v for v in self.vms.values() if v.digest == img.digest]
+        only_untag = ref in self.images.names and len(img.names) > 1
+        if users and not only_untag:
+            raise Conflict(f"image {ref} is used by VM(s) {', '.join(v.name for v in users[:5])}; remove them first",
+                           code="image_in_use")
+        return await self.sched.on_io(self.images.remove, ref)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ create
+    def _validate(self, spec: VmSpec) -> int:
+        lim = self.cfg.limits
+        if spec.name is not None:
+            if not spec.name or len(spec.name) > 128 or "/" in spec.name:
+                raise BadRequest(f"invalid VM name {spec.name!r}", code="invalid_name")
+            if any(v.name == spec.name for v in self.vms.values()):
+                raise Conflict(f"a VM named {spec.name!r} already exists", code="name_in_use")
+        if spec.fuel is not None and (not isinstance(spec.fuel, int) or spec.fuel <= 0):
+            raise BadRequest("fuel must be a positive integer", code="invalid_limit")
+        if spec.timeout is not None and (not isinstance(spec.timeout, (int, float)) or spec.timeout <= 0):
+            raise BadRequest("timeout must be a positive number of seconds", code="invalid_limit")
+        memory = spec.memory if spec.memory is not None else lim.memory
+        if not isinstance(memory, int) or memory < 65536:
+            raise BadRequest("memory must be at least 64KiB", code="invalid_limit")
+        if memory > lim.max_memory:
+            raise BadRequest(f"memory {memory} is above the daemon's maximum of {lim.max_memory}",
+                             code="invalid_limit")
+        for d in spec.dirs:
+            if not os.path.isabs(d.host) or not os.path.isdir(d.host):
+                raise BadRequest(f"--dir {d.host}: not an existing absolute directory", code="invalid_dir")
+            if not d.guest.startswith("/") and d.guest != ".":
+                raise BadRequest(f"--dir guest path {d.guest!r} must be absolute", code="invalid_dir")
+        for k in spec.env:
+            if not k or "=" in k or "\0" in k:
+                raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
+        return memory
+
+    async def create(self, spec: VmSpec) -> Vm:
+        memory = self._validate(spec)
+        img = self.images.resolve(spec.image)
+        vm_id = uuid.uuid4().hex
+        d = self.vm_dir / vm_id
+        vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
+                self.cfg.limits.log_bytes, memory)
+        vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
+        self.vms[vm_id] = vm  # reserve the name while we build
+        try:
+            await self.sched.on_io(self._build, vm, img)
+            for dev in self.device_hooks:
+                await dev.attach(self, vm)
+        except BaseException:
+            self.vms.pop(vm_id, None)
+            await self.sched.on_io(self._teardown, vm, True)
+            raise
+        self._save(vm)
+        vm.log.info("created from image %s (%s)", vm.image_name, img.digest[:19])
+        return vm
+
+    def _build(self, vm: Vm, img: Image) -> None:
+        """On an I/O thread: directory, console files, instantiation, ABI check."""
+        lim = self.cfg.limits
+        vm.dir.mkdir(parents=True)
+        vm.console.create()
+        argv0 = vm.image_name if not vm.image_name.startswith("sha256:") else "guest"
+        mspec = MachineSpec(
+            args=[argv0, *(vm.spec.args or img.args)], env={**img.env, **vm.spec.env},
+            dirs=[(x.host, x.guest, x.readonly) for x in vm.spec.dirs], memory_limit=vm.memory_limit,
+            table_elements=lim.table_elements, instances=lim.instances, tables=lim.tables,
+            memories=lim.memories, stdout=vm.console.path("stdout"), stderr=vm.console.path("stderr"),
+            entry=img.entry or "", boot=list(img.boot),
+        )
+        if img.entry is None:
+            mspec.entry = mspec.boot.pop() if mspec.boot else ""
+        module = self.images.module(img)
+        wt.set_current_vm(vm)
+        try:
+            vm.machine = Machine(self.engine, self.linker, module, mspec)
+        except wt.InstantiationError as exc:
+            msg = str(exc)
+            if "memory" in msg and ("limit" in msg or "minimum" in msg or "exceeds" in msg or "resource" in msg):
+                raise Unprocessable(f"memory_limit: the module needs more memory than the VM's limit of "
+                                    f"{vm.memory_limit} bytes ({msg})", code="memory_limit") from None
+            raise Unprocessable(f"instantiation failed: {msg}", code="instantiation_failed") from None
+        except wasmtime.WasmtimeError as exc:
+            raise Unprocessable(f"cannot set up the VM: {str(exc).splitlines()[0]}", code="vm_setup_failed") from None
+        finally:
+            wt.set_current_vm(None)
+        if img.kind == "sdk" and vm.machine.export("microvm_abi_version") is not None:
+            try:
+                want = vm.machine.call_sync("microvm_abi_version")[0]
+            except (RuntimeError, TimeoutError, KeyError) as exc:
+                raise Unprocessable(f"the guest's microvm_abi_version failed: {exc}", code="abi_check_failed") from None
+            if want > ABI_VERSION:
+                raise Unprocessable(f"the guest was built for microvm ABI version {want}; this daemon serves "
+                                    f"version {ABI_VERSION}: rebuild it with this SDK or upgrade microvmd",
+                                    code="abi_version_unsupported")
+        vm.sync_from_machine()
+
+    def _teardown(self, vm: Vm, remove_dir: bool) -> None:
+        m, vm.machine = vm.machine, None
+        if m is not None:
+            m.close()
+        if remove_dir:
+            shutil.rmtree(vm.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _transition(self, vm: Vm, target: VmState, action: str) -> None:
+        check_transition(vm.id, vm.state, target, action)
+        now = time.monotonic()
+        if vm.state == VmState.RUNNING and vm.run_since is not None:
+            vm.run_seconds += now - vm.run_since
+            vm.run_since = None
+        if target == VmState.RUNNING:
+            vm.run_since = now
+        vm.log.info("%s -> %s (%s)", vm.state.value, target.value, action)
+        vm.state = target
+        self._arm_timeout(vm)
+        if target != VmState.RUNNING or action == "start":
+            self._save(vm)
+        vm.notify()
+
+    def _arm_timeout(self, vm: Vm) -> None:
+        """The wall-clock limit counts time in state running (blocked included, paused excluded)."""
+        if vm.deadline_handle is not None:
+            vm.deadline_handle.cancel()
+            vm.deadline_handle = None
+        if vm.spec.timeout is None or vm.state != VmState.RUNNING:
+            return
+        left = vm.spec.timeout - vm.run_seconds
+        vm.deadline_handle = asyncio.get_running_loop().call_later(max(0.0, left), self._on_timeout, vm)
+
+    def _on_timeout(self, vm: Vm) -> None:
+        vm.deadline_handle = None
+        if vm.state == VmState.RUNNING:
+            self._request(vm, "timeout")
+
+    async def start(self, vm: Vm) -> Vm:
+        async with vm.lock:
+            if vm.machine is None:
+                raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value}")
+            self._transition(vm, VmState.RUNNING, "start")
+            vm.started = time.time()
+            self._dispatch(vm)
+        return vm
+
+    def _dispatch(self, vm: Vm) -> None:
+        if vm.on_cpu or vm.machine is None:
+            return
+        self.sched.dispatch(vm, self._on_slice_end)
+
+    def _wake(self, vm: Vm) -> None:
+        if vm.state == VmState.RUNNING and not vm.on_cpu and vm.control is None:
+            self._dispatch(vm)
+
+    def _on_slice_end(self, vm: Vm, end: SliceEnd | BaseException) -> None:
+        vm.sync_from_machine()
+        vm.console.enforce_cap()
+        if vm.state.terminal:  # finished while this slice ran: the machine is ours to release now
+            self._release(vm)
+            return
+        if isinstance(end, BaseException):
+            vm.log.error("vCPU error: %r", end)
+            self._finish(vm, None, f"trap: host error: {end}")
+            return
+        if end is SliceEnd.DONE:
+            self._finish_outcome(vm)
+        elif vm.control is not None or end is SliceEnd.CONTROL:
+            self._apply_control(vm)
+        elif end is SliceEnd.YIELDED:
+            self._dispatch(vm)
+        elif end is SliceEnd.BLOCKED:
+            op = vm.waiting
+            loop = asyncio.get_running_loop()
+            if op is None or op.on_ready(lambda: loop.call_soon_threadsafe(self._wake, vm)):
+                self._dispatch(vm)
+            else:
+                vm.notify()  # blocked_in changed
+        elif end is SliceEnd.OUT_OF_FUEL:
+            self._transition(vm, VmState.OUT_OF_FUEL, "fuel budget used")
+
+    def _request(self, vm: Vm, what: str) -> None:
+        """Ask for pause/stop/kill/timeout; applied now if the VM is off-CPU, else at its next yield."""
+        if vm.control is None or _CONTROL_PRIORITY[what] > _CONTROL_PRIORITY[vm.control]:
+            vm.control = what
+        if not vm.on_cpu:
+            self._apply_control(vm)
+
+    def _apply_control(self, vm: Vm) -> None:
+        what, vm.control = vm.control, None
+        if what is None or vm.state.terminal:
+            return
+        if what == "pause":
+            if vm.state == VmState.RUNNING:
+                self._transition(vm, VmState.PAUSED, "pause")
+        else:
+            self._finish(vm, None, what)
+
+    def _finish_outcome(self, vm: Vm) -> None:
+        m = vm.machine
+        out = m.outcome if m is not None else None
+        if out is None:
+            self._finish(vm, None, "trap: no outcome")
+        elif out.exit_code is not None:
+            self._finish(vm, out.exit_code, "exit")
+        elif out.trap is not None:
+            code = out.trap_code
+            if code == wasmtime.TrapCode.STACK_OVERFLOW:
+                reason = "stack_overflow"
+            elif code == wasmtime.TrapCode.OUT_OF_FUEL:
+                reason = "out_of_fuel"
+            elif code == wasmtime.TrapCode.INTERRUPT:
+                reason = "timeout"
+            else:
+                reason = f"trap: {out.trap}"
+            self._finish(vm, None, reason)
+        elif out.error is not None:
+            self._finish(vm, None, f"trap: {out.error}")
+        else:
+            self._finish(vm, 0, "exit")
+
+    def _finish(self, vm: Vm, code: int | None, reason: str) -> None:
+        if vm.state.terminal:
+            return
+        if vm.waiting is not None:
+            vm.waiting.cancel()
+            vm.waiting = None
+        target = VmState.EXITED if reason == "exit" else VmState.STOPPED
+        if vm.run_since is not None:
+            vm.run_seconds += time.monotonic() - vm.run_since
+            vm.run_since = None
+        vm.finished = time.time()
+        vm.exit = ExitRecord(code, reason, vm.fuel_consumed, vm.peak_memory,
+                             round(vm.finished - (vm.started or vm.finished), 6))
+        self.fuel_total_finished += vm.fuel_consumed
+        check_transition(vm.id, vm.state, target, reason)
+        vm.log.info("%s -> %s (code=%s reason=%s fuel=%d)", vm.state.value, target.value, code, reason,
+                    vm.fuel_consumed)
+        vm.state = target
+        self._arm_timeout(vm)
+        self._save(vm)
+        vm.notify()
+        if not vm.on_cpu:
+            self._release(vm)
+        if vm.devices is not None:
+            vm.devices.close()
+        if vm.spec.auto_remove and not self.closing:
+            asyncio.get_running_loop().create_task(self._auto_remove(vm))
+
+    def _release(self, vm: Vm) -> None:
+        """Free the store (and its linear memory) on an I/O thread."""
+        machine, vm.machine = vm.machine, None
+        if machine is not None:
+            asyncio.get_running_loop().run_in_executor(self.sched.io, machine.close)
+
+    async def _auto_remove(self, vm: Vm) -> None:
+        await asyncio.sleep(0)
+        if vm.id in self.vms:
+            await self.remove(vm, force=True)
+
+    async def pause(self, vm: Vm) -> Vm:
+        async with vm.lock:
+            check_transition(vm.id, vm.state, VmState.PAUSED, "pause")
+            self._request(vm, "pause")
+            await self._settle(vm, lambda: vm.state != VmState.RUNNING or vm.control is None)
+        return vm
+
+    async def resume(self, vm: Vm) -> Vm:
+        async with vm.lock:
+            if vm.state != VmState.PAUSED:
+                raise InvalidState(f"cannot resume VM {vm.id}: it is {vm.state.value}")
+            self._transition(vm, VmState.RUNNING, "resume")
+            if vm.waiting is None or vm.waiting.ready():
+                self._dispatch(vm)
+        return vm
+
+    async def stop(self, vm: Vm) -> Vm:
+        return await self._kill(vm, "stop")
+
+    async def kill(self, vm: Vm) -> Vm:
+        return await self._kill(vm, "killed")
+
+    async def _kill(self, vm: Vm, how: str) -> Vm:
+        async with vm.lock:
+            if vm.state.terminal:
+                raise InvalidState(f"cannot {'stop' if how == 'stop' else 'kill'} VM {vm.id}: it is {vm.state.value}")
+            reason = "stopped" if how == "stop" else how
+            if vm.state == VmState.CREATED:
+                self._finish(vm, None, reason)
+            else:
+                self._request(vm, "stop" if how == "stop" else "killed")
+                await self._settle(vm, lambda: vm.state.terminal)
+                if vm.state.live:  # the slice did not come back in time: finish without it
+                    self._finish(vm, None, reason)
+        return vm
+
+    async def _settle(self, vm: Vm, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+        end = time.monotonic() + timeout
+        while not cond() and time.monotonic() < end:
+            ev = vm.changed
+            try:
+                await asyncio.wait_for(ev.wait(), timeout=max(0.01, end - time.monotonic()))
+            except TimeoutError:
+                break
+
+    async def add_fuel(self, vm: Vm, amount: int) -> Vm:
+        if not isinstance(amount, int) or amount <= 0:
+            raise BadRequest("fuel amount must be a positive integer", code="invalid_fuel")
+        async with vm.lock:
+            if vm.state.terminal:
+                raise InvalidState(f"cannot add fuel to VM {vm.id}: it is {vm.state.value}")
+            if vm.fuel_budget is None:
+                raise InvalidState(f"VM {vm.id} has no fuel limit; there is nothing to add to",
+                                   code="no_fuel_limit")
+            vm.fuel_budget = max(vm.fuel_budget, vm.fuel_consumed) + amount
+            if vm.state == VmState.OUT_OF_FUEL:
+                self._transition(vm, VmState.RUNNING, "fuel added")
+                self._dispatch(vm)
+            else:
+                self._save(vm)
+        return vm
+
+    async def wait(self, vm: Vm, timeout: float | None = None) -> dict[str, Any]:
+        """Until the VM has exited or is parked out of fuel (the client reports both)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not (vm.state.terminal or vm.state == VmState.OUT_OF_FUEL):
+            ev = vm.changed
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise MicrovmError(f"VM {vm.id} still {vm.state.value} after {timeout} s", code="wait_timeout")
+            try:
+                await asyncio.wait_for(ev.wait(), remaining)
+            except TimeoutError:
+                continue
+        if vm.state == VmState.OUT_OF_FUEL:
+            return {"code": None, "reason": "out_of_fuel", "state": vm.state.value,
+                    "fuel_consumed": vm.fuel_consumed, "peak_memory": vm.peak_memory, "wall_time_s": None}
+        assert vm.exit is not None
+        return {"state": vm.state.value, **vm.exit.__dict__}
+
+    async def remove(self, vm: Vm, force: bool) -> None:
+        if vm.state.live:
+            if not force:
+                raise Conflict(f"VM {vm.id} is {vm.state.value}; stop it first or use force",
+                               code="vm_running")
+            try:
+                await self._kill(vm, "killed")
+            except InvalidState:
+                pass
+        self.vms.pop(vm.id, None)
+        for _ in range(1000):  # a slice that was already running finishes within one quantum
+            if not vm.on_cpu:
+                break
+            await asyncio.sleep(0.005)
+        if vm.devices is not None:
+            vm.devices.close()
+        await self.sched.on_io(self._teardown, vm, True)
+        vm.log.info("removed")
+
+    # ------------------------------------------------------------------ persistence
+    def _save(self, vm: Vm) -> None:
+        if not vm.dir.exists():
+            return
+        tmp = vm.dir / "vm.json.tmp"
+        try:
+            tmp.write_text(json.dumps(vm.record()))
+            os.replace(tmp, vm.dir / "vm.json")
+        except OSError as exc:
+            vm.log.error("cannot save VM record: %s", exc)
+
+    # ------------------------------------------------------------------ info
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in VmState}
+        for vm in self.vms.values():
+            out[vm.state.value] += 1
+        return out
+
+    def fuel_total(self) -> int:
+        return self.fuel_total_finished + sum(v.fuel_consumed for v in self.vms.values() if v.state.live)

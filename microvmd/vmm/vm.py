@@ -1,0 +1,162 @@
+"""The VM record: what the user asked for, where it is in its lifecycle, and how it ended."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..devices.console import Console
+from .hostop import HostOp
+from .machine import Machine
+from .state import VmState
+
+
+@dataclass
+class DirSpec:
+    host: str
+    guest: str
+    readonly: bool = False
+
+
+@dataclass
+class DiskSpec:
+    name: str
+    mode: str = "rw"  # rw | ro | cow
+
+
+@dataclass
+class PublishSpec:
+    guest_port: int
+    host_port: int = 0
+    host_ip: str = "127.0.0.1"
+
+
+@dataclass
+class VmSpec:
+    image: str
+    name: str | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    fuel: int | None = None
+    memory: int | None = None
+    timeout: float | None = None
+    dirs: list[DirSpec] = field(default_factory=list)
+    disks: list[DiskSpec] = field(default_factory=list)
+    publish: list[PublishSpec] = field(default_factory=list)
+    allow_egress: list[str] = field(default_factory=list)
+    auto_remove: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VmSpec:
+        return cls(
+            image=d["image"], name=d.get("name"), args=list(d.get("args", [])), env=dict(d.get("env", {})),
+            fuel=d.get("fuel"), memory=d.get("memory"), timeout=d.get("timeout"),
+            dirs=[DirSpec(**x) for x in d.get("dirs", [])], disks=[DiskSpec(**x) for x in d.get("disks", [])],
+            publish=[PublishSpec(**x) for x in d.get("publish", [])],
+            allow_egress=list(d.get("allow_egress", [])), auto_remove=bool(d.get("auto_remove", False)),
+        )
+
+
+@dataclass
+class ExitRecord:
+    code: int | None
+    reason: str  # "exit" or why the host stopped it
+    fuel_consumed: int = 0
+    peak_memory: int = 0
+    wall_time_s: float = 0.0
+
+    @property
+    def host_stopped(self) -> bool:
+        return self.reason != "exit"
+
+
+class Vm:
+    def __init__(self, vm_id: str, spec: VmSpec, image_digest: str, image_name: str, directory: Path,
+                 log_cap: int, memory_limit: int) -> None:
+        self.id = vm_id
+        self.name = spec.name or vm_id[:12]
+        self.spec = spec
+        self.digest = image_digest
+        self.image_name = image_name
+        self.dir = directory
+        self.console = Console(directory, log_cap)
+        self.memory_limit = memory_limit
+        self.state = VmState.CREATED
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.exit: ExitRecord | None = None
+        self.fuel_consumed = 0
+        self.fuel_budget: int | None = spec.fuel
+        self.memory_bytes = 0
+        self.peak_memory = 0
+        self.snapshot_kind = "stopped_only"
+        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
+        # runtime (not persisted)
+        self.machine: Machine | None = None
+        self.devices: Any = None
+        self.on_cpu = False
+        self.control: str | None = None   # request seen by the worker at its next yield
+        self.waiting: HostOp | None = None
+        self.lock = asyncio.Lock()
+        self.changed = asyncio.Event()    # set and replaced at every state change
+        self.deadline_handle: asyncio.TimerHandle | None = None
+        self.time_left: float | None = spec.timeout
+        self.run_since: float | None = None
+        self.run_seconds = 0.0
+
+    # ---------------------------------------------------------------- bookkeeping
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def sync_from_machine(self) -> None:
+        m = self.machine
+        if m is not None:
+            self.fuel_consumed = m.fuel_consumed
+            self.memory_bytes = m.memory_bytes
+            self.peak_memory = max(self.peak_memory, m.peak_memory)
+
+    def blocked_in(self) -> str | None:
+        w = self.waiting
+        return w.name if w is not None and not w.ready() else None
+
+    def to_api(self) -> dict[str, Any]:
+        spec = asdict(self.spec)
+        budget = self.fuel_budget
+        return {
+            "id": self.id,
+            "name": self.name,
+            "image": self.image_name,
+            "digest": self.digest,
+            "state": self.state.value,
+            "blocked_in": self.blocked_in(),
+            "args": self.spec.args,
+            "env": self.spec.env,
+            "limits": {"fuel": budget, "memory": self.memory_limit, "timeout": self.spec.timeout},
+            "fuel_consumed": self.fuel_consumed,
+            "fuel_remaining": None if budget is None else max(0, budget - self.fuel_consumed),
+            "memory_bytes": self.memory_bytes,
+            "peak_memory": self.peak_memory,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "exit": asdict(self.exit) if self.exit else None,
+            "devices": self.devices.to_api() if self.devices is not None else {},
+            "snapshot_kind": self.snapshot_kind,
+            "spec": spec,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What survives a daemon restart."""
+        return {
+            "id": self.id, "spec": asdict(self.spec), "digest": self.digest, "image_name": self.image_name,
+            "state": self.state.value, "created": self.created, "started": self.started,
+            "finished": self.finished, "exit": asdict(self.exit) if self.exit else None,
+            "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
+            "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
+            "snapshot_kind": self.snapshot_kind,
+        }
