@@ -74,6 +74,22 @@ def _reason(exc: BaseException) -> str:
 
 # --- transports --------------------------------------------------------------------------------------
 
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes including the terminating NUL
+
+
+def _connect_unix(sock: socket.socket, path: str) -> None:
+    """connect() to a Unix socket; a path too long for sun_path goes through /proc/self/fd (Linux)."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX or not os.path.isdir("/proc/self/fd"):
+        sock.connect(path)
+        return
+    directory, name = os.path.split(path)
+    dirfd = os.open(directory or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        sock.connect(f"/proc/self/fd/{dirfd}/{name}")
+    finally:
+        os.close(dirfd)
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """HTTPConnection over a Unix stream socket."""
 
@@ -86,7 +102,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.connect_timeout)
-            sock.connect(self.unix_path)
+            _connect_unix(sock, self.unix_path)
             sock.settimeout(self.timeout)
         except BaseException:
             sock.close()

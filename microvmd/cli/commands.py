@@ -662,6 +662,8 @@ def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
         vm = _first(s, "vm_name", "vm", "vm_id")
         if isinstance(vm, dict):
             vm = _first(vm, "name", "id")
+        if isinstance(vm, str) and len(vm) >= 32 and all(c in "0123456789abcdef" for c in vm):
+            vm = output.short_id(vm)
         kind = _first(s, "kind", "snapshot_kind")
         if s.get("diff"):
             kind = f"{kind or 'snapshot'} (diff)"

@@ -49,7 +49,53 @@ def _add_global_options(p, *, suppress: bool, token_file: bool = True) -> None:
     )
 
 
-def build_parser():
+class _Null:
+    """Stands in for the parsers of commands that are not being run (see build_parser(only=...))."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self
+
+
+_NULL = _Null()
+# The command words (aliases included); tests/cli checks these against the full parser.
+COMMANDS = (
+    "info", "version", "image", "run", "create", "start", "stop", "kill", "pause", "resume", "wait",
+    "rm", "remove", "ps", "inspect", "logs", "fuel", "disk", "snapshot", "restore", "migrate", "fn",
+)
+GROUP_COMMANDS = {
+    "image": ("import", "ls", "list", "inspect", "rm", "remove"),
+    "fuel": ("add",),
+    "disk": ("create", "ls", "list", "rm", "remove"),
+    "snapshot": ("create", "ls", "list", "inspect", "rm", "remove", "export", "import"),
+    "fn": ("deploy", "ls", "list", "invoke", "logs", "rm", "remove"),
+}
+_GROUPS = tuple(GROUP_COMMANDS)
+_VALUED_GLOBALS = ("--socket", "--token-file", "--tls-ca")
+
+
+def command_path(argv: list[str]) -> tuple[str, ...]:
+    """The command words of argv: ("ps",), ("image", "ls"), or () when there is none."""
+    words: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--":
+            break
+        if arg in _VALUED_GLOBALS:
+            skip = True
+            continue
+        if arg.startswith("-"):
+            continue
+        words.append(arg)
+        if words[0] not in _GROUPS or len(words) == 2:
+            break
+    return tuple(words)
+
+
+def build_parser(only: tuple[str, ...] | None = None):
+    """The argument parser; with `only` (see command_path) just that command gets its arguments."""
     import argparse
 
     class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -64,6 +110,7 @@ def build_parser():
 
     parser = argparse.ArgumentParser(
         prog=PROG,
+        allow_abbrev=False,
         description="Manage WebAssembly micro-VMs through the microvmd daemon.",
         epilog="Examples:\n"
         "  microvm run images/hello/hello.wasm\n"
@@ -78,15 +125,41 @@ def build_parser():
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
 
+    # A valid command path: build only that command. Otherwise (a typo, or no command: top-level
+    # help) every command gets a bare parser, so that help and "invalid choice" list them all.
+    valid = bool(only) and only[0] in COMMANDS and (
+        only[0] not in GROUP_COMMANDS or (len(only) > 1 and only[1] in GROUP_COMMANDS[only[0]])
+    )
+
+    def selected(subs, name, aliases) -> bool:
+        if only is None:
+            return True
+        level = getattr(subs, "_microvm_group", None)
+        if level is None:
+            want = only[0] if only else None
+        else:
+            want = only[1] if len(only) > 1 and only[0] == level else None
+        return want == name or want in aliases
+
     def group(subs, name, help, **kw):
+        if not selected(subs, name, kw.get("aliases", ())):
+            if not valid:
+                subs.add_parser(name, help=help, add_help=False, **kw)
+            return _NULL, _NULL
         p = subs.add_parser(
             name, help=help, description=help, formatter_class=Formatter, parents=[common], **kw
         )
         gsubs = p.add_subparsers(dest=name.replace("-", "_") + "_command", metavar="COMMAND", title="commands")
         gsubs.required = True
+        gsubs._microvm_group = name
         return p, gsubs
 
     def cmd(subs, name, handler, help, example, **kw):
+        if not selected(subs, name, kw.get("aliases", ())):
+            # Only the command being run gets a parser: building all of them costs ~10 ms.
+            if not valid:
+                subs.add_parser(name, help=help, add_help=False, aliases=kw.get("aliases", ()))
+            return _NULL
         desc = kw.pop("description", help)
         extra = kw.pop("extra_epilog", "")
         parents = kw.pop("parents", [common])
@@ -337,8 +410,10 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser(only=command_path(argv)).parse_args(argv)
+    if not hasattr(ns, "handler"):  # command_path guessed differently from argparse: parse for real
+        ns = build_parser().parse_args(argv)
     from microvmd.cli.commands import run_command
 
     return run_command(ns)
