@@ -1,0 +1,676 @@
+"""Module ``microvm_net``: TCP sockets for guests (our virtio-net/vsock).
+
+Inbound: ``--publish HOSTIP:HOSTPORT:GUESTPORT`` binds a host port on the event loop and queues each
+connection for the guest's listener on GUESTPORT. Outbound: only to ``--allow-egress`` rules; the daemon's
+own ports are never reachable. All socket I/O happens on the event loop (asyncio protocols with bounded
+buffers); the guest's calls run on its vCPU worker and only touch those buffers, under the VM's net lock.
+A call that would block suspends the guest as a ``HostOp`` — it holds no thread while it waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno as _errno
+import ipaddress
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import wasmtime
+
+from ..errors import BadRequest, Conflict
+from ..vmm import wt
+from ..vmm.hostop import HostOp
+from . import DeviceSet
+
+log = logging.getLogger("microvmd.net")
+
+# WASI errno numbers (the guest's libc numbering)
+EAGAIN, EBADF, ECONNREFUSED, ECONNRESET, EFAULT, EINVAL, EIO = 6, 8, 14, 15, 21, 28, 29
+EMFILE, ENOTCONN, EADDRINUSE, ETIMEDOUT, EHOSTUNREACH, EPIPE, ENOTSUP = 33, 53, 3, 73, 23, 64, 58
+NONBLOCK = 1
+POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
+
+_HOST_ERRNO = {
+    _errno.ECONNREFUSED: ECONNREFUSED, _errno.ECONNRESET: ECONNRESET, _errno.ETIMEDOUT: ETIMEDOUT,
+    _errno.EHOSTUNREACH: EHOSTUNREACH, _errno.ENETUNREACH: EHOSTUNREACH, _errno.EPIPE: EPIPE,
+}
+
+MAX_IO = 1 << 20          # bytes moved by one send/recv call
+MAX_POLL_FDS = 1024
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class NetLimits:
+    max_sockets: int = 1024
+    buffer_bytes: int = 256 * 1024   # per socket and direction
+    backlog: int = 128
+
+
+# ------------------------------------------------------------------ egress rules
+@dataclass(frozen=True)
+class EgressRule:
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    host: str | None
+    port: int | None  # None = any port
+
+    def matches(self, addr: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            try:
+                return ipaddress.ip_address(addr) in self.network
+            except ValueError:
+                return False
+        return False
+
+
+def parse_egress(rule: str) -> EgressRule:
+    """``HOST:PORT``, ``CIDR:PORT``, ``[v6]:PORT``; PORT may be ``*``."""
+    text = rule.strip()
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host:
+        raise BadRequest(f"egress rule {rule!r} must be HOST:PORT or CIDR:PORT", code="invalid_egress")
+    host = host.strip("[]")
+    if port_s == "*":
+        port = None
+    elif port_s.isdigit() and 0 < int(port_s) < 65536:
+        port = int(port_s)
+    else:
+        raise BadRequest(f"egress rule {rule!r}: port must be 1-65535 or *", code="invalid_egress")
+    try:
+        return EgressRule(ipaddress.ip_network(host, strict=False), None, port)
+    except ValueError:
+        pass
+    if not host.replace("-", "").replace(".", "").isalnum():
+        raise BadRequest(f"egress rule {rule!r}: {host!r} is neither an address, a CIDR nor a host name",
+                         code="invalid_egress")
+    return EgressRule(None, host.lower(), port)
+
+
+# ------------------------------------------------------------------ sockets
+class GSock:
+    """A guest socket descriptor: a listener on a guest port, or a TCP connection."""
+
+    def __init__(self, sd: int, kind: str) -> None:
+        self.sd = sd
+        self.kind = kind  # "listener" | "conn" | "connecting"
+        self.port = 0
+        self.backlog: collections.deque[GSock] = collections.deque()
+        self.rbuf = bytearray()
+        self.eof = False
+        self.error = 0
+        self.transport: asyncio.Transport | None = None
+        self.reading_paused = False
+        self.write_blocked = False
+        self.out_pending = 0
+        self.closed = False
+        self.waiters: list[NetOp] = []
+        self.peer = ""
+
+
+class NetOp(HostOp):
+    """Waits until ``cond()`` holds (checked on the loop under the VM's net lock), then runs ``act``."""
+
+    def __init__(self, name: str, state: NetState, socks: Sequence[GSock], cond: Callable[[], bool],
+                 act: Callable[[wt.GuestMemory], Sequence[int]]) -> None:
+        super().__init__()
+        self.name = name
+        self.state = state
+        self.socks = list(socks)
+        self.cond = cond
+        self.act = act
+        self.timer: asyncio.TimerHandle | None = None
+        for s in self.socks:
+            s.waiters.append(self)
+
+    def detach(self) -> None:
+        for s in self.socks:
+            if self in s.waiters:
+                s.waiters.remove(self)
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def finish(self, mem: wt.GuestMemory) -> Sequence[int]:
+        with self.state.lock:
+            self.detach()
+            return self.act(mem)
+
+    def cancel(self) -> None:
+        super().cancel()
+        with self.state.lock:
+            self.detach()
+
+
+class _Conn(asyncio.Protocol):
+    """Host side of one guest connection, on the event loop."""
+
+    def __init__(self, state: NetState, sock: GSock, guest_port: int | None = None) -> None:
+        self.state, self.sock, self.guest_port = state, sock, guest_port
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        with self.state.lock:
+            self.sock.transport = transport  # type: ignore[assignment]
+            peer = transport.get_extra_info("peername")
+            self.sock.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        if self.guest_port is not None:
+            self.state.enqueue(self.guest_port, self.sock)
+        self.state.wake(self.sock)
+
+    def data_received(self, data: bytes) -> None:
+        st = self.state
+        with st.lock:
+            self.sock.rbuf += data
+            st.stats["bytes_in"] += len(data)
+            if len(self.sock.rbuf) >= st.limits.buffer_bytes and not self.sock.reading_paused:
+                self.sock.reading_paused = True
+                if self.sock.transport is not None:
+                    self.sock.transport.pause_reading()
+        st.wake(self.sock)
+
+    def eof_received(self) -> bool:
+        with self.state.lock:
+            self.sock.eof = True
+        self.state.wake(self.sock)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with self.state.lock:
+            self.sock.eof = True
+            if exc is not None and not self.sock.error:
+                self.sock.error = ECONNRESET
+            self.sock.transport = None
+        self.state.wake(self.sock)
+
+    def pause_writing(self) -> None:
+        self.sock.write_blocked = True
+
+    def resume_writing(self) -> None:
+        with self.state.lock:
+            self.sock.write_blocked = False
+        self.state.wake(self.sock)
+
+
+class NetState:
+    """One VM's sockets, published ports and egress rules."""
+
+    def __init__(self, vm: Any, device: NetDevice, loop: asyncio.AbstractEventLoop, limits: NetLimits,
+                 rules: list[EgressRule]) -> None:
+        self.vm = vm
+        self.device = device
+        self.loop = loop
+        self.limits = limits
+        self.rules = rules
+        self.lock = threading.RLock()
+        self.socks: dict[int, GSock] = {}
+        self.next_sd = 3
+        self.listeners: dict[int, GSock] = {}       # guest port -> listener
+        self.unclaimed: dict[int, collections.deque[GSock]] = {}  # connections before the guest listens
+        self.servers: list[tuple[PublishInfo, asyncio.AbstractServer]] = []
+        self.stats = collections.Counter({"connections_in": 0, "connections_out": 0, "bytes_in": 0,
+                                          "bytes_out": 0, "refused": 0, "dropped": 0})
+        self.closed = False
+
+    # ---- loop side
+    def wake(self, sock: GSock) -> None:
+        """Complete every op waiting on ``sock`` whose condition now holds (event-loop thread)."""
+        with self.lock:
+            ready = [op for op in sock.waiters if not op.ready() and op.cond()]
+            for op in ready:
+                op.detach()
+        for op in ready:
+            op.set_result(None)
+
+    def inbound(self, guest_port: int) -> asyncio.Protocol:
+        """Protocol factory of a published port (event loop)."""
+        with self.lock:
+            sock = GSock(self._alloc_sd(check=False), "conn")
+            self.stats["connections_in"] += 1
+        return _Conn(self, sock, guest_port)
+
+    def enqueue(self, guest_port: int, sock: GSock) -> None:
+        """A published connection is up: queue it for the guest's listener (or until it listens)."""
+        with self.lock:
+            lst = self.listeners.get(guest_port)
+            queue = lst.backlog if lst is not None else self.unclaimed.setdefault(guest_port, collections.deque())
+            if len(queue) >= self.limits.backlog or self.closed:
+                self.stats["dropped"] += 1
+                sock.closed = True
+                self._close_transport(sock)
+                return
+            queue.append(sock)
+        if lst is not None:
+            self.wake(lst)
+
+    # ---- guest side (vCPU worker)
+    def _alloc_sd(self, check: bool = True) -> int:
+        if check and len(self.socks) >= self.limits.max_sockets:
+            raise _Errno(EMFILE)
+        sd = self.next_sd
+        self.next_sd += 1
+        return sd
+
+    def get(self, sd: int, kind: str | None = None) -> GSock:
+        s = self.socks.get(sd)
+        if s is None or s.closed or (kind is not None and s.kind != kind):
+            raise _Errno(EBADF)
+        return s
+
+    def close_sock(self, s: GSock) -> None:
+        s.closed = True
+        self.socks.pop(s.sd, None)
+        if s.kind == "listener":
+            self.listeners.pop(s.port, None)
+            pending = list(s.backlog)
+            s.backlog.clear()
+            for c in pending:
+                self._close_transport(c)
+        else:
+            self._close_transport(s)
+        for op in list(s.waiters):
+            op.detach()
+            op.set_result(None)
+
+    def _close_transport(self, s: GSock) -> None:
+        t = s.transport
+        s.transport = None
+        if t is not None:
+            self.loop.call_soon_threadsafe(t.close)
+
+    def allowed(self, addr: str, port: int) -> bool:
+        if (port, addr) in self.device.own_endpoints() or port in self.device.own_ports(addr):
+            return False
+        return any(r.matches(addr, port) for r in self.rules)
+
+    def to_api(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "published": [p.__dict__ for p, _ in self.servers],
+                "egress": [f"{r.network or r.host}:{r.port or '*'}" for r in self.rules],
+                "sockets": len(self.socks),
+                "stats": dict(self.stats),
+            }
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for s in list(self.socks.values()):
+                self.close_sock(s)
+            for q in self.unclaimed.values():
+                for c in q:
+                    self._close_transport(c)
+            self.unclaimed.clear()
+            servers = [srv for _, srv in self.servers]
+        for srv in servers:
+            self.loop.call_soon_threadsafe(srv.close)
+        self.device.forget(self)
+
+
+class _Errno(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+@dataclass
+class PublishInfo:
+    host_ip: str
+    host_port: int
+    guest_port: int
+
+
+# ------------------------------------------------------------------ the device
+class NetDevice:
+    def __init__(self, hv: Any, limits: NetLimits | None = None) -> None:
+        self.hv = hv
+        self.limits = limits or NetLimits()
+        self.states: set[NetState] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def own_ports(self, addr: str) -> set[int]:
+        """Ports the daemon itself listens on at ``addr`` (published ports, remote API, gateway)."""
+        ports: set[int] = set()
+        for st in list(self.states):
+            for p, _ in st.servers:
+                if p.host_ip in (addr, "0.0.0.0", "::"):
+                    ports.add(p.host_port)
+        return ports
+
+    def own_endpoints(self) -> set[tuple[int, str]]:
+        cfg = self.hv.cfg
+        out: set[tuple[int, str]] = set()
+        for hp in (cfg.listen, cfg.gateway):
+            if hp is not None:
+                out.add((hp[1], hp[0]))
+        return out
+
+    def forget(self, st: NetState) -> None:
+        self.states.discard(st)
+
+    # ---- linker
+    def define(self, linker: wasmtime.Linker) -> None:
+        d = wt.define_host_func
+        d(linker, "microvm_net", "net_listen", ["i32", "i32"], ["i32"], self._guarded(self._listen))
+        d(linker, "microvm_net", "net_accept", ["i32", "i32"], ["i32"], self._guarded(self._accept))
+        d(linker, "microvm_net", "net_connect", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._connect))
+        d(linker, "microvm_net", "net_send", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._send))
+        d(linker, "microvm_net", "net_recv", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._recv))
+        d(linker, "microvm_net", "net_close", ["i32"], ["i32"], self._guarded(self._close))
+        d(linker, "microvm_net", "net_poll", ["i32", "i32", "i32"], ["i32"], self._guarded(self._poll))
+
+    def _guarded(self, fn: Callable[[NetState, wt.GuestMemory, Sequence[int]], Any]) -> wt.HostFn:
+        def host(mem: wt.GuestMemory, args: Sequence[int]) -> Any:
+            vm = wt.current_vm()
+            st: NetState | None = vm.devices.get("net") if vm is not None and vm.devices is not None else None
+            if st is None:
+                return [-ENOTSUP]
+            try:
+                with st.lock:
+                    res = fn(st, mem, args)
+                if isinstance(res, HostOp):
+                    vm.waiting = res
+                return res
+            except _Errno as e:
+                return [-e.code]
+            except wt.MemoryFault:
+                return [-EFAULT]
+        return host
+
+    @staticmethod
+    def _suspend(st: NetState, mem: wt.GuestMemory, name: str, socks: Sequence[GSock], cond: Callable[[], bool],
+                 act: Callable[[wt.GuestMemory], Sequence[int]]) -> Any:
+        """Act now if the condition holds, else suspend the guest until it does."""
+        if cond():
+            return _errno_guard(act, mem)
+        return NetOp(name, st, socks, cond, lambda m: _errno_guard(act, m))
+
+    # ---- calls (all run with st.lock held)
+    def _listen(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        port, _backlog = a[0], a[1]
+        if not 0 < port < 65536:
+            return [-EINVAL]
+        if port in st.listeners:
+            return [-EADDRINUSE]
+        s = GSock(st._alloc_sd(), "listener")
+        s.port = port
+        st.socks[s.sd] = s
+        st.listeners[port] = s
+        for c in st.unclaimed.pop(port, collections.deque()):
+            s.backlog.append(c)
+        return [s.sd]
+
+    def _accept(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        lst = st.get(a[0], "listener")
+
+        def act(mem: wt.GuestMemory) -> Sequence[int]:
+            if lst.closed:
+                return [-EBADF]
+            if len(st.socks) >= st.limits.max_sockets:
+                return [-EMFILE]
+            c = lst.backlog.popleft()
+            st.socks[c.sd] = c
+            return [c.sd]
+
+        if not lst.backlog and a[1] & NONBLOCK:
+            return [-EAGAIN]
+        return self._suspend(st, mem, "net_accept", [lst], lambda: bool(lst.backlog) or lst.closed, act)
+
+    def _connect(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        host_ptr, host_len, port, flags = a
+        if not 0 < host_len <= 255 or not 0 < port < 65536:
+            return [-EINVAL]
+        host = mem.read(host_ptr, host_len).decode("utf-8", "replace").strip().strip("[]")
+        s = GSock(st._alloc_sd(), "connecting")
+        st.socks[s.sd] = s
+        st.stats["connections_out"] += 1
+
+        async def dial() -> None:
+            try:
+                addrs = await self._resolve(st, host, port)
+                allowed = [ad for ad in addrs if st.allowed(ad, port)]
+                if not allowed:
+                    st.stats["refused"] += 1
+                    log.info("vm=%s egress to %s:%d refused by policy", st.vm.id[:12], host, port)
+                    raise _Errno(ECONNREFUSED)
+                proto = _Conn(st, s)
+                await asyncio.wait_for(st.loop.create_connection(lambda: proto, allowed[0], port),
+                                       CONNECT_TIMEOUT)
+            except _Errno as e:
+                err = e.code
+            except TimeoutError:
+                err = ETIMEDOUT
+            except OSError as e:
+                err = _HOST_ERRNO.get(e.errno or 0, ECONNREFUSED)
+            else:
+                err = 0
+            with st.lock:
+                s.error = err
+                s.kind = "conn" if not err else "failed"
+                if s.closed and s.transport is not None:
+                    s.transport.close()
+            st.wake(s)
+
+        st.loop.call_soon_threadsafe(lambda: st.loop.create_task(dial()))
+
+        def act(mem: wt.GuestMemory) -> Sequence[int]:
+            if s.error:
+                st.close_sock(s)
+                return [-s.error]
+            return [s.sd]
+
+        # connect always waits for the outcome; with NONBLOCK the guest would get EINPROGRESS, which
+        # the ABI does not define, so connect is blocking by design (documented in ABI.md).
+        return NetOp("net_connect", st, [s], lambda: s.kind in ("conn", "failed") or s.closed, act)
+
+    async def _resolve(self, st: NetState, host: str, port: int) -> list[str]:
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        # A rule naming this host allows its resolved addresses on that port.
+        named = [r for r in st.rules if r.host == host.lower() and (r.port is None or r.port == port)]
+        if not named:
+            raise _Errno(ECONNREFUSED)
+        try:
+            infos = await st.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise _Errno(EHOSTUNREACH) from None
+        addrs = [str(i[4][0]) for i in infos]
+        st.rules = [*st.rules, *(EgressRule(ipaddress.ip_network(ad), None, port) for ad in addrs)]
+        return addrs
+
+    def _send(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        s = st.get(a[0])
+        ptr, length, flags = a[1], a[2], a[3]
+        if length < 0:
+            return [-EINVAL]
+        if s.kind != "conn":
+            return [-ENOTCONN] if s.kind != "failed" else [-s.error or -ENOTCONN]
+        mem.read(ptr, min(length, 1))  # fault early on a bad pointer
+        if length and ptr + length > mem.size():
+            return [-EFAULT]
+
+        def space() -> bool:
+            return s.closed or s.transport is None or s.error != 0 or (
+                not s.write_blocked and s.out_pending < st.limits.buffer_bytes)
+
+        def act(mem: wt.GuestMemory) -> Sequence[int]:
+            if s.closed:
+                return [-EBADF]
+            if s.transport is None or s.error:
+                return [-(s.error or EPIPE)]
+            n = min(length, MAX_IO, st.limits.buffer_bytes - s.out_pending) if length else 0
+            if n <= 0:
+                return [0]
+            data = mem.read(ptr, n)
+            s.out_pending += n
+            st.stats["bytes_out"] += n
+            t = s.transport
+
+            def write() -> None:
+                with st.lock:
+                    s.out_pending -= n
+                if not t.is_closing():
+                    t.write(data)
+                st.wake(s)
+            st.loop.call_soon_threadsafe(write)
+            return [n]
+
+        if not space() and flags & NONBLOCK:
+            return [-EAGAIN]
+        return self._suspend(st, mem, "net_send", [s], space, act)
+
+    def _recv(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        s = st.get(a[0])
+        ptr, length, flags = a[1], a[2], a[3]
+        if length < 0:
+            return [-EINVAL]
+        if s.kind != "conn":
+            return [-ENOTCONN] if s.kind != "failed" else [-s.error or -ENOTCONN]
+        if length and (ptr < 0 or ptr + min(length, MAX_IO) > mem.size()):
+            return [-EFAULT]
+
+        def readable() -> bool:
+            return bool(s.rbuf) or s.eof or s.closed or bool(s.error)
+
+        def act(mem: wt.GuestMemory) -> Sequence[int]:
+            if s.closed:
+                return [-EBADF]
+            if not s.rbuf:
+                return [-s.error] if s.error else [0]
+            n = min(length, len(s.rbuf), MAX_IO)
+            mem.write(ptr, memoryview(s.rbuf)[:n])
+            del s.rbuf[:n]
+            if s.reading_paused and len(s.rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None:
+                s.reading_paused = False
+                st.loop.call_soon_threadsafe(s.transport.resume_reading)
+            return [n]
+
+        if not readable() and flags & NONBLOCK:
+            return [-EAGAIN]
+        return self._suspend(st, mem, "net_recv", [s], readable, act)
+
+    def _close(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        s = st.get(a[0])
+        st.close_sock(s)
+        return [0]
+
+    def _poll(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        fds_ptr, nfds, timeout_ms = a
+        if not 0 <= nfds <= MAX_POLL_FDS:
+            return [-EINVAL]
+        raw = bytearray(mem.read(fds_ptr, nfds * 8))
+        entries = [struct.unpack_from("<ihh", raw, i * 8) for i in range(nfds)]
+        socks = [st.socks.get(sd) for sd, _, _ in entries]
+
+        def revents(i: int) -> int:
+            sd, events, _ = entries[i]
+            if sd < 0:
+                return 0
+            s = socks[i]
+            if s is None or s.closed:
+                return POLLERR
+            r = 0
+            if s.kind == "listener":
+                if s.backlog and events & POLLIN:
+                    r |= POLLIN
+                return r
+            if s.kind == "failed":
+                return POLLERR
+            if s.kind == "connecting":
+                return 0
+            if events & POLLIN and (s.rbuf or s.eof):
+                r |= POLLIN
+            if s.eof and not s.rbuf:
+                r |= POLLHUP
+            if s.error:
+                r |= POLLERR
+            if events & POLLOUT and s.transport is not None and not s.write_blocked \
+                    and s.out_pending < st.limits.buffer_bytes:
+                r |= POLLOUT
+            return r
+
+        def count() -> int:
+            return sum(1 for i in range(nfds) if revents(i))
+
+        timed_out = [False]
+
+        def act(mem: wt.GuestMemory) -> Sequence[int]:
+            n = 0
+            for i in range(nfds):
+                r = revents(i)
+                struct.pack_into("<h", raw, i * 8 + 6, r)
+                n += bool(r)
+            mem.write(fds_ptr, bytes(raw))
+            return [n]
+
+        if count() or timeout_ms == 0:
+            return act(mem)
+        op = NetOp("net_poll", st, [s for s in socks if s is not None],
+                   lambda: timed_out[0] or count() > 0, lambda m: _errno_guard(act, m))
+        if timeout_ms > 0:
+            def fire() -> None:
+                with st.lock:
+                    timed_out[0] = True
+                    op.detach()
+                op.set_result(None)
+
+            def arm() -> None:
+                if not op.cancelled and not op.ready():
+                    op.timer = st.loop.call_later(timeout_ms / 1000.0, fire)
+            st.loop.call_soon_threadsafe(arm)
+        return op
+
+    # ---- per VM
+    async def attach(self, hv: Any, vm: Any) -> None:
+        self.loop = asyncio.get_running_loop()
+        spec = vm.spec
+        rules = [parse_egress(r) for r in spec.allow_egress]
+        if vm.devices is None:
+            vm.devices = DeviceSet()
+        st = NetState(vm, self, self.loop, self.limits, rules)
+        try:
+            for p in spec.publish:
+                info = PublishInfo(p.host_ip, p.host_port, p.guest_port)
+                try:
+                    srv = await self.loop.create_server(lambda gp=p.guest_port: st.inbound(gp),  # type: ignore[misc]
+                                                        p.host_ip, p.host_port, reuse_address=True)
+                except OSError as exc:
+                    raise Conflict(f"cannot publish {p.host_ip}:{p.host_port}: {exc.strerror}",
+                                   code="port_unavailable") from None
+                info.host_port = srv.sockets[0].getsockname()[1]
+                st.servers.append((info, srv))
+        except BaseException:
+            st.close()
+            raise
+        self.states.add(st)
+        vm.devices.add("net", st)
+
+    def metrics(self, hv: Any) -> list[str]:
+        out = ["# HELP microvmd_net_total Socket device counters per VM",
+               "# TYPE microvmd_net_total counter"]
+        for st in list(self.states):
+            for k, v in st.stats.items():
+                out.append(f'microvmd_net_total{{vm="{st.vm.id[:12]}",counter="{k}"}} {v}')
+        return out
+
+    async def shutdown(self) -> None:
+        for st in list(self.states):
+            st.close()
+
+
+def _errno_guard(act: Callable[[wt.GuestMemory], Sequence[int]], mem: wt.GuestMemory) -> Sequence[int]:
+    try:
+        return act(mem)
+    except _Errno as e:
+        return [-e.code]
+    except wt.MemoryFault:
+        return [-EFAULT]
+
