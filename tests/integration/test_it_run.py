@@ -1,0 +1,188 @@
+"""Running guests through the real client: exit codes, env and args, run --rm / -d, create/start/wait,
+logs (and logs -f), ps, inspect and --json output."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+
+from mvapi import REPO, Daemon
+
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+HUGE = "900000000000"  # spin iterations: runs until stopped
+
+
+def uname(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def test_run_passes_exit_code_env_and_args(daemon: Daemon) -> None:
+    r = daemon.cli("run", "--rm", "--env", "WHO=who-check", "--env", "OTHER=x", "hello", "7", "two words")
+    assert r.returncode == 7, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "Hello from microvmd!"
+    assert "arg[1]=7" in lines and "arg[2]=two words" in lines
+    assert "WHO=who-check" in lines
+    r = daemon.cli("run", "--rm", "hello")
+    assert r.returncode == 0, r.stderr
+    assert "WHO is unset" in r.stdout and "arg[1]" not in r.stdout
+    r = daemon.cli("run", "--rm", "hello", "0")
+    assert r.returncode == 0
+
+
+def test_run_a_wasm_file_directly(daemon: Daemon) -> None:
+    r = daemon.cli("run", "--rm", str(REPO / "images/hello/hello.wasm"), "3")
+    assert r.returncode == 3 and "Hello from microvmd!" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_run_rm_removes_the_vm(daemon: Daemon) -> None:
+    name = uname("rm")
+    r = daemon.cli("run", "--rm", "--name", name, "hello", "4")
+    assert r.returncode == 4, r.stderr
+    resp = daemon.api("GET", f"/v1/vms/{name}")
+    assert resp.status == 404 and resp.error["code"] == "vm_not_found"
+    # without --rm the VM stays (exited)
+    name2 = uname("keep")
+    assert daemon.cli("run", "--name", name2, "hello", "4").returncode == 4
+    vm = daemon.api.vm(name2)
+    assert vm["state"] == "exited" and vm["exit"]["code"] == 4
+
+
+def test_run_detached_prints_an_id(daemon: Daemon) -> None:
+    r = daemon.cli("run", "-d", "hello", "6")
+    assert r.returncode == 0, r.stderr
+    vm_id = r.stdout.strip()
+    assert ID_RE.match(vm_id), r.stdout
+    w = daemon.cli("wait", vm_id)
+    assert w.returncode == 6, w.stderr
+    assert daemon.api.vm(vm_id)["state"] == "exited"
+
+
+def test_create_then_start_then_wait(daemon: Daemon) -> None:
+    r = daemon.cli("create", "--name", uname("cs"), "hello", "5")
+    assert r.returncode == 0, r.stderr
+    vm_id = r.stdout.strip().splitlines()[-1]
+    assert ID_RE.match(vm_id)
+    vm = daemon.api.vm(vm_id)
+    assert vm["state"] == "created" and vm["started"] is None and vm["exit"] is None
+    assert daemon.cli("start", vm_id).returncode == 0
+    w = daemon.cli("wait", vm_id)
+    assert w.returncode == 5, w.stderr
+    wj = daemon.cli("--json", "wait", vm_id)
+    assert wj.returncode == 5
+    ex = json.loads(wj.stdout)
+    assert ex["code"] == 5 and ex["reason"] == "exit"
+    # by unique id prefix too
+    assert daemon.cli("wait", vm_id[:10]).returncode == 5
+
+
+def test_logs_after_exit(daemon: Daemon) -> None:
+    vm_id = daemon.cli("run", "-d", "--env", "WHO=logs", "hello", "1", "x").stdout.strip()
+    assert daemon.cli("wait", vm_id).returncode == 1
+    r = daemon.cli("logs", vm_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["Hello from microvmd!", "arg[1]=1", "arg[2]=x", "WHO=logs"]
+    assert daemon.api.logs(vm_id, "stdout") == r.stdout
+    assert daemon.api.logs(vm_id, "stderr") == ""
+
+
+def test_logs_follow_streams_until_the_vm_exits(daemon: Daemon) -> None:
+    vm = daemon.api.create("counter", env={"COUNT": "6", "INTERVAL_MS": "80"}, start=True)
+    t0 = time.monotonic()
+    r = daemon.cli("logs", "-f", vm["id"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "2", "3", "4", "5", "6"]
+    # it followed a live guest: the guest needed ~0.4 s and the command ended only after it exited
+    assert daemon.api.vm(vm["id"])["state"] == "exited"
+    assert time.monotonic() - t0 > 0.2
+
+
+def test_logs_follow_sees_output_while_running(daemon: Daemon) -> None:
+    vm = daemon.api.create("counter", env={"COUNT": "0", "INTERVAL_MS": "50"}, start=True)
+    argv = [sys.executable, "-m", "microvmd.cli.main", "--socket", str(daemon.socket), "logs", "-f", vm["id"]]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert p.stdout is not None
+        first = [p.stdout.readline().strip() for _ in range(3)]
+        assert first == ["1", "2", "3"]
+        assert p.poll() is None  # still following
+        daemon.api.ok("POST", f"/v1/vms/{vm['id']}/kill")
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def test_ps_ps_a_and_json(daemon: Daemon) -> None:
+    name = uname("ps")
+    r = daemon.cli("run", "-d", "--name", name, "spin", HUGE)
+    vm_id = r.stdout.strip()
+    daemon.api.wait_state(vm_id, "running")
+    ps = daemon.cli("ps")
+    assert ps.returncode == 0 and name in ps.stdout and "running" in ps.stdout
+    assert ps.stdout.splitlines()[0].split()[:4] == ["ID", "NAME", "IMAGE", "STATE"]
+    assert daemon.cli("kill", name).returncode == 0
+    assert name not in daemon.cli("ps").stdout
+    psa = daemon.cli("ps", "-a")
+    assert name in psa.stdout
+    js = json.loads(daemon.cli("--json", "ps", "-a").stdout)
+    mine = [v for v in js["vms"] if v["name"] == name]
+    assert len(mine) == 1 and mine[0]["state"] == "stopped" and mine[0]["exit"]["reason"] == "killed"
+    live = json.loads(daemon.cli("ps", "--json").stdout)["vms"]
+    assert all(v["state"] not in ("exited", "stopped") for v in live)
+
+
+def test_inspect_has_the_documented_fields(daemon: Daemon) -> None:
+    name = uname("insp")
+    vm_id = daemon.cli("run", "-d", "--name", name, "--fuel", "50000000", "--memory", "16MiB",
+                       "--timeout", "30s", "--env", "A=B", "hello", "2").stdout.strip()
+    assert daemon.cli("wait", vm_id).returncode == 2
+    r = daemon.cli("inspect", name)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    vm = doc[0] if isinstance(doc, list) else doc
+    for key in ("id", "name", "image", "digest", "state", "args", "env", "limits", "fuel_consumed",
+                "fuel_remaining", "memory_bytes", "created", "started", "finished", "exit", "devices",
+                "snapshot_kind"):
+        assert key in vm, key
+    assert vm["id"] == vm_id and vm["name"] == name and vm["image"] == "hello"
+    assert vm["digest"].startswith("sha256:") and vm["state"] == "exited"
+    assert vm["args"] == ["2"] and vm["env"] == {"A": "B"}
+    assert vm["limits"] == {"fuel": 50_000_000, "memory": 16 << 20, "timeout": 30.0}
+    assert 0 < vm["fuel_consumed"] <= 50_000_000
+    assert vm["fuel_remaining"] == 50_000_000 - vm["fuel_consumed"]
+    assert vm["created"] <= vm["started"] <= vm["finished"]
+    assert vm["snapshot_kind"] in ("asyncify", "stopped_only")
+    ex = vm["exit"]
+    for key in ("code", "reason", "fuel_consumed", "peak_memory", "wall_time_s"):
+        assert key in ex, key
+    assert ex["code"] == 2 and ex["reason"] == "exit" and ex["peak_memory"] > 0
+    # --json everywhere parses
+    for args in (["info"], ["version"], ["image", "ls"], ["ps", "-a"], ["inspect", vm_id]):
+        out = daemon.cli("--json", *args)
+        assert out.returncode == 0, (args, out.stderr)
+        json.loads(out.stdout)
+    created = daemon.cli("--json", "create", "hello")
+    assert created.returncode == 0
+    assert ID_RE.match(json.loads(created.stdout)["id"])
+    info = json.loads(daemon.cli("--json", "info").stdout)
+    for key in ("version", "wasmtime_version", "state_dir", "socket", "vms", "images", "uptime_s", "engine"):
+        assert key in info, key
+    assert info["socket"] == str(daemon.socket) and info["state_dir"] == str(daemon.state_dir)
+
+
+def test_rm_of_a_running_vm_needs_force(daemon: Daemon) -> None:
+    vm_id = daemon.cli("run", "-d", "spin", HUGE).stdout.strip()
+    daemon.api.wait_state(vm_id, "running")
+    r = daemon.cli("rm", vm_id)
+    assert r.returncode == 125 and "vm_running" in r.stderr + r.stdout, r.stderr
+    resp = daemon.api("DELETE", f"/v1/vms/{vm_id}")
+    assert resp.status == 409 and resp.error["code"] == "vm_running"
+    assert daemon.cli("rm", "-f", vm_id).returncode == 0
+    assert daemon.api("GET", f"/v1/vms/{vm_id}").status == 404
+    assert not (daemon.state_dir / "vms" / vm_id).exists()
