@@ -461,6 +461,7 @@ def _attach(ctx: Ctx, vm_id: str, *, remove: bool) -> int:
     """Stream the console of a started VM, wait for it, and return the exit status for the client."""
     api = ctx.api
     follower = LogFollower(api, vm_id, follow=True)
+    restore = _interrupt_on_termination()
     try:
         try:
             follower.start()
@@ -478,12 +479,41 @@ def _attach(ctx: Ctx, vm_id: str, *, remove: bool) -> int:
             ctx.error(f"console output may be incomplete: {e}")
         return _report_exit(ctx, vm_id, exit_obj)
     finally:
+        restore()
         follower.close()
         if remove:
             try:
                 api.delete(f"/v1/vms/{q(vm_id)}", query={"force": "true"})
             except ClientError as e:
                 ctx.error(f"could not remove VM {vm_id}: {e}")
+
+
+def _interrupt_on_termination():
+    """While attached, SIGTERM and SIGHUP act like Ctrl-C (the VM is killed, not left behind).
+
+    Returns a function that restores the previous handlers."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # e.g. started with nohup: keep ignoring it
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
 
 
 def _kill_after_interrupt(ctx: Ctx, vm_id: str):
@@ -524,10 +554,10 @@ def cmd_rm(ctx: Ctx, ns) -> int:
 def _state_text(vm: dict) -> str:
     state = vm.get("state") or "-"
     ex = vm.get("exit")
-    if state == "exited" and isinstance(ex, dict):
+    if state in ("exited", "stopped") and isinstance(ex, dict):
         reason = ex.get("reason") or "exit"
         detail = ex.get("code", 0) if reason == "exit" else reason
-        return f"exited ({0 if detail is None else detail})"
+        return f"{state} ({0 if detail is None else detail})"
     return state
 
 

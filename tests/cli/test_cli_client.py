@@ -117,7 +117,7 @@ def https_daemon(tmp_path):
     import subprocess
     import threading
 
-    from conftest import FakeDaemon, Handler
+    from clifake import FakeDaemon, Handler
 
     if not shutil.which("openssl"):
         pytest.skip("openssl not available")
@@ -149,7 +149,7 @@ def https_daemon(tmp_path):
 
 
 def test_https_transport_sends_the_bearer_token(https_daemon, tmp_path):
-    from conftest import run_cli
+    from clifake import run_cli
 
     daemon, url, cert = https_daemon
     tok = tmp_path / "token"
@@ -170,7 +170,7 @@ def test_https_transport_sends_the_bearer_token(https_daemon, tmp_path):
 def test_socket_path_longer_than_sun_path(tmp_path):
     import threading
 
-    from conftest import FakeDaemon, Handler, _Server
+    from clifake import FakeDaemon, Handler, _Server
 
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)

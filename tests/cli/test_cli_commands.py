@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from clifake import REPO
 
 WASM = b"\0asm\x01\0\0\0"
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from clifake import REPO, run_cli
 from microvmd.cli.main import COMMANDS, GROUP_COMMANDS, build_parser, command_path
 
 
