@@ -108,6 +108,7 @@ async def _import_images(hv: object, directory: Path) -> None:
 
 
 async def serve(cfg: Config) -> int:
+    from .api import snapshots as _snapshot_routes  # noqa: F401  (registers its routes)
     from .api.server import make_app
     from .devices import install_devices
     from .vmm.manager import Hypervisor
@@ -121,8 +122,15 @@ async def serve(cfg: Config) -> int:
         await _import_images(hv, cfg.import_images)
 
     from .api import remote
+    from .api.snapshots import SNAPSHOTS
+    from .snapshot.controller import Snapshots
+
+    snaps = Snapshots(hv)
+    await snaps.startup()
+    hv.on_remove.append(lambda vm: snaps.forget(vm.id))
     token = remote.load_token(cfg)
     app = make_app(hv, [remote.token_middleware(token)] if token else None)
+    app[SNAPSHOTS] = snaps
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     inherited = systemd.listen_fds()

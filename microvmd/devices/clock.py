@@ -40,8 +40,8 @@ class ClockDevice:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def define(self, linker: wasmtime.Linker) -> None:
-        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"], self._sleep)
-        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], self._yield)
+        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"], self._sleep, suspends=True)
+        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], self._yield, suspends=True)
 
     def _sleep(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
         ms = args[0]

@@ -296,6 +296,24 @@ class NetState:
                 "stats": dict(self.stats),
             }
 
+    async def release_published(self) -> None:
+        """Unbind the published ports (the VM is moving); ``rebind_published`` undoes it."""
+        for _, srv in self.servers:
+            srv.close()
+        for _, srv in self.servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def rebind_published(self) -> None:
+        fresh = []
+        for info, _ in self.servers:
+            srv = await self.loop.create_server(lambda gp=info.guest_port: self.inbound(gp),  # type: ignore[misc]
+                                                info.host_ip, info.host_port, reuse_address=True)
+            fresh.append((info, srv))
+        self.servers = fresh
+
     def close(self) -> None:
         with self.lock:
             if self.closed:
@@ -357,12 +375,12 @@ class NetDevice:
     def define(self, linker: wasmtime.Linker) -> None:
         d = wt.define_host_func
         d(linker, "microvm_net", "net_listen", ["i32", "i32"], ["i32"], self._guarded(self._listen))
-        d(linker, "microvm_net", "net_accept", ["i32", "i32"], ["i32"], self._guarded(self._accept))
-        d(linker, "microvm_net", "net_connect", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._connect))
-        d(linker, "microvm_net", "net_send", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._send))
-        d(linker, "microvm_net", "net_recv", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._recv))
+        d(linker, "microvm_net", "net_accept", ["i32", "i32"], ["i32"], self._guarded(self._accept), suspends=True)
+        d(linker, "microvm_net", "net_connect", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._connect), suspends=True)
+        d(linker, "microvm_net", "net_send", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._send), suspends=True)
+        d(linker, "microvm_net", "net_recv", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._recv), suspends=True)
         d(linker, "microvm_net", "net_close", ["i32"], ["i32"], self._guarded(self._close))
-        d(linker, "microvm_net", "net_poll", ["i32", "i32", "i32"], ["i32"], self._guarded(self._poll))
+        d(linker, "microvm_net", "net_poll", ["i32", "i32", "i32"], ["i32"], self._guarded(self._poll), suspends=True)
 
     def _guarded(self, fn: Callable[[NetState, wt.GuestMemory, Sequence[int]], Any]) -> wt.HostFn:
         def host(mem: wt.GuestMemory, args: Sequence[int]) -> Any:

@@ -53,6 +53,7 @@ class Image:
     imports: list[str] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)
     mutable_globals: dict[str, str] = field(default_factory=dict)  # export name -> value type
+    asyncify_globals: list[int] | None = None  # (state, data) global indices of an Asyncify build
     source_format: str = "wasm"
 
     @property
@@ -182,9 +183,17 @@ class ImageStore:
             raise Unprocessable("module has nothing to run: no _start, no start function and no entry given",
                                 code="invalid_entry")
         kind = "sdk" if sdk else ("wasi" if entry == "_start" else "reactor")
+        from ..snapshot.asyncify import find_control_globals
+
+        try:
+            ctl = find_control_globals(data)
+        except wasmbin.WasmFormatError:
+            ctl = None
+        asyncify = ctl is not None and "microvm_asyncify_data" in exports
         return Image(
             digest=f"sha256:{hexd}", size=len(data), created=time.time(), entry=entry, boot=boot, kind=kind,
-            asyncify="asyncify_start_unwind" in exports, imports=imports, exports=exports,
+            asyncify=asyncify, asyncify_globals=list(ctl) if asyncify and ctl else None,
+            imports=imports, exports=exports,
             mutable_globals={g.name: g.valtype for g in report.globals if g.mutable},
             source_format=source_format,
         )

@@ -50,7 +50,19 @@ class HostOp:
         """The VM is going away or being parked for a snapshot; release what the op holds."""
         self.cancelled = True
 
+    def interrupt(self, answer: Callable[[GuestMemory], Sequence[int]]) -> None:
+        """Wake the guest now and answer the call with ``answer`` instead (used to unwind for a snapshot).
+
+        The op is cancelled first, so its own work is not done: the guest repeats the call later.
+        """
+        self.cancel()
+        self._answer = answer
+        self.set_result(None)
+
     def complete(self, mem: GuestMemory) -> Sequence[int]:
+        answer = getattr(self, "_answer", None)
+        if answer is not None:
+            return answer(mem)  # type: ignore[no-any-return]
         return self.finish(mem)
 
     def finish(self, mem: GuestMemory) -> Sequence[int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import wasmtime
 
+from ..snapshot.asyncify import STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
 from . import wt
 
 log = logging.getLogger("microvmd.vmm")
@@ -27,6 +28,7 @@ class SliceEnd(Enum):
     BLOCKED = "blocked"        # waiting in a device call; wake it when the call can complete
     OUT_OF_FUEL = "out_of_fuel"
     CONTROL = "control"        # a pause/stop/kill/timeout request was seen at a yield point
+    UNWOUND = "unwound"        # the guest unwound at a suspension point: its whole state is in memory
 
 
 @dataclass
@@ -43,6 +45,12 @@ class MachineSpec:
     stderr: Path
     entry: str = "_start"
     boot: list[str] = field(default_factory=list)  # exports to call before the entry (e.g. rewritten start)
+    asyncify_globals: tuple[int, int] | None = None
+
+
+def _val(ty: str, value: int | float) -> wasmtime.Val:
+    return {"i32": wasmtime.Val.i32, "i64": wasmtime.Val.i64, "f32": wasmtime.Val.f32,
+            "f64": wasmtime.Val.f64}[ty](value)  # type: ignore[operator]
 
 
 class Machine:
@@ -65,14 +73,22 @@ class Machine:
         self._fuel_interval: int | None = None
         self.instance = wt.instantiate(self.store, linker, module)
         self.exports = self.instance.exports(self.store)
+        self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
         self._queue = [*spec.boot, spec.entry]
+        self._current = spec.entry
         self.call: wt.GuestCall | None = None
         self.outcome: wt.Outcome | None = None
         self.fuel_consumed = 0
+        self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
         self.memory_bytes = self.memory.data_len(self.store) if self.memory else 0
         self.peak_memory = self.memory_bytes
+        self.asyncify: AsyncifyCtl | None = None
+        if spec.asyncify_globals is not None and self.memory is not None:
+            data_ptr = self.call_sync("microvm_asyncify_data")[0]
+            self.asyncify = AsyncifyCtl.setup(self.exports, self.store, spec.asyncify_globals, data_ptr,
+                                              self.memory)
 
     # ---- helpers the VM's devices and snapshots use (on the owning thread) ----
     def export(self, name: str) -> Any:
@@ -118,12 +134,20 @@ class Machine:
                 self._set_fuel_interval(None)
             assert self.call is not None
             done = self.call.poll()
-            self.fuel_consumed = FUEL_TANK - self.store.get_fuel()
+            self.fuel_consumed = self.fuel_base + FUEL_TANK - self.store.get_fuel()
             if done:
                 out = self.call.outcome()
                 self.call.close()
                 self.call = None
                 self._sample_memory()
+                a = self.asyncify
+                if a is not None and a.unwinding and out.trap is None and out.error is None \
+                        and out.exit_code is None:
+                    a.unwinding = False
+                    a.unwound = True
+                    a.state.set_value(self.store, wasmtime.Val.i32(STATE_NORMAL))  # asyncify_stop_unwind
+                    self._queue.insert(0, self._current)
+                    return SliceEnd.UNWOUND
                 if out.results is not None and out.trap is None and out.error is None and out.exit_code is None \
                         and self._queue:
                     continue  # a boot step finished; go on to the entry
@@ -138,6 +162,13 @@ class Machine:
                 return SliceEnd.YIELDED
 
     def _begin(self, name: str) -> bool:
+        self._current = name
+        a = self.asyncify
+        if a is not None and a.unwound:  # asyncify_start_rewind, then re-enter the same export
+            a.state.set_value(self.store, wasmtime.Val.i32(STATE_REWINDING))
+            a.data.set_value(self.store, wasmtime.Val.i32(a.data_ptr))
+            a.unwound = False
+            a.rewinding = True
         func = self.exports.get(name)
         if not isinstance(func, wasmtime.Func):
             out = wt.Outcome()
@@ -147,6 +178,68 @@ class Machine:
             return False
         self.call = wt.GuestCall(self.store, func, nresults=len(func.type(self.store).results))
         return True
+
+    # ---- snapshots (Asyncify guests) ----
+    def at_suspension_point(self, mem: wt.GuestMemory, snapshot_wanted: bool) -> list[int] | None:
+        """Runs first in every suspending import: finish a rewind, or start an unwind."""
+        a = self.asyncify
+        if a is None:
+            return None
+        if a.rewinding:  # asyncify_stop_rewind: the guest is back inside the call it was suspended in
+            mem.set_global_i32(a.state, STATE_NORMAL)
+            a.rewinding = False
+        if snapshot_wanted:
+            return self.start_unwind(mem)
+        return None
+
+    def start_unwind(self, mem: wt.GuestMemory) -> list[int]:
+        """asyncify_start_unwind from inside the suspended import; the import's answer is ignored."""
+        a = self.asyncify
+        assert a is not None
+        mem.write(a.data_ptr, a.header())
+        mem.set_global_i32(a.data, a.data_ptr)
+        mem.set_global_i32(a.state, STATE_UNWINDING)
+        a.unwinding = True
+        return [0]
+
+    def capture(self) -> tuple[bytes, dict[str, tuple[str, int | float]]]:
+        """Linear memory and every mutable exported global; only while the guest is not running."""
+        assert self.call is None or (self.asyncify is not None and self.asyncify.unwound)
+        mem = self.memory.read(self.store, 0, self.memory.data_len(self.store)) if self.memory else b""
+        globals_: dict[str, tuple[str, int | float]] = {}
+        for name in self.export_names:
+            item = self.exports.get(name)
+            if isinstance(item, wasmtime.Global):
+                ty = item.type(self.store)
+                if ty.mutable:
+                    globals_[name] = (str(ty.content), item.value(self.store))
+        return bytes(mem), globals_
+
+    def restore(self, memory: bytes, globals_: dict[str, tuple[str, int | float]], unwound: bool,
+                fuel_consumed: int) -> None:
+        """Load a captured state into this freshly instantiated machine (before it first runs)."""
+        if self.memory is None:
+            if memory:
+                raise ValueError("snapshot has memory but the module exports none")
+        else:
+            have = self.memory.data_len(self.store)
+            if len(memory) > have:
+                self.memory.grow(self.store, (len(memory) - have + 65535) // 65536)
+            self.memory.write(self.store, memory, 0)
+        for name, (ty, value) in globals_.items():
+            item = self.exports.get(name)
+            if not isinstance(item, wasmtime.Global):
+                raise ValueError(f"snapshot global {name!r} is not exported by the module")
+            item.set_value(self.store, _val(ty, value))
+        self.fuel_base = fuel_consumed
+        self.fuel_consumed = fuel_consumed
+        if unwound:
+            self._queue = [self.spec.entry]
+        if unwound:
+            if self.asyncify is None:
+                raise ValueError("snapshot was taken inside a call but the guest has no Asyncify support")
+            self.asyncify.unwound = True
+        self._sample_memory()
 
     def _set_fuel_interval(self, interval: int | None) -> None:
         if interval != self._fuel_interval:

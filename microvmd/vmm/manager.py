@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ from .vm import ExitRecord, Vm, VmSpec
 log = logging.getLogger("microvmd.vmm")
 
 ABI_VERSION = 1
+
+
+@dataclass
+class RestoreData:
+    memory: bytes
+    globals: dict[str, tuple[str, int | float]]
+    unwound: bool
+    fuel_consumed: int
+    fuel_budget: int | None
 _CONTROL_PRIORITY = {"pause": 0, "stop": 1, "timeout": 2, "killed": 3}
 
 
@@ -53,6 +63,16 @@ class Hypervisor:
         self.started = time.time()
         self.fuel_total_finished = 0
         self.closing = False
+        self.on_remove: list[Callable[[Vm], None]] = []
+        wt.suspension_hook = self._suspension_hook
+
+    @staticmethod
+    def _suspension_hook(mem: wt.GuestMemory) -> list[int] | None:
+        vm = wt.current_vm()
+        m = vm.machine if vm is not None else None
+        if m is None:
+            return None
+        return m.at_suspension_point(mem, vm.snapshot_wanted)
 
     def add_device(self, device: Any) -> None:
         device.define(self.linker)
@@ -159,7 +179,7 @@ class Hypervisor:
                 raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
         return memory
 
-    async def create(self, spec: VmSpec) -> Vm:
+    async def create(self, spec: VmSpec, restore: RestoreData | None = None) -> Vm:
         memory = self._validate(spec)
         img = self.images.resolve(spec.image)
         vm_id = uuid.uuid4().hex
@@ -169,7 +189,7 @@ class Hypervisor:
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
         self.vms[vm_id] = vm  # reserve the name while we build
         try:
-            await self.sched.on_io(self._build, vm, img)
+            await self.sched.on_io(self._build, vm, img, restore)
             for dev in self.device_hooks:
                 await dev.attach(self, vm)
         except BaseException:
@@ -180,7 +200,7 @@ class Hypervisor:
         vm.log.info("created from image %s (%s)", vm.image_name, img.digest[:19])
         return vm
 
-    def _build(self, vm: Vm, img: Image) -> None:
+    def _build(self, vm: Vm, img: Image, restore: RestoreData | None = None) -> None:
         """On an I/O thread: directory, console files, instantiation, ABI check."""
         lim = self.cfg.limits
         vm.dir.mkdir(parents=True)
@@ -192,6 +212,7 @@ class Hypervisor:
             table_elements=lim.table_elements, instances=lim.instances, tables=lim.tables,
             memories=lim.memories, stdout=vm.console.path("stdout"), stderr=vm.console.path("stderr"),
             entry=img.entry or "", boot=list(img.boot),
+            asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
         )
         if img.entry is None:
             mspec.entry = mspec.boot.pop() if mspec.boot else ""
@@ -218,6 +239,14 @@ class Hypervisor:
                 raise Unprocessable(f"the guest was built for microvm ABI version {want}; this daemon serves "
                                     f"version {ABI_VERSION}: rebuild it with this SDK or upgrade microvmd",
                                     code="abi_version_unsupported")
+        if restore is not None:
+            try:
+                vm.machine.restore(restore.memory, restore.globals, restore.unwound, restore.fuel_consumed)
+            except (ValueError, wasmtime.WasmtimeError) as exc:
+                raise Unprocessable(f"the snapshot does not fit its image: {str(exc).splitlines()[0]}",
+                                    code="invalid_snapshot") from None
+            vm.fuel_budget = restore.fuel_budget
+            vm.snapshot_kind = "asyncify" if vm.machine.asyncify is not None else "stopped_only"
         vm.sync_from_machine()
 
     def _teardown(self, vm: Vm, remove_dir: bool) -> None:
@@ -268,7 +297,7 @@ class Hypervisor:
         return vm
 
     def _dispatch(self, vm: Vm) -> None:
-        if vm.on_cpu or vm.machine is None:
+        if vm.on_cpu or vm.machine is None or vm.frozen:
             return
         self.sched.dispatch(vm, self._on_slice_end)
 
@@ -286,7 +315,13 @@ class Hypervisor:
             vm.log.error("vCPU error: %r", end)
             self._finish(vm, None, f"trap: host error: {end}")
             return
-        if end is SliceEnd.DONE:
+        if end is SliceEnd.UNWOUND:
+            vm.snapshot_wanted = False
+            vm.frozen = True  # parked with its stack in memory until the snapshot is taken
+            self._resolve_unwound(vm, None)
+            if vm.control is not None:
+                self._apply_control(vm)
+        elif end is SliceEnd.DONE:
             self._finish_outcome(vm)
         elif vm.control is not None or end is SliceEnd.CONTROL:
             self._apply_control(vm)
@@ -310,6 +345,8 @@ class Hypervisor:
             self._apply_control(vm)
 
     def _apply_control(self, vm: Vm) -> None:
+        if vm.frozen:
+            return  # being captured; thaw() applies it
         what, vm.control = vm.control, None
         if what is None or vm.state.terminal:
             return
@@ -342,9 +379,68 @@ class Hypervisor:
         else:
             self._finish(vm, 0, "exit")
 
+    def _resolve_unwound(self, vm: Vm, exc: BaseException | None) -> None:
+        waiters, vm.unwound_waiters = vm.unwound_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_exception(exc) if exc is not None else f.set_result(None)
+
+    # ------------------------------------------------------------------ snapshot support
+    async def quiesce(self, vm: Vm, timeout: float = 5.0) -> str:
+        """Bring the VM to a state that memory + globals fully describe; it stays frozen until ``thaw``.
+
+        Returns "created" (never ran), "unwound" (an Asyncify guest unwound at a suspension point).
+        """
+        if vm.state.terminal or vm.machine is None:
+            raise InvalidState(f"cannot snapshot VM {vm.id}: it is {vm.state.value}")
+        m = vm.machine
+        if vm.state == VmState.CREATED:
+            vm.frozen = True
+            return "created"
+        if m.asyncify is None:
+            raise Conflict(f"VM {vm.id} is {vm.state.value} and its guest has no Asyncify support: it can only "
+                           f"be snapshotted before it starts (rebuild it with guest-sdk/mvcc)",
+                           code="not_snapshottable")
+        if m.asyncify.unwound:
+            vm.frozen = True
+            return "unwound"
+        blocked = vm.waiting is not None and not vm.waiting.ready()
+        if vm.state in (VmState.PAUSED, VmState.OUT_OF_FUEL) and not blocked:
+            raise Conflict(f"VM {vm.id} is {vm.state.value} in the middle of computing, not at a suspension "
+                           f"point; resume it and snapshot it while it runs", code="not_at_suspension_point")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        vm.unwound_waiters.append(fut)
+        vm.snapshot_wanted = True
+        if blocked:
+            assert vm.waiting is not None
+            vm.waiting.interrupt(m.start_unwind)
+            if vm.state != VmState.RUNNING:  # a paused VM is not woken by its op: run it to the unwind
+                self._dispatch(vm)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            vm.snapshot_wanted = False
+            if fut in vm.unwound_waiters:
+                vm.unwound_waiters.remove(fut)
+            raise Conflict(f"VM {vm.id} did not reach a suspension point within {timeout:g} s "
+                           f"(it is computing without calling sleep, yield or a blocking device call)",
+                           code="no_suspension_point") from None
+        if vm.state.terminal or vm.machine is None:
+            raise InvalidState(f"VM {vm.id} ended while being snapshotted")
+        return "unwound"
+
+    def thaw(self, vm: Vm) -> None:
+        """Let a quiesced VM run on: it rewinds into the call it was suspended in."""
+        vm.frozen = False
+        if vm.control is not None:
+            self._apply_control(vm)
+        if vm.state == VmState.RUNNING:
+            self._dispatch(vm)
+
     def _finish(self, vm: Vm, code: int | None, reason: str) -> None:
         if vm.state.terminal:
             return
+        self._resolve_unwound(vm, InvalidState(f"VM {vm.id} ended ({reason})"))
         if vm.waiting is not None:
             vm.waiting.cancel()
             vm.waiting = None
@@ -478,6 +574,8 @@ class Hypervisor:
         if vm.devices is not None:
             vm.devices.close()
         await self.sched.on_io(self._teardown, vm, True)
+        for hook in self.on_remove:
+            hook(vm)
         vm.log.info("removed")
 
     # ------------------------------------------------------------------ persistence

@@ -25,6 +25,7 @@ class DirSpec:
 class DiskSpec:
     name: str
     mode: str = "rw"  # rw | ro | cow
+    rate_limiter: dict[str, Any] | None = None  # {"bandwidth": bucket|null, "ops": bucket|null}
 
 
 @dataclass
@@ -107,6 +108,9 @@ class Vm:
         self.time_left: float | None = spec.timeout
         self.run_since: float | None = None
         self.run_seconds = 0.0
+        self.snapshot_wanted = False      # unwind at the next suspension point
+        self.frozen = False               # being captured: do not run it
+        self.unwound_waiters: list[asyncio.Future[None]] = []
 
     # ---------------------------------------------------------------- bookkeeping
     def notify(self) -> None:

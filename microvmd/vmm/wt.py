@@ -236,6 +236,15 @@ class GuestMemory:
             base = self._base(ptr, n)
             ctypes.memmove(base + ptr, bytes(data) if not isinstance(data, bytes) else data, n)
 
+    def set_global_i32(self, glob: wasmtime.Global, value: int) -> None:
+        """Set a global of the calling instance from inside a host call (no Wasm runs)."""
+        val = ffi.wasmtime_val_t()
+        val.kind = I32
+        val.of.i32 = value
+        err = ffi.wasmtime_global_set(self._ctx, ctypes.byref(glob._global), ctypes.byref(val))
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+
     def view(self, ptr: int, length: int) -> memoryview:
         """A zero-copy writable view; do not keep it beyond the host call."""
         base = self._base(ptr, length)
@@ -262,6 +271,11 @@ class HostTrap(Exception):
 
 
 _current = threading.local()
+
+# Called at the start of every host function defined with ``suspends=True`` (the ABI's suspension
+# points). It may return results to answer the call itself, e.g. to unwind the guest for a snapshot.
+SuspensionHook = Callable[[GuestMemory], Sequence[int] | None]
+suspension_hook: SuspensionHook | None = None
 
 
 def set_current_vm(vm: object | None) -> None:
@@ -366,13 +380,25 @@ def _valtypes(names: Sequence[str]) -> Any:
 
 
 def define_host_func(linker: wasmtime.Linker, module: str, name: str,
-                     params: Sequence[str], results: Sequence[str], fn: HostFn) -> None:
+                     params: Sequence[str], results: Sequence[str], fn: HostFn, suspends: bool = False) -> None:
     """Define ``module.name`` for every store using ``linker``.
 
     ``fn(mem, args)`` returns the results (a list of ints) at once, or a ``Pending`` to suspend the guest
     until ``pending.ready()``; the guest then resumes with ``pending.complete(mem)``. It may raise
     ``HostTrap`` to trap the guest. Only i32/i64 signatures are supported, which is all the ABI uses.
+    ``suspends`` marks a suspension point: ``suspension_hook`` sees the call first.
     """
+    if suspends:
+        inner = fn
+
+        def fn(mem: GuestMemory, args: Sequence[int]) -> HostResult:
+            hook = suspension_hook
+            if hook is not None:
+                answered = hook(mem)
+                if answered is not None:
+                    return answered
+            return inner(mem, args)
+
     for t in (*params, *results):
         if t not in _VALTYPES:
             raise ValueError(f"unsupported value type {t!r}")

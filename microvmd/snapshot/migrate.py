@@ -1,0 +1,159 @@
+"""Live migration: snapshot here, send only the chunks the target lacks, restore there, then remove here.
+
+The source VM stays frozen (not running, fully intact) from its snapshot until the target confirms the
+restore; on any failure it is thawed and carries on here, published ports rebound, as if nothing happened.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+
+from ..errors import BadRequest, MicrovmError
+from ..vmm.manager import Hypervisor
+from ..vmm.state import VmState
+from ..vmm.vm import Vm
+from .controller import Snapshots
+
+log = logging.getLogger("microvmd.migrate")
+
+
+class MigrationFailed(MicrovmError):
+    status = 502
+    code = "migration_failed"
+
+
+class Peer:
+    """Another microvmd, over its Unix socket or its TLS remote API."""
+
+    def __init__(self, to: str, token: str | None, ca_file: str | None = None) -> None:
+        u = urlparse(to)
+        headers = {"Accept": "application/json"}
+        if u.scheme == "unix":
+            path = u.path or u.netloc
+            if not path:
+                raise BadRequest("unix:// destination needs a socket path, e.g. unix:///run/b.sock",
+                                 code="invalid_destination")
+            self.connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=path)
+            self.base = "http://peer"
+        elif u.scheme == "https":
+            if not token:
+                raise BadRequest("an https:// destination needs a bearer token (--token-file)",
+                                 code="invalid_destination")
+            ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+            self.connector = aiohttp.TCPConnector(ssl=ctx)
+            self.base = f"https://{u.netloc}"
+        else:
+            raise BadRequest(f"destination {to!r} must be unix:///path.sock or https://HOST:PORT",
+                             code="invalid_destination")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.session = aiohttp.ClientSession(connector=self.connector, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=300, sock_connect=10))
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, body: Any = None, data: Any = None) -> Any:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs["json"] = body
+        if data is not None:
+            kwargs["data"] = data
+            kwargs["headers"] = {"Content-Type": "application/octet-stream"}
+        async with self.session.request(method, self.base + path, **kwargs) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                try:
+                    err = json.loads(text)["error"]
+                    msg = f"{err['message']} ({err['code']})"
+                except (ValueError, KeyError, TypeError):
+                    msg = text[:200] or resp.reason
+                raise _PeerError(resp.status, msg)
+            return json.loads(text) if text else None
+
+
+class _PeerError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"target answered {status}: {message}")
+        self.status = status
+
+
+async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str | None,
+                  ca_file: str | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    async with Peer(to, token, ca_file) as peer:
+        try:
+            await peer.call("GET", "/v1/info")
+        except (aiohttp.ClientError, _PeerError, OSError) as exc:
+            raise MigrationFailed(f"cannot reach the target {to}: {exc}; nothing was changed") from None
+        name = f"migrate-{vm.name}-{int(time.time() * 1000)}"
+        net = vm.devices.get("net") if vm.devices is not None else None
+        async with vm.lock:
+            was_running = vm.state == VmState.RUNNING
+            manifest, memory = await snaps._capture(vm, name, thaw=False)
+            released = False
+            try:
+                summary = await snaps._persist(None, manifest, memory, None)
+                if net is not None:
+                    await net.release_published()
+                    released = True
+                chunks = sorted(snaps.store.referenced(manifest))
+                missing = (await peer.call("POST", "/v1/snapshots/chunks/missing", {"chunks": chunks}))["missing"]
+                try:
+                    await peer.call("GET", f"/v1/images/{manifest['vm']['digest']}")
+                    send_image = False
+                except _PeerError as exc:
+                    if exc.status != 404:
+                        raise
+                    send_image = True
+                _, gen = await snaps.export_blocks(name, only=set(missing), with_image=send_image)
+
+                async def stream() -> AsyncIterator[bytes]:
+                    sentinel = object()
+                    while True:
+                        block = await hv.sched.on_io(next, gen, sentinel)
+                        if block is sentinel:
+                            return
+                        yield block
+
+                await peer.call("POST", "/v1/snapshots/import", data=stream())
+                new = await peer.call("POST", f"/v1/snapshots/{name}/restore",
+                                      {"name": vm.name, "start": was_running})
+            except BaseException as exc:
+                if released and net is not None:
+                    try:
+                        await net.rebind_published()
+                    except OSError as bind_exc:
+                        log.error("vm=%s could not rebind its published ports: %s", vm.id[:12], bind_exc)
+                hv.thaw(vm)
+                await hv.sched.on_io(_forget_manifest, snaps, name)
+                if isinstance(exc, (aiohttp.ClientError, _PeerError, OSError, MicrovmError)):
+                    raise MigrationFailed(f"migration to {to} failed: {exc}; the VM keeps running here") from None
+                raise
+            vm.frozen = False
+            hv._finish(vm, None, "migrated")
+        await hv.remove(vm, force=True)
+        await hv.sched.on_io(_forget_manifest, snaps, name)
+        total_ms = (time.perf_counter() - t0) * 1000
+        log.info("vm=%s migrated to %s as %s in %.1f ms (%d of %d chunks sent)", vm.id[:12], to,
+                 new.get("id", "?")[:12], total_ms, len(missing), len(chunks))
+        return {"vm": new, "to": to, "snapshot": summary["name"],
+                "stats": {"total_ms": round(total_ms, 3), "chunks_sent": len(missing), "chunks_total": len(chunks),
+                          "frozen_ms": manifest["stats"]["frozen_ms"]}}
+
+
+def _forget_manifest(snaps: Snapshots, name: str) -> None:
+    try:
+        snaps.store.remove(name)
+    except MicrovmError:
+        pass
