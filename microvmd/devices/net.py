@@ -296,6 +296,36 @@ class NetState:
                 "stats": dict(self.stats),
             }
 
+    # ---- snapshot save/restore: listeners come back, open connections are reset (as Firecracker's vsock)
+    def save(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "next_sd": self.next_sd,
+                "sockets": [{"sd": s.sd, "kind": s.kind, "port": s.port} for s in self.socks.values()],
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            nxt = state.get("next_sd", 3)
+            socks = state.get("sockets", [])
+            if not isinstance(nxt, int) or not isinstance(socks, list) or len(socks) > self.limits.max_sockets:
+                raise ValueError("malformed socket state in snapshot")
+            self.next_sd = max(self.next_sd, nxt)
+            for rec in socks:
+                sd, kind, port = rec.get("sd"), rec.get("kind"), rec.get("port", 0)
+                if not isinstance(sd, int) or not isinstance(port, int) or kind not in (
+                        "listener", "conn", "connecting", "failed"):
+                    raise ValueError("malformed socket record in snapshot")
+                s = GSock(sd, "listener" if kind == "listener" else "conn")
+                if kind == "listener":
+                    s.port = port
+                    self.listeners[port] = s
+                    for c in self.unclaimed.pop(port, collections.deque()):
+                        s.backlog.append(c)
+                else:
+                    s.eof, s.error = True, ECONNRESET  # the peer is gone: reset
+                self.socks[sd] = s
+
     async def release_published(self) -> None:
         """Unbind the published ports (the VM is moving); ``rebind_published`` undoes it."""
         for _, srv in self.servers:

@@ -76,7 +76,7 @@ class Snapshots:
                 "memory": {"size": len(memory), "chunks": []},
                 "globals": {k: [t, v] for k, (t, v) in globals_.items()},
                 "disks": disks,
-                "net": vm.devices.get("net").to_api() if vm.devices is not None and vm.devices.get("net") else {},
+                "devices": _device_states(vm),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
                 "stats": {"frozen_ms": round(frozen_ms, 3)},
             }
@@ -154,7 +154,8 @@ class Snapshots:
         await self._restore_disks(m, spec)
         data = RestoreData(memory=memory, globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
                            unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
-                           fuel_budget=m["vm"].get("fuel_budget"))
+                           fuel_budget=m["vm"].get("fuel_budget"),
+                           devices=m.get("devices") if isinstance(m.get("devices"), dict) else {})
         vm = await hv.create(spec, restore=data)
         vm.image_name = m["vm"].get("image_name") or vm.image_name
         log.info("restored snapshot %s as vm=%s (%s)", name, vm.id[:12], m["kind"])
@@ -209,6 +210,13 @@ class Snapshots:
 
     def missing(self, hashes: list[str]) -> list[str]:
         return [h for h in hashes if not self.store.has_chunk(h)]
+
+
+def _device_states(vm: Vm) -> dict[str, Any]:
+    """Every device part with a save() contributes its state (restored by its restore())."""
+    if vm.devices is None:
+        return {}
+    return {name: part.save() for name, part in vm.devices.parts.items() if hasattr(part, "save")}
 
 
 def summary(m: dict[str, Any]) -> dict[str, Any]:

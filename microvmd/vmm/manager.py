@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class RestoreData:
     unwound: bool
     fuel_consumed: int
     fuel_budget: int | None
+    devices: dict[str, Any] = field(default_factory=dict)
 _CONTROL_PRIORITY = {"pause": 0, "stop": 1, "timeout": 2, "killed": 3}
 
 
@@ -192,6 +193,15 @@ class Hypervisor:
             await self.sched.on_io(self._build, vm, img, restore)
             for dev in self.device_hooks:
                 await dev.attach(self, vm)
+            if restore is not None and vm.devices is not None:
+                for name, state in restore.devices.items():
+                    part = vm.devices.get(name)
+                    if part is not None and hasattr(part, "restore"):
+                        try:
+                            part.restore(state)
+                        except (ValueError, TypeError, AttributeError) as exc:
+                            raise Unprocessable(f"snapshot device state for {name} is invalid: {exc}",
+                                                code="invalid_snapshot") from None
         except BaseException:
             self.vms.pop(vm_id, None)
             await self.sched.on_io(self._teardown, vm, True)
