@@ -156,7 +156,7 @@ async def serve(cfg: Config) -> int:
     await stop.wait()
     log.info("shutting down: stopping guests")
     notifier.stopping("stopping guests")
-    notifier.stop_watchdog()
+    await notifier.stop_watchdog()
     try:
         await asyncio.wait_for(hv.shutdown(), cfg.shutdown_timeout)
     except TimeoutError:

@@ -364,7 +364,7 @@ class Hypervisor:
             if vm.state == VmState.RUNNING:
                 self._transition(vm, VmState.PAUSED, "pause")
         else:
-            self._finish(vm, None, what)
+            self._finish(vm, None, "stopped" if what == "stop" else what)
 
     def _finish_outcome(self, vm: Vm) -> None:
         m = vm.machine
@@ -513,11 +513,11 @@ class Hypervisor:
         async with vm.lock:
             if vm.state.terminal:
                 raise InvalidState(f"cannot {'stop' if how == 'stop' else 'kill'} VM {vm.id}: it is {vm.state.value}")
-            reason = "stopped" if how == "stop" else how
+            reason = "stopped" if how in ("stop", "stopped") else "killed"
             if vm.state == VmState.CREATED:
                 self._finish(vm, None, reason)
             else:
-                self._request(vm, "stop" if how == "stop" else "killed")
+                self._request(vm, "stop" if reason == "stopped" else "killed")
                 await self._settle(vm, lambda: vm.state.terminal)
                 if vm.state.live:  # the slice did not come back in time: finish without it
                     self._finish(vm, None, reason)
