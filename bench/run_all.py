@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Run every microvmd benchmark, each in its own process with its own private daemon, and summarise.
+
+  python bench/run_all.py            the full run (the figures in docs/benchmarks.md; about 5 minutes)
+  python bench/run_all.py --quick    a short smoke run of each benchmark (well under a minute)
+
+Each bench/bench_*.py also runs on its own (see its --help). The exit status is 0 when every benchmark
+ran, whatever its PASS/MISS verdicts (--strict: 1 when any target is missed as well).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+BENCHES = ["bench_run", "bench_density", "bench_fuel", "bench_ps"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a short smoke run of every benchmark")
+    ap.add_argument("--only", action="append", choices=[b.removeprefix("bench_") for b in BENCHES],
+                    help="run only this benchmark (repeatable)")
+    ap.add_argument("--json", metavar="FILE", help="write all results and the machine description as JSON")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
+    a = ap.parse_args(argv)
+    names = [b for b in BENCHES if not a.only or b.removeprefix("bench_") in a.only]
+
+    c.emit("# microvmd benchmarks" + (" (--quick smoke run: figures are not meaningful)" if a.quick else ""))
+    c.emit("")
+    info = c.machine_info()
+    c.emit(c.table(["machine", ""], list(info.items())))
+    _, note = c.wasmtime_cli()
+    c.emit(f"\nwasmtime CLI binary: {note}\n")
+    results: dict[str, dict] = {}
+    failed: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-results-"))
+    here = Path(__file__).resolve().parent
+    for name in names:
+        out = tmp / f"{name}.json"
+        cmd = [sys.executable, str(here / f"{name}.py"), "--json", str(out)] + (["--quick"] if a.quick else [])
+        c.emit(f"$ {' '.join(['python', f'bench/{name}.py'] + (['--quick'] if a.quick else []))}")
+        t0 = time.monotonic()
+        rc = subprocess.call(cmd)
+        c.emit(f"({name}: {time.monotonic() - t0:.0f} s, exit {rc})\n")
+        if rc != 0 or not out.exists():
+            failed.append(name)
+            continue
+        results[name] = json.loads(out.read_text())
+
+    c.emit("## Summary\n")
+    rows = []
+    for name in names:
+        if name in failed:
+            rows.append([name, "ERROR", "the benchmark did not complete (see its output above)"])
+            continue
+        for t in results[name]["targets"]:
+            rows.append([name, "PASS" if t["pass"] else "MISS", f"{t['target']}: {t['measured']}"])
+    c.emit(c.table(["benchmark", "verdict", "target: measured"], rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"machine": info, "quick": a.quick, "results": results,
+                                            "errors": failed}, indent=2, default=str) + "\n")
+    if failed:
+        return 2
+    if a.strict and any(not t["pass"] for r in results.values() for t in r["targets"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
