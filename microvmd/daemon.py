@@ -150,6 +150,7 @@ async def serve(cfg: Config) -> int:
     where = "socket passed by systemd" if inherited else str(cfg.socket)
     log.info("microvmd %s serving on %s (state %s, %d vCPU workers)", __version__, where, cfg.state_dir,
              cfg.workers)
+    hv.loop_lag.start()
     notifier.ready(f"serving on {where}")
     notifier.start_watchdog()
 
@@ -157,6 +158,7 @@ async def serve(cfg: Config) -> int:
     log.info("shutting down: stopping guests")
     notifier.stopping("stopping guests")
     await notifier.stop_watchdog()
+    await hv.loop_lag.stop()
     try:
         await asyncio.wait_for(hv.shutdown(), cfg.shutdown_timeout)
     except TimeoutError:

@@ -45,6 +45,7 @@ class Metrics:
         out.append(f"microvmd_vcpu_slices_total {hv.sched.slices}")
         for dev in hv.device_hooks:
             out.extend(dev.metrics(hv))
+        out.extend(hv.loop_lag.metrics())
         metric("microvmd_api_requests_total", "counter", "API requests by route and status")
         for (m, r, s), n in sorted(self.requests.items()):
             out.append(f'microvmd_api_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}')

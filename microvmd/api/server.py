@@ -55,6 +55,7 @@ async def info(request: web.Request) -> web.StreamResponse:
         "images": len(h.images.images), "uptime_s": round(time.time() - h.started, 3),
         "engine": {"fingerprint": h.opts.fingerprint(), "workers": h.sched.workers,
                    "epoch_interval_s": h.cfg.engine.epoch_interval},
+        "event_loop": h.loop_lag.to_api(),
         "limits": {"memory": h.cfg.limits.memory, "max_memory": h.cfg.limits.max_memory,
                    "fuel": h.cfg.limits.fuel, "timeout": h.cfg.limits.timeout,
                    "upload": h.cfg.upload_limit},

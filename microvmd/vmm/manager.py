@@ -22,6 +22,7 @@ import wasmtime
 from ..config import Config
 from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, NotFound, Unprocessable
 from ..images.store import Image, ImageStore
+from ..looplag import LoopLagMonitor
 from . import wt
 from .machine import Machine, MachineSpec, SliceEnd
 from .scheduler import Scheduler
@@ -65,6 +66,7 @@ class Hypervisor:
         self.fuel_total_finished = 0
         self.closing = False
         self.on_remove: list[Callable[[Vm], None]] = []
+        self.loop_lag = LoopLagMonitor()
         wt.suspension_hook = self._suspension_hook
 
     @staticmethod

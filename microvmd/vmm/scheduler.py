@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,6 +22,7 @@ from . import wt
 from .machine import SliceEnd
 
 log = logging.getLogger("microvmd.scheduler")
+VCPU_NICE = 5
 
 
 class Scheduler:
@@ -32,7 +33,7 @@ class Scheduler:
         self.epoch_interval = epoch_interval
         self.fuel_slice = fuel_slice
         self.quantum = quantum
-        self.cpu = ThreadPoolExecutor(workers, thread_name_prefix="vcpu")
+        self.cpu = ThreadPoolExecutor(workers, thread_name_prefix="vcpu", initializer=_lower_priority)
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="epoch", daemon=True)
@@ -78,5 +79,10 @@ class Scheduler:
         self.io.shutdown(wait=True, cancel_futures=True)
 
 
-def monotonic() -> float:
-    return time.monotonic()
+def _lower_priority() -> None:
+    """Guests yield the CPU to the control plane: vCPU threads run at a higher nice value than the event
+    loop, so on a machine whose cores are all busy with guests the API still answers at once."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), VCPU_NICE)
+    except (OSError, AttributeError):
+        pass
