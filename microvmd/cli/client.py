@@ -14,12 +14,13 @@ MICROVM_SOCKET / the default path.
 """
 from __future__ import annotations
 
-import http.client
 import os
 import socket
+import sys
 from urllib.parse import quote, urlencode, urlsplit
 
 from microvmd import __version__
+from microvmd.cli import minihttp
 from microvmd.cli.spec import EXIT_CLIENT, UsageError
 from microvmd.units import default_socket_path
 
@@ -65,11 +66,18 @@ def _reason(exc: BaseException) -> str:
         return exc.strerror
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
-    if isinstance(exc, http.client.RemoteDisconnected):
+    hc = sys.modules.get("http.client")
+    if isinstance(exc, minihttp.RemoteDisconnected) or (hc and isinstance(exc, hc.RemoteDisconnected)):
         return "the daemon closed the connection without answering"
-    if isinstance(exc, http.client.IncompleteRead):
+    if hc and isinstance(exc, hc.IncompleteRead):
         return "the answer was cut short"
     return str(exc) or type(exc).__name__
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """What a transport raises for a broken exchange (http.client's only if it was ever loaded)."""
+    hc = sys.modules.get("http.client")
+    return (OSError, minihttp.HTTPError) + ((hc.HTTPException,) if hc else ())
 
 
 # --- transports --------------------------------------------------------------------------------------
@@ -90,36 +98,16 @@ def _connect_unix(sock: socket.socket, path: str) -> None:
         os.close(dirfd)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTPConnection over a Unix stream socket."""
-
-    def __init__(self, path: str, timeout: float | None = None, connect_timeout: float = CONNECT_TIMEOUT):
-        super().__init__("localhost", timeout=timeout, blocksize=BLOCKSIZE)
-        self.unix_path = path
-        self.connect_timeout = connect_timeout
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.connect_timeout)
-            _connect_unix(sock, self.unix_path)
-            sock.settimeout(self.timeout)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
+def _https_connection(host: str, port: int, *, context, timeout, connect_timeout=CONNECT_TIMEOUT):
     """HTTPSConnection with a bounded connect/handshake but no timeout afterwards (for wait/follow)."""
+    import http.client
 
-    def __init__(self, host, port, *, context, timeout, connect_timeout=CONNECT_TIMEOUT):
-        super().__init__(host, port, context=context, timeout=connect_timeout, blocksize=BLOCKSIZE)
-        self._op_timeout = timeout
+    class _HTTPSConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            self.sock.settimeout(timeout)
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.settimeout(self._op_timeout)
+    return _HTTPSConnection(host, port, context=context, timeout=connect_timeout, blocksize=BLOCKSIZE)
 
 
 class Transport:
@@ -127,7 +115,7 @@ class Transport:
 
     target = ""  # shown in error messages
 
-    def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
+    def connection(self, timeout: float | None = None):
         raise NotImplementedError
 
     def headers(self) -> dict[str, str]:
@@ -139,8 +127,9 @@ class UnixTransport(Transport):
         self.path = path
         self.target = path
 
-    def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
-        return UnixHTTPConnection(self.path, timeout=timeout)
+    def connection(self, timeout: float | None = None):
+        return minihttp.UnixConnection(lambda sock: _connect_unix(sock, self.path), timeout,
+                                       CONNECT_TIMEOUT, BLOCKSIZE)
 
     def __repr__(self) -> str:
         return f"UnixTransport({self.path!r})"
@@ -156,12 +145,12 @@ class HttpsTransport(Transport):
         self.target = f"https://{h}:{port}"
         self._context = None
 
-    def connection(self, timeout: float | None = None) -> http.client.HTTPConnection:
+    def connection(self, timeout: float | None = None):
         if self._context is None:
             import ssl
 
             self._context = ssl.create_default_context(cafile=self.cafile)
-        return _HTTPSConnection(self.host, self.port, context=self._context, timeout=timeout)
+        return _https_connection(self.host, self.port, context=self._context, timeout=timeout)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -242,7 +231,7 @@ def q(ref: str) -> str:
 class StreamResponse:
     """A successful answer whose body is read incrementally. Close it (or use `with`)."""
 
-    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, target: str):
+    def __init__(self, conn, resp, target: str):
         self._conn = conn
         self._resp = resp
         self._target = target
@@ -256,7 +245,7 @@ class StreamResponse:
         """Whatever is available (at most n bytes; b"" at the end)."""
         try:
             return self._resp.read1(n)
-        except (OSError, ValueError, http.client.HTTPException) as e:
+        except (ValueError, *_errors()) as e:
             if self.aborted:
                 return b""
             raise ConnectionLost(self._target, _reason(e)) from None
@@ -291,7 +280,7 @@ class StreamResponse:
         self.close()
 
 
-def _api_error(resp: http.client.HTTPResponse, data: bytes) -> ApiError:
+def _api_error(resp, data: bytes) -> ApiError:
     code = f"http_{resp.status}"
     message = ""
     ctype = (resp.getheader("Content-Type") or "").lower()
@@ -315,7 +304,7 @@ def _api_error(resp: http.client.HTTPResponse, data: bytes) -> ApiError:
     return ApiError(resp.status, code, message)
 
 
-def _decode(resp: http.client.HTTPResponse, data: bytes):
+def _decode(resp, data: bytes):
     if not data:
         return None
     ctype = (resp.getheader("Content-Type") or "").lower()
@@ -386,7 +375,7 @@ class ApiClient:
         conn = self.transport.connection(self.timeout)
         try:
             conn.connect()
-        except (OSError, http.client.HTTPException) as e:
+        except _errors() as e:
             conn.close()
             raise Unreachable(self.target, _reason(e)) from None
         try:
@@ -404,7 +393,7 @@ class ApiClient:
                 return result
             data = resp.read()
             return _decode(resp, data)
-        except (OSError, http.client.HTTPException) as e:
+        except _errors() as e:
             raise ConnectionLost(self.target, _reason(e)) from None
         finally:
             if conn is not None:
