@@ -243,3 +243,25 @@ def test_event_loop_keeps_answering_under_load(make_daemon: Callable[..., Daemon
     for vm_id in busy:
         assert api.vm(vm_id)["state"] == "running"
         api.ok("POST", f"/v1/vms/{vm_id}/kill")
+
+
+# ------------------------------------------------------------------------------------------ soak (slow)
+@pytest.mark.slow
+def test_1000_sleeping_vms_progress_on_a_handful_of_threads(make_daemon: Callable[..., Daemon]) -> None:
+    """1000 SDK guests that sleep between lines: all make progress, the thread count stays flat, and
+    SIGTERM still ends the daemon promptly."""
+    d = make_daemon()
+    api = d.api
+    assert api.import_image(wasm("counter"), "counter").status == 201
+    with ThreadSampler(d.pid, every=0.05) as sampler, ThreadPoolExecutor(32) as pool:
+        ids = list(pool.map(lambda _: api.create("counter", env={"COUNT": "0", "INTERVAL_MS": "100"},
+                                                 start=True)["id"], range(1000)))
+        time.sleep(2.0)
+        counts = api.ok("GET", "/v1/info")["vms"]
+    assert counts["running"] == 1000, counts
+    assert sampler.max < MAX_THREADS, sampler.max
+    for vm_id in ids[::100]:
+        assert len(api.logs(vm_id).split()) >= 3, vm_id
+    t0 = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 20
