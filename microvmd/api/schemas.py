@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from ..devices.ratelimit import LimiterConfig, RateLimitError
 from ..errors import BadRequest
 from ..vmm.vm import DirSpec, DiskSpec, PublishSpec, VmSpec
 
@@ -19,6 +20,13 @@ def _type(d: dict[str, Any], key: str, typ: type | tuple[type, ...], default: An
         name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
         raise BadRequest(f"field {key!r} must be {name}, got {type(v).__name__}", code="invalid_field")
     return v
+
+
+def _rate_limiter(d: Any) -> dict[str, Any] | None:
+    try:
+        return LimiterConfig.from_dict(d).to_api()
+    except RateLimitError as exc:
+        raise BadRequest(str(exc), code="invalid_field") from None
 
 
 VM_FIELDS = {"image", "name", "args", "env", "fuel", "memory", "timeout", "dirs", "disks", "publish",
@@ -51,7 +59,7 @@ def vm_spec(d: dict[str, Any]) -> tuple[VmSpec, bool]:
         mode = x.get("mode", "rw")
         if mode not in ("rw", "ro", "cow"):
             raise BadRequest(f"disk mode must be rw, ro or cow, got {mode!r}", code="invalid_field")
-        disks.append(DiskSpec(name=x["name"], mode=mode))
+        disks.append(DiskSpec(name=x["name"], mode=mode, rate_limiter=_rate_limiter(x.get("rate_limiter"))))
     publish = []
     for x in _type(d, "publish", list, []) or []:
         if not isinstance(x, dict):

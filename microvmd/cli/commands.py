@@ -626,25 +626,45 @@ def cmd_fuel_add(ctx: Ctx, ns) -> int:
 
 def cmd_disk_create(ctx: Ctx, ns) -> int:
     body: dict = {"name": ns.name}
-    if ns.from_file:
-        src = os.path.abspath(os.path.expanduser(ns.from_file))
-        if not os.path.isfile(src):
-            raise ClientError(f"cannot read {ns.from_file}: no such file")
-        body["from"] = src
     if ns.size is not None:
         body["size"] = _convert(parse_size, ns.size, "--size")
         if body["size"] <= 0:
             raise UsageError(f"--size: must be positive, got {ns.size!r}")
-    elif ns.from_file:
-        body["size"] = os.path.getsize(body["from"])
-    else:
+    elif not ns.from_file:
         raise UsageError("the following arguments are required: --size (or --from FILE)")
-    disk = ctx.api.post("/v1/disks", body)
+    if not ns.from_file:
+        disk = ctx.api.post("/v1/disks", body)
+    else:
+        # The daemon may be on another host: create the disk, then upload the file's bytes to it.
+        try:
+            with open(os.path.expanduser(ns.from_file), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                body.setdefault("size", size)
+                disk = _disk_create_from(ctx, body, f, size, ns.from_file)
+        except OSError as e:
+            raise ClientError(f"cannot read {ns.from_file}: {e.strerror or e}") from None
     if ctx.json:
         ctx.emit(disk)
     else:
         ctx.out(disk.get("name", ns.name) if isinstance(disk, dict) else ns.name)
     return 0
+
+
+def _disk_create_from(ctx: Ctx, body: dict, f, size: int, label: str):
+    name = body["name"]
+    ctx.api.post("/v1/disks", body)
+    progress = Progress(f"Copying {label}", size)
+    try:
+        disk = ctx.api.request("PUT", f"/v1/disks/{q(name)}/content", _CountingReader(f, progress),
+                               content_type="application/octet-stream", content_length=size)
+    except BaseException:
+        try:
+            ctx.api.delete(f"/v1/disks/{q(name)}")  # do not leave an empty disk behind
+        except ClientError:
+            pass
+        raise
+    progress.finish()
+    return disk
 
 
 def cmd_disk_ls(ctx: Ctx, ns) -> int:

@@ -292,7 +292,8 @@ def test_disks(cli, fake_daemon, tmp_path):
     seed = tmp_path / "seed.img"
     seed.write_bytes(b"\0" * 4096)
     cli("disk", "create", "seed", "--from", str(seed))
-    assert reqs(fake_daemon, "POST", "/v1/disks")[-1]["json"] == {"name": "seed", "size": 4096, "from": str(seed)}
+    assert reqs(fake_daemon, "POST", "/v1/disks")[-1]["json"] == {"name": "seed", "size": 4096}
+    assert reqs(fake_daemon, "PUT", "/v1/disks/seed/content")[-1]["body"] == b"\0" * 4096
     assert cli("disk", "create", "x").returncode == 2
     assert "1MiB" in cli("disk", "ls").stdout.decode()
     assert cli("disk", "rm", "data").returncode == 0
