@@ -368,7 +368,7 @@ class BlockDevice:
             "errors": ("microvmd_blk_errors_total", "Guest disk calls that returned an error"),
             "throttled_s": ("microvmd_blk_throttled_seconds_total", "Time guests waited for disk rate limits"),
         }
-        atts = [(vm.id, a) for vm in list(hv.vms.values()) if vm.devices is not None
+        atts = [(vm.id[:12], a) for vm in list(hv.vms.values()) if vm.devices is not None
                 for a in (vm.devices.get("blk").disks if vm.devices.get("blk") is not None else [])]
         out = ["# HELP microvmd_disks Virtual disks in the store", "# TYPE microvmd_disks gauge",
                f"microvmd_disks {len(self.store.disks)}"]

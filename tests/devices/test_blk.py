@@ -646,8 +646,8 @@ def test_rate_limit_slows_the_guest(mvd: Daemon) -> None:
     ex = mvd.wait(vm["id"])
     assert ex["wall_time_s"] > 0.25 and ex_free["wall_time_s"] < ex["wall_time_s"]
     metrics = str(mvd.ok("GET", "/metrics"))
-    assert f'microvmd_blk_write_bytes_total{{vm="{vm["id"]}",disk="slow",index="0"}} {1 << 20}' in metrics
-    assert f'microvmd_blk_write_ops_total{{vm="{vm["id"]}",disk="slow",index="0"}} 32' in metrics
+    assert f'microvmd_blk_write_bytes_total{{vm="{vm["id"][:12]}",disk="slow",index="0"}} {1 << 20}' in metrics
+    assert f'microvmd_blk_write_ops_total{{vm="{vm["id"][:12]}",disk="slow",index="0"}} 32' in metrics
 
 
 def test_throttled_guest_holds_no_thread_and_can_be_changed_or_killed(mvd: Daemon) -> None:
