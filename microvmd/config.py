@@ -143,8 +143,8 @@ def load(args: argparse.Namespace) -> Config:
     listen = pick("listen")
     gateway = pick("gateway")
     cfg = Config(
-        socket=Path(socket) if socket else default_socket_path(),
-        state_dir=Path(state_dir) if state_dir else default_state_dir(),
+        socket=Path(socket) if socket else Path(default_socket_path()),
+        state_dir=Path(state_dir) if state_dir else Path(default_state_dir()),
         log_level=pick("log_level") or "info",
         listen=_hostport(listen, "--listen") if listen else None,
         tls_cert=Path(v) if (v := pick("tls_cert")) else None,

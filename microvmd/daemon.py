@@ -10,6 +10,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -183,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microvmd: {exc}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level)
+    run: Any = asyncio.run
     try:
         import uvloop
-        runner = uvloop.run
+
+        run = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the daemon usable
-        runner = asyncio.run
+        pass
     try:
-        return runner(serve(cfg))
+        return int(run(serve(cfg)))
     except ConfigError as exc:
         log.error("%s", exc)
         return 1

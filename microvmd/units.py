@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 __all__ = [
     "parse_size",
@@ -179,7 +180,7 @@ def _uid(uid: int | None) -> int:
     return os.getuid() if hasattr(os, "getuid") else 1000
 
 
-def default_socket_path(uid: int | None = None, environ: dict | None = None) -> str:
+def default_socket_path(uid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The API socket: root -> /run/microvmd/microvmd.sock; others ->
     $XDG_RUNTIME_DIR/microvmd/microvmd.sock, or /tmp/microvmd-$UID/microvmd.sock without it."""
     env = os.environ if environ is None else environ
@@ -192,7 +193,7 @@ def default_socket_path(uid: int | None = None, environ: dict | None = None) -> 
     return f"/tmp/microvmd-{uid}/microvmd.sock"
 
 
-def default_state_dir(uid: int | None = None, environ: dict | None = None) -> str:
+def default_state_dir(uid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The state dir: root -> /var/lib/microvmd; others -> $XDG_DATA_HOME/microvmd
     (~/.local/share/microvmd without it)."""
     env = os.environ if environ is None else environ

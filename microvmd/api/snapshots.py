@@ -27,7 +27,7 @@ async def snapshot_create(request: web.Request) -> web.StreamResponse:
 
 
 async def snapshot_list(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, {"snapshots": await snaps(request).list()})
+    return codec.respond(request, {"snapshots": await snaps(request).list_all()})
 
 
 async def snapshot_get(request: web.Request) -> web.StreamResponse:

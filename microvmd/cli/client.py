@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
 from microvmd import __version__
@@ -143,7 +144,7 @@ class HttpsTransport(Transport):
         self.cafile = cafile
         h = f"[{host}]" if ":" in host else host
         self.target = f"https://{h}:{port}"
-        self._context = None
+        self._context: object | None = None
 
     def connection(self, timeout: float | None = None):
         if self._context is None:
@@ -159,7 +160,7 @@ class HttpsTransport(Transport):
         return f"HttpsTransport({self.host!r}, {self.port})"
 
 
-def resolve_socket(option: str | None = None, environ: dict | None = None) -> str:
+def resolve_socket(option: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """--socket > MICROVM_SOCKET > the default path (microvmd.units.default_socket_path)."""
     env = os.environ if environ is None else environ
     return option or env.get("MICROVM_SOCKET") or default_socket_path(environ=env)
@@ -176,7 +177,7 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def resolve_token(token_file: str | None = None, environ: dict | None = None) -> str | None:
+def resolve_token(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
     """--token-file > MICROVM_TOKEN (the token itself) > MICROVM_TOKEN_FILE."""
     env = os.environ if environ is None else environ
     if token_file:
@@ -190,7 +191,7 @@ def resolve_token(token_file: str | None = None, environ: dict | None = None) ->
 
 def resolve_target(
     option: str | None = None,
-    environ: dict | None = None,
+    environ: Mapping[str, str] | None = None,
     token_file: str | None = None,
     cafile: str | None = None,
 ) -> Transport:
@@ -245,7 +246,9 @@ class StreamResponse:
         """Whatever is available (at most n bytes; b"" at the end)."""
         try:
             return self._resp.read1(n)
-        except (ValueError, *_errors()) as e:
+        except Exception as e:
+            if not isinstance(e, (ValueError, *_errors())):
+                raise
             if self.aborted:
                 return b""
             raise ConnectionLost(self._target, _reason(e)) from None
@@ -273,7 +276,7 @@ class StreamResponse:
         finally:
             self._conn.close()
 
-    def __enter__(self) -> "StreamResponse":
+    def __enter__(self) -> StreamResponse:
         return self
 
     def __exit__(self, *exc) -> None:

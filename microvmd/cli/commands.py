@@ -235,7 +235,7 @@ class LogFollower:
 
         if not self.responses:
             self.open()
-        for resp, (_, out) in zip(self.responses, self.plan):
+        for resp, (_, out) in zip(self.responses, self.plan, strict=True):
             t = threading.Thread(target=self._copy, args=(resp, out), daemon=True)
             t.start()
             self.threads.append(t)
@@ -245,7 +245,7 @@ class LogFollower:
         self.open()
         try:
             if len(self.responses) == 1 or not self.follow:
-                for resp, (_, out) in zip(self.responses, self.plan):
+                for resp, (_, out) in zip(self.responses, self.plan, strict=True):
                     self._copy(resp, out)
             else:
                 self.start()
@@ -826,7 +826,7 @@ def migrate_destination(to: str) -> str:
 
         parts = urlsplit(to)
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
             raise UsageError(f"--to {to!r}: bad port") from None
         if not parts.hostname:

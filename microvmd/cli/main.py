@@ -127,7 +127,7 @@ def build_parser(only: tuple[str, ...] | None = None):
 
     # A valid command path: build only that command. Otherwise (a typo, or no command: top-level
     # help) every command gets a bare parser, so that help and "invalid choice" list them all.
-    valid = bool(only) and only[0] in COMMANDS and (
+    valid = only is not None and bool(only) and only[0] in COMMANDS and (
         only[0] not in GROUP_COMMANDS or (len(only) > 1 and only[1] in GROUP_COMMANDS[only[0]])
     )
 

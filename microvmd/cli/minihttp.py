@@ -146,7 +146,7 @@ class Response:
         return data
 
     def read(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             d = self.read1(1 << 20)
             if not d:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import UTC
 
 from microvmd.units import format_duration, format_size
 
@@ -44,14 +45,14 @@ def to_epoch(value) -> float | None:
             return float(value)
         except ValueError:
             pass
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         try:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             return None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         return dt.timestamp()
     return None
 

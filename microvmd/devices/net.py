@@ -211,7 +211,7 @@ class NetState:
         self.next_sd = 3
         self.listeners: dict[int, GSock] = {}       # guest port -> listener
         self.unclaimed: dict[int, collections.deque[GSock]] = {}  # connections before the guest listens
-        self.servers: list[tuple[PublishInfo, asyncio.AbstractServer]] = []
+        self.servers: list[tuple[PublishInfo, Any]] = []
         self.stats = collections.Counter({"connections_in": 0, "connections_out": 0, "bytes_in": 0,
                                           "bytes_out": 0, "refused": 0, "dropped": 0})
         self.closed = False
@@ -403,14 +403,18 @@ class NetDevice:
 
     # ---- linker
     def define(self, linker: wasmtime.Linker) -> None:
-        d = wt.define_host_func
-        d(linker, "microvm_net", "net_listen", ["i32", "i32"], ["i32"], self._guarded(self._listen))
-        d(linker, "microvm_net", "net_accept", ["i32", "i32"], ["i32"], self._guarded(self._accept), suspends=True)
-        d(linker, "microvm_net", "net_connect", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._connect), suspends=True)
-        d(linker, "microvm_net", "net_send", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._send), suspends=True)
-        d(linker, "microvm_net", "net_recv", ["i32", "i32", "i32", "i32"], ["i32"], self._guarded(self._recv), suspends=True)
-        d(linker, "microvm_net", "net_close", ["i32"], ["i32"], self._guarded(self._close))
-        d(linker, "microvm_net", "net_poll", ["i32", "i32", "i32"], ["i32"], self._guarded(self._poll), suspends=True)
+        i32 = "i32"
+        calls = [  # name, params, handler, is a suspension point (may block)
+            ("net_listen", [i32, i32], self._listen, False),
+            ("net_accept", [i32, i32], self._accept, True),
+            ("net_connect", [i32, i32, i32, i32], self._connect, True),
+            ("net_send", [i32, i32, i32, i32], self._send, True),
+            ("net_recv", [i32, i32, i32, i32], self._recv, True),
+            ("net_close", [i32], self._close, False),
+            ("net_poll", [i32, i32, i32], self._poll, True),
+        ]
+        for name, params, fn, suspends in calls:
+            wt.define_host_func(linker, "microvm_net", name, params, [i32], self._guarded(fn), suspends=suspends)
 
     def _guarded(self, fn: Callable[[NetState, wt.GuestMemory, Sequence[int]], Any]) -> wt.HostFn:
         def host(mem: wt.GuestMemory, args: Sequence[int]) -> Any:

@@ -113,7 +113,7 @@ class ImageStore:
         if not data.startswith(b"\0asm"):
             if _looks_like_wat(data):
                 try:
-                    data = wasmtime.wat2wasm(data.decode("utf-8"))
+                    data = bytes(wasmtime.wat2wasm(data.decode("utf-8")))
                 except (UnicodeDecodeError, wasmtime.WasmtimeError) as exc:
                     raise Unprocessable(f"invalid WAT: {_first_line(exc)}", code="invalid_module") from None
                 source_format = "wat"

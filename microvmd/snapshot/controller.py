@@ -124,7 +124,7 @@ class Snapshots:
         return summary(manifest)
 
     # ------------------------------------------------------------------ queries
-    async def list(self) -> list[dict[str, Any]]:
+    async def list_all(self) -> list[dict[str, Any]]:
         return [summary(m) for m in await self.hv.sched.on_io(lambda: list(self.store.iter_manifests()))]
 
     async def get(self, name: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ class Peer:
         u = urlparse(to)
         headers = {"Accept": "application/json"}
         if u.scheme == "unix":
-            path = u.path or u.netloc
+            path = u.path or u.netloc or ""
             if not path:
                 raise BadRequest("unix:// destination needs a socket path, e.g. unix:///run/b.sock",
                                  code="invalid_destination")
@@ -77,7 +77,7 @@ class Peer:
                     err = json.loads(text)["error"]
                     msg = f"{err['message']} ({err['code']})"
                 except (ValueError, KeyError, TypeError):
-                    msg = text[:200] or resp.reason
+                    msg = text[:200] or resp.reason or ""
                 raise _PeerError(resp.status, msg)
             return json.loads(text) if text else None
 

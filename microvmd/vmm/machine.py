@@ -50,7 +50,7 @@ class MachineSpec:
 
 def _val(ty: str, value: int | float) -> wasmtime.Val:
     return {"i32": wasmtime.Val.i32, "i64": wasmtime.Val.i64, "f32": wasmtime.Val.f32,
-            "f64": wasmtime.Val.f64}[ty](value)  # type: ignore[operator]
+            "f64": wasmtime.Val.f64}[ty](value)  # type: ignore[operator,arg-type]
 
 
 class Machine:

@@ -12,8 +12,8 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ from .vm import ExitRecord, Vm, VmSpec
 log = logging.getLogger("microvmd.vmm")
 
 ABI_VERSION = 1
+
+
+def void(_: object) -> None:
+    """Discard a value (a callback must return None)."""
 
 
 @dataclass
@@ -342,7 +346,7 @@ class Hypervisor:
         elif end is SliceEnd.BLOCKED:
             op = vm.waiting
             loop = asyncio.get_running_loop()
-            if op is None or op.on_ready(lambda: loop.call_soon_threadsafe(self._wake, vm)):
+            if op is None or op.on_ready(lambda: void(loop.call_soon_threadsafe(self._wake, vm))):
                 self._dispatch(vm)
             else:
                 vm.notify()  # blocked_in changed

@@ -139,7 +139,7 @@ class GuestCall(_Future):
         kinds = kinds or [I32] * len(args)
         self._args = (ffi.wasmtime_val_t * max(1, len(args)))()
         for i, (v, k) in enumerate(zip(args, kinds, strict=True)):
-            self._args[i].kind = k
+            self._args[i].kind = k  # type: ignore[assignment]
             if k == I64:
                 self._args[i].of.i64 = v
             else:
@@ -239,7 +239,7 @@ class GuestMemory:
     def set_global_i32(self, glob: wasmtime.Global, value: int) -> None:
         """Set a global of the calling instance from inside a host call (no Wasm runs)."""
         val = ffi.wasmtime_val_t()
-        val.kind = I32
+        val.kind = I32  # type: ignore[assignment]
         val.of.i32 = value
         err = ffi.wasmtime_global_set(self._ctx, ctypes.byref(glob._global), ctypes.byref(val))
         if err:
@@ -302,7 +302,7 @@ _hosts: dict[int, tuple[HostFn, list[int]]] = {}
 
 def _write_results(results: Any, kinds: Sequence[int], values: Sequence[int]) -> None:
     for i, (k, v) in enumerate(zip(kinds, values, strict=False)):
-        results[i].kind = k
+        results[i].kind = k  # type: ignore[assignment]
         if k == I64:
             results[i].of.i64 = int(v)
         else:
@@ -359,6 +359,7 @@ def _trampoline(env: Any, caller: Any, args: Any, nargs: int, results: Any, nres
         if isinstance(res, (list, tuple)):
             _write_results(results, kinds, res)
             return
+        assert not isinstance(res, Sequence)
         key = next(_ids)
         _suspended[key] = _Suspended(res, caller, results, nresults, trap_ret)
         _result_kinds[key] = kinds
