@@ -210,6 +210,8 @@ class Hypervisor:
                                                 code="invalid_snapshot") from None
         except BaseException:
             self.vms.pop(vm_id, None)
+            if vm.devices is not None:
+                vm.devices.close()
             await self.sched.on_io(self._teardown, vm, True)
             raise
         self._save(vm)
