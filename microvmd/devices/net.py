@@ -16,6 +16,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from ..errors import BadRequest, Conflict
 from ..vmm import wt
 from ..vmm.hostop import HostOp
 from . import DeviceSet
+from .ratelimit import LimiterConfig, RateLimiter
 
 log = logging.getLogger("microvmd.net")
 
@@ -214,6 +216,9 @@ class NetState:
         self.servers: list[tuple[PublishInfo, Any]] = []
         self.stats = collections.Counter({"connections_in": 0, "connections_out": 0, "bytes_in": 0,
                                           "bytes_out": 0, "refused": 0, "dropped": 0})
+        self.limiter = RateLimiter(LimiterConfig.from_dict(vm.spec.net_rate_limiter))
+        self.throttle_until = 0.0  # send/recv wait until then (the limiter's debt)
+        self.throttled_s = 0.0
         self.closed = False
 
     # ---- loop side
@@ -293,7 +298,8 @@ class NetState:
                 "published": [p.__dict__ for p, _ in self.servers],
                 "egress": [f"{r.network or r.host}:{r.port or '*'}" for r in self.rules],
                 "sockets": len(self.socks),
-                "stats": dict(self.stats),
+                "stats": {**self.stats, "throttled_s": round(self.throttled_s, 6)},
+                "rate_limiter": self.limiter.cfg.to_api(),
             }
 
     # ---- snapshot save/restore: listeners come back, open connections are reset (as Firecracker's vsock)
@@ -436,11 +442,38 @@ class NetDevice:
 
     @staticmethod
     def _suspend(st: NetState, mem: wt.GuestMemory, name: str, socks: Sequence[GSock], cond: Callable[[], bool],
-                 act: Callable[[wt.GuestMemory], Sequence[int]]) -> Any:
-        """Act now if the condition holds, else suspend the guest until it does."""
-        if cond():
-            return _errno_guard(act, mem)
-        return NetOp(name, st, socks, cond, lambda m: _errno_guard(act, m))
+                 act: Callable[[wt.GuestMemory], Sequence[int]], throttled: bool = False) -> Any:
+        """Act now if the condition holds, else suspend the guest until it does. A ``throttled`` call
+        also waits out the rate limiter's debt first (on an event-loop timer, holding no thread)."""
+        wait = st.throttle_until - time.monotonic() if throttled else 0.0
+        if wait <= 0:
+            if cond():
+                return _errno_guard(act, mem)
+            return NetOp(name, st, socks, cond, lambda m: _errno_guard(act, m))
+        gate = [False]
+        op = NetOp(name, st, socks, lambda: gate[0] and cond(), lambda m: _errno_guard(act, m))
+
+        def open_gate() -> None:
+            with st.lock:
+                gate[0] = True
+            for s in socks:
+                st.wake(s)
+
+        def arm() -> None:
+            if not op.cancelled and not op.ready():
+                op.timer = st.loop.call_later(wait, open_gate)
+        st.loop.call_soon_threadsafe(arm)
+        return op
+
+    @staticmethod
+    def _charge(st: NetState, nbytes: int) -> None:
+        """Account a transfer; if it overdraws the buckets, the next send/recv waits."""
+        if not st.limiter.enabled:
+            return
+        delay = st.limiter.reserve(nbytes)
+        if delay > 0:
+            st.throttle_until = time.monotonic() + delay
+            st.throttled_s += delay
 
     # ---- calls (all run with st.lock held)
     def _listen(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
@@ -562,6 +595,7 @@ class NetDevice:
             if n <= 0:
                 return [0]
             data = mem.read(ptr, n)
+            self._charge(st, n)
             s.out_pending += n
             st.stats["bytes_out"] += n
             t = s.transport
@@ -577,7 +611,7 @@ class NetDevice:
 
         if not space() and flags & NONBLOCK:
             return [-EAGAIN]
-        return self._suspend(st, mem, "net_send", [s], space, act)
+        return self._suspend(st, mem, "net_send", [s], space, act, throttled=True)
 
     def _recv(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
         s = st.get(a[0])
@@ -600,6 +634,7 @@ class NetDevice:
             n = min(length, len(s.rbuf), MAX_IO)
             mem.write(ptr, memoryview(s.rbuf)[:n])
             del s.rbuf[:n]
+            self._charge(st, n)
             if s.reading_paused and len(s.rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None:
                 s.reading_paused = False
                 st.loop.call_soon_threadsafe(s.transport.resume_reading)
@@ -607,7 +642,7 @@ class NetDevice:
 
         if not readable() and flags & NONBLOCK:
             return [-EAGAIN]
-        return self._suspend(st, mem, "net_recv", [s], readable, act)
+        return self._suspend(st, mem, "net_recv", [s], readable, act, throttled=True)
 
     def _close(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
         s = st.get(a[0])

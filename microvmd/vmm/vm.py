@@ -49,6 +49,7 @@ class VmSpec:
     publish: list[PublishSpec] = field(default_factory=list)
     allow_egress: list[str] = field(default_factory=list)
     auto_remove: bool = False
+    net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VmSpec:
@@ -58,6 +59,7 @@ class VmSpec:
             dirs=[DirSpec(**x) for x in d.get("dirs", [])], disks=[DiskSpec(**x) for x in d.get("disks", [])],
             publish=[PublishSpec(**x) for x in d.get("publish", [])],
             allow_egress=list(d.get("allow_egress", [])), auto_remove=bool(d.get("auto_remove", False)),
+            net_rate_limiter=d.get("net_rate_limiter"),
         )
 
 
