@@ -93,19 +93,22 @@ def _bind_unix(path: Path) -> socket.socket:
 
 
 async def _import_images(hv: object, directory: Path) -> None:
+    """Import every DIR/<name>/<name>.wasm as image <name>, compiling them in parallel on I/O threads."""
     from .vmm.manager import Hypervisor
 
     assert isinstance(hv, Hypervisor)
-    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
-        wasm = sub / f"{sub.name}.wasm"
-        if not wasm.is_file():
-            continue
+
+    async def one(wasm: Path) -> None:
+        name = wasm.parent.name
         try:
             data = await hv.sched.on_io(wasm.read_bytes)
-            img = await hv.import_image(data, sub.name)
-            log.info("image %s ready (%s)", sub.name, img.digest[:19])
+            img = await hv.import_image(data, name)
+            log.info("image %s ready (%s)", name, img.digest[:19])
         except MicrovmError as exc:
             log.error("cannot import %s: %s", wasm, exc.message)
+
+    found = [sub / f"{sub.name}.wasm" for sub in sorted(directory.iterdir()) if sub.is_dir()]
+    await asyncio.gather(*(one(w) for w in found if w.is_file()))
 
 
 async def serve(cfg: Config) -> int:

@@ -86,7 +86,10 @@ async def vm_migrate(request: web.Request) -> web.StreamResponse:
         raise BadRequest("field 'to' is required: unix:///path/to.sock or https://HOST:PORT", code="invalid_field")
     if token is not None and not isinstance(token, str):
         raise BadRequest("field 'token' must be a string", code="invalid_field")
-    return codec.respond(request, await migrate(h, snaps(request), vm, to, token))
+    ca_file = body.get("ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file.startswith("/")):
+        raise BadRequest("field 'ca_file' must be an absolute path on the daemon's host", code="invalid_field")
+    return codec.respond(request, await migrate(h, snaps(request), vm, to, token, ca_file))
 
 
 EXTRA_ROUTES.extend([

@@ -841,11 +841,14 @@ def cmd_migrate(ctx: Ctx, ns) -> int:
     body: dict = {"to": migrate_destination(ns.to)}
     if ns.to_token_file:
         body["token"] = read_token_file(ns.to_token_file)
+    if getattr(ns, "to_ca", None):
+        body["ca_file"] = os.path.abspath(ns.to_ca)
     answer = ctx.api.post(f"/v1/vms/{q(ns.ref)}/migrate", body)
     if ctx.json:
         ctx.emit(answer)
     else:
-        new_id = answer.get("id") if isinstance(answer, dict) else None
+        vm = answer.get("vm") if isinstance(answer, dict) else None
+        new_id = vm.get("id") if isinstance(vm, dict) else None
         ctx.out(new_id or ns.ref)
     return 0
 

@@ -365,6 +365,10 @@ def build_parser(only: tuple[str, ...] | None = None):
         "--token-file", dest="to_token_file", metavar="F", default=None,
         help="bearer token for the destination daemon",
     )
+    p.add_argument(
+        "--to-ca", dest="to_ca", metavar="PEM", default=None,
+        help="CA certificate the source daemon uses to verify an https destination (a path on the daemon's host)",
+    )
 
     # --- functions ------------------------------------------------------------------------------------
     _, nsubs = group(subs, "fn", "Manage functions (serverless handlers behind the HTTP gateway).")

@@ -46,7 +46,10 @@ class Peer:
             if not token:
                 raise BadRequest("an https:// destination needs a bearer token (--token-file)",
                                  code="invalid_destination")
-            ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+            try:
+                ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise BadRequest(f"cannot load the CA file {ca_file}: {exc}", code="invalid_destination") from None
             self.connector = aiohttp.TCPConnector(ssl=ctx)
             self.base = f"https://{u.netloc}"
         else:
