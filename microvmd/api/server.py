@@ -94,6 +94,13 @@ async def image_get(request: web.Request) -> web.StreamResponse:
     return codec.respond(request, hv(request).images.resolve(request.match_info["ref"]).to_api())
 
 
+async def image_update(request: web.Request) -> web.StreamResponse:
+    h = hv(request)
+    body = await codec.decode(request, h.cfg.json_limit)
+    img = await h.sched.on_io(h.images.update_manifest, request.match_info["ref"], body)
+    return codec.respond(request, img.to_api())
+
+
 async def image_rm(request: web.Request) -> web.StreamResponse:
     await hv(request).remove_image(request.match_info["ref"])
     return web.Response(status=204)
@@ -199,6 +206,8 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/images", image_list, "List images", tag="images"),
     Route("GET", "/v1/images/{ref}", image_get, "Inspect an image (name, sha256:digest or digest prefix)",
           tag="images"),
+    Route("PATCH", "/v1/images/{ref}", image_update,
+          "Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}", body="json", tag="images"),
     Route("DELETE", "/v1/images/{ref}", image_rm, "Remove an image (409 while VMs use it)", tag="images"),
     Route("POST", "/v1/vms", vm_create, "Create a VM (and start it with start=true)", body="json"),
     Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)"),

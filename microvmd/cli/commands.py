@@ -131,11 +131,10 @@ def _image_name_from_path(path: str) -> str:
     return stem if ext in (".wasm", ".wat") and stem else base
 
 
-def _upload_image(ctx: Ctx, path: str, name: str | None = None) -> dict:
+def _upload_image(ctx: Ctx, path: str, name: str | None = None, entry: str | None = None) -> dict:
     data = _read_file(path)
-    img = ctx.api.post(
-        "/v1/images", data, query={"name": name} if name else None, content_type="application/wasm"
-    )
+    query = {k: v for k, v in (("name", name), ("entry", entry)) if v}
+    img = ctx.api.post("/v1/images", data, query=query or None, content_type="application/wasm")
     if not isinstance(img, dict) or not img.get("digest"):
         raise ClientError(f"unexpected answer to the image upload: {img!r}")
     return img
@@ -386,7 +385,23 @@ def cmd_version(ctx: Ctx, ns) -> int:
 
 def cmd_image_import(ctx: Ctx, ns) -> int:
     name = ns.name or _image_name_from_path(ns.file)
-    img = _upload_image(ctx, ns.file, name)
+    manifest: dict = {}
+    if getattr(ns, "default_args", None):
+        manifest["args"] = list(ns.default_args)
+    if getattr(ns, "default_env", None):
+        manifest["env"] = _parse_env(ns.default_env)
+    limits: dict = {}
+    if getattr(ns, "default_fuel", None):
+        limits["fuel"] = _convert(parse_count, ns.default_fuel, "--fuel")
+    if getattr(ns, "default_memory", None):
+        limits["memory"] = _convert(parse_size, ns.default_memory, "--memory")
+    if getattr(ns, "default_timeout", None):
+        limits["timeout"] = _convert(parse_duration, ns.default_timeout, "--timeout")
+    if limits:
+        manifest["limits"] = limits
+    img = _upload_image(ctx, ns.file, name, getattr(ns, "entry", None))
+    if manifest:
+        img = ctx.api.request("PATCH", f"/v1/images/{q(img.get('name') or img['digest'])}", manifest)
     if ctx.json:
         ctx.emit(img)
     else:

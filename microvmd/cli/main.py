@@ -196,6 +196,14 @@ def build_parser(only: tuple[str, ...] | None = None):
     )
     p.add_argument("file", metavar="FILE", help="module file (.wasm or .wat)")
     p.add_argument("--name", help="image name (default: the file name without extension)")
+    p.add_argument("--entry", help="export to run (default: _start)")
+    p.add_argument("--arg", dest="default_args", action="append", metavar="ARG",
+                   help="default guest argument, used when a VM gives none (repeatable)")
+    p.add_argument("--env", dest="default_env", action="append", metavar="K=V",
+                   help="default environment variable (repeatable)")
+    p.add_argument("--fuel", dest="default_fuel", metavar="N", help="default fuel limit of its VMs")
+    p.add_argument("--memory", dest="default_memory", metavar="SIZE", help="default memory limit of its VMs")
+    p.add_argument("--timeout", dest="default_timeout", metavar="DURATION", help="default wall-clock limit")
     p = cmd(isubs, "ls", "image_ls", "List images.", "microvm image ls", aliases=["list"])
     p = cmd(isubs, "inspect", "image_inspect", "Show an image as JSON.", "microvm image inspect hello")
     p.add_argument("refs", metavar="NAME", nargs="+", help="image name, sha256:<hex> or digest prefix")

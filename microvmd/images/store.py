@@ -124,6 +124,8 @@ class ImageStore:
         with self._lock:
             existing = self.images.get(hexd)
         if existing is not None:
+            if entry is not None and entry != existing.entry:
+                self.update_manifest(existing.digest, {"entry": entry})
             if name:
                 self._set_name(name, hexd)
             return existing
@@ -257,6 +259,45 @@ class ImageStore:
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(module.serialize())
         os.replace(tmp, path)
+
+    def update_manifest(self, ref: str, changes: dict[str, Any]) -> Image:
+        """Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}."""
+        img = self.resolve(ref)
+        unknown = set(changes) - {"entry", "args", "env", "limits"}
+        if unknown:
+            raise BadRequest(f"unknown manifest field(s): {', '.join(sorted(unknown))}", code="invalid_field")
+        if "entry" in changes:
+            entry = changes["entry"]
+            if not isinstance(entry, str) or entry not in img.exports:
+                raise BadRequest(f"entry {entry!r} is not an exported function of the image", code="invalid_entry")
+            img.entry = entry
+        if "args" in changes:
+            args = changes["args"]
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise BadRequest("args must be a list of strings", code="invalid_field")
+            img.args = args
+        if "env" in changes:
+            env = changes["env"]
+            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+                                                    for k, v in env.items()):
+                raise BadRequest("env must map variable names to strings", code="invalid_field")
+            img.env = env
+        if "limits" in changes:
+            lim = changes["limits"]
+            if not isinstance(lim, dict) or set(lim) - {"fuel", "memory", "timeout"}:
+                raise BadRequest("limits may set fuel, memory and timeout", code="invalid_field")
+            for k, v in lim.items():
+                ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                   and (k == "timeout" or isinstance(v, int)))
+                if not ok:
+                    raise BadRequest(f"limits.{k} must be a positive {'number' if k == 'timeout' else 'integer'}",
+                                     code="invalid_field")
+            img.limits = {k: v for k, v in lim.items() if v is not None}
+        path = self.root / "blobs" / img.hex / "manifest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
+        os.replace(tmp, path)
+        return img
 
     def remove(self, ref: str) -> Image:
         img = self.resolve(ref)

@@ -187,8 +187,15 @@ class Hypervisor:
         return memory
 
     async def create(self, spec: VmSpec, restore: RestoreData | None = None) -> Vm:
-        memory = self._validate(spec)
         img = self.images.resolve(spec.image)
+        # limits: the VM's own, else the image manifest's, else the daemon's defaults
+        if spec.fuel is None:
+            spec.fuel = img.limits.get("fuel", self.cfg.limits.fuel)
+        if spec.memory is None:
+            spec.memory = img.limits.get("memory")
+        if spec.timeout is None:
+            spec.timeout = img.limits.get("timeout", self.cfg.limits.timeout)
+        memory = self._validate(spec)
         vm_id = uuid.uuid4().hex
         d = self.vm_dir / vm_id
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
