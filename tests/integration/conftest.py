@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from mvapi import IMAGES, Api, Daemon, checksum
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import msgpack
 import pytest
-
 from mvapi import Api, Daemon, request, wasm
 
 HUGE = "900000000000"

@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from mvapi import IMAGES, REPO, Daemon, cli, request
 
 HUGE = "900000000000"

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from mvapi import (
     WAT_EXIT_7,
     WAT_MISSING_IMPORT,

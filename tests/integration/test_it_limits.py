@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from mvapi import (
     WAT_BIG_INITIAL_MEMORY,
     WAT_MEMORY_BOMB,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from mvapi import (
     WAT_BIG_INITIAL_MEMORY,
     WAT_LOOP,
