@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     d = b.Daemon(base, "a")
     b.emit(f"# bench_coldstart: {a.runs} runs (+{a.warmup} warm-up) per configuration"
            f"{' [QUICK: smoke test only]' if a.quick else ''}")
+    ok = False
     try:
         d.start()
         b.emit("")
@@ -169,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         for mb, rounds in configs:
             rows.append(measure(cl, a, mb, rounds))
         cl.close()
+        ok = True
     finally:
         d.stop()
+        if not ok and not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
     b.emit("")
     b.emit(f"Guest measured for restore vs boot: images/memtouch (SDK guest, Asyncify), not MicroPython, because "
            f"{why}.")

@@ -587,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     da, db = Daemon(base, "a", a.profile), Daemon(base, "b", a.profile, label="target B: ")
     emit(f"# bench_snapshot: memtouch MB={a.mb}, {a.runs} runs (+{a.warmup} warm-up) per operation"
          f"{' [QUICK: smoke test only]' if a.quick else ''}{' [PROFILE wrapper on]' if a.profile else ''}")
+    ok = False
     try:
         da.start()
         db.start()
@@ -598,9 +599,12 @@ def main(argv: list[str] | None = None) -> int:
         res = run(a, ca, cb, db, bl)
         ca.close()
         cb.close()
+        ok = True
     finally:
         da.stop()
         db.stop()
+        if not ok and not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
     res["load_end"] = loadavg()
     report(a, res, bl, [da, db] if a.profile else [])
     if a.json:
