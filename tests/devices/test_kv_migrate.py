@@ -1,0 +1,378 @@
+"""A disk-backed guest moves between daemons: images/kv on a virtual disk, live-migrated and snapshot-restored.
+
+Real ``microvmd`` subprocesses (each on its own socket and state dir), the real client
+(``python -m microvmd.cli.main``), real TCP on 127.0.0.1 through published ports.
+
+What travels with a VM is its disks' point-in-time content: a snapshot reads each disk as the VM sees it
+while the VM is frozen (``SnapshotView.read_all``, a cow overlay merged in), stores it as chunks next to
+the memory, and a restore materializes it as a new disk ``<name>.restored-<hex>`` attached ``rw``
+(``Snapshots._restore_disks`` -> ``BlockDevice.materialize``). kv keeps its data in memory *and* in an
+append-only log on disk 0, so a running kv answering GET proves only that memory travelled; every test
+therefore also starts a *fresh* kv on the disk in question, which can only know what the log holds.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "images"
+KV_WASM = IMAGES / "kv" / "kv.wasm"
+
+
+# ================================================================================================ harness
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.unix_path)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+class Daemon:
+    """A real ``microvmd`` child process on a private socket and state dir, sample images imported."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.sock = str(root / f"{name}.sock")  # short: AF_UNIX paths are limited to 108 bytes
+        self.state = root / f"{name}-state"
+        self.log = root / f"{name}.log"
+        args = [sys.executable, "-m", "microvmd.daemon", "--socket", self.sock, "--state-dir", str(self.state),
+                "--import-images", str(IMAGES)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_"))}
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        end = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"microvmd exited:\n{self.log.read_text()}")
+            try:
+                if self.call("GET", "/v1/version")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > end:
+                raise AssertionError(f"microvmd not ready:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
+        conn = UnixHTTP(self.sock, timeout)
+        try:
+            headers = {}
+            data = None
+            if body is not None:
+                data = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
+            conn.request(method, path, body=data, headers=headers)
+            r = conn.getresponse()
+            payload = r.read()
+            ctype = r.getheader("Content-Type") or ""
+            return r.status, (json.loads(payload) if payload and "json" in ctype else payload.decode("latin-1"))
+        finally:
+            conn.close()
+
+    def ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, doc = self.call(method, path, body)
+        assert 200 <= status < 300, (method, path, status, doc)
+        return doc
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "MICROVM_SOCKET"}
+        return subprocess.run([sys.executable, "-m", "microvmd.cli.main", "--socket", self.sock, *args],
+                              check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+    def cli_ok(self, *args: str) -> str:
+        r = self.cli(*args)
+        assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
+        return r.stdout.strip()
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        return json.loads(self.cli_ok("--json", "inspect", ref))  # type: ignore[no-any-return]
+
+    def disks(self) -> dict[str, dict[str, Any]]:
+        return {d["name"]: d for d in self.ok("GET", "/v1/disks")["disks"]}
+
+    def published_port(self, ref: str) -> int:
+        return int(self.inspect(ref)["devices"]["net"]["published"][0]["host_port"])
+
+    def run_kv(self, name: str, disk: str, host_port: int = 0, *extra: str) -> int:
+        """Start kv detached on ``disk`` (``NAME[:mode]``) with guest port 8000 published; returns the host port."""
+        self.cli_ok("run", "-d", "--name", name, "--disk", disk, "--publish", f"127.0.0.1:{host_port}:8000",
+                    *extra, "kv")
+        port = self.published_port(name)
+        assert kv(port, "PING") == ["PONG"]
+        return port
+
+    def rss_hwm(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kv(port: int, *cmds: str, timeout: float = 20.0) -> list[str]:
+    """Send kv commands on one new connection; returns one reply line per command."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            break
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+    with s, s.makefile("rwb") as f:
+        out = []
+        for c in cmds:
+            f.write(c.encode() + b"\n")
+            f.flush()
+            line = f.readline()
+            assert line.endswith(b"\n"), f"kv closed the connection after {c!r}: {line!r}"
+            out.append(line.decode().rstrip("\r\n"))
+        return out
+
+
+def fresh_view(d: Daemon, disk: str, name: str) -> Any:
+    """Start a new kv on ``disk`` (it knows only what the disk's log holds); returns a GET function."""
+    port = d.run_kv(name, disk)
+
+    def get(*keys: str) -> list[str]:
+        return kv(port, *(f"GET {k}" for k in keys))
+    return get
+
+
+# ================================================================================================ fixtures
+@pytest.fixture
+def root() -> Iterator[Path]:
+    p = Path(tempfile.mkdtemp(prefix="mvkvm-", dir="/tmp"))
+    yield p
+    shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_a(root: Path) -> Iterator[Daemon]:
+    d = Daemon(root, "a")
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def daemon_b(root: Path) -> Iterator[Daemon]:
+    d = Daemon(root, "b")
+    yield d
+    d.close()
+
+
+KEYS = {"alpha": "1", "beta": "hello world", "gamma": "x" * 200, "delta": "last one"}
+
+
+def set_keys(port: int, keys: dict[str, str]) -> None:
+    assert kv(port, *(f"SET {k} {v}" for k, v in keys.items())) == ["OK"] * len(keys)
+
+
+# ================================================================================================ tests
+def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
+    a, b = daemon_a, daemon_b
+    a.cli_ok("disk", "create", "d1", "--size", "1MiB")
+    port = free_port()
+    assert a.run_kv("kv1", "d1", port) == port
+    set_keys(port, KEYS)
+    assert kv(port, "DEL delta", "GET delta") == ["OK", "NOT_FOUND"]
+    src = a.inspect("kv1")
+    assert src["devices"]["blk"][0]["write_ops"] >= len(KEYS) + 1
+
+    out = a.cli_ok("migrate", "kv1", "--to", f"unix://{b.sock}")
+
+    # gone from A: no VM, the disk is free again (and still holds A's data)
+    status, _ = a.call("GET", "/v1/vms/kv1")
+    assert status == 404
+    assert "kv1" not in a.cli_ok("ps", "-a")
+    assert a.disks()["d1"]["used_by"] == []
+
+    # on B: same name, running, the id the client printed; the published port answers there
+    dst = b.inspect("kv1")
+    assert dst["state"] == "running"
+    assert out == dst["id"] != src["id"]
+    assert dst["devices"]["net"]["published"][0]["host_port"] == port
+    want = [KEYS[k] for k in ("alpha", "beta", "gamma")] + ["NOT_FOUND"]
+    assert kv(port, "GET alpha", "GET beta", "GET gamma", "GET delta") == want
+
+    # its disk is B's own copy of d1's content at migration time, attached rw
+    (att,) = dst["devices"]["blk"]
+    assert att["name"].startswith("d1.restored-") and att["mode"] == "rw"
+    assert b.disks()[att["name"]]["used_by"] == ["kv1"]
+    assert "d1" not in b.disks()
+
+    # writes after the move land on B's disk only
+    assert kv(port, "SET after moved") == ["OK"]
+    b.cli_ok("rm", "-f", "kv1")
+
+    # the disk content travelled: a fresh kv on B's disk replays the log written on A (plus "after")
+    get_b = fresh_view(b, att["name"], "check-b")
+    assert get_b("alpha", "beta", "gamma", "delta", "after") == want + ["moved"]
+    # and A's d1 kept its own history, without what was written on B
+    get_a = fresh_view(a, "d1", "check-a")
+    assert get_a("alpha", "beta", "gamma", "delta", "after") == want + ["NOT_FOUND"]
+
+
+def test_snapshot_restore_gives_a_separate_disk(daemon_a: Daemon) -> None:
+    d = daemon_a
+    d.cli_ok("disk", "create", "d2", "--size", "1MiB")
+    port = d.run_kv("kv2", "d2")
+    set_keys(port, {"x": "1", "shared": "before"})
+    d.cli_ok("snapshot", "create", "kv2", "--name", "s2")
+    snap = json.loads(d.cli_ok("--json", "snapshot", "inspect", "s2"))
+    assert [(x["name"], x["mode"], x["size"]) for x in snap["disks"]] == [("d2", "rw", 1 << 20)]
+    # written after the snapshot: must not be in the restored VM, nor on its disk
+    set_keys(port, {"late": "original only", "shared": "after"})
+
+    d.cli_ok("restore", "s2", "--name", "kv2r", "--start")
+    info = d.inspect("kv2r")
+    assert info["state"] == "running"
+    (att,) = info["devices"]["blk"]
+    assert att["name"].startswith("d2.restored-") and att["mode"] == "rw"
+    rport = d.published_port("kv2r")  # published as 127.0.0.1:0:8000, so a port of its own
+    assert rport != port
+    assert kv(rport, "GET x", "GET shared", "GET late") == ["1", "before", "NOT_FOUND"]
+
+    # both run at once, each on its own disk
+    set_keys(rport, {"y": "restored only", "shared": "restored"})
+    assert kv(port, "GET y", "GET shared") == ["NOT_FOUND", "after"]
+    assert kv(rport, "GET late", "GET shared") == ["NOT_FOUND", "restored"]
+    assert d.disks()["d2"]["used_by"] == ["kv2"]
+    assert d.disks()[att["name"]]["used_by"] == ["kv2r"]
+
+    # the disks themselves (fresh kvs replay only the logs)
+    d.cli_ok("rm", "-f", "kv2")
+    d.cli_ok("rm", "-f", "kv2r")
+    orig = fresh_view(d, "d2", "check-orig")
+    assert orig("x", "shared", "late", "y") == ["1", "after", "original only", "NOT_FOUND"]
+    copy = fresh_view(d, att["name"], "check-copy")
+    assert copy("x", "shared", "late", "y") == ["1", "restored", "NOT_FOUND", "restored only"]
+
+
+def test_restore_of_a_cow_attachment_keeps_the_overlay_and_not_the_image(daemon_a: Daemon) -> None:
+    """A cow VM's snapshot holds the disk as the VM saw it (overlay merged); the image never changes."""
+    d = daemon_a
+    d.cli_ok("disk", "create", "base", "--size", "1MiB")
+    port = d.run_kv("seed", "base")
+    set_keys(port, {"from_base": "yes"})
+    d.cli_ok("rm", "-f", "seed")
+
+    port = d.run_kv("kvc", "base:cow")
+    assert kv(port, "GET from_base") == ["yes"]
+    set_keys(port, {"cow": "private"})
+    d.cli_ok("snapshot", "create", "kvc", "--name", "sc")
+    d.cli_ok("rm", "-f", "kvc")
+    d.cli_ok("restore", "sc", "--name", "kvcr", "--start")
+    (att,) = d.inspect("kvcr")["devices"]["blk"]
+    assert att["name"].startswith("base.restored-") and att["mode"] == "rw"
+    d.cli_ok("rm", "-f", "kvcr")
+
+    assert fresh_view(d, att["name"], "check-copy")("from_base", "cow") == ["yes", "private"]
+    assert fresh_view(d, "base", "check-base")("from_base", "cow") == ["yes", "NOT_FOUND"]
+
+
+# ------------------------------------------------------------------------------------------ known bugs
+@pytest.mark.xfail(strict=True, reason="Snapshots._restore_disks matches snapshot disks to spec.disks by NAME: "
+                   "the first materialized copy renames every attachment of that disk, the second copy is "
+                   "orphaned, and the restored VM is refused (disk given twice, once read-write). "
+                   "Fix: map by d['index'] (spec.disks[d['index']])")
+def test_restore_with_the_same_disk_attached_twice(daemon_a: Daemon) -> None:
+    d = daemon_a
+    d.cli_ok("disk", "create", "twice", "--size", "1MiB")
+    # disk 0 = the image read-only, disk 1 = a private cow view of it, where kv keeps its log
+    port = d.run_kv("kvt", "twice:ro", 0, "--disk", "twice:cow", "--env", "KV_DISK=1")
+    set_keys(port, {"k": "v"})
+    d.cli_ok("snapshot", "create", "kvt", "--name", "st")
+    d.cli_ok("rm", "-f", "kvt")
+    r = d.cli("restore", "st", "--name", "kvtr", "--start")
+    assert r.returncode == 0, r.stderr
+    atts = d.inspect("kvtr")["devices"]["blk"]
+    assert [a["mode"] for a in atts] == ["ro", "rw"]
+    assert atts[0]["name"] != atts[1]["name"]
+    assert kv(d.published_port("kvtr"), "GET k") == ["v"]
+
+
+@pytest.mark.xfail(strict=True, reason="a restore that fails after _restore_disks (here: its published port is "
+                   "taken) leaves the materialized '<disk>.restored-*' disks behind, unused, forever. "
+                   "Fix: remove the disks materialize() made when hv.create() raises")
+def test_failed_restore_leaves_no_disk_behind(daemon_a: Daemon) -> None:
+    d = daemon_a
+    d.cli_ok("disk", "create", "d5", "--size", "1MiB")
+    port = free_port()
+    d.run_kv("kv5", "d5", port)
+    d.cli_ok("snapshot", "create", "kv5", "--name", "s5")
+    r = d.cli("restore", "s5", "--name", "kv5r")  # kv5 still holds the fixed host port
+    assert r.returncode == 125 and "port" in r.stderr
+    assert sorted(d.disks()) == ["d5"]
+
+
+@pytest.mark.xfail(strict=True, reason="the snapshot/restore path does not keep disks sparse: write_content "
+                   "writes the whole image, zeros included, so a 64 MiB disk holding a few KiB comes back "
+                   "fully allocated. Fix: skip all-zero chunks when materializing (seek past them; the file "
+                   "is created sparse by ftruncate)")
+def test_restored_disk_stays_sparse(daemon_a: Daemon) -> None:
+    d = daemon_a
+    d.cli_ok("disk", "create", "sp", "--size", "64MiB")
+    port = d.run_kv("kvs", "sp")
+    set_keys(port, {"a": "b"})
+    assert d.disks()["sp"]["allocated"] <= 1 << 20
+    d.cli_ok("snapshot", "create", "kvs", "--name", "ss")
+    d.cli_ok("rm", "-f", "kvs")
+    d.cli_ok("restore", "ss", "--name", "kvsr")
+    (att,) = d.inspect("kvsr")["devices"]["blk"]
+    assert d.disks()[att["name"]]["allocated"] <= 1 << 20
+
+
+@pytest.mark.xfail(strict=True, reason="SnapshotView.read_all reads the whole disk into one bytearray and copies "
+                   "it to bytes (2x the disk size in daemon RAM, holes included) while the VM is frozen; a "
+                   "1 GiB sparse disk holding 4 KiB froze kv for 8.6 s and raised the daemon's peak RSS by "
+                   "2.1 GiB. Fix: stream the disk chunk by chunk into store_bytes, skip holes "
+                   "(SEEK_DATA/SEEK_HOLE), and keep the freeze short (e.g. a cow overlay switched in at "
+                   "snapshot time, the base copied while the VM runs)")
+def test_snapshot_of_a_big_sparse_disk_is_cheap(daemon_a: Daemon) -> None:
+    d = daemon_a
+    size = 256 << 20
+    d.cli_ok("disk", "create", "big", "--size", str(size))
+    port = d.run_kv("kvb", "big")
+    set_keys(port, {"a": "b"})
+    before = d.rss_hwm()
+    d.cli_ok("snapshot", "create", "kvb", "--name", "sb")
+    grown = d.rss_hwm() - before
+    assert grown < size // 4, f"daemon peak RSS grew by {grown >> 20} MiB for a {size >> 20} MiB disk"
