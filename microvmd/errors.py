@@ -44,6 +44,11 @@ class InvalidState(Conflict):
     code = "invalid_state"
 
 
+class RequestTimeout(MicrovmError):
+    status = 408
+    code = "timeout"
+
+
 class PayloadTooLarge(MicrovmError):
     status = 413
     code = "payload_too_large"

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
 
 from .. import __version__
 from ..errors import BadRequest, MicrovmError
 from ..vmm import wt
 from ..vmm.manager import Hypervisor
+from ..vmm.state import VmState
 from . import codec, schemas
 from .metrics import Metrics
 
@@ -173,25 +175,29 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
     resp.enable_chunked_encoding()
     await resp.prepare(request)
     offsets = {s: 0 for s in streams}
-    while True:
-        ended = vm.state.terminal or vm.id not in h.vms
-        wrote = False
-        for s in streams:
-            while True:
-                data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
-                if not data:
-                    break
-                wrote = True
-                await resp.write(data)
-        if not follow or ended:
-            break
-        if not wrote:
-            ev = vm.changed
-            try:
-                await asyncio.wait_for(ev.wait(), 0.05)
-            except TimeoutError:
-                pass
-    await resp.write_eof()
+    try:
+        while True:
+            # a parked out_of_fuel VM writes nothing until fuel is added: the stream ends, like at exit
+            ended = vm.state.terminal or vm.state == VmState.OUT_OF_FUEL or vm.id not in h.vms
+            wrote = False
+            for s in streams:
+                while True:
+                    data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
+                    if not data:
+                        break
+                    wrote = True
+                    await resp.write(data)
+            if not follow or ended:
+                break
+            if not wrote:
+                ev = vm.changed
+                try:
+                    await asyncio.wait_for(ev.wait(), 0.05)
+                except TimeoutError:
+                    pass
+        await resp.write_eof()
+    except (ConnectionResetError, ClientConnectionResetError):
+        pass  # the follower went away
     return resp
 
 

@@ -55,21 +55,55 @@ class NetLimits:
 
 
 # ------------------------------------------------------------------ egress rules
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def normalize_ip(addr: str) -> IPAddress | None:
+    """The address a connection really goes to: IPv4-mapped IPv6 is IPv4 (``::ffff:127.0.0.1`` is loopback)."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_local(ip: IPAddress) -> bool:
+    """Addresses that reach this host itself (0.0.0.0 and :: do, on Linux)."""
+    return ip.is_loopback or ip.is_unspecified or ip in _host_addresses()
+
+
+_HOST_ADDRS: set[IPAddress] | None = None
+
+
+def _host_addresses() -> set[IPAddress]:
+    global _HOST_ADDRS
+    if _HOST_ADDRS is None:
+        found: set[IPAddress] = set()
+        try:
+            for info in socket.getaddrinfo(socket.gethostname(), None):
+                ip = normalize_ip(str(info[4][0]))
+                if ip is not None:
+                    found.add(ip)
+        except OSError:
+            pass
+        _HOST_ADDRS = found
+    return _HOST_ADDRS
+
+
 @dataclass(frozen=True)
 class EgressRule:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     host: str | None
     port: int | None  # None = any port
 
-    def matches(self, addr: str, port: int) -> bool:
+    def matches(self, ip: IPAddress, port: int) -> bool:
         if self.port is not None and self.port != port:
             return False
-        if self.network is not None:
-            try:
-                return ipaddress.ip_address(addr) in self.network
-            except ValueError:
-                return False
-        return False
+        if self.network is None or ip.version != self.network.version:
+            return False
+        return ip in self.network
 
 
 def parse_egress(rule: str) -> EgressRule:
@@ -179,7 +213,7 @@ class _Conn(asyncio.Protocol):
         with self.state.lock:
             self.sock.eof = True
         self.state.wake(self.sock)
-        return False
+        return True  # half-close: the guest may still answer; its net_close closes the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         with self.state.lock:
@@ -287,10 +321,17 @@ class NetState:
         if t is not None:
             self.loop.call_soon_threadsafe(t.close)
 
-    def allowed(self, addr: str, port: int) -> bool:
-        if (port, addr) in self.device.own_endpoints() or port in self.device.own_ports(addr):
+    def allowed(self, addr: str, port: int, by_name: bool = False) -> bool:
+        """May the guest connect to ``addr:port``? ``by_name``: a rule naming the host already allowed it.
+
+        The daemon's own listening ports are never reachable at any local address, whatever the rules.
+        """
+        ip = normalize_ip(addr)
+        if ip is None or ip.is_unspecified or ip.is_multicast:
             return False
-        return any(r.matches(addr, port) for r in self.rules)
+        if (is_local(ip) or ip in self.device.bind_addresses()) and port in self.device.own_ports():
+            return False
+        return by_name or any(r.matches(ip, port) for r in self.rules)
 
     def to_api(self) -> dict[str, Any]:
         with self.lock:
@@ -387,21 +428,28 @@ class NetDevice:
         self.states: set[NetState] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def own_ports(self, addr: str) -> set[int]:
-        """Ports the daemon itself listens on at ``addr`` (published ports, remote API, gateway)."""
-        ports: set[int] = set()
-        for st in list(self.states):
-            for p, _ in st.servers:
-                if p.host_ip in (addr, "0.0.0.0", "::"):
-                    ports.add(p.host_port)
-        return ports
-
-    def own_endpoints(self) -> set[tuple[int, str]]:
+    def own_ports(self) -> set[int]:
+        """Every TCP port the daemon listens on: published ports, the remote API, the gateway."""
+        ports = {p.host_port for st in list(self.states) for p, _ in st.servers}
         cfg = self.hv.cfg
-        out: set[tuple[int, str]] = set()
         for hp in (cfg.listen, cfg.gateway):
             if hp is not None:
-                out.add((hp[1], hp[0]))
+                ports.add(hp[1])
+        return ports
+
+    def bind_addresses(self) -> set[IPAddress]:
+        """Addresses the daemon binds explicitly (a published port on a non-local address counts too)."""
+        out: set[IPAddress] = set()
+        for st in list(self.states):
+            for p, _ in st.servers:
+                ip = normalize_ip(p.host_ip)
+                if ip is not None:
+                    out.add(ip)
+        cfg = self.hv.cfg
+        for hp in (cfg.listen, cfg.gateway):
+            ip = normalize_ip(hp[0]) if hp is not None else None
+            if ip is not None:
+                out.add(ip)
         return out
 
     def forget(self, st: NetState) -> None:
@@ -513,27 +561,35 @@ class NetDevice:
         host = mem.read(host_ptr, host_len).decode("utf-8", "replace").strip().strip("[]")
         s = GSock(st._alloc_sd(), "connecting")
         st.socks[s.sd] = s
-        st.stats["connections_out"] += 1
+
+        def refuse() -> _Errno:
+            with st.lock:
+                st.stats["refused"] += 1
+            log.info("vm=%s egress to %s:%d refused by policy", st.vm.id[:12], host, port)
+            return _Errno(ECONNREFUSED)
 
         async def dial() -> None:
+            err = ECONNREFUSED
             try:
-                addrs = await self._resolve(st, host, port)
-                allowed = [ad for ad in addrs if st.allowed(ad, port)]
+                addrs, by_name = await self._resolve(st, host, port)
+                allowed = [ad for ad in addrs if st.allowed(ad, port, by_name)]
                 if not allowed:
-                    st.stats["refused"] += 1
-                    log.info("vm=%s egress to %s:%d refused by policy", st.vm.id[:12], host, port)
-                    raise _Errno(ECONNREFUSED)
-                proto = _Conn(st, s)
-                await asyncio.wait_for(st.loop.create_connection(lambda: proto, allowed[0], port),
-                                       CONNECT_TIMEOUT)
+                    raise refuse()
+                for ad in allowed:  # a name may resolve to several addresses: try each in turn
+                    try:
+                        await asyncio.wait_for(st.loop.create_connection(lambda: _Conn(st, s), ad, port),
+                                               CONNECT_TIMEOUT)
+                    except TimeoutError:
+                        err = ETIMEDOUT
+                    except OSError as e:
+                        err = _HOST_ERRNO.get(e.errno or 0, ECONNREFUSED)
+                    else:
+                        err = 0
+                        with st.lock:
+                            st.stats["connections_out"] += 1
+                        break
             except _Errno as e:
                 err = e.code
-            except TimeoutError:
-                err = ETIMEDOUT
-            except OSError as e:
-                err = _HOST_ERRNO.get(e.errno or 0, ECONNREFUSED)
-            else:
-                err = 0
             with st.lock:
                 s.error = err
                 s.kind = "conn" if not err else "failed"
@@ -553,23 +609,21 @@ class NetDevice:
         # the ABI does not define, so connect is blocking by design (documented in ABI.md).
         return NetOp("net_connect", st, [s], lambda: s.kind in ("conn", "failed") or s.closed, act)
 
-    async def _resolve(self, st: NetState, host: str, port: int) -> list[str]:
-        try:
-            ipaddress.ip_address(host)
-            return [host]
-        except ValueError:
-            pass
-        # A rule naming this host allows its resolved addresses on that port.
+    async def _resolve(self, st: NetState, host: str, port: int) -> tuple[list[str], bool]:
+        """The addresses to try, and whether a rule naming the host allowed them (names need a rule)."""
+        if normalize_ip(host) is not None:
+            return [host], False
         named = [r for r in st.rules if r.host == host.lower() and (r.port is None or r.port == port)]
         if not named:
+            with st.lock:
+                st.stats["refused"] += 1
+            log.info("vm=%s egress to %s:%d refused by policy (no rule names this host)", st.vm.id[:12], host, port)
             raise _Errno(ECONNREFUSED)
         try:
             infos = await st.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
             raise _Errno(EHOSTUNREACH) from None
-        addrs = [str(i[4][0]) for i in infos]
-        st.rules = [*st.rules, *(EgressRule(ipaddress.ip_network(ad), None, port) for ad in addrs)]
-        return addrs
+        return list(dict.fromkeys(str(i[4][0]) for i in infos)), True
 
     def _send(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
         s = st.get(a[0])
@@ -620,7 +674,9 @@ class NetDevice:
             return [-EINVAL]
         if s.kind != "conn":
             return [-ENOTCONN] if s.kind != "failed" else [-s.error or -ENOTCONN]
-        if length and (ptr < 0 or ptr + min(length, MAX_IO) > mem.size()):
+        if length == 0:
+            return [0]
+        if ptr < 0 or ptr + min(length, MAX_IO) > mem.size():
             return [-EFAULT]
 
         def readable() -> bool:

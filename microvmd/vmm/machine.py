@@ -130,8 +130,8 @@ class Machine:
                 if left <= 0:
                     return SliceEnd.OUT_OF_FUEL
                 self._set_fuel_interval(min(left, fuel_slice))
-            elif self._fuel_interval is not None:
-                self._set_fuel_interval(None)
+            else:  # wasmtime writes the fuel counter back only at fuel yields: keep them, so it reads live
+                self._set_fuel_interval(fuel_slice)
             assert self.call is not None
             done = self.call.poll()
             self.fuel_consumed = self.fuel_base + FUEL_TANK - self.store.get_fuel()

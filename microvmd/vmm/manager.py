@@ -20,7 +20,7 @@ from typing import Any
 import wasmtime
 
 from ..config import Config
-from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, NotFound, Unprocessable
+from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeout, Unprocessable
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from . import wt
@@ -571,7 +571,7 @@ class Hypervisor:
             ev = vm.changed
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise MicrovmError(f"VM {vm.id} still {vm.state.value} after {timeout} s", code="wait_timeout")
+                raise RequestTimeout(f"VM {vm.id} still {vm.state.value} after {timeout} s", code="wait_timeout")
             try:
                 await asyncio.wait_for(ev.wait(), remaining)
             except TimeoutError:

@@ -117,7 +117,7 @@ class _Future:
     def _outcome(self, out: Outcome) -> Outcome:
         if self._trap:
             trap = wasmtime.Trap._from_ptr(self._trap)
-            out.trap = trap.message.splitlines()[0] if trap.message else "trap"
+            out.trap = trap_text(trap.message)
             out.trap_code = trap.trap_code
             self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
         elif self._error:
@@ -128,6 +128,21 @@ class _Future:
             else:
                 out.error = str(err).splitlines()[0] if str(err) else "error"
         return out
+
+
+def trap_text(message: str | None) -> str:
+    """The cause of a trap, without wasmtime's backtrace (``wasm unreachable instruction executed``)."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    if not lines:
+        return "trap"
+    for ln in lines:
+        if ln.startswith("wasm trap:"):
+            return ln[len("wasm trap:"):].strip()
+    if "Caused by:" in lines:
+        rest = lines[lines.index("Caused by:") + 1:]
+        if rest:
+            return rest[-1].lstrip("0123456789: ")
+    return lines[-1] if lines[0].startswith("error while executing") else lines[0]
 
 
 class GuestCall(_Future):

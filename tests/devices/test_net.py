@@ -467,8 +467,6 @@ def test_echo_streams_megabytes_in_order_with_backpressure(mvd: Daemon, echo_vm:
     assert back == expect
 
 
-@pytest.mark.xfail(strict=True, reason="net.py _Conn.eof_received returns False: a peer's half-close "
-                   "(shutdown(SHUT_WR)) makes asyncio close the whole transport, so the guest's reply is lost")
 def test_half_closed_client_still_gets_its_echo(mvd: Daemon, echo_vm: tuple[str, int]) -> None:
     _, port = echo_vm
     for i in range(5):
@@ -656,8 +654,6 @@ def test_daemon_own_published_ports_are_never_reachable(mvd: Daemon, echo_vm: tu
     assert mvd.net(echo_id)["stats"]["connections_in"] == before
 
 
-@pytest.mark.xfail(strict=True, reason="net.py NetState.allowed/own_ports compare address strings: 0.0.0.0 "
-                   "(connects to the local host) is not recognised as the daemon's own address")
 def test_own_ports_not_reachable_through_unspecified_address(mvd: Daemon, echo_vm: tuple[str, int]) -> None:
     echo_id, port = echo_vm
     before = mvd.net(echo_id)["stats"]["connections_in"]
@@ -676,8 +672,6 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 on this host")
-@pytest.mark.xfail(strict=True, reason="net.py NetState.allowed does not normalise IPv4-mapped IPv6 "
-                   "addresses: ::ffff:127.0.0.1 reaches a port published on 127.0.0.1")
 def test_own_ports_not_reachable_through_ipv4_mapped_ipv6(mvd: Daemon, echo_vm: tuple[str, int]) -> None:
     echo_id, port = echo_vm
     before = mvd.net(echo_id)["stats"]["connections_in"]
@@ -687,8 +681,6 @@ def test_own_ports_not_reachable_through_ipv4_mapped_ipv6(mvd: Daemon, echo_vm: 
     assert mvd.net(echo_id)["stats"]["connections_in"] == before
 
 
-@pytest.mark.xfail(strict=True, reason="net.py NetDevice.own_endpoints matches (port, host) literally: a "
-                   "gateway/remote API bound to 0.0.0.0 (or a host name) is not protected on 127.0.0.1")
 def test_wildcard_gateway_port_is_refused_by_policy() -> None:
     gw = free_port()
     d = Daemon("--gateway", f"0.0.0.0:{gw}", import_images=False)
@@ -856,8 +848,6 @@ def test_forbidden_connects_repeatedly_are_refused_and_counted(mvd: Daemon, coun
     mvd.rm(vm["id"])
 
 
-@pytest.mark.xfail(strict=True, reason="net.py NetDevice._resolve raises ECONNREFUSED for a host name without "
-                   "a rule before dial() counts the refusal: name refusals are missing from stats/metrics")
 def test_refusals_by_host_name_are_counted(mvd: Daemon) -> None:
     body = f"""
     {repeat(20, '(drop (call $connect (i32.const 1024) (i32.const 9) (i32.const 80) (i32.const 0)))')}
@@ -871,8 +861,6 @@ def test_refusals_by_host_name_are_counted(mvd: Daemon) -> None:
         mvd.rm(vm["id"])
 
 
-@pytest.mark.xfail(strict=True, reason="net.py NetDevice._resolve appends the resolved addresses to st.rules "
-                   "on every connect to a named host: the rule list (and inspect's egress) grows without bound")
 def test_named_egress_rule_does_not_grow_per_connect(mvd: Daemon, counting: CountingServer) -> None:
     port = counting.port
     body = f"""
@@ -922,8 +910,6 @@ def test_nonblocking_accept_and_recv_return_eagain(mvd: Daemon) -> None:
     mvd.rm(vm["id"])
 
 
-@pytest.mark.xfail(strict=True, reason="net.py NetDevice._recv: a zero-length recv suspends until data arrives "
-                   "(-EAGAIN with MV_NONBLOCK) instead of returning 0 at once as ABI.md says")
 def test_zero_length_recv_returns_zero_at_once(mvd: Daemon) -> None:
     body = f"""
     (local.set $sd (call $listen (i32.const 9000) (i32.const 4)))

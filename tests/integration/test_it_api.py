@@ -235,12 +235,6 @@ def test_version_route(api: Api, daemon: Daemon) -> None:
 
 
 # ------------------------------------------------------------------------------------------ log streams
-@pytest.mark.xfail(strict=True, reason=(
-    "a client that disconnects from GET /v1/vms/{ref}/logs?follow=true makes the daemon log "
-    "'unhandled error in GET .../logs' with a traceback: vm_logs does not catch the "
-    "ClientConnectionResetError raised by resp.write()/write_eof() on the closed transport, and "
-    "error_middleware then tries to answer 500 on it (`microvm run --rm --fuel 5000000 loop.wat` "
-    "triggers it too)"))
 def test_log_follower_going_away_is_not_an_error(make_daemon: Any) -> None:
     d = make_daemon()
     assert d.api.import_image(wasm("counter"), "counter").status == 201

@@ -111,10 +111,6 @@ def test_fuel_consumed_grows_while_running(daemon: Daemon) -> None:
     _fuel_grows(daemon, fuel=10**15)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "without a fuel limit, fuel_consumed of a running CPU-bound guest stays at its start-up value (~4.5k) "
-    "until it exits: Machine.run_slice reads store.get_fuel() at epoch yields, but wasmtime only flushes "
-    "the fuel counter at fuel yields/calls, and no fuel yield interval is set when the VM has no budget"))
 def test_fuel_consumed_grows_while_running_without_a_fuel_limit(daemon: Daemon) -> None:
     _fuel_grows(daemon)
 
@@ -172,10 +168,6 @@ def test_trap_is_137_with_a_trap_reason(daemon: Daemon, tmp_path: Path) -> None:
     assert ex["reason"].startswith("trap:") and ex["code"] is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the trap reason is only the first line of wasmtime's message, 'trap: error while executing at wasm "
-    "backtrace:', which says nothing about the trap; the cause ('wasm `unreachable` instruction executed') "
-    "is on the last line (microvmd/vmm/wt.py GuestCall.outcome: trap.message.splitlines()[0])"))
 def test_trap_reason_names_the_trap(daemon: Daemon, tmp_path: Path) -> None:
     r = daemon.cli("run", "--rm", write(tmp_path, "trap2.wat", WAT_TRAP))
     assert r.returncode == 137
