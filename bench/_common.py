@@ -24,6 +24,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
+REF_ENV = "MICROVMD_BENCH_REF"
 PY = sys.executable
 BIN_DIR = Path(PY).parent
 
@@ -172,11 +173,16 @@ def machine_info() -> dict[str, str]:
     except OSError:
         max_map = "?"
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()[:70]
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        head += f" ({len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty else " (clean)"
+        ref = os.environ.get(REF_ENV)
+        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref or "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()[:70]
+        if ref:
+            head += f" (git archive of {ref}, exported to {code_root()})"
+        else:
+            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            head += f" (working tree, {len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty \
+                else " (working tree, clean)"
     except (OSError, subprocess.SubprocessError):
         head = "?"
     return {
@@ -246,6 +252,54 @@ def machine_table() -> str:
     return table(["machine", ""], list(machine_info().items()))
 
 
+# ------------------------------------------------------------------------------------------ code under test
+_TREES: dict[str, Path] = {}
+
+
+def code_root() -> Path:
+    """Where the microvmd under test lives: this working tree, or, when $MICROVMD_BENCH_REF names a git
+    revision (run_all.py --ref, or each bench's --ref), a clean export of that revision's microvmd/ and
+    images/ (git archive), so that uncommitted edits in a shared tree do not leak into the figures."""
+    ref = os.environ.get(REF_ENV)
+    if not ref:
+        return ROOT
+    if ref in _TREES:
+        return _TREES[ref]
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dest = Path(tempfile.gettempdir()) / f"microvmd-bench-src-{sha[:16]}"
+    if not (dest / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(prefix="microvmd-bench-src-"))
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "microvmd", "images"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        (tmp / ".complete").write_text(sha + "\n")
+        try:
+            tmp.rename(dest)
+        except OSError:  # another benchmark exported it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    _TREES[ref] = dest
+    return dest
+
+
+def images_dir() -> Path:
+    return code_root() / "images"
+
+
+def set_ref(ref: str | None) -> None:
+    """Select the revision under test for this process and its children (see code_root)."""
+    if ref:
+        os.environ[REF_ENV] = ref
+
+
+def code_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default os.environ) with PYTHONPATH pointing at code_root() when a revision is selected."""
+    env = dict(os.environ if env is None else env)
+    if os.environ.get(REF_ENV):
+        env["PYTHONPATH"] = str(code_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 # ------------------------------------------------------------------------------------------ subprocess env
 _PYCACHE: str | None = None
 
@@ -260,7 +314,7 @@ def client_env(bytecode_cache: bool = True) -> dict[str, str]:
     __pycache__ entry (the project's own, in a tree that never had one) is compiled at every start.
     """
     global _PYCACHE
-    env = dict(os.environ)
+    env = code_env()
     if bytecode_cache:
         if _PYCACHE is None:
             _PYCACHE = tempfile.mkdtemp(prefix="bench-pycache-")
@@ -511,14 +565,14 @@ class Daemon:
 
     def start(self, timeout: float = 60.0) -> Daemon:
         cmd = [PY, "-m", "microvmd.daemon", "--socket", str(self.socket), "--state-dir", str(self.state),
-               "--import-images", str(IMAGES), "--log-level", self.log_level]
+               "--import-images", str(images_dir()), "--log-level", self.log_level]
         if self.config:
             cfg = self.tmp / "microvmd.toml"
             cfg.write_text(self.config)
             cmd += ["--config", str(cfg)]
         log = open(self.log_path, "wb")
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        env = {k: v for k, v in code_env().items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
+        self.proc = subprocess.Popen(cmd, cwd=code_root(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=self._limits if self.nofile != "inherit" else None)
         log.close()
         deadline = time.monotonic() + timeout

@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="daemon RLIMIT_NOFILE: 'unit' (1048576, as systemd/microvmd.service), "
                          "'inherit' (this shell's), or a number")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
+                    "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
     a = ap.parse_args(argv)
+    c.set_ref(a.ref)
     counts = [int(x) for x in (a.counts or ("100,500" if a.quick else "1000,10000")).split(",")]
     target_n = 10_000
 

@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-SPIN = c.IMAGES / "spin" / "spin.wasm"
 
 
 def checksum(text: bytes) -> str:
@@ -58,7 +57,7 @@ def run_raw(kind: str, n: int, reps: int) -> tuple[list[float], list[float], str
     import wasmtime
 
     engine = make_engine(kind)
-    module = wasmtime.Module.from_file(engine, str(SPIN))
+    module = wasmtime.Module.from_file(engine, str(c.images_dir() / "spin" / "spin.wasm"))
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
     tmp = Path(tempfile.mkdtemp(prefix="bench-fuel-"))
@@ -124,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("-n", type=int, default=None, help="spin iterations (default 500000000)")
     ap.add_argument("--reps", type=int, default=None, help="runs per variant (default 5)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
+                    "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
     a = ap.parse_args(argv)
+    c.set_ref(a.ref)
     n = a.n or (20_000_000 if a.quick else 500_000_000)
     reps = a.reps or (2 if a.quick else 5)
 

@@ -29,7 +29,7 @@ def timeit(cmd: list[str], n: int, warmup: int, expect: bytes | None = None, cac
     out: list[float] = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=c.code_root())
         t1 = time.perf_counter()
         if p.returncode != 0 or (expect is not None and expect not in p.stdout):
             raise RuntimeError(f"{cmd} failed ({p.returncode}): {p.stdout[:200]!r} {p.stderr[:300]!r}")
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured runs first (default 3)")
     ap.add_argument("--vms", type=int, default=5, help="live VMs listed by ps (default 5)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
+                    "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
     a = ap.parse_args(argv)
+    c.set_ref(a.ref)
     n = a.n or (5 if a.quick else 30)
 
     c.emit(f"## bench_ps: `microvm ps` latency, median of {n} runs ({a.warmup} warm-up)\n")

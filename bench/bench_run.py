@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-HELLO = c.IMAGES / "hello" / "hello.wasm"
 EXPECT = b"Hello from microvmd!"
 
 
@@ -84,7 +83,7 @@ def bench_cli(d: c.Daemon, n: int, warmup: int) -> list[float]:
     out: list[float] = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=c.code_root())
         t1 = time.perf_counter()
         if p.returncode != 0 or EXPECT not in p.stdout:
             raise RuntimeError(f"microvm run failed ({p.returncode}): {p.stdout[:200]!r} {p.stderr[:300]!r}")
@@ -94,10 +93,11 @@ def bench_cli(d: c.Daemon, n: int, warmup: int) -> list[float]:
 
 
 def bench_wasmtime_py(n: int, warmup: int) -> list[float]:
+    hello = c.images_dir() / "hello" / "hello.wasm"
     import wasmtime
 
     engine = wasmtime.Engine()
-    module = wasmtime.Module.from_file(engine, str(HELLO))
+    module = wasmtime.Module.from_file(engine, str(hello))
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
     tmp = Path(tempfile.mkdtemp(prefix="bench-wtpy-"))
@@ -133,7 +133,7 @@ def bench_wasmtime_cli(n: int, warmup: int) -> tuple[list[float], str]:
     binary, note = c.wasmtime_cli()
     if binary is None:
         return [], note
-    cmd = [str(binary), "run", str(HELLO)]
+    cmd = [str(binary), "run", str(c.images_dir() / "hello" / "hello.wasm")]
     out: list[float] = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-tmpfs", action="store_true",
                     help="skip the diagnostic API run with the daemon's state dir on /dev/shm")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
+                    "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
     a = ap.parse_args(argv)
+    c.set_ref(a.ref)
     n = a.n or (100 if a.quick else 2000)
     cli_n = a.cli_n or (5 if a.quick else 50)
     wt_n = a.wasmtime_n or (20 if a.quick else 300)
