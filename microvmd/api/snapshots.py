@@ -70,10 +70,15 @@ async def snapshot_restore(request: web.Request) -> web.StreamResponse:
 async def snapshot_missing(request: web.Request) -> web.StreamResponse:
     body = await codec.decode(request, hv(request).cfg.json_limit)
     hashes = body.get("chunks")
-    if not isinstance(hashes, list) or not all(isinstance(x, str) for x in hashes) or len(hashes) > 1 << 20:
-        raise BadRequest("field 'chunks' must be a list of chunk hashes", code="invalid_field")
-    missing = await hv(request).sched.on_io(snaps(request).missing, hashes)
-    return codec.respond(request, {"missing": missing})
+    if not isinstance(hashes, list) or len(hashes) > 1 << 20 or not all(
+            isinstance(x, str) and len(x) == 64 for x in hashes):
+        raise BadRequest("field 'chunks' must be a list of hex SHA-256 chunk hashes", code="invalid_field")
+    try:
+        raw = [bytes.fromhex(x) for x in hashes]
+    except ValueError:
+        raise BadRequest("field 'chunks' must be a list of hex SHA-256 chunk hashes", code="invalid_field") from None
+    missing = snaps(request).missing(raw)
+    return codec.respond(request, {"missing": [h.hex() for h in missing]})
 
 
 async def vm_migrate(request: web.Request) -> web.StreamResponse:

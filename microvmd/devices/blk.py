@@ -117,6 +117,21 @@ class SnapshotView:
         self._att = att
         self.index, self.name, self.mode = att.index, att.name, att.mode
 
+    def size(self) -> int:
+        return int(self._att.size)
+
+    def read_at(self, off: int, n: int) -> bytes:
+        """``n`` bytes at ``off`` as the VM sees them (a snapshot streams a disk chunk by chunk)."""
+        buf = bytearray(n)
+        if not self._state.busy.enter():
+            raise MicrovmError(f"disk {self.name} was detached", code="disk_detached")
+        try:
+            self._att.backend.read_into(memoryview(buf), off)
+        finally:
+            if self._state.busy.leave():
+                self._state.close_backends()
+        return bytes(buf)
+
     def read_all(self) -> bytes:
         buf = bytearray(self._att.size)
         view = memoryview(buf)
@@ -410,6 +425,28 @@ class BlockDevice:
         self.store.added(disk)
         log.info("created disk %s (%d bytes)", name, size)
         return disk
+
+    async def materialize_with(self, name: str, size: int, fill: Callable[[int], None]) -> str:
+        """A new sparse disk of ``size`` bytes that ``fill(fd)`` writes (on an I/O thread); returns its name."""
+        new = f"{name[:100]}.restored-{uuid.uuid4().hex[:8]}"
+        disk = await self.create_disk(new, size)
+        disk.uploading = True
+
+        def run() -> None:
+            fd = os.open(disk.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                fill(fd)
+            finally:
+                os.close(fd)
+        try:
+            await self.hv.sched.on_io(run)
+        except BaseException:
+            del self.store.disks[new]
+            await self.hv.sched.on_io(self.store.remove_files, disk)
+            raise
+        finally:
+            disk.uploading = False
+        return new
 
     async def materialize(self, name: str, content: bytes) -> str:
         """A new disk holding ``content`` (a snapshot's copy of disk ``name``); returns its name."""

@@ -1,11 +1,13 @@
 """Snapshot, restore and migrate: orchestration over the hypervisor, the snapshot store and a peer daemon.
 
-A snapshot freezes the VM only for as long as it takes to bring it to a describable state (created, or an
-Asyncify guest unwound at a suspension point) and copy its memory; chunking, hashing and writing happen on
-I/O threads while the VM runs on.
+A snapshot freezes the VM only while it is brought to a describable state (created, or an Asyncify guest
+unwound at a suspension point) and its memory is copied — for a ``--diff``, only the chunks that changed
+since the parent; hashing and writing happen on I/O threads afterwards, while the VM runs on.
 """
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import time
 from dataclasses import asdict
@@ -16,26 +18,51 @@ from ..vmm import wt
 from ..vmm.manager import Hypervisor, RestoreData
 from ..vmm.vm import Vm, VmSpec
 from . import transfer
-from .store import SnapshotStore, encode_manifest
+from .store import (
+    CHUNK,
+    PackWriter,
+    Ref,
+    SnapshotStore,
+    all_refs,
+    changed_chunks,
+    encode_manifest,
+    fresh_buffer,
+    portable,
+)
 
 log = logging.getLogger("microvmd.snapshot")
+
+
+class _Parent:
+    """The last snapshot of a VM, kept to make the next ``--diff`` cheap: its memory and references."""
+
+    def __init__(self, memory: bytearray, refs: list[Ref | None], name: str) -> None:
+        self.memory, self.refs, self.name = memory, refs, name
+
+    def address(self) -> int:
+        return ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory)) if self.memory else 0
 
 
 class Snapshots:
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
         self.store = SnapshotStore(hv.cfg.state_dir / "snapshots")
-        # the most recent snapshot of each VM: its memory and chunk list, the parent of a --diff
-        self._last: dict[str, tuple[bytes, list[str | None], str]] = {}
+        self._parents: dict[str, _Parent] = {}
+        self._vm_locks: dict[str, asyncio.Lock] = {}
+        self._write = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
 
     async def startup(self) -> None:
-        removed = await self.hv.sched.on_io(self.store.collect_garbage)
+        removed = await self.hv.sched.on_io(self.store.load)
         if removed:
-            log.info("removed %d unreferenced snapshot chunks", removed)
+            log.info("removed %d unreferenced snapshot packs", removed)
 
     def forget(self, vm_id: str) -> None:
-        self._last.pop(vm_id, None)
+        self._parents.pop(vm_id, None)
+        self._vm_locks.pop(vm_id, None)
+
+    def close(self) -> None:
+        self.store.close()
 
     # ------------------------------------------------------------------ create
     def _auto_name(self, vm: Vm) -> str:
@@ -47,24 +74,57 @@ class Snapshots:
         self.store.check_name(name)
         if self.store.exists(name):
             raise Conflict(f"a snapshot named {name!r} already exists", code="snapshot_exists")
-        parent = self._last.get(vm.id) if diff else None
-        if diff and parent is None:
+        if diff and vm.id not in self._parents:
             raise BadRequest(f"--diff needs an earlier snapshot of VM {vm.name} taken by this daemon",
                              code="no_parent_snapshot")
-        async with vm.lock:
-            manifest, memory = await self._capture(vm, name)
-        return await self._persist(vm, manifest, memory, parent)
+        lock = self._vm_locks.setdefault(vm.id, asyncio.Lock())
+        async with lock, self._write:
+            writer = await self.hv.sched.on_io(PackWriter, self.store)
+            try:
+                async with vm.lock:
+                    manifest, memory, changed = await self._capture(vm, name, writer, diff)
+                return await self._persist(vm, manifest, memory, changed, writer)
+            except BaseException:
+                self._parents.pop(vm.id, None)  # a diff may have updated its copy: start afresh
+                await self.hv.sched.on_io(writer.abort)
+                raise
 
-    async def _capture(self, vm: Vm, name: str, thaw: bool = True) -> tuple[dict[str, Any], bytes]:
-        """With the VM's lock held: quiesce, copy, thaw (unless the caller will). Returns the manifest
-        skeleton and the memory."""
+    async def _capture(self, vm: Vm, name: str, writer: PackWriter, diff: bool,
+                       thaw: bool = True) -> tuple[dict[str, Any], bytearray, list[int] | None]:
+        """With the VM's lock held: quiesce, copy memory (only changed chunks for a diff) and disks, thaw
+        (unless the caller will). Returns the manifest skeleton, the memory copy and the changed chunks."""
         hv = self.hv
+        # a warm buffer for the copy, made before the VM is frozen (re-used from the last snapshot)
+        last = self._parents.get(vm.id)
+        machine0 = vm.machine
+        size0 = machine0.memory_bytes if machine0 is not None else 0
+        spare = last.memory if last is not None and len(last.memory) == size0 and not diff else None
+        if spare is None and not diff:
+            spare = await hv.sched.on_io(fresh_buffer, size0)
         t0 = time.perf_counter()
         kind = await hv.quiesce(vm)
         try:
-            assert vm.machine is not None
-            memory, globals_ = await hv.sched.on_io(vm.machine.capture)
-            disks = await self._capture_disks(vm)
+            machine = vm.machine
+            assert machine is not None
+            parent = self._parents.get(vm.id) if diff else None
+
+            def copy() -> tuple[bytearray, list[int] | None, dict[str, Any]]:
+                address, size = machine.memory_region()
+                globals_ = machine.capture_globals()
+                if parent is not None and len(parent.memory) == size:
+                    changed = changed_chunks(address, parent.address(), size)
+                    base = parent.address()
+                    for i in changed:
+                        off = i * CHUNK
+                        ctypes.memmove(base + off, address + off, min(CHUNK, size - off))
+                    return parent.memory, changed, globals_
+                mem = spare if spare is not None and len(spare) == size else fresh_buffer(size)
+                if size:
+                    ctypes.memmove((ctypes.c_char * size).from_buffer(mem), address, size)
+                return mem, None, globals_
+
+            memory, changed, globals_ = await hv.sched.on_io(copy)
+            disks = await self._capture_disks(vm, writer)
             vm.sync_from_machine()
             frozen_ms = (time.perf_counter() - t0) * 1000
             manifest = {
@@ -78,6 +138,7 @@ class Snapshots:
                 "disks": disks,
                 "devices": _device_states(vm),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
+                "parent": parent.name if parent is not None and changed is not None else None,
                 "stats": {"frozen_ms": round(frozen_ms, 3)},
             }
         except BaseException:
@@ -86,129 +147,206 @@ class Snapshots:
             raise
         if thaw and not vm.state.terminal:
             hv.thaw(vm)
-        return manifest, memory
+        return manifest, memory, changed
 
-    async def _capture_disks(self, vm: Vm) -> list[dict[str, Any]]:
+    async def _capture_disks(self, vm: Vm, writer: PackWriter) -> list[dict[str, Any]]:
+        """Each attached disk, chunk by chunk straight into the pack (point-in-time: the VM is frozen)."""
         blk = vm.devices.get("blk") if vm.devices is not None else None
         if blk is None or not hasattr(blk, "snapshot_views"):
             return []
         out = []
         for view in blk.snapshot_views():
-            data = await self.hv.sched.on_io(view.read_all)
-            out.append({"index": view.index, "name": view.name, "mode": view.mode, "size": len(data),
-                        "data": data})
+            size = view.size()
+            res = await self.hv.sched.on_io(self.store.store_reader, view.read_at, size, writer)
+            out.append({"index": view.index, "name": view.name, "mode": view.mode, "size": size,
+                        "chunks": res.refs, "new_chunks": res.new_chunks, "new_bytes": res.new_bytes})
         return out
 
-    async def _persist(self, vm: Vm | None, manifest: dict[str, Any], memory: bytes,
-                       parent: tuple[bytes, list[str | None], str] | None) -> dict[str, Any]:
+    async def _persist(self, vm: Vm | None, manifest: dict[str, Any], memory: bytearray,
+                       changed: list[int] | None, writer: PackWriter) -> dict[str, Any]:
+        """Hash, deduplicate and write memory chunks, then publish the pack and the manifest (last)."""
         t0 = time.perf_counter()
+        parent = self._parents.get(vm.id) if vm is not None and changed is not None else None
         st = self.store
-        res = await self.hv.sched.on_io(st.store_bytes, memory, parent[0] if parent else None,
-                                        parent[1] if parent else None)
-        manifest["memory"]["chunks"] = res.chunks
-        new_chunks, new_bytes = res.new_chunks, res.new_bytes
-        for d in manifest["disks"]:
-            dres = await self.hv.sched.on_io(st.store_bytes, d.pop("data"))
-            d["chunks"] = dres.chunks
-            new_chunks += dres.new_chunks
-            new_bytes += dres.new_bytes
-        manifest["parent"] = parent[2] if parent else None
-        manifest["stats"].update({"new_chunks": new_chunks, "new_bytes": new_bytes,
-                                  "write_ms": round((time.perf_counter() - t0) * 1000, 3)})
-        await self.hv.sched.on_io(st.save, manifest)
+
+        def work() -> dict[str, Any]:
+            res = st.store_bytes(memory, writer, changed, parent.refs if parent is not None else None)
+            manifest["memory"]["chunks"] = res.refs
+            new_chunks, new_bytes = res.new_chunks, res.new_bytes
+            for d in manifest["disks"]:
+                new_chunks += d.pop("new_chunks", 0)
+                new_bytes += d.pop("new_bytes", 0)
+            manifest["stats"].update({"new_chunks": new_chunks, "new_bytes": new_bytes,
+                                      "changed_chunks": len(changed) if changed is not None else None})
+            writer.publish()
+            manifest["stats"]["write_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            st.save(st.finish(manifest))
+            return manifest
+
+        await self.hv.sched.on_io(work)
         if vm is not None:
-            self._last[vm.id] = (memory, res.chunks, manifest["name"])
-        log.info("snapshot %s of vm=%s: %s, %d bytes of memory, %d new chunks (%d bytes), frozen %.1f ms",
-                 manifest["name"], manifest["vm"]["id"][:12], manifest["kind"], len(memory), new_chunks,
-                 new_bytes, manifest["stats"]["frozen_ms"])
-        return summary(manifest)
+            self._parents[vm.id] = _Parent(memory, manifest["memory"]["chunks"], manifest["name"])
+        log.info("snapshot %s of vm=%s: %s, %d bytes of memory, %d new chunks (%d bytes), frozen %.1f ms, "
+                 "written in %.1f ms", manifest["name"], manifest["vm"]["id"][:12], manifest["kind"], len(memory),
+                 manifest["stats"]["new_chunks"], manifest["stats"]["new_bytes"], manifest["stats"]["frozen_ms"],
+                 manifest["stats"]["write_ms"])
+        return summary(st.finish(manifest))
 
     # ------------------------------------------------------------------ queries
     async def list_all(self) -> list[dict[str, Any]]:
-        return [summary(m) for m in await self.hv.sched.on_io(lambda: list(self.store.iter_manifests()))]
+        return [summary(m) for m in await self.hv.sched.on_io(self.store.iter_manifests)]
 
     async def get(self, name: str) -> dict[str, Any]:
-        return summary(await self.hv.sched.on_io(self.store.load, name))
+        return summary(await self.hv.sched.on_io(self.store.load_manifest, name))
 
     async def remove(self, name: str) -> None:
-        await self.hv.sched.on_io(self.store.remove, name)
-        for vm_id, (_, _, n) in list(self._last.items()):
-            if n == name:
-                del self._last[vm_id]
+        async with self._write:
+            await self.hv.sched.on_io(self.store.remove, name)
+        for vm_id, p in list(self._parents.items()):
+            if p.name == name:
+                del self._parents[vm_id]
 
     # ------------------------------------------------------------------ restore
     async def restore(self, name: str, new_name: str | None, start: bool) -> Vm:
         hv = self.hv
-        m = await hv.sched.on_io(self.store.load, name)
+        st = self.store
+        m = await hv.sched.on_io(st.load_manifest, name)
         try:
             hv.images.resolve(m["vm"]["digest"])
         except NotFound:
             raise Unprocessable(f"snapshot {name} needs image {m['vm']['digest'][:19]}, which this daemon does "
                                 f"not have: import the image, or import an export of the snapshot",
                                 code="image_missing") from None
-        memory = bytes(await hv.sched.on_io(self.store.assemble, m["memory"]["chunks"], m["memory"]["size"]))
         spec = VmSpec.from_dict(m["vm"]["spec"])
         spec.image = m["vm"]["digest"]
         spec.name = new_name
         spec.auto_remove = False
-        await self._restore_disks(m, spec)
-        data = RestoreData(memory=memory, globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
+        made = await self._restore_disks(m, spec)
+        refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
+
+        def zero_chunks(limit: int) -> list[int]:
+            return [i for i, r in enumerate(refs) if r is None and i * CHUNK < limit]
+
+        data = RestoreData(memory_size=size, load=lambda addr, n: st.map_into(refs, n, addr, packs),
+                           zero_chunks=zero_chunks,
+                           globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
                            unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
                            fuel_budget=m["vm"].get("fuel_budget"),
                            devices=m.get("devices") if isinstance(m.get("devices"), dict) else {})
-        vm = await hv.create(spec, restore=data)
+        try:
+            vm = await hv.create(spec, restore=data)
+        except BaseException:
+            disks = getattr(hv, "disks", None)
+            for disk_name in made:
+                try:
+                    await disks.remove_disk(disk_name)  # type: ignore[union-attr]
+                except Exception as exc:  # leave it for the operator, but say so
+                    log.warning("could not remove disk %s of a failed restore: %s", disk_name, exc)
+            raise
         vm.image_name = m["vm"].get("image_name") or vm.image_name
         log.info("restored snapshot %s as vm=%s (%s)", name, vm.id[:12], m["kind"])
         if start:
             await hv.start(vm)
         return vm
 
-    async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> None:
-        """Give the new VM the snapshot's point-in-time disk contents."""
+    async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> list[str]:
+        """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""
         if not m["disks"]:
-            return
+            return []
         disks = getattr(self.hv, "disks", None)
         if disks is None:
             raise Unprocessable("this snapshot has disks but the daemon has no disk device", code="no_disk_device")
-        for d in m["disks"]:
-            content = await self.hv.sched.on_io(self.store.assemble, d["chunks"], d["size"])
-            new_name = await disks.materialize(d["name"], bytes(content))
-            for ds in spec.disks:
-                if ds.name == d["name"]:
-                    ds.name = new_name
-                    if ds.mode == "cow":
-                        ds.mode = "rw"
+        made: list[str] = []
+        packs = m["packs"]
+
+        def filler(refs: list[Ref | None], size: int) -> Any:
+            return lambda fd: self.store.write_refs(refs, size, fd, packs)
+
+        try:
+            for d in m["disks"]:
+                if not 0 <= d["index"] < len(spec.disks):
+                    raise Unprocessable("snapshot disk index does not match its VM spec", code="invalid_snapshot")
+                new_name = await disks.materialize_with(d["name"], d["size"], filler(d["chunks"], d["size"]))
+                made.append(new_name)
+                ds = spec.disks[d["index"]]
+                ds.name = new_name
+                if ds.mode == "cow":
+                    ds.mode = "rw"
+        except BaseException:
+            for n in made:
+                try:
+                    await disks.remove_disk(n)
+                except Exception as exc:
+                    log.warning("could not remove disk %s of a failed restore: %s", n, exc)
+            raise
+        return made
 
     # ------------------------------------------------------------------ export / import
-    async def export_blocks(self, name: str, only: set[str] | None = None,
+    async def export_blocks(self, name: str, only: set[bytes] | None = None,
                             with_image: bool = True) -> tuple[dict[str, Any], Any]:
-        m = await self.hv.sched.on_io(self.store.load, name)
-        chunks = sorted(self.store.referenced(m) if only is None else only)
+        m = await self.hv.sched.on_io(self.store.load_manifest, name)
+        seen: set[bytes] = set()
+        refs = []
+        for r in all_refs(m):
+            if r[0] not in seen and (only is None or r[0] in only):
+                seen.add(r[0])
+                refs.append(r)
         image = None
         if with_image:
             img = self.hv.images.resolve(m["vm"]["digest"])
             image = await self.hv.sched.on_io(self.hv.images.module_bytes, img)
-        gen = transfer.export_blocks(self.store, encode_manifest(m), chunks, image, wt.WASMTIME_VERSION,
-                                     self.hv.opts.fingerprint())
+        gen = transfer.export_blocks(self.store, encode_manifest(portable(m)), refs, m["packs"], image,
+                                     wt.WASMTIME_VERSION, self.hv.opts.fingerprint())
         return m, gen
 
     async def import_stream(self, readexactly: Any) -> dict[str, Any]:
         hv = self.hv
-        m, _, image = await transfer.read_stream(readexactly, hv.sched.on_io, self.store, hv.cfg.upload_limit)
-        if image is not None:
-            img = await hv.import_image(image, None)
-            if img.digest != m["vm"]["digest"]:
-                raise Unprocessable("the image in the snapshot export does not match its manifest",
-                                    code="invalid_snapshot")
-        if self.store.exists(m["name"]):
-            old = await hv.sched.on_io(self.store.load, m["name"])
-            if old["created"] != m["created"] or old["vm"]["id"] != m["vm"]["id"]:
-                raise Conflict(f"a different snapshot named {m['name']!r} already exists here",
-                               code="snapshot_exists")
-        await hv.sched.on_io(self.store.save, m, True)
-        return summary(m)
+        async with self._write:
+            writer = await hv.sched.on_io(PackWriter, self.store)
+            try:
+                m, image = await transfer.read_stream(readexactly, hv.sched.on_io, self.store, writer,
+                                                      hv.cfg.upload_limit)
+                if image is not None:
+                    img = await hv.import_image(image, None)
+                    if img.digest != m["vm"]["digest"]:
+                        raise Unprocessable("the image in the snapshot export does not match its manifest",
+                                            code="invalid_snapshot")
+                if self.store.exists(m["name"]):
+                    old = await hv.sched.on_io(self.store.load_manifest, m["name"])
+                    if old["created"] != m["created"] or old["vm"]["id"] != m["vm"]["id"]:
+                        raise Conflict(f"a different snapshot named {m['name']!r} already exists here",
+                                       code="snapshot_exists")
+                stored = self._locate(m)
 
-    def missing(self, hashes: list[str]) -> list[str]:
+                def publish() -> None:
+                    writer.publish()
+                    self.store.save(self.store.finish(stored), True)
+                await hv.sched.on_io(publish)
+            except BaseException:
+                await hv.sched.on_io(writer.abort)
+                raise
+        return summary(self.store.finish(stored))
+
+    def _locate(self, m: dict[str, Any]) -> dict[str, Any]:
+        """Give a portable manifest this store's chunk locations (every chunk is here by now)."""
+        def fix(refs: list[Ref | None]) -> list[Ref | None]:
+            out: list[Ref | None] = []
+            for r in refs:
+                if r is None:
+                    out.append(None)
+                    continue
+                loc = self.store.index.get(r[0])
+                if loc is None:
+                    raise Unprocessable(f"snapshot chunk {r[0].hex()[:16]} is missing", code="invalid_snapshot")
+                if loc.crc != r[1]:
+                    raise Unprocessable(f"snapshot chunk {r[0].hex()[:16]} has a wrong checksum",
+                                        code="invalid_snapshot")
+                out.append([r[0], r[1], loc.pack, loc.offset, loc.length])
+            return out
+        return {**m, "memory": {**m["memory"], "chunks": fix(m["memory"]["chunks"])},
+                "disks": [{**d, "chunks": fix(d["chunks"])} for d in m["disks"]]}
+
+    def missing(self, hashes: list[bytes]) -> list[bytes]:
         return [h for h in hashes if not self.store.has_chunk(h)]
 
 

@@ -20,6 +20,7 @@ from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import Vm
 from .controller import Snapshots
+from .store import PackWriter, all_refs
 
 log = logging.getLogger("microvmd.migrate")
 
@@ -103,14 +104,22 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
         net = vm.devices.get("net") if vm.devices is not None else None
         async with vm.lock:
             was_running = vm.state == VmState.RUNNING
-            manifest, memory = await snaps._capture(vm, name, thaw=False)
+            async with snaps._write:
+                writer = await hv.sched.on_io(PackWriter, snaps.store)
+                try:
+                    manifest, memory, _ = await snaps._capture(vm, name, writer, diff=False, thaw=False)
+                    summary = await snaps._persist(None, manifest, memory, None, writer)
+                except BaseException:
+                    await hv.sched.on_io(writer.abort)
+                    if not vm.state.terminal:
+                        hv.thaw(vm)
+                    raise
             released = False
             try:
-                summary = await snaps._persist(None, manifest, memory, None)
                 if net is not None:
                     await net.release_published()
                     released = True
-                chunks = sorted(snaps.store.referenced(manifest))
+                chunks = sorted({r[0].hex() for r in all_refs(manifest)})
                 missing = (await peer.call("POST", "/v1/snapshots/chunks/missing", {"chunks": chunks}))["missing"]
                 try:
                     await peer.call("GET", f"/v1/images/{manifest['vm']['digest']}")
@@ -119,7 +128,8 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                     if exc.status != 404:
                         raise
                     send_image = True
-                _, gen = await snaps.export_blocks(name, only=set(missing), with_image=send_image)
+                _, gen = await snaps.export_blocks(name, only={bytes.fromhex(h) for h in missing},
+                                                   with_image=send_image)
 
                 async def stream() -> AsyncIterator[bytes]:
                     sentinel = object()
@@ -139,14 +149,14 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                     except OSError as bind_exc:
                         log.error("vm=%s could not rebind its published ports: %s", vm.id[:12], bind_exc)
                 hv.thaw(vm)
-                await hv.sched.on_io(_forget_manifest, snaps, name)
+                await _forget_manifest(snaps, name)
                 if isinstance(exc, (aiohttp.ClientError, _PeerError, OSError, MicrovmError)):
                     raise MigrationFailed(f"migration to {to} failed: {exc}; the VM keeps running here") from None
                 raise
             vm.frozen = False
             hv._finish(vm, None, "migrated")
         await hv.remove(vm, force=True)
-        await hv.sched.on_io(_forget_manifest, snaps, name)
+        await _forget_manifest(snaps, name)
         total_ms = (time.perf_counter() - t0) * 1000
         log.info("vm=%s migrated to %s as %s in %.1f ms (%d of %d chunks sent)", vm.id[:12], to,
                  new.get("id", "?")[:12], total_ms, len(missing), len(chunks))
@@ -155,8 +165,8 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                           "frozen_ms": manifest["stats"]["frozen_ms"]}}
 
 
-def _forget_manifest(snaps: Snapshots, name: str) -> None:
+async def _forget_manifest(snaps: Snapshots, name: str) -> None:
     try:
-        snaps.store.remove(name)
+        await snaps.remove(name)
     except MicrovmError:
         pass

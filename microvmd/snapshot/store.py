@@ -1,26 +1,33 @@
-"""Snapshot storage: content-addressed chunks plus one small manifest per snapshot.
+"""Snapshot storage: content-addressed 64 KiB chunks in pack files, plus one small manifest per snapshot.
 
 Layout under ``<state>/snapshots``::
 
-    chunks/<h[:2]>/<sha256>     64 KiB (or shorter, last) pieces of memory and disks; all-zero ones are
-                                never stored; equal chunks are stored once across snapshots and VMs
-    manifests/<name>.snap       MAGIC, format version, length, MessagePack manifest, SHA-256 of it
+    packs/<id>.pack          the chunks a snapshot added, each at a 64 KiB-aligned offset (so a restore
+                             reads runs of chunks straight into guest memory with one preadv)
+    manifests/<name>.snap    MAGIC, format version, length, MessagePack manifest, SHA-256 of it
 
-A chunk is written to a temporary name and renamed, the manifest last: a crash at any moment leaves every
-earlier snapshot intact and no half snapshot visible (orphaned chunks are collected at start-up).
-Everything here is synchronous, for I/O threads.
+A chunk is identified by its SHA-256; all-zero chunks are never stored; a chunk already stored (by any
+snapshot of any VM) is referenced, not written again. Each reference carries the chunk's CRC-32, checked
+when the chunk is read back. Packs and manifests are written to temporary names and renamed, the manifest
+last: a crash or kill -9 at any moment leaves every earlier snapshot intact and no half snapshot visible.
+Packs no manifest references are collected at start-up and when snapshots are removed.
+
+Everything here is synchronous and meant for I/O threads; hashing runs in parallel on a small pool of
+its own (hashlib and zlib release the GIL).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import re
 import struct
-import tempfile
 import threading
-import time
-from collections.abc import Iterator
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,20 +39,63 @@ from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound, Unproc
 log = logging.getLogger("microvmd.snapshot")
 
 CHUNK = 64 * 1024
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_MAGIC = b"MVSNAPM\x00"
 MAX_MANIFEST = 64 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ZERO = bytes(CHUNK)
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
+ZERO_CRC = zlib.crc32(ZERO)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.memcmp.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in with one call instead of one fault per page
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_PROT_RW = 0x1 | 0x2
+_MAP_PRIVATE_FIXED = 0x02 | 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def populate(address: int, size: int) -> None:
+    """Pre-fault a page-aligned region we are about to fill (best effort; older kernels say EINVAL)."""
+    if size and address % 4096 == 0:
+        _libc.madvise(address, size, MADV_POPULATE_WRITE)
+
+
+def fresh_buffer(size: int) -> bytearray:
+    """A zeroed buffer whose pages are already faulted in, so a copy into it runs at memcpy speed."""
+    buf = bytearray(size)
+    if size:
+        addr = ctypes.addressof((ctypes.c_char * size).from_buffer(buf))
+        start = (addr + 4095) & ~4095
+        populate(start, max(0, (addr + size - start) & ~4095))
+    return buf
 
 
 class SnapshotError(Unprocessable):
     code = "invalid_snapshot"
 
 
-def chunk_hash(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _enospc(exc: OSError) -> None:
+    if exc.errno == 28:
+        raise InsufficientStorage("no space left on the state disk while writing the snapshot",
+                                  code="disk_full") from None
+
+
+# A chunk reference in a stored manifest: [sha256 (32 bytes), crc32, pack index, offset, length]; None for
+# an all-zero chunk. Export streams carry [sha256, crc32] only; the receiver stores its own locations.
+Ref = list[Any]
+
+
+@dataclass(frozen=True)
+class Loc:
+    pack: str
+    offset: int
+    length: int
+    crc: int
 
 
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
@@ -53,7 +103,7 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
     return MANIFEST_MAGIC + struct.pack("<HI", FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
 
 
-def decode_manifest(raw: bytes, where: str) -> dict[str, Any]:
+def decode_manifest(raw: bytes, where: str, stored: bool = True) -> dict[str, Any]:
     if len(raw) < 14 or not raw.startswith(MANIFEST_MAGIC):
         raise SnapshotError(f"{where}: not a microvmd snapshot manifest (bad magic)")
     version, length = struct.unpack_from("<HI", raw, 8)
@@ -70,21 +120,29 @@ def decode_manifest(raw: bytes, where: str) -> dict[str, Any]:
                                    max_str_len=1 << 20, max_array_len=1 << 24, max_map_len=1 << 20)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise SnapshotError(f"{where}: manifest is not valid MessagePack: {exc}") from None
-    validate_manifest(manifest, where)
+    validate_manifest(manifest, where, stored)
     return manifest  # type: ignore[no-any-return]
 
 
-def _chunks_ok(chunks: Any, size: Any, where: str, what: str) -> None:
+def _refs_ok(refs: Any, size: Any, where: str, what: str, npacks: int | None) -> None:
     if not isinstance(size, int) or size < 0 or size > (1 << 40):
         raise SnapshotError(f"{where}: {what} size {size!r} is out of range")
-    if not isinstance(chunks, list) or len(chunks) != (size + CHUNK - 1) // CHUNK:
+    if not isinstance(refs, list) or len(refs) != (size + CHUNK - 1) // CHUNK:
         raise SnapshotError(f"{where}: {what} chunk list does not match its size")
-    for c in chunks:
-        if c is not None and not (isinstance(c, str) and HEX64.match(c)):
+    for i, r in enumerate(refs):
+        if r is None:
+            continue
+        expect = min(CHUNK, size - i * CHUNK)
+        if not (isinstance(r, list) and len(r) >= 2 and isinstance(r[0], bytes) and len(r[0]) == 32
+                and isinstance(r[1], int) and 0 <= r[1] < 1 << 32):
             raise SnapshotError(f"{where}: {what} has a malformed chunk reference")
+        if npacks is not None:
+            if not (len(r) == 5 and all(isinstance(x, int) for x in r[2:]) and 0 <= r[2] < npacks
+                    and r[3] >= 0 and r[3] % CHUNK == 0 and r[4] == expect):
+                raise SnapshotError(f"{where}: {what} has a malformed chunk location")
 
 
-def validate_manifest(m: Any, where: str) -> None:
+def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
     """Snapshots are untrusted input: check every field we will use, with bounds."""
     if not isinstance(m, dict):
         raise SnapshotError(f"{where}: manifest is not a map")
@@ -96,8 +154,13 @@ def validate_manifest(m: Any, where: str) -> None:
         raise SnapshotError(f"{where}: unknown snapshot kind {m['kind']!r}")
     if not NAME_RE.match(m["name"]):
         raise SnapshotError(f"{where}: invalid snapshot name")
+    packs = m.get("packs", [])
+    if not isinstance(packs, list) or len(packs) > 1 << 16 or not all(
+            isinstance(p, str) and re.fullmatch(r"[0-9a-f]{32}", p) for p in packs):
+        raise SnapshotError(f"{where}: malformed pack list")
+    npacks = len(packs) if stored else None
     mem = m["memory"]
-    _chunks_ok(mem.get("chunks"), mem.get("size"), where, "memory")
+    _refs_ok(mem.get("chunks"), mem.get("size"), where, "memory", npacks)
     if mem["size"] % 65536 or mem["size"] > (1 << 32):
         raise SnapshotError(f"{where}: memory size {mem['size']} is not a whole number of Wasm pages ≤ 4 GiB")
     for name, v in m["globals"].items():
@@ -107,9 +170,9 @@ def validate_manifest(m: Any, where: str) -> None:
     if len(m["disks"]) > 64:
         raise SnapshotError(f"{where}: too many disks")
     for d in m["disks"]:
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("index"), int):
             raise SnapshotError(f"{where}: malformed disk entry")
-        _chunks_ok(d.get("chunks"), d.get("size"), where, f"disk {d.get('name')}")
+        _refs_ok(d.get("chunks"), d.get("size"), where, f"disk {d.get('name')}", npacks)
     vm = m["vm"]
     for key in ("spec", "digest"):
         if key not in vm:
@@ -118,97 +181,312 @@ def validate_manifest(m: Any, where: str) -> None:
         raise SnapshotError(f"{where}: malformed image digest")
 
 
+def portable(m: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as it travels: chunk references without this host's pack locations."""
+    out = dict(m)
+    out["packs"] = []
+    out["memory"] = {**m["memory"], "chunks": [r[:2] if r else None for r in m["memory"]["chunks"]]}
+    out["disks"] = [{**d, "chunks": [r[:2] if r else None for r in d["chunks"]]} for d in m["disks"]]
+    return out
+
+
+def all_refs(m: dict[str, Any]) -> list[Ref]:
+    refs = [r for r in m["memory"]["chunks"] if r]
+    for d in m["disks"]:
+        refs.extend(r for r in d["chunks"] if r)
+    return refs
+
+
 @dataclass
-class ChunkingResult:
-    chunks: list[str | None]
+class Stored:
+    refs: list[Ref | None]
     new_chunks: int
     new_bytes: int
 
 
+class PackWriter:
+    """Appends chunks to a new pack at 64 KiB-aligned offsets; ``publish`` renames it into place."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.store = store
+        self.id = uuid.uuid4().hex
+        self.tmp = store.root / "tmp" / f"{self.id}.pack"
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.next = 0
+        self.used = False
+
+    def reserve(self) -> int:
+        off = self.next
+        self.next += CHUNK
+        self.used = True
+        return off
+
+    def write_runs(self, runs: list[tuple[int, list[memoryview]]]) -> None:
+        for off, views in runs:
+            try:
+                done = os.pwritev(self.fd, views, off)
+            except OSError as exc:
+                _enospc(exc)
+                raise
+            total = sum(len(v) for v in views)
+            if done != total:  # rare short write: finish it piecewise
+                data = b"".join(bytes(v) for v in views)
+                while done < total:
+                    done += os.pwrite(self.fd, data[done:], off + done)
+
+    def publish(self) -> str | None:
+        os.close(self.fd)
+        if not self.used:
+            self.tmp.unlink(missing_ok=True)
+            return None
+        os.chmod(self.tmp, 0o400)  # packs are immutable: restores map them copy-on-write
+        os.replace(self.tmp, self.store.pack_path(self.id))
+        self.store.verified.add(self.id)  # every chunk in it was hashed as it was written
+        return self.id
+
+    def abort(self) -> None:
+        """Drop the unpublished pack, and the index entries that pointed into it."""
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+        self.store._forget(self.id)
+
+
 class SnapshotStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, hash_threads: int = 2) -> None:
         self.root = root
-        self.chunks = root / "chunks"
+        self.packs = root / "packs"
         self.manifests = root / "manifests"
-        for d in (self.chunks, self.manifests, root / "tmp"):
+        for d in (self.packs, self.manifests, root / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._known: set[str] = set()
+        self.index: dict[bytes, Loc] = {}
+        self._pool = ThreadPoolExecutor(hash_threads, thread_name_prefix="hash")
+        self.verified: set[str] = set()  # packs whose chunks were checked (or written) in this daemon's life
+
+    # ------------------------------------------------------------------ start-up
+    def load(self) -> int:
+        """Rebuild the chunk index from the manifests; remove unreferenced packs and temp files."""
+        live: set[str] = set()
+        for m in self.iter_manifests():
+            packs = m.get("packs", [])
+            live.update(packs)
+            for r in all_refs(m):
+                self.index.setdefault(r[0], Loc(packs[r[2]], r[3], r[4], r[1]))
+        removed = 0
+        for f in self.packs.glob("*.pack"):
+            if f.stem not in live:
+                f.unlink(missing_ok=True)
+                removed += 1
+        for f in (self.root / "tmp").iterdir():
+            f.unlink(missing_ok=True)
+        return removed
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ chunks
-    def chunk_path(self, h: str) -> Path:
-        return self.chunks / h[:2] / h
+    def pack_path(self, pack: str) -> Path:
+        return self.packs / f"{pack}.pack"
 
-    def has_chunk(self, h: str) -> bool:
-        if h in self._known:
-            return True
-        if self.chunk_path(h).exists():
-            self._known.add(h)
-            return True
-        return False
+    def has_chunk(self, h: bytes) -> bool:
+        with self._lock:
+            return h in self.index
 
-    def put_chunk(self, h: str, data: bytes | memoryview) -> bool:
-        """Store a chunk under its hash; False if it was already there."""
-        if self.has_chunk(h):
-            return False
-        path = self.chunk_path(h)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{h}.{threading.get_ident()}.tmp")
+    def store_bytes(self, data: bytes | bytearray | memoryview, writer: PackWriter,
+                    changed: Sequence[int] | None = None, parent_refs: list[Ref | None] | None = None) -> Stored:
+        """Chunk ``data`` into the store. With ``changed`` (chunk indices) and ``parent_refs``, only those
+        chunks are looked at; the others keep the parent's references (a diff snapshot).
+
+        The work is split into slices run in parallel: each hashes its chunks, takes the index lock only
+        to decide which chunks are new and where they go in the pack, then writes them — so hashing one
+        slice overlaps writing another.
+        """
+        view = memoryview(data)
+        nchunks = (len(view) + CHUNK - 1) // CHUNK
+        if changed is None or parent_refs is None:
+            which: Sequence[int] = range(nchunks)
+            refs: list[Ref | None] = [None] * nchunks
+        else:
+            which = changed
+            refs = list(parent_refs)
+
+        def work(part: Sequence[int]) -> tuple[int, int]:
+            digests: list[tuple[int, bytes, int] | None] = []
+            for i in part:
+                piece = view[i * CHUNK:(i + 1) * CHUNK]
+                crc = zlib.crc32(piece)
+                if crc == ZERO_CRC and len(piece) == CHUNK and piece == ZERO:
+                    refs[i] = None
+                else:
+                    digests.append((i, hashlib.sha256(piece).digest(), crc))
+            runs: list[tuple[int, list[memoryview]]] = []
+            new = new_bytes = 0
+            with self._lock:
+                for d in digests:
+                    assert d is not None
+                    i, h, crc = d
+                    loc = self.index.get(h)
+                    if loc is None:
+                        piece = view[i * CHUNK:(i + 1) * CHUNK]
+                        off = writer.reserve()
+                        loc = Loc(writer.id, off, len(piece), crc)
+                        self.index[h] = loc
+                        if runs and runs[-1][0] + len(runs[-1][1]) * CHUNK == off and len(runs[-1][1]) < 512:
+                            runs[-1][1].append(piece)
+                        else:
+                            runs.append((off, [piece]))
+                        new += 1
+                        new_bytes += len(piece)
+                    refs[i] = [h, crc, loc.pack, loc.offset, loc.length]
+            writer.write_runs(runs)
+            return new, new_bytes
+
+        n = len(which)
+        parts = max(1, min(16, n // 32))
+        step = (n + parts - 1) // parts if n else 1
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno == 28:
-                raise InsufficientStorage("no space left on the state disk while writing the snapshot",
-                                          code="disk_full") from None
+            results = list(self._pool.map(work, [which[k:k + step] for k in range(0, n, step)]))
+        except BaseException:
+            self._forget(writer.id)
             raise
-        self._known.add(h)
-        return True
+        return Stored(refs, sum(r[0] for r in results), sum(r[1] for r in results))
 
-    def get_chunk(self, h: str) -> bytes:
+    def _forget(self, pack: str) -> None:
+        with self._lock:
+            for h in [h for h, loc in self.index.items() if loc.pack == pack]:
+                del self.index[h]
+
+    def read_into(self, refs: Sequence[Ref | None], size: int, address: int, packs: Sequence[str],
+                  verify: bool = True) -> None:
+        """Fill ``size`` bytes at ``address`` (guest memory, already zeroed) from the chunks, reading runs
+        of consecutive chunks with one preadv each, then checking every chunk's CRC-32 in parallel."""
+        buf = (ctypes.c_char * size).from_address(address) if size else None
+        view = memoryview(buf).cast("B") if buf is not None else memoryview(b"")
+        populate(address, size)
+        runs: list[tuple[str, int, int, int]] = []  # pack, pack offset, memory offset, length
+        for i, r in enumerate(refs):
+            if r is None:
+                continue
+            pack = packs[r[2]] if isinstance(r[2], int) else r[2]
+            if runs and runs[-1][0] == pack and runs[-1][1] + runs[-1][3] == r[3] \
+                    and runs[-1][2] + runs[-1][3] == i * CHUNK and runs[-1][3] % CHUNK == 0:
+                p, po, mo, ln = runs[-1]
+                runs[-1] = (p, po, mo, ln + r[4])
+            else:
+                runs.append((pack, r[3], i * CHUNK, r[4]))
+
+        def read(part: list[tuple[str, int, int, int]]) -> None:
+            fds: dict[str, int] = {}
+            try:
+                for pack, po, mo, ln in part:
+                    fd = fds.get(pack)
+                    if fd is None:
+                        try:
+                            fd = fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                        except FileNotFoundError:
+                            raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
+                    got = os.preadv(fd, [view[mo:mo + ln]], po)
+                    if got != ln:
+                        raise SnapshotError(f"snapshot pack {pack[:12]} is truncated")
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+
+        def check(idx: Sequence[int]) -> None:
+            for i in idx:
+                r = refs[i]
+                if r is not None and zlib.crc32(view[i * CHUNK:i * CHUNK + r[4]]) != r[1]:
+                    raise SnapshotError(f"snapshot chunk {r[0].hex()[:16]} is corrupted (checksum mismatch)")
+
         try:
-            data = self.chunk_path(h).read_bytes()
+            half = (len(runs) + 1) // 2
+            list(self._pool.map(read, [runs[:half], runs[half:]]))
+            if verify:
+                idx = [i for i, r in enumerate(refs) if r is not None]
+                step = max(1, (len(idx) + 3) // 4)
+                list(self._pool.map(check, [idx[k:k + step] for k in range(0, len(idx), step)]))
+        finally:
+            view.release()
+
+    def map_into(self, refs: Sequence[Ref | None], size: int, address: int, packs: Sequence[str]) -> None:
+        """Map the chunks copy-on-write over guest memory at ``address`` (MAP_PRIVATE | MAP_FIXED): no
+        copy and no page zeroing, pages are read from the page cache when the guest touches them and
+        privately copied when it writes. Packs not yet checked in this daemon's life are verified first
+        (CRC-32 of every chunk); packs are immutable, so once is enough."""
+        named = [(i, r, packs[r[2]] if isinstance(r[2], int) else r[2]) for i, r in enumerate(refs) if r is not None]
+        unverified = {p for _, _, p in named if p not in self.verified}
+        if unverified:
+            self._verify_packs(unverified, [(r, p) for _, r, p in named if p in unverified])
+        runs: list[list[Any]] = []  # pack, pack offset, memory offset, length
+        for i, r, pack in named:
+            if r[4] != CHUNK:
+                raise SnapshotError("snapshot memory chunk of an odd size")
+            last = runs[-1] if runs else None
+            if last and last[0] == pack and last[1] + last[3] == r[3] and last[2] + last[3] == i * CHUNK:
+                last[3] += CHUNK
+            else:
+                runs.append([pack, r[3], i * CHUNK, CHUNK])
+        fds: dict[str, int] = {}
+        try:
+            for pack, po, mo, ln in runs:
+                if mo + ln > size:
+                    raise SnapshotError("snapshot chunk beyond the memory size")
+                fd = fds.get(pack)
+                if fd is None:
+                    try:
+                        fd = fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
+                    if os.fstat(fd).st_size < po + ln:
+                        raise SnapshotError(f"snapshot pack {pack[:12]} is truncated")
+                got = _libc.mmap(address + mo, ln, _PROT_RW, _MAP_PRIVATE_FIXED, fd, po)
+                if got == _MAP_FAILED or got != address + mo:
+                    raise OSError(ctypes.get_errno(), "mmap of a snapshot pack failed")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _verify_packs(self, packs: set[str], refs: list[tuple[Ref, str]]) -> None:
+        def check(part: list[tuple[Ref, str]]) -> None:
+            fds: dict[str, int] = {}
+            try:
+                for r, pack in part:
+                    fd = fds.get(pack)
+                    if fd is None:
+                        try:
+                            fd = fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                        except FileNotFoundError:
+                            raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
+                    data = os.pread(fd, r[4], r[3])
+                    if len(data) != r[4] or zlib.crc32(data) != r[1]:
+                        raise SnapshotError(f"snapshot chunk {r[0].hex()[:16]} is corrupted (checksum mismatch)")
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+
+        step = max(1, (len(refs) + 3) // 4)
+        list(self._pool.map(check, [refs[k:k + step] for k in range(0, len(refs), step)]))
+        self.verified |= packs
+
+    def read_chunk(self, ref: Ref, packs: Sequence[str]) -> bytes:
+        pack = packs[ref[2]] if isinstance(ref[2], int) else ref[2]
+        try:
+            with open(self.pack_path(pack), "rb") as f:
+                data = os.pread(f.fileno(), ref[4], ref[3])
         except FileNotFoundError:
-            raise SnapshotError(f"snapshot chunk {h[:16]} is missing from the store") from None
-        if len(data) > CHUNK or chunk_hash(data) != h:
-            raise SnapshotError(f"snapshot chunk {h[:16]} is corrupted (checksum mismatch)")
+            raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
+        if len(data) != ref[4] or zlib.crc32(data) != ref[1]:
+            raise SnapshotError(f"snapshot chunk {ref[0].hex()[:16]} is corrupted (checksum mismatch)")
         return data
 
-    def store_bytes(self, data: bytes | memoryview, previous: bytes | None = None,
-                    previous_chunks: list[str | None] | None = None) -> ChunkingResult:
-        """Split into chunks, skip zero chunks; with ``previous`` (same layout), unchanged chunks are not
-        even hashed again, which is what makes a diff snapshot cheap."""
-        view = memoryview(data)
-        out: list[str | None] = []
-        new = new_bytes = 0
-        for i, off in enumerate(range(0, len(view), CHUNK)):
-            piece = view[off:off + CHUNK]
-            if previous is not None and previous_chunks is not None and i < len(previous_chunks) \
-                    and previous[off:off + CHUNK] == piece:
-                out.append(previous_chunks[i])
-                continue
-            if piece == ZERO[:len(piece)]:
-                out.append(None)
-                continue
-            h = chunk_hash(piece)
-            if self.put_chunk(h, piece):
-                new += 1
-                new_bytes += len(piece)
-            out.append(h)
-        return ChunkingResult(out, new, new_bytes)
-
-    def assemble(self, chunks: list[str | None], size: int) -> bytearray:
+    def read_all(self, refs: Sequence[Ref | None], size: int, packs: Sequence[str]) -> bytearray:
         buf = bytearray(size)
-        for i, h in enumerate(chunks):
-            if h is not None:
-                data = self.get_chunk(h)
-                off = i * CHUNK
-                expect = min(CHUNK, size - off)
-                if len(data) != expect:
-                    raise SnapshotError(f"snapshot chunk {h[:16]} has {len(data)} bytes, expected {expect}")
-                buf[off:off + expect] = data
+        if size:
+            addr = ctypes.addressof((ctypes.c_char * size).from_buffer(buf))
+            self.read_into(refs, size, addr, packs)
         return buf
 
     # ------------------------------------------------------------------ manifests
@@ -223,6 +501,74 @@ class SnapshotStore:
     def exists(self, name: str) -> bool:
         return self.manifest_path(name).exists()
 
+    @staticmethod
+    def finish(manifest: dict[str, Any]) -> dict[str, Any]:
+        """A copy whose references name packs by index into a ``packs`` list (the stored form).
+        In memory, references name their pack directly."""
+        packs: list[str] = []
+        where: dict[str, int] = {}
+
+        def fix(refs: list[Ref | None]) -> list[Ref | None]:
+            out: list[Ref | None] = []
+            for r in refs:
+                if r is None:
+                    out.append(None)
+                    continue
+                if r[2] not in where:
+                    where[r[2]] = len(packs)
+                    packs.append(r[2])
+                out.append([r[0], r[1], where[r[2]], r[3], r[4]])
+            return out
+
+        out = dict(manifest)
+        out["memory"] = {**manifest["memory"], "chunks": fix(manifest["memory"]["chunks"])}
+        out["disks"] = [{**d, "chunks": fix(d["chunks"])} for d in manifest["disks"]]
+        out["packs"] = packs
+        return out
+
+    @staticmethod
+    def named(manifest: dict[str, Any]) -> list[Ref | None]:
+        """A stored manifest's memory references with pack names instead of indices."""
+        packs = manifest["packs"]
+        return [None if r is None else [r[0], r[1], packs[r[2]], r[3], r[4]] for r in manifest["memory"]["chunks"]]
+
+    def store_reader(self, read_at: Callable[[int, int], bytes], size: int, writer: PackWriter) -> Stored:
+        """Chunk a device read piece by piece (a disk), never holding more than one chunk."""
+        refs: list[Ref | None] = []
+        new = new_bytes = 0
+        for off in range(0, size, CHUNK):
+            piece = read_at(off, min(CHUNK, size - off))
+            if piece == ZERO[:len(piece)]:
+                refs.append(None)
+                continue
+            h, crc = hashlib.sha256(piece).digest(), zlib.crc32(piece)
+            with self._lock:
+                loc = self.index.get(h)
+                if loc is None:
+                    loc = Loc(writer.id, writer.reserve(), len(piece), crc)
+                    self.index[h] = loc
+                    fresh = True
+                else:
+                    fresh = False
+            if fresh:
+                writer.write_runs([(loc.offset, [memoryview(piece)])])
+                new += 1
+                new_bytes += len(piece)
+            refs.append([h, crc, loc.pack, loc.offset, loc.length])
+        return Stored(refs, new, new_bytes)
+
+    def write_refs(self, refs: Sequence[Ref | None], size: int, fd: int, packs: Sequence[str]) -> None:
+        """Write the non-zero chunks to ``fd`` at their offsets (holes stay sparse)."""
+        for i, r in enumerate(refs):
+            if r is not None:
+                data = self.read_chunk(r, packs)
+                view = memoryview(data)
+                off = i * CHUNK
+                while view:
+                    n = os.pwrite(fd, view, off)
+                    view = view[n:]
+                    off += n
+
     def save(self, manifest: dict[str, Any], overwrite: bool = False) -> None:
         name = manifest["name"]
         self.check_name(name)
@@ -230,26 +576,16 @@ class SnapshotStore:
         if path.exists() and not overwrite:
             raise Conflict(f"a snapshot named {name!r} already exists", code="snapshot_exists")
         data = encode_manifest(manifest)
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=f"{name}.")
+        tmp = self.root / "tmp" / f"{name}.{uuid.uuid4().hex[:8]}.snap"
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp.write_bytes(data)
             os.replace(tmp, path)
-            dfd = os.open(self.manifests, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
         except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if exc.errno == 28:
-                raise InsufficientStorage("no space left on the state disk while writing the snapshot",
-                                          code="disk_full") from None
+            tmp.unlink(missing_ok=True)
+            _enospc(exc)
             raise
 
-    def load(self, name: str) -> dict[str, Any]:
+    def load_manifest(self, name: str) -> dict[str, Any]:
         self.check_name(name)
         try:
             raw = self.manifest_path(name).read_bytes()
@@ -260,44 +596,47 @@ class SnapshotStore:
     def remove(self, name: str) -> None:
         self.check_name(name)
         try:
+            m = self.load_manifest(name)
+        except SnapshotError:
+            m = None
+        try:
             self.manifest_path(name).unlink()
         except FileNotFoundError:
             raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
+        if m is not None:
+            self._collect(set(m.get("packs", [])))
+
+    def _collect(self, candidates: set[str]) -> None:
+        """Delete the candidate packs that no remaining manifest references."""
+        if not candidates:
+            return
+        for other in self.iter_manifests():
+            candidates -= set(other.get("packs", []))
+            if not candidates:
+                return
+        for pack in candidates:
+            self._forget(pack)
+            self.pack_path(pack).unlink(missing_ok=True)
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.manifests.glob("*.snap"))
 
-    def iter_manifests(self) -> Iterator[dict[str, Any]]:
+    def iter_manifests(self) -> list[dict[str, Any]]:
+        out = []
         for n in self.names():
             try:
-                yield self.load(n)
+                out.append(self.load_manifest(n))
             except (SnapshotError, NotFound) as exc:
                 log.warning("skipping unreadable snapshot %s: %s", n, exc)
+        return out
 
-    def referenced(self, m: dict[str, Any]) -> set[str]:
-        refs = {c for c in m["memory"]["chunks"] if c}
-        for d in m["disks"]:
-            refs.update(c for c in d["chunks"] if c)
-        return refs
 
-    def collect_garbage(self, min_age: float = 0.0) -> int:
-        """Remove chunks no manifest references (left by a crash, or by removed snapshots).
+def memcmp(a: int, b: int, n: int) -> int:
+    return int(_libc.memcmp(a, b, n))
 
-        Run at start-up (nothing is being written then); ``min_age`` protects chunks of snapshots that are
-        being written when run later.
-        """
-        live: set[str] = set()
-        for m in self.iter_manifests():
-            live |= self.referenced(m)
-        removed = 0
-        cutoff = time.time() - min_age
-        for sub in self.chunks.iterdir():
-            for f in sub.iterdir():
-                if f.name in live or f.stat().st_mtime > cutoff:
-                    continue
-                f.unlink(missing_ok=True)
-                self._known.discard(f.name)
-                removed += 1
-        for f in (self.root / "tmp").iterdir():
-            f.unlink(missing_ok=True)
-        return removed
+
+def changed_chunks(current: int, parent: int, size: int) -> list[int]:
+    """Indices of the 64 KiB chunks that differ between two buffers (by address), without copying."""
+    return [i for i, off in enumerate(range(0, size, CHUNK))
+            if memcmp(current + off, parent + off, min(CHUNK, size - off))]
+

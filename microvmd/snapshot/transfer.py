@@ -2,24 +2,35 @@
 
     header   MAGIC "MVSNAPX\\0", u16 format version, u16 n + wasmtime version, u16 n + engine fingerprint
     records  u8 type, u32 length, payload, u32 CRC-32 of (type, length, payload)
-               1 manifest  (the manifest file: its own magic, version, SHA-256)
+               1 manifest  (the portable manifest: chunk references without pack locations)
                2 image     (the original module bytes, so a host without the image can restore)
                3 chunk     (32-byte SHA-256, then the chunk)
              255 end       (SHA-256 of every byte before this record)
 
 A stream may carry only the chunks the receiver lacks (migration). Reading is bounded everywhere: the
-manifest, the image and each chunk have a maximum size, the record count is bounded by the manifest, and
-nothing is stored until the end record's digest matches.
+manifest, the image and each chunk have a maximum size, the record count is bounded by the manifest, each
+chunk must hash to its name, and the manifest is stored only when the end record's digest matches.
 """
 from __future__ import annotations
 
 import hashlib
 import struct
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-from .store import CHUNK, FORMAT_VERSION, MAX_MANIFEST, SnapshotError, SnapshotStore, decode_manifest
+from .store import (
+    CHUNK,
+    FORMAT_VERSION,
+    MAX_MANIFEST,
+    Loc,
+    PackWriter,
+    Ref,
+    SnapshotError,
+    SnapshotStore,
+    all_refs,
+    decode_manifest,
+)
 
 MAGIC = b"MVSNAPX\x00"
 T_MANIFEST, T_IMAGE, T_CHUNK, T_END = 1, 2, 3, 255
@@ -36,8 +47,8 @@ def header(wasmtime_version: str, fingerprint: str) -> bytes:
     return MAGIC + struct.pack("<HH", FORMAT_VERSION, len(w)) + w + struct.pack("<H", len(f)) + f
 
 
-def export_blocks(store: SnapshotStore, manifest_bytes: bytes, chunks: list[str], image: bytes | None,
-                  wasmtime_version: str, fingerprint: str, batch: int = 64) -> Iterator[bytes]:
+def export_blocks(store: SnapshotStore, manifest_bytes: bytes, refs: Sequence[Ref], packs: Sequence[str],
+                  image: bytes | None, wasmtime_version: str, fingerprint: str, batch: int = 64) -> Iterator[bytes]:
     """Yield the stream in blocks of up to ``batch`` chunks; runs on an I/O thread, one block at a time."""
     digest = hashlib.sha256()
 
@@ -49,8 +60,8 @@ def export_blocks(store: SnapshotStore, manifest_bytes: bytes, chunks: list[str]
     if image is not None:
         parts.append(out(_record(T_IMAGE, image)))
     yield b"".join(parts)
-    for i in range(0, len(chunks), batch):
-        yield b"".join(out(_record(T_CHUNK, bytes.fromhex(h) + store.get_chunk(h))) for h in chunks[i:i + batch])
+    for i in range(0, len(refs), batch):
+        yield b"".join(out(_record(T_CHUNK, r[0] + store.read_chunk(r, packs))) for r in refs[i:i + batch])
     yield _record(T_END, digest.digest())
 
 
@@ -58,19 +69,18 @@ ReadExactly = Callable[[int], Awaitable[bytes]]
 RunIO = Callable[..., Awaitable[Any]]
 
 
-async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotStore,
-                      image_limit: int) -> tuple[dict[str, Any], bytes, bytes | None]:
-    """Read and verify a stream; chunks are verified and stored (content-addressed) in batches on I/O
-    threads, the manifest is returned but NOT saved: the caller saves it only when everything checked out.
-    Returns (manifest, manifest_bytes, image_or_None)."""
+async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotStore, writer: PackWriter,
+                      image_limit: int) -> tuple[dict[str, Any], bytes | None]:
+    """Read and verify a stream. Chunks are verified (SHA-256) and written to ``writer``'s pack in batches
+    on I/O threads; the (portable) manifest is returned, not saved: the caller saves it once everything
+    checked out. Returns (manifest, image or None)."""
     digest = hashlib.sha256()
 
     async def take(n: int, what: str) -> bytes:
         try:
-            data = await readexactly(n)
+            return await readexactly(n)
         except Exception as exc:  # IncompleteReadError and friends: the stream ended early
             raise SnapshotError(f"snapshot stream is truncated (while reading {what})") from exc
-        return data
 
     head = await take(12, "the header")
     if not head.startswith(MAGIC):
@@ -89,17 +99,16 @@ async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotSt
     digest.update(head + wv + fp)
 
     manifest: dict[str, Any] | None = None
-    manifest_bytes = b""
     image: bytes | None = None
-    pending: list[tuple[str, bytes]] = []
-    expected: set[str] = set()
-    received = 0
+    pending: list[tuple[bytes, bytes]] = []
+    expected: dict[bytes, int] = {}  # hash -> crc32
+    received: set[bytes] = set()
 
     async def flush() -> None:
         batch = list(pending)
         pending.clear()
         if batch:
-            await run_io(_store_batch, store, batch)
+            await run_io(_store_batch, store, writer, batch, expected)
 
     while True:
         rh = await take(5, "a record header")
@@ -121,9 +130,8 @@ async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotSt
         if kind == T_MANIFEST:
             if manifest is not None:
                 raise SnapshotError("snapshot stream has two manifests")
-            manifest = decode_manifest(payload, "imported snapshot")
-            manifest_bytes = payload
-            expected = store.referenced(manifest)
+            manifest = decode_manifest(payload, "imported snapshot", stored=False)
+            expected = {r[0]: r[1] for r in all_refs(manifest)}
         elif kind == T_IMAGE:
             if image is not None or manifest is None:
                 raise SnapshotError("unexpected image record in snapshot stream")
@@ -131,12 +139,12 @@ async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotSt
         else:
             if manifest is None:
                 raise SnapshotError("chunk before the manifest in snapshot stream")
-            h = payload[:32].hex()
+            h = payload[:32]
             if h not in expected:
                 raise SnapshotError("snapshot stream carries a chunk its manifest does not use")
-            received += 1
-            if received > len(expected):
-                raise SnapshotError("snapshot stream carries too many chunks")
+            if h in received:
+                raise SnapshotError("snapshot stream carries a chunk twice")
+            received.add(h)
             pending.append((h, payload[32:]))
             if len(pending) >= 64:
                 await flush()
@@ -146,11 +154,23 @@ async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotSt
     missing = [h for h in expected if not store.has_chunk(h)]
     if missing:
         raise SnapshotError(f"snapshot stream lacks {len(missing)} chunk(s) this daemon does not have")
-    return manifest, manifest_bytes, image
+    return manifest, image
 
 
-def _store_batch(store: SnapshotStore, batch: list[tuple[str, bytes]]) -> None:
+def _store_batch(store: SnapshotStore, writer: PackWriter, batch: list[tuple[bytes, bytes]],
+                 expected: dict[bytes, int]) -> None:
+    runs: list[tuple[int, list[memoryview]]] = []
     for h, data in batch:
-        if hashlib.sha256(data).hexdigest() != h:
-            raise SnapshotError(f"chunk {h[:16]} does not match its checksum: corrupted or tampered")
-        store.put_chunk(h, data)
+        if hashlib.sha256(data).digest() != h or zlib.crc32(data) != expected[h]:
+            raise SnapshotError(f"chunk {h.hex()[:16]} does not match its checksum: corrupted or tampered")
+        if store.has_chunk(h):
+            continue
+        off = writer.reserve()
+        runs.append((off, [memoryview(data)]))
+        with store._lock:
+            store.index[h] = Loc(writer.id, off, len(data), expected[h])
+    try:
+        writer.write_runs(runs)
+    except BaseException:
+        store._forget(writer.id)
+        raise

@@ -5,8 +5,10 @@ the VM is scheduled, an I/O worker while it is built or torn down). It knows not
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -202,30 +204,48 @@ class Machine:
         a.unwinding = True
         return [0]
 
-    def capture(self) -> tuple[bytes, dict[str, tuple[str, int | float]]]:
-        """Linear memory and every mutable exported global; only while the guest is not running."""
+    def memory_region(self) -> tuple[int, int]:
+        """(address, size) of linear memory; valid while the guest is not running and does not grow."""
+        if self.memory is None:
+            return 0, 0
+        size = self.memory.data_len(self.store)
+        ptr = self.memory.data_ptr(self.store)
+        return ctypes.cast(ptr, ctypes.c_void_p).value or 0, size
+
+    def capture_globals(self) -> dict[str, tuple[str, int | float]]:
+        """Every mutable exported global (the normaliser exported them all); only while not running."""
         assert self.call is None or (self.asyncify is not None and self.asyncify.unwound)
-        mem = self.memory.read(self.store, 0, self.memory.data_len(self.store)) if self.memory else b""
-        globals_: dict[str, tuple[str, int | float]] = {}
+        out: dict[str, tuple[str, int | float]] = {}
         for name in self.export_names:
             item = self.exports.get(name)
             if isinstance(item, wasmtime.Global):
                 ty = item.type(self.store)
                 if ty.mutable:
-                    globals_[name] = (str(ty.content), item.value(self.store))
-        return bytes(mem), globals_
+                    out[name] = (str(ty.content), item.value(self.store))
+        return out
 
-    def restore(self, memory: bytes, globals_: dict[str, tuple[str, int | float]], unwound: bool,
-                fuel_consumed: int) -> None:
-        """Load a captured state into this freshly instantiated machine (before it first runs)."""
+    def restore(self, size: int, load: Callable[[int, int], None], globals_: dict[str, tuple[str, int | float]],
+                unwound: bool, fuel_consumed: int, zero_chunks: Callable[[int], list[int]]) -> None:
+        """Load a captured state into this freshly instantiated machine (before it first runs).
+
+        ``load(address, size)`` fills linear memory in place; ``zero_chunks(initial_size)`` lists the
+        64 KiB chunks the snapshot has as zeros within the instance's initial memory, which instantiation
+        may have filled with data segments and which are cleared first.
+        """
         if self.memory is None:
-            if memory:
+            if size:
                 raise ValueError("snapshot has memory but the module exports none")
         else:
             have = self.memory.data_len(self.store)
-            if len(memory) > have:
-                self.memory.grow(self.store, (len(memory) - have + 65535) // 65536)
-            self.memory.write(self.store, memory, 0)
+            if size < have:
+                raise ValueError(f"snapshot memory ({size} bytes) is smaller than the module's initial memory")
+            if size > have:
+                self.memory.grow(self.store, (size - have) // 65536)
+            address, _ = self.memory_region()
+            for i in zero_chunks(have):
+                off = i * 65536
+                ctypes.memset(address + off, 0, min(65536, have - off))
+            load(address, size)
         for name, (ty, value) in globals_.items():
             item = self.exports.get(name)
             if not isinstance(item, wasmtime.Global):
@@ -235,7 +255,6 @@ class Machine:
         self.fuel_consumed = fuel_consumed
         if unwound:
             self._queue = [self.spec.entry]
-        if unwound:
             if self.asyncify is None:
                 raise ValueError("snapshot was taken inside a call but the guest has no Asyncify support")
             self.asyncify.unwound = True

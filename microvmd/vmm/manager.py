@@ -40,7 +40,9 @@ def void(_: object) -> None:
 
 @dataclass
 class RestoreData:
-    memory: bytes
+    memory_size: int
+    load: Callable[[int, int], None]            # fills guest memory at (address, size)
+    zero_chunks: Callable[[int], list[int]]     # chunks the snapshot has as zeros below an offset
     globals: dict[str, tuple[str, int | float]]
     unwound: bool
     fuel_consumed: int
@@ -266,7 +268,8 @@ class Hypervisor:
                                     code="abi_version_unsupported")
         if restore is not None:
             try:
-                vm.machine.restore(restore.memory, restore.globals, restore.unwound, restore.fuel_consumed)
+                vm.machine.restore(restore.memory_size, restore.load, restore.globals, restore.unwound,
+                                   restore.fuel_consumed, restore.zero_chunks)
             except (ValueError, wasmtime.WasmtimeError) as exc:
                 raise Unprocessable(f"the snapshot does not fit its image: {str(exc).splitlines()[0]}",
                                     code="invalid_snapshot") from None
