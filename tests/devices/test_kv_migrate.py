@@ -309,10 +309,6 @@ def test_restore_of_a_cow_attachment_keeps_the_overlay_and_not_the_image(daemon_
 
 
 # ------------------------------------------------------------------------------------------ known bugs
-@pytest.mark.xfail(strict=True, reason="Snapshots._restore_disks matches snapshot disks to spec.disks by NAME: "
-                   "the first materialized copy renames every attachment of that disk, the second copy is "
-                   "orphaned, and the restored VM is refused (disk given twice, once read-write). "
-                   "Fix: map by d['index'] (spec.disks[d['index']])")
 def test_restore_with_the_same_disk_attached_twice(daemon_a: Daemon) -> None:
     d = daemon_a
     d.cli_ok("disk", "create", "twice", "--size", "1MiB")
@@ -329,9 +325,6 @@ def test_restore_with_the_same_disk_attached_twice(daemon_a: Daemon) -> None:
     assert kv(d.published_port("kvtr"), "GET k") == ["v"]
 
 
-@pytest.mark.xfail(strict=True, reason="a restore that fails after _restore_disks (here: its published port is "
-                   "taken) leaves the materialized '<disk>.restored-*' disks behind, unused, forever. "
-                   "Fix: remove the disks materialize() made when hv.create() raises")
 def test_failed_restore_leaves_no_disk_behind(daemon_a: Daemon) -> None:
     d = daemon_a
     d.cli_ok("disk", "create", "d5", "--size", "1MiB")
@@ -343,10 +336,6 @@ def test_failed_restore_leaves_no_disk_behind(daemon_a: Daemon) -> None:
     assert sorted(d.disks()) == ["d5"]
 
 
-@pytest.mark.xfail(strict=True, reason="the snapshot/restore path does not keep disks sparse: write_content "
-                   "writes the whole image, zeros included, so a 64 MiB disk holding a few KiB comes back "
-                   "fully allocated. Fix: skip all-zero chunks when materializing (seek past them; the file "
-                   "is created sparse by ftruncate)")
 def test_restored_disk_stays_sparse(daemon_a: Daemon) -> None:
     d = daemon_a
     d.cli_ok("disk", "create", "sp", "--size", "64MiB")
@@ -360,12 +349,6 @@ def test_restored_disk_stays_sparse(daemon_a: Daemon) -> None:
     assert d.disks()[att["name"]]["allocated"] <= 1 << 20
 
 
-@pytest.mark.xfail(strict=True, reason="SnapshotView.read_all reads the whole disk into one bytearray and copies "
-                   "it to bytes (2x the disk size in daemon RAM, holes included) while the VM is frozen; a "
-                   "1 GiB sparse disk holding 4 KiB froze kv for 8.6 s and raised the daemon's peak RSS by "
-                   "2.1 GiB. Fix: stream the disk chunk by chunk into store_bytes, skip holes "
-                   "(SEEK_DATA/SEEK_HOLE), and keep the freeze short (e.g. a cow overlay switched in at "
-                   "snapshot time, the base copied while the VM runs)")
 def test_snapshot_of_a_big_sparse_disk_is_cheap(daemon_a: Daemon) -> None:
     d = daemon_a
     size = 256 << 20
