@@ -90,16 +90,17 @@ class Snapshots:
                 raise
 
     async def _capture(self, vm: Vm, name: str, writer: PackWriter, diff: bool,
-                       thaw: bool = True) -> tuple[dict[str, Any], bytearray, list[int] | None]:
+                       thaw: bool = True, copy_memory: bool = True) -> tuple[dict[str, Any], Any, list[int] | None]:
         """With the VM's lock held: quiesce, copy memory (only changed chunks for a diff) and disks, thaw
-        (unless the caller will). Returns the manifest skeleton, the memory copy and the changed chunks."""
+        (unless the caller will). Returns the manifest skeleton, the memory copy and the changed chunks.
+        Without ``copy_memory`` (the caller keeps the VM frozen) the memory is a view of guest memory."""
         hv = self.hv
         # a warm buffer for the copy, made before the VM is frozen (re-used from the last snapshot)
         last = self._parents.get(vm.id)
         machine0 = vm.machine
         size0 = machine0.memory_bytes if machine0 is not None else 0
         spare = last.memory if last is not None and len(last.memory) == size0 and not diff else None
-        if spare is None and not diff:
+        if spare is None and not diff and copy_memory:
             spare = await hv.sched.on_io(fresh_buffer, size0)
         t0 = time.perf_counter()
         kind = await hv.quiesce(vm)
@@ -108,9 +109,12 @@ class Snapshots:
             assert machine is not None
             parent = self._parents.get(vm.id) if diff else None
 
-            def copy() -> tuple[bytearray, list[int] | None, dict[str, Any]]:
+            def copy() -> tuple[Any, list[int] | None, dict[str, Any]]:
                 address, size = machine.memory_region()
                 globals_ = machine.capture_globals()
+                if not copy_memory:
+                    raw = (ctypes.c_char * size).from_address(address) if size else b""
+                    return memoryview(raw).cast("B") if size else memoryview(b""), None, globals_
                 if parent is not None and len(parent.memory) == size:
                     changed = changed_chunks(address, parent.address(), size)
                     base = parent.address()
@@ -295,7 +299,8 @@ class Snapshots:
         if with_image:
             img = self.hv.images.resolve(m["vm"]["digest"])
             image = await self.hv.sched.on_io(self.hv.images.module_bytes, img)
-        gen = transfer.export_blocks(self.store, encode_manifest(portable(m)), refs, m["packs"], image,
+        gen = transfer.export_blocks(self.store, encode_manifest(portable(m)),
+                                     transfer.from_store(self.store, refs, m["packs"]), image,
                                      wt.WASMTIME_VERSION, self.hv.opts.fingerprint())
         return m, gen
 

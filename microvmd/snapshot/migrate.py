@@ -16,11 +16,13 @@ from urllib.parse import urlparse
 import aiohttp
 
 from ..errors import BadRequest, MicrovmError
+from ..vmm import wt
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import Vm
+from . import transfer
 from .controller import Snapshots
-from .store import PackWriter, all_refs
+from .store import CHUNK, PackWriter, encode_manifest, portable
 
 log = logging.getLogger("microvmd.migrate")
 
@@ -104,11 +106,15 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
         net = vm.devices.get("net") if vm.devices is not None else None
         async with vm.lock:
             was_running = vm.state == VmState.RUNNING
+            # capture (disks go to a local pack, memory stays in the captured copy and is streamed from it)
             async with snaps._write:
                 writer = await hv.sched.on_io(PackWriter, snaps.store)
                 try:
-                    manifest, memory, _ = await snaps._capture(vm, name, writer, diff=False, thaw=False)
-                    summary = await snaps._persist(None, manifest, memory, None, writer)
+                    # the VM stays frozen until the target confirms: stream its memory without a copy
+                    manifest, memory, _ = await snaps._capture(vm, name, writer, diff=False, thaw=False,
+                                                               copy_memory=False)
+                    manifest["memory"]["chunks"] = await hv.sched.on_io(snaps.store.digest_refs, memory)
+                    disk_pack = await hv.sched.on_io(writer.publish)
                 except BaseException:
                     await hv.sched.on_io(writer.abort)
                     if not vm.state.terminal:
@@ -119,17 +125,28 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                 if net is not None:
                     await net.release_published()
                     released = True
-                chunks = sorted({r[0].hex() for r in all_refs(manifest)})
+                view = memoryview(memory)
+                sources: dict[bytes, Any] = {}
+                for i, r in enumerate(manifest["memory"]["chunks"]):
+                    if r is not None and r[0] not in sources:
+                        sources[r[0]] = (lambda i=i: view[i * CHUNK:(i + 1) * CHUNK])
+                for d in manifest["disks"]:
+                    for r in d["chunks"]:
+                        if r is not None and r[0] not in sources:
+                            sources[r[0]] = (lambda r=r: snaps.store.read_chunk(r, []))
+                chunks = sorted(h.hex() for h in sources)
                 missing = (await peer.call("POST", "/v1/snapshots/chunks/missing", {"chunks": chunks}))["missing"]
                 try:
                     await peer.call("GET", f"/v1/images/{manifest['vm']['digest']}")
-                    send_image = False
+                    image = None
                 except _PeerError as exc:
                     if exc.status != 404:
                         raise
-                    send_image = True
-                _, gen = await snaps.export_blocks(name, only={bytes.fromhex(h) for h in missing},
-                                                   with_image=send_image)
+                    img = hv.images.resolve(manifest["vm"]["digest"])
+                    image = await hv.sched.on_io(hv.images.module_bytes, img)
+                wanted = [(bytes.fromhex(h), sources[bytes.fromhex(h)]) for h in missing]
+                gen = transfer.export_blocks(snaps.store, encode_manifest(portable(manifest)), wanted, image,
+                                             wt.WASMTIME_VERSION, hv.opts.fingerprint())
 
                 async def stream() -> AsyncIterator[bytes]:
                     sentinel = object()
@@ -139,9 +156,12 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                             return
                         yield block
 
+                t_send = time.perf_counter()
                 await peer.call("POST", "/v1/snapshots/import", data=stream())
+                t_restore = time.perf_counter()
                 new = await peer.call("POST", f"/v1/snapshots/{name}/restore",
                                       {"name": vm.name, "start": was_running})
+                t_done = time.perf_counter()
             except BaseException as exc:
                 if released and net is not None:
                     try:
@@ -149,24 +169,27 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                     except OSError as bind_exc:
                         log.error("vm=%s could not rebind its published ports: %s", vm.id[:12], bind_exc)
                 hv.thaw(vm)
-                await _forget_manifest(snaps, name)
                 if isinstance(exc, (aiohttp.ClientError, _PeerError, OSError, MicrovmError)):
                     raise MigrationFailed(f"migration to {to} failed: {exc}; the VM keeps running here") from None
                 raise
+            finally:
+                if disk_pack is not None:
+                    async with snaps._write:
+                        await hv.sched.on_io(snaps.store.collect, {disk_pack})
             vm.frozen = False
             hv._finish(vm, None, "migrated")
         await hv.remove(vm, force=True)
-        await _forget_manifest(snaps, name)
+        try:
+            await peer.call("DELETE", f"/v1/snapshots/{name}")  # the target keeps the VM, not the snapshot
+        except (aiohttp.ClientError, _PeerError, OSError) as exc:
+            log.warning("could not remove the migration snapshot %s at the target: %s", name, exc)
         total_ms = (time.perf_counter() - t0) * 1000
         log.info("vm=%s migrated to %s as %s in %.1f ms (%d of %d chunks sent)", vm.id[:12], to,
                  new.get("id", "?")[:12], total_ms, len(missing), len(chunks))
-        return {"vm": new, "to": to, "snapshot": summary["name"],
+        return {"vm": new, "to": to, "snapshot": name,
                 "stats": {"total_ms": round(total_ms, 3), "chunks_sent": len(missing), "chunks_total": len(chunks),
-                          "frozen_ms": manifest["stats"]["frozen_ms"]}}
+                          "capture_ms": manifest["stats"]["frozen_ms"], "downtime_ms": round(total_ms, 3),
+                          "prepare_ms": round((t_send - t0) * 1000, 3),
+                          "transfer_ms": round((t_restore - t_send) * 1000, 3),
+                          "restore_ms": round((t_done - t_restore) * 1000, 3)}}
 
-
-async def _forget_manifest(snaps: Snapshots, name: str) -> None:
-    try:
-        await snaps.remove(name)
-    except MicrovmError:
-        pass

@@ -354,6 +354,28 @@ class SnapshotStore:
             raise
         return Stored(refs, sum(r[0] for r in results), sum(r[1] for r in results))
 
+    def digest_refs(self, data: bytes | bytearray | memoryview) -> list[Ref | None]:
+        """Portable references ([sha256, crc32] or None) of every chunk, computed in parallel, storing nothing
+        (migration streams memory straight from the captured copy)."""
+        view = memoryview(data)
+        n = (len(view) + CHUNK - 1) // CHUNK
+        refs: list[Ref | None] = [None] * n
+
+        def work(part: range) -> None:
+            for i in part:
+                piece = view[i * CHUNK:(i + 1) * CHUNK]
+                crc = zlib.crc32(piece)
+                if not (crc == ZERO_CRC and len(piece) == CHUNK and piece == ZERO):
+                    refs[i] = [hashlib.sha256(piece).digest(), crc]
+
+        step = max(1, (n + 7) // 8)
+        list(self._pool.map(work, [range(k, min(n, k + step)) for k in range(0, n, step)]))
+        return refs
+
+    def collect(self, packs: set[str]) -> None:
+        """Remove these packs if no manifest references them (e.g. a migration's temporary pack)."""
+        self._collect(set(packs))
+
     def _forget(self, pack: str) -> None:
         with self._lock:
             for h in [h for h, loc in self.index.items() if loc.pack == pack]:
