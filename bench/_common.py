@@ -177,7 +177,7 @@ def machine_info() -> dict[str, str]:
         head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref or "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()[:70]
         if ref:
-            head += f" (git archive of {ref}, exported to {code_root()})"
+            head += f" (clean git archive of {ref[:12]} in {code_root()})"
         else:
             dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
@@ -287,9 +287,14 @@ def images_dir() -> Path:
 
 
 def set_ref(ref: str | None) -> None:
-    """Select the revision under test for this process and its children (see code_root)."""
+    """Select the revision under test for this process and its children (see code_root). The name is
+    resolved to a commit id at once, so that every benchmark of one run measures the same code even when
+    others commit meanwhile."""
+    ref = ref or os.environ.get(REF_ENV)
     if ref:
-        os.environ[REF_ENV] = ref
+        os.environ[REF_ENV] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+            capture_output=True, text=True, check=True).stdout.strip()
 
 
 def code_env(env: dict[str, str] | None = None) -> dict[str, str]:

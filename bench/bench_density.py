@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
             if res["failure"]:
                 failure = {**res["failure"], "level": n, "live_before": have - res["made"],
                            "at_vm": have + 1, "daemon_alive": d.proc is not None and d.proc.poll() is None}
-                c.emit(f"FAILED creating VM #{have + 1} on the way to {n}: {res['failure']['error']}")
+                c.emit(f"FAILED: a create request failed after {have} VMs were created (on the way to {n}): "
+                       f"{res['failure']['error']}")
                 c.emit("daemon log tail:\n" + d.log_tail(10))
             if have == 0 or d.proc is None or d.proc.poll() is not None:
                 break
