@@ -111,6 +111,20 @@ async def _import_images(hv: object, directory: Path) -> None:
     await asyncio.gather(*(one(w) for w in found if w.is_file()))
 
 
+def _raise_fd_limit() -> None:
+    """Every VM holds a few descriptors (console files, sockets): use the whole hard limit we are allowed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-file limit %d (about %d VMs with consoles; raise LimitNOFILE for more)",
+             max(soft, hard), max(soft, hard) // 3)
+
+
 async def serve(cfg: Config) -> int:
     from .api import snapshots as _snapshot_routes  # noqa: F401  (registers its routes)
     from .api.server import make_app
@@ -118,6 +132,7 @@ async def serve(cfg: Config) -> int:
     from .vmm.manager import Hypervisor
 
     notifier = systemd.Notifier(unset_env=True)
+    _raise_fd_limit()
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     hv = Hypervisor(cfg)
     install_devices(hv)
