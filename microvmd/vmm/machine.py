@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import wasmtime
@@ -43,8 +42,8 @@ class MachineSpec:
     instances: int
     tables: int
     memories: int
-    stdout: Path
-    stderr: Path
+    stdout: Callable[[bytes], None]  # console writers (devices/console.py)
+    stderr: Callable[[bytes], None]
     entry: str = "_start"
     boot: list[str] = field(default_factory=list)  # exports to call before the entry (e.g. rewritten start)
     asyncify_globals: tuple[int, int] | None = None
@@ -63,8 +62,8 @@ class Machine:
         wasi = wasmtime.WasiConfig()
         wasi.argv = spec.args
         wasi.env = list(spec.env.items())
-        wasi.stdout_file = str(spec.stdout)
-        wasi.stderr_file = str(spec.stderr)
+        wasi.stdout_custom = spec.stdout
+        wasi.stderr_custom = spec.stderr
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)

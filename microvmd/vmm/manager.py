@@ -237,7 +237,7 @@ class Hypervisor:
             args=[argv0, *(vm.spec.args or img.args)], env={**img.env, **vm.spec.env},
             dirs=[(x.host, x.guest, x.readonly) for x in vm.spec.dirs], memory_limit=vm.memory_limit,
             table_elements=lim.table_elements, instances=lim.instances, tables=lim.tables,
-            memories=lim.memories, stdout=vm.console.path("stdout"), stderr=vm.console.path("stderr"),
+            memories=lim.memories, stdout=vm.console.writer("stdout"), stderr=vm.console.writer("stderr"),
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
         )
