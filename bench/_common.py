@@ -583,8 +583,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"microvmd exited with {self.proc.returncode} during start-up:\n"
-                                   + self.log_tail())
+                msg = f"microvmd exited with {self.proc.returncode} during start-up:\n" + self.log_tail()
+                self.stop()  # removes the temporary directory (unless keep)
+                raise RuntimeError(msg)
             if self.socket.exists():
                 try:
                     c = UnixHttp(self.socket, timeout=5)
@@ -602,8 +603,9 @@ class Daemon:
                 except (OSError, HttpError):
                     pass
             time.sleep(0.05)
+        msg = "microvmd did not answer within %.0f s:\n%s" % (timeout, self.log_tail())
         self.stop()
-        raise RuntimeError("microvmd did not answer within %.0f s:\n%s" % (timeout, self.log_tail()))
+        raise RuntimeError(msg)
 
     def log_tail(self, n: int = 30) -> str:
         try:
