@@ -6,6 +6,7 @@ Nothing here fudges a number: every figure a benchmark prints is measured in tha
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import platform
@@ -323,6 +324,7 @@ def client_env(bytecode_cache: bool = True) -> dict[str, str]:
     if bytecode_cache:
         if _PYCACHE is None:
             _PYCACHE = tempfile.mkdtemp(prefix="bench-pycache-")
+            atexit.register(shutil.rmtree, _PYCACHE, True)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = _PYCACHE
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -86,6 +87,7 @@ def run_raw(kind: str, n: int, reps: int) -> tuple[list[float], list[float], str
         wall.append(time.perf_counter() - w0)
         sums.add(checksum(out.read_bytes()))
         del inst, store
+    shutil.rmtree(tmp, ignore_errors=True)
     return cpu, wall, ",".join(sorted(sums))
 
 

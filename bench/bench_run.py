@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -190,6 +191,7 @@ def bench_wasmtime_py(n: int, warmup: int) -> list[float]:
         if i >= warmup:
             out.append(t1 - t0)
         del inst, start, store
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = t.get("pass", t.get("ok"))
             rows.append([name, "PASS" if ok else "MISS", f"{t.get('target')}: {t.get('measured')}"])
     c.emit(c.table(["benchmark", "verdict", "target: measured"], rows))
+    shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": info, "quick": a.quick, "results": results,
                                             "errors": failed}, indent=2, default=str) + "\n")
