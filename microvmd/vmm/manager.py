@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ from .vm import ExitRecord, Vm, VmSpec
 log = logging.getLogger("microvmd.vmm")
 
 ABI_VERSION = 1
+
+
+def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
+    for d, rec in batch:
+        tmp = d / "vm.json.tmp"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, d / "vm.json")
+        except OSError as exc:
+            log.error("vm=%s cannot save its record: %s", rec.get("id", "?")[:12], exc)
 
 
 def void(_: object) -> None:
@@ -65,6 +77,11 @@ class Hypervisor:
         self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
                                  cfg.upload_limit)
         self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice)
+        # VM records are written off the event loop, coalesced, in order (one thread: a record is never
+        # overwritten by an older one, and a removed VM's directory is deleted after its last write)
+        self._persist = ThreadPoolExecutor(1, thread_name_prefix="persist")
+        self._dirty: dict[str, Vm] = {}
+        self._flush_handle: asyncio.Handle | None = None
         self.vms: dict[str, Vm] = {}
         self.vm_dir = cfg.state_dir / "vms"
         self.vm_dir.mkdir(parents=True, exist_ok=True)
@@ -89,8 +106,15 @@ class Hypervisor:
 
     # ------------------------------------------------------------------ start-up and shutdown
     def load(self) -> None:
+        """On an I/O thread at start-up: images, then VM records (a VM that was live is now stopped)."""
         self.images.load()
+        rewritten = []
         for d in sorted(self.vm_dir.iterdir()):
+            if not (d / "vm.json").exists():
+                # created moments before a crash, its record never written: nothing can be restored
+                log.info("removing %s: a VM directory without a record", d.name)
+                shutil.rmtree(d, ignore_errors=True)
+                continue
             try:
                 rec = json.loads((d / "vm.json").read_text())
                 vm = self._vm_from_record(rec, d)
@@ -103,8 +127,9 @@ class Hypervisor:
                 vm.exit = ExitRecord(None, "daemon_restart", vm.fuel_consumed, vm.peak_memory,
                                      0.0 if vm.started is None else time.time() - vm.started)
                 vm.finished = time.time()
-                self._save(vm)
+                rewritten.append((vm.dir, vm.record()))
             self.vms[vm.id] = vm
+        _write_records(rewritten)
         log.info("loaded %d VM records", len(self.vms))
 
     def _vm_from_record(self, rec: dict[str, Any], d: Path) -> Vm:
@@ -125,6 +150,8 @@ class Hypervisor:
         self.closing = True
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._kill(vm, "stopped") for vm in live), return_exceptions=True)
+        await self.flush_records()
+        self._persist.shutdown(wait=True)
         self.sched.close()
 
     # ------------------------------------------------------------------ lookup
@@ -221,7 +248,7 @@ class Hypervisor:
             self.vms.pop(vm_id, None)
             if vm.devices is not None:
                 vm.devices.close()
-            await self.sched.on_io(self._teardown, vm, True)
+            await self._teardown(vm)
             raise
         self._save(vm)
         vm.log.info("created from image %s (%s)", vm.image_name, img.digest[:19])
@@ -230,8 +257,8 @@ class Hypervisor:
     def _build(self, vm: Vm, img: Image, restore: RestoreData | None = None) -> None:
         """On an I/O thread: directory, console files, instantiation, ABI check."""
         lim = self.cfg.limits
-        vm.dir.mkdir(parents=True)
-        vm.console.create()
+        if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
+            vm.dir.mkdir(parents=True, exist_ok=True)
         argv0 = vm.image_name if not vm.image_name.startswith("sha256:") else "guest"
         mspec = MachineSpec(
             args=[argv0, *(vm.spec.args or img.args)], env={**img.env, **vm.spec.env},
@@ -277,12 +304,13 @@ class Hypervisor:
             vm.snapshot_kind = "asyncify" if vm.machine.asyncify is not None else "stopped_only"
         vm.sync_from_machine()
 
-    def _teardown(self, vm: Vm, remove_dir: bool) -> None:
+    async def _teardown(self, vm: Vm) -> None:
+        """Free the VM's store (I/O thread), then delete its directory after any record write still queued."""
         m, vm.machine = vm.machine, None
         if m is not None:
-            m.close()
-        if remove_dir:
-            shutil.rmtree(vm.dir, ignore_errors=True)
+            await self.sched.on_io(m.close)
+        self._dirty.pop(vm.id, None)
+        await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
 
     # ------------------------------------------------------------------ lifecycle
     def _transition(self, vm: Vm, target: VmState, action: str) -> None:
@@ -601,21 +629,28 @@ class Hypervisor:
             await asyncio.sleep(0.005)
         if vm.devices is not None:
             vm.devices.close()
-        await self.sched.on_io(self._teardown, vm, True)
+        await self._teardown(vm)
         for hook in self.on_remove:
             hook(vm)
         vm.log.info("removed")
 
     # ------------------------------------------------------------------ persistence
     def _save(self, vm: Vm) -> None:
-        if not vm.dir.exists():
-            return
-        tmp = vm.dir / "vm.json.tmp"
-        try:
-            tmp.write_text(json.dumps(vm.record()))
-            os.replace(tmp, vm.dir / "vm.json")
-        except OSError as exc:
-            vm.log.error("cannot save VM record: %s", exc)
+        """Mark the VM's record for writing; records are flushed together within 50 ms, off the loop."""
+        self._dirty[vm.id] = vm
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)
+
+    def _flush(self) -> asyncio.Future[None]:
+        self._flush_handle = None
+        batch = [(vm.dir, vm.record()) for vm in self._dirty.values() if vm.id in self.vms]
+        self._dirty.clear()
+        return asyncio.get_running_loop().run_in_executor(self._persist, _write_records, batch)
+
+    async def flush_records(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        await self._flush()
 
     # ------------------------------------------------------------------ info
     def counts(self) -> dict[str, int]:

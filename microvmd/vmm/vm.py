@@ -110,6 +110,7 @@ class Vm:
         self.time_left: float | None = spec.timeout
         self.run_since: float | None = None
         self.run_seconds = 0.0
+        self._spec_api: dict[str, Any] | None = None
         self.snapshot_wanted = False      # unwind at the next suspension point
         self.frozen = False               # being captured: do not run it
         self.unwound_waiters: list[asyncio.Future[None]] = []
@@ -131,7 +132,9 @@ class Vm:
         return w.name if w is not None and not w.ready() else None
 
     def to_api(self) -> dict[str, Any]:
-        spec = asdict(self.spec)
+        spec = self._spec_api
+        if spec is None:  # the spec does not change after creation: convert it once
+            spec = self._spec_api = asdict(self.spec)
         budget = self.fuel_budget
         return {
             "id": self.id,
