@@ -112,9 +112,12 @@ async def image_rm(request: web.Request) -> web.StreamResponse:
 async def vm_create(request: web.Request) -> web.StreamResponse:
     h = hv(request)
     spec, start = schemas.vm_spec(await codec.decode(request, h.cfg.json_limit))
-    vm = await h.create(spec)
-    if start:
-        await h.start(vm)
+    wait = _bool(request, "wait")
+    if wait and not start:
+        raise BadRequest("wait=true needs start=true", code="invalid_query")
+    vm = await h.create(spec, start=start)
+    if wait:  # one round trip for a whole run: the answer carries the exit record
+        await h.wait(vm)
     return codec.respond(request, vm.to_api(), status=201)
 
 
@@ -215,7 +218,9 @@ ROUTES: list[Route] = [
     Route("PATCH", "/v1/images/{ref}", image_update,
           "Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}", body="json", tag="images"),
     Route("DELETE", "/v1/images/{ref}", image_rm, "Remove an image (409 while VMs use it)", tag="images"),
-    Route("POST", "/v1/vms", vm_create, "Create a VM (and start it with start=true)", body="json"),
+    Route("POST", "/v1/vms", vm_create,
+          "Create a VM (start=true starts it; query wait=true answers once it has exited or run out of fuel)",
+          body="json"),
     Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)"),
     Route("GET", "/v1/vms/{ref}", vm_get, "Inspect a VM (id, id prefix or name)"),
     Route("DELETE", "/v1/vms/{ref}", vm_rm, "Remove a VM (force=true kills a live one first)"),

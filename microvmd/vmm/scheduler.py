@@ -57,6 +57,10 @@ class Scheduler:
 
         fut.add_done_callback(done)
 
+    def run_slice(self, vm: Any) -> SliceEnd:
+        """One slice on the calling (vCPU) thread."""
+        return self._run(vm)
+
     def _run(self, vm: Any) -> SliceEnd:
         wt.set_current_vm(vm)
         try:
