@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BUF 16384
+#define BUF 65536 /* bytes moved per recv: fewer, larger calls when clients stream */
 
 struct client {
     int sd;

@@ -248,15 +248,15 @@ class BlockDevice:
             return self._fail(att, EROFS)
         ptr &= 0xFFFFFFFF
         length = min(length, MAX_IO)
-        try:
-            mem.view(ptr, length).release()
-        except wt.MemoryFault:
+        if not mem.check(ptr, length):
             return self._fail(att, EFAULT)
         n = max(0, min(length, att.size - offset))
         if n == 0:
             if write and length > 0:
                 return self._fail(att, ENOSPC)
             return [0]
+        if not att.limiter.enabled:  # the common case: no rate limiter, so no lock, no closure, no op
+            return [self._do_transfer(st, att, mem, offset, ptr, n, write)]
 
         def io(m: wt.GuestMemory) -> int:
             return self._do_transfer(st, att, m, offset, ptr, n, write)
@@ -299,7 +299,7 @@ class BlockDevice:
     def _do_transfer(self, st: BlkState, att: Attachment, mem: wt.GuestMemory, offset: int, ptr: int, n: int,
                      write: bool) -> int:
         try:
-            view = mem.view(ptr, n)  # again: the guest may have been suspended in between
+            view = mem.view(ptr, n)  # checked again: the guest may have been suspended (and grown) since
         except wt.MemoryFault:
             return self._fail(att, EFAULT)[0]
         if not st.busy.enter():

@@ -130,6 +130,51 @@ def parse_egress(rule: str) -> EgressRule:
 
 
 # ------------------------------------------------------------------ sockets
+class RecvBuffer:
+    """Bytes received for the guest: the chunks as the transport delivered them, not yet read.
+
+    Appending keeps the chunk (no copy on the event loop); ``take_into`` copies straight into guest memory
+    and drops what it consumed (no shifting of the rest).
+    """
+
+    __slots__ = ("chunks", "off", "size")
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.off = 0   # bytes of chunks[0] already taken
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            if type(data) is not bytes:
+                data = bytes(data)
+            self.chunks.append(data)
+            self.size += len(data)
+
+    def take_into(self, view: memoryview) -> int:
+        """Move up to ``len(view)`` bytes into ``view``; returns how many."""
+        n = min(len(view), self.size)
+        done, chunks, off = 0, self.chunks, self.off
+        while done < n:
+            c = chunks[0]
+            k = min(len(c) - off, n - done)
+            view[done:done + k] = c if off == 0 and k == len(c) else memoryview(c)[off:off + k]
+            done += k
+            off += k
+            if off == len(c):
+                chunks.popleft()
+                off = 0
+        self.off = off
+        self.size -= n
+        return n
+
+
 class GSock:
     """A guest socket descriptor: a listener on a guest port, or a TCP connection."""
 
@@ -138,7 +183,7 @@ class GSock:
         self.kind = kind  # "listener" | "conn" | "connecting"
         self.port = 0
         self.backlog: collections.deque[GSock] = collections.deque()
-        self.rbuf = bytearray()
+        self.rbuf = RecvBuffer()
         self.eof = False
         self.error = 0
         self.transport: asyncio.Transport | None = None
@@ -148,6 +193,8 @@ class GSock:
         self.closed = False
         self.waiters: list[NetOp] = []
         self.peer = ""
+        self.outq: list[bytes] = []     # sent by the guest, not yet handed to the transport (loop)
+        self.flush_scheduled = False    # a flush of outq is queued on the loop
 
 
 class NetOp(HostOp):
@@ -201,7 +248,7 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         st = self.state
         with st.lock:
-            self.sock.rbuf += data
+            self.sock.rbuf.append(data)
             st.stats["bytes_in"] += len(data)
             if len(self.sock.rbuf) >= st.limits.buffer_bytes and not self.sock.reading_paused:
                 self.sock.reading_paused = True
@@ -257,13 +304,34 @@ class NetState:
 
     # ---- loop side
     def wake(self, sock: GSock) -> None:
-        """Complete every op waiting on ``sock`` whose condition now holds (event-loop thread)."""
+        """Complete every op waiting on ``sock`` whose condition now holds (event-loop thread).
+
+        No waiter, no work: a guest adds its op under the lock after finding the condition false, and the
+        loop changes the socket's state under the lock before calling this, so an op added before that change
+        is seen here, and one added after it saw the change and did not wait.
+        """
+        if not sock.waiters:
+            return
         with self.lock:
             ready = [op for op in sock.waiters if not op.ready() and op.cond()]
             for op in ready:
                 op.detach()
         for op in ready:
             op.set_result(None)
+
+    def flush(self, s: GSock, t: asyncio.Transport) -> None:
+        """Hand what the guest sent to the transport (event loop). Every send since the last flush goes out
+        in one call: a streaming guest costs the loop one callback per burst, not one per send."""
+        with self.lock:
+            chunks, s.outq = s.outq, []
+            s.flush_scheduled = False
+            s.out_pending -= sum(map(len, chunks))
+        if chunks and not t.is_closing():
+            if len(chunks) == 1:
+                t.write(chunks[0])
+            else:
+                t.writelines(chunks)
+        self.wake(s)
 
     def inbound(self, guest_port: int) -> asyncio.Protocol:
         """Protocol factory of a published port (event loop)."""
@@ -479,7 +547,7 @@ class NetDevice:
             try:
                 with st.lock:
                     res = fn(st, mem, args)
-                if isinstance(res, HostOp):
+                if type(res) is not list and isinstance(res, HostOp):
                     vm.waiting = res
                 return res
             except _Errno as e:
@@ -493,8 +561,8 @@ class NetDevice:
                  act: Callable[[wt.GuestMemory], Sequence[int]], throttled: bool = False) -> Any:
         """Act now if the condition holds, else suspend the guest until it does. A ``throttled`` call
         also waits out the rate limiter's debt first (on an event-loop timer, holding no thread)."""
-        wait = st.throttle_until - time.monotonic() if throttled else 0.0
-        if wait <= 0:
+        wait = st.throttle_until - time.monotonic() if throttled and st.throttle_until else 0.0
+        if wait <= 0:  # the common case: act now (data buffered, space free), no op, no closure kept
             if cond():
                 return _errno_guard(act, mem)
             return NetOp(name, st, socks, cond, lambda m: _errno_guard(act, m))
@@ -632,8 +700,7 @@ class NetDevice:
             return [-EINVAL]
         if s.kind != "conn":
             return [-ENOTCONN] if s.kind != "failed" else [-s.error or -ENOTCONN]
-        mem.read(ptr, min(length, 1))  # fault early on a bad pointer
-        if length and ptr + length > mem.size():
+        if length and not mem.check(ptr, length):
             return [-EFAULT]
 
         def space() -> bool:
@@ -641,31 +708,30 @@ class NetDevice:
                 not s.write_blocked and s.out_pending < st.limits.buffer_bytes)
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
-            if s.closed:
-                return [-EBADF]
-            if s.transport is None or s.error:
-                return [-(s.error or EPIPE)]
-            n = min(length, MAX_IO, st.limits.buffer_bytes - s.out_pending) if length else 0
-            if n <= 0:
-                return [0]
-            data = mem.read(ptr, n)
-            self._charge(st, n)
-            s.out_pending += n
-            st.stats["bytes_out"] += n
-            t = s.transport
-
-            def write() -> None:
-                with st.lock:
-                    s.out_pending -= n
-                if not t.is_closing():
-                    t.write(data)
-                st.wake(s)
-            st.loop.call_soon_threadsafe(write)
-            return [n]
+            return self._send_now(st, s, mem, ptr, length)
 
         if not space() and flags & NONBLOCK:
             return [-EAGAIN]
         return self._suspend(st, mem, "net_send", [s], space, act, throttled=True)
+
+    def _send_now(self, st: NetState, s: GSock, mem: wt.GuestMemory, ptr: int, length: int) -> Sequence[int]:
+        if s.closed:
+            return [-EBADF]
+        t = s.transport
+        if t is None or s.error:
+            return [-(s.error or EPIPE)]
+        n = min(length, MAX_IO, st.limits.buffer_bytes - s.out_pending) if length else 0
+        if n <= 0:
+            return [0]
+        data = mem.read(ptr, n)
+        self._charge(st, n)
+        s.out_pending += n
+        st.stats["bytes_out"] += n
+        s.outq.append(data)
+        if not s.flush_scheduled:  # else the flush already queued takes this chunk too, in order
+            s.flush_scheduled = True
+            st.loop.call_soon_threadsafe(st.flush, s, t)
+        return [n]
 
     def _recv(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
         s = st.get(a[0])
@@ -676,29 +742,31 @@ class NetDevice:
             return [-ENOTCONN] if s.kind != "failed" else [-s.error or -ENOTCONN]
         if length == 0:
             return [0]
-        if ptr < 0 or ptr + min(length, MAX_IO) > mem.size():
+        if not mem.check(ptr, min(length, MAX_IO)):
             return [-EFAULT]
 
         def readable() -> bool:
             return bool(s.rbuf) or s.eof or s.closed or bool(s.error)
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
-            if s.closed:
-                return [-EBADF]
-            if not s.rbuf:
-                return [-s.error] if s.error else [0]
-            n = min(length, len(s.rbuf), MAX_IO)
-            mem.write(ptr, memoryview(s.rbuf)[:n])
-            del s.rbuf[:n]
-            self._charge(st, n)
-            if s.reading_paused and len(s.rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None:
-                s.reading_paused = False
-                st.loop.call_soon_threadsafe(s.transport.resume_reading)
-            return [n]
+            return self._recv_now(st, s, mem, ptr, length)
 
         if not readable() and flags & NONBLOCK:
             return [-EAGAIN]
         return self._suspend(st, mem, "net_recv", [s], readable, act, throttled=True)
+
+    def _recv_now(self, st: NetState, s: GSock, mem: wt.GuestMemory, ptr: int, length: int) -> Sequence[int]:
+        if s.closed:
+            return [-EBADF]
+        rbuf = s.rbuf
+        if not rbuf:
+            return [-s.error] if s.error else [0]
+        n = rbuf.take_into(mem.view(ptr, min(length, len(rbuf), MAX_IO)))
+        self._charge(st, n)
+        if s.reading_paused and len(rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None:
+            s.reading_paused = False
+            st.loop.call_soon_threadsafe(s.transport.resume_reading)
+        return [n]
 
     def _close(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
         s = st.get(a[0])
@@ -710,53 +778,35 @@ class NetDevice:
         if not 0 <= nfds <= MAX_POLL_FDS:
             return [-EINVAL]
         raw = bytearray(mem.read(fds_ptr, nfds * 8))
-        entries = [struct.unpack_from("<ihh", raw, i * 8) for i in range(nfds)]
-        socks = [st.socks.get(sd) for sd, _, _ in entries]
+        entries = [(sd, events, st.socks.get(sd)) for sd, events, _ in _POLLFD.iter_unpack(raw)]
+        limit = st.limits.buffer_bytes
 
-        def revents(i: int) -> int:
-            sd, events, _ = entries[i]
-            if sd < 0:
-                return 0
-            s = socks[i]
-            if s is None or s.closed:
-                return POLLERR
-            r = 0
-            if s.kind == "listener":
-                if s.backlog and events & POLLIN:
-                    r |= POLLIN
-                return r
-            if s.kind == "failed":
-                return POLLERR
-            if s.kind == "connecting":
-                return 0
-            if events & POLLIN and (s.rbuf or s.eof):
-                r |= POLLIN
-            if s.eof and not s.rbuf:
-                r |= POLLHUP
-            if s.error:
-                r |= POLLERR
-            if events & POLLOUT and s.transport is not None and not s.write_blocked \
-                    and s.out_pending < st.limits.buffer_bytes:
-                r |= POLLOUT
-            return r
+        def scan() -> int:
+            """Write every revents into ``raw``; the number of entries with any."""
+            n = 0
+            for i, (sd, events, s) in enumerate(entries):
+                r = _revents(sd, events, s, limit)
+                _REVENTS.pack_into(raw, i * 8 + 6, r)
+                if r:
+                    n += 1
+            return n
+
+        n = scan()
+        if n or timeout_ms == 0:  # the common case: answer now with what one scan found
+            mem.write(fds_ptr, raw)
+            return [n]
 
         def count() -> int:
-            return sum(1 for i in range(nfds) if revents(i))
+            return sum(1 for sd, events, s in entries if _revents(sd, events, s, limit))
 
         timed_out = [False]
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
-            n = 0
-            for i in range(nfds):
-                r = revents(i)
-                struct.pack_into("<h", raw, i * 8 + 6, r)
-                n += bool(r)
-            mem.write(fds_ptr, bytes(raw))
+            n = scan()
+            mem.write(fds_ptr, raw)
             return [n]
 
-        if count() or timeout_ms == 0:
-            return act(mem)
-        op = NetOp("net_poll", st, [s for s in socks if s is not None],
+        op = NetOp("net_poll", st, [s for _, _, s in entries if s is not None],
                    lambda: timed_out[0] or count() > 0, lambda m: _errno_guard(act, m))
         if timeout_ms > 0:
             def fire() -> None:
@@ -807,6 +857,36 @@ class NetDevice:
     async def shutdown(self) -> None:
         for st in list(self.states):
             st.close()
+
+
+_POLLFD = struct.Struct("<ihh")
+_REVENTS = struct.Struct("<h")
+
+
+def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
+    """poll(2) semantics for one guest descriptor (``limit``: the per-socket send buffer)."""
+    if sd < 0:
+        return 0
+    if s is None or s.closed:
+        return POLLERR
+    kind = s.kind
+    if kind == "listener":
+        return POLLIN if s.backlog and events & POLLIN else 0
+    if kind == "failed":
+        return POLLERR
+    if kind == "connecting":
+        return 0
+    r = 0
+    if s.rbuf:
+        if events & POLLIN:
+            r = POLLIN
+    elif s.eof:
+        r = (POLLIN if events & POLLIN else 0) | POLLHUP
+    if s.error:
+        r |= POLLERR
+    if events & POLLOUT and s.transport is not None and not s.write_blocked and s.out_pending < limit:
+        r |= POLLOUT
+    return r
 
 
 def _errno_guard(act: Callable[[wt.GuestMemory], Sequence[int]], mem: wt.GuestMemory) -> Sequence[int]:

@@ -2,9 +2,14 @@
 
 Completion happens on the event loop (a socket became readable, a timer fired); the guest resumes on a
 vCPU worker. The lock makes the hand-over between the two safe without either side waiting.
+
+Two hooks for the scheduler: ``wait(timeout)`` lets a vCPU worker block briefly on an op that is likely to
+complete soon (ping-pong traffic) instead of ending the slice, and ``loop_waker`` builds a waker that does
+not go through ``call_soon_threadsafe`` when the op completes on the event loop itself.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +26,7 @@ class HostOp:
         self._lock = threading.Lock()
         self._ready = False
         self._waker: Callable[[], None] | None = None
+        self._gate: threading.Lock | None = None  # held while a worker may be blocked in ``wait``
         self.result: Any = None
         self.cancelled = False
 
@@ -35,8 +41,28 @@ class HostOp:
             self.result = result
             self._ready = True
             waker, self._waker = self._waker, None
+            gate = self._gate
+        if gate is not None:
+            gate.release()
         if waker is not None:
             waker()
+
+    def wait(self, timeout: float) -> bool:
+        """Block the calling thread (a vCPU worker, never the event loop) until the op is ready or
+        ``timeout`` seconds passed; True if it is ready. The GIL is released while waiting."""
+        if self._ready:
+            return True
+        with self._lock:
+            if self._ready:
+                return True
+            gate = self._gate
+            if gate is None:
+                gate = self._gate = threading.Lock()
+                gate.acquire()  # released by set_result
+        if gate.acquire(timeout=timeout):
+            gate.release()  # let any other waiter through too
+            return True
+        return self._ready
 
     def on_ready(self, waker: Callable[[], None]) -> bool:
         """Register the scheduler's wake-up; returns True (and registers nothing) if already ready."""
@@ -67,3 +93,17 @@ class HostOp:
 
     def finish(self, mem: GuestMemory) -> Sequence[int]:
         return [int(self.result or 0)]
+
+
+def loop_waker(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Callable[[], None]:
+    """A waker for ``on_ready`` that schedules ``fn(*args)`` on ``loop``: with ``call_soon`` when the op
+    completes on the loop's own thread (the usual case: a socket event or a timer), which costs no
+    self-pipe write and no lock, else with ``call_soon_threadsafe``. Build it on the loop's thread."""
+    loop_thread = threading.get_ident()
+
+    def wake() -> None:
+        if threading.get_ident() == loop_thread:
+            loop.call_soon(fn, *args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+    return wake

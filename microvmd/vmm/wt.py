@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import itertools
+import struct
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -216,54 +218,155 @@ def instantiate(store: wasmtime.Store, linker: wasmtime.Linker, module: wasmtime
 # --------------------------------------------------------------------------------------------------------
 # Host functions that may suspend the guest
 # --------------------------------------------------------------------------------------------------------
+# The host-call path is hot (a socket echo makes four calls per message), so it avoids what costs most in
+# ctypes: objects per argument or access, and foreign calls that release the GIL.
+#
+# * The few C functions used per call are bound a second time through ``PyDLL`` (same library, already
+#   loaded): they are tiny (a pointer or a length), and a ``CDLL`` call releases and re-takes the GIL around
+#   each of them, which on a busy daemon means waiting for the event loop thread every time. Only
+#   ``wasmtime_call_future_poll`` (which runs the guest) releases the GIL.
+# * Raw memory (wasmtime's argument/result arrays, the continuation, guest memory) is read and written
+#   through ``_RAW``, one memoryview over the whole address space: ``struct.unpack_from(_RAW, addr - 1)``
+#   and slice assignment cost no foreign call and no ctypes object. Every address used with it comes from
+#   wasmtime or is a guest range checked against the memory's current size, exactly as with ctypes; it is
+#   private to this module.
+def _pyfunc(lib: ctypes.PyDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+    fn = lib[name]  # a fresh function object: wasmtime-py's own bindings stay as they are
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
+_P, _SZ = ctypes.c_void_p, ctypes.c_size_t
+_wt_lib = ctypes.PyDLL(ffi.dll._name)
+_caller_context = _pyfunc(_wt_lib, "wasmtime_caller_context", _P, _P)
+_caller_export_get = _pyfunc(_wt_lib, "wasmtime_caller_export_get", ctypes.c_bool, _P, ctypes.c_char_p, _SZ, _P)
+_memory_data = _pyfunc(_wt_lib, "wasmtime_memory_data", _P, _P, _P)
+_memory_data_size = _pyfunc(_wt_lib, "wasmtime_memory_data_size", _SZ, _P, _P)
+_global_set = _pyfunc(_wt_lib, "wasmtime_global_set", _P, _P, _P, _P)
+_trap_new = _pyfunc(_wt_lib, "wasmtime_trap_new", _P, ctypes.c_char_p, _SZ)
+_memview = _pyfunc(ctypes.pythonapi, "PyMemoryView_FromMemory", ctypes.py_object, _P, ctypes.c_ssize_t, ctypes.c_int)
+_PyBUF_WRITE = 0x200
+_RAW: memoryview = _memview(1, sys.maxsize - 1, _PyBUF_WRITE)  # _RAW[a - 1] is the byte at address a
+
+_VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_t)
+_VAL_OF = ffi.wasmtime_val_t.of.offset
+_EXTERN_OF = ffi.wasmtime_extern_t.of.offset
+_EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+_MEMORY_NAME = b"memory"
+_MASK = {I32: 0xFFFFFFFF, I64: 0xFFFFFFFFFFFFFFFF}
+
+
+class _MemoryRef:
+    """The caller's ``memory`` as last seen on this thread: the extern and its address and size."""
+
+    __slots__ = ("ctx", "mem", "ext", "size", "addr")
+
+    def __init__(self, ctx: int, caller: int) -> None:
+        self.ctx = ctx
+        self.ext = ffi.wasmtime_extern_t()  # owns the wasmtime_memory_t that ``mem`` points at
+        ok = _caller_export_get(caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.addressof(self.ext))
+        self.mem = ctypes.addressof(self.ext) + _EXTERN_OF if ok and self.ext.kind == _EXTERN_MEMORY else 0
+        self.size = -1
+        self.addr = 0
+
+
 class GuestMemory:
-    """Bounds-checked access to the caller's exported ``memory``, valid for one host call."""
+    """Bounds-checked access to the caller's exported ``memory``, valid for one host call.
 
-    __slots__ = ("_ctx", "_mem", "_ok")
+    Nothing is looked up until the first access. The memory's size is then read once and kept for the rest
+    of the call (linear memory only grows while Wasm runs, never inside a host call); its address is read
+    again only when the size changed (a grown memory may have moved; one that did not grow did not).
+    """
 
-    def __init__(self, caller: Any) -> None:
-        self._ctx = ffi.wasmtime_caller_context(caller)
-        self._mem = ffi.wasmtime_extern_t()
-        name = b"memory"
-        self._ok = bool(ffi.wasmtime_caller_export_get(caller, name, len(name), ctypes.byref(self._mem))) \
-            and self._mem.kind == ffi.WASMTIME_EXTERN_MEMORY.value
+    __slots__ = ("_caller", "_ctx", "_size", "_off", "_none")
 
-    def _base(self, ptr: int, length: int) -> int:
-        if not self._ok:
-            raise MemoryFault("guest exports no memory")
-        size = ffi.wasmtime_memory_data_size(self._ctx, ctypes.byref(self._mem.of.memory))
+    def __init__(self, caller: int) -> None:
+        self._caller = caller  # address of the wasmtime_caller_t
+        self._ctx = 0          # wasmtime_context_t *, resolved lazily
+        self._size = -1        # -1: not read yet
+        self._off = 0          # index in _RAW of the memory's first byte
+        self._none = False     # the guest exports no memory
+
+    def _context(self) -> int:
+        ctx = self._ctx
+        if not ctx:
+            ctx = self._ctx = _caller_context(self._caller)
+        return ctx  # type: ignore[no-any-return]
+
+    def _load(self) -> int:
+        ctx = self._context()
+        cur = _current
+        ref = getattr(cur, "mem", None)
+        if ref is None or ref.ctx != ctx:
+            ref = _MemoryRef(ctx, self._caller)
+            # A memory never changes identity, so within one slice (between two ``set_current_vm`` calls
+            # on this thread, while the store cannot be freed) it is looked up once. Outside a slice
+            # nothing is kept: a store may be freed and another allocated at the same address.
+            if getattr(cur, "vm", None) is not None:
+                cur.mem = ref
+        if not ref.mem:
+            self._none = True
+            self._size = 0
+            return 0
+        size = _memory_data_size(ctx, ref.mem)
+        if size != ref.size:
+            ref.addr = _memory_data(ctx, ref.mem) or 0
+            ref.size = size
+        self._off = ref.addr - 1
+        self._size = size
+        return size  # type: ignore[no-any-return]
+
+    def check(self, ptr: int, length: int) -> bool:
+        """Whether ``[ptr, ptr+length)`` lies inside guest memory."""
+        size = self._size
+        if size < 0:
+            size = self._load()
+        return 0 <= ptr and 0 <= length and ptr + length <= size
+
+    def _start(self, ptr: int, length: int) -> int:
+        """The index in ``_RAW`` of guest address ``ptr``, once ``[ptr, ptr+length)`` is checked."""
+        size = self._size
+        if size < 0:
+            size = self._load()
         if ptr < 0 or length < 0 or ptr + length > size:
+            if self._none:
+                raise MemoryFault("guest exports no memory")
             raise MemoryFault(f"range {ptr}+{length} outside guest memory of {size} bytes")
-        base = ffi.wasmtime_memory_data(self._ctx, ctypes.byref(self._mem.of.memory))
-        return ctypes.cast(base, ctypes.c_void_p).value or 0
+        return self._off + ptr
 
     def size(self) -> int:
-        if not self._ok:
-            return 0
-        return int(ffi.wasmtime_memory_data_size(self._ctx, ctypes.byref(self._mem.of.memory)))
+        size = self._size
+        return self._load() if size < 0 else size
 
     def read(self, ptr: int, length: int) -> bytes:
-        return ctypes.string_at(self._base(ptr, length) + ptr, length) if length else b""
+        if not length:
+            return b""
+        i = self._start(ptr, length)
+        return _RAW[i:i + length].tobytes()
 
     def write(self, ptr: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         if n:
-            base = self._base(ptr, n)
-            ctypes.memmove(base + ptr, bytes(data) if not isinstance(data, bytes) else data, n)
+            i = self._start(ptr, n)
+            try:
+                _RAW[i:i + n] = data
+            except (TypeError, ValueError):  # a view of another format or shape: copy it flat
+                _RAW[i:i + n] = bytes(data)
+
+    def view(self, ptr: int, length: int) -> memoryview:
+        """A zero-copy writable view; do not keep it beyond the host call."""
+        i = self._start(ptr, length)
+        return _RAW[i:i + length]
 
     def set_global_i32(self, glob: wasmtime.Global, value: int) -> None:
         """Set a global of the calling instance from inside a host call (no Wasm runs)."""
         val = ffi.wasmtime_val_t()
         val.kind = I32  # type: ignore[assignment]
         val.of.i32 = value
-        err = ffi.wasmtime_global_set(self._ctx, ctypes.byref(glob._global), ctypes.byref(val))
+        err = _global_set(self._context(), ctypes.addressof(glob._global), ctypes.addressof(val))
         if err:
-            raise wasmtime.WasmtimeError._from_ptr(err)
-
-    def view(self, ptr: int, length: int) -> memoryview:
-        """A zero-copy writable view; do not keep it beyond the host call."""
-        base = self._base(ptr, length)
-        return memoryview((ctypes.c_char * length).from_address(base + ptr)).cast("B")
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
 class MemoryFault(Exception):
@@ -294,44 +397,85 @@ suspension_hook: SuspensionHook | None = None
 
 
 def set_current_vm(vm: object | None) -> None:
+    """Called by the scheduler at the start and the end of every slice on its worker thread."""
     _current.vm = vm
+    _current.mem = None
 
 
 def current_vm() -> Any:
     return getattr(_current, "vm", None)
 
 
+class _Host:
+    """One defined import: the function and how to unpack its arguments and pack its results."""
+
+    __slots__ = ("fn", "unpack", "nres", "kinds", "pack", "kind", "mask")
+
+    def __init__(self, fn: HostFn, params: Sequence[int], results: Sequence[int]) -> None:
+        self.fn = fn
+        # wasmtime_val_t: kind (1 byte), padding, the value at _VAL_OF; an array of _VAL_SIZE strides
+        fmt = "".join(f"{_VAL_OF}x{'q' if k == I64 else 'i'}{_VAL_SIZE - _VAL_OF - (8 if k == I64 else 4)}x"
+                      for k in params)
+        self.unpack = struct.Struct("<" + fmt).unpack_from
+        self.nres = len(results)
+        self.kinds = list(results)
+        one = f"B{_VAL_OF - 1}xQ"  # kind, then the value as 64 bits (an i32 is its low half)
+        self.pack = struct.Struct("<" + f"{_VAL_SIZE - _VAL_OF - 8}x".join([one] * len(results))).pack_into
+        self.kind = results[0] if results else I32
+        self.mask = _MASK[self.kind]
+
+
 @dataclass
 class _Suspended:
     pending: Pending
-    caller: Any
-    results: Any
-    nresults: int
-    trap_ret: Any
+    caller: int
+    results: int
+    host: _Host
+    trap_ret: int
 
 
 _suspended: dict[int, _Suspended] = {}
 _ids = itertools.count(1)
-_hosts: dict[int, tuple[HostFn, list[int]]] = {}
+_hosts: dict[int, _Host] = {}
 
 
-def _write_results(results: Any, kinds: Sequence[int], values: Sequence[int]) -> None:
-    for i, (k, v) in enumerate(zip(kinds, values, strict=False)):
-        results[i].kind = k  # type: ignore[assignment]
-        if k == I64:
-            results[i].of.i64 = int(v)
-        else:
-            results[i].of.i32 = int(v) & 0xFFFFFFFF if v >= 0 else int(v)
+def _write_results(results: int, host: _Host, values: Sequence[int]) -> None:
+    n = host.nres
+    if n == 1 and len(values) == 1:
+        host.pack(_RAW, results - 1, host.kind, int(values[0]) & host.mask)
+    elif n:
+        vals = [*values[:n], *([0] * (n - len(values)))]
+        flat: list[int] = []
+        for k, v in zip(host.kinds, vals, strict=True):
+            flat += (k, int(v) & _MASK[k])
+        host.pack(_RAW, results - 1, *flat)
 
 
-def _set_trap(trap_ret: Any, message: str) -> None:
+def _set_trap(trap_ret: int, message: str) -> None:
     msg = message.encode()
-    trap_ret[0] = ffi.wasmtime_trap_new(msg, len(msg))
+    _PTR.pack_into(_RAW, trap_ret - 1, _trap_new(msg, len(msg)) or 0)
 
 
 @ffi.wasmtime_func_async_continuation_callback_t
 def _always_ready(env: Any) -> bool:
     return True
+
+
+# The continuation of a call answered at once must still be a function that says "ready". A Python one
+# costs a second trip into Python (and another GIL acquisition) per host call; libc's strlen on a
+# one-character string returns 1 (true) without either.
+_PTR = struct.Struct("P")
+_CONT = struct.Struct("PPP")  # wasmtime_async_continuation_t: callback, env, finalizer
+try:
+    _strlen = ctypes.CDLL(None).strlen
+    _strlen.restype, _strlen.argtypes = ctypes.c_size_t, [ctypes.c_char_p]
+    _ONE_CHAR = ctypes.create_string_buffer(b"x")
+    if _strlen(_ONE_CHAR) != 1:
+        raise OSError("strlen misbehaves")
+    _READY = (ctypes.cast(_strlen, ctypes.c_void_p).value, ctypes.addressof(_ONE_CHAR), 0)
+except (OSError, AttributeError, TypeError):  # pragma: no cover - no libc symbols: a Python continuation
+    _READY = (ctypes.cast(_always_ready, ctypes.c_void_p).value, 0, 0)
+assert ctypes.sizeof(ffi.wasmtime_async_continuation_t) == _CONT.size
 
 
 @ffi.wasmtime_func_async_continuation_callback_t
@@ -344,7 +488,7 @@ def _continuation(env: Any) -> bool:
         if not s.pending.ready():
             return False
         values = s.pending.complete(GuestMemory(s.caller))
-        _write_results(s.results, _result_kinds[key], values)
+        _write_results(s.results, s.host, values)
     except HostTrap as exc:
         _set_trap(s.trap_ret, str(exc))
     except Exception as exc:  # a bug in a device must not unwind through C
@@ -354,37 +498,39 @@ def _continuation(env: Any) -> bool:
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _continuation_done(env: Any) -> None:
-    key = int(env or 0)
-    _suspended.pop(key, None)
-    _result_kinds.pop(key, None)
+    _suspended.pop(int(env or 0), None)
 
 
-_result_kinds: dict[int, Sequence[int]] = {}
+_CONTINUATION = ctypes.cast(_continuation, ctypes.c_void_p).value
+_CONTINUATION_DONE = ctypes.cast(_continuation_done, ctypes.c_void_p).value
 
 
-@ffi.wasmtime_func_async_callback_t
-def _trampoline(env: Any, caller: Any, args: Any, nargs: int, results: Any, nresults: int,
-                trap_ret: Any, cont: Any) -> None:
-    fn, kinds = _hosts[int(env)]
-    cont.contents.callback = _always_ready
+# Every argument is a plain address or integer: ctypes builds no pointer objects per call.
+@ctypes.CFUNCTYPE(None, _P, _P, _P, _SZ, _P, _SZ, _P, _P)
+def _trampoline(env: int, caller: int, args: int, nargs: int, results: int, nresults: int,
+                trap_ret: int, cont: int) -> None:
+    host = _hosts[env]
     try:
-        argv = [args[i].of.i64 if args[i].kind == I64 else args[i].of.i32 for i in range(nargs)]
-        mem = GuestMemory(caller)
-        res = fn(mem, argv)
-        if isinstance(res, (list, tuple)):
-            _write_results(results, kinds, res)
+        res = host.fn(GuestMemory(caller), host.unpack(_RAW, args - 1) if nargs else ())
+        if type(res) is list or type(res) is tuple:
+            if host.nres == 1 and len(res) == 1:
+                host.pack(_RAW, results - 1, host.kind, int(res[0]) & host.mask)
+            else:
+                _write_results(results, host, res)
+            _CONT.pack_into(_RAW, cont - 1, *_READY)
             return
-        assert not isinstance(res, Sequence)
         key = next(_ids)
-        _suspended[key] = _Suspended(res, caller, results, nresults, trap_ret)
-        _result_kinds[key] = kinds
-        cont.contents.callback = _continuation
-        cont.contents.env = key
-        cont.contents.finalizer = _continuation_done
+        _suspended[key] = _Suspended(res, caller, results, host, trap_ret)  # type: ignore[arg-type]
+        _CONT.pack_into(_RAW, cont - 1, _CONTINUATION, key, _CONTINUATION_DONE)
+        return
     except HostTrap as exc:
         _set_trap(trap_ret, str(exc))
     except Exception as exc:
         _set_trap(trap_ret, f"host error: {type(exc).__name__}: {exc}")
+    _CONT.pack_into(_RAW, cont - 1, *_READY)
+
+
+_TRAMPOLINE = ctypes.cast(_trampoline, ffi.wasmtime_func_async_callback_t)
 
 
 def _valtypes(names: Sequence[str]) -> Any:
@@ -422,10 +568,10 @@ def define_host_func(linker: wasmtime.Linker, module: str, name: str,
     rtypes = _valtypes(results)
     functype = ffi.wasm_functype_new(ctypes.byref(ptypes), ctypes.byref(rtypes))
     key = next(_ids)
-    _hosts[key] = (fn, [_VALTYPES[r] for r in results])
+    _hosts[key] = _Host(fn, [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results])
     m, n = module.encode(), name.encode()
     err = ffi.wasmtime_linker_define_async_func(
-        linker.ptr(), m, len(m), n, len(n), functype, _trampoline, key,
+        linker.ptr(), m, len(m), n, len(n), functype, _TRAMPOLINE, key,
         ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
     ffi.wasm_functype_delete(functype)
     if err:
