@@ -1,6 +1,8 @@
 """Snapshot, restore and migration routes (thin: decode, call the controller, encode)."""
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from ..errors import BadRequest
@@ -10,6 +12,7 @@ from . import codec
 from .server import EXTRA_ROUTES, Route, hv
 
 SNAPSHOTS = web.AppKey("snapshots", Snapshots)
+log = logging.getLogger("microvmd.api")
 
 
 def snaps(request: web.Request) -> Snapshots:
@@ -47,8 +50,15 @@ async def snapshot_export(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f'attachment; filename="{m["name"]}.mvsnap"'})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
-    await drain(gen, hv(request).sched.on_io, resp.write)
-    await resp.write_eof()
+    try:
+        await drain(gen, hv(request).sched.on_io, resp.write)
+        await resp.write_eof()
+    except Exception as exc:
+        # the status line is gone: the only honest signal left is to cut the stream (it has no end record,
+        # so an importer refuses it as truncated)
+        log.error("export of snapshot %s failed mid-stream: %s", m["name"], exc)
+        if request.transport is not None:
+            request.transport.close()
     return resp
 
 

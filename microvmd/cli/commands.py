@@ -730,9 +730,10 @@ def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
         if isinstance(vm, str) and len(vm) >= 32 and all(c in "0123456789abcdef" for c in vm):
             vm = output.short_id(vm)
         kind = _first(s, "kind", "snapshot_kind")
-        if s.get("diff"):
+        if s.get("parent") or s.get("diff"):
             kind = f"{kind or 'snapshot'} (diff)"
-        rows.append([s.get("name"), vm, kind, output.size(s.get("size")), output.ago(s.get("created"))])
+        size = _first(s, "memory_bytes", "size")
+        rows.append([s.get("name"), vm, kind, output.size(size), output.ago(s.get("created"))])
     output.table(["NAME", "VM", "KIND", "SIZE", "CREATED"], rows)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import re
 import time
 from dataclasses import asdict
 from typing import Any
@@ -66,8 +67,10 @@ class Snapshots:
 
     # ------------------------------------------------------------------ create
     def _auto_name(self, vm: Vm) -> str:
+        """<vm>-<time>-<n>, from the VM's name made safe (a VM name may hold characters a snapshot's may not)."""
         self._seq += 1
-        return f"{vm.name}-{time.strftime('%Y%m%d-%H%M%S')}-{self._seq}"
+        base = re.sub(r"[^A-Za-z0-9_.-]", "-", vm.name).lstrip("._-")[:80] or vm.id[:12]
+        return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{self._seq}"
 
     async def create(self, vm: Vm, name: str | None, diff: bool) -> dict[str, Any]:
         name = name or self._auto_name(vm)
@@ -221,7 +224,15 @@ class Snapshots:
             raise Unprocessable(f"snapshot {name} needs image {m['vm']['digest'][:19]}, which this daemon does "
                                 f"not have: import the image, or import an export of the snapshot",
                                 code="image_missing") from None
-        spec = VmSpec.from_dict(m["vm"]["spec"])
+        try:
+            spec = VmSpec.from_dict(m["vm"]["spec"])
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise Unprocessable(f"snapshot {name} has an invalid VM spec: {exc}", code="invalid_snapshot") from None
+        if m.get("origin") == "import" and spec.dirs:
+            # host directories are this host's: an imported snapshot does not get to name them
+            log.warning("restore of imported snapshot %s: dropping %d host director(ies) from its spec",
+                        name, len(spec.dirs))
+            spec.dirs = []
         spec.image = m["vm"]["digest"]
         spec.name = new_name
         spec.auto_remove = False
@@ -289,6 +300,8 @@ class Snapshots:
     async def export_blocks(self, name: str, only: set[bytes] | None = None,
                             with_image: bool = True) -> tuple[dict[str, Any], Any]:
         m = await self.hv.sched.on_io(self.store.load_manifest, name)
+        # check the packs before the answer starts: a bad chunk found mid-stream could only cut it off
+        await self.hv.sched.on_io(self.store.verify_manifest, m)
         seen: set[bytes] = set()
         refs = []
         for r in all_refs(m):
@@ -322,6 +335,7 @@ class Snapshots:
                         raise Conflict(f"a different snapshot named {m['name']!r} already exists here",
                                        code="snapshot_exists")
                 stored = self._locate(m)
+                stored["origin"] = "import"
 
                 def publish() -> None:
                     writer.publish()

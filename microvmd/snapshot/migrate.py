@@ -102,7 +102,7 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
             await peer.call("GET", "/v1/info")
         except (aiohttp.ClientError, _PeerError, OSError) as exc:
             raise MigrationFailed(f"cannot reach the target {to}: {exc}; nothing was changed") from None
-        name = f"migrate-{vm.name}-{int(time.time() * 1000)}"
+        name = f"migrate-{vm.id[:12]}-{int(time.time() * 1000)}"
         net = vm.devices.get("net") if vm.devices is not None else None
         async with vm.lock:
             was_running = vm.state == VmState.RUNNING
@@ -121,6 +121,7 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                         hv.thaw(vm)
                     raise
             released = False
+            imported = False
             try:
                 if net is not None:
                     await net.release_published()
@@ -158,6 +159,7 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
 
                 t_send = time.perf_counter()
                 await peer.call("POST", "/v1/snapshots/import", data=stream())
+                imported = True
                 t_restore = time.perf_counter()
                 new = await peer.call("POST", f"/v1/snapshots/{name}/restore",
                                       {"name": vm.name, "start": was_running})
@@ -169,6 +171,11 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                     except OSError as bind_exc:
                         log.error("vm=%s could not rebind its published ports: %s", vm.id[:12], bind_exc)
                 hv.thaw(vm)
+                if imported:  # do not leave the half-done migration's snapshot at the target
+                    try:
+                        await peer.call("DELETE", f"/v1/snapshots/{name}")
+                    except (aiohttp.ClientError, _PeerError, OSError) as del_exc:
+                        log.warning("could not remove snapshot %s at the target: %s", name, del_exc)
                 if isinstance(exc, (aiohttp.ClientError, _PeerError, OSError, MicrovmError)):
                     raise MigrationFailed(f"migration to {to} failed: {exc}; the VM keeps running here") from None
                 raise

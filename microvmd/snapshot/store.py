@@ -163,10 +163,13 @@ def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
     _refs_ok(mem.get("chunks"), mem.get("size"), where, "memory", npacks)
     if mem["size"] % 65536 or mem["size"] > (1 << 32):
         raise SnapshotError(f"{where}: memory size {mem['size']} is not a whole number of Wasm pages ≤ 4 GiB")
+    bounds = {"i32": 1 << 32, "i64": 1 << 64}
     for name, v in m["globals"].items():
         if not (isinstance(name, str) and isinstance(v, list) and len(v) == 2 and v[0] in ("i32", "i64", "f32", "f64")
-                and isinstance(v[1], (int, float))):
+                and isinstance(v[1], (int, float)) and not isinstance(v[1], bool)):
             raise SnapshotError(f"{where}: malformed global {name!r}")
+        if v[0] in bounds and not (isinstance(v[1], int) and -bounds[v[0]] // 2 <= v[1] < bounds[v[0]] // 2):
+            raise SnapshotError(f"{where}: global {name!r} is out of range for {v[0]}")
     if len(m["disks"]) > 64:
         raise SnapshotError(f"{where}: too many disks")
     for d in m["disks"]:
@@ -177,6 +180,22 @@ def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
     for key in ("spec", "digest"):
         if key not in vm:
             raise SnapshotError(f"{where}: manifest has no vm.{key}")
+    if not isinstance(vm["spec"], dict):
+        raise SnapshotError(f"{where}: vm.spec is not a map")
+    from ..api.schemas import vm_spec  # the API's own checks: a snapshot's spec is as untrusted as a request
+
+    try:
+        vm_spec(vm["spec"])
+    except Exception as exc:
+        raise SnapshotError(f"{where}: vm.spec is invalid: {getattr(exc, 'message', exc)}") from None
+    fc, fb = vm.get("fuel_consumed", 0), vm.get("fuel_budget")
+    if not (isinstance(fc, int) and not isinstance(fc, bool) and 0 <= fc < 1 << 63):
+        raise SnapshotError(f"{where}: vm.fuel_consumed is not a count")
+    if fb is not None and not (isinstance(fb, int) and not isinstance(fb, bool) and 0 < fb < 1 << 63):
+        raise SnapshotError(f"{where}: vm.fuel_budget is not a positive count")
+    ml = vm.get("memory_limit")
+    if ml is not None and not (isinstance(ml, int) and 0 < ml <= 1 << 32):
+        raise SnapshotError(f"{where}: vm.memory_limit is out of range")
     if not isinstance(vm["digest"], str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", vm["digest"]):
         raise SnapshotError(f"{where}: malformed image digest")
 
@@ -211,7 +230,11 @@ class PackWriter:
         self.store = store
         self.id = uuid.uuid4().hex
         self.tmp = store.root / "tmp" / f"{self.id}.pack"
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # no inodes or no space: a clear 507
+            _enospc(exc)
+            raise
         self.next = 0
         self.used = False
 
@@ -470,6 +493,14 @@ class SnapshotStore:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+    def verify_manifest(self, m: dict[str, Any]) -> None:
+        """Check every chunk of the packs this manifest uses that were not checked in this daemon's life."""
+        packs = m["packs"]
+        named = [(r, packs[r[2]]) for r in all_refs(m)]
+        unverified = {p for _, p in named if p not in self.verified}
+        if unverified:
+            self._verify_packs(unverified, [(r, p) for r, p in named if p in unverified])
 
     def _verify_packs(self, packs: set[str], refs: list[tuple[Ref, str]]) -> None:
         def check(part: list[tuple[Ref, str]]) -> None:

@@ -85,7 +85,13 @@ class HostOp:
         self._answer = answer
         self.set_result(None)
 
+    @property
+    def consumed(self) -> bool:
+        """The guest has taken the op's answer (it is past this suspension point)."""
+        return getattr(self, "_consumed", False)
+
     def complete(self, mem: GuestMemory) -> Sequence[int]:
+        self._consumed = True
         answer = getattr(self, "_answer", None)
         if answer is not None:
             return answer(mem)  # type: ignore[no-any-return]

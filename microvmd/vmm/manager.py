@@ -494,7 +494,9 @@ class Hypervisor:
         if m.asyncify.unwound:
             vm.frozen = True
             return "unwound"
-        blocked = vm.waiting is not None and not vm.waiting.ready()
+        # at a suspension point: in a device call whose answer the guest has not taken yet (it may be
+        # ready already, e.g. a sleep that ended while the VM was paused; the guest repeats the call)
+        blocked = vm.waiting is not None and not vm.waiting.consumed
         if vm.state in (VmState.PAUSED, VmState.OUT_OF_FUEL) and not blocked:
             raise Conflict(f"VM {vm.id} is {vm.state.value} in the middle of computing, not at a suspension "
                            f"point; resume it and snapshot it while it runs", code="not_at_suspension_point")

@@ -219,10 +219,6 @@ def test_disk_full_during_snapshot(make_daemon, guests: dict[str, Path]) -> None
         _umount(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ENOSPC while *creating* a file in the snapshot store is not mapped to "
-                   "507 disk_full: PackWriter.__init__ opens snapshots/tmp/<id>.pack with os.open() outside any "
-                   "ENOSPC handling (every snapshot makes one), so no free inode (on ext4 also no free block) "
-                   "answers 500 internal_error")
 @pytest.mark.parametrize("what", ["new-chunk-dir", "manifest-tmp"])
 def test_inodes_exhausted_during_snapshot(make_daemon, guests: dict[str, Path], what: str) -> None:  # type: ignore[no-untyped-def]
     """No free inode: creating a chunk's directory, or the manifest's temporary file, fails with ENOSPC."""
@@ -298,10 +294,6 @@ def test_snapshot_data_corrupted_at_rest_is_refused_at_restore(make_daemon, gues
     assert "Traceback" not in r.stderr and not list(make_daemon.root.glob("rot.snap*"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: exporting a snapshot whose chunk data is corrupted at rest starts a "
-                   "200 chunked response, and when read_chunk() raises mid-stream the API error middleware writes a "
-                   "second HTTP response ('HTTP/1.1 422 ...') inside the chunked body; the client reports "
-                   "'malformed chunk size', not the corruption")
 def test_export_of_corrupted_snapshot_is_a_clean_error(make_daemon, guests: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
     d = _rotten(make_daemon, guests)
     r = d.cli("snapshot", "export", "rot-1", "-o", str(make_daemon.root / "rot.snap"))

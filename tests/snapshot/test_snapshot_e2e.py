@@ -91,9 +91,6 @@ def test_snapshot_of_a_paused_vm_blocked_in_sleep_and_resume(pair: tuple[Daemon,
     a.mv("rm", "-f", "p1", "p1r")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a paused VM whose pending device call already completed (counter paused "
-                   "longer than its sleep) is refused with 409 not_at_suspension_point, 'paused in the middle of "
-                   "computing', although it is suspended inside mv_sleep_ms")
 def test_snapshot_of_a_vm_paused_longer_than_its_sleep(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     a.mv("run", "-d", "--name", "p2", "--env", "INTERVAL_MS=30", "counter")
@@ -142,9 +139,6 @@ def test_snapshot_auto_name(pair: tuple[Daemon, Daemon]) -> None:
     a.mv("rm", "-f", "auto1")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the automatic snapshot name is f'{vm.name}-<time>-<n>', which is no "
-                   "valid snapshot name when the VM's (valid) name has a space, a ':' or starts with '_' or '.': "
-                   "`snapshot create` without --name answers 400 invalid_name")
 @pytest.mark.parametrize("vm_name", ["my vm", "_under", "x" * 128])
 def test_snapshot_auto_name_for_any_valid_vm_name(pair: tuple[Daemon, Daemon], vm_name: str) -> None:
     a, _ = pair
@@ -411,9 +405,6 @@ def test_hostile_export_files_are_refused_at_import(pair: tuple[Daemon, Daemon],
     b.mv("snapshot", "rm", name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a crafted manifest (valid checksum) with wrongly typed vm.spec / "
-                   "vm.fuel_consumed / vm.fuel_budget passes validate_manifest(); restore then answers 500 "
-                   "internal_error (fuel_budget: the VM is even created and dies with a host TypeError)")
 @pytest.mark.parametrize("field,value", [("spec", "abc"), ("fuel_consumed", "abc"), ("fuel_budget", "abc")])
 def test_crafted_manifest_field_types_are_refused_not_500(pair: tuple[Daemon, Daemon], tmp_path: Path,
                                                           field: str, value: object) -> None:
@@ -441,8 +432,6 @@ def test_crafted_manifest_field_types_are_refused_not_500(pair: tuple[Daemon, Da
         b.cli("snapshot", "rm", name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (CLI): `snapshot ls` reads 'size' and 'diff', but the API's summary has "
-                   "'memory_bytes' and 'parent': the SIZE column is always '-' and a diff never shows '(diff)'")
 def test_snapshot_ls_shows_size_and_diff(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     a.mv("run", "-d", "--name", "lsz", "--env", "INTERVAL_MS=20", "counter")

@@ -249,9 +249,6 @@ def test_validate_manifest_memory_above_4gib_rejected(sample: dict[str, bytes]) 
     (["vm", "fuel_budget"], "abc"),
     (["globals", "__stack_pointer"], ["i32", 1 << 40]),
 ], ids=lambda v: repr(v)[:40])
-@pytest.mark.xfail(strict=True, reason="BUG: validate_manifest() does not check vm.spec, vm.fuel_consumed, "
-                   "vm.fuel_budget or the range of integer globals, although restore uses them "
-                   "(crafted imports then fail with 500 internal_error or a host error at run time)")
 def test_validate_manifest_checks_every_field_restore_uses(sample: dict[str, bytes], path: list[str],
                                                            value: Any) -> None:
     m = decode(sample["stored"])
