@@ -31,6 +31,7 @@ class Console:
         self.dir = directory
         self.cap = cap
         self.released = {s: 0 for s in STREAMS}  # bytes punched out at the start of each stream
+        self.dirty = False  # written since the last cap check
         self.write_errors = 0
 
     def path(self, stream: str) -> Path:
@@ -46,6 +47,7 @@ class Console:
         path = str(self.path(stream))
 
         def write(data: bytes) -> None:
+            self.dirty = True
             try:
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -69,7 +71,8 @@ class Console:
             return 0
 
     def enforce_cap(self) -> None:
-        """Cheap when under the cap: one stat per stream."""
+        """Cheap when under the cap: one stat per stream. Called after slices that wrote output."""
+        self.dirty = False
         for s in STREAMS:
             size = self.size(s)
             if size <= 2 * self.cap:

@@ -115,8 +115,12 @@ class Machine:
         return out.results
 
     # ---- running ----
-    def run_slice(self, quantum: float, budget: int | None, fuel_slice: int, vm: Any) -> SliceEnd:
-        """Poll the guest until it finishes, blocks, runs out of budget, or the quantum is used up."""
+    def run_slice(self, quantum: float, budget: int | None, fuel_slice: int, vm: Any, spin: float = 0.0) -> SliceEnd:
+        """Poll the guest until it finishes, blocks, runs out of budget, or the quantum is used up.
+
+        ``spin``: when the guest blocks in a device call, wait up to that long for the answer before giving
+        the thread back (ping-pong traffic then stays on this worker: no hand-off through the event loop).
+        """
         end = time.monotonic() + quantum
         while True:
             if vm.control is not None:
@@ -155,7 +159,10 @@ class Machine:
                 self.outcome = out
                 self._queue.clear()
                 return SliceEnd.DONE
-            if vm.waiting is not None and not vm.waiting.ready():
+            op = vm.waiting
+            if op is not None and not op.ready():
+                if spin > 0 and vm.control is None and op.wait(min(spin, max(0.0, end - time.monotonic()))):
+                    continue  # answered while we waited: same slice
                 self._sample_memory()
                 return SliceEnd.BLOCKED
             if time.monotonic() >= end:

@@ -26,6 +26,7 @@ from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeou
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from . import wt
+from .hostop import loop_waker
 from .machine import Machine, MachineSpec, SliceEnd
 from .scheduler import Scheduler
 from .state import VmState, check_transition
@@ -46,9 +47,6 @@ def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
         except OSError as exc:
             log.error("vm=%s cannot save its record: %s", rec.get("id", "?")[:12], exc)
 
-
-def void(_: object) -> None:
-    """Discard a value (a callback must return None)."""
 
 
 @dataclass
@@ -77,7 +75,8 @@ class Hypervisor:
         self.device_hooks: list[Any] = []  # device modules: define imports, attach per VM
         self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
                                  cfg.upload_limit)
-        self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice)
+        self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice,
+                               spin_wait=cfg.engine.spin_wait)
         # VM records are written off the event loop, coalesced, in order (one thread: a record is never
         # overwritten by an older one, and a removed VM's directory is deleted after its last write)
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="persist")
@@ -397,7 +396,8 @@ class Hypervisor:
 
     def _on_slice_end(self, vm: Vm, end: SliceEnd | BaseException) -> None:
         vm.sync_from_machine()
-        vm.console.enforce_cap()
+        if vm.console.dirty:
+            vm.console.enforce_cap()
         if vm.state.terminal:  # finished while this slice ran: the machine is ours to release now
             self._release(vm)
             return
@@ -420,7 +420,7 @@ class Hypervisor:
         elif end is SliceEnd.BLOCKED:
             op = vm.waiting
             loop = asyncio.get_running_loop()
-            if op is None or op.on_ready(lambda: void(loop.call_soon_threadsafe(self._wake, vm))):
+            if op is None or op.on_ready(loop_waker(loop, self._wake, vm)):
                 self._dispatch(vm)
             else:
                 vm.notify()  # blocked_in changed

@@ -27,12 +27,14 @@ VCPU_NICE = 5
 
 class Scheduler:
     def __init__(self, engine: wasmtime.Engine, workers: int, epoch_interval: float, fuel_slice: int,
-                 quantum: float = 0.02) -> None:
+                 quantum: float = 0.02, spin_wait: float = 0.0003) -> None:
         self.engine = engine
         self.workers = workers
         self.epoch_interval = epoch_interval
         self.fuel_slice = fuel_slice
         self.quantum = quantum
+        self.spin_wait = spin_wait
+        self._queued = 0  # slices submitted but not started: a worker never spin-waits while others queue
         self.cpu = ThreadPoolExecutor(workers, thread_name_prefix="vcpu", initializer=_lower_priority)
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._stop = threading.Event()
@@ -48,7 +50,8 @@ class Scheduler:
         """Queue one slice of ``vm`` on a vCPU worker; ``on_end`` runs on the event loop afterwards."""
         loop = asyncio.get_running_loop()
         vm.on_cpu = True
-        fut = loop.run_in_executor(self.cpu, self._run, vm)
+        self._queued += 1
+        fut = loop.run_in_executor(self.cpu, self._run_queued, vm)
 
         def done(f: asyncio.Future[SliceEnd]) -> None:
             vm.on_cpu = False
@@ -61,11 +64,15 @@ class Scheduler:
         """One slice on the calling (vCPU) thread."""
         return self._run(vm)
 
-    def _run(self, vm: Any) -> SliceEnd:
+    def _run_queued(self, vm: Any) -> SliceEnd:
+        self._queued -= 1
+        return self._run(vm, self.spin_wait if self._queued <= 0 else 0.0)
+
+    def _run(self, vm: Any, spin: float = 0.0) -> SliceEnd:
         wt.set_current_vm(vm)
         try:
             self.slices += 1
-            return vm.machine.run_slice(self.quantum, vm.fuel_budget, self.fuel_slice, vm)  # type: ignore[no-any-return]
+            return vm.machine.run_slice(self.quantum, vm.fuel_budget, self.fuel_slice, vm, spin)  # type: ignore[no-any-return]
         finally:
             wt.set_current_vm(None)
 

@@ -128,7 +128,7 @@ class _Future:
             if isinstance(err, wasmtime.ExitTrap):
                 out.exit_code = err.code
             else:
-                out.error = str(err).splitlines()[0] if str(err) else "error"
+                out.error = trap_text(str(err)) if str(err) else "error"
         return out
 
 
