@@ -61,6 +61,11 @@ class Unprocessable(MicrovmError):
     code = "unprocessable"
 
 
+class NotImplementedYet(MicrovmError):
+    status = 501
+    code = "not_implemented"
+
+
 class InsufficientStorage(MicrovmError):
     status = 507
     code = "insufficient_storage"

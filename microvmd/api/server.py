@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
 from .. import __version__
-from ..errors import BadRequest, MicrovmError
+from ..errors import BadRequest, MicrovmError, NotImplementedYet
 from ..vmm import wt
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
@@ -204,6 +204,12 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+# ------------------------------------------------------------------ functions (not built yet)
+async def functions_unavailable(request: web.Request) -> web.StreamResponse:
+    raise NotImplementedYet("serverless functions and their HTTP gateway are not part of this microvmd yet; "
+                            "run the guest as a VM with --publish instead", code="not_implemented")
+
+
 # ------------------------------------------------------------------ table
 ROUTES: list[Route] = [
     Route("GET", "/v1/info", info, "Daemon version, state and VM counts", tag="system"),
@@ -232,6 +238,11 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/vms/{ref}/wait", vm_wait, "Wait until the VM exits or runs out of fuel; query: timeout"),
     Route("POST", "/v1/vms/{ref}/fuel", vm_fuel, "Add fuel; an out_of_fuel VM continues", body="json"),
     Route("GET", "/v1/vms/{ref}/logs", vm_logs, "Console output; query: follow, stream=stdout|stderr|all"),
+] + [
+    Route(m, p, functions_unavailable, "Functions: not built yet (501 not_implemented)", tag="functions")
+    for m, p in (("POST", "/v1/functions"), ("GET", "/v1/functions"), ("GET", "/v1/functions/{name}"),
+                 ("DELETE", "/v1/functions/{name}"), ("POST", "/v1/functions/{name}/invoke"),
+                 ("GET", "/v1/functions/{name}/logs"))
 ]
 
 
