@@ -6,6 +6,7 @@ from that table, so they cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -305,6 +306,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return codec.respond(request, {"error": {"code": code, "message": exc.reason}}, status=exc.status)
     except asyncio.CancelledError:
         raise
+    except OSError as exc:
+        # the host ran out of something: say which, with a status a client can retry on
+        status = {errno.EMFILE: 503, errno.ENFILE: 503, errno.ENOMEM: 503, errno.ENOSPC: 507}.get(exc.errno or 0, 500)
+        code = {503: "resource_exhausted", 507: "insufficient_storage"}.get(status, "internal_error")
+        log.error("%s %s: %s", request.method, request.path, exc)
+        text = f"host resource exhausted: {exc.strerror or exc}" if status != 500 else f"internal error: {exc}"
+        return codec.respond(request, {"error": {"code": code, "message": text}}, status=status)
     except Exception as exc:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return codec.respond(request, {"error": {"code": "internal_error", "message": f"internal error: {exc}"}},
