@@ -70,10 +70,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | No
     if title:
         lines.append(title)
         lines.append("")
-    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |")
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=False)) + " |")
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |")
     return "\n".join(lines)
 
 
@@ -198,7 +198,7 @@ def machine_info() -> dict[str, str]:
         "aiohttp": ver("aiohttp"),
         "uvloop": ver("uvloop"),
         "vm.max_map_count": max_map,
-        "RLIMIT_NOFILE (bench process)": "%d/%d" % resource.getrlimit(resource.RLIMIT_NOFILE),
+        "RLIMIT_NOFILE (bench process)": "{}/{}".format(*resource.getrlimit(resource.RLIMIT_NOFILE)),
         "load average at start": loadavg(),
     }
 
@@ -605,7 +605,7 @@ class Daemon:
                 except (OSError, HttpError):
                     pass
             time.sleep(0.05)
-        msg = "microvmd did not answer within %.0f s:\n%s" % (timeout, self.log_tail())
+        msg = f"microvmd did not answer within {timeout:.0f} s:\n{self.log_tail()}"
         self.stop()
         raise RuntimeError(msg)
 

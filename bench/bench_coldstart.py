@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402  (code under test: --ref / $MICROVMD_BENCH_REF, contention report)
 import bench_snapshot as b  # noqa: E402  (the daemon, HTTP client and table helpers)
 
 WASI = "wasi_snapshot_preview1"
@@ -150,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 runs, no warm-up, first configuration only")
     p.add_argument("--base-dir", default=None, help="where the daemon's temporary directory goes")
     p.add_argument("--keep", action="store_true", help="keep the daemon's directory")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
+                   "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
     a = p.parse_args(argv)
+    c.set_ref(a.ref)
+    if os.environ.get(c.REF_ENV):  # this process imports microvmd.images.wasmbin: the revision under test's
+        sys.path.insert(0, str(c.code_root()))
     configs = [tuple(int(x) for x in c.split(":")) for c in (a.config or DEFAULT_CONFIGS)]
     if a.quick:
         a.runs, a.warmup, configs = 2, 0, configs[:1]
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     b.emit(f"# bench_coldstart: {a.runs} runs (+{a.warmup} warm-up) per configuration"
            f"{' [QUICK: smoke test only]' if a.quick else ''}")
     ok = False
+    watch = c.CpuWatch()
     try:
         d.start()
         b.emit("")
@@ -185,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                          "MicroPython)"))
     b.emit("")
     b.emit(f"load average at end: {b.loadavg()}")
+    line, warn = watch.report()
+    b.emit(line)
+    if warn:
+        b.emit(warn)
+    if a.json:
+        Path(a.json).write_text(json.dumps({
+            "bench": "coldstart", "rows": rows, "why_not_micropython": why, "load_warning": warn,
+            "targets": [{"target": f"{r[0]}: boot / restore ratio (no threshold)", "pass": None,
+                         "measured": f"{r[6]} (boot {r[1]} ms, restore {r[3]} ms)"} for r in rows]},
+            indent=2) + "\n")
     if a.keep:
         b.emit(f"(daemon directory kept in {base})")
     else:

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
 
-
 def checksum(text: bytes) -> str:
     for line in text.decode(errors="replace").splitlines()[::-1]:
         if line.startswith("checksum "):

@@ -47,7 +47,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+# the microvmd under test: a clean export of $MICROVMD_BENCH_REF (run_all.py --ref, or --ref below), else this tree
+if "--ref" in sys.argv[1:-1]:
+    c.set_ref(sys.argv[sys.argv.index("--ref") + 1])
+ROOT = c.code_root()
 sys.path.insert(0, str(ROOT))
 
 import wasmtime  # noqa: E402
@@ -276,8 +282,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("-n", type=int, default=2000, help="calls per round (default 2000)")
     ap.add_argument("-r", "--rounds", type=int, default=7, help="rounds per case (default 7)")
     ap.add_argument("--contend", action="store_true", help="a busy thread competes for the GIL")
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (n=200, 2 rounds)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ "
+                    "(default: $MICROVMD_BENCH_REF or the working tree)")
     ap.add_argument("cases", nargs="*", help=f"subset of: {' '.join(CASES)}")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.n, a.rounds = 200, 2
     cases = a.cases or list(CASES)
     stop = threading.Event()
     contender = threading.Thread(target=_contender, args=(stop,), daemon=True) if a.contend else None
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if contender is not None:
             contender.start()
         try:
-            print(f"# bench_hostcall: {ROOT.name} tree, wasmtime {wt.WASMTIME_VERSION}, n={a.n}, "
+            print(f"# bench_hostcall: microvmd from {ROOT}, wasmtime {wt.WASMTIME_VERSION}, n={a.n}, "
                   f"rounds={a.rounds}{', contended' if a.contend else ''}, {os.cpu_count()} CPUs")
             print(f"{'case':<18}{'CPU ns median':>14}{'CPU ns best':>12}{'wall ns median':>16}")
             for case in cases:
@@ -303,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if contender is not None:
                 contender.join()
             b.blk.close_backends()
+    c.write_json(a.json, {"bench": "hostcall", "results": results, "targets": []})
     return results
 
 

@@ -10,7 +10,8 @@ Each is run as a subprocess with the venv's interpreter, --warmup times unmeasur
 the figure is the median wall time. Python's bytecode cache is on, as by default (kept in a private
 PYTHONPYCACHEPREFIX directory; PYTHONDONTWRITEBYTECODE is removed from the environment). A diagnostic
 row shows `microvm ps` with PYTHONDONTWRITEBYTECODE=1, where the client's modules are compiled from
-source at every start (sandboxes and some CI set that variable). Target (foundation issue): `microvm ps` median <= 50 ms.
+source at every start (sandboxes and some CI set that variable).
+Target (foundation issue): `microvm ps` median <= 50 ms.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def timeit(cmd: list[str], n: int, warmup: int, expect: bytes | None = None, cac
     out: list[float] = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=c.code_root())
+        p = subprocess.run(cmd, capture_output=True, env=env, cwd=c.code_root())
         t1 = time.perf_counter()
         if p.returncode != 0 or (expect is not None and expect not in p.stdout):
             raise RuntimeError(f"{cmd} failed ({p.returncode}): {p.stdout[:200]!r} {p.stderr[:300]!r}")

@@ -64,8 +64,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402  (code under test: --ref / $MICROVMD_BENCH_REF, contention report)
+
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "images"
 PY = sys.executable
 MiB = 1 << 20
 CHUNK = 64 * 1024
@@ -157,12 +159,17 @@ def machine_facts(state_dir: Path | None = None) -> list[tuple[str, str]]:
             return md.version(pkg)
         except md.PackageNotFoundError:
             return "not installed"
+    ref = os.environ.get(c.REF_ENV)
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()[:70]
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        head += f" (+{len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty else " (clean)"
+        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref or "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()[:70]
+        if ref:
+            head += f" (clean git archive of {ref[:12]} in {c.code_root()})"
+        else:
+            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            head += f" (working tree, +{len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty \
+                else " (working tree, clean)"
     except (OSError, subprocess.SubprocessError):
         head = "?"
     facts = [("microvmd tree", head), ("nproc", str(os.cpu_count())), ("cpu", cpu), ("memory", mem),
@@ -281,7 +288,7 @@ def server_delta(before: dict[str, tuple[float, int]], after: dict[str, tuple[fl
 # ------------------------------------------------------------------------------------------ daemon
 # Used only with --profile: times phases by wrapping functions at run time, then runs the real daemon.
 PROFILE_WRAPPER = r'''
-import asyncio, collections, functools, json, sys, threading, time
+import asyncio, collections, functools, json, re, sys, threading, time
 from microvmd.vmm import manager, machine
 from microvmd.snapshot import store, controller, migrate as mig, transfer
 import microvmd.api.snapshots as apis
@@ -298,7 +305,10 @@ def rec(name, dt):
         a = acc[name]; a[0] += 1; a[1] += dt
 
 def wrap(cls, attr, name=None):
-    f = getattr(cls, attr); name = name or f"{cls.__name__}.{attr}"
+    f = getattr(cls, attr, None)  # microvmd's internals change: what no longer exists is not timed
+    if f is None:
+        return
+    name = name or f"{getattr(cls, '__name__', str(cls)).rsplit('.', 1)[-1]}.{attr}"
     if asyncio.iscoroutinefunction(f):
         @functools.wraps(f)
         async def w(*a, **k):
@@ -325,20 +335,24 @@ def top(op, f):
             out.write(json.dumps({"op": label, "total_ms": round(total * 1000, 3), "phases": phases}) + "\n")
     return w
 
-for cls, attr in [(manager.Hypervisor, "quiesce"), (manager.Hypervisor, "create"), (manager.Hypervisor, "start"),
-                  (manager.Hypervisor, "remove"), (manager.Hypervisor, "_build"), (machine.Machine, "__init__"),
-                  (machine.Machine, "capture"), (machine.Machine, "restore"), (controller.Snapshots, "_capture"),
-                  (controller.Snapshots, "_persist"), (store.SnapshotStore, "store_bytes"),
-                  (store.SnapshotStore, "put_chunk"), (store.SnapshotStore, "get_chunk"),
-                  (store.SnapshotStore, "assemble"), (store.SnapshotStore, "save"), (store.SnapshotStore, "load"),
-                  (wasmtime.Memory, "read"), (wasmtime.Memory, "write"), (wasmtime.Memory, "grow")]:
-    wrap(cls, attr)
-_hash = store.chunk_hash
-def chunk_hash(d):
-    t = time.perf_counter()
-    try: return _hash(d)
-    finally: rec("sha256 (chunk_hash)", time.perf_counter() - t)
-store.chunk_hash = chunk_hash
+for cls, attrs in [
+        (manager.Hypervisor, ["quiesce", "create", "start", "remove", "_build", "_build_and_run", "_teardown"]),
+        (machine.Machine, ["__init__", "capture", "restore", "capture_globals"]),
+        (controller.Snapshots, ["_capture", "_persist", "_capture_disks", "_restore_disks"]),
+        (store.SnapshotStore, ["store_bytes", "digest_refs", "map_into", "read_into", "read_chunk", "verify_manifest",
+                               "load_manifest", "save", "put_chunk", "get_chunk", "assemble", "load"]),
+        (getattr(store, "PackWriter", None), ["__init__", "write_runs", "publish", "abort"]),
+        (wasmtime.Memory, ["read", "write", "grow"])]:
+    if cls is not None:
+        for attr in attrs:
+            wrap(cls, attr)
+if hasattr(store, "chunk_hash"):
+    _hash = store.chunk_hash
+    def chunk_hash(d):
+        t = time.perf_counter()
+        try: return _hash(d)
+        finally: rec("sha256 (chunk_hash)", time.perf_counter() - t)
+    store.chunk_hash = chunk_hash
 _batch = transfer._store_batch
 def store_batch(*a):
     t = time.perf_counter()
@@ -360,7 +374,7 @@ async def call(self, method, path, body=None, data=None):
     t = time.perf_counter()
     try: return await _call(self, method, path, body, data)
     finally:
-        p = path if not path.startswith("/v1/snapshots/migrate-") else "/v1/snapshots/{name}" + path[path.rfind("/"):]
+        p = re.sub(r"migrate-[0-9a-f]+-[0-9]+", "{name}", path)
         rec(f"peer {method} {p[:40]}", time.perf_counter() - t)
 mig.Peer.call = call
 controller.Snapshots.create = top(lambda a, k: "diff snapshot" if a[3] else "full snapshot",
@@ -386,25 +400,25 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> Daemon:
-        args = ["--socket", str(self.socket), "--state-dir", str(self.state), "--import-images", str(IMAGES),
+        args = ["--socket", str(self.socket), "--state-dir", str(self.state), "--import-images", str(c.images_dir()),
                 "--log-level", self.log_level]
         cmd = [PY, "-c", PROFILE_WRAPPER, str(self.prof_path), self.label, *args] if self.prof_path else \
             [PY, "-m", "microvmd.daemon", *args]
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
+        env = {k: v for k, v in c.code_env().items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, cwd=c.code_root(), stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"microvmd exited with {self.proc.returncode} at start-up:\n{self.log_tail()}")
             if self.socket.exists():
                 try:
-                    c = Http(self.socket, timeout=5)
+                    probe = Http(self.socket, timeout=5)
                     try:
-                        c.call("GET", "/v1/info")
+                        probe.call("GET", "/v1/info")
                         return self
                     finally:
-                        c.close()
+                        probe.close()
                 except (OSError, HttpError):
                     pass
             time.sleep(0.05)
@@ -576,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-dir", default=None, help="where the daemons' temporary directories go (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the daemons' directories (logs, state)")
     p.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    p.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "
+                   "images/ instead of the working tree (default: $MICROVMD_BENCH_REF or the working tree)")
     a = p.parse_args(argv)
+    c.set_ref(a.ref)
     if a.quick:
         a.runs, a.warmup = 2, 0
     if a.runs < 1:
@@ -588,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     emit(f"# bench_snapshot: memtouch MB={a.mb}, {a.runs} runs (+{a.warmup} warm-up) per operation"
          f"{' [QUICK: smoke test only]' if a.quick else ''}{' [PROFILE wrapper on]' if a.profile else ''}")
     ok = False
+    watch = c.CpuWatch()
     try:
         da.start()
         db.start()
@@ -606,9 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         if not ok and not a.keep:
             shutil.rmtree(base, ignore_errors=True)
     res["load_end"] = loadavg()
-    report(a, res, bl, [da, db] if a.profile else [])
+    res["contention"] = watch.report()
+    targets = report(a, res, bl, [da, db] if a.profile else [])
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": dict(machine_facts()),
+        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": dict(machine_facts()), "targets": targets,
                                             "baselines_ms": {k: [x * 1000 for x in v] for k, v in bl.t.items()},
                                             **{k: v for k, v in res.items()}}, indent=1, default=str) + "\n")
     if a.keep:
@@ -627,7 +646,8 @@ def run(a: argparse.Namespace, ca: Http, cb: Http, db: Daemon, bl: Baselines) ->
         "restore_ms", "restore_server_ms",
         "diff_full_ms", "diff_full_bytes", "diff_ms", "diff_frozen_ms", "diff_write_ms", "diff_new_bytes",
         "diff_server_ms", "diff_dirtied_pages",
-        "migrate_ms", "migrate_server_total_ms", "migrate_frozen_ms", "migrate_chunks_sent", "migrate_chunks_total")}
+        "migrate_ms", "migrate_server_total_ms", "migrate_frozen_ms", "migrate_chunks_sent", "migrate_chunks_total",
+        "migrate_prepare_ms", "migrate_transfer_ms", "migrate_restore_ms", "migrate_downtime_ms")}
     snap_key, restore_key = "POST /v1/vms/{ref}/snapshots", "POST /v1/snapshots/{name}/restore"
     for i in range(a.warmup + a.runs):
         keep = i >= a.warmup
@@ -704,7 +724,11 @@ def run(a: argparse.Namespace, ca: Http, cb: Http, db: Daemon, bl: Baselines) ->
         if keep:
             r["migrate_ms"].append(dt * 1000)
             r["migrate_server_total_ms"].append(m["stats"]["total_ms"])
-            r["migrate_frozen_ms"].append(m["stats"]["frozen_ms"])
+            ms_ = m["stats"]
+            r["migrate_frozen_ms"].append(ms_.get("capture_ms", ms_.get("frozen_ms", float("nan"))))
+            for k in ("prepare", "transfer", "restore", "downtime"):
+                if f"{k}_ms" in ms_:
+                    r[f"migrate_{k}_ms"].append(ms_[f"{k}_ms"])
             r["migrate_chunks_sent"].append(m["stats"]["chunks_sent"])
             r["migrate_chunks_total"].append(m["stats"]["chunks_total"])
         rm_vm(cb, name)
@@ -718,12 +742,12 @@ def run(a: argparse.Namespace, ca: Http, cb: Http, db: Daemon, bl: Baselines) ->
 TOP_PHASES = {
     "full snapshot": ["Snapshots._capture", "Snapshots._persist"],
     "diff snapshot": ["Snapshots._capture", "Snapshots._persist"],
-    "restore": ["SnapshotStore.load", "SnapshotStore.assemble", "Hypervisor.create", "Hypervisor.start"],
+    "restore": ["SnapshotStore.load_manifest", "Snapshots._restore_disks", "Hypervisor.create", "Hypervisor.start"],
     "import (migration target)": ["import: verify+store batch", "SnapshotStore.save"],
 }
 
 
-def report(a: argparse.Namespace, r: dict[str, Any], bl: Baselines, daemons: list[Daemon]) -> None:
+def report(a: argparse.Namespace, r: dict[str, Any], bl: Baselines, daemons: list[Daemon]) -> list[dict[str, Any]]:
     mb = a.mb
     base = {k: (med(v) * 1000, mn(v) * 1000) for k, v in bl.t.items()}
     memcpy_med = base[Baselines.MEMCPY][0]
@@ -751,8 +775,14 @@ def report(a: argparse.Namespace, r: dict[str, Any], bl: Baselines, daemons: lis
             f"{int(med(r['migrate_chunks_sent'])) if r['migrate_chunks_sent'] else '?'} of "
             f"{int(med(r['migrate_chunks_total'])) if r['migrate_chunks_total'] else '?'} chunks sent"),
         row("  server: stats.total_ms", r["migrate_server_total_ms"]),
-        row("  server: stats.frozen_ms (capture only)", r["migrate_frozen_ms"]),
+        row("  server: stats.capture_ms (quiesce + capture)", r["migrate_frozen_ms"]),
     ]
+    for k, label in (("prepare", "  server: stats.prepare_ms (capture, digests, missing-chunk query)"),
+                     ("transfer", "  server: stats.transfer_ms (POST /v1/snapshots/import stream to B)"),
+                     ("restore", "  server: stats.restore_ms (restore + start on B)"),
+                     ("downtime", "  server: stats.downtime_ms (guest frozen)")):
+        if r.get(f"migrate_{k}_ms"):
+            rows.append(row(label, r[f"migrate_{k}_ms"]))
     emit("")
     emit(table(["operation", "median ms", "min ms", "n", "x memcpy", "x file write", "notes"], rows,
                title=f"## {mb} MiB of touched guest memory (memtouch MB={mb}); baselines on {mb} MiB, same run"))
@@ -778,6 +808,9 @@ def report(a: argparse.Namespace, r: dict[str, Any], bl: Baselines, daemons: lis
     emit(t.render())
     emit("")
     emit(f"load average at end: {r['load_end']}")
+    for line in r.get("contention") or ():
+        if line:
+            emit(line)
 
     if daemons:
         emit("")
@@ -805,6 +838,7 @@ def report(a: argparse.Namespace, r: dict[str, Any], bl: Baselines, daemons: lis
             emit("")
             emit(table(["phase", "median ms", "n"], [["(total)", f1(med([x["total_ms"] for x in xs])), ""], *rows],
                        title=f"### {op} ({len(xs)} samples)"))
+    return [{"target": n, "pass": ok, "measured": d} for n, ok, d in t.items]
 
 
 if __name__ == "__main__":
