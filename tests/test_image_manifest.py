@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from mvapi import IMAGES, Daemon
@@ -13,12 +10,8 @@ from mvapi import IMAGES, Daemon
 
 @pytest.fixture(scope="module")
 def d() -> Iterator[Daemon]:
-    root = Path(tempfile.mkdtemp(prefix="mvd-man-", dir="/tmp"))
-    daemon = Daemon(root, root / "state", root / "s.sock", [])
-    daemon.start()
-    yield daemon
-    daemon.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with Daemon.fresh("mvd-man-") as daemon:
+        yield daemon
 
 
 def test_defaults_apply_and_vm_options_win(d: Daemon) -> None:

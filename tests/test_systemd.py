@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mvapi import SOCKET_ACTIVATE
 
 from microvmd import systemd
 
@@ -179,21 +180,7 @@ def test_listen_fds_nothing_passed() -> None:
     assert systemd.listen_fds() == []
 
 
-# What systemd does before exec'ing the service: put the socket at fd 3 and describe it in the
-# environment, with LISTEN_PID naming the very process that will read it (exec keeps the pid).
-_ACTIVATE = r"""
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.set_inheritable(3, True)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDS"] = "1"
-os.environ["LISTEN_FDNAMES"] = "api"
-os.execv(sys.executable, [sys.executable, "-c", sys.argv[2]])
-"""
-
+# The socket goes to the child as systemd passes it (mvapi.SOCKET_ACTIVATE, LISTEN_FDNAMES=api).
 # The "daemon": takes the socket over and serves one connection on it.
 _SERVE = r"""
 import json, os, socket, sys
@@ -229,7 +216,7 @@ def test_listen_fds_socket_activation(tmp_path: Path) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
-            [sys.executable, "-c", _ACTIVATE, str(listener.fileno()), _SERVE],
+            [sys.executable, "-c", SOCKET_ACTIVATE, str(listener.fileno()), "api", "-c", _SERVE],
             pass_fds=(listener.fileno(),),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -3,49 +3,20 @@
 Skipped when the daemon cannot start here (for example without its dependencies).
 """
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 import pytest
-
 from clifake import REPO, run_cli
+from mvapi import IMAGES, Daemon
 
 
 @pytest.fixture(scope="module")
 def sock():
-    root = tempfile.mkdtemp(prefix="mvc-real-", dir="/tmp")
-    path = os.path.join(root, "s.sock")
-    log = open(os.path.join(root, "log"), "wb")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    p = subprocess.Popen(
-        [sys.executable, "-m", "microvmd.daemon", "--socket", path, "--state-dir", os.path.join(root, "state"),
-         "--import-images", os.path.join(REPO, "images")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-    )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if p.poll() is not None:
-                pytest.skip(f"microvmd exited with {p.returncode}: {open(log.name, 'rb').read()[-2000:]!r}")
-            if os.path.exists(path) and run_cli("--socket", path, "info").returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                pytest.skip("microvmd did not start within 60 s")
-            time.sleep(0.1)
-        yield path
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
+        d = Daemon.fresh("mvc-real-", "--import-images", str(IMAGES), env={"PYTHONPATH": REPO})
+    except AssertionError as exc:  # the daemon cannot start here
+        pytest.skip(str(exc)[-2000:])
+    with d:
+        yield str(d.socket)
 
 
 def mv(sock, *args, **kw):

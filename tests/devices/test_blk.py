@@ -1,112 +1,31 @@
 """The virtual disk device: store, claims and copy-on-write overlays on real files, then the guest ABI
 ``microvm_blk`` end to end: hand-written WAT guests run by a real ``microvmd`` through the real client.
 
-The harness at the top (a daemon subprocess, raw API calls, the client, a WAT guest builder) is shared
-with test_disks_api.py.
+The harness at the top (a daemon with disk helpers on the shared mvapi.Daemon, a WAT guest builder) is
+shared with test_disks_api.py.
 """
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import mvapi
 import pytest
+from mvapi import WAT_PRINT
+from mvapi import wat_repeat as loop
 
 from microvmd.devices.disks import COW_BLOCK, CowBackend, DiskStore, RawBackend
 from microvmd.errors import BadRequest, Conflict, NotFound
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 # ================================================================================================ harness
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-
-
-class Daemon:
-    """A real ``microvmd`` child process on a private socket and state dir."""
-
-    def __init__(self, root: Path | None = None) -> None:
-        # short paths: AF_UNIX socket paths are limited to 108 bytes
-        self.root = root or Path(tempfile.mkdtemp(prefix="mvblk-", dir="/tmp"))
-        self.sock = str(self.root / "s.sock")
-        self.state = self.root / "state"
-        self.log = self.root / "daemon.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_"))}
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "microvmd.daemon", "--socket", self.sock,
-                                          "--state-dir", str(self.state)], stdout=f, stderr=subprocess.STDOUT,
-                                         cwd=REPO, env=env)
-        end = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"microvmd exited:\n{self.log.read_text()}")
-            try:
-                if self.call("GET", "/v1/version")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise AssertionError(f"microvmd not ready:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        self.images: set[str] = set()
-
-    def close(self, keep: bool = False) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
-             timeout: float = 60.0) -> tuple[int, Any]:
-        conn = UnixHTTP(self.sock, timeout)
-        try:
-            headers = {}
-            data = raw
-            if body is not None:
-                data = json.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=data, headers=headers)
-            r = conn.getresponse()
-            payload = r.read()
-            ctype = r.getheader("Content-Type") or ""
-            return r.status, (json.loads(payload) if payload and "json" in ctype else payload.decode("latin-1"))
-        finally:
-            conn.close()
-
-    def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
-        status, doc = self.call(method, path, body, **kw)
-        assert 200 <= status < 300, (method, path, status, doc)
-        return doc
+class Daemon(mvapi.Daemon):
+    """A real ``microvmd`` child process (mvapi.Daemon) with the disk tests' helpers."""
 
     def err(self, status: int, method: str, path: str, body: Any = None, **kw: Any) -> str:
         got, doc = self.call(method, path, body, **kw)
@@ -114,27 +33,10 @@ class Daemon:
         assert set(doc["error"]) == {"code", "message"} and doc["error"]["message"], doc
         return str(doc["error"]["code"])
 
-    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "MICROVM_SOCKET"}
-        return subprocess.run([sys.executable, "-m", "microvmd.cli.main", "--socket", self.sock, *args],
-                              check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-    def image(self, name: str, wat: str) -> str:
-        if name not in self.images:
-            self.ok("POST", f"/v1/images?name={name}", raw=wat.encode())
-            self.images.add(name)
-        return name
-
     def vm(self, image: str, disks: list[dict[str, Any]], start: bool = True, **spec: Any) -> dict[str, Any]:
         status, doc = self.call("POST", "/v1/vms", {"image": image, "disks": disks, "start": start, **spec})
         assert status == 201, doc
         return doc  # type: ignore[no-any-return]
-
-    def wait(self, ref: str, timeout: float = 120.0) -> dict[str, Any]:
-        return self.ok("POST", f"/v1/vms/{ref}/wait?timeout={timeout}", timeout=timeout + 30)  # type: ignore[no-any-return]
-
-    def logs(self, ref: str) -> str:
-        return str(self.ok("GET", f"/v1/vms/{ref}/logs?stream=stdout"))
 
     def run(self, image: str, disks: list[dict[str, Any]], **spec: Any) -> tuple[dict[str, Any], list[str]]:
         """Create, start and wait for a VM; its exit (with its "id") and its stdout lines."""
@@ -148,23 +50,11 @@ class Daemon:
         if content is not None:
             self.ok("PUT", f"/v1/disks/{name}/content", raw=content)
 
-    def wait_blocked(self, ref: str, timeout: float = 20.0) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while True:
-            vm = self.ok("GET", f"/v1/vms/{ref}")
-            if vm["blocked_in"] is not None:
-                return vm  # type: ignore[no-any-return]
-            assert time.monotonic() < end, vm
-            time.sleep(0.02)
-
 
 @pytest.fixture(scope="module")
 def mvd() -> Iterator[Daemon]:
-    d = Daemon()
-    try:
+    with Daemon.fresh("mvblk-") as d:
         yield d
-    finally:
-        d.close()
 
 
 # A WAT guest: blk imports, `microvm.sleep_ms`, and helpers that print to stdout: ($num i64) and ($n32 i32)
@@ -181,41 +71,11 @@ def guest(body: str, data: str = "", locals_: str = "") -> str:
   (import "microvm_blk" "blk_flush" (func $flush (param i32) (result i32)))
   (import "microvm_blk" "blk_flags" (func $flags (param i32) (result i32)))
   (memory (export "memory") 2)
-  (func $out (param $ptr i32) (param $len i32)
-    (i32.store (i32.const 0) (local.get $ptr))
-    (i32.store (i32.const 4) (local.get $len))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
-  (func $num (param $v i64)
-    (local $p i32) (local $neg i32)
-    (i32.store8 (i32.const 47) (i32.const 10))
-    (local.set $p (i32.const 47))
-    (if (i64.lt_s (local.get $v) (i64.const 0))
-      (then (local.set $neg (i32.const 1)) (local.set $v (i64.sub (i64.const 0) (local.get $v)))))
-    (loop $l
-      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
-      (i32.store8 (local.get $p)
-        (i32.add (i32.const 48) (i32.wrap_i64 (i64.rem_u (local.get $v) (i64.const 10)))))
-      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
-      (br_if $l (i64.ne (local.get $v) (i64.const 0))))
-    (if (local.get $neg)
-      (then (local.set $p (i32.sub (local.get $p) (i32.const 1))) (i32.store8 (local.get $p) (i32.const 45))))
-    (call $out (local.get $p) (i32.sub (i32.const 48) (local.get $p))))
-  (func $n32 (param i32) (call $num (i64.extend_i32_s (local.get 0))))
+{WAT_PRINT}
   (func (export "_start") {locals_}
 {body})
   {data})
 """
-
-
-def loop(n: int, body: str) -> str:
-    """Repeat ``body`` n times (uses local $i)."""
-    return f"""
-    (local.set $i (i32.const 0))
-    (block $done (loop $again
-      (br_if $done (i32.ge_u (local.get $i) (i32.const {n})))
-      {body}
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $again)))"""
 
 
 HOLD = "(drop (call $sleep (i32.const 600000)))"  # keeps a VM alive (holding its disks) until stopped
@@ -482,7 +342,7 @@ def test_guest_reads_writes_flushes_and_sees_its_disks(mvd: Daemon) -> None:
     assert out == ["2", str(1 << 20), "10000", "0", "1", "11", "0", "11", "hello world", "12", "seed-content",
                    "10", "0", "0", "-69", "0", "0"]
     # the write reached the disk file; a later VM sees it
-    assert (mvd.state / "disks" / "abi0.img").read_bytes()[100000:100011] == b"hello world"
+    assert (mvd.state_dir / "disks" / "abi0.img").read_bytes()[100000:100011] == b"hello world"
     img2 = mvd.image("abi-reread", guest("""
     (call $n32 (call $read (i32.const 0) (i64.const 100000) (i32.const 8192) (i32.const 11)))
     (call $out (i32.const 8192) (i32.const 11))"""))
@@ -596,12 +456,12 @@ def test_cow_overlays_are_isolated_and_the_base_is_untouched(mvd: Daemon) -> Non
         assert got == b"1\n5\n" + base[4998:5000] + bytes([65 + i]) + base[5001:5003], (i, got)
         info = mvd.ok("GET", f"/v1/vms/{vm['id']}")["devices"]["blk"][0]
         assert info["mode"] == "cow" and info["private_bytes"] == COW_BLOCK and info["write_bytes"] == 1
-        overlay = next((mvd.state / "vms" / vm["id"]).glob("*.cow"))
+        overlay = next((mvd.state_dir / "vms" / vm["id"]).glob("*.cow"))
         assert os.stat(overlay).st_size == len(base) and os.stat(overlay).st_blocks * 512 <= 2 * COW_BLOCK
-    assert (mvd.state / "disks" / "cowbase.img").read_bytes() == base
+    assert (mvd.state_dir / "disks" / "cowbase.img").read_bytes() == base
     for vm in vms:
         mvd.ok("DELETE", f"/v1/vms/{vm['id']}")
-        assert not (mvd.state / "vms" / vm["id"]).exists()  # the overlay went away with the VM
+        assert not (mvd.state_dir / "vms" / vm["id"]).exists()  # the overlay went away with the VM
     mvd.ok("DELETE", "/v1/disks/cowbase")
 
 
@@ -614,7 +474,7 @@ def test_cow_reads_see_own_writes_over_the_base(mvd: Daemon) -> None:
     (call $out (i32.const 8192) (i32.const 12))""", data='(data (i32.const 4096) "wxyz")'))
     assert mvd.run(img, [{"name": "cowview", "mode": "cow"}])[1] == ["4", "12", "AAAAwxyzBBBB"]
     assert mvd.run(img, [{"name": "cowview", "mode": "cow"}])[1] == ["4", "12", "AAAAwxyzBBBB"]  # not the last one's
-    assert (mvd.state / "disks" / "cowview.img").read_bytes() == base
+    assert (mvd.state_dir / "disks" / "cowview.img").read_bytes() == base
 
 
 WRITER = guest(loop(32, """

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
-from test_blk import HOLD, REPO, Daemon, guest, mvd  # noqa: F401  (mvd is a fixture)
+from mvapi import IMAGES, free_port, line_rpc
+from test_blk import HOLD, Daemon, guest, mvd  # noqa: F401  (mvd is a fixture)
 
 
 def test_create_ls_rm_through_the_client(mvd: Daemon) -> None:  # noqa: F811
@@ -18,7 +18,7 @@ def test_create_ls_rm_through_the_client(mvd: Daemon) -> None:  # noqa: F811
     disks = json.loads(mvd.cli("--json", "disk", "ls").stdout)["disks"]
     d = next(x for x in disks if x["name"] == "data")
     assert d["size"] == 64 << 20 and d["allocated"] < 1 << 20 and d["used_by"] == []
-    img = mvd.state / "disks" / "data.img"
+    img = mvd.state_dir / "disks" / "data.img"
     assert img.stat().st_size == 64 << 20 and img.stat().st_blocks * 512 < 1 << 20  # sparse
     r = mvd.cli("disk", "create", "data", "--size", "1MiB")
     assert r.returncode == 125 and "already exists" in r.stderr, r
@@ -39,11 +39,11 @@ def test_create_from_a_file_uploads_its_content(mvd: Daemon, tmp_path: Path) -> 
     assert r.returncode == 0 and r.stdout.strip() == "seed", r
     disk = mvd.ok("GET", "/v1/disks/seed")
     assert disk["size"] == len(content)
-    assert (mvd.state / "disks" / "seed.img").read_bytes() == content
+    assert (mvd.state_dir / "disks" / "seed.img").read_bytes() == content
     # --size above the file's: the rest reads as zeros (and takes no space); below it: the file's size wins
     r = mvd.cli("disk", "create", "seed-big", "--size", "16MiB", "--from", str(src))
     assert r.returncode == 0, r
-    data = (mvd.state / "disks" / "seed-big.img").read_bytes()
+    data = (mvd.state_dir / "disks" / "seed-big.img").read_bytes()
     assert len(data) == 16 << 20 and data[:len(content)] == content and not any(data[len(content):])
     r = mvd.cli("disk", "create", "seed-small", "--size", "4KiB", "--from", str(src))
     assert r.returncode == 0, r
@@ -100,42 +100,25 @@ def test_api_validation(mvd: Daemon) -> None:  # noqa: F811
 
 
 def test_disks_survive_a_daemon_restart() -> None:
-    d = Daemon()
-    try:
+    with Daemon.fresh("mvblk-") as d:
         d.disk("keep", 8192, content=b"kept")
-        d.close(keep=True)
-        d = Daemon(d.root)
+        d.stop()
+        d.start()  # the same state dir
         assert d.ok("GET", "/v1/disks/keep")["size"] == 8192
         img = d.image("keepreader", guest("""
     (call $n32 (call $read (i32.const 0) (i64.const 0) (i32.const 8192) (i32.const 4)))
     (call $out (i32.const 8192) (i32.const 4))"""))
         assert d.run(img, [{"name": "keep", "mode": "cow"}])[1] == ["4", "kept"]
-    finally:
-        d.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rpc(port: int, line: str, timeout: float = 20.0) -> str:
-    """Send one line to the guest's published port; its first reply line (retries until it listens)."""
+    """Send one line to the guest's published port; its first reply line (retries until it listens and answers)."""
     end = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), 2) as s:
-                s.settimeout(10)
-                s.sendall(line.encode() + b"\n")
-                buf = b""
-                while b"\n" not in buf:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-                if buf:
-                    return buf.split(b"\n")[0].decode().strip()
+            reply = line_rpc(port, line, timeout=10)
+            if reply:
+                return reply.strip()
         except OSError:
             pass
         assert time.monotonic() < end, f"no answer on port {port}"
@@ -143,9 +126,9 @@ def _rpc(port: int, line: str, timeout: float = 20.0) -> str:
 
 
 def _kv(mvd: Daemon, name: str, disk: str) -> int:  # noqa: F811
-    port = _free_port()
+    port = free_port()
     r = mvd.cli("run", "-d", "--name", name, "--disk", disk, "--publish", f"127.0.0.1:{port}:8000",
-                str(REPO / "images" / "kv" / "kv.wasm"))
+                str(IMAGES / "kv" / "kv.wasm"))
     assert r.returncode == 0, r
     return port
 

@@ -12,111 +12,30 @@ therefore also starts a *fresh* kv on the disk in question, which can only know 
 """
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mvapi
 import pytest
+from mvapi import IMAGES, free_port, short_root
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "images"
 KV_WASM = IMAGES / "kv" / "kv.wasm"
 
 
 # ================================================================================================ harness
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+class Daemon(mvapi.Daemon):
+    """A real ``microvmd`` child process (mvapi.Daemon), sample images imported, with the kv helpers."""
 
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-
-
-class Daemon:
-    """A real ``microvmd`` child process on a private socket and state dir, sample images imported."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.sock = str(root / f"{name}.sock")  # short: AF_UNIX paths are limited to 108 bytes
-        self.state = root / f"{name}-state"
-        self.log = root / f"{name}.log"
-        args = [sys.executable, "-m", "microvmd.daemon", "--socket", self.sock, "--state-dir", str(self.state),
-                "--import-images", str(IMAGES)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_"))}
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        end = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"microvmd exited:\n{self.log.read_text()}")
-            try:
-                if self.call("GET", "/v1/version")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise AssertionError(f"microvmd not ready:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
-        conn = UnixHTTP(self.sock, timeout)
-        try:
-            headers = {}
-            data = None
-            if body is not None:
-                data = json.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=data, headers=headers)
-            r = conn.getresponse()
-            payload = r.read()
-            ctype = r.getheader("Content-Type") or ""
-            return r.status, (json.loads(payload) if payload and "json" in ctype else payload.decode("latin-1"))
-        finally:
-            conn.close()
-
-    def ok(self, method: str, path: str, body: Any = None) -> Any:
-        status, doc = self.call(method, path, body)
-        assert 200 <= status < 300, (method, path, status, doc)
-        return doc
-
-    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "MICROVM_SOCKET"}
-        return subprocess.run([sys.executable, "-m", "microvmd.cli.main", "--socket", self.sock, *args],
-                              check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-    def cli_ok(self, *args: str) -> str:
-        r = self.cli(*args)
-        assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
-        return r.stdout.strip()
-
-    def inspect(self, ref: str) -> dict[str, Any]:
-        return json.loads(self.cli_ok("--json", "inspect", ref))  # type: ignore[no-any-return]
+    @classmethod
+    def named(cls, root: Path, name: str) -> Daemon:
+        """Started on ``root/NAME.sock`` with state dir ``root/NAME-state``."""
+        d = cls(root, root / f"{name}-state", root / f"{name}.sock", ["--import-images", str(IMAGES)])
+        return d.start()
 
     def disks(self) -> dict[str, dict[str, Any]]:
         return {d["name"]: d for d in self.ok("GET", "/v1/disks")["disks"]}
@@ -126,23 +45,17 @@ class Daemon:
 
     def run_kv(self, name: str, disk: str, host_port: int = 0, *extra: str) -> int:
         """Start kv detached on ``disk`` (``NAME[:mode]``) with guest port 8000 published; returns the host port."""
-        self.cli_ok("run", "-d", "--name", name, "--disk", disk, "--publish", f"127.0.0.1:{host_port}:8000",
-                    *extra, "kv")
+        self.mv("run", "-d", "--name", name, "--disk", disk, "--publish", f"127.0.0.1:{host_port}:8000",
+                *extra, "kv")
         port = self.published_port(name)
         assert kv(port, "PING") == ["PONG"]
         return port
 
     def rss_hwm(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmHWM")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def kv(port: int, *cmds: str, timeout: float = 20.0) -> list[str]:
@@ -179,23 +92,23 @@ def fresh_view(d: Daemon, disk: str, name: str) -> Any:
 # ================================================================================================ fixtures
 @pytest.fixture
 def root() -> Iterator[Path]:
-    p = Path(tempfile.mkdtemp(prefix="mvkvm-", dir="/tmp"))
+    p = short_root("mvkvm-")
     yield p
     shutil.rmtree(p, ignore_errors=True)
 
 
 @pytest.fixture
 def daemon_a(root: Path) -> Iterator[Daemon]:
-    d = Daemon(root, "a")
+    d = Daemon.named(root, "a")
     yield d
-    d.close()
+    d.stop()
 
 
 @pytest.fixture
 def daemon_b(root: Path) -> Iterator[Daemon]:
-    d = Daemon(root, "b")
+    d = Daemon.named(root, "b")
     yield d
-    d.close()
+    d.stop()
 
 
 KEYS = {"alpha": "1", "beta": "hello world", "gamma": "x" * 200, "delta": "last one"}
@@ -208,7 +121,7 @@ def set_keys(port: int, keys: dict[str, str]) -> None:
 # ================================================================================================ tests
 def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
     a, b = daemon_a, daemon_b
-    a.cli_ok("disk", "create", "d1", "--size", "1MiB")
+    a.mv("disk", "create", "d1", "--size", "1MiB")
     port = free_port()
     assert a.run_kv("kv1", "d1", port) == port
     set_keys(port, KEYS)
@@ -216,12 +129,12 @@ def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
     src = a.inspect("kv1")
     assert src["devices"]["blk"][0]["write_ops"] >= len(KEYS) + 1
 
-    out = a.cli_ok("migrate", "kv1", "--to", f"unix://{b.sock}")
+    out = a.mv("migrate", "kv1", "--to", f"unix://{b.socket}").strip()
 
     # gone from A: no VM, the disk is free again (and still holds A's data)
     status, _ = a.call("GET", "/v1/vms/kv1")
     assert status == 404
-    assert "kv1" not in a.cli_ok("ps", "-a")
+    assert "kv1" not in a.mv("ps", "-a")
     assert a.disks()["d1"]["used_by"] == []
 
     # on B: same name, running, the id the client printed; the published port answers there
@@ -240,7 +153,7 @@ def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
 
     # writes after the move land on B's disk only
     assert kv(port, "SET after moved") == ["OK"]
-    b.cli_ok("rm", "-f", "kv1")
+    b.mv("rm", "-f", "kv1")
 
     # the disk content travelled: a fresh kv on B's disk replays the log written on A (plus "after")
     get_b = fresh_view(b, att["name"], "check-b")
@@ -252,16 +165,16 @@ def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
 
 def test_snapshot_restore_gives_a_separate_disk(daemon_a: Daemon) -> None:
     d = daemon_a
-    d.cli_ok("disk", "create", "d2", "--size", "1MiB")
+    d.mv("disk", "create", "d2", "--size", "1MiB")
     port = d.run_kv("kv2", "d2")
     set_keys(port, {"x": "1", "shared": "before"})
-    d.cli_ok("snapshot", "create", "kv2", "--name", "s2")
-    snap = json.loads(d.cli_ok("--json", "snapshot", "inspect", "s2"))
+    d.mv("snapshot", "create", "kv2", "--name", "s2")
+    snap = json.loads(d.mv("--json", "snapshot", "inspect", "s2"))
     assert [(x["name"], x["mode"], x["size"]) for x in snap["disks"]] == [("d2", "rw", 1 << 20)]
     # written after the snapshot: must not be in the restored VM, nor on its disk
     set_keys(port, {"late": "original only", "shared": "after"})
 
-    d.cli_ok("restore", "s2", "--name", "kv2r", "--start")
+    d.mv("restore", "s2", "--name", "kv2r", "--start")
     info = d.inspect("kv2r")
     assert info["state"] == "running"
     (att,) = info["devices"]["blk"]
@@ -278,8 +191,8 @@ def test_snapshot_restore_gives_a_separate_disk(daemon_a: Daemon) -> None:
     assert d.disks()[att["name"]]["used_by"] == ["kv2r"]
 
     # the disks themselves (fresh kvs replay only the logs)
-    d.cli_ok("rm", "-f", "kv2")
-    d.cli_ok("rm", "-f", "kv2r")
+    d.mv("rm", "-f", "kv2")
+    d.mv("rm", "-f", "kv2r")
     orig = fresh_view(d, "d2", "check-orig")
     assert orig("x", "shared", "late", "y") == ["1", "after", "original only", "NOT_FOUND"]
     copy = fresh_view(d, att["name"], "check-copy")
@@ -289,20 +202,20 @@ def test_snapshot_restore_gives_a_separate_disk(daemon_a: Daemon) -> None:
 def test_restore_of_a_cow_attachment_keeps_the_overlay_and_not_the_image(daemon_a: Daemon) -> None:
     """A cow VM's snapshot holds the disk as the VM saw it (overlay merged); the image never changes."""
     d = daemon_a
-    d.cli_ok("disk", "create", "base", "--size", "1MiB")
+    d.mv("disk", "create", "base", "--size", "1MiB")
     port = d.run_kv("seed", "base")
     set_keys(port, {"from_base": "yes"})
-    d.cli_ok("rm", "-f", "seed")
+    d.mv("rm", "-f", "seed")
 
     port = d.run_kv("kvc", "base:cow")
     assert kv(port, "GET from_base") == ["yes"]
     set_keys(port, {"cow": "private"})
-    d.cli_ok("snapshot", "create", "kvc", "--name", "sc")
-    d.cli_ok("rm", "-f", "kvc")
-    d.cli_ok("restore", "sc", "--name", "kvcr", "--start")
+    d.mv("snapshot", "create", "kvc", "--name", "sc")
+    d.mv("rm", "-f", "kvc")
+    d.mv("restore", "sc", "--name", "kvcr", "--start")
     (att,) = d.inspect("kvcr")["devices"]["blk"]
     assert att["name"].startswith("base.restored-") and att["mode"] == "rw"
-    d.cli_ok("rm", "-f", "kvcr")
+    d.mv("rm", "-f", "kvcr")
 
     assert fresh_view(d, att["name"], "check-copy")("from_base", "cow") == ["yes", "private"]
     assert fresh_view(d, "base", "check-base")("from_base", "cow") == ["yes", "NOT_FOUND"]
@@ -311,12 +224,12 @@ def test_restore_of_a_cow_attachment_keeps_the_overlay_and_not_the_image(daemon_
 # ------------------------------------------------------------------------------------------ known bugs
 def test_restore_with_the_same_disk_attached_twice(daemon_a: Daemon) -> None:
     d = daemon_a
-    d.cli_ok("disk", "create", "twice", "--size", "1MiB")
+    d.mv("disk", "create", "twice", "--size", "1MiB")
     # disk 0 = the image read-only, disk 1 = a private cow view of it, where kv keeps its log
     port = d.run_kv("kvt", "twice:ro", 0, "--disk", "twice:cow", "--env", "KV_DISK=1")
     set_keys(port, {"k": "v"})
-    d.cli_ok("snapshot", "create", "kvt", "--name", "st")
-    d.cli_ok("rm", "-f", "kvt")
+    d.mv("snapshot", "create", "kvt", "--name", "st")
+    d.mv("rm", "-f", "kvt")
     r = d.cli("restore", "st", "--name", "kvtr", "--start")
     assert r.returncode == 0, r.stderr
     atts = d.inspect("kvtr")["devices"]["blk"]
@@ -327,10 +240,10 @@ def test_restore_with_the_same_disk_attached_twice(daemon_a: Daemon) -> None:
 
 def test_failed_restore_leaves_no_disk_behind(daemon_a: Daemon) -> None:
     d = daemon_a
-    d.cli_ok("disk", "create", "d5", "--size", "1MiB")
+    d.mv("disk", "create", "d5", "--size", "1MiB")
     port = free_port()
     d.run_kv("kv5", "d5", port)
-    d.cli_ok("snapshot", "create", "kv5", "--name", "s5")
+    d.mv("snapshot", "create", "kv5", "--name", "s5")
     r = d.cli("restore", "s5", "--name", "kv5r")  # kv5 still holds the fixed host port
     assert r.returncode == 125 and "port" in r.stderr
     assert sorted(d.disks()) == ["d5"]
@@ -338,13 +251,13 @@ def test_failed_restore_leaves_no_disk_behind(daemon_a: Daemon) -> None:
 
 def test_restored_disk_stays_sparse(daemon_a: Daemon) -> None:
     d = daemon_a
-    d.cli_ok("disk", "create", "sp", "--size", "64MiB")
+    d.mv("disk", "create", "sp", "--size", "64MiB")
     port = d.run_kv("kvs", "sp")
     set_keys(port, {"a": "b"})
     assert d.disks()["sp"]["allocated"] <= 1 << 20
-    d.cli_ok("snapshot", "create", "kvs", "--name", "ss")
-    d.cli_ok("rm", "-f", "kvs")
-    d.cli_ok("restore", "ss", "--name", "kvsr")
+    d.mv("snapshot", "create", "kvs", "--name", "ss")
+    d.mv("rm", "-f", "kvs")
+    d.mv("restore", "ss", "--name", "kvsr")
     (att,) = d.inspect("kvsr")["devices"]["blk"]
     assert d.disks()[att["name"]]["allocated"] <= 1 << 20
 
@@ -352,10 +265,10 @@ def test_restored_disk_stays_sparse(daemon_a: Daemon) -> None:
 def test_snapshot_of_a_big_sparse_disk_is_cheap(daemon_a: Daemon) -> None:
     d = daemon_a
     size = 256 << 20
-    d.cli_ok("disk", "create", "big", "--size", str(size))
+    d.mv("disk", "create", "big", "--size", str(size))
     port = d.run_kv("kvb", "big")
     set_keys(port, {"a": "b"})
     before = d.rss_hwm()
-    d.cli_ok("snapshot", "create", "kvb", "--name", "sb")
+    d.mv("snapshot", "create", "kvb", "--name", "sb")
     grown = d.rss_hwm() - before
     assert grown < size // 4, f"daemon peak RSS grew by {grown >> 20} MiB for a {size >> 20} MiB disk"

@@ -8,28 +8,20 @@ exit with proc_exit), sample guests answer on real sockets.
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
 import os
 import random
 import re
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
+import mvapi
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "images"
+from mvapi import IMAGES, WAT_PRINT, free_port, line_rpc, wait_port
+from mvapi import wat_repeat as repeat
 
 # WASI errno numbers (ABI.md)
 EAGAIN, EBADF, ECONNREFUSED, EFAULT, EINVAL, EMFILE = 6, 8, 14, 21, 28, 33
@@ -37,132 +29,16 @@ POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
 
 
 # ================================================================================================ harness
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-
-
-class Daemon:
-    """A real ``microvmd`` child process on a private socket and state dir."""
-
-    def __init__(self, *extra: str, import_images: bool = True) -> None:
-        # short paths: AF_UNIX socket paths are limited to 108 bytes
-        self.root = Path(tempfile.mkdtemp(prefix="mvnet-", dir="/tmp"))
-        self.sock = str(self.root / "s.sock")
-        self.log = self.root / "daemon.log"
-        args = [sys.executable, "-m", "microvmd.daemon", "--socket", self.sock,
-                "--state-dir", str(self.root / "state"), *extra]
-        if import_images:
-            args += ["--import-images", str(IMAGES)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_"))}
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        end = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"microvmd exited:\n{self.log.read_text()}")
-            try:
-                if self.call("GET", "/v1/version")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise AssertionError(f"microvmd not ready:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        self.images: set[str] = set()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    # ---- raw API
-    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
-             timeout: float = 60.0) -> tuple[int, Any]:
-        conn = UnixHTTP(self.sock, timeout)
-        try:
-            headers = {}
-            data = raw
-            if body is not None:
-                data = json.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=data, headers=headers)
-            r = conn.getresponse()
-            payload = r.read()
-            ctype = r.getheader("Content-Type") or ""
-            return r.status, (json.loads(payload) if payload and "json" in ctype else payload.decode("latin-1"))
-        finally:
-            conn.close()
-
-    def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
-        status, doc = self.call(method, path, body, **kw)
-        assert 200 <= status < 300, (method, path, status, doc)
-        return doc
-
-    # ---- the real client
-    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "MICROVM_SOCKET"}
-        return subprocess.run([sys.executable, "-m", "microvmd.cli.main", "--socket", self.sock, *args],
-                              check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-    def inspect(self, ref: str) -> dict[str, Any]:
-        r = self.cli("--json", "inspect", ref)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)  # type: ignore[no-any-return]
-
-    # ---- helpers
-    def image(self, name: str, wat: str) -> str:
-        if name not in self.images:
-            self.ok("POST", f"/v1/images?name={name}", raw=wat.encode())
-            self.images.add(name)
-        return name
+class Daemon(mvapi.Daemon):
+    """A real ``microvmd`` child process (mvapi.Daemon) with the socket tests' helpers."""
 
     def vm(self, image: str, **spec: Any) -> dict[str, Any]:
         status, doc = self.call("POST", "/v1/vms", {"image": image, "start": True, **spec})
         assert status == 201, doc
         return doc  # type: ignore[no-any-return]
 
-    def get(self, ref: str) -> dict[str, Any]:
-        return self.ok("GET", f"/v1/vms/{ref}")  # type: ignore[no-any-return]
-
-    def wait(self, ref: str, timeout: float = 60.0) -> dict[str, Any]:
-        return self.ok("POST", f"/v1/vms/{ref}/wait?timeout={timeout}", timeout=timeout + 30)  # type: ignore[no-any-return]
-
-    def logs(self, ref: str, stream: str = "stdout") -> str:
-        return str(self.ok("GET", f"/v1/vms/{ref}/logs?stream={stream}"))
-
     def rm(self, ref: str) -> None:
         self.ok("DELETE", f"/v1/vms/{ref}?force=true")
-
-    def wait_blocked(self, ref: str, op: str | None = None, timeout: float = 20.0) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while True:
-            vm = self.get(ref)
-            if vm["blocked_in"] is not None and (op is None or vm["blocked_in"] == op):
-                return vm
-            assert vm["state"] == "running", (vm, self.logs(ref, "all"))
-            assert time.monotonic() < end, vm
-            time.sleep(0.02)
 
     def wait_stdout_lines(self, ref: str, n: int, timeout: float = 20.0) -> list[str]:
         end = time.monotonic() + timeout
@@ -176,12 +52,6 @@ class Daemon:
     def net(self, ref: str) -> dict[str, Any]:
         return self.get(ref)["devices"]["net"]  # type: ignore[no-any-return]
 
-    def threads(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-        raise AssertionError("no Threads: line")
-
     def metric(self, vm_id: str, counter: str) -> int | None:
         text = self.ok("GET", "/metrics")
         assert isinstance(text, str)
@@ -191,11 +61,8 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def mvd() -> Iterator[Daemon]:
-    d = Daemon()
-    try:
+    with Daemon.fresh("mvnet-", "--import-images", str(IMAGES)) as d:
         yield d
-    finally:
-        d.close()
 
 
 def host_port(d: Daemon, ref: str, guest_port: int | None = None) -> int:
@@ -206,17 +73,6 @@ def host_port(d: Daemon, ref: str, guest_port: int | None = None) -> int:
     raise AssertionError(pub)
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            assert time.monotonic() < end, f"port {port} never answered"
-            time.sleep(0.05)
-
-
 def recv_exact(s: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -225,25 +81,6 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
             raise AssertionError(f"connection closed after {len(buf)} of {n} bytes")
         buf += d
     return bytes(buf)
-
-
-def line_rpc(port: int, text: str, timeout: float = 5.0) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout) as s:
-        s.settimeout(timeout)
-        s.sendall(text.encode() + b"\n")
-        buf = b""
-        while b"\n" not in buf:
-            d = s.recv(4096)
-            if not d:
-                break
-            buf += d
-    return buf.split(b"\n")[0].decode(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def closed_port() -> int:
@@ -335,26 +172,7 @@ def wat_guest(body: str, data: str = "", locals_: str = "") -> str:
   (import "microvm_net" "net_poll" (func $poll (param i32 i32 i32) (result i32)))
   (memory (export "memory") 2)
   (func (export "microvm_abi_version") (result i32) (i32.const 1))
-  (func $out (param $ptr i32) (param $len i32)
-    (i32.store (i32.const 0) (local.get $ptr))
-    (i32.store (i32.const 4) (local.get $len))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
-  (func $n32 (param $v32 i32)
-    (local $v i64) (local $p i32) (local $neg i32)
-    (local.set $v (i64.extend_i32_s (local.get $v32)))
-    (i32.store8 (i32.const 47) (i32.const 10))
-    (local.set $p (i32.const 47))
-    (if (i64.lt_s (local.get $v) (i64.const 0))
-      (then (local.set $neg (i32.const 1)) (local.set $v (i64.sub (i64.const 0) (local.get $v)))))
-    (loop $l
-      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
-      (i32.store8 (local.get $p)
-        (i32.add (i32.const 48) (i32.wrap_i64 (i64.rem_u (local.get $v) (i64.const 10)))))
-      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
-      (br_if $l (i64.ne (local.get $v) (i64.const 0))))
-    (if (local.get $neg)
-      (then (local.set $p (i32.sub (local.get $p) (i32.const 1))) (i32.store8 (local.get $p) (i32.const 45))))
-    (call $out (local.get $p) (i32.sub (i32.const 48) (local.get $p))))
+{WAT_PRINT}
   (func $now_ms (result i32)
     (drop (call $clock (i32.const 1) (i64.const 1000) (i32.const 56)))
     (i32.wrap_i64 (i64.div_u (i64.load (i32.const 56)) (i64.const 1000000))))
@@ -364,17 +182,6 @@ def wat_guest(body: str, data: str = "", locals_: str = "") -> str:
 {body})
   {data})
 """
-
-
-def repeat(n: int | str, body: str) -> str:
-    """Repeat ``body`` n times (uses local $i)."""
-    return f"""
-    (local.set $i (i32.const 0))
-    (block $done (loop $again
-      (br_if $done (i32.ge_u (local.get $i) (i32.const {n})))
-      {body}
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $again)))"""
 
 
 def p(expr: str) -> str:
@@ -683,16 +490,13 @@ def test_own_ports_not_reachable_through_ipv4_mapped_ipv6(mvd: Daemon, echo_vm: 
 
 def test_wildcard_gateway_port_is_refused_by_policy() -> None:
     gw = free_port()
-    d = Daemon("--gateway", f"0.0.0.0:{gw}", import_images=False)
-    try:
+    with Daemon.fresh("mvnet-", "--gateway", f"0.0.0.0:{gw}") as d:
         d.ok("POST", "/v1/images?name=fetch", raw=(IMAGES / "fetch" / "fetch.wasm").read_bytes())
         vm = d.vm("fetch", env={"TARGET": f"127.0.0.1:{gw}"}, allow_egress=[f"127.0.0.1:{gw}"])
         ex = d.wait(vm["id"])
         assert ex["code"] != 0, d.logs(vm["id"])
         # refused by policy (counted), not merely by the OS because nothing listens there
         assert d.net(vm["id"])["stats"]["refused"] == 1
-    finally:
-        d.close()
 
 
 # ================================================================================================ hostile guests

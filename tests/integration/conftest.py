@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mvapi import IMAGES, Api, Daemon, checksum
-
-
-def _short_root(prefix: str) -> Path:
-    # AF_UNIX paths are limited to 108 bytes: keep sockets out of pytest's long per-test directories.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+from mvapi import IMAGES, Api, Daemon, checksum, short_root
 
 
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
-    root = _short_root("mvd-it-")
-    d = Daemon(root, root / "state", root / "s.sock", ["--import-images", str(IMAGES)])
-    d.start()
-    try:
+    with Daemon.fresh("mvd-it-", "--import-images", str(IMAGES)) as d:
         yield d
-    finally:
-        d.stop(signal.SIGTERM)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +47,7 @@ def make_daemon() -> Iterator[Callable[..., Daemon]]:
 
     def make(*args: str, start: bool = True, env: dict[str, str] | None = None,
              state_dir: Path | None = None) -> Daemon:
-        root = _short_root("mvd-t-")
+        root = short_root("mvd-t-")
         roots.append(root)
         d = Daemon(root, state_dir or root / "state", root / "s.sock", list(args), dict(env or {}))
         made.append(d)

@@ -1,5 +1,7 @@
-"""Stdlib helpers for the integration suite: raw HTTP over the daemon's Unix socket, a real `microvmd`
-subprocess, the real `microvm` client, and the hand-written guests (WAT) the tests feed the daemon.
+"""Stdlib helpers shared by every test directory (tests/conftest.py puts this directory on sys.path, so any
+test can `from mvapi import ...`): raw HTTP over the daemon's Unix socket (and HTTPS), a real `microvmd`
+subprocess, the real `microvm` client, free ports and line protocols on 127.0.0.1, and the hand-written
+guests (WAT) the tests feed the daemon.
 
 Nothing here fakes a component: every call goes to a `python -m microvmd.daemon` child process.
 """
@@ -9,14 +11,17 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import msgpack
 
@@ -26,6 +31,12 @@ IMAGES = REPO / "images"
 # Generous upper bounds that only stop a hung test; never performance assertions.
 READY_TIMEOUT = 60.0
 HTTP_TIMEOUT = 60.0
+
+
+def short_root(prefix: str) -> Path:
+    """A new directory under /tmp: AF_UNIX paths are limited to 108 bytes, so sockets stay out of pytest's long
+    per-test directories."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -56,9 +67,19 @@ class Resp:
         return self.headers.get("content-type", "")
 
     def json(self) -> Any:
+        """The decoded body (JSON, or msgpack when the answer says so); None when there is none."""
+        if not self.body:
+            return None
         if "msgpack" in self.content_type:
             return msgpack.unpackb(self.body, raw=False)
         return json.loads(self.body)
+
+    @property
+    def doc(self) -> Any:
+        """A JSON answer decoded, any other answer as text (latin-1: byte for byte; "" when empty)."""
+        if self.body and "json" in self.content_type:
+            return json.loads(self.body)
+        return self.body.decode("latin-1")
 
     @property
     def error(self) -> dict[str, str]:
@@ -71,19 +92,34 @@ class Resp:
         return err
 
     @property
+    def code(self) -> str | None:
+        """The error code of an error answer, or None (no error object)."""
+        try:
+            return self.json()["error"]["code"]  # type: ignore[no-any-return]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def message(self) -> str:
+        """The error message of an error answer, else the body as text."""
+        try:
+            return str(self.json()["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return self.text
+
+    @property
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
 
 
-def request(sock: str | Path, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
-            raw: bytes | None = None, timeout: float = HTTP_TIMEOUT) -> Resp:
-    """One request on a fresh connection. `body` is sent as JSON; `raw` is sent as is."""
+def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: Any, raw: bytes | None,
+              headers: dict[str, str] | None) -> Resp:
+    """One request on `conn` (closed after). `body` is sent as JSON; `raw` is sent as is."""
     hdrs = dict(headers or {})
     data: bytes | None = raw
     if body is not None:
         data = json.dumps(body).encode()
         hdrs.setdefault("Content-Type", "application/json")
-    conn = UnixHTTPConnection(str(sock), timeout)
     try:
         conn.request(method, path, body=data, headers=hdrs)
         r = conn.getresponse()
@@ -91,6 +127,21 @@ def request(sock: str | Path, method: str, path: str, body: Any = None, *, heade
         return Resp(r.status, {k.lower(): v for k, v in r.getheaders()}, payload)
     finally:
         conn.close()
+
+
+def request(sock: str | Path, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
+            raw: bytes | None = None, timeout: float = HTTP_TIMEOUT) -> Resp:
+    """One request on a fresh Unix-socket connection. `body` is sent as JSON; `raw` is sent as is."""
+    return _exchange(UnixHTTPConnection(str(sock), timeout), method, path, body, raw, headers)
+
+
+def https_request(host: str, port: int, method: str, path: str, *, cafile: str, token: str | None = None,
+                  body: Any = None, timeout: float = HTTP_TIMEOUT) -> Resp:
+    """One request to a TCP+TLS listener, trusting `cafile`, with a bearer `token` if given."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    hdrs = {"Authorization": f"Bearer {token}"} if token else {}
+    return _exchange(http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout), method, path, body,
+                     None, hdrs)
 
 
 class Api:
@@ -101,6 +152,11 @@ class Api:
 
     def __call__(self, method: str, path: str, body: Any = None, **kw: Any) -> Resp:
         return request(self.sock, method, path, body, **kw)
+
+    def call(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        """The status and `Resp.doc` (JSON decoded, anything else as text)."""
+        r = self(method, path, body, **kw)
+        return r.status, r.doc
 
     def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         r = self(method, path, body, **kw)
@@ -170,12 +226,13 @@ def metric_value(text: str, name: str) -> float:
 
 # ---------------------------------------------------------------------------------------------- client
 def cli(sock: str | Path | None, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None,
-        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """The real client: `python -m microvmd.cli.main --socket SOCK ARGS...`."""
-    e = {k: v for k, v in os.environ.items() if k != "MICROVM_SOCKET"}
+        input: bytes | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real client: `[PREFIX...] python -m microvmd.cli.main --socket SOCK ARGS...`, with no MICROVM_*
+    variable from the outside (only those in `env`)."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MICROVM_")}
     if env:
         e.update(env)
-    argv = [sys.executable, "-m", "microvmd.cli.main"]
+    argv = [*(prefix or []), sys.executable, "-m", "microvmd.cli.main"]
     if sock is not None:
         argv += ["--socket", str(sock)]
     return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout, env=e,
@@ -192,16 +249,33 @@ def _thread_count(pid: int) -> int:
 
 @dataclass
 class Daemon:
-    """A real `microvmd` child process on its own socket and state dir."""
+    """A real `microvmd` child process on its own socket and state dir.
+
+    Several may share `root` (their logs are named after their sockets). `fresh()` makes one in a new
+    directory of its own, which `close()` removes.
+    """
 
     root: Path
     state_dir: Path
     socket: Path
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)  # run the daemon under this, e.g. ["ip", "netns", "exec", "B"]
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     starts: int = 0
+    imported: set[str] = field(default_factory=set)  # names imported by image()
+
+    @classmethod
+    def fresh(cls, prefix: str, *args: str, env: dict[str, str] | None = None) -> Self:
+        """A started daemon in a new short directory under /tmp: socket `s.sock`, state dir `state`."""
+        root = short_root(prefix)
+        d = cls(root, root / "state", root / "s.sock", list(args), dict(env or {}))
+        try:
+            return d.start()
+        except BaseException:
+            d.close(signal.SIGKILL)
+            raise
 
     @property
     def api(self) -> Api:
@@ -215,17 +289,14 @@ class Daemon:
     def threads(self) -> int:
         return _thread_count(self.pid)
 
-    def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return cli(self.socket, *args, **kw)
-
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "microvmd.daemon", "--socket", str(self.socket),
+        return [*self.prefix, sys.executable, "-m", "microvmd.daemon", "--socket", str(self.socket),
                 "--state-dir", str(self.state_dir), *self.args]
 
-    def start(self, *, wait: bool = True, popen_argv: list[str] | None = None, **popen_kw: Any) -> Daemon:
+    def start(self, *, wait: bool = True, popen_argv: list[str] | None = None, **popen_kw: Any) -> Self:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
-        self.log_path = self.root / f"daemon-{self.starts}.log"
+        self.log_path = self.root / f"daemon-{self.socket.stem}-{self.starts}.log"
         env = {**os.environ, **self.env}
         for k in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"):
             if k not in self.env:
@@ -274,6 +345,131 @@ class Daemon:
                 p.wait(30)
         return p.returncode
 
+    def close(self, sig: int = signal.SIGTERM) -> None:
+        """stop(), then remove `root` (for daemons made by fresh())."""
+        self.stop(sig)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conveniences: raw API and the client
+    def call(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        """The status and the answer: JSON decoded, anything else as text (see Resp.doc)."""
+        return self.api.call(method, path, body, **kw)
+
+    def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        """Like call(), asserting a 2xx status; returns the answer."""
+        status, doc = self.call(method, path, body, **kw)
+        assert 200 <= status < 300, (method, path, status, doc)
+        return doc
+
+    def get(self, ref: str) -> dict[str, Any]:
+        return self.ok("GET", f"/v1/vms/{ref}")  # type: ignore[no-any-return]
+
+    def wait(self, ref: str, timeout: float = 120.0) -> dict[str, Any]:
+        return self.api.wait(ref, timeout)
+
+    def logs(self, ref: str, stream: str = "stdout") -> str:
+        """The VM's console (stdout only by default, unlike Api.logs)."""
+        return str(self.ok("GET", f"/v1/vms/{ref}/logs?stream={stream}"))
+
+    def wait_blocked(self, ref: str, op: str | None = None, timeout: float = 20.0) -> dict[str, Any]:
+        """Until the running VM `ref` is blocked in a host call (in `op`, if given)."""
+        end = time.monotonic() + timeout
+        while True:
+            vm = self.get(ref)
+            if vm["blocked_in"] is not None and (op is None or vm["blocked_in"] == op):
+                return vm
+            assert vm["state"] == "running", (vm, self.logs(ref, "all"))
+            assert time.monotonic() < end, vm
+            time.sleep(0.02)
+
+    def image(self, name: str, wat: str) -> str:
+        """Import the WAT text `wat` as image `name` (once per daemon); returns `name`."""
+        if name not in self.imported:
+            self.ok("POST", f"/v1/images?name={name}", raw=wat.encode())
+            self.imported.add(name)
+        return name
+
+    def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return cli(self.socket, *args, **kw)
+
+    def mv(self, *args: str, **kw: Any) -> str:
+        """The client, asserting success; returns its stdout."""
+        r = self.cli(*args, **kw)
+        assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
+        return r.stdout
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        """`microvm --json inspect REF`."""
+        return json.loads(self.mv("--json", "inspect", ref))  # type: ignore[no-any-return]
+
+
+# What systemd does before exec'ing a socket-activated service: `python -c SOCKET_ACTIVATE FD NAME ARGS...` puts
+# the listening socket FD at fd 3, describes it in the environment (LISTEN_FDNAMES=NAME) with LISTEN_PID naming
+# the very process that will read it (exec keeps the pid), then execs `python ARGS...`.
+SOCKET_ACTIVATE = r"""
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.set_inheritable(3, True)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_FDNAMES"] = sys.argv[2]
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+"""
+
+
+# ---------------------------------------------------------------------------------------------- network
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on (as far as we can tell)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    """Until something accepts connections on host:port."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), 0.3).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            time.sleep(0.05)
+
+
+def line_rpc(port: int, text: str, host: str = "127.0.0.1", timeout: float = 5.0, retry: float = 0.0) -> str:
+    """Send one line, return the first reply line. With `retry`, a refused connection (nothing listening
+    yet: no client is seen by the guest) is retried for that many seconds."""
+    end = time.monotonic() + retry
+    while True:
+        try:
+            s = socket.create_connection((host, port), timeout)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+    with s:
+        s.settimeout(timeout)
+        s.sendall(text.encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            d = s.recv(4096)
+            if not d:
+                break
+            buf += d
+    return buf.split(b"\n")[0].decode(errors="replace")
+
 
 # ---------------------------------------------------------------------------------------------- guests
 def checksum(text: str) -> str:
@@ -300,6 +496,41 @@ def with_custom_section(module: bytes, payload: bytes, name: bytes = b"microvmd-
     content = leb(len(name)) + name + payload
     return module + b"\x00" + leb(len(content)) + content
 
+
+# Functions for WAT guests that print on stdout (they need the WASI fd_write import as $fd_write): ($out ptr len)
+# writes raw bytes, ($num i64) and ($n32 i32) print a decimal line. They use memory 0..47 as scratch.
+WAT_PRINT = """\
+  (func $out (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func $num (param $v i64)
+    (local $p i32) (local $neg i32)
+    (i32.store8 (i32.const 47) (i32.const 10))
+    (local.set $p (i32.const 47))
+    (if (i64.lt_s (local.get $v) (i64.const 0))
+      (then (local.set $neg (i32.const 1)) (local.set $v (i64.sub (i64.const 0) (local.get $v)))))
+    (loop $l
+      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
+      (i32.store8 (local.get $p)
+        (i32.add (i32.const 48) (i32.wrap_i64 (i64.rem_u (local.get $v) (i64.const 10)))))
+      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
+      (br_if $l (i64.ne (local.get $v) (i64.const 0))))
+    (if (local.get $neg)
+      (then (local.set $p (i32.sub (local.get $p) (i32.const 1))) (i32.store8 (local.get $p) (i32.const 45))))
+    (call $out (local.get $p) (i32.sub (i32.const 48) (local.get $p))))
+  (func $n32 (param i32) (call $num (i64.extend_i32_s (local.get 0))))"""
+
+
+def wat_repeat(n: int | str, body: str) -> str:
+    """WAT that runs `body` n times (in a function with an i32 local $i)."""
+    return f"""
+    (local.set $i (i32.const 0))
+    (block $done (loop $again
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {n})))
+      {body}
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $again)))"""
 
 # `start` adds 1 to $g; `_start` exits with g*40 + 2: 42 when the start function ran exactly once before
 # the entry (2 if never, 82 if twice).

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mvapi import IMAGES, REPO, Daemon, cli, request
+from mvapi import IMAGES, REPO, SOCKET_ACTIVATE, Daemon, cli, request
 
 HUGE = "900000000000"
 HELLO = str(IMAGES / "hello" / "hello.wasm")
@@ -150,18 +150,6 @@ def test_client_exit_statuses_without_and_with_a_daemon(daemon: Daemon, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ systemd
-ACTIVATE = r"""
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.set_inheritable(3, True)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDS"] = "1"
-os.environ["LISTEN_FDNAMES"] = "microvmd.socket"
-os.execv(sys.executable, [sys.executable, "-m", "microvmd.daemon", *sys.argv[2:]])
-"""
 
 
 def _recv_until(sock: socket.socket, word: str, timeout: float = 30.0) -> list[str]:
@@ -192,8 +180,8 @@ def test_socket_activation_and_sd_notify(make_daemon: Callable[..., Daemon]) -> 
         notify.bind(str(notify_path))
         d.env = {"NOTIFY_SOCKET": str(notify_path)}
         # --socket names a path the daemon must NOT bind: it serves the passed socket instead
-        argv = [sys.executable, "-c", ACTIVATE, str(listener.fileno()), "--socket", str(d.socket),
-                "--state-dir", str(d.state_dir)]
+        argv = [sys.executable, "-c", SOCKET_ACTIVATE, str(listener.fileno()), "microvmd.socket",
+                "-m", "microvmd.daemon", "--socket", str(d.socket), "--state-dir", str(d.state_dir)]
         d.start(wait=False, popen_argv=argv, pass_fds=[listener.fileno()])
         msgs = _recv_until(notify, "READY=1")
         assert f"MAINPID={d.pid}" in "\n".join(msgs)  # exec kept the pid

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -122,16 +120,13 @@ def test_idle_vms_hold_no_thread(daemon: Daemon) -> None:
 # ------------------------------------------------------------------------------------------ hostile guests
 @pytest.fixture(scope="module")
 def hostile() -> Iterator[Daemon]:
-    root = Path(tempfile.mkdtemp(prefix="mvd-h-", dir="/tmp"))
-    d = Daemon(root, root / "state", root / "s.sock")
-    d.start()
+    d = Daemon.fresh("mvd-h-")
     try:
         for name in ("spin", "counter", "hello"):
             assert d.api.import_image(wasm(name), name).status == 201
         yield d
     finally:
-        d.stop(signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
+        d.close(signal.SIGKILL)
 
 
 # case -> (file contents, extra `run` flags, expected client exit status, words expected on stderr)

@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from snaphelp import IMAGES, Daemon, build_guests, make_tls, short_root  # noqa: E402
+from mvapi import IMAGES, short_root  # noqa: E402
+from snaphelp import Daemon, build_guests, make_tls  # noqa: E402
 
 DEFAULT_IMAGES = ("counter", "echo", "spin")
 

@@ -1,119 +1,25 @@
-"""Stdlib helpers for the snapshot suite: real `microvmd` subprocesses on temporary sockets and state dirs,
-the real `microvm` client, raw HTTP (Unix socket and TLS), the export stream format, and guests built on
-the fly with guest-sdk/mvcc.
+"""Helpers for the snapshot suite on top of the shared mvapi module (real `microvmd` subprocesses, the real
+`microvm` client, raw HTTP over Unix sockets and TLS): the snapshot conveniences of a daemon, the export
+stream format, and guests built on the fly with guest-sdk/mvcc.
 
 Nothing here fakes the daemon: every VM call goes to a `python -m microvmd.daemon` child process.
 """
 from __future__ import annotations
 
 import hashlib
-import http.client
 import inspect
-import json
-import os
 import re
 import shutil
-import signal
-import socket
-import ssl
 import struct
 import subprocess
-import sys
-import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "images"
-READY_TIMEOUT = 60.0
-HTTP_TIMEOUT = 60.0
-
-
-# ------------------------------------------------------------------------------------------------ HTTP
-class _UnixConn(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-
-
-@dataclass
-class Resp:
-    status: int
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
-
-    @property
-    def code(self) -> str | None:
-        try:
-            return self.json()["error"]["code"]  # type: ignore[no-any-return]
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    @property
-    def message(self) -> str:
-        try:
-            return str(self.json()["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            return self.body.decode(errors="replace")
-
-    @property
-    def text(self) -> str:
-        return self.body.decode(errors="replace")
-
-
-def _do(conn: http.client.HTTPConnection, method: str, path: str, body: Any, raw: bytes | None,
-        headers: dict[str, str] | None) -> Resp:
-    hdrs = dict(headers or {})
-    data = raw
-    if body is not None:
-        data = json.dumps(body).encode()
-        hdrs.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=data, headers=hdrs)
-        r = conn.getresponse()
-        return Resp(r.status, r.read())
-    finally:
-        conn.close()
-
-
-def request(sock: str | Path, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> Resp:
-    return _do(_UnixConn(str(sock), timeout), method, path, body, raw, headers)
-
-
-def https_request(host: str, port: int, method: str, path: str, *, cafile: str, token: str | None = None,
-                  body: Any = None, timeout: float = HTTP_TIMEOUT) -> Resp:
-    ctx = ssl.create_default_context(cafile=cafile)
-    hdrs = {"Authorization": f"Bearer {token}"} if token else {}
-    return _do(http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout), method, path, body,
-               None, hdrs)
-
-
-# ------------------------------------------------------------------------------------------------ client
-def cli(sock: str | Path | None, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None,
-        prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The real client: `python -m microvmd.cli.main --socket SOCK ARGS...`."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MICROVM_")}
-    e.update(env or {})
-    argv = [*(prefix or []), sys.executable, "-m", "microvmd.cli.main"]
-    if sock is not None:
-        argv += ["--socket", str(sock)]
-    return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
+import mvapi
+from mvapi import REPO
 
 
 def numbers(text: str) -> list[int]:
@@ -121,98 +27,17 @@ def numbers(text: str) -> list[int]:
     return [int(x) for x in re.findall(r"^(\d+)$", text, re.M)]
 
 
-# ------------------------------------------------------------------------------------------------ daemon
-@dataclass
-class Daemon:
-    """A real `microvmd` child process on its own socket and state dir."""
-
-    root: Path
-    state_dir: Path
-    socket: Path
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", "B"]
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    log_path: Path | None = None
-
-    def start(self, wait: bool = True) -> Daemon:
-        assert self.proc is None or self.proc.poll() is not None
-        self.starts += 1
-        self.log_path = self.root / f"daemon-{self.socket.stem}-{self.starts}.log"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC")}
-        env.update(self.env)
-        argv = [*self.prefix, sys.executable, "-m", "microvmd.daemon", "--socket", str(self.socket),
-                "--state-dir", str(self.state_dir), *self.args]
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        if wait:
-            self.wait_ready()
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"microvmd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if request(self.socket, "GET", "/v1/info", timeout=5).status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > end:
-                raise AssertionError(f"microvmd not ready after {timeout} s:\n{self.log()}")
-            time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        p = self.proc
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(30)
-        return p.returncode
-
-    # -- conveniences
-    def api(self, method: str, path: str, body: Any = None, **kw: Any) -> Resp:
-        return request(self.socket, method, path, body, **kw)
-
-    def ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
-        r = self.api(method, path, body, **kw)
-        assert 200 <= r.status < 300, (method, path, r.status, r.text)
-        return r.json()
-
-    def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return cli(self.socket, *args, **kw)
-
-    def mv(self, *args: str, **kw: Any) -> str:
-        """The client, asserting success; returns stdout."""
-        r = self.cli(*args, **kw)
-        assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
-        return r.stdout
+class Daemon(mvapi.Daemon):
+    """A real `microvmd` child process (mvapi.Daemon) with the snapshot suite's conveniences."""
 
     def import_image(self, path: Path, name: str | None = None) -> str:
-        q = f"?name={name}" if name else ""
-        r = self.api("POST", f"/v1/images{q}", raw=path.read_bytes(), headers={"Content-Type": "application/wasm"})
+        """Import the module file `path`; returns its digest."""
+        r = self.api.import_image(path.read_bytes(), name)
         assert r.status in (200, 201), r.text
         return r.json()["digest"]  # type: ignore[no-any-return]
 
     def vm(self, ref: str) -> dict[str, Any]:
-        return self.ok("GET", f"/v1/vms/{ref}")  # type: ignore[no-any-return]
-
-    def logs(self, ref: str) -> str:
-        r = self.api("GET", f"/v1/vms/{ref}/logs?stream=stdout")
-        assert r.status == 200, r.text
-        return r.text
+        return self.get(ref)
 
     def snapshots(self) -> list[str]:
         return sorted(s["name"] for s in self.ok("GET", "/v1/snapshots")["snapshots"])
@@ -229,62 +54,7 @@ class Daemon:
             time.sleep(0.05)
 
     def wait_state(self, ref: str, *states: str, timeout: float = 20.0) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while True:
-            vm = self.vm(ref)
-            if vm["state"] in states:
-                return vm
-            if time.monotonic() > end:
-                raise AssertionError(f"VM {ref} is {vm['state']}, not {states}: {vm}")
-            time.sleep(0.05)
-
-
-def short_root(prefix: str) -> Path:
-    # AF_UNIX paths are limited to 108 bytes: keep sockets out of pytest's long tmp paths
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-# ------------------------------------------------------------------------------------------------ network
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), 0.3).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s") from None
-            time.sleep(0.05)
-
-
-def line_rpc(port: int, text: str, host: str = "127.0.0.1", timeout: float = 5.0, retry: float = 0.0) -> str:
-    """Send one line, return the first reply line. With ``retry``, a refused connection (nothing listening
-    yet: no client is seen by the guest) is retried for that many seconds."""
-    end = time.monotonic() + retry
-    while True:
-        try:
-            s = socket.create_connection((host, port), timeout)
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
-    with s:
-        s.settimeout(timeout)
-        s.sendall(text.encode() + b"\n")
-        buf = b""
-        while b"\n" not in buf:
-            d = s.recv(4096)
-            if not d:
-                break
-            buf += d
-    return buf.split(b"\n")[0].decode(errors="replace")
+        return self.api.wait_state(ref, *states, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------------ export stream

@@ -451,7 +451,7 @@ def test_export_to_stdout_and_import_from_stdin(pair: tuple[Daemon, Daemon]) -> 
     import subprocess
     import sys
 
-    from snaphelp import REPO
+    from mvapi import REPO
 
     a, b = pair
     a.mv("create", "--name", "pipe1", "counter")

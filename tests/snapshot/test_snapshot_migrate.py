@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from snaphelp import Daemon, free_port, line_rpc, numbers, wait_port
+from mvapi import free_port, line_rpc, wait_port
+from snaphelp import Daemon, numbers
 
 
 def gone_from(d: Daemon, name: str) -> bool:
@@ -16,24 +17,13 @@ def gone_from(d: Daemon, name: str) -> bool:
     return all(v["name"] != name for v in vms)
 
 
-def wait_blocked(d: Daemon, ref: str, timeout: float = 10.0) -> str:
-    end = time.monotonic() + timeout
-    while True:
-        b = d.vm(ref).get("blocked_in")
-        if b:
-            return str(b)
-        if time.monotonic() > end:
-            raise AssertionError(f"{ref} not blocked in a device call: {d.vm(ref)}")
-        time.sleep(0.05)
-
-
 def test_migrate_echo_blocked_in_poll(pair: tuple[Daemon, Daemon]) -> None:
     a, b = pair
     port = free_port()
     a.mv("run", "-d", "--name", "e1", "--publish", f"127.0.0.1:{port}:8000", "echo")
     wait_port(port)
     assert line_rpc(port, "before") == "before"
-    wait_blocked(a, "e1")
+    a.wait_blocked("e1")
     idle = socket.create_connection(("127.0.0.1", port), 5)  # a client connected across the migration
     idle.settimeout(10)
     try:
@@ -180,7 +170,7 @@ def test_echo_suspended_in_poll_restored_elsewhere_serves_new_clients(pair: tupl
     a.mv("run", "-d", "--name", "e-rs", "--publish", f"127.0.0.1:{port}:8000", "echo")
     wait_port(port)
     assert line_rpc(port, "one") == "one"
-    wait_blocked(a, "e-rs")
+    a.wait_blocked("e-rs")
     a.mv("snapshot", "create", "e-rs", "--name", "s-e-rs")
     assert line_rpc(port, "source-still-serves") == "source-still-serves"
     a.mv("rm", "-f", "e-rs")  # frees the port for the copy
@@ -203,7 +193,7 @@ def test_guest_suspended_in_accept_gets_the_connection_after_restore_elsewhere(
     end = time.monotonic() + 10
     while "accepted 1" not in a.logs("greet") and time.monotonic() < end:
         time.sleep(0.05)
-    assert "accept" in wait_blocked(a, "greet")
+    assert "accept" in a.wait_blocked("greet")["blocked_in"]
     time.sleep(0.2)  # client 1 has gone: greet is back in mv_accept for client 2
     a.mv("snapshot", "create", "greet", "--name", "s-greet")
     a.mv("rm", "-f", "greet")
@@ -221,7 +211,7 @@ def test_migrate_guest_blocked_in_accept(pair: tuple[Daemon, Daemon], guests: di
     a, b = pair
     port = free_port()
     a.mv("run", "-d", "--name", "greet-m", "--publish", f"127.0.0.1:{port}:8000", str(guests["greet"]))
-    assert "accept" in wait_blocked(a, "greet-m")
+    assert "accept" in a.wait_blocked("greet-m")["blocked_in"]
     a.mv("migrate", "greet-m", "--to", f"unix://{b.socket}")
     assert line_rpc(port, "moved", retry=10) == "hello 1, moved"
     assert "accepted 1" in b.logs("greet-m")

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from snaphelp import Daemon, cli, free_port, https_request, make_cert, numbers, short_root
+from mvapi import cli, free_port, https_request, short_root
+from snaphelp import Daemon, make_cert, numbers
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
