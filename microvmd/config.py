@@ -80,6 +80,9 @@ class Config:
                 raise ConfigError(
                     "--listen needs TLS and a token: missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
                 )
+        if self.gateway is not None:
+            raise ConfigError("the function gateway (--gateway) is not part of this microvmd yet; "
+                              "leave it off (--gateway off)")
         if self.limits.memory > self.limits.max_memory:
             raise ConfigError("limits.memory is larger than limits.max_memory")
         if self.limits.memory < 65536:

@@ -11,11 +11,14 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import mvapi
@@ -488,9 +491,17 @@ def test_own_ports_not_reachable_through_ipv4_mapped_ipv6(mvd: Daemon, echo_vm: 
     assert mvd.net(echo_id)["stats"]["connections_in"] == before
 
 
-def test_wildcard_gateway_port_is_refused_by_policy() -> None:
+def test_wildcard_remote_api_port_is_refused_by_policy(tmp_path: Path) -> None:
+    """The daemon's own TLS API, bound to 0.0.0.0, is not reachable from a guest at 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed: cannot make a self-signed certificate")
+    cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    token.write_text("0123456789abcdef0123456789abcdef")
     gw = free_port()
-    with Daemon.fresh("mvnet-", "--gateway", f"0.0.0.0:{gw}") as d:
+    with Daemon.fresh("mvnet-", "--listen", f"0.0.0.0:{gw}", "--tls-cert", str(cert), "--tls-key", str(key),
+                      "--token-file", str(token)) as d:
         d.ok("POST", "/v1/images?name=fetch", raw=(IMAGES / "fetch" / "fetch.wasm").read_bytes())
         vm = d.vm("fetch", env={"TARGET": f"127.0.0.1:{gw}"}, allow_egress=[f"127.0.0.1:{gw}"])
         ex = d.wait(vm["id"])
