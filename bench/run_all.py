@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Run every microvmd benchmark, each in its own process with its own private daemon, and summarise.
 
-  python bench/run_all.py            the foundation benchmarks, full (the figures in docs/benchmarks.md;
-                                     about 5 minutes on 2 CPUs): run, density, fuel, ps
+  python bench/run_all.py            the foundation benchmarks, full (about 2 minutes on 2 CPUs): run, density,
+                                     fuel, ps
   python bench/run_all.py --quick    a short smoke run of each (well under a minute)
   python bench/run_all.py --all      also every other bench/bench_*.py (density with the echo guest, disk, net,
-                                     snapshot, coldstart, hostcall)
+                                     snapshot, coldstart, hostcall): about 4 minutes; docs/benchmarks.md
 
 Each bench/bench_*.py also runs on its own (see its --help). The exit status is 0 when every benchmark
 ran, whatever its PASS/MISS verdicts (--strict: 1 when any target is missed as well), 2 when one failed
