@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{', GIL holder only' if a.gil else ''}; {done[0] if done else '?'} iterations in all)\n")
         c.emit(summarise(raw, a.top))
     finally:
-        if not a.raw:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # --raw writes elsewhere
     return 0
 
 
