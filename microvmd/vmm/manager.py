@@ -245,6 +245,7 @@ class Hypervisor:
                 await dev.attach(self, vm)
             if start and restore is None:
                 vm.on_cpu = True
+                t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
                 try:
                     first = await self.sched.on_cpu_pool(self._build_and_run, vm, img)
                 finally:
@@ -274,8 +275,8 @@ class Hypervisor:
             if vm.state.terminal:  # killed while it was being built
                 self._release(vm)
                 return vm
-            self._transition(vm, VmState.RUNNING, "start")
-            vm.started = time.time()
+            vm.started = t_wall
+            self._transition(vm, VmState.RUNNING, "start", since=t_mono)
             self._on_slice_end(vm, first)
         elif start:
             await self.start(vm)
@@ -346,14 +347,15 @@ class Hypervisor:
         await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
 
     # ------------------------------------------------------------------ lifecycle
-    def _transition(self, vm: Vm, target: VmState, action: str) -> None:
+    def _transition(self, vm: Vm, target: VmState, action: str, since: float | None = None) -> None:
+        """``since``: when the VM really began running (its first slice may run before the transition)."""
         check_transition(vm.id, vm.state, target, action)
         now = time.monotonic()
         if vm.state == VmState.RUNNING and vm.run_since is not None:
             vm.run_seconds += now - vm.run_since
             vm.run_since = None
         if target == VmState.RUNNING:
-            vm.run_since = now
+            vm.run_since = since if since is not None else now
         vm.log.debug("%s -> %s (%s)", vm.state.value, target.value, action)
         vm.state = target
         self._arm_timeout(vm)
@@ -368,7 +370,8 @@ class Hypervisor:
             vm.deadline_handle = None
         if vm.spec.timeout is None or vm.state != VmState.RUNNING:
             return
-        left = vm.spec.timeout - vm.run_seconds
+        running = time.monotonic() - vm.run_since if vm.run_since is not None else 0.0
+        left = vm.spec.timeout - vm.run_seconds - running
         vm.deadline_handle = asyncio.get_running_loop().call_later(max(0.0, left), self._on_timeout, vm)
 
     def _on_timeout(self, vm: Vm) -> None:
