@@ -25,7 +25,6 @@ from .store import (
     Ref,
     SnapshotStore,
     all_refs,
-    changed_chunks,
     encode_manifest,
     fresh_buffer,
     portable,
@@ -44,11 +43,30 @@ class _Parent:
         return ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory)) if self.memory else 0
 
 
+class _SparePool:
+    """Copy buffers whose pages are already faulted in, left by removed VMs (bounded in total size)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buffers: list[bytearray] = []
+
+    def put(self, buf: bytearray) -> None:
+        if len(buf) and sum(map(len, self.buffers)) + len(buf) <= self.limit:
+            self.buffers.append(buf)
+
+    def take(self, size: int) -> bytearray | None:
+        for i, buf in enumerate(self.buffers):
+            if len(buf) == size:
+                return self.buffers.pop(i)
+        return None
+
+
 class Snapshots:
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
         self.store = SnapshotStore(hv.cfg.state_dir / "snapshots")
         self._parents: dict[str, _Parent] = {}
+        self._spares = _SparePool(256 << 20)
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._write = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
@@ -59,7 +77,9 @@ class Snapshots:
             log.info("removed %d unreferenced snapshot packs", removed)
 
     def forget(self, vm_id: str) -> None:
-        self._parents.pop(vm_id, None)
+        parent = self._parents.pop(vm_id, None)
+        if parent is not None:
+            self._spares.put(parent.memory)  # its pages are faulted in: the next first snapshot reuses them
         self._vm_locks.pop(vm_id, None)
 
     def close(self) -> None:
@@ -104,7 +124,7 @@ class Snapshots:
         size0 = machine0.memory_bytes if machine0 is not None else 0
         spare = last.memory if last is not None and len(last.memory) == size0 and not diff else None
         if spare is None and not diff and copy_memory:
-            spare = await hv.sched.on_io(fresh_buffer, size0)
+            spare = self._spares.take(size0) or await hv.sched.on_io(fresh_buffer, size0)
         t0 = time.perf_counter()
         kind = await hv.quiesce(vm)
         try:
@@ -119,7 +139,7 @@ class Snapshots:
                     raw = (ctypes.c_char * size).from_address(address) if size else b""
                     return memoryview(raw).cast("B") if size else memoryview(b""), None, globals_
                 if parent is not None and len(parent.memory) == size:
-                    changed = changed_chunks(address, parent.address(), size)
+                    changed = self.store.changed_chunks(address, parent.address(), size)
                     base = parent.address()
                     for i in changed:
                         off = i * CHUNK

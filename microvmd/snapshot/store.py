@@ -395,6 +395,21 @@ class SnapshotStore:
         list(self._pool.map(work, [range(k, min(n, k + step)) for k in range(0, n, step)]))
         return refs
 
+    def changed_chunks(self, current: int, parent: int, size: int) -> list[int]:
+        """``changed_chunks`` in parallel halves (memcmp runs without the GIL)."""
+        n = (size + CHUNK - 1) // CHUNK
+        if n < 64:
+            return changed_chunks(current, parent, size)
+        half = (n // 2) * CHUNK
+
+        def part(lo: int, hi: int) -> list[int]:
+            base = lo // CHUNK
+            return [base + i for i in changed_chunks(current + lo, parent + lo, hi - lo)]
+
+        a = self._pool.submit(part, 0, half)
+        b = part(half, size)
+        return a.result() + b
+
     def collect(self, packs: set[str]) -> None:
         """Remove these packs if no manifest references them (e.g. a migration's temporary pack)."""
         self._collect(set(packs))
