@@ -77,6 +77,7 @@ class ImageStore:
         self.images: dict[str, Image] = {}  # by hex digest
         self.names: dict[str, str] = {}     # name -> hex digest
         self._modules: dict[str, wasmtime.Module] = {}
+        self._pres: dict[str, wasmtime.InstancePre] = {}
         self._lock = threading.Lock()
         self.compiles = 0  # for tests and metrics: how many times we really compiled
         for sub in ("blobs", "names", "cache", "tmp"):
@@ -248,6 +249,17 @@ class ImageStore:
             self._modules[img.hex] = mod
         return mod
 
+    def instance_pre(self, img: Image) -> tuple[wasmtime.Module, wasmtime.InstancePre]:
+        """The module with its imports resolved against the daemon's linker, once per image."""
+        mod = self.module(img)
+        with self._lock:
+            pre = self._pres.get(img.hex)
+        if pre is None:
+            pre = self.linker.instantiate_pre(mod)
+            with self._lock:
+                self._pres[img.hex] = pre
+        return mod, pre
+
     def module_bytes(self, img: Image) -> bytes:
         return (self.root / "blobs" / img.hex / "original.wasm").read_bytes()
 
@@ -313,6 +325,7 @@ class ImageStore:
                 (self.root / "names" / n).unlink(missing_ok=True)
             self.images.pop(img.hex, None)
             self._modules.pop(img.hex, None)
+            self._pres.pop(img.hex, None)
         shutil.rmtree(self.root / "blobs" / img.hex, ignore_errors=True)
         for f in (self.root / "cache").glob(f"{img.hex}.*"):
             f.unlink(missing_ok=True)

@@ -56,7 +56,7 @@ def _val(ty: str, value: int | float) -> wasmtime.Val:
 
 class Machine:
     def __init__(self, engine: wasmtime.Engine, linker: wasmtime.Linker, module: wasmtime.Module,
-                 spec: MachineSpec) -> None:
+                 spec: MachineSpec, pre: wasmtime.InstancePre | None = None) -> None:
         self.spec = spec
         self.store = wasmtime.Store(engine)
         wasi = wasmtime.WasiConfig()
@@ -72,7 +72,7 @@ class Machine:
         self.store.set_fuel(FUEL_TANK)
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
-        self.instance = wt.instantiate(self.store, linker, module)
+        self.instance = wt.instantiate(self.store, linker, module, pre)
         self.exports = self.instance.exports(self.store)
         self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")

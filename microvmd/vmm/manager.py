@@ -304,10 +304,10 @@ class Hypervisor:
         )
         if img.entry is None:
             mspec.entry = mspec.boot.pop() if mspec.boot else ""
-        module = self.images.module(img)
+        module, pre = self.images.instance_pre(img)
         wt.set_current_vm(vm)
         try:
-            vm.machine = Machine(self.engine, self.linker, module, mspec)
+            vm.machine = Machine(self.engine, self.linker, module, mspec, pre)
         except wt.InstantiationError as exc:
             msg = str(exc)
             if "memory" in msg and ("limit" in msg or "minimum" in msg or "exceeds" in msg or "resource" in msg):

@@ -181,13 +181,19 @@ class GuestCall(_Future):
 class Instantiation(_Future):
     """Instantiation through the async path (required once a store has async host functions)."""
 
-    def __init__(self, store: wasmtime.Store, linker: wasmtime.Linker, module: wasmtime.Module) -> None:
+    def __init__(self, store: wasmtime.Store, linker: wasmtime.Linker, module: wasmtime.Module,
+                 pre: wasmtime.InstancePre | None = None) -> None:
         super().__init__()
         self._inst = ffi.wasmtime_instance_t()
-        self._linker, self._module = linker, module
-        self._ptr = ffi.wasmtime_linker_instantiate_async(
-            linker.ptr(), store._context(), module.ptr(), ctypes.byref(self._inst),
-            ctypes.byref(self._trap), ctypes.byref(self._error))
+        self._linker, self._module, self._pre = linker, module, pre
+        if pre is not None:  # imports already resolved once for the image: skips the linker lookups
+            self._ptr = ffi.wasmtime_instance_pre_instantiate_async(
+                pre.ptr(), store._context(), ctypes.byref(self._inst), ctypes.byref(self._trap),
+                ctypes.byref(self._error))
+        else:
+            self._ptr = ffi.wasmtime_linker_instantiate_async(
+                linker.ptr(), store._context(), module.ptr(), ctypes.byref(self._inst),
+                ctypes.byref(self._trap), ctypes.byref(self._error))
 
     def result(self) -> wasmtime.Instance:
         out = self._outcome(Outcome())
@@ -204,9 +210,10 @@ class InstantiationError(Exception):
         self.trap_code = trap_code
 
 
-def instantiate(store: wasmtime.Store, linker: wasmtime.Linker, module: wasmtime.Module) -> wasmtime.Instance:
+def instantiate(store: wasmtime.Store, linker: wasmtime.Linker, module: wasmtime.Module,
+                pre: wasmtime.InstancePre | None = None) -> wasmtime.Instance:
     """Instantiate to completion on the calling thread (start functions were rewritten away at import)."""
-    inst = Instantiation(store, linker, module)
+    inst = Instantiation(store, linker, module, pre)
     try:
         while not inst.poll():
             pass
