@@ -32,6 +32,7 @@ class Console:
         self.cap = cap
         self.released = {s: 0 for s in STREAMS}  # bytes punched out at the start of each stream
         self.dirty = False  # written since the last cap check
+        self._fds: dict[str, int] = {}
         self.write_errors = 0
 
     def path(self, stream: str) -> Path:
@@ -45,24 +46,36 @@ class Console:
         """The custom-output callback for one stream. It must never raise (wasmtime would see 0 bytes
         written) and returns None, which wasmtime-py reports as "all bytes consumed"."""
         path = str(self.path(stream))
+        open_fds = self._fds
 
         def write(data: bytes) -> None:
             self.dirty = True
             try:
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-                except FileNotFoundError:  # the VM's directory is made on first use
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-                try:
-                    os.write(fd, data)
-                finally:
-                    os.close(fd)
+                fd = open_fds.get(stream)
+                if fd is None:  # kept open for the rest of the slice (see release)
+                    try:
+                        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                    except FileNotFoundError:  # the VM's directory is made on first use
+                        self.dir.mkdir(parents=True, exist_ok=True)
+                        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                    open_fds[stream] = fd
+                os.write(fd, data)
             except OSError as exc:  # a full disk loses console output, never the guest
                 self.write_errors += 1
                 if self.write_errors == 1:
                     log.warning("console %s: %s (further errors are counted, not logged)", path, exc)
         return write
+
+    def release(self) -> None:
+        """Close the descriptors opened during a slice (called by the vCPU worker at slice end): a VM
+        holds console descriptors only while it runs."""
+        fds = list(self._fds.values())
+        self._fds.clear()  # in place: the writers hold this dict
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def size(self, stream: str) -> int:
         try:

@@ -75,6 +75,7 @@ class Scheduler:
             return vm.machine.run_slice(self.quantum, vm.fuel_budget, self.fuel_slice, vm, spin)  # type: ignore[no-any-return]
         finally:
             wt.set_current_vm(None)
+            vm.console.release()
 
     async def on_io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work (instantiation, file I/O, hashing) off the event loop."""
