@@ -419,57 +419,28 @@ class SnapshotStore:
             for h in [h for h, loc in self.index.items() if loc.pack == pack]:
                 del self.index[h]
 
-    def read_into(self, refs: Sequence[Ref | None], size: int, address: int, packs: Sequence[str],
-                  verify: bool = True) -> None:
-        """Fill ``size`` bytes at ``address`` (guest memory, already zeroed) from the chunks, reading runs
-        of consecutive chunks with one preadv each, then checking every chunk's CRC-32 in parallel."""
-        buf = (ctypes.c_char * size).from_address(address) if size else None
-        view = memoryview(buf).cast("B") if buf is not None else memoryview(b"")
-        populate(address, size)
-        runs: list[tuple[str, int, int, int]] = []  # pack, pack offset, memory offset, length
-        for i, r in enumerate(refs):
-            if r is None:
-                continue
-            pack = packs[r[2]] if isinstance(r[2], int) else r[2]
-            if runs and runs[-1][0] == pack and runs[-1][1] + runs[-1][3] == r[3] \
-                    and runs[-1][2] + runs[-1][3] == i * CHUNK and runs[-1][3] % CHUNK == 0:
-                p, po, mo, ln = runs[-1]
-                runs[-1] = (p, po, mo, ln + r[4])
-            else:
-                runs.append((pack, r[3], i * CHUNK, r[4]))
+    class _Packs:
+        """Read-only descriptors of the packs one operation touches, opened once each, closed together."""
 
-        def read(part: list[tuple[str, int, int, int]]) -> None:
-            fds: dict[str, int] = {}
-            try:
-                for pack, po, mo, ln in part:
-                    fd = fds.get(pack)
-                    if fd is None:
-                        try:
-                            fd = fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
-                        except FileNotFoundError:
-                            raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
-                    got = os.preadv(fd, [view[mo:mo + ln]], po)
-                    if got != ln:
-                        raise SnapshotError(f"snapshot pack {pack[:12]} is truncated")
-            finally:
-                for fd in fds.values():
-                    os.close(fd)
+        def __init__(self, store: SnapshotStore) -> None:
+            self.store = store
+            self.fds: dict[str, int] = {}
 
-        def check(idx: Sequence[int]) -> None:
-            for i in idx:
-                r = refs[i]
-                if r is not None and zlib.crc32(view[i * CHUNK:i * CHUNK + r[4]]) != r[1]:
-                    raise SnapshotError(f"snapshot chunk {r[0].hex()[:16]} is corrupted (checksum mismatch)")
+        def __enter__(self) -> SnapshotStore._Packs:
+            return self
 
-        try:
-            half = (len(runs) + 1) // 2
-            list(self._pool.map(read, [runs[:half], runs[half:]]))
-            if verify:
-                idx = [i for i, r in enumerate(refs) if r is not None]
-                step = max(1, (len(idx) + 3) // 4)
-                list(self._pool.map(check, [idx[k:k + step] for k in range(0, len(idx), step)]))
-        finally:
-            view.release()
+        def __exit__(self, *exc: object) -> None:
+            for fd in self.fds.values():
+                os.close(fd)
+
+        def fd(self, pack: str) -> int:
+            fd = self.fds.get(pack)
+            if fd is None:
+                try:
+                    fd = self.fds[pack] = os.open(self.store.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
+            return fd
 
     def map_into(self, refs: Sequence[Ref | None], size: int, address: int, packs: Sequence[str]) -> None:
         """Map the chunks copy-on-write over guest memory at ``address`` (MAP_PRIVATE | MAP_FIXED): no
@@ -489,25 +460,16 @@ class SnapshotStore:
                 last[3] += CHUNK
             else:
                 runs.append([pack, r[3], i * CHUNK, CHUNK])
-        fds: dict[str, int] = {}
-        try:
+        with self._Packs(self) as opened:
             for pack, po, mo, ln in runs:
                 if mo + ln > size:
                     raise SnapshotError("snapshot chunk beyond the memory size")
-                fd = fds.get(pack)
-                if fd is None:
-                    try:
-                        fd = fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
-                        raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
-                    if os.fstat(fd).st_size < po + ln:
-                        raise SnapshotError(f"snapshot pack {pack[:12]} is truncated")
+                fd = opened.fd(pack)
+                if os.fstat(fd).st_size < po + ln:  # a short pack would SIGBUS the guest later
+                    raise SnapshotError(f"snapshot pack {pack[:12]} is truncated")
                 got = _libc.mmap(address + mo, ln, _PROT_RW, _MAP_PRIVATE_FIXED, fd, po)
                 if got == _MAP_FAILED or got != address + mo:
                     raise OSError(ctypes.get_errno(), "mmap of a snapshot pack failed")
-        finally:
-            for fd in fds.values():
-                os.close(fd)
 
     def verify_manifest(self, m: dict[str, Any]) -> None:
         """Check every chunk of the packs this manifest uses that were not checked in this daemon's life."""
@@ -519,21 +481,11 @@ class SnapshotStore:
 
     def _verify_packs(self, packs: set[str], refs: list[tuple[Ref, str]]) -> None:
         def check(part: list[tuple[Ref, str]]) -> None:
-            fds: dict[str, int] = {}
-            try:
+            with self._Packs(self) as opened:
                 for r, pack in part:
-                    fd = fds.get(pack)
-                    if fd is None:
-                        try:
-                            fd = fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
-                        except FileNotFoundError:
-                            raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
-                    data = os.pread(fd, r[4], r[3])
+                    data = os.pread(opened.fd(pack), r[4], r[3])
                     if len(data) != r[4] or zlib.crc32(data) != r[1]:
                         raise SnapshotError(f"snapshot chunk {r[0].hex()[:16]} is corrupted (checksum mismatch)")
-            finally:
-                for fd in fds.values():
-                    os.close(fd)
 
         step = max(1, (len(refs) + 3) // 4)
         list(self._pool.map(check, [refs[k:k + step] for k in range(0, len(refs), step)]))
@@ -541,21 +493,11 @@ class SnapshotStore:
 
     def read_chunk(self, ref: Ref, packs: Sequence[str]) -> bytes:
         pack = packs[ref[2]] if isinstance(ref[2], int) else ref[2]
-        try:
-            with open(self.pack_path(pack), "rb") as f:
-                data = os.pread(f.fileno(), ref[4], ref[3])
-        except FileNotFoundError:
-            raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
+        with self._Packs(self) as opened:
+            data = os.pread(opened.fd(pack), ref[4], ref[3])
         if len(data) != ref[4] or zlib.crc32(data) != ref[1]:
             raise SnapshotError(f"snapshot chunk {ref[0].hex()[:16]} is corrupted (checksum mismatch)")
         return data
-
-    def read_all(self, refs: Sequence[Ref | None], size: int, packs: Sequence[str]) -> bytearray:
-        buf = bytearray(size)
-        if size:
-            addr = ctypes.addressof((ctypes.c_char * size).from_buffer(buf))
-            self.read_into(refs, size, addr, packs)
-        return buf
 
     # ------------------------------------------------------------------ manifests
     def manifest_path(self, name: str) -> Path:
