@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,38 @@ log = logging.getLogger("microvmd.scheduler")
 VCPU_NICE = 5
 
 
+class _VcpuPool:
+    """The vCPU worker threads: a plain queue of jobs, no futures (a slice reports back through one
+    ``call_soon_threadsafe``; ``run_in_executor`` would add two futures and their callbacks per slice)."""
+
+    def __init__(self, workers: int) -> None:
+        self.queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"vcpu_{i}", daemon=True) for i in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self) -> None:
+        _lower_priority()
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except RuntimeError:  # the event loop closed under a last job (shutdown): nothing to report to
+                log.debug("vCPU job finished after the event loop closed")
+
+    def idle(self) -> bool:
+        """No job is waiting for a worker (an approximate, lock-free reading)."""
+        return self.queue.qsize() == 0
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
+
+
 class Scheduler:
     def __init__(self, engine: wasmtime.Engine, workers: int, epoch_interval: float, fuel_slice: int,
                  quantum: float = 0.02, spin_wait: float = 0.0003) -> None:
@@ -34,8 +67,7 @@ class Scheduler:
         self.fuel_slice = fuel_slice
         self.quantum = quantum
         self.spin_wait = spin_wait
-        self._queued = 0  # slices submitted but not started: a worker never spin-waits while others queue
-        self.cpu = ThreadPoolExecutor(workers, thread_name_prefix="vcpu", initializer=_lower_priority)
+        self.cpu = _VcpuPool(workers)
         self.io = ThreadPoolExecutor(4, thread_name_prefix="io")
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="epoch", daemon=True)
@@ -50,23 +82,25 @@ class Scheduler:
         """Queue one slice of ``vm`` on a vCPU worker; ``on_end`` runs on the event loop afterwards."""
         loop = asyncio.get_running_loop()
         vm.on_cpu = True
-        self._queued += 1
-        fut = loop.run_in_executor(self.cpu, self._run_queued, vm)
 
-        def done(f: asyncio.Future[SliceEnd]) -> None:
+        def done(end: SliceEnd | BaseException) -> None:
             vm.on_cpu = False
-            exc = f.exception()
-            on_end(vm, exc if exc is not None else f.result())
+            on_end(vm, end)
 
-        fut.add_done_callback(done)
+        def job() -> None:
+            end: SliceEnd | BaseException
+            try:
+                # a worker waits for a blocked guest's answer only if no other VM waits for a worker
+                end = self._run(vm, self.spin_wait if self.cpu.idle() else 0.0)
+            except BaseException as exc:  # reported to the loop, which stops the VM
+                end = exc
+            loop.call_soon_threadsafe(done, end)
+
+        self.cpu.queue.put(job)
 
     def run_slice(self, vm: Any) -> SliceEnd:
         """One slice on the calling (vCPU) thread."""
         return self._run(vm)
-
-    def _run_queued(self, vm: Any) -> SliceEnd:
-        self._queued -= 1
-        return self._run(vm, self.spin_wait if self._queued <= 0 else 0.0)
 
     def _run(self, vm: Any, spin: float = 0.0) -> SliceEnd:
         wt.set_current_vm(vm)
@@ -82,12 +116,29 @@ class Scheduler:
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
     async def on_cpu_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+        """Run ``fn`` on a vCPU worker (a VM's build and first slice)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not fut.done():
+                fut.set_result(value) if ok else fut.set_exception(value)
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, False, exc)
+            else:
+                loop.call_soon_threadsafe(settle, True, result)
+
+        self.cpu.queue.put(job)
+        return await fut
 
     def close(self) -> None:
         self._stop.set()
         self._ticker.join(timeout=1)
-        self.cpu.shutdown(wait=True, cancel_futures=True)
+        self.cpu.shutdown()
         self.io.shutdown(wait=True, cancel_futures=True)
 
 
