@@ -54,7 +54,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -182,77 +181,14 @@ def machine_facts(state_dir: Path | None = None) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ HTTP client
-class HttpError(Exception):
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status, self.body = status, body
-        try:
-            err = json.loads(body)["error"]
-            msg = f"{err.get('code')}: {err.get('message')}"
-        except (ValueError, KeyError, TypeError):
-            msg = body[:300].decode(errors="replace")
-        super().__init__(f"HTTP {status}: {msg}")
+HttpError = c.HttpError
 
 
-class Http:
-    """A minimal HTTP/1.1 client on one persistent keep-alive Unix-socket connection."""
+class Http(c.UnixHttp):
+    """The shared keep-alive Unix-socket client (bench/_common.py), plus timing and server-side figures."""
 
     def __init__(self, path: str | Path, timeout: float = 300.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("the daemon closed the connection")
-        self.buf += data
-
-    def raw(self, method: str, path: str, body: bytes | None = None,
-            content_type: str = "application/json") -> tuple[int, bytes]:
-        head = f"{method} {path} HTTP/1.1\r\nHost: microvmd\r\n"
-        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n" if body is not None \
-            else "Content-Length: 0\r\n"
-        self.sock.sendall(head.encode() + b"\r\n" + (body or b""))
-        while (i := self.buf.find(b"\r\n\r\n")) < 0:
-            self._fill()
-        lines = self.buf[:i].split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        headers = {}
-        for ln in lines[1:]:
-            k, _, v = ln.partition(b":")
-            headers[k.strip().lower().decode()] = v.strip().decode()
-        self.buf = self.buf[i + 4:]
-        if "content-length" in headers:
-            n = int(headers["content-length"])
-            while len(self.buf) < n:
-                self._fill()
-            payload, self.buf = self.buf[:n], self.buf[n:]
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while True:
-                while (j := self.buf.find(b"\r\n")) < 0:
-                    self._fill()
-                size = int(self.buf[:j].split(b";")[0], 16)
-                while len(self.buf) < j + 2 + size + 2:
-                    self._fill()
-                parts.append(self.buf[j + 2:j + 2 + size])
-                self.buf = self.buf[j + 2 + size + 2:]
-                if size == 0:
-                    break
-            payload = b"".join(parts)
-        else:
-            payload = b""
-        return status, payload
-
-    def call(self, method: str, path: str, data: Any = None) -> Any:
-        status, payload = self.raw(method, path, None if data is None else json.dumps(data).encode())
-        if status >= 400:
-            raise HttpError(status, payload)
-        return json.loads(payload) if payload[:1] in (b"{", b"[") else payload
+        super().__init__(path, timeout)
 
     def timed(self, method: str, path: str, data: Any = None) -> tuple[float, Any]:
         body = None if data is None else json.dumps(data).encode()
