@@ -137,6 +137,24 @@ def wasmtime_cli() -> tuple[Path | None, str]:
         return copy, f"{binary} had no exec bit and is read-only: using a chmod'ed copy at {copy}"
 
 
+def tree_description() -> str:
+    """Which microvmd is measured: the commit, and whether it is a clean export or a (dirty) work tree."""
+    try:
+        ref = os.environ.get(REF_ENV)
+        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref or "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()[:70]
+        if ref:
+            head += f" (clean git archive of {ref[:12]} in {code_root()})"
+        else:
+            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            head += f" (working tree, {len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty \
+                else " (working tree, clean)"
+    except (OSError, subprocess.SubprocessError):
+        head = "?"
+    return head
+
+
 def machine_info() -> dict[str, str]:
     cpu = "unknown"
     try:
@@ -173,19 +191,7 @@ def machine_info() -> dict[str, str]:
         max_map = Path("/proc/sys/vm/max_map_count").read_text().strip()
     except OSError:
         max_map = "?"
-    try:
-        ref = os.environ.get(REF_ENV)
-        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref or "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()[:70]
-        if ref:
-            head += f" (clean git archive of {ref[:12]} in {code_root()})"
-        else:
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            head += f" (working tree, {len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty \
-                else " (working tree, clean)"
-    except (OSError, subprocess.SubprocessError):
-        head = "?"
+    head = tree_description()
     return {
         "microvmd tree": head,
         "nproc": str(os.cpu_count()),

@@ -158,19 +158,7 @@ def machine_facts(state_dir: Path | None = None) -> list[tuple[str, str]]:
             return md.version(pkg)
         except md.PackageNotFoundError:
             return "not installed"
-    ref = os.environ.get(c.REF_ENV)
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref or "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()[:70]
-        if ref:
-            head += f" (clean git archive of {ref[:12]} in {c.code_root()})"
-        else:
-            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "microvmd"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            head += f" (working tree, +{len(dirty.splitlines())} uncommitted changes in microvmd/)" if dirty \
-                else " (working tree, clean)"
-    except (OSError, subprocess.SubprocessError):
-        head = "?"
+    head = c.tree_description()
     facts = [("microvmd tree", head), ("nproc", str(os.cpu_count())), ("cpu", cpu), ("memory", mem),
              ("kernel", platform.release()), ("python", platform.python_version()),
              ("wasmtime-py", ver("wasmtime")), ("aiohttp", ver("aiohttp")), ("uvloop", ver("uvloop"))]
