@@ -132,20 +132,6 @@ class SnapshotView:
                 self._state.close_backends()
         return bytes(buf)
 
-    def read_all(self) -> bytes:
-        buf = bytearray(self._att.size)
-        view = memoryview(buf)
-        if not self._state.busy.enter():
-            raise MicrovmError(f"disk {self.name} was detached", code="disk_detached")
-        try:
-            for off in range(0, len(buf), MAX_IO):
-                self._att.backend.read_into(view[off:off + MAX_IO], off)
-        finally:
-            view.release()
-            if self._state.busy.leave():
-                self._state.close_backends()
-        return bytes(buf)
-
 
 class ThrottleOp(HostOp):
     """A disk call waiting for its rate limiter; ``finish`` does the I/O on the worker once woken."""
@@ -444,22 +430,6 @@ class BlockDevice:
             del self.store.disks[new]
             await self.hv.sched.on_io(self.store.remove_files, disk)
             raise
-        finally:
-            disk.uploading = False
-        return new
-
-    async def materialize(self, name: str, content: bytes) -> str:
-        """A new disk holding ``content`` (a snapshot's copy of disk ``name``); returns its name."""
-        new = f"{name[:100]}.restored-{uuid.uuid4().hex[:8]}"
-        disk = await self.create_disk(new, len(content))
-        disk.uploading = True
-        try:
-            await self.hv.sched.on_io(self.store.write_content, disk, content)
-        except OSError as exc:
-            del self.store.disks[new]
-            await self.hv.sched.on_io(self.store.remove_files, disk)
-            raise MicrovmError(f"cannot write disk {new}: {exc.strerror or exc}", code="disk_write_failed") \
-                from None
         finally:
             disk.uploading = False
         return new

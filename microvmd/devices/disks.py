@@ -192,14 +192,6 @@ class DiskStore:
         (self.root / f"{disk.name}.json").unlink(missing_ok=True)
         disk.path.unlink(missing_ok=True)
 
-    def write_content(self, disk: Disk, data: bytes) -> None:
-        fd = os.open(disk.path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            _pwrite_full(fd, memoryview(data), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def upload_path(self, name: str) -> Path:
         return self.root / f".{name}.upload"
 
