@@ -48,6 +48,9 @@ class EngineSettings:
     # (ping-pong traffic then skips two thread hand-offs; never while other VMs are queued)
     spin_wait: float = 0.0003
     cache_compiled: bool = True
+    # find a --diff snapshot's changed pages with userfaultfd write-protect + PAGEMAP_SCAN (Linux >= 6.7)
+    # instead of comparing all of memory; the first write to each page after a snapshot costs a minor fault
+    dirty_tracking: bool = True
 
 
 @dataclass(frozen=True)

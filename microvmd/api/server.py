@@ -18,6 +18,7 @@ from aiohttp.client_exceptions import ClientConnectionResetError
 
 from .. import __version__
 from ..errors import BadRequest, MicrovmError, NotImplementedYet
+from ..snapshot import dirty
 from ..vmm import wt
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
@@ -62,6 +63,7 @@ async def info(request: web.Request) -> web.StreamResponse:
         "limits": {"memory": h.cfg.limits.memory, "max_memory": h.cfg.limits.max_memory,
                    "fuel": h.cfg.limits.fuel, "timeout": h.cfg.limits.timeout,
                    "upload": h.cfg.upload_limit},
+        "snapshots": {"dirty_tracking": dirty.describe(h.cfg.engine.dirty_tracking)},
     })
 
 

@@ -18,7 +18,7 @@ from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..vmm import wt
 from ..vmm.manager import Hypervisor, RestoreData
 from ..vmm.vm import Vm, VmSpec
-from . import transfer
+from . import dirty, transfer
 from .store import (
     CHUNK,
     PackWriter,
@@ -27,6 +27,7 @@ from .store import (
     all_refs,
     encode_manifest,
     fresh_buffer,
+    memcmp,
     portable,
 )
 
@@ -36,8 +37,12 @@ log = logging.getLogger("microvmd.snapshot")
 class _Parent:
     """The last snapshot of a VM, kept to make the next ``--diff`` cheap: its memory and references."""
 
-    def __init__(self, memory: bytearray, refs: list[Ref | None], name: str) -> None:
+    def __init__(self, memory: bytearray, refs: list[Ref | None], name: str,
+                 tracked: tuple[int, int] | None = None) -> None:
         self.memory, self.refs, self.name = memory, refs, name
+        # (address, size) of guest memory write-protected at this snapshot: pages written since then are
+        # the ones PAGEMAP_SCAN reports (see dirty.py)
+        self.tracked = tracked
 
     def address(self) -> int:
         return ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory)) if self.memory else 0
@@ -66,17 +71,23 @@ class Snapshots:
         self.hv = hv
         self.store = SnapshotStore(hv.cfg.state_dir / "snapshots")
         self._parents: dict[str, _Parent] = {}
+        self._armed: dict[str, tuple[int, int]] = {}  # set while frozen, moved into _Parent when persisted
+        self._tracker: dirty.DirtyTracker | None = None
         self._spares = _SparePool(256 << 20)
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._write = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
 
     async def startup(self) -> None:
+        if self.hv.cfg.engine.dirty_tracking:
+            self._tracker = await self.hv.sched.on_io(dirty.tracker)
+        log.info("diff snapshots: dirty pages by %s", dirty.describe(self.hv.cfg.engine.dirty_tracking))
         removed = await self.hv.sched.on_io(self.store.load)
         if removed:
             log.info("removed %d unreferenced snapshot packs", removed)
 
     def forget(self, vm_id: str) -> None:
+        self._armed.pop(vm_id, None)
         parent = self._parents.pop(vm_id, None)
         if parent is not None:
             self._spares.put(parent.memory)  # its pages are faulted in: the next first snapshot reuses them
@@ -109,6 +120,7 @@ class Snapshots:
                 return await self._persist(vm, manifest, memory, changed, writer)
             except BaseException:
                 self._parents.pop(vm.id, None)  # a diff may have updated its copy: start afresh
+                self._armed.pop(vm.id, None)
                 await self.hv.sched.on_io(writer.abort)
                 raise
 
@@ -132,15 +144,25 @@ class Snapshots:
             assert machine is not None
             parent = self._parents.get(vm.id) if diff else None
 
+            how: dict[str, Any] = {}
+
             def copy() -> tuple[Any, list[int] | None, dict[str, Any]]:
                 address, size = machine.memory_region()
                 globals_ = machine.capture_globals()
                 if not copy_memory:
                     raw = (ctypes.c_char * size).from_address(address) if size else b""
                     return memoryview(raw).cast("B") if size else memoryview(b""), None, globals_
+                written = self._written_chunks(vm, last, address, size)  # re-arms tracking too
                 if parent is not None and len(parent.memory) == size:
-                    changed = self.store.changed_chunks(address, parent.address(), size)
                     base = parent.address()
+                    if written is None:
+                        how["dirty"] = "memcmp"
+                        changed = self.store.changed_chunks(address, base, size)
+                    else:  # the pages written since the parent: a superset of the changed ones
+                        how["dirty"] = "pagemap"
+                        how["written_chunks"] = len(written)
+                        changed = [i for i in written
+                                   if memcmp(address + i * CHUNK, base + i * CHUNK, min(CHUNK, size - i * CHUNK))]
                     for i in changed:
                         off = i * CHUNK
                         ctypes.memmove(base + off, address + off, min(CHUNK, size - off))
@@ -166,7 +188,7 @@ class Snapshots:
                 "devices": _device_states(vm),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
                 "parent": parent.name if parent is not None and changed is not None else None,
-                "stats": {"frozen_ms": round(frozen_ms, 3)},
+                "stats": {"frozen_ms": round(frozen_ms, 3), **how},
             }
         except BaseException:
             if not vm.state.terminal:
@@ -175,6 +197,30 @@ class Snapshots:
         if thaw and not vm.state.terminal:
             hv.thaw(vm)
         return manifest, memory, changed
+
+    def _written_chunks(self, vm: Vm, last: _Parent | None, address: int, size: int) -> list[int] | None:
+        """While the VM is frozen (on an I/O thread): the chunks written since ``last`` was taken, or None
+        when that is not known (no tracker, no tracked parent, memory moved or grew). Either way guest memory
+        is armed again, so the next snapshot can ask the same question about this one."""
+        tr = self._tracker
+        self._armed.pop(vm.id, None)
+        if tr is None or not size:
+            return None
+        written = None
+        try:
+            if last is not None and last.tracked == (address, size):
+                written = tr.collect_chunks(address, size, CHUNK)  # re-protects the pages it reports
+            else:
+                tr.arm(address, size)
+        except dirty.TrackingError as e:
+            log.warning("vm=%s: dirty-page tracking failed (%s); comparing memory instead", vm.id[:12], e)
+            written = None
+            try:
+                tr.arm(address, size)
+            except dirty.TrackingError:
+                return None
+        self._armed[vm.id] = (address, size)
+        return written
 
     async def _capture_disks(self, vm: Vm, writer: PackWriter) -> list[dict[str, Any]]:
         """Each attached disk, chunk by chunk straight into the pack (point-in-time: the VM is frozen)."""
@@ -212,7 +258,8 @@ class Snapshots:
 
         await self.hv.sched.on_io(work)
         if vm is not None:
-            self._parents[vm.id] = _Parent(memory, manifest["memory"]["chunks"], manifest["name"])
+            self._parents[vm.id] = _Parent(memory, manifest["memory"]["chunks"], manifest["name"],
+                                           self._armed.pop(vm.id, None))
         log.info("snapshot %s of vm=%s: %s, %d bytes of memory, %d new chunks (%d bytes), frozen %.1f ms, "
                  "written in %.1f ms", manifest["name"], manifest["vm"]["id"][:12], manifest["kind"], len(memory),
                  manifest["stats"]["new_chunks"], manifest["stats"]["new_bytes"], manifest["stats"]["frozen_ms"],
