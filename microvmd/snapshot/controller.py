@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..vmm import wt
+from ..vmm.machine import NotSnapshottable
 from ..vmm.manager import Hypervisor, RestoreData
 from ..vmm.vm import Vm, VmSpec
 from . import dirty, transfer
@@ -149,6 +150,10 @@ class Snapshots:
             def copy() -> tuple[Any, list[int] | None, dict[str, Any]]:
                 address, size = machine.memory_region()
                 globals_ = machine.capture_globals()
+                try:
+                    how["tables"] = machine.capture_tables()
+                except NotSnapshottable as exc:
+                    raise Conflict(f"VM {vm.name} cannot be snapshotted: {exc}", code="not_snapshottable") from None
                 if not copy_memory:
                     raw = (ctypes.c_char * size).from_address(address) if size else b""
                     return memoryview(raw).cast("B") if size else memoryview(b""), None, globals_
@@ -184,6 +189,7 @@ class Snapshots:
                        "fuel_consumed": vm.fuel_consumed, "state": vm.state.value},
                 "memory": {"size": len(memory), "chunks": []},
                 "globals": {k: [t, v] for k, (t, v) in globals_.items()},
+                **({"tables": tables} if (tables := how.pop("tables", None)) else {}),
                 "disks": disks,
                 "devices": _device_states(vm),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
@@ -314,7 +320,8 @@ class Snapshots:
                            globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
                            unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
                            fuel_budget=m["vm"].get("fuel_budget"),
-                           devices=m.get("devices") if isinstance(m.get("devices"), dict) else {})
+                           devices=m.get("devices") if isinstance(m.get("devices"), dict) else {},
+                           tables=m.get("tables") or {})
         try:
             vm = await hv.create(spec, restore=data)
         except BaseException:

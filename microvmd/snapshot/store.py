@@ -170,6 +170,18 @@ def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
             raise SnapshotError(f"{where}: malformed global {name!r}")
         if v[0] in bounds and not (isinstance(v[1], int) and -bounds[v[0]] // 2 <= v[1] < bounds[v[0]] // 2):
             raise SnapshotError(f"{where}: global {name!r} is out of range for {v[0]}")
+    tables = m.get("tables", {})
+    if not isinstance(tables, dict) or len(tables) > 64:
+        raise SnapshotError(f"{where}: malformed table list")
+    for name, t in tables.items():
+        if not (isinstance(name, str) and isinstance(t, dict) and isinstance(t.get("size"), int)
+                and not isinstance(t["size"], bool) and 0 <= t["size"] <= 1 << 24
+                and isinstance(t.get("elems"), list) and len(t["elems"]) == t["size"]):
+            raise SnapshotError(f"{where}: malformed table {name!r}")
+        for e in t["elems"]:
+            if e is not None and not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                                      and isinstance(e[1], int) and not isinstance(e[1], bool) and e[1] >= 0):
+                raise SnapshotError(f"{where}: malformed element in table {name!r}")
     if len(m["disks"]) > 64:
         raise SnapshotError(f"{where}: too many disks")
     for d in m["disks"]:

@@ -23,6 +23,10 @@ log = logging.getLogger("microvmd.vmm")
 FUEL_TANK = 1 << 62  # fuel given to every store; the budget is enforced by yields, not by trapping
 
 
+class NotSnapshottable(Exception):
+    """The guest's state holds something a snapshot cannot describe."""
+
+
 class SliceEnd(Enum):
     DONE = "done"              # the guest's entry returned, exited or trapped
     YIELDED = "yielded"        # quantum used up; queue it again
@@ -85,6 +89,14 @@ class Machine:
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
         self.memory_bytes = self.memory.data_len(self.store) if self.memory else 0
         self.peak_memory = self.memory_bytes
+        # the tables as instantiated, by raw function pointer: the names a snapshot gives the functions in a
+        # table the guest changed (only guests that can be snapshotted after they ran need them)
+        self.tables_at_start: dict[str, list[int]] | None = None
+        if spec.asyncify_globals is not None:
+            try:
+                self.tables_at_start = self._table_refs()
+            except ValueError:
+                self.tables_at_start = None  # a non-function reference at start: snapshots will say so
         self.asyncify: AsyncifyCtl | None = None
         if spec.asyncify_globals is not None and self.memory is not None:
             data_ptr = self.call_sync("microvm_asyncify_data")[0]
@@ -230,8 +242,77 @@ class Machine:
                     out[name] = (str(ty.content), item.value(self.store))
         return out
 
+    def _tables(self) -> dict[str, wasmtime.Table]:
+        return {n: t for n in self.export_names if isinstance(t := self.exports.get(n), wasmtime.Table)}
+
+    def _table_refs(self) -> dict[str, list[int]]:
+        return {n: wt.table_refs(self.store, t) for n, t in self._tables().items()}
+
+    def capture_tables(self) -> dict[str, dict[str, Any]]:
+        """The tables the guest changed since instantiation, each slot named as the (table, slot) that held
+        its function at instantiation (None for null); only while not running. Raises NotSnapshottable for
+        a function that was in no table at instantiation (``ref.func`` of a declared function), or a
+        non-function reference: a snapshot could not name it."""
+        if self.tables_at_start is None:
+            if self.spec.asyncify_globals is not None and self._tables():
+                raise NotSnapshottable("a table held a non-function reference at instantiation")
+            return {}  # this guest is snapshotted only before it runs: its tables are as instantiated
+        try:
+            now = self._table_refs()
+        except ValueError as exc:
+            raise NotSnapshottable(f"a table holds something a snapshot cannot name ({exc})") from None
+        changed = {n: refs for n, refs in now.items() if refs != self.tables_at_start.get(n)}
+        if not changed:
+            return {}
+        where: dict[int, tuple[str, int]] = {}
+        for n, refs in self.tables_at_start.items():
+            for slot, r in enumerate(refs):
+                if r:
+                    where.setdefault(r, (n, slot))
+        out: dict[str, dict[str, Any]] = {}
+        for n, refs in changed.items():
+            elems: list[list[Any] | None] = []
+            for i, r in enumerate(refs):
+                if not r:
+                    elems.append(None)
+                elif r in where:
+                    elems.append(list(where[r]))
+                else:
+                    raise NotSnapshottable(f"table {n!r} slot {i} holds a function that was in no table when the "
+                                           f"module was instantiated (set with ref.func at run time)")
+            out[n] = {"size": len(refs), "elems": elems}
+        return out
+
+    def _restore_tables(self, tables: dict[str, dict[str, Any]]) -> None:
+        """Rebuild changed tables from the functions the fresh instance's tables hold (read all first)."""
+        have = self._tables()
+        funcs: dict[tuple[str, int], Any] = {}
+        for n, t in tables.items():
+            if n not in have:
+                raise ValueError(f"snapshot table {n!r} is not exported by the module")
+            for e in t["elems"]:
+                if e is not None and (e[0], e[1]) not in funcs:
+                    src = have.get(e[0])
+                    if src is None or not 0 <= e[1] < src.size(self.store):
+                        raise ValueError(f"snapshot table {n!r} names slot {e[1]} of table {e[0]!r}, which the "
+                                         f"module does not have")
+                    f = src.get(self.store, e[1])
+                    if not isinstance(f, wasmtime.Func):
+                        raise ValueError(f"slot {e[1]} of table {e[0]!r} holds no function at instantiation")
+                    funcs[(e[0], e[1])] = f
+        for n, t in tables.items():
+            tab = have[n]
+            cur = tab.size(self.store)
+            if t["size"] < cur:
+                raise ValueError(f"snapshot table {n!r} is smaller than the module's ({t['size']} < {cur})")
+            if t["size"] > cur:
+                tab.grow(self.store, t["size"] - cur, None)
+            for i, e in enumerate(t["elems"]):
+                tab.set(self.store, i, None if e is None else funcs[(e[0], e[1])])
+
     def restore(self, size: int, load: Callable[[int, int], None], globals_: dict[str, tuple[str, int | float]],
-                unwound: bool, fuel_consumed: int, zero_chunks: Callable[[int], list[int]]) -> None:
+                unwound: bool, fuel_consumed: int, zero_chunks: Callable[[int], list[int]],
+                tables: dict[str, dict[str, Any]] | None = None) -> None:
         """Load a captured state into this freshly instantiated machine (before it first runs).
 
         ``load(address, size)`` fills linear memory in place; ``zero_chunks(initial_size)`` lists the
@@ -257,6 +338,8 @@ class Machine:
             if not isinstance(item, wasmtime.Global):
                 raise ValueError(f"snapshot global {name!r} is not exported by the module")
             item.set_value(self.store, _val(ty, value))
+        if tables:
+            self._restore_tables(tables)
         self.fuel_base = fuel_consumed
         self.fuel_consumed = fuel_consumed
         if unwound:

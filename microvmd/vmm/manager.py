@@ -59,6 +59,9 @@ class RestoreData:
     fuel_consumed: int
     fuel_budget: int | None
     devices: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # only the tables the guest changed
+
+
 _CONTROL_PRIORITY = {"pause": 0, "stop": 1, "timeout": 2, "killed": 3}
 
 
@@ -330,7 +333,7 @@ class Hypervisor:
         if restore is not None:
             try:
                 vm.machine.restore(restore.memory_size, restore.load, restore.globals, restore.unwound,
-                                   restore.fuel_consumed, restore.zero_chunks)
+                                   restore.fuel_consumed, restore.zero_chunks, restore.tables)
             except (ValueError, wasmtime.WasmtimeError) as exc:
                 raise Unprocessable(f"the snapshot does not fit its image: {str(exc).splitlines()[0]}",
                                     code="invalid_snapshot") from None

@@ -204,6 +204,31 @@ class Instantiation(_Future):
         return wasmtime.Instance._from_raw(self._inst)
 
 
+def table_refs(store: wasmtime.Store, table: wasmtime.Table) -> list[int]:
+    """Each slot of a table as wasmtime's raw funcref pointer (0 for null). The pointer of a function is
+    the same every time within one instance, so two reads compare slot by slot, and a slot's function can
+    be found again in the table as instantiated. Raises ValueError for a non-null reference that is not a
+    function (externref and the like: not snapshottable)."""
+    ctx = store._context()
+    ref = ctypes.byref(table._table)
+    raw = ffi.wasmtime_val_t()
+    out: list[int] = []
+    for i in range(table.size(store)):
+        if not ffi.wasmtime_table_get(ctx, ref, i, ctypes.byref(raw)):
+            break
+        if raw.kind == ffi.WASMTIME_FUNCREF.value:
+            f = raw.of.funcref
+            ptr: Any = 0 if f.store_id == 0 else ffi.wasmtime_func_to_raw(ctx, ctypes.byref(f))
+            out.append(int(ptr or 0))
+            continue
+        null = raw.of.externref.store_id == 0  # externref and anyref both begin with their store id
+        ffi.wasmtime_val_unroot(ctypes.byref(raw))
+        if not null:
+            raise ValueError(f"slot {i} holds a non-function reference")
+        out.append(0)
+    return out
+
+
 class InstantiationError(Exception):
     def __init__(self, message: str, trap_code: wasmtime.TrapCode | None = None) -> None:
         super().__init__(message)

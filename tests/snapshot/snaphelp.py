@@ -208,6 +208,59 @@ int main(void) {
 """
 
 
+# tablecounter: changes its function table at run time (a slot overwritten, the table grown by one), then
+# counts like counter, calling through both slots first: "calls 2 2" before each number. Restored without
+# its table it would print "calls 1 ..." or trap on the grown slot. The table instructions are in wasm
+# assembly (C has no syntax for them).
+TABLE_C = r"""
+#include <microvm.h>
+#include <stdint.h>
+#include <stdio.h>
+void table_copy_slot(int dst, int src);
+int table_grow_with(int src);
+static int one(void) { return 1; }
+static int two(void) { return 2; }
+typedef int (*fn)(void);
+static volatile fn pa = one, pb = two;
+int main(void) {
+    long interval = mv_env_int("INTERVAL_MS", 20);
+    int ia = (int)(uintptr_t)pa, ib = (int)(uintptr_t)pb;
+    table_copy_slot(ia, ib);
+    fn pc = (fn)(uintptr_t)table_grow_with(ia);
+    printf("changed\n");
+    for (unsigned long i = 1;; i++) {
+        printf("calls %d %d\n%lu\n", pa(), pc(), i);
+        fflush(stdout);
+        mv_sleep_ms((int)interval);
+    }
+}
+"""
+
+TABLE_S = """
+	.text
+	.tabletype	__indirect_function_table, funcref
+	.globl	table_copy_slot
+	.type	table_copy_slot,@function
+table_copy_slot:
+	.functype	table_copy_slot (i32, i32) -> ()
+	local.get	0
+	local.get	1
+	table.get	__indirect_function_table
+	table.set	__indirect_function_table
+	end_function
+
+	.globl	table_grow_with
+	.type	table_grow_with,@function
+table_grow_with:
+	.functype	table_grow_with (i32) -> (i32)
+	local.get	0
+	table.get	__indirect_function_table
+	i32.const	1
+	table.grow	__indirect_function_table
+	end_function
+"""
+
+
 def build_guests(out: Path) -> dict[str, Path] | str:
     """Build the test guests with guest-sdk/mvcc; a string says why they could not be built."""
     mvcc = REPO / "guest-sdk" / "mvcc"
@@ -215,11 +268,15 @@ def build_guests(out: Path) -> dict[str, Path] | str:
         if shutil.which(tool) is None:
             return f"{tool} is not installed: cannot build test guests with guest-sdk/mvcc"
     built = {}
-    for name, src in (("busy", BUSY_C), ("bigcounter", BIG_C), ("greet", GREET_C)):
+    (out / "tables.s").write_text(TABLE_S)
+    table_args = ["-mreference-types", "-Wl,--growable-table", str(out / "tables.s")]
+    for name, src, extra in (("busy", BUSY_C, []), ("bigcounter", BIG_C, []), ("greet", GREET_C, []),
+                             ("tablecounter", TABLE_C, table_args)):
         c = out / f"{name}.c"
         c.write_text(src)
         wasm = out / f"{name}.wasm"
-        r = subprocess.run([str(mvcc), "-o", str(wasm), str(c)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([str(mvcc), "-o", str(wasm), str(c), *extra], capture_output=True, text=True,
+                           timeout=300)
         if r.returncode != 0:
             return f"guest-sdk/mvcc cannot build {name}: {r.stderr[-500:]}"
         built[name] = wasm

@@ -367,6 +367,30 @@ def test_diff_by_tracked_pages_misses_no_change(pair: tuple[Daemon, Daemon], gue
     a.mv("snapshot", "rm", "trk-0", *[f"trk-{i}{c}" for i in range(1, 4) for c in ("", "-check")])
 
 
+def test_a_table_the_guest_changed_comes_back(pair: tuple[Daemon, Daemon], guests: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    """tablecounter overwrote a slot of its function table and grew it by one: the snapshot holds both
+    changes (naming each function by where it was at instantiation) and a restore on another daemon calls
+    the same functions through the same slots."""
+    a, b = pair
+    a.mv("run", "-d", "--name", "tab1", "--env", "INTERVAL_MS=20", str(guests["tablecounter"]))
+    a.wait_count("tab1", 3)
+    snap = json.loads(a.mv("--json", "snapshot", "create", "tab1", "--name", "s-tab1"))
+    assert snap["kind"] == "unwound"
+    export_to(a, "s-tab1", tmp_path / "tab.snap")
+    b.mv("snapshot", "import", str(tmp_path / "tab.snap"))
+    b.mv("restore", "s-tab1", "--name", "tab1b", "--start")
+    got = b.wait_count("tab1b", 0)
+    b.wait_count("tab1b", got + 3)
+    calls = [ln for ln in b.logs("tab1b").splitlines() if ln.startswith("calls")]
+    assert len(calls) >= 3 and set(calls) == {"calls 2 2"}, b.logs("tab1b")
+    assert "changed" not in b.logs("tab1b")  # continued, did not start over
+    vm = b.vm("tab1b")
+    assert vm["state"] == "running", vm
+    a.mv("rm", "-f", "tab1")
+    b.mv("rm", "-f", "tab1b")
+
+
 # ---------------------------------------------------------------------------------------------- hostile imports
 def _tampered(data: bytes) -> bytes:
     bad = bytearray(data)
