@@ -422,12 +422,14 @@ class Hypervisor:
         elif vm.control is not None or end is SliceEnd.CONTROL:
             self._apply_control(vm)
         elif end is SliceEnd.YIELDED:
-            self._dispatch(vm)
+            if vm.state == VmState.RUNNING or vm.snapshot_wanted:  # (a paused VM runs only to a snapshot)
+                self._dispatch(vm)
         elif end is SliceEnd.BLOCKED:
             op = vm.waiting
             loop = asyncio.get_running_loop()
             if op is None or op.on_ready(loop_waker(loop, self._wake, vm)):
-                self._dispatch(vm)
+                if vm.state == VmState.RUNNING or vm.snapshot_wanted:
+                    self._dispatch(vm)
             else:
                 vm.notify()  # blocked_in changed
         elif end is SliceEnd.OUT_OF_FUEL:
@@ -503,17 +505,20 @@ class Hypervisor:
         # at a suspension point: in a device call whose answer the guest has not taken yet (it may be
         # ready already, e.g. a sleep that ended while the VM was paused; the guest repeats the call)
         blocked = vm.waiting is not None and not vm.waiting.consumed
-        if vm.state in (VmState.PAUSED, VmState.OUT_OF_FUEL) and not blocked:
-            raise Conflict(f"VM {vm.id} is {vm.state.value} in the middle of computing, not at a suspension "
-                           f"point; resume it and snapshot it while it runs", code="not_at_suspension_point")
+        if vm.state == VmState.OUT_OF_FUEL and not blocked:
+            raise Conflict(f"VM {vm.id} ran out of fuel in the middle of computing, not at a suspension point; "
+                           f"add fuel (microvm fuel add) and snapshot it while it runs",
+                           code="not_at_suspension_point")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         vm.unwound_waiters.append(fut)
         vm.snapshot_wanted = True
         if blocked:
             assert vm.waiting is not None
             vm.waiting.interrupt(m.start_unwind)
-            if vm.state != VmState.RUNNING:  # a paused VM is not woken by its op: run it to the unwind
-                self._dispatch(vm)
+        if vm.state != VmState.RUNNING:
+            # a paused VM runs on, unseen, to its next suspension point (at once if it is blocked in one),
+            # unwinds there and stays paused; it is parked again if it does not get there in time
+            self._dispatch(vm)
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:

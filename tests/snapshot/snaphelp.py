@@ -144,6 +144,23 @@ int main(void) {
 }
 """
 
+BURST_C = r"""
+/* burst: computes ITERS iterations (long stretches without a suspension point), prints how many bursts
+ * it finished, then calls mv_yield() (a suspension point); forever. */
+#include <microvm.h>
+#include <stdio.h>
+int main(void) {
+    long iters = mv_env_int("ITERS", 50000000);
+    volatile unsigned long long x = 1;
+    for (unsigned long n = 1;; n++) {
+        for (long i = 0; i < iters; i++) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        printf("%lu\n", n);
+        fflush(stdout);
+        mv_yield();
+    }
+}
+"""
+
 BIG_C = r"""
 /* bigcounter: fills MEM_MB MiB with pseudo-random bytes (no two chunks alike), then counts like
  * images/counter, dirtying one 4 KiB page per tick; CHURN=1 refills the whole buffer every tick, so
@@ -270,7 +287,8 @@ def build_guests(out: Path) -> dict[str, Path] | str:
     built = {}
     (out / "tables.s").write_text(TABLE_S)
     table_args = ["-mreference-types", "-Wl,--growable-table", str(out / "tables.s")]
-    for name, src, extra in (("busy", BUSY_C, []), ("bigcounter", BIG_C, []), ("greet", GREET_C, []),
+    for name, src, extra in (("busy", BUSY_C, []), ("burst", BURST_C, []), ("bigcounter", BIG_C, []),
+                             ("greet", GREET_C, []),
                              ("tablecounter", TABLE_C, table_args)):
         c = out / f"{name}.c"
         c.write_text(src)

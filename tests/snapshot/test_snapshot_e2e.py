@@ -272,6 +272,53 @@ def test_busy_asyncify_guest_without_suspension_point_is_409_after_the_timeout(
     a.mv("rm", "busy1")
 
 
+def test_paused_mid_compute_vm_is_snapshotted_and_stays_paused(pair: tuple[Daemon, Daemon],
+                                                               guests: dict[str, Path]) -> None:
+    """A VM paused while computing (not at a suspension point) runs on, unseen, to its next one, is
+    snapshotted there and stays paused; resume and restore both continue from there."""
+    a, _ = pair
+    a.mv("run", "-d", "--name", "pb1", "--env", "ITERS=40000000", str(guests["burst"]))
+    a.wait_count("pb1", 1)
+    a.mv("pause", "pb1")
+    fuel0 = a.vm("pb1")["fuel_consumed"]
+    snap = json.loads(a.mv("--json", "snapshot", "create", "pb1", "--name", "s-pb1"))
+    assert snap["kind"] == "unwound"
+    vm = a.vm("pb1")
+    assert vm["state"] == "paused", vm
+    at = numbers(a.logs("pb1"))[-1]
+    fuel1 = vm["fuel_consumed"]
+    assert fuel1 >= fuel0
+    time.sleep(0.3)
+    assert a.vm("pb1")["fuel_consumed"] == fuel1  # parked again: no CPU while paused
+    assert numbers(a.logs("pb1"))[-1] == at
+    a.mv("resume", "pb1")
+    assert a.wait_count("pb1", at) > at
+    a.mv("restore", "s-pb1", "--name", "pb1r", "--start")
+    got = a.wait_count("pb1r", 0)
+    assert got > at, (got, at)  # the restored guest continued from the snapshot, it did not start over
+    a.mv("rm", "-f", "pb1", "pb1r")
+    a.mv("snapshot", "rm", "s-pb1")
+
+
+def test_paused_busy_vm_that_never_reaches_a_suspension_point_is_409_and_stays_parked(
+        pair: tuple[Daemon, Daemon], guests: dict[str, Path]) -> None:
+    a, _ = pair
+    a.mv("run", "-d", "--name", "busy2", str(guests["busy"]))
+    end = time.monotonic() + 10
+    while "busy start" not in a.logs("busy2") and time.monotonic() < end:
+        time.sleep(0.05)
+    a.mv("pause", "busy2")
+    r = a.api("POST", "/v1/vms/busy2/snapshots", {"name": "s-busy2"})
+    assert r.status == 409 and r.code == "no_suspension_point", r.text
+    assert "s-busy2" not in a.snapshots()
+    time.sleep(0.1)  # the slice that ran for the attempt ends at its next epoch tick
+    vm = a.vm("busy2")
+    assert vm["state"] == "paused", vm
+    time.sleep(0.3)
+    assert a.vm("busy2")["fuel_consumed"] == vm["fuel_consumed"], "a paused VM kept running"
+    a.mv("rm", "-f", "busy2")
+
+
 def test_terminal_vm_cannot_be_snapshotted(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     a.mv("run", "--name", "done1", "--env", "COUNT=2", "--env", "INTERVAL_MS=1", "counter")
