@@ -46,11 +46,13 @@ class MachineSpec:
     instances: int
     tables: int
     memories: int
-    stdout: Callable[[bytes], None]  # console writers (devices/console.py)
+    stdout: Callable[[bytes], None]  # console writers (devices/console.py), unless log files are given:
     stderr: Callable[[bytes], None]
     entry: str = "_start"
     boot: list[str] = field(default_factory=list)  # exports to call before the entry (e.g. rewritten start)
     asyncify_globals: tuple[int, int] | None = None
+    stdout_file: str | None = None  # wasmtime writes the console to these files itself (truncating them)
+    stderr_file: str | None = None
 
 
 def _val(ty: str, value: int | float) -> wasmtime.Val:
@@ -66,8 +68,12 @@ class Machine:
         wasi = wasmtime.WasiConfig()
         wasi.argv = spec.args
         wasi.env = list(spec.env.items())
-        wasi.stdout_custom = spec.stdout
-        wasi.stderr_custom = spec.stderr
+        if spec.stdout_file is not None and spec.stderr_file is not None:
+            wasi.stdout_file = spec.stdout_file
+            wasi.stderr_file = spec.stderr_file
+        else:
+            wasi.stdout_custom = spec.stdout
+            wasi.stderr_custom = spec.stderr
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)

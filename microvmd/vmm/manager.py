@@ -236,17 +236,20 @@ class Hypervisor:
                 self.cfg.limits.log_bytes, memory)
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
         self.vms[vm_id] = vm  # reserve the name while we build
-        # the record is durable before the API says "created" (a crash then brings the VM back as stopped);
-        # it is written on the persist thread while the VM is built, so it costs no latency
-        record = asyncio.get_running_loop().run_in_executor(self._persist, _write_records,
-                                                            [(vm.dir, vm.record())])
+        # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
+        # It is written on the persist thread while the VM is built; a VM started at once writes it after
+        # its first slice instead, and only if it is still alive then: a short run (hello) then has no file
+        # system work competing with it for the GIL, and its final record is written with the next batch.
+        fused = start and restore is None
+        record = None if fused else asyncio.get_running_loop().run_in_executor(
+            self._persist, _write_records, [(vm.dir, vm.record())])
         first: SliceEnd | BaseException | None = None
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
                 await self.sched.on_io(partial(vm.dir.mkdir, parents=True, exist_ok=True))
             for dev in self.device_hooks:
                 await dev.attach(self, vm)
-            if start and restore is None:
+            if fused:
                 vm.on_cpu = True
                 t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
                 try:
@@ -271,7 +274,8 @@ class Hypervisor:
             await self._teardown(vm)
             raise
         finally:
-            await record
+            if record is not None:
+                await record
         self._save(vm)
         vm.log.info("created from image %s (%s)", vm.image_name, img.digest[:19])
         if first is not None:
@@ -281,6 +285,9 @@ class Hypervisor:
             vm.started = t_wall
             self._transition(vm, VmState.RUNNING, "start", since=t_mono)
             self._on_slice_end(vm, first)
+            if not vm.state.terminal:  # it lives on: durable before the API answers
+                await asyncio.get_running_loop().run_in_executor(self._persist, _write_records,
+                                                                 [(vm.dir, vm.record())])
         elif start:
             await self.start(vm)
         return vm
@@ -305,6 +312,8 @@ class Hypervisor:
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
         )
+        if self.cfg.engine.console == "file":
+            mspec.stdout_file, mspec.stderr_file = vm.console.files()
         if img.entry is None:
             mspec.entry = mspec.boot.pop() if mspec.boot else ""
         module, pre = self.images.instance_pre(img)
@@ -402,6 +411,8 @@ class Hypervisor:
 
     def _on_slice_end(self, vm: Vm, end: SliceEnd | BaseException) -> None:
         vm.sync_from_machine()
+        if self.cfg.engine.console == "file":
+            vm.console.ran()
         if vm.console.dirty:
             vm.console.enforce_cap()
         if vm.state.terminal:  # finished while this slice ran: the machine is ours to release now
@@ -573,7 +584,13 @@ class Hypervisor:
         """Free the store (and its linear memory) on an I/O thread."""
         machine, vm.machine = vm.machine, None
         if machine is not None:
-            asyncio.get_running_loop().run_in_executor(self.sched.io, machine.close)
+            asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine, vm, machine)
+
+    def _close_machine(self, vm: Vm, machine: Machine) -> None:
+        """On an I/O thread: drop the store (closing the console files in file mode), check the log cap."""
+        machine.close()
+        if self.cfg.engine.console == "file":
+            vm.console.enforce_cap()
 
     async def _auto_remove(self, vm: Vm) -> None:
         await asyncio.sleep(0)

@@ -8,7 +8,10 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
+import pytest
 from mvapi import REPO, Daemon
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -186,3 +189,57 @@ def test_rm_of_a_running_vm_needs_force(daemon: Daemon) -> None:
     assert daemon.cli("rm", "-f", vm_id).returncode == 0
     assert daemon.api("GET", f"/v1/vms/{vm_id}").status == 404
     assert not (daemon.state_dir / "vms" / vm_id).exists()
+
+
+# A guest that writes 400 KiB to stdout (400 writes of 1 KiB, each ending in a numbered line) and 1 KiB to
+# stderr, then exits 0.
+CHATTY_WAT = r"""(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (local $i i32) (local $p i32)
+    ;; a 1024-byte line of 'x' ending in "NNN\n" at offset 1024; iovec at 0
+    (local.set $p (i32.const 1024))
+    (loop $fill
+      (i32.store8 (local.get $p) (i32.const 120))
+      (local.set $p (i32.add (local.get $p) (i32.const 1)))
+      (br_if $fill (i32.lt_u (local.get $p) (i32.const 2044))))
+    (i32.store8 (i32.const 2047) (i32.const 10))
+    (i32.store (i32.const 0) (i32.const 1024))
+    (i32.store (i32.const 4) (i32.const 1024))
+    (loop $write
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      ;; three decimal digits of $i (mod 1000) before the newline
+      (i32.store8 (i32.const 2044)
+        (i32.add (i32.const 48) (i32.rem_u (i32.div_u (local.get $i) (i32.const 100)) (i32.const 10))))
+      (i32.store8 (i32.const 2045)
+        (i32.add (i32.const 48) (i32.rem_u (i32.div_u (local.get $i) (i32.const 10)) (i32.const 10))))
+      (i32.store8 (i32.const 2046) (i32.add (i32.const 48) (i32.rem_u (local.get $i) (i32.const 10))))
+      (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+      (br_if $write (i32.lt_u (local.get $i) (i32.const 400))))
+    (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+@pytest.mark.parametrize("mode", ["file", "hook"])
+def test_console_modes_keep_the_log_under_its_cap(make_daemon: Any, tmp_path: Path, mode: str) -> None:
+    """Both console modes (engine.console): the output arrives, the newest bytes are kept, and the log uses
+    no more than about twice the cap on disk (older bytes are punched out; offsets stay valid)."""
+    cfg = tmp_path / "microvmd.toml"
+    cfg.write_text(f'[engine]\nconsole = "{mode}"\n[limits]\nlog_bytes = "64KiB"\n')
+    d = make_daemon("--config", str(cfg))
+    wat = tmp_path / "chatty.wat"
+    wat.write_text(CHATTY_WAT)
+    r = d.cli("run", "--name", f"chatty-{mode}", str(wat))
+    assert r.returncode == 0, r.stderr
+    vm = d.api.vm(f"chatty-{mode}")
+    out = d.api.logs(vm["id"], "stdout")
+    assert out.endswith("x400\n"), out[-20:]
+    assert 60 * 1024 <= len(out) <= 64 * 1024 + 1024, len(out)
+    assert d.api.logs(vm["id"], "stderr").endswith("x400\n")
+    log = d.state_dir / "vms" / vm["id"] / "stdout.log"
+    deadline = time.monotonic() + 10
+    while log.stat().st_blocks * 512 > 2 * 64 * 1024 + 16 * 4096 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the cap is checked when the VM's store is released, on an I/O thread
+    st = log.stat()
+    assert st.st_size == 400 * 1024  # logical size kept: followers' offsets stay valid
+    assert st.st_blocks * 512 <= 2 * 64 * 1024 + 16 * 4096, st.st_blocks * 512
