@@ -48,10 +48,12 @@ class Console:
         self._fds: dict[str, int] = {}
         self.write_errors = 0
         self._next_check = time.monotonic() + CHECK_EVERY
+        self.premade = False  # the directory and both (empty) logs exist already
 
     def files(self) -> tuple[str, str]:
         """File mode: make the VM's directory (wasmtime creates the files in it) and name the two logs."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.premade:
+            self.dir.mkdir(parents=True, exist_ok=True)
         return str(self.path("stdout")), str(self.path("stderr"))
 
     def ran(self) -> None:

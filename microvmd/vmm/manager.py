@@ -37,6 +37,36 @@ log = logging.getLogger("microvmd.vmm")
 ABI_VERSION = 1
 
 
+READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs)
+
+
+def _make_ready_dirs(parent: Path, n: int) -> list[str]:
+    """On the persist thread: ``n`` VM directories, each with its two empty console logs, named by the ids
+    the next VMs will get. Making them costs ~65 µs each on ext4, off the path of the create that uses one."""
+    ids = []
+    for _ in range(n):
+        vm_id = uuid.uuid4().hex
+        d = parent / vm_id
+        try:
+            d.mkdir()
+            for stream in ("stdout", "stderr"):
+                os.close(os.open(d / f"{stream}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
+        except OSError as exc:
+            log.warning("cannot prepare a VM directory: %s", exc)
+            shutil.rmtree(d, ignore_errors=True)
+            break
+        ids.append(vm_id)
+    return ids
+
+
+def _is_ready_dir(d: Path) -> bool:
+    """A directory made in advance and never used: nothing in it but empty console logs."""
+    try:
+        return all(f.name in ("stdout.log", "stderr.log") and f.stat().st_size == 0 for f in d.iterdir())
+    except OSError:
+        return False
+
+
 def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
     for d, rec in batch:
         tmp = d / "vm.json.tmp"
@@ -83,6 +113,8 @@ class Hypervisor:
         # VM records are written off the event loop, coalesced, in order (one thread: a record is never
         # overwritten by an older one, and a removed VM's directory is deleted after its last write)
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="persist")
+        self._ready: list[str] = []  # ids whose directories exist already (see _make_ready_dirs)
+        self._refilling = False
         self._dirty: dict[str, Vm] = {}
         self._flush_handle: asyncio.Handle | None = None
         self.vms: dict[str, Vm] = {}
@@ -114,8 +146,10 @@ class Hypervisor:
         rewritten = []
         for d in sorted(self.vm_dir.iterdir()):
             if not (d / "vm.json").exists():
-                # created moments before a crash, its record never written: nothing can be restored
-                log.info("removing %s: a VM directory without a record", d.name)
+                # made in advance and never used, or created moments before a crash with its record never
+                # written: nothing can be restored
+                if not _is_ready_dir(d):
+                    log.info("removing %s: a VM directory without a record", d.name)
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             try:
@@ -133,6 +167,7 @@ class Hypervisor:
                 rewritten.append((vm.dir, vm.record()))
             self.vms[vm.id] = vm
         _write_records(rewritten)
+        self._ready = _make_ready_dirs(self.vm_dir, READY_DIRS)
         log.info("loaded %d VM records", len(self.vms))
 
     def _vm_from_record(self, rec: dict[str, Any], d: Path) -> Vm:
@@ -154,6 +189,9 @@ class Hypervisor:
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._kill(vm, "stopped") for vm in live), return_exceptions=True)
         await self.flush_records()
+        ready, self._ready = self._ready, []
+        for vm_id in ready:
+            self._persist.submit(shutil.rmtree, self.vm_dir / vm_id, True)
         self._persist.shutdown(wait=True)
         self.sched.close()
 
@@ -230,10 +268,13 @@ class Hypervisor:
         if spec.timeout is None:
             spec.timeout = img.limits.get("timeout", self.cfg.limits.timeout)
         memory = self._validate(spec)
-        vm_id = uuid.uuid4().hex
+        premade = bool(self._ready)
+        vm_id = self._ready.pop() if premade else uuid.uuid4().hex
+        self._refill_ready()
         d = self.vm_dir / vm_id
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
                 self.cfg.limits.log_bytes, memory)
+        vm.console.premade = premade
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
         self.vms[vm_id] = vm  # reserve the name while we build
         # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
@@ -291,6 +332,27 @@ class Hypervisor:
         elif start:
             await self.start(vm)
         return vm
+
+    def _refill_ready(self) -> None:
+        """Keep a few VM directories made in advance; refilled a moment later, after the current create."""
+        if self._refilling or len(self._ready) > READY_DIRS // 2 or self.closing:
+            return
+        self._refilling = True
+        loop = asyncio.get_running_loop()
+
+        def done(fut: asyncio.Future[list[str]]) -> None:
+            self._refilling = False
+            if not fut.cancelled() and fut.exception() is None:
+                self._ready.extend(fut.result())
+
+        def start() -> None:
+            if self.closing:
+                self._refilling = False
+                return
+            fut = loop.run_in_executor(self._persist, _make_ready_dirs, self.vm_dir, READY_DIRS - len(self._ready))
+            fut.add_done_callback(done)
+
+        loop.call_later(0.02, start)
 
     def _build_and_run(self, vm: Vm, img: Image) -> SliceEnd | BaseException:
         """On a vCPU worker: build, then the first slice (build errors raise; slice errors are returned)."""
