@@ -53,9 +53,10 @@ class EngineSettings:
     dirty_tracking: bool = True
     # How guest stdout/stderr reach the per-VM log files. "file": wasmtime writes them itself (fast: a
     # guest write is one write(2); a live VM holds its two log descriptors). "hook": through wasmtime's
-    # custom-output hook into the daemon (an idle VM holds no descriptor, for hosts whose descriptor limit
-    # cannot be raised; each guest write then costs ~50 µs of thread hand-offs inside wasmtime).
-    console: str = "file"
+    # custom-output hook into the daemon (an idle VM holds no descriptor; each guest write costs ~50 µs of
+    # thread hand-offs inside wasmtime). "auto": "file" while the VMs' log descriptors stay within half
+    # of RLIMIT_NOFILE, "hook" for VMs beyond that (dense hosts whose descriptor limit cannot be raised).
+    console: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ class Config:
             raise ConfigError("limits.memory must be at least one Wasm page (64KiB)")
         if self.engine.epoch_interval <= 0 or self.engine.epoch_interval > 1:
             raise ConfigError("engine.epoch_interval must be in (0, 1] seconds")
-        if self.engine.console not in ("file", "hook"):
-            raise ConfigError(f"engine.console must be \"file\" or \"hook\", not {self.engine.console!r}")
+        if self.engine.console not in ("auto", "file", "hook"):
+            raise ConfigError(f"engine.console must be \"auto\", \"file\" or \"hook\", not {self.engine.console!r}")
         if self.upload_limit < 1024:
             raise ConfigError("upload_limit is too small")
         return self

@@ -64,6 +64,7 @@ async def info(request: web.Request) -> web.StreamResponse:
                    "fuel": h.cfg.limits.fuel, "timeout": h.cfg.limits.timeout,
                    "upload": h.cfg.upload_limit},
         "snapshots": {"dirty_tracking": dirty.describe(h.cfg.engine.dirty_tracking)},
+        "console": {"mode": h.cfg.engine.console, "file_descriptors": h.console_fds()},
     })
 
 

@@ -1,6 +1,7 @@
 """The WASI console: a VM's stdout and stderr, appended to per-VM files and kept under a cap.
 
-Two ways in (``engine.console``):
+Two ways in (``engine.console``; ``auto``, the default, picks ``file`` while the VMs' log descriptors stay
+within half of RLIMIT_NOFILE and ``hook`` for VMs beyond that):
 
 - ``file`` (default): wasmtime opens the two log files when the VM is built and writes them itself; a guest
   write is one ``write(2)`` on the vCPU thread. A live VM holds its two descriptors (the shipped unit sets
@@ -49,6 +50,7 @@ class Console:
         self.write_errors = 0
         self._next_check = time.monotonic() + CHECK_EVERY
         self.premade = False  # the directory and both (empty) logs exist already
+        self.use_files = False  # file mode for this VM (decided at create, see Hypervisor._console_mode)
 
     def files(self) -> tuple[str, str]:
         """File mode: make the VM's directory (wasmtime creates the files in it) and name the two logs."""

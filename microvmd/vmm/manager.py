@@ -9,7 +9,9 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -114,6 +116,9 @@ class Hypervisor:
         # overwritten by an older one, and a removed VM's directory is deleted after its last write)
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="persist")
         self._ready: list[str] = []  # ids whose directories exist already (see _make_ready_dirs)
+        # file-mode consoles hold two descriptors per live VM: "auto" keeps them within half the limit
+        self._console_fds = 0
+        self._console_lock = threading.Lock()
         self._refilling = False
         self._dirty: dict[str, Vm] = {}
         self._flush_handle: asyncio.Handle | None = None
@@ -275,6 +280,7 @@ class Hypervisor:
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
                 self.cfg.limits.log_bytes, memory)
         vm.console.premade = premade
+        vm.console.use_files = self._console_mode()
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
         self.vms[vm_id] = vm  # reserve the name while we build
         # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
@@ -333,6 +339,20 @@ class Hypervisor:
             await self.start(vm)
         return vm
 
+    def _console_mode(self) -> bool:
+        """True (and two descriptors reserved) if this VM's console is written by wasmtime to its files."""
+        mode = self.cfg.engine.console
+        if mode == "hook":
+            return False
+        with self._console_lock:
+            if mode == "auto" and self._console_fds + 2 > resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2:
+                return False
+            self._console_fds += 2
+        return True
+
+    def console_fds(self) -> int:
+        return self._console_fds
+
     def _refill_ready(self) -> None:
         """Keep a few VM directories made in advance; refilled a moment later, after the current create."""
         if self._refilling or len(self._ready) > READY_DIRS // 2 or self.closing:
@@ -374,7 +394,7 @@ class Hypervisor:
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
         )
-        if self.cfg.engine.console == "file":
+        if vm.console.use_files:
             mspec.stdout_file, mspec.stderr_file = vm.console.files()
         if img.entry is None:
             mspec.entry = mspec.boot.pop() if mspec.boot else ""
@@ -417,6 +437,7 @@ class Hypervisor:
         m, vm.machine = vm.machine, None
         if m is not None:
             await self.sched.on_io(m.close)
+        self._free_console(vm)
         self._dirty.pop(vm.id, None)
         await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
 
@@ -473,7 +494,7 @@ class Hypervisor:
 
     def _on_slice_end(self, vm: Vm, end: SliceEnd | BaseException) -> None:
         vm.sync_from_machine()
-        if self.cfg.engine.console == "file":
+        if vm.console.use_files:
             vm.console.ran()
         if vm.console.dirty:
             vm.console.enforce_cap()
@@ -651,8 +672,17 @@ class Hypervisor:
     def _close_machine(self, vm: Vm, machine: Machine) -> None:
         """On an I/O thread: drop the store (closing the console files in file mode), check the log cap."""
         machine.close()
-        if self.cfg.engine.console == "file":
+        if self._free_console(vm):
             vm.console.enforce_cap()
+
+    def _free_console(self, vm: Vm) -> bool:
+        """After the store is closed: give back a file-mode console's two descriptors (once)."""
+        with self._console_lock:
+            if not vm.console.use_files:
+                return False
+            vm.console.use_files = False
+            self._console_fds -= 2
+        return True
 
     async def _auto_remove(self, vm: Vm) -> None:
         await asyncio.sleep(0)

@@ -243,3 +243,29 @@ def test_console_modes_keep_the_log_under_its_cap(make_daemon: Any, tmp_path: Pa
     st = log.stat()
     assert st.st_size == 400 * 1024  # logical size kept: followers' offsets stay valid
     assert st.st_blocks * 512 <= 2 * 64 * 1024 + 16 * 4096, st.st_blocks * 512
+
+
+def test_auto_console_keeps_log_descriptors_within_half_the_limit(make_daemon: Any) -> None:
+    """engine.console = "auto" (the default): file-mode consoles (two descriptors per live VM) only while
+    they fit in half of RLIMIT_NOFILE; the VMs beyond that get hook-mode consoles, and all of them log."""
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    d = make_daemon("--import-images", str(REPO / "images"), start=False)
+    d.start(preexec_fn=low_limit)
+    names = [f"many-{i}" for i in range(40)]
+    for n in names:
+        d.api.create("counter", name=n, env={"INTERVAL_MS": "50"}, start=True)
+    info = d.api("GET", "/v1/info").json()
+    assert info["console"]["mode"] == "auto"
+    assert 0 < info["console"]["file_descriptors"] <= 64, info["console"]
+    for n in (names[0], names[-1]):  # a file-mode one and a hook-mode one
+        deadline = time.monotonic() + 10
+        while "2" not in d.api.logs(n, "stdout").split() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "2" in d.api.logs(n, "stdout").split(), n
+    for n in names:
+        d.api.ok("DELETE", f"/v1/vms/{n}?force=true")
+    assert d.api("GET", "/v1/info").json()["console"]["file_descriptors"] == 0  # given back
