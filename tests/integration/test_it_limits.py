@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from mvapi import (
     WAT_BIG_INITIAL_MEMORY,
     WAT_MEMORY_BOMB,
