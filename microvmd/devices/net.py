@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import errno as _errno
 import ipaddress
 import logging
+import os
+import select
 import socket
 import struct
 import threading
@@ -195,6 +198,9 @@ class GSock:
         self.peer = ""
         self.outq: list[bytes] = []     # sent by the guest, not yet handed to the transport (loop)
         self.flush_scheduled = False    # a flush of outq is queued on the loop
+        self.fd = -1                    # the connection's OS socket, read and written straight from the vCPU
+        self.armed = False              # the event loop reads it (a parked guest waits); else only the vCPU
+        self.kready = 0                 # poll(2) events of a batch poll, consumed by _kernel_readable
 
 
 class NetOp(HostOp):
@@ -224,6 +230,37 @@ class NetOp(HostOp):
             self.detach()
             return self.act(mem)
 
+    def wait(self, timeout: float) -> bool:
+        """A vCPU worker's short wait (ping-pong traffic): poll the connections' sockets itself, so an answer
+        that arrives in the kernel resumes the guest on this thread with no hand-off through the loop."""
+        fds = [s.fd for s in self.socks if s.kind == "conn" and s.fd >= 0 and not s.armed] \
+            if self.name in ("net_recv", "net_poll") else []
+        if not fds or self.ready():
+            return super().wait(timeout)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+        try:
+            poller.poll(max(0, int(timeout * 1000)) or 1)
+        except OSError:
+            pass
+        with self.state.lock:
+            if self.ready():
+                return True
+            if not self.cond():
+                return False
+            self.detach()
+        self.set_result(None)
+        return True
+
+    def on_ready(self, waker: Callable[[], None]) -> bool:
+        """The guest parks on this op (event loop): let the loop read its connections until one delivers."""
+        st = self.state
+        with st.lock:
+            for s in self.socks:
+                st.arm(s)
+        return super().on_ready(waker)
+
     def cancel(self) -> None:
         super().cancel()
         with self.state.lock:
@@ -239,6 +276,11 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         with self.state.lock:
             self.sock.transport = transport  # type: ignore[assignment]
+            raw = transport.get_extra_info("socket")
+            self.sock.fd = raw.fileno() if raw is not None else -1
+            # uvloop starts reading once this returns: the loop reads the first delivery, then pauses
+            # (data_received); from then on the guest reads the socket itself, the loop only while it is parked
+            self.sock.armed = True
             peer = transport.get_extra_info("peername")
             self.sock.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         if self.guest_port is not None:
@@ -247,14 +289,19 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         st = self.state
+        s = self.sock
         with st.lock:
-            self.sock.rbuf.append(data)
+            s.rbuf.append(data)
             st.stats["bytes_in"] += len(data)
-            if len(self.sock.rbuf) >= st.limits.buffer_bytes and not self.sock.reading_paused:
-                self.sock.reading_paused = True
-                if self.sock.transport is not None:
-                    self.sock.transport.pause_reading()
-        st.wake(self.sock)
+            if s.armed:  # one delivery wakes the parked guest; then the vCPU reads the socket again
+                s.armed = False
+                if s.transport is not None:
+                    s.transport.pause_reading()
+            elif len(s.rbuf) >= st.limits.buffer_bytes and not s.reading_paused:
+                s.reading_paused = True
+                if s.transport is not None:
+                    s.transport.pause_reading()
+        st.wake(s)
 
     def eof_received(self) -> bool:
         with self.state.lock:
@@ -268,6 +315,8 @@ class _Conn(asyncio.Protocol):
             if exc is not None and not self.sock.error:
                 self.sock.error = ECONNRESET
             self.sock.transport = None
+            self.sock.fd = -1
+            self.sock.armed = False
         self.state.wake(self.sock)
 
     def pause_writing(self) -> None:
@@ -319,18 +368,25 @@ class NetState:
         for op in ready:
             op.set_result(None)
 
+    def arm(self, s: GSock) -> None:
+        """Event loop, lock held: read ``s`` on the loop until it delivers (a guest is parked on it)."""
+        if s.kind == "conn" and s.fd >= 0 and not s.armed and not s.closed and not s.reading_paused \
+                and s.transport is not None:
+            s.armed = True
+            s.transport.resume_reading()  # type: ignore[attr-defined]
+
     def flush(self, s: GSock, t: asyncio.Transport) -> None:
         """Hand what the guest sent to the transport (event loop). Every send since the last flush goes out
         in one call: a streaming guest costs the loop one callback per burst, not one per send."""
-        with self.lock:
+        with self.lock:  # held while writing: a direct send (see NetDevice._send_now) cannot overtake
             chunks, s.outq = s.outq, []
             s.flush_scheduled = False
             s.out_pending -= sum(map(len, chunks))
-        if chunks and not t.is_closing():
-            if len(chunks) == 1:
-                t.write(chunks[0])
-            else:
-                t.writelines(chunks)
+            if chunks and not t.is_closing():
+                if len(chunks) == 1:
+                    t.write(chunks[0])
+                else:
+                    t.writelines(chunks)
         self.wake(s)
 
     def inbound(self, guest_port: int) -> asyncio.Protocol:
@@ -723,10 +779,22 @@ class NetDevice:
         n = min(length, MAX_IO, st.limits.buffer_bytes - s.out_pending) if length else 0
         if n <= 0:
             return [0]
-        data = mem.read(ptr, n)
         self._charge(st, n)
-        s.out_pending += n
         st.stats["bytes_out"] += n
+        done = 0
+        if s.fd >= 0 and not s.outq and not s.flush_scheduled and not t.is_closing() \
+                and t.get_write_buffer_size() == 0:
+            # Nothing is queued anywhere before these bytes (we hold the lock flush() writes under, and the
+            # transport's buffer is empty, so libuv is not writing this socket): send them from this vCPU
+            # thread, without a hand-off to the event loop. What the kernel does not take goes the usual way.
+            try:
+                done = os.write(s.fd, mem.view(ptr, n))
+            except OSError:  # would block, or the connection failed: the transport finds out and reports it
+                done = 0
+            if done == n:
+                return [n]
+        data = mem.read(ptr + done, n - done)
+        s.out_pending += n - done
         s.outq.append(data)
         if not s.flush_scheduled:  # else the flush already queued takes this chunk too, in order
             s.flush_scheduled = True
@@ -746,24 +814,49 @@ class NetDevice:
             return [-EFAULT]
 
         def readable() -> bool:
-            return bool(s.rbuf) or s.eof or s.closed or bool(s.error)
+            return bool(s.rbuf) or s.eof or s.closed or bool(s.error) or _kernel_readable(s)
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
             return self._recv_now(st, s, mem, ptr, length)
 
+        if not s.rbuf and not st.throttle_until and s.fd >= 0 and not s.armed and not s.eof and not s.error:
+            res = self._recv_direct(st, s, mem, ptr, length)  # the common case: one read(2), no op
+            if res is not None:
+                return res
         if not readable() and flags & NONBLOCK:
             return [-EAGAIN]
         return self._suspend(st, mem, "net_recv", [s], readable, act, throttled=True)
+
+    def _recv_direct(self, st: NetState, s: GSock, mem: wt.GuestMemory, ptr: int, length: int) -> list[int] | None:
+        """Read the connection straight into guest memory (lock held; the loop is not reading it). None:
+        nothing there yet."""
+        try:
+            n = os.readv(s.fd, [mem.view(ptr, min(length, MAX_IO))])
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            s.error = _HOST_ERRNO.get(e.errno or 0, ECONNRESET)
+            return [-s.error]
+        if n == 0:
+            s.eof = True
+            return [0]
+        st.stats["bytes_in"] += n
+        self._charge(st, n)
+        return [n]
 
     def _recv_now(self, st: NetState, s: GSock, mem: wt.GuestMemory, ptr: int, length: int) -> Sequence[int]:
         if s.closed:
             return [-EBADF]
         rbuf = s.rbuf
         if not rbuf:
+            if s.fd >= 0 and not s.armed and not s.eof and not s.error:
+                res = self._recv_direct(st, s, mem, ptr, length)
+                # None: the socket looked readable and was not (a spurious wake-up); never report EOF for it
+                return res if res is not None else [-EAGAIN]
             return [-s.error] if s.error else [0]
         n = rbuf.take_into(mem.view(ptr, min(length, len(rbuf), MAX_IO)))
         self._charge(st, n)
-        if s.reading_paused and len(rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None:
+        if s.reading_paused and len(rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None and s.fd < 0:
             s.reading_paused = False
             st.loop.call_soon_threadsafe(s.transport.resume_reading)
         return [n]
@@ -784,6 +877,7 @@ class NetDevice:
         def scan() -> int:
             """Write every revents into ``raw``; the number of entries with any."""
             n = 0
+            _poll_kernel([s for _, _, s in entries])  # one poll(2) for the sockets the loop is not reading
             for i, (sd, events, s) in enumerate(entries):
                 r = _revents(sd, events, s, limit)
                 _REVENTS.pack_into(raw, i * 8 + 6, r)
@@ -797,6 +891,7 @@ class NetDevice:
             return [n]
 
         def count() -> int:
+            _poll_kernel([s for _, _, s in entries])
             return sum(1 for sd, events, s in entries if _revents(sd, events, s, limit))
 
         timed_out = [False]
@@ -877,7 +972,9 @@ def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
     if kind == "connecting":
         return 0
     r = 0
-    if s.rbuf:
+    # the kernel's side of a socket the loop is not reading (this may find its end: eof or error)
+    data = not s.rbuf and not s.eof and not s.error and _kernel_readable(s) and not s.eof and not s.error
+    if s.rbuf or data:
         if events & POLLIN:
             r = POLLIN
     elif s.eof:
@@ -887,6 +984,73 @@ def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
     if events & POLLOUT and s.transport is not None and not s.write_blocked and s.out_pending < limit:
         r |= POLLOUT
     return r
+
+
+_POLL_RD = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000)
+_POLL_END = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+_MSG_PEEK_DONTWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.recv.restype = ctypes.c_ssize_t
+_peek_byte = ctypes.create_string_buffer(1)
+
+
+def _direct(s: GSock | None) -> bool:
+    """A connection whose socket only the vCPU reads now, with nothing buffered or ended yet."""
+    return s is not None and s.kind == "conn" and s.fd >= 0 and not s.armed and not s.rbuf and not s.eof \
+        and not s.error and not s.closed
+
+
+def _poll_kernel(socks: Sequence[GSock | None]) -> None:
+    """One poll(2) over the sockets of ``socks`` the loop is not reading; each gets ``kready`` (lock held),
+    which ``_kernel_readable`` then uses instead of a poll of its own."""
+    direct = [s for s in socks if _direct(s)]
+    if not direct:
+        return
+    p = select.poll()
+    for s in direct:
+        assert s is not None
+        s.kready = 0
+        p.register(s.fd, _POLL_RD)
+    try:
+        ready = dict(p.poll(0))
+    except OSError:
+        return
+    for s in direct:
+        assert s is not None
+        s.kready = ready.get(s.fd, 0) or -1  # -1: polled, nothing there
+
+
+def _kernel_readable(s: GSock) -> bool:
+    """Has the connection's socket data, EOF or an error the vCPU may read? Only while the loop is not
+    reading it (then what the loop read is in ``rbuf``). At the end of the stream it records ``eof`` or
+    ``error`` as the loop's callbacks would have (lock held)."""
+    if s.fd < 0 or s.armed or s.kind != "conn":
+        return False
+    if s.kready:  # answered by the batch poll of _poll_kernel just before
+        mask, s.kready = max(s.kready, 0), 0
+    else:
+        p = select.poll()
+        p.register(s.fd, _POLL_RD)
+        try:
+            ev = p.poll(0)
+        except OSError:
+            return False
+        mask = ev[0][1] if ev else 0
+    if not mask:
+        return False
+    if mask & _POLL_END and not s.eof and not s.error:
+        # the peer finished or failed: EOF only once no data is left (a peek, which consumes nothing)
+        n = _libc.recv(s.fd, _peek_byte, 1, _MSG_PEEK_DONTWAIT)
+        if n == 0:
+            s.eof = True
+        elif n < 0:
+            err = ctypes.get_errno()
+            if err not in (_errno.EAGAIN, _errno.EWOULDBLOCK, _errno.EINTR):
+                s.error = _HOST_ERRNO.get(err, ECONNRESET)
+            else:
+                return False
+    return True
 
 
 def _errno_guard(act: Callable[[wt.GuestMemory], Sequence[int]], mem: wt.GuestMemory) -> Sequence[int]:
