@@ -253,13 +253,18 @@ def test_plain_wasi_guest_created_snapshots_and_running_is_not_snapshottable(pai
     a.mv("rm", "-f", "sp0", "sp0r", "sp1")
 
 
+def _run_busy(a: Daemon, guests: dict[str, Path], name: str) -> None:
+    """Start the busy guest (computing forever, never at a suspension point) and wait until it runs."""
+    a.mv("run", "-d", "--name", name, str(guests["busy"]))
+    end = time.monotonic() + 10
+    while "busy start" not in a.logs(name) and time.monotonic() < end:
+        time.sleep(0.05)
+
+
 def test_busy_asyncify_guest_without_suspension_point_is_409_after_the_timeout(
         pair: tuple[Daemon, Daemon], guests: dict[str, Path]) -> None:
     a, _ = pair
-    a.mv("run", "-d", "--name", "busy1", str(guests["busy"]))
-    end = time.monotonic() + 10
-    while "busy start" not in a.logs("busy1") and time.monotonic() < end:
-        time.sleep(0.05)
+    _run_busy(a, guests, "busy1")
     t0 = time.monotonic()
     r = a.api("POST", "/v1/vms/busy1/snapshots", {"name": "s-busy"})
     took = time.monotonic() - t0
@@ -303,10 +308,7 @@ def test_paused_mid_compute_vm_is_snapshotted_and_stays_paused(pair: tuple[Daemo
 def test_paused_busy_vm_that_never_reaches_a_suspension_point_is_409_and_stays_parked(
         pair: tuple[Daemon, Daemon], guests: dict[str, Path]) -> None:
     a, _ = pair
-    a.mv("run", "-d", "--name", "busy2", str(guests["busy"]))
-    end = time.monotonic() + 10
-    while "busy start" not in a.logs("busy2") and time.monotonic() < end:
-        time.sleep(0.05)
+    _run_busy(a, guests, "busy2")
     a.mv("pause", "busy2")
     r = a.api("POST", "/v1/vms/busy2/snapshots", {"name": "s-busy2"})
     assert r.status == 409 and r.code == "no_suspension_point", r.text
