@@ -972,9 +972,10 @@ def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
     if kind == "connecting":
         return 0
     r = 0
-    # the kernel's side of a socket the loop is not reading (this may find its end: eof or error)
-    data = not s.rbuf and not s.eof and not s.error and _kernel_readable(s) and not s.eof and not s.error
-    if s.rbuf or data:
+    # the kernel's side of a socket the loop is not reading; what it finds may be only the end of the
+    # stream, which _kernel_readable records as eof or error (reported below, not as data)
+    data = not s.rbuf and not s.eof and not s.error and _kernel_readable(s)
+    if s.rbuf or (data and not s.eof and not s.error):
         if events & POLLIN:
             r = POLLIN
     elif s.eof:
