@@ -68,10 +68,6 @@ class Console:
     def path(self, stream: str) -> Path:
         return self.dir / f"{stream}.log"
 
-    def create(self) -> None:
-        for s in STREAMS:
-            self.path(s).touch()
-
     def writer(self, stream: str) -> Callable[[bytes], None]:
         """The custom-output callback for one stream. It must never raise (wasmtime would see 0 bytes
         written) and returns None, which wasmtime-py reports as "all bytes consumed"."""

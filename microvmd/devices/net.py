@@ -237,12 +237,15 @@ class NetOp(HostOp):
             if self.name in ("net_recv", "net_poll") else []
         if not fds or self.ready():
             return super().wait(timeout)
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN | select.POLLPRI)
         try:
-            poller.poll(max(0, int(timeout * 1000)) or 1)
-        except OSError:
+            if max(fds) < _FD_SETSIZE:  # select(2) takes the spin window in microseconds
+                select.select(fds, [], fds, max(0.0, timeout))
+            else:  # poll(2) only in milliseconds: the window is rounded up to 1 ms
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN | select.POLLPRI)
+                poller.poll(max(1, round(timeout * 1000)))
+        except (OSError, ValueError):
             pass
         with self.state.lock:
             if self.ready():
@@ -987,6 +990,7 @@ def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
     return r
 
 
+_FD_SETSIZE = 1024
 _POLL_RD = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0x2000)
 _POLL_END = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 _MSG_PEEK_DONTWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT

@@ -147,16 +147,16 @@ class Snapshots:
 
             how: dict[str, Any] = {}
 
-            def copy() -> tuple[Any, list[int] | None, dict[str, Any]]:
+            def copy() -> tuple[Any, list[int] | None, dict[str, Any], dict[str, Any]]:
                 address, size = machine.memory_region()
                 globals_ = machine.capture_globals()
                 try:
-                    how["tables"] = machine.capture_tables()
+                    tables = machine.capture_tables()
                 except NotSnapshottable as exc:
                     raise Conflict(f"VM {vm.name} cannot be snapshotted: {exc}", code="not_snapshottable") from None
                 if not copy_memory:
                     raw = (ctypes.c_char * size).from_address(address) if size else b""
-                    return memoryview(raw).cast("B") if size else memoryview(b""), None, globals_
+                    return memoryview(raw).cast("B") if size else memoryview(b""), None, globals_, tables
                 written = self._written_chunks(vm, last, address, size)  # re-arms tracking too
                 if parent is not None and len(parent.memory) == size:
                     base = parent.address()
@@ -171,13 +171,13 @@ class Snapshots:
                     for i in changed:
                         off = i * CHUNK
                         ctypes.memmove(base + off, address + off, min(CHUNK, size - off))
-                    return parent.memory, changed, globals_
+                    return parent.memory, changed, globals_, tables
                 mem = spare if spare is not None and len(spare) == size else fresh_buffer(size)
                 if size:
                     ctypes.memmove((ctypes.c_char * size).from_buffer(mem), address, size)
-                return mem, None, globals_
+                return mem, None, globals_, tables
 
-            memory, changed, globals_ = await hv.sched.on_io(copy)
+            memory, changed, globals_, tables = await hv.sched.on_io(copy)
             disks = await self._capture_disks(vm, writer)
             vm.sync_from_machine()
             frozen_ms = (time.perf_counter() - t0) * 1000
@@ -189,7 +189,7 @@ class Snapshots:
                        "fuel_consumed": vm.fuel_consumed, "state": vm.state.value},
                 "memory": {"size": len(memory), "chunks": []},
                 "globals": {k: [t, v] for k, (t, v) in globals_.items()},
-                **({"tables": tables} if (tables := how.pop("tables", None)) else {}),
+                **({"tables": tables} if tables else {}),
                 "disks": disks,
                 "devices": _device_states(vm),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
