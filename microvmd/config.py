@@ -53,7 +53,7 @@ class EngineSettings:
     dirty_tracking: bool = True
     # How guest stdout/stderr reach the per-VM log files. "file": wasmtime writes them itself (fast: a
     # guest write is one write(2); a live VM holds its two log descriptors). "hook": through wasmtime's
-    # custom-output hook into the daemon (an idle VM holds no descriptor; each guest write costs ~50 µs of
+    # custom-output hook into the daemon (an idle VM holds no descriptor; each guest write costs 33-41 µs of
     # thread hand-offs inside wasmtime). "auto": "file" while the VMs' log descriptors stay within half
     # of RLIMIT_NOFILE, "hook" for VMs beyond that (dense hosts whose descriptor limit cannot be raised).
     console: str = "auto"

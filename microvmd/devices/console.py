@@ -9,7 +9,7 @@ within half of RLIMIT_NOFILE and ``hook`` for VMs beyond that):
 - ``hook``: guest writes reach ``write`` through wasmtime's custom-output hook, which wasmtime calls on one
   of its own runtime threads: the file is opened, appended to and kept open for the rest of the slice, so
   an idle VM holds no descriptor. Each write then costs two thread hand-offs inside wasmtime plus the GIL
-  (~50 µs), which is why it is not the default.
+  (33-41 µs in bench/bench_console.py), which is why it is not the default.
 
 Once a stream exceeds twice its cap, the oldest bytes are released with FALLOC_FL_PUNCH_HOLE: the file
 keeps its logical size (offsets stay valid for followers) but only the last ``cap`` bytes use disk, and

@@ -44,7 +44,8 @@ READY_DIRS = 8  # VM directories kept made in advance (with their empty console 
 
 def _make_ready_dirs(parent: Path, n: int) -> list[str]:
     """On the persist thread: ``n`` VM directories, each with its two empty console logs, named by the ids
-    the next VMs will get. Making them costs ~65 µs each on ext4, off the path of the create that uses one."""
+    the next VMs will get. Making one costs up to a millisecond on ext4 (bench/bench_console.py), off the
+    path of the create that uses it."""
     ids = []
     for _ in range(n):
         vm_id = uuid.uuid4().hex
