@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -805,6 +806,41 @@ def test_poll_wakes_on_data_and_reports_events(mvd: Daemon) -> None:
     assert ex["code"] == 0, ex
     nums = [int(x) for x in mvd.logs(vm["id"]).split()]
     assert nums == [1, POLLIN, 1, POLLIN, 5, 1, POLLOUT, 1, POLLHUP, 0], nums
+    mvd.rm(vm["id"])
+
+
+@pytest.mark.parametrize("where,late", [("net_recv", False), ("net_poll", False), ("net_recv", True),
+                                        ("net_poll", True)])
+def test_a_reset_from_the_peer_is_econnreset(mvd: Daemon, where: str, late: bool) -> None:
+    """The guest reads its connections itself: a peer that resets (RST) must still come back as
+    ECONNRESET (15) from recv, and as POLLERR from poll, whether the reset arrives while the guest waits
+    (the loop watches the socket) or before it looks (it finds the reset on the socket itself)."""
+    wait = (f"{p('(call $poll (i32.const 2048) (i32.const 1) (i32.const 10000))')}"
+            f"{p('(i32.and (i32.load16_s (i32.const 2054)) (i32.const 8))')}" if where == "net_poll" else "")
+    body = f"""
+    (local.set $sd (call $listen (i32.const 9000) (i32.const 4)))
+    (local.set $c (call $accept (local.get $sd) (i32.const 0)))
+    {p("(call $recv (local.get $c) (i32.const 4096) (i32.const 100) (i32.const 0))")}
+    {"(drop (call $sleep (i32.const 300)))" if late else ""}
+    (i32.store (i32.const 2048) (local.get $c))
+    (i32.store16 (i32.const 2052) (i32.const 1))
+    {wait}
+    {p("(call $recv (local.get $c) (i32.const 4096) (i32.const 100) (i32.const 0))")}
+    (call $exit (i32.const 0))"""
+    vm = mvd.vm(mvd.image(f"net-rst-{where}-{late}", wat_guest(body)),
+                publish=[{"guest_port": 9000, "host_port": 0}])
+    mvd.wait_blocked(vm["id"], "net_accept")
+    s = socket.create_connection(("127.0.0.1", host_port(mvd, vm["id"])), 10)
+    s.sendall(b"x")  # the first delivery: after it the guest reads the socket itself
+    mvd.wait_blocked(vm["id"], "sleep_ms" if late else where)
+    if not late:
+        time.sleep(0.05)  # past the worker's spin: the guest is parked, the loop is watching the socket
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    ex = mvd.wait(vm["id"])
+    assert ex["code"] == 0, ex
+    nums = [int(x) for x in mvd.logs(vm["id"]).split()]
+    assert nums == ([1, 1, POLLERR, -15] if where == "net_poll" else [1, -15]), nums
     mvd.rm(vm["id"])
 
 
