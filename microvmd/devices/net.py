@@ -28,7 +28,7 @@ import wasmtime
 
 from ..errors import BadRequest, Conflict
 from ..vmm import wt
-from ..vmm.hostop import HostOp
+from ..vmm.hostop import HostOp, wait_in_call
 from . import DeviceSet
 from .ratelimit import LimiterConfig, RateLimiter
 
@@ -200,7 +200,6 @@ class GSock:
         self.flush_scheduled = False    # a flush of outq is queued on the loop
         self.fd = -1                    # the connection's OS socket, read and written straight from the vCPU
         self.armed = False              # the event loop reads it (a parked guest waits); else only the vCPU
-        self.kready = 0                 # poll(2) events of a batch poll, consumed by _kernel_readable
 
 
 class NetOp(HostOp):
@@ -230,13 +229,14 @@ class NetOp(HostOp):
             self.detach()
             return self.act(mem)
 
-    def wait(self, timeout: float) -> bool:
-        """A vCPU worker's short wait (ping-pong traffic): poll the connections' sockets itself, so an answer
-        that arrives in the kernel resumes the guest on this thread with no hand-off through the loop."""
+    def _sleep(self, timeout: float) -> bool:
+        """Block until one of the op's connections has something in the kernel, or ``timeout`` passed (GIL
+        released). False if there is no such socket to watch (the loop reads them all, or none is a
+        connection): the caller then waits for the loop's wake-up instead."""
         fds = [s.fd for s in self.socks if s.kind == "conn" and s.fd >= 0 and not s.armed] \
             if self.name in ("net_recv", "net_poll") else []
-        if not fds or self.ready():
-            return super().wait(timeout)
+        if not fds:
+            return False
         try:
             if max(fds) < _FD_SETSIZE:  # select(2) takes the spin window in microseconds
                 select.select(fds, [], fds, max(0.0, timeout))
@@ -247,6 +247,13 @@ class NetOp(HostOp):
                 poller.poll(max(1, round(timeout * 1000)))
         except (OSError, ValueError):
             pass
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        """A vCPU worker's short wait (ping-pong traffic): poll the connections' sockets itself, so an answer
+        that arrives in the kernel resumes the guest on this thread with no hand-off through the loop."""
+        if self.ready() or not self._sleep(timeout):
+            return super().wait(timeout)
         with self.state.lock:
             if self.ready():
                 return True
@@ -255,6 +262,24 @@ class NetOp(HostOp):
             self.detach()
         self.set_result(None)
         return True
+
+    def answer_in_call(self, deadline: float, mem: wt.GuestMemory) -> Sequence[int] | None:
+        """The same wait inside the call: once a socket has something, check the condition and answer at
+        once, under one hold of the lock (a spurious wake-up sleeps again until the deadline)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if not self._sleep(left):
+                return super().answer_in_call(deadline, mem)
+            with self.state.lock:
+                if self.ready():  # completed by the loop meanwhile (a timer, a wake-up)
+                    break
+                if self.cond():
+                    self.detach()
+                    self._consumed = True
+                    return self.act(mem)  # (wrapped in _errno_guard by its maker)
+        return self.complete(mem)
 
     def on_ready(self, waker: Callable[[], None]) -> bool:
         """The guest parks on this op (event loop): let the loop read its connections until one delivers."""
@@ -607,6 +632,9 @@ class NetDevice:
                 with st.lock:
                     res = fn(st, mem, args)
                 if type(res) is not list and isinstance(res, HostOp):
+                    answer = wait_in_call(vm, res, mem)
+                    if answer is not None:  # answered within the spin window: no suspension
+                        return answer
                     vm.waiting = res
                 return res
             except _Errno as e:
@@ -761,6 +789,8 @@ class NetDevice:
             return [-ENOTCONN] if s.kind != "failed" else [-s.error or -ENOTCONN]
         if length and not mem.check(ptr, length):
             return [-EFAULT]
+        if not st.throttle_until and not s.write_blocked and s.out_pending < st.limits.buffer_bytes:
+            return self._send_now(st, s, mem, ptr, length)  # the common case: room now, no op, no closures
 
         def space() -> bool:
             return s.closed or s.transport is None or s.error != 0 or (
@@ -817,12 +847,12 @@ class NetDevice:
             return [-EFAULT]
 
         def readable() -> bool:
-            return bool(s.rbuf) or s.eof or s.closed or bool(s.error) or _kernel_readable(s)
+            return s.rbuf.size > 0 or s.eof or s.closed or bool(s.error) or _kernel_readable(s)
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
             return self._recv_now(st, s, mem, ptr, length)
 
-        if not s.rbuf and not st.throttle_until and s.fd >= 0 and not s.armed and not s.eof and not s.error:
+        if not s.rbuf.size and not st.throttle_until and s.fd >= 0 and not s.armed and not s.eof and not s.error:
             res = self._recv_direct(st, s, mem, ptr, length)  # the common case: one read(2), no op
             if res is not None:
                 return res
@@ -876,14 +906,16 @@ class NetDevice:
         raw = bytearray(mem.read(fds_ptr, nfds * 8))
         entries = [(sd, events, st.socks.get(sd)) for sd, events, _ in _POLLFD.iter_unpack(raw)]
         limit = st.limits.buffer_bytes
+        socks = [s for _, _, s in entries]
 
         def scan() -> int:
             """Write every revents into ``raw``; the number of entries with any."""
             n = 0
-            _poll_kernel([s for _, _, s in entries])  # one poll(2) for the sockets the loop is not reading
+            kernel = _poll_kernel(socks)  # one poll(2) for the sockets the loop is not reading
+            pack = _REVENTS.pack_into
             for i, (sd, events, s) in enumerate(entries):
-                r = _revents(sd, events, s, limit)
-                _REVENTS.pack_into(raw, i * 8 + 6, r)
+                r = _revents(sd, events, s, limit, kernel)
+                pack(raw, i * 8 + 6, r)
                 if r:
                     n += 1
             return n
@@ -893,19 +925,24 @@ class NetDevice:
             mem.write(fds_ptr, raw)
             return [n]
 
-        def count() -> int:
-            _poll_kernel([s for _, _, s in entries])
-            return sum(1 for sd, events, s in entries if _revents(sd, events, s, limit))
-
         timed_out = [False]
+        found = [0]  # what the last check found (its revents are in ``raw``), for act to answer with
+
+        def check() -> bool:
+            if timed_out[0]:
+                return True
+            found[0] = scan()
+            return found[0] > 0
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
-            n = scan()
+            # the check that let the op complete just scanned; what it found still holds (only the guest
+            # consumes data, accepts or closes), so it is the answer, without a second scan
+            n, found[0] = (found[0] or scan()), 0
             mem.write(fds_ptr, raw)
             return [n]
 
-        op = NetOp("net_poll", st, [s for _, _, s in entries if s is not None],
-                   lambda: timed_out[0] or count() > 0, lambda m: _errno_guard(act, m))
+        op = NetOp("net_poll", st, [s for s in socks if s is not None], check,
+                   lambda m: _errno_guard(act, m))
         if timeout_ms > 0:
             def fire() -> None:
                 with st.lock:
@@ -961,8 +998,9 @@ _POLLFD = struct.Struct("<ihh")
 _REVENTS = struct.Struct("<h")
 
 
-def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
-    """poll(2) semantics for one guest descriptor (``limit``: the per-socket send buffer)."""
+def _revents(sd: int, events: int, s: GSock | None, limit: int, kernel: dict[int, int]) -> int:
+    """poll(2) semantics for one guest descriptor (``limit``: the per-socket send buffer; ``kernel``: the
+    poll(2) events of the connections the loop is not reading, by OS descriptor, from ``_poll_kernel``)."""
     if sd < 0:
         return 0
     if s is None or s.closed:
@@ -976,9 +1014,12 @@ def _revents(sd: int, events: int, s: GSock | None, limit: int) -> int:
         return 0
     r = 0
     # the kernel's side of a socket the loop is not reading; what it finds may be only the end of the
-    # stream, which _kernel_readable records as eof or error (reported below, not as data)
-    data = not s.rbuf and not s.eof and not s.error and _kernel_readable(s)
-    if s.rbuf or (data and not s.eof and not s.error):
+    # stream, which _kernel_event records as eof or error (reported below, not as data)
+    data = False
+    if not s.rbuf.size and not s.eof and not s.error:
+        mask = kernel.get(s.fd, 0) if s.fd >= 0 else 0
+        data = bool(mask) and _kernel_event(s, mask)
+    if s.rbuf.size or (data and not s.eof and not s.error):
         if events & POLLIN:
             r = POLLIN
     elif s.eof:
@@ -1000,50 +1041,46 @@ _libc.recv.restype = ctypes.c_ssize_t
 _peek_byte = ctypes.create_string_buffer(1)
 
 
-def _direct(s: GSock | None) -> bool:
-    """A connection whose socket only the vCPU reads now, with nothing buffered or ended yet."""
-    return s is not None and s.kind == "conn" and s.fd >= 0 and not s.armed and not s.rbuf and not s.eof \
-        and not s.error and not s.closed
+_NO_EVENTS: dict[int, int] = {}
 
 
-def _poll_kernel(socks: Sequence[GSock | None]) -> None:
-    """One poll(2) over the sockets of ``socks`` the loop is not reading; each gets ``kready`` (lock held),
-    which ``_kernel_readable`` then uses instead of a poll of its own."""
-    direct = [s for s in socks if _direct(s)]
-    if not direct:
-        return
-    p = select.poll()
-    for s in direct:
-        assert s is not None
-        s.kready = 0
-        p.register(s.fd, _POLL_RD)
+def _poll_kernel(socks: Sequence[GSock | None]) -> dict[int, int]:
+    """One poll(2) over the connections of ``socks`` that only the vCPU reads now, with nothing buffered or
+    ended yet: their events by OS descriptor (lock held). Sockets the loop reads are not polled (what it
+    read is in ``rbuf``)."""
+    p = None
+    for s in socks:
+        if s is not None and s.fd >= 0 and not s.armed and s.kind == "conn" and not s.rbuf.size and not s.eof \
+                and not s.error and not s.closed:
+            if p is None:
+                p = select.poll()
+            p.register(s.fd, _POLL_RD)
+    if p is None:
+        return _NO_EVENTS
     try:
-        ready = dict(p.poll(0))
+        return dict(p.poll(0))
     except OSError:
-        return
-    for s in direct:
-        assert s is not None
-        s.kready = ready.get(s.fd, 0) or -1  # -1: polled, nothing there
+        return _NO_EVENTS
 
 
 def _kernel_readable(s: GSock) -> bool:
     """Has the connection's socket data, EOF or an error the vCPU may read? Only while the loop is not
-    reading it (then what the loop read is in ``rbuf``). At the end of the stream it records ``eof`` or
-    ``error`` as the loop's callbacks would have (lock held)."""
+    reading it (then what the loop read is in ``rbuf``). One poll(2) of its own; see ``_kernel_event``."""
     if s.fd < 0 or s.armed or s.kind != "conn":
         return False
-    if s.kready:  # answered by the batch poll of _poll_kernel just before
-        mask, s.kready = max(s.kready, 0), 0
-    else:
-        p = select.poll()
-        p.register(s.fd, _POLL_RD)
-        try:
-            ev = p.poll(0)
-        except OSError:
-            return False
-        mask = ev[0][1] if ev else 0
-    if not mask:
+    p = select.poll()
+    p.register(s.fd, _POLL_RD)
+    try:
+        ev = p.poll(0)
+    except OSError:
         return False
+    return bool(ev) and _kernel_event(s, ev[0][1])
+
+
+def _kernel_event(s: GSock, mask: int) -> bool:
+    """``mask`` (non-zero) is what poll(2) says of the connection's socket: is there something for the
+    guest to read? At the end of the stream it records ``eof`` or ``error`` as the loop's callbacks would
+    have (lock held)."""
     if mask & _POLL_END and not s.eof and not s.error:
         # the peer finished or failed: EOF only once no data is left (a peek, which consumes nothing)
         n = _libc.recv(s.fd, _peek_byte, 1, _MSG_PEEK_DONTWAIT)

@@ -4,13 +4,15 @@ Completion happens on the event loop (a socket became readable, a timer fired); 
 vCPU worker. The lock makes the hand-over between the two safe without either side waiting.
 
 Two hooks for the scheduler: ``wait(timeout)`` lets a vCPU worker block briefly on an op that is likely to
-complete soon (ping-pong traffic) instead of ending the slice, and ``loop_waker`` builds a waker that does
+complete soon (ping-pong traffic) instead of ending the slice (``wait_in_call`` does it inside the device
+call itself, before the guest is suspended), and ``loop_waker`` builds a waker that does
 not go through ``call_soon_threadsafe`` when the op completes on the event loop itself.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +31,7 @@ class HostOp:
         self._gate: threading.Lock | None = None  # held while a worker may be blocked in ``wait``
         self.result: Any = None
         self.cancelled = False
+        self.spun = False  # a worker already waited for it inside the call (wait_in_call)
 
     def ready(self) -> bool:
         return self._ready
@@ -99,6 +102,30 @@ class HostOp:
 
     def finish(self, mem: GuestMemory) -> Sequence[int]:
         return [int(self.result or 0)]
+
+    def answer_in_call(self, deadline: float, mem: GuestMemory) -> Sequence[int] | None:
+        """Block (GIL released) until the op completes or ``time.monotonic()`` reaches ``deadline``; its
+        answer, or None. Subclasses that can watch their sources themselves override it."""
+        left = deadline - time.monotonic()
+        if left > 0 and self.wait(left):
+            return self.complete(mem)
+        return None
+
+
+def wait_in_call(vm: Any, op: HostOp, mem: GuestMemory) -> Sequence[int] | None:
+    """Inside a device call on a vCPU worker: wait for ``op`` there, up to the slice's spin window, and
+    return its answer if it completed (else None: the guest is suspended on it as usual). The guest then
+    gets the answer from the call itself: no return to the scheduler, no continuation, no second look at
+    the op's condition. Only once per op, only while the scheduler lets this worker spin (no other VM is
+    queued) and no control request (pause, stop) or snapshot is pending; the scheduler does not spin on an
+    op again after this. A snapshot asked for during the wait unwinds the guest from the op once it is
+    parked (the manager's BLOCKED handling)."""
+    spin = vm.spin
+    if spin <= 0 or vm.control is not None or vm.snapshot_wanted or op.spun:
+        return None
+    op.spun = True
+    deadline = min(time.monotonic() + spin, vm.slice_end)
+    return op.answer_in_call(deadline, mem)
 
 
 def loop_waker(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Callable[[], None]:

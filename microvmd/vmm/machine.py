@@ -140,6 +140,7 @@ class Machine:
         the thread back (ping-pong traffic then stays on this worker: no hand-off through the event loop).
         """
         end = time.monotonic() + quantum
+        vm.spin, vm.slice_end = spin, end  # for device calls that wait in the call (hostop.wait_in_call)
         while True:
             if vm.control is not None:
                 return SliceEnd.CONTROL
@@ -179,7 +180,9 @@ class Machine:
                 return SliceEnd.DONE
             op = vm.waiting
             if op is not None and not op.ready():
-                if spin > 0 and vm.control is None and op.wait(min(spin, max(0.0, end - time.monotonic()))):
+                # (not again if the device already waited inside the call: hostop.wait_in_call)
+                if spin > 0 and not op.spun and vm.control is None \
+                        and op.wait(min(spin, max(0.0, end - time.monotonic()))):
                     continue  # answered while we waited: same slice
                 self._sample_memory()
                 return SliceEnd.BLOCKED

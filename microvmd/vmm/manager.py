@@ -521,6 +521,11 @@ class Hypervisor:
                 self._dispatch(vm)
         elif end is SliceEnd.BLOCKED:
             op = vm.waiting
+            if vm.snapshot_wanted and op is not None and not op.consumed and not op.ready() \
+                    and vm.machine is not None:
+                # a snapshot was asked for while the guest was entering this call (after the suspension
+                # hook, before the op was published): unwind from it now, as snapshot() does for a parked VM
+                op.interrupt(vm.machine.start_unwind)
             loop = asyncio.get_running_loop()
             if op is None or op.on_ready(loop_waker(loop, self._wake, vm)):
                 if vm.state == VmState.RUNNING or vm.snapshot_wanted:

@@ -104,6 +104,8 @@ class Vm:
         self.on_cpu = False
         self.control: str | None = None   # request seen by the worker at its next yield
         self.waiting: HostOp | None = None
+        self.spin = 0.0                   # this slice's spin window (set by Machine.run_slice) ...
+        self.slice_end = 0.0              # ... and when the slice ends (time.monotonic)
         self.lock = asyncio.Lock()
         self.changed = asyncio.Event()    # set and replaced at every state change
         self.deadline_handle: asyncio.TimerHandle | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,36 @@ def test_migrate_guest_blocked_in_accept(pair: tuple[Daemon, Daemon], guests: di
     assert line_rpc(port, "moved", retry=10) == "hello 1, moved"
     assert "accepted 1" in b.logs("greet-m")
     b.mv("rm", "-f", "greet-m")
+
+
+def test_snapshot_asked_while_the_worker_waits_inside_a_device_call(make_daemon: Callable[..., Daemon],
+                                                                    tmp_path: Path) -> None:
+    """With a spin window as long as the quantum, the worker waits for the echo guest's next message inside
+    net_poll for up to 20 ms after each answer, before the guest is parked on it. A snapshot asked for in
+    that window unwinds the guest once it parks; it does not wait for a next message that never comes
+    (it used to, and gave 409 no_suspension_point after 5 s)."""
+    cfg = tmp_path / "spin.toml"
+    cfg.write_text('[engine]\nspin_wait = "20ms"\n')
+    d = make_daemon("spinw", "--config", str(cfg))
+    port = free_port()
+    d.mv("run", "-d", "--name", "ew", "--publish", f"127.0.0.1:{port}:8000", "echo")
+    wait_port(port)
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.settimeout(10)
+        for i in range(5):
+            msg = f"m{i}\n".encode()
+            s.sendall(msg)
+            got = b""
+            while not got.endswith(b"\n"):
+                got += s.recv(100)
+            assert got == msg
+            # at once: the worker is (almost always) still waiting inside net_poll for the next message
+            status, doc = d.call("POST", "/v1/vms/ew/snapshots", {"name": f"ew-{i}"})
+            assert status == 201, (i, status, doc)
+            assert doc["kind"] == "unwound"
+        s.sendall(b"after\n")  # the guest goes on serving the same connection
+        got = b""
+        while not got.endswith(b"\n"):
+            got += s.recv(100)
+        assert got == b"after\n"
+    assert d.get("ew")["state"] == "running"

@@ -14,7 +14,7 @@ import wasmtime
 
 from microvmd.devices.net import RecvBuffer
 from microvmd.vmm import wt
-from microvmd.vmm.hostop import HostOp, loop_waker
+from microvmd.vmm.hostop import HostOp, loop_waker, wait_in_call
 
 WAT = """(module
   (import "t" "i32" (func $i32 (param i32 i32) (result i32)))
@@ -373,3 +373,47 @@ def test_loop_waker_uses_call_soon_on_the_loop_and_threadsafe_elsewhere() -> Non
         return calls
 
     assert asyncio.run(main()) == ["x", "x"]
+
+
+class _SliceVm:
+    """What wait_in_call reads of a VM: the slice's spin window and end, control and snapshot requests."""
+
+    def __init__(self, spin: float, slice_left: float = 5.0) -> None:
+        self.spin, self.slice_end = spin, time.monotonic() + slice_left
+        self.control: str | None = None
+        self.snapshot_wanted = False
+
+
+class _Answering(HostOp):
+    def finish(self, mem: Any) -> Sequence[int]:
+        return [int(self.result) + 1]
+
+
+def test_wait_in_call_answers_from_the_call_when_the_op_completes_in_the_window() -> None:
+    op = _Answering()
+    threading.Timer(0.01, op.set_result, (41,)).start()
+    assert wait_in_call(_SliceVm(spin=5.0), op, None) == [42]  # type: ignore[arg-type]
+    assert op.consumed and op.spun
+
+
+def test_wait_in_call_gives_up_at_the_window_or_the_slice_end_and_only_once() -> None:
+    op = _Answering()
+    t0 = time.monotonic()
+    assert wait_in_call(_SliceVm(spin=0.02), op, None) is None  # type: ignore[arg-type]
+    assert op.spun and not op.consumed and time.monotonic() - t0 < 4.0
+    op2 = _Answering()
+    assert wait_in_call(_SliceVm(spin=5.0, slice_left=0.01), op2, None) is None  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 4.0  # bounded by the slice, not the 5 s window
+    op.set_result(1)  # already spun once: the scheduler's own wait takes over, not a second spin
+    assert wait_in_call(_SliceVm(spin=5.0), op, None) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("why", ["no_spin", "control", "snapshot"])
+def test_wait_in_call_does_not_wait_when_the_worker_may_not(why: str) -> None:
+    vm = _SliceVm(spin=0.0 if why == "no_spin" else 5.0)
+    vm.control = "pause" if why == "control" else None
+    vm.snapshot_wanted = why == "snapshot"
+    op = _Answering()
+    op.set_result(1)  # even a completed op is left to the normal path: the guest suspends on it
+    assert wait_in_call(vm, op, None) is None  # type: ignore[arg-type]
+    assert not op.spun and not op.consumed
