@@ -812,7 +812,8 @@ class NetDevice:
         n = min(length, MAX_IO, st.limits.buffer_bytes - s.out_pending) if length else 0
         if n <= 0:
             return [0]
-        self._charge(st, n)
+        if st.limiter.enabled:
+            self._charge(st, n)
         st.stats["bytes_out"] += n
         done = 0
         if s.fd >= 0 and not s.outq and not s.flush_scheduled and not t.is_closing() \
@@ -845,6 +846,10 @@ class NetDevice:
             return [0]
         if not mem.check(ptr, min(length, MAX_IO)):
             return [-EFAULT]
+        if not s.rbuf.size and not st.throttle_until and s.fd >= 0 and not s.armed and not s.eof and not s.error:
+            res = self._recv_direct(st, s, mem, ptr, length)  # the common case: one read(2), no op, no closures
+            if res is not None:
+                return res
 
         def readable() -> bool:
             return s.rbuf.size > 0 or s.eof or s.closed or bool(s.error) or _kernel_readable(s)
@@ -852,10 +857,6 @@ class NetDevice:
         def act(mem: wt.GuestMemory) -> Sequence[int]:
             return self._recv_now(st, s, mem, ptr, length)
 
-        if not s.rbuf.size and not st.throttle_until and s.fd >= 0 and not s.armed and not s.eof and not s.error:
-            res = self._recv_direct(st, s, mem, ptr, length)  # the common case: one read(2), no op
-            if res is not None:
-                return res
         if not readable() and flags & NONBLOCK:
             return [-EAGAIN]
         return self._suspend(st, mem, "net_recv", [s], readable, act, throttled=True)
@@ -874,7 +875,8 @@ class NetDevice:
             s.eof = True
             return [0]
         st.stats["bytes_in"] += n
-        self._charge(st, n)
+        if st.limiter.enabled:
+            self._charge(st, n)
         return [n]
 
     def _recv_now(self, st: NetState, s: GSock, mem: wt.GuestMemory, ptr: int, length: int) -> Sequence[int]:
@@ -903,24 +905,11 @@ class NetDevice:
         fds_ptr, nfds, timeout_ms = a
         if not 0 <= nfds <= MAX_POLL_FDS:
             return [-EINVAL]
-        raw = bytearray(mem.read(fds_ptr, nfds * 8))
-        entries = [(sd, events, st.socks.get(sd)) for sd, events, _ in _POLLFD.iter_unpack(raw)]
+        raw = bytearray(mem.view(fds_ptr, nfds * 8)) if nfds else bytearray()  # (no fds: any pointer, as poll(2))
+        get = st.socks.get
+        entries = [(sd, events, get(sd)) for sd, events, _ in _POLLFD.iter_unpack(raw)]
         limit = st.limits.buffer_bytes
-        socks = [s for _, _, s in entries]
-
-        def scan() -> int:
-            """Write every revents into ``raw``; the number of entries with any."""
-            n = 0
-            kernel = _poll_kernel(socks)  # one poll(2) for the sockets the loop is not reading
-            pack = _REVENTS.pack_into
-            for i, (sd, events, s) in enumerate(entries):
-                r = _revents(sd, events, s, limit, kernel)
-                pack(raw, i * 8 + 6, r)
-                if r:
-                    n += 1
-            return n
-
-        n = scan()
+        n = _scan(entries, raw, limit)
         if n or timeout_ms == 0:  # the common case: answer now with what one scan found
             mem.write(fds_ptr, raw)
             return [n]
@@ -931,17 +920,17 @@ class NetDevice:
         def check() -> bool:
             if timed_out[0]:
                 return True
-            found[0] = scan()
+            found[0] = _scan(entries, raw, limit)
             return found[0] > 0
 
         def act(mem: wt.GuestMemory) -> Sequence[int]:
             # the check that let the op complete just scanned; what it found still holds (only the guest
             # consumes data, accepts or closes), so it is the answer, without a second scan
-            n, found[0] = (found[0] or scan()), 0
+            n, found[0] = (found[0] or _scan(entries, raw, limit)), 0
             mem.write(fds_ptr, raw)
             return [n]
 
-        op = NetOp("net_poll", st, [s for s in socks if s is not None], check,
+        op = NetOp("net_poll", st, [s for _, _, s in entries if s is not None], check,
                    lambda m: _errno_guard(act, m))
         if timeout_ms > 0:
             def fire() -> None:
@@ -1041,15 +1030,29 @@ _libc.recv.restype = ctypes.c_ssize_t
 _peek_byte = ctypes.create_string_buffer(1)
 
 
+def _scan(entries: Sequence[tuple[int, int, GSock | None]], raw: bytearray, limit: int) -> int:
+    """net_poll's look at its (sd, events, socket) entries: every revents written into ``raw`` (the guest's
+    array of mv_pollfd, copied), and the number of entries with any (lock held)."""
+    n = 0
+    kernel = _poll_kernel(entries)  # one poll(2) for the sockets the loop is not reading
+    pack = _REVENTS.pack_into
+    for i, (sd, events, s) in enumerate(entries):
+        r = _revents(sd, events, s, limit, kernel)
+        pack(raw, i * 8 + 6, r)
+        if r:
+            n += 1
+    return n
+
+
 _NO_EVENTS: dict[int, int] = {}
 
 
-def _poll_kernel(socks: Sequence[GSock | None]) -> dict[int, int]:
-    """One poll(2) over the connections of ``socks`` that only the vCPU reads now, with nothing buffered or
-    ended yet: their events by OS descriptor (lock held). Sockets the loop reads are not polled (what it
-    read is in ``rbuf``)."""
+def _poll_kernel(entries: Sequence[tuple[int, int, GSock | None]]) -> dict[int, int]:
+    """One poll(2) over the connections among ``entries`` that only the vCPU reads now, with nothing
+    buffered or ended yet: their events by OS descriptor (lock held). Sockets the loop reads are not
+    polled (what it read is in ``rbuf``)."""
     p = None
-    for s in socks:
+    for _, _, s in entries:
         if s is not None and s.fd >= 0 and not s.armed and s.kind == "conn" and not s.rbuf.size and not s.eof \
                 and not s.error and not s.closed:
             if p is None:

@@ -158,11 +158,8 @@ class RateLimiter:
         self.cfg = LimiterConfig()
         self._bw: TokenBucket | None = None
         self._ops: TokenBucket | None = None
+        self.enabled = False  # any bucket: a plain attribute, read on every device call
         self.configure(cfg or LimiterConfig())
-
-    @property
-    def enabled(self) -> bool:
-        return self._bw is not None or self._ops is not None
 
     def configure(self, cfg: LimiterConfig) -> None:
         """New buckets start full, as Firecracker's do after an update."""
@@ -170,6 +167,7 @@ class RateLimiter:
             self.cfg = cfg
             self._bw = TokenBucket(cfg.bandwidth, self._clock) if cfg.bandwidth and cfg.bandwidth.enabled else None
             self._ops = TokenBucket(cfg.ops, self._clock) if cfg.ops and cfg.ops.enabled else None
+            self.enabled = self._bw is not None or self._ops is not None
 
     def reserve(self, nbytes: int, ops: int = 1) -> float:
         """Account one request; returns the seconds to wait before performing it (0.0: go ahead)."""

@@ -137,8 +137,8 @@ class Hypervisor:
     def _suspension_hook(mem: wt.GuestMemory) -> list[int] | None:
         vm = wt.current_vm()
         m = vm.machine if vm is not None else None
-        if m is None:
-            return None
+        if m is None or m.asyncify is None or not (m.asyncify.rewinding or vm.snapshot_wanted):
+            return None  # the common case, on every blocking device call: nothing to finish or start
         return m.at_suspension_point(mem, vm.snapshot_wanted)
 
     def add_device(self, device: Any) -> None:

@@ -441,10 +441,11 @@ def current_vm() -> Any:
 class _Host:
     """One defined import: the function and how to unpack its arguments and pack its results."""
 
-    __slots__ = ("fn", "unpack", "nres", "kinds", "pack", "kind", "mask")
+    __slots__ = ("fn", "unpack", "nres", "kinds", "pack", "kind", "mask", "suspends")
 
-    def __init__(self, fn: HostFn, params: Sequence[int], results: Sequence[int]) -> None:
+    def __init__(self, fn: HostFn, params: Sequence[int], results: Sequence[int], suspends: bool = False) -> None:
         self.fn = fn
+        self.suspends = suspends  # a suspension point: ``suspension_hook`` sees the call first
         # wasmtime_val_t: kind (1 byte), padding, the value at _VAL_OF; an array of _VAL_SIZE strides
         fmt = "".join(f"{_VAL_OF}x{'q' if k == I64 else 'i'}{_VAL_SIZE - _VAL_OF - (8 if k == I64 else 4)}x"
                       for k in params)
@@ -543,7 +544,11 @@ def _trampoline(env: int, caller: int, args: int, nargs: int, results: int, nres
                 trap_ret: int, cont: int) -> None:
     host = _hosts[env]
     try:
-        res = host.fn(GuestMemory(caller), host.unpack(_RAW, args - 1) if nargs else ())
+        mem = GuestMemory(caller)
+        hook = suspension_hook if host.suspends else None
+        res: HostResult | None = hook(mem) if hook is not None else None
+        if res is None:
+            res = host.fn(mem, host.unpack(_RAW, args - 1) if nargs else ())
         if type(res) is list or type(res) is tuple:
             if host.nres == 1 and len(res) == 1:
                 host.pack(_RAW, results - 1, host.kind, int(res[0]) & host.mask)
@@ -582,17 +587,6 @@ def define_host_func(linker: wasmtime.Linker, module: str, name: str,
     ``HostTrap`` to trap the guest. Only i32/i64 signatures are supported, which is all the ABI uses.
     ``suspends`` marks a suspension point: ``suspension_hook`` sees the call first.
     """
-    if suspends:
-        inner = fn
-
-        def fn(mem: GuestMemory, args: Sequence[int]) -> HostResult:
-            hook = suspension_hook
-            if hook is not None:
-                answered = hook(mem)
-                if answered is not None:
-                    return answered
-            return inner(mem, args)
-
     for t in (*params, *results):
         if t not in _VALTYPES:
             raise ValueError(f"unsupported value type {t!r}")
@@ -600,7 +594,7 @@ def define_host_func(linker: wasmtime.Linker, module: str, name: str,
     rtypes = _valtypes(results)
     functype = ffi.wasm_functype_new(ctypes.byref(ptypes), ctypes.byref(rtypes))
     key = next(_ids)
-    _hosts[key] = _Host(fn, [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results])
+    _hosts[key] = _Host(fn, [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results], suspends)
     m, n = module.encode(), name.encode()
     err = ffi.wasmtime_linker_define_async_func(
         linker.ptr(), m, len(m), n, len(n), functype, _TRAMPOLINE, key,
