@@ -34,9 +34,9 @@ extern "C" {
 #define MV_ABI_VERSION 1
 /* SDK release (source-level API), independent of the ABI version. */
 #define MV_SDK_VERSION_MAJOR 1
-#define MV_SDK_VERSION_MINOR 0
+#define MV_SDK_VERSION_MINOR 1
 #define MV_SDK_VERSION_PATCH 0
-#define MV_SDK_VERSION "1.0.0"
+#define MV_SDK_VERSION "1.1.0"
 
 /* Size of the Asyncify unwind buffer (see microvm_asyncify_data in ABI.md). */
 #define MV_ASYNCIFY_BUF_SIZE (64 * 1024)
@@ -130,7 +130,17 @@ int mv_close(int sd);
 
 /* Wait for events on nfds descriptors (see struct mv_pollfd).  timeout_ms < 0
  * waits forever, 0 does not wait.  Returns the number of entries whose
- * revents != 0 (0 on timeout), or -1. */
+ * revents != 0 (0 on timeout), or -1.
+ *
+ * Since SDK 1.1 (import net_poll_recv; a daemon without it refuses the guest
+ * with "unknown import"): in the same host call, mv_poll also receives up to
+ * MV_RX_SIZE bytes from the first connection it reports readable and holds
+ * them for the next mv_recv on that socket, which then copies them without a
+ * host call.  This is invisible to the program: that socket stays readable
+ * (POLLIN) until the bytes are taken, mv_recv may return fewer bytes than are
+ * in the kernel (as recv(2) may), and mv_close drops what is held.  It needs
+ * one MV_RX_SIZE buffer, allocated at the first mv_poll. */
+#define MV_RX_SIZE 65536
 int mv_poll(struct mv_pollfd *fds, size_t nfds, int timeout_ms);
 
 /* ---- helpers ---------------------------------------------------------------- */

@@ -265,20 +265,20 @@ class NetOp(HostOp):
 
     def answer_in_call(self, deadline: float, mem: wt.GuestMemory) -> Sequence[int] | None:
         """The same wait inside the call: once a socket has something, check the condition and answer at
-        once, under one hold of the lock (a spurious wake-up sleeps again until the deadline)."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if not self._sleep(left):
-                return super().answer_in_call(deadline, mem)
-            with self.state.lock:
-                if self.ready():  # completed by the loop meanwhile (a timer, a wake-up)
-                    break
-                if self.cond():
-                    self.detach()
-                    self._consumed = True
-                    return self.act(mem)  # (wrapped in _errno_guard by its maker)
+        once, under one hold of the lock. A socket with something that does not meet the condition (a
+        receive held back by the rate limiter) ends the wait: the guest parks on the op."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if not self._sleep(left):
+            return super().answer_in_call(deadline, mem)
+        with self.state.lock:
+            if not self.ready():  # (else completed by the loop meanwhile: a timer, a wake-up)
+                if not self.cond():
+                    return None
+                self.detach()
+                self._consumed = True
+                return self.act(mem)  # (wrapped in _errno_guard by its maker)
         return self.complete(mem)
 
     def on_ready(self, waker: Callable[[], None]) -> bool:
@@ -618,6 +618,7 @@ class NetDevice:
             ("net_recv", [i32, i32, i32, i32], self._recv, True),
             ("net_close", [i32], self._close, False),
             ("net_poll", [i32, i32, i32], self._poll, True),
+            ("net_poll_recv", [i32, i32, i32, i32, i32, i32], self._poll_recv, True),
         ]
         for name, params, fn, suspends in calls:
             wt.define_host_func(linker, "microvm_net", name, params, [i32], self._guarded(fn), suspends=suspends)
@@ -902,17 +903,38 @@ class NetDevice:
         return [0]
 
     def _poll(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
-        fds_ptr, nfds, timeout_ms = a
+        return self._poll_common(st, mem, a[0], a[1], a[2], None)
+
+    def _poll_recv(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
+        """net_poll, and in the same call a receive from the first connection it reports readable into
+        ``buf``: the guest then reads that message without a call of its own (one exit per message
+        instead of two). ``out`` gets {i32 index of that entry or -1; i32 what net_recv would have
+        returned: bytes, 0 at the end of the stream, or -errno}."""
+        fds_ptr, nfds, timeout_ms, buf, buf_len, out = a
+        if buf_len < 0:
+            return [-EINVAL]
+        if buf_len and not mem.check(buf, min(buf_len, MAX_IO)) or not mem.check(out, _RX.size):
+            return [-EFAULT]
+        return self._poll_common(st, mem, fds_ptr, nfds, timeout_ms, (buf, buf_len, out))
+
+    def _poll_common(self, st: NetState, mem: wt.GuestMemory, fds_ptr: int, nfds: int, timeout_ms: int,
+                     rx: tuple[int, int, int] | None) -> Any:
         if not 0 <= nfds <= MAX_POLL_FDS:
             return [-EINVAL]
         raw = bytearray(mem.view(fds_ptr, nfds * 8)) if nfds else bytearray()  # (no fds: any pointer, as poll(2))
         get = st.socks.get
         entries = [(sd, events, get(sd)) for sd, events, _ in _POLLFD.iter_unpack(raw)]
         limit = st.limits.buffer_bytes
-        n = _scan(entries, raw, limit)
-        if n or timeout_ms == 0:  # the common case: answer now with what one scan found
+
+        def answer(mem: wt.GuestMemory, n: int) -> Sequence[int]:
+            if rx is not None:
+                self._receive_first(st, mem, entries, raw, rx)
             mem.write(fds_ptr, raw)
             return [n]
+
+        n = _scan(entries, raw, limit)
+        if n or timeout_ms == 0:  # the common case: answer now with what one scan found
+            return answer(mem, n)
 
         timed_out = [False]
         found = [0]  # what the last check found (its revents are in ``raw``), for act to answer with
@@ -927,8 +949,7 @@ class NetDevice:
             # the check that let the op complete just scanned; what it found still holds (only the guest
             # consumes data, accepts or closes), so it is the answer, without a second scan
             n, found[0] = (found[0] or _scan(entries, raw, limit)), 0
-            mem.write(fds_ptr, raw)
-            return [n]
+            return answer(mem, n)
 
         op = NetOp("net_poll", st, [s for _, _, s in entries if s is not None], check,
                    lambda m: _errno_guard(act, m))
@@ -944,6 +965,22 @@ class NetDevice:
                     op.timer = st.loop.call_later(timeout_ms / 1000.0, fire)
             st.loop.call_soon_threadsafe(arm)
         return op
+
+    def _receive_first(self, st: NetState, mem: wt.GuestMemory, entries: Sequence[tuple[int, int, GSock | None]],
+                       raw: bytearray, rx: tuple[int, int, int]) -> None:
+        """net_poll_recv's receive (lock held): from the first connection whose entry asked for and got
+        POLLIN, as a non-blocking net_recv would. Not while the rate limiter holds receives back (the
+        guest's own net_recv then waits it out)."""
+        buf, buf_len, out = rx
+        index, result = -1, 0
+        if buf_len > 0 and not st.throttle_until:
+            for i, (_, events, s) in enumerate(entries):
+                if s is not None and s.kind == "conn" and events & POLLIN and raw[i * 8 + 6] & POLLIN:
+                    r = self._recv_now(st, s, mem, buf, buf_len)[0]
+                    if r != -EAGAIN:  # (a readable socket that was not: nothing received)
+                        index, result = i, r
+                    break
+        mem.write(out, _RX.pack(index, result))
 
     # ---- per VM
     async def attach(self, hv: Any, vm: Any) -> None:
@@ -984,6 +1021,7 @@ class NetDevice:
 
 
 _POLLFD = struct.Struct("<ihh")
+_RX = struct.Struct("<ii")  # net_poll_recv's out: entry index, receive result
 _REVENTS = struct.Struct("<h")
 
 

@@ -174,6 +174,7 @@ def wat_guest(body: str, data: str = "", locals_: str = "") -> str:
   (import "microvm_net" "net_recv" (func $recv (param i32 i32 i32 i32) (result i32)))
   (import "microvm_net" "net_close" (func $close (param i32) (result i32)))
   (import "microvm_net" "net_poll" (func $poll (param i32 i32 i32) (result i32)))
+  (import "microvm_net" "net_poll_recv" (func $pollrx (param i32 i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 2)
   (func (export "microvm_abi_version") (result i32) (i32.const 1))
 {WAT_PRINT}
@@ -806,6 +807,125 @@ def test_poll_wakes_on_data_and_reports_events(mvd: Daemon) -> None:
     assert ex["code"] == 0, ex
     nums = [int(x) for x in mvd.logs(vm["id"]).split()]
     assert nums == [1, POLLIN, 1, POLLIN, 5, 1, POLLOUT, 1, POLLHUP, 0], nums
+    mvd.rm(vm["id"])
+
+
+def test_poll_recv_receives_from_the_first_readable_connection(mvd: Daemon) -> None:
+    """net_poll_recv: poll(2) semantics, plus, in the same call, a net_recv from the first connection it
+    reports readable into the buffer, with {index, result} in ``out``; bad arguments are errnos."""
+    def pollrx(timeout: int, buf: int = 4096, length: int = 100, out: int = 3000) -> str:
+        return f"(call $pollrx (i32.const 2048) (i32.const 2) (i32.const {timeout}) (i32.const {buf}) " \
+               f"(i32.const {length}) (i32.const {out}))"
+    body = f"""
+    (local.set $sd (call $listen (i32.const 9000) (i32.const 4)))
+    (local.set $c (call $accept (local.get $sd) (i32.const 0)))
+    (i32.store (i32.const 2048) (local.get $sd))
+    (i32.store (i32.const 2052) (i32.const 1))
+    (i32.store (i32.const 2056) (local.get $c))
+    (i32.store (i32.const 2060) (i32.const 1))
+    {p(pollrx(10000))}
+    {p("(i32.load16_s (i32.const 2054))")}
+    {p("(i32.load16_s (i32.const 2062))")}
+    {p("(i32.load (i32.const 3000))")}
+    {p("(i32.load (i32.const 3004))")}
+    {p("(i32.load (i32.const 4096))")}
+    {p("(i32.load8_u (i32.const 4100))")}
+    {p(pollrx(0))}
+    {p("(i32.load (i32.const 3000))")}
+    {p(pollrx(0, buf=0x7FFFFF00))}
+    {p(pollrx(0, out=0x7FFFFFF0))}
+    {p(pollrx(0, length=-1))}
+    {p(pollrx(0, length=0))}
+    {p("(call $send (local.get $c) (i32.const 4096) (i32.const 5) (i32.const 0))")}
+    {p(pollrx(10000))}
+    {p("(i32.load16_s (i32.const 2062))")}
+    {p("(i32.load (i32.const 3000))")}
+    {p("(i32.load (i32.const 3004))")}
+    (call $exit (i32.const 0))"""
+    vm = mvd.vm(mvd.image("net-pollrx", wat_guest(body)), publish=[{"guest_port": 9000, "host_port": 0}])
+    port = host_port(mvd, vm["id"])
+    with socket.create_connection(("127.0.0.1", port), 10) as s:
+        s.settimeout(10)
+        mvd.wait_blocked(vm["id"], "net_poll")
+        s.sendall(b"hello")
+        assert recv_exact(s, 5) == b"hello"  # sent back from the buffer net_poll_recv filled
+        s.shutdown(socket.SHUT_WR)
+        ex = mvd.wait(vm["id"])
+    assert ex["code"] == 0, ex
+    nums = [int(x) for x in mvd.logs(vm["id"]).split()]
+    assert nums == [1, 0, POLLIN, 1, 5, int.from_bytes(b"hell", "little"), ord("o"),
+                    0, -1,
+                    -EFAULT, -EFAULT, -EINVAL, 0,
+                    5,
+                    1, POLLIN | POLLHUP, 1, 0], nums
+    mvd.rm(vm["id"])
+
+
+SDK_POLLRX_C = r"""
+#include <errno.h>
+#include <microvm.h>
+#include <stdio.h>
+
+static void show(long v) { printf("%ld\n", v); fflush(stdout); }
+
+int main(void) {
+    char b[16];
+    int l = mv_listen(9000, 4);
+    int c = mv_accept(l);
+    struct mv_pollfd p[2] = {{l, MV_POLLIN, 0}, {c, MV_POLLIN, 0}};
+    show(mv_poll(p, 2, 10000));                   /* "hello" arrives: held by the SDK */
+    show(p[1].revents);
+    show(mv_recv(c, b, 2, 0));                    /* part of what is held */
+    show(b[0] * 256 + b[1]);
+    p[1].revents = 0;
+    show(mv_poll(p, 2, -1));                      /* the rest is still held: ready at once */
+    show(p[1].revents);
+    show(mv_recv(c, b, sizeof b, 0));             /* "llo": only what is held, one short read */
+    show(mv_recv(c, b, sizeof b, MV_NONBLOCK) == -1 && errno == EAGAIN);
+    mv_send(c, "ok\n", 3, 0);
+    show(mv_poll(p, 2, -1));                      /* "world", then the end of the stream */
+    show(mv_recv(c, b, sizeof b, 0));
+    show(mv_recv(c, b, sizeof b, 0));
+    mv_close(c);
+    int c2 = mv_accept(l);                        /* close with bytes still held */
+    struct mv_pollfd q = {c2, MV_POLLIN, 0};
+    show(mv_poll(&q, 1, 10000));
+    show(mv_close(c2));
+    show(mv_recv(c2, b, sizeof b, MV_NONBLOCK) == -1 && errno == EBADF);
+    return 0;
+}
+"""
+
+
+def test_sdk_poll_holds_what_it_received_until_recv_takes_it(mvd: Daemon, tmp_path: Path) -> None:
+    """The SDK side of net_poll_recv (mv_poll/mv_recv/mv_close in guest-sdk/src/microvm.c): what mv_poll
+    received is handed out by mv_recv in order, keeps the socket readable until taken, carries the end
+    of the stream, and is dropped by mv_close."""
+    mvcc = Path(__file__).resolve().parents[2] / "guest-sdk" / "mvcc"
+    if shutil.which("clang") is None or shutil.which("wasm-opt") is None:
+        pytest.skip("clang and wasm-opt are needed to build an SDK guest")
+    (tmp_path / "pollrx.c").write_text(SDK_POLLRX_C)
+    r = subprocess.run([str(mvcc), "-o", str(tmp_path / "pollrx.wasm"), str(tmp_path / "pollrx.c")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    mvd.ok("POST", "/v1/images?name=sdk-pollrx", raw=(tmp_path / "pollrx.wasm").read_bytes())
+    vm = mvd.vm("sdk-pollrx", publish=[{"guest_port": 9000, "host_port": 0}])
+    port = host_port(mvd, vm["id"])
+    with socket.create_connection(("127.0.0.1", port), 10) as s:
+        s.settimeout(10)
+        mvd.wait_blocked(vm["id"], "net_poll")
+        s.sendall(b"hello")
+        assert recv_exact(s, 3) == b"ok\n"
+        s.sendall(b"world")
+        s.shutdown(socket.SHUT_WR)
+        with socket.create_connection(("127.0.0.1", port), 10) as s2:
+            s2.sendall(b"zzz")
+            ex = mvd.wait(vm["id"])
+    assert ex["code"] == 0, (ex, mvd.logs(vm["id"], "stderr"))
+    nums = [int(x) for x in mvd.logs(vm["id"]).split()]
+    assert nums == [1, POLLIN, 2, ord("h") * 256 + ord("e"), 1, POLLIN, 3, 1,
+                    1, 5, 0,
+                    1, 0, 1], nums
     mvd.rm(vm["id"])
 
 
