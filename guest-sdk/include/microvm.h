@@ -139,7 +139,8 @@ int mv_close(int sd);
  * host call.  This is invisible to the program: that socket stays readable
  * (POLLIN) until the bytes are taken, mv_recv may return fewer bytes than are
  * in the kernel (as recv(2) may), and mv_close drops what is held.  It needs
- * one MV_RX_SIZE buffer, allocated at the first mv_poll. */
+ * one MV_RX_SIZE buffer, allocated by the first mv_poll after a connection
+ * (mv_accept or mv_connect); until then, and without memory, it only polls. */
 #define MV_RX_SIZE 65536
 int mv_poll(struct mv_pollfd *fds, size_t nfds, int timeout_ms);
 

@@ -124,7 +124,23 @@ int mv_blk_flush(int dev) { return mv_ret32(__mv_blk_flush(dev)); }
 
 int mv_listen(int port, int backlog) { return mv_ret32(__mv_net_listen(port, backlog)); }
 
-int mv_accept_flags(int sd, int flags) { return mv_ret32(__mv_net_accept(sd, flags)); }
+/* What mv_poll received ahead (net_poll_recv) for one socket, until mv_recv takes it: the usual loop
+ * "poll, then recv what it reported" then costs one host call per message instead of two. */
+static struct {
+    int sd;          /* -1: nothing held */
+    int32_t result;  /* bytes held, or 0 (end of stream) / -errno, handed out once */
+    uint32_t off;    /* bytes already taken */
+    char *buf;       /* MV_RX_SIZE bytes, allocated by the first mv_poll after a connection */
+    int connected;   /* mv_accept or mv_connect gave a connection: an idle listener never needs buf */
+} mv_rx = {.sd = -1};
+
+static int mv_rx_prepare(int sd) {
+    if (sd >= 0)
+        mv_rx.connected = 1;
+    return sd;
+}
+
+int mv_accept_flags(int sd, int flags) { return mv_rx_prepare(mv_ret32(__mv_net_accept(sd, flags))); }
 int mv_accept(int sd) { return mv_accept_flags(sd, 0); }
 
 int mv_connect_flags(const char *host, int port, int flags) {
@@ -132,7 +148,7 @@ int mv_connect_flags(const char *host, int port, int flags) {
         errno = EINVAL;
         return -1;
     }
-    return mv_ret32(__mv_net_connect(host, mv_len32(strlen(host)), port, flags));
+    return mv_rx_prepare(mv_ret32(__mv_net_connect(host, mv_len32(strlen(host)), port, flags)));
 }
 int mv_connect(const char *host, int port) { return mv_connect_flags(host, port, 0); }
 
@@ -198,15 +214,6 @@ ssize_t mv_send(int sd, const void *buf, size_t len, int flags) {
     return mv_ret32(__mv_net_send(sd, buf, mv_len32(len), flags));
 }
 
-/* What mv_poll received ahead (net_poll_recv) for one socket, until mv_recv takes it: the usual loop
- * "poll, then recv what it reported" then costs one host call per message instead of two. */
-static struct {
-    int sd;          /* -1: nothing held */
-    int32_t result;  /* bytes held, or 0 (end of stream) / -errno, handed out once */
-    uint32_t off;    /* bytes already taken */
-    char *buf;       /* MV_RX_SIZE bytes, allocated at the first mv_poll */
-} mv_rx = {.sd = -1};
-
 ssize_t mv_recv(int sd, void *buf, size_t len, int flags) {
     if (sd == mv_rx.sd && len > 0) {
         if (mv_rx.result <= 0) { /* the end of the stream or an error, as net_recv reported it */
@@ -251,8 +258,8 @@ int mv_poll(struct mv_pollfd *fds, size_t nfds, int timeout_ms) {
         }
         return n;
     }
-    if (!mv_rx.buf && !(mv_rx.buf = malloc(MV_RX_SIZE)))
-        return mv_ret32(__mv_net_poll(fds, (int32_t)nfds, timeout_ms)); /* no memory: poll without it */
+    if (!mv_rx.buf && !(mv_rx.connected && (mv_rx.buf = malloc(MV_RX_SIZE))))
+        return mv_ret32(__mv_net_poll(fds, (int32_t)nfds, timeout_ms)); /* no connection yet, or no memory */
     struct mv_rx_out out = {-1, 0};
     int n = mv_ret32(__mv_net_poll_recv(fds, (int32_t)nfds, timeout_ms, mv_rx.buf, MV_RX_SIZE, &out));
     if (n > 0 && out.index >= 0 && (size_t)out.index < nfds) {
