@@ -969,7 +969,7 @@ class NetDevice:
     def _receive_first(self, st: NetState, mem: wt.GuestMemory, entries: Sequence[tuple[int, int, GSock | None]],
                        raw: bytearray, rx: tuple[int, int, int]) -> None:
         """net_poll_recv's receive (lock held): from the first connection whose entry asked for and got
-        POLLIN, as a non-blocking net_recv would. Not while the rate limiter holds receives back (the
+        POLLIN, as a non-blocking net_recv would. Not once the rate limiter has held transfers back (the
         guest's own net_recv then waits it out)."""
         buf, buf_len, out = rx
         index, result = -1, 0
