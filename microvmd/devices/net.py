@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import wasmtime
 
@@ -214,6 +214,8 @@ class NetOp(HostOp):
         self.cond = cond
         self.act = act
         self.timer: asyncio.TimerHandle | None = None
+        # answer_in_call's first try once a socket woke it (lock held): an answer, or None to check ``cond``
+        self.fast: Callable[[wt.GuestMemory], Sequence[int] | None] | None = None
         for s in self.socks:
             s.waiters.append(self)
 
@@ -274,11 +276,14 @@ class NetOp(HostOp):
             return super().answer_in_call(deadline, mem)
         with self.state.lock:
             if not self.ready():  # (else completed by the loop meanwhile: a timer, a wake-up)
-                if not self.cond():
-                    return None
+                answer = self.fast(mem) if self.fast is not None else None
+                if answer is None:
+                    if not self.cond():
+                        return None
+                    answer = self.act(mem)  # (wrapped in _errno_guard by its maker)
                 self.detach()
                 self._consumed = True
-                return self.act(mem)  # (wrapped in _errno_guard by its maker)
+                return answer
         return self.complete(mem)
 
     def on_ready(self, waker: Callable[[], None]) -> bool:
@@ -953,6 +958,20 @@ class NetDevice:
 
         op = NetOp("net_poll", st, [s for _, _, s in entries if s is not None], check,
                    lambda m: _errno_guard(act, m))
+        if rx is not None and rx[1] > 0:
+            def read_first(mem: wt.GuestMemory) -> Sequence[int] | None:
+                # a socket just woke the waiting worker: the first connection asking for POLLIN most likely
+                # has the message. Read it first; that read says it is readable, so the scan need not ask
+                # the kernel about it (no poll(2) at all for a server with one busy connection)
+                got = self._read_first(st, mem, entries, rx) if not st.throttle_until else None
+                if got is None:
+                    return None
+                i, result, s = got
+                n = _scan(entries, raw, limit, s)  # (readable: data, the end, or an error)
+                mem.write(rx[2], _RX.pack(i, result))
+                mem.write(fds_ptr, raw)
+                return [n]
+            op.fast = lambda m: _errno_guard(read_first, m)
         if timeout_ms > 0:
             def fire() -> None:
                 with st.lock:
@@ -965,6 +984,19 @@ class NetDevice:
                     op.timer = st.loop.call_later(timeout_ms / 1000.0, fire)
             st.loop.call_soon_threadsafe(arm)
         return op
+
+    def _read_first(self, st: NetState, mem: wt.GuestMemory, entries: Sequence[tuple[int, int, GSock | None]],
+                    rx: tuple[int, int, int]) -> tuple[int, int, GSock] | None:
+        """net_poll_recv woken by a socket (lock held): if the first entry asking for POLLIN is a connection
+        only the vCPU reads, with nothing buffered or ended, read it now. (index, net_recv's result, the
+        socket) when that read got something (data, the end of the stream or an error), else None."""
+        for i, (_, events, s) in enumerate(entries):
+            if s is not None and events & POLLIN:
+                if s.kind != "conn" or s.fd < 0 or s.armed or s.rbuf.size or s.eof or s.error or s.closed:
+                    return None
+                res = self._recv_direct(st, s, mem, rx[0], rx[1])
+                return (i, res[0], s) if res is not None else None
+        return None
 
     def _receive_first(self, st: NetState, mem: wt.GuestMemory, entries: Sequence[tuple[int, int, GSock | None]],
                        raw: bytearray, rx: tuple[int, int, int]) -> None:
@@ -1051,8 +1083,8 @@ def _revents(sd: int, events: int, s: GSock | None, limit: int, kernel: dict[int
             r = POLLIN
     elif s.eof:
         r = (POLLIN if events & POLLIN else 0) | POLLHUP
-    if s.error:
-        r |= POLLERR
+    if s.error:  # (with POLLIN, as Linux reports a reset: a read returns the error)
+        r |= POLLERR | (POLLIN if events & POLLIN else 0)
     if events & POLLOUT and s.transport is not None and not s.write_blocked and s.out_pending < limit:
         r |= POLLOUT
     return r
@@ -1068,14 +1100,18 @@ _libc.recv.restype = ctypes.c_ssize_t
 _peek_byte = ctypes.create_string_buffer(1)
 
 
-def _scan(entries: Sequence[tuple[int, int, GSock | None]], raw: bytearray, limit: int) -> int:
+def _scan(entries: Sequence[tuple[int, int, GSock | None]], raw: bytearray, limit: int,
+          read: GSock | None = None) -> int:
     """net_poll's look at its (sd, events, socket) entries: every revents written into ``raw`` (the guest's
-    array of mv_pollfd, copied), and the number of entries with any (lock held)."""
+    array of mv_pollfd, copied), and the number of entries with any (lock held). ``read``: a connection
+    whose data this call has just received (net_poll_recv): readable, without asking the kernel."""
     n = 0
-    kernel = _poll_kernel(entries)  # one poll(2) for the sockets the loop is not reading
+    kernel = _poll_kernel(entries, read)  # one poll(2) for the sockets the loop is not reading
     pack = _REVENTS.pack_into
     for i, (sd, events, s) in enumerate(entries):
         r = _revents(sd, events, s, limit, kernel)
+        if s is read and read is not None and events & POLLIN:
+            r |= POLLIN
         pack(raw, i * 8 + 6, r)
         if r:
             n += 1
@@ -1085,14 +1121,14 @@ def _scan(entries: Sequence[tuple[int, int, GSock | None]], raw: bytearray, limi
 _NO_EVENTS: dict[int, int] = {}
 
 
-def _poll_kernel(entries: Sequence[tuple[int, int, GSock | None]]) -> dict[int, int]:
-    """One poll(2) over the connections among ``entries`` that only the vCPU reads now, with nothing
-    buffered or ended yet: their events by OS descriptor (lock held). Sockets the loop reads are not
-    polled (what it read is in ``rbuf``)."""
+def _poll_kernel(entries: Sequence[tuple[int, int, GSock | None]], skip: GSock | None = None) -> dict[int, int]:
+    """One poll(2) over the connections among ``entries`` (but ``skip``) that only the vCPU reads now,
+    with nothing buffered or ended yet: their events by OS descriptor (lock held). Sockets the loop reads
+    are not polled (what it read is in ``rbuf``)."""
     p = None
     for _, _, s in entries:
-        if s is not None and s.fd >= 0 and not s.armed and s.kind == "conn" and not s.rbuf.size and not s.eof \
-                and not s.error and not s.closed:
+        if s is not None and s is not skip and s.fd >= 0 and not s.armed and s.kind == "conn" \
+                and not s.rbuf.size and not s.eof and not s.error and not s.closed:
             if p is None:
                 p = select.poll()
             p.register(s.fd, _POLL_RD)
@@ -1136,7 +1172,11 @@ def _kernel_event(s: GSock, mask: int) -> bool:
     return True
 
 
-def _errno_guard(act: Callable[[wt.GuestMemory], Sequence[int]], mem: wt.GuestMemory) -> Sequence[int]:
+_Answer = TypeVar("_Answer", Sequence[int], Sequence[int] | None)
+
+
+def _errno_guard(act: Callable[[wt.GuestMemory], _Answer], mem: wt.GuestMemory) -> _Answer | list[int]:
+    """``act(mem)``, with the device's errors as the guest's answer (a negative errno), never a trap."""
     try:
         return act(mem)
     except _Errno as e:

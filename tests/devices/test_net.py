@@ -861,6 +861,57 @@ def test_poll_recv_receives_from_the_first_readable_connection(mvd: Daemon) -> N
     mvd.rm(vm["id"])
 
 
+@pytest.mark.parametrize("end", ["eof", "reset"])
+def test_poll_recv_woken_inside_the_call_reads_first(tmp_path: Path, end: str) -> None:
+    """With a spin window of 20 ms the worker waits inside net_poll_recv, and a socket that wakes it is
+    read before the scan (the read says it is readable): data, then the end of the stream or a reset,
+    each with the same revents and {index, result} as the other paths give."""
+    cfg = tmp_path / "spin.toml"
+    cfg.write_text('[engine]\nspin_wait = "20ms"\n')
+    pollrx = "(call $pollrx (i32.const 2048) (i32.const 1) (i32.const 10000) (i32.const 4096) (i32.const 100) " \
+             "(i32.const 3000))"
+    body = f"""
+    (local.set $sd (call $listen (i32.const 9000) (i32.const 4)))
+    (local.set $c (call $accept (local.get $sd) (i32.const 0)))
+    (i32.store (i32.const 2048) (local.get $c))
+    (i32.store (i32.const 2052) (i32.const 1))
+    (i32.store8 (i32.const 5000) (i32.const 114))
+    (drop (call $send (local.get $c) (i32.const 5000) (i32.const 1) (i32.const 0)))
+    {p(pollrx)}
+    {p("(i32.load16_s (i32.const 2054))")}
+    {p("(i32.load (i32.const 3000))")}
+    {p("(i32.load (i32.const 3004))")}
+    {p("(i32.load (i32.const 4096))")}
+    (drop (call $send (local.get $c) (i32.const 5000) (i32.const 1) (i32.const 0)))
+    {p(pollrx)}
+    {p("(i32.load16_s (i32.const 2054))")}
+    {p("(i32.load (i32.const 3000))")}
+    {p("(i32.load (i32.const 3004))")}
+    (call $exit (i32.const 0))"""
+    with Daemon.fresh("mvnet-spin-", "--config", str(cfg)) as d:
+        vm = d.vm(d.image("net-pollrx-spin", wat_guest(body)), publish=[{"guest_port": 9000, "host_port": 0}])
+        with socket.create_connection(("127.0.0.1", host_port(d, vm["id"])), 10) as s:
+            s.settimeout(10)
+            assert s.recv(1) == b"r"  # the guest goes on into net_poll_recv: it waits there, in the call
+            time.sleep(0.003)
+            s.sendall(b"ping")
+            assert s.recv(1) == b"r"
+            time.sleep(0.003)
+            if end == "reset":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            else:
+                s.shutdown(socket.SHUT_WR)
+            ex = d.wait(vm["id"])
+        assert ex["code"] == 0, ex
+        nums = [int(x) for x in d.logs(vm["id"]).split()]
+    assert nums[:5] == [1, POLLIN, 0, 4, int.from_bytes(b"ping", "little")], nums
+    # the end: POLLIN with POLLHUP (end of stream) or POLLERR (reset), and the receive's 0 or -ECONNRESET
+    # (the same whichever path saw it: this read, the scan's poll(2), or the loop if the guest had parked)
+    flag, result = (POLLERR, -15) if end == "reset" else (POLLHUP, 0)
+    assert nums[5] == 1 and nums[6] & (POLLIN | flag) == POLLIN | flag and nums[7:] == [0, result], nums
+
+
 SDK_POLLRX_C = r"""
 #include <errno.h>
 #include <microvm.h>
