@@ -22,6 +22,8 @@ Cases:
   net_send_16k     net_send 16 KiB with buffer space (the loop's queue is run every 8 sends, untimed)
   net_recv_64k     the same with 64 KiB
   net_send_64k     net_send 64 KiB with buffer space
+  net_poll_recv_16k  "feed" 16 KiB, then net_poll_recv: the poll and the receive of net_recv_16k in one call
+                   (compare with net_poll_ready + net_recv_16k)
   blk_read_4k      blk_read 4 KiB (page cache)
   blk_write_4k     blk_write 4 KiB (page cache, no flush)
 
@@ -67,6 +69,7 @@ from microvmd.vmm import wt  # noqa: E402
 
 BUF = 4096          # guest address of the I/O buffer (64 KiB + a bit)
 POLLFD = 1024       # guest address of one mv_pollfd
+OUT = 2048          # guest address of net_poll_recv's {index, result}
 DISK_SIZE = 64 << 20
 SEND_BATCH = 8      # net_send calls between two runs of the loop's queue
 
@@ -97,6 +100,9 @@ CASES: dict[str, str] = {
     "net_recv_64k": f"(call $feed (i32.const 65536)) drop "
                     f"(call $net_recv (i32.const 4) (i32.const {BUF}) (i32.const 65536) (i32.const 1))",
     "net_send_64k": f"(call $net_send (i32.const 4) (i32.const {BUF}) (i32.const 65536) (i32.const 1))",
+    "net_poll_recv_16k": f"(call $feed (i32.const 16384)) drop "
+                         f"(call $net_poll_recv (i32.const {POLLFD + 8}) (i32.const 1) (i32.const -1) "
+                         f"(i32.const {BUF}) (i32.const 16384) (i32.const {OUT}))",
     "blk_read_4k": f"(call $blk_read (i32.const 0) (i64.const 8192) (i32.const {BUF}) (i32.const 4096))",
     "blk_write_4k": f"(call $blk_write (i32.const 0) (i64.const 8192) (i32.const {BUF}) (i32.const 4096))",
 }
@@ -111,6 +117,7 @@ WAT = f"""(module
   (import "bench" "feed" (func $feed (param i32) (result i32)))
   (import "microvm_net" "net_close" (func $net_close (param i32) (result i32)))
   (import "microvm_net" "net_poll" (func $net_poll (param i32 i32 i32) (result i32)))
+  (import "microvm_net" "net_poll_recv" (func $net_poll_recv (param i32 i32 i32 i32 i32 i32) (result i32)))
   (import "microvm_net" "net_recv" (func $net_recv (param i32 i32 i32 i32) (result i32)))
   (import "microvm_net" "net_send" (func $net_send (param i32 i32 i32 i32) (result i32)))
   (import "microvm_blk" "blk_read" (func $blk_read (param i32 i64 i32 i32) (result i32)))
