@@ -247,6 +247,14 @@ class CpuWatch:
                     f"they competed with it, and its wall-clock figures are inflated.")
         return line, warn
 
+    def emit(self) -> str:
+        """Print the report line (and its warning, if any); returns the warning ("" if none)."""
+        line, warn = self.report()
+        emit(line)
+        if warn:
+            emit(warn)
+        return warn
+
 
 def loadavg() -> str:
     try:

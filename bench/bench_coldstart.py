@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                          "MicroPython)"))
     b.emit("")
     b.emit(f"load average at end: {b.loadavg()}")
-    line, warn = watch.report()
-    b.emit(line)
-    if warn:
-        b.emit(warn)
+    warn = watch.emit()
     if a.json:
         Path(a.json).write_text(json.dumps({
             "bench": "coldstart", "rows": rows, "why_not_micropython": why, "load_warning": warn,

@@ -259,10 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     if failure:
         c.emit(f"FAILURE: the first failed create request came after {failure['live_before'] + failure['at']} "
                f"VMs were created ({have_total} live in the end): {failure['error']}")
-    load_line, warning = watch.report()
-    c.emit(load_line)
-    if warning:
-        c.emit(warning)
+    warning = watch.emit()
     c.emit("")
     t = c.Targets()
     top = levels[-1] if levels else None

@@ -347,10 +347,7 @@ def main() -> int:
            "guest us/call - host us/call is roughly what one mv_blk_read/mv_blk_write costs on top of the "
            "system call (wasm -> wasmtime async host call -> Python blk.py -> preadv/pwritev). At 1 MiB the "
            "same fixed cost is spread over 256x more bytes.")
-    line, warn = watch.report()
-    c.emit(line)
-    if warn:
-        c.emit(warn)
+    watch.emit()
     c.emit("OVERALL: " + ("PASS" if targets.all_pass else "MISS"))
     c.write_json(ns.json, {"results": results, "targets": targets.to_json(), "machine": c.machine_info(),
                            "size": size, "repeat": ns.repeat, "quick": ns.quick})

@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     sums = {r[5] for r in rows}
     if len(sums) != 1:
         c.emit(f"WARNING: checksums differ between variants: {sums}")
-    load_line, warning = watch.report()
-    c.emit(load_line)
-    if warning:
-        c.emit(warning)
+    warning = watch.emit()
     c.emit("")
     t = c.Targets()
     r = c.median(results["microvmd"][0]) / base

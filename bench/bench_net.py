@@ -333,10 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     tp_vm, tp_host = max(tp["microvmd"]), max(tp["host"])
     c.emit(f"throughput microvmd/host: {tp_vm / tp_host * 100:.0f}%")
     c.emit(f"echo VM net stats after the run: {stats}")
-    load_line, warning = watch.report()
-    c.emit(load_line)
-    if warning:
-        c.emit(warning)
+    warning = watch.emit()
     c.emit("")
     t = c.Targets()
     t.check("throughput >= 50% of the host asyncio server", tp_vm >= 0.5 * tp_host,

@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                      c.ratio(c.median(xs), ref), c.ms(c.median(xs) - ref)])
     c.emit(c.table(["command", "n", "median ms", "min ms", "p90 ms", "vs python -c pass",
                     "above python -c pass ms"], rows))
-    load_line, warning = watch.report()
-    c.emit(load_line)
-    if warning:
-        c.emit(warning)
+    warning = watch.emit()
     c.emit("")
     t = c.Targets()
     m = c.median(ps)

@@ -376,10 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "server mean ms (tmpfs)"], brk,
                    title="Per request (server mean = the daemon's own handler time from GET /metrics):"))
     c.emit("")
-    load_line, warning = watch.report()
-    c.emit(load_line)
-    if warning:
-        c.emit(warning)
+    warning = watch.emit()
     c.emit("")
     p50 = {v: c.pct(api[v]["run"], 50) for v in VARIANTS}
     best = min(VARIANTS, key=lambda v: p50[v])
