@@ -934,7 +934,8 @@ int main(void) {
     show(mv_recv(c, b, sizeof b, 0));             /* "llo": only what is held, one short read */
     show(mv_recv(c, b, sizeof b, MV_NONBLOCK) == -1 && errno == EAGAIN);
     mv_send(c, "ok\n", 3, 0);
-    show(mv_poll(p, 2, -1));                      /* "world", then the end of the stream */
+    /* "world", then the end of the stream (the listener may be ready too: the second client connects) */
+    show(mv_poll(p, 2, -1) >= 1 && (p[1].revents & MV_POLLIN));
     show(mv_recv(c, b, sizeof b, 0));
     show(mv_recv(c, b, sizeof b, 0));
     mv_close(c);
