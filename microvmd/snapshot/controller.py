@@ -78,6 +78,7 @@ class Snapshots:
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._write = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
+        self._background: set[asyncio.Future[None]] = set()
 
     async def startup(self) -> None:
         if self.hv.cfg.engine.dirty_tracking:
@@ -86,6 +87,14 @@ class Snapshots:
         removed = await self.hv.sched.on_io(self.store.load)
         if removed:
             log.info("removed %d unreferenced snapshot packs", removed)
+        await self.hv.sched.on_io(self.store.refill_spares)
+
+    def refill_spares_later(self) -> None:
+        """Make the spare files a snapshot used up (store.take_spare), on an I/O thread, not awaited: after
+        the snapshot's answer, not before it."""
+        fut = asyncio.get_running_loop().run_in_executor(self.hv.sched.io, self.store.refill_spares)
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
 
     def forget(self, vm_id: str) -> None:
         self._armed.pop(vm_id, None)
@@ -124,6 +133,8 @@ class Snapshots:
                 self._armed.pop(vm.id, None)
                 await self.hv.sched.on_io(writer.abort)
                 raise
+            finally:
+                self.refill_spares_later()
 
     async def _capture(self, vm: Vm, name: str, writer: PackWriter, diff: bool,
                        thaw: bool = True, copy_memory: bool = True) -> tuple[dict[str, Any], Any, list[int] | None]:
@@ -418,6 +429,8 @@ class Snapshots:
             except BaseException:
                 await hv.sched.on_io(writer.abort)
                 raise
+            finally:
+                self.refill_spares_later()
         return summary(self.store.finish(stored))
 
     def _locate(self, m: dict[str, Any]) -> dict[str, Any]:

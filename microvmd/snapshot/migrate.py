@@ -120,6 +120,8 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                     if not vm.state.terminal:
                         hv.thaw(vm)
                     raise
+                finally:
+                    snaps.refill_spares_later()
             released = False
             imported = False
             try:

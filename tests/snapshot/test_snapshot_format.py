@@ -463,3 +463,33 @@ def test_stream_oversize_records_are_refused_before_reading_them(sample: dict[st
         read(reader, tmp_path / "dst", image_limit=4096)
     assert length not in reader.asked
     assert max(reader.asked) <= max(len(ex.records[0][1]), 64)
+
+
+def test_spare_files_carry_the_next_pack_and_manifest(sample: dict[str, bytes], tmp_path: Path) -> None:
+    """The store keeps SPARES empty files in tmp/ made in advance: a pack and a manifest are written into
+    them and renamed into place (no file is made on the snapshot's path), and close() removes what is
+    left. Without spares the store makes its files itself."""
+    store = st.SnapshotStore(tmp_path / "s")
+    tmp = tmp_path / "s" / "tmp"
+    try:
+        store.refill_spares()
+        spares = sorted(tmp.iterdir())
+        assert len(spares) == st.SnapshotStore.SPARES and all(f.stat().st_size == 0 for f in spares)
+        store.refill_spares()  # already full: nothing more
+        assert sorted(tmp.iterdir()) == spares
+        writer = st.PackWriter(store)
+        assert writer.tmp in spares
+        writer.write_runs([(writer.reserve(), [memoryview(b"x" * 100)])])
+        pack = writer.publish()
+        assert pack is not None and (tmp_path / "s" / "packs" / f"{pack}.pack").read_bytes()[:100] == b"x" * 100
+        m = st.decode_manifest(sample["stored"], "sample")
+        store.save(m)
+        assert store.load_manifest(m["name"])["name"] == m["name"]
+        assert list(tmp.iterdir()) == []  # both spares used, renamed into place
+        writer = st.PackWriter(store)  # none left: it makes its own file
+        assert writer.tmp.parent == tmp and writer.tmp.exists()
+        writer.abort()
+        store.refill_spares()
+    finally:
+        store.close()
+    assert list(tmp.iterdir()) == []
