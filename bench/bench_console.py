@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a guest console write costs in each `engine.console` mode, and what a VM directory costs to make.
 
-In one process, with the daemon's engine configuration (microvmd.vmm.wt.make_engine), a WAT guest makes
+In one process, with the daemon's engine configuration (microvmd.engine.wt.make_engine), a WAT guest makes
 --writes calls of fd_write with 32 bytes to stdout, called synchronously:
 
   file   wasmtime writes the log file itself (WasiConfig.stdout_file), as engine.console = "file"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(c.code_root()))
     import wasmtime
 
-    from microvmd.vmm import wt
+    from microvmd.engine import wt
 
     c.emit(f"# bench_console: {a.writes} writes of 32 bytes per run, {a.runs} runs per mode\n")
     c.emit(c.machine_table())

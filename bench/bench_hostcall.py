@@ -65,7 +65,7 @@ from microvmd.devices import blk as blkmod  # noqa: E402
 from microvmd.devices import net as netmod  # noqa: E402
 from microvmd.devices.disks import RawBackend  # noqa: E402
 from microvmd.devices.ratelimit import LimiterConfig  # noqa: E402
-from microvmd.vmm import wt  # noqa: E402
+from microvmd.engine import wt  # noqa: E402
 
 BUF = 4096          # guest address of the I/O buffer (64 KiB + a bit)
 POLLFD = 1024       # guest address of one mv_pollfd

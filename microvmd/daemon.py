@@ -126,7 +126,7 @@ def _raise_fd_limit() -> None:
 
 
 async def serve(cfg: Config) -> int:
-    from .api import snapshots as _snapshot_routes  # noqa: F401  (registers its routes)
+    from .api.routes import api_routes
     from .api.server import make_app
     from .devices import install_devices
     from .vmm.manager import Hypervisor
@@ -148,7 +148,7 @@ async def serve(cfg: Config) -> int:
     await snaps.startup()
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
     token = remote.load_token(cfg)
-    app = make_app(hv, [remote.token_middleware(token)] if token else None)
+    app = make_app(hv, api_routes(hv), [remote.token_middleware(token)] if token else None)
     app[SNAPSHOTS] = snaps
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()

@@ -1,7 +1,6 @@
 """HTTP routes of the virtual disks: the disk store, uploads, and a running VM's disk rate limits.
 
-Importing this module registers the routes in ``server.EXTRA_ROUTES``; the block device imports it when it
-is installed, so a daemon without the device serves no disk routes.
+``api.routes`` adds ``ROUTES`` to the table only when the block device is installed.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from ..devices.blk import BlockDevice
 from ..devices.disks import MAX_DISK_SIZE, Disk
 from ..errors import BadRequest, MicrovmError, PayloadTooLarge
 from . import codec
-from .server import EXTRA_ROUTES, Route, hv
+from .server import Route, hv
 
 DISK_FIELDS = {"name", "size", "from"}
 
@@ -86,6 +85,3 @@ ROUTES = [
     Route("PATCH", "/v1/vms/{ref}/disks/{index}", vm_disk_patch,
           "Change a running VM's disk rate limiter: {rate_limiter: {bandwidth, ops} | null}", body="json"),
 ]
-
-if not any(r.handler is disk_create for r in EXTRA_ROUTES):
-    EXTRA_ROUTES.extend(ROUTES)

@@ -17,12 +17,13 @@ from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
 from .. import __version__
+from ..engine import wt
 from ..errors import BadRequest, MicrovmError, NotImplementedYet
 from ..snapshot import dirty
-from ..vmm import wt
+from ..vmm import spec as schemas
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
-from . import codec, schemas
+from . import codec
 from .metrics import Metrics
 
 log = logging.getLogger("microvmd.api")
@@ -40,6 +41,9 @@ class Route:
     summary: str
     body: str | None = None  # "json", "binary"
     tag: str = "vms"
+
+
+ROUTE_TABLE = web.AppKey("routes", list[Route])
 
 
 def hv(request: web.Request) -> Hypervisor:
@@ -74,7 +78,7 @@ async def version(request: web.Request) -> web.StreamResponse:
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(request.app[ROUTE_TABLE]))
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -255,10 +259,10 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
         app.router.add_route(r.method, r.path, r.handler)
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     error = {"$ref": "#/components/responses/Error"}
-    for r in ROUTES + EXTRA_ROUTES:
+    for r in routes:
         op: dict[str, Any] = {
             "summary": r.summary, "operationId": r.handler.__name__, "tags": [r.tag],
             "responses": {"200": {"description": "OK"}, "4XX": error, "5XX": error},
@@ -283,9 +287,6 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "code": {"type": "string"}, "message": {"type": "string"}}}}}}}}}},
     }
-
-
-EXTRA_ROUTES: list[Route] = []  # device, snapshot and function routes register here
 
 
 @web.middleware
@@ -325,10 +326,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request.app[METRICS].observe(request.method, route, status, time.perf_counter() - t0)
 
 
-def make_app(h: Hypervisor, middlewares: list[Any] | None = None) -> web.Application:
+def make_app(h: Hypervisor, routes: list[Route], middlewares: list[Any] | None = None) -> web.Application:
+    """The application serving ``routes`` (composed by ``api.routes.api_routes``)."""
     app = web.Application(middlewares=[error_middleware, *(middlewares or [])],
                           client_max_size=h.cfg.upload_limit + 1)
     app[HV] = h
     app[METRICS] = Metrics()
-    add_routes(app, ROUTES + EXTRA_ROUTES)
+    app[ROUTE_TABLE] = routes
+    add_routes(app, routes)
     return app

@@ -9,7 +9,7 @@ from ..errors import BadRequest
 from ..snapshot.controller import Snapshots, drain
 from ..snapshot.migrate import migrate
 from . import codec
-from .server import EXTRA_ROUTES, Route, hv
+from .server import Route, hv
 
 SNAPSHOTS = web.AppKey("snapshots", Snapshots)
 log = logging.getLogger("microvmd.api")
@@ -107,7 +107,7 @@ async def vm_migrate(request: web.Request) -> web.StreamResponse:
     return codec.respond(request, await migrate(h, snaps(request), vm, to, token, ca_file))
 
 
-EXTRA_ROUTES.extend([
+ROUTES: list[Route] = [
     Route("POST", "/v1/vms/{ref}/snapshots", snapshot_create,
           "Snapshot a VM (name, diff); a running Asyncify guest is taken at its next suspension point",
           body="json", tag="snapshots"),
@@ -125,4 +125,4 @@ EXTRA_ROUTES.extend([
     Route("POST", "/v1/vms/{ref}/migrate", vm_migrate,
           "Move a VM to another daemon (to: unix:///path or https://HOST:PORT, token)", body="json",
           tag="snapshots"),
-])
+]

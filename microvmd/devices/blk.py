@@ -20,9 +20,9 @@ from typing import Any
 
 import wasmtime
 
+from ..engine import wt
+from ..engine.hostop import HostOp
 from ..errors import BadRequest, InvalidState, MicrovmError, NotFound, PayloadTooLarge
-from ..vmm import wt
-from ..vmm.hostop import HostOp
 from . import DeviceSet
 from .disks import Backend, Busy, Disk, DiskStore, check_name, check_size, open_backends
 from .ratelimit import LimiterConfig, RateLimiter, RateLimitError
@@ -173,7 +173,6 @@ class BlockDevice:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.states: dict[str, BlkState] = {}
         hv.disks = self  # the snapshot controller restores disk contents through ``materialize``
-        from ..api import disks as _routes  # noqa: F401  (registers the /v1/disks routes)
 
     # ------------------------------------------------------------------ guest imports
     def define(self, linker: wasmtime.Linker) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import wasmtime
 
-from ..vmm import wt
-from ..vmm.hostop import HostOp
+from ..engine import wt
+from ..engine.hostop import HostOp
 
 MAX_SLEEP_MS = 24 * 3600 * 1000
 

@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 
 import wasmtime
 
+from ..engine import wt
+from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
-from ..vmm import wt
-from ..vmm.hostop import HostOp, wait_in_call
 from . import DeviceSet
 from .ratelimit import LimiterConfig, RateLimiter
 

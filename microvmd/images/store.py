@@ -186,7 +186,7 @@ class ImageStore:
             raise Unprocessable("module has nothing to run: no _start, no start function and no entry given",
                                 code="invalid_entry")
         kind = "sdk" if sdk else ("wasi" if entry == "_start" else "reactor")
-        from ..snapshot.asyncify import find_control_globals
+        from .asyncify import find_control_globals
 
         try:
             ctl = find_control_globals(data)

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..engine import wt
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
-from ..vmm import wt
 from ..vmm.machine import NotSnapshottable
 from ..vmm.manager import Hypervisor, RestoreData
 from ..vmm.vm import Vm, VmSpec

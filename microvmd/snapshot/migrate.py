@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from ..engine import wt
 from ..errors import BadRequest, MicrovmError
-from ..vmm import wt
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import Vm

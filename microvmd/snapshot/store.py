@@ -194,7 +194,7 @@ def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
             raise SnapshotError(f"{where}: manifest has no vm.{key}")
     if not isinstance(vm["spec"], dict):
         raise SnapshotError(f"{where}: vm.spec is not a map")
-    from ..api.schemas import vm_spec  # the API's own checks: a snapshot's spec is as untrusted as a request
+    from ..vmm.spec import vm_spec  # the API's own checks: a snapshot's spec is as untrusted as a request
 
     try:
         vm_spec(vm["spec"])

@@ -15,8 +15,8 @@ from typing import Any
 
 import wasmtime
 
-from ..snapshot.asyncify import STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
-from . import wt
+from ..engine import wt
+from ..images.asyncify import STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
 
 log = logging.getLogger("microvmd.vmm")
 

@@ -24,11 +24,11 @@ from typing import Any
 import wasmtime
 
 from ..config import Config
+from ..engine import wt
+from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeout, Unprocessable
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
-from . import wt
-from .hostop import loop_waker
 from .machine import Machine, MachineSpec, SliceEnd
 from .scheduler import Scheduler
 from .state import VmState, check_transition

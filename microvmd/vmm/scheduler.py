@@ -19,7 +19,7 @@ from typing import Any
 
 import wasmtime
 
-from . import wt
+from ..engine import wt
 from .machine import SliceEnd
 
 log = logging.getLogger("microvmd.scheduler")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devices.console import Console
-from .hostop import HostOp
+from ..engine.hostop import HostOp
 from .machine import Machine
 from .state import VmState
 

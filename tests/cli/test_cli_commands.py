@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from clifake import REPO
 
 WASM = b"\0asm\x01\0\0\0"

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from clifake import REPO, run_cli
+
 from microvmd.cli.main import COMMANDS, GROUP_COMMANDS, build_parser, command_path
 
 

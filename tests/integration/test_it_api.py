@@ -139,12 +139,15 @@ def _registered_routes(tmp_path: Path) -> tuple[set[tuple[str, str]], dict[str, 
     hv = Hypervisor(cfg)
     try:
         install_devices(hv)
-        app = server.make_app(hv)
+        from microvmd.api.routes import api_routes
+
+        routes = api_routes(hv)
+        app = server.make_app(hv, routes)
         registered = {(r.method, r.resource.canonical) for r in app.router.routes()
                       if r.resource is not None and r.method != "HEAD"}
-        table = {(r.method, r.path) for r in server.ROUTES + server.EXTRA_ROUTES}
+        table = {(r.method, r.path) for r in routes}
         assert table <= registered
-        return registered, server.openapi_document()
+        return registered, server.openapi_document(routes)
     finally:
         hv.sched.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import wasmtime
 
-from microvmd.vmm import wt
+from microvmd.engine import wt
 from microvmd.vmm.machine import Machine, MachineSpec, NotSnapshottable
 
 WAT = """(module

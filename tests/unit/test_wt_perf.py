@@ -1,5 +1,5 @@
-"""The fast host-call path of vmm/wt.py (raw argument/result marshalling, lazily resolved guest memory, the
-native "ready" continuation) and the hand-over helpers of vmm/hostop.py: same answers as before, only cheaper.
+"""The fast host-call path of engine/wt.py (raw argument/result marshalling, lazily resolved guest memory, the
+native "ready" continuation) and the hand-over helpers of engine/hostop.py: same answers as before, only cheaper.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import wasmtime
 
 from microvmd.devices.net import RecvBuffer
-from microvmd.vmm import wt
-from microvmd.vmm.hostop import HostOp, loop_waker, wait_in_call
+from microvmd.engine import wt
+from microvmd.engine.hostop import HostOp, loop_waker, wait_in_call
 
 WAT = """(module
   (import "t" "i32" (func $i32 (param i32 i32) (result i32)))

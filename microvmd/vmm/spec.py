@@ -6,7 +6,7 @@ from typing import Any
 
 from ..devices.ratelimit import LimiterConfig, RateLimitError
 from ..errors import BadRequest
-from ..vmm.vm import DirSpec, DiskSpec, PublishSpec, VmSpec
+from .vm import DirSpec, DiskSpec, PublishSpec, VmSpec
 
 
 def _type(d: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any = None, *,

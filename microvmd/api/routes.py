@@ -1,0 +1,15 @@
+"""The route table of the API, composed in one place from the parts the daemon has."""
+from __future__ import annotations
+
+from ..devices.blk import BlockDevice
+from ..vmm.manager import Hypervisor
+from . import disks, server, snapshots
+from .server import Route
+
+
+def api_routes(hv: Hypervisor) -> list[Route]:
+    """Every route this daemon serves: the core, snapshots, and the disks when the block device is in."""
+    table = server.ROUTES + snapshots.ROUTES
+    if any(isinstance(dev, BlockDevice) for dev in hv.device_hooks):
+        table = table + disks.ROUTES
+    return table
