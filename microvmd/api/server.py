@@ -152,6 +152,14 @@ def _action(name: str) -> Handler:
     return handler
 
 
+async def vm_start(request: web.Request) -> web.StreamResponse:
+    h = hv(request)
+    vm = await h.start(h.get(request.match_info["ref"]))
+    if _bool(request, "wait"):  # start and wait in one request: the answer is the exit record, as wait's
+        return codec.respond(request, await h.wait(vm))
+    return codec.respond(request, vm.to_api())
+
+
 async def vm_wait(request: web.Request) -> web.StreamResponse:
     h = hv(request)
     vm = h.get(request.match_info["ref"])
@@ -238,7 +246,8 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)"),
     Route("GET", "/v1/vms/{ref}", vm_get, "Inspect a VM (id, id prefix or name)"),
     Route("DELETE", "/v1/vms/{ref}", vm_rm, "Remove a VM (force=true kills a live one first)"),
-    Route("POST", "/v1/vms/{ref}/start", _action("start"), "Start a created VM"),
+    Route("POST", "/v1/vms/{ref}/start", vm_start,
+          "Start a created VM (query wait=true answers, like wait, once it has exited or run out of fuel)"),
     Route("POST", "/v1/vms/{ref}/stop", _action("stop"), "Stop a VM at its next yield point"),
     Route("POST", "/v1/vms/{ref}/kill", _action("kill"), "Kill a VM"),
     Route("POST", "/v1/vms/{ref}/pause", _action("pause"), "Pause a running VM (it holds no thread)"),

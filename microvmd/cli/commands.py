@@ -462,7 +462,7 @@ def cmd_run(ctx: Ctx, ns) -> int:
     if ns.detach:
         return cmd_create(ctx, ns)
     vm = _create_vm(ctx, ns)
-    return _attach(ctx, vm["id"], remove=ns.rm)
+    return _attach(ctx, vm["id"], start=ns.rm)
 
 
 def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
@@ -472,15 +472,22 @@ def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
     return code
 
 
-def _attach(ctx: Ctx, vm_id: str, *, remove: bool) -> int:
-    """Stream the console of a started VM, wait for it, and return the exit status for the client."""
+def _attach(ctx: Ctx, vm_id: str, *, start: bool) -> int:
+    """Stream the console of a VM, wait for it, and return the exit status for the client.
+
+    With ``start`` the VM (an ephemeral one, which is gone once it ends) is started only once its console
+    streams are open, by a request that also waits for its end: no output and no exit status can be missed.
+    """
     api = ctx.api
     follower = LogFollower(api, vm_id, follow=True)
     restore = _interrupt_on_termination()
     try:
         try:
             follower.start()
-            exit_obj = api.post(f"/v1/vms/{q(vm_id)}/wait")
+            if start:
+                exit_obj = api.post(f"/v1/vms/{q(vm_id)}/start", query={"wait": "true"})
+            else:
+                exit_obj = api.post(f"/v1/vms/{q(vm_id)}/wait")
             follower.finish(LOG_DRAIN_GRACE)
         except KeyboardInterrupt:
             follower.abort()
@@ -496,11 +503,6 @@ def _attach(ctx: Ctx, vm_id: str, *, remove: bool) -> int:
     finally:
         restore()
         follower.close()
-        if remove:
-            try:
-                api.delete(f"/v1/vms/{q(vm_id)}", query={"force": "true"})
-            except ClientError as e:
-                ctx.error(f"could not remove VM {vm_id}: {e}")
 
 
 def _interrupt_on_termination():
@@ -535,9 +537,12 @@ def _kill_after_interrupt(ctx: Ctx, vm_id: str):
     api = ctx.api
     try:
         try:
-            api.post(f"/v1/vms/{q(vm_id)}/kill")
+            vm = api.post(f"/v1/vms/{q(vm_id)}/kill")
         except ApiError:
             pass  # it has exited already (invalid_state): report its real exit below
+        else:
+            if isinstance(vm, dict) and vm.get("exit"):
+                return vm["exit"]  # (an ephemeral VM is gone once it has ended: nothing to wait for)
         return api.post(f"/v1/vms/{q(vm_id)}/wait", query={"timeout": "5"})
     except (ClientError, KeyboardInterrupt):
         return None

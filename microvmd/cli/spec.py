@@ -133,8 +133,9 @@ def _convert(fn, value, option: str):
 def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None) -> dict:
     """The VM spec (docs/api.md) for the VM-OPTIONS of `run`/`create` in the argparse namespace ns.
 
-    `start` is true for `run`. `auto_remove` is set for `create --rm` and `run -d --rm`; an attached
-    `run --rm` removes the VM itself after waiting for it (so it can still read the exit status).
+    `start` is true for `run`, except for an attached `run --rm`: its VM is ephemeral (no record, no
+    console files, gone when it ends), so the client opens the console first and then starts it and waits
+    for it in one request (`POST /v1/vms/{id}/start?wait=true`), which still has the exit status to give.
     """
     command = getattr(ns, "command", "create")
     detach = bool(getattr(ns, "detach", False))
@@ -150,7 +151,7 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
         timeout = _convert(parse_duration, ns.timeout, "--timeout")
         if timeout <= 0:
             raise UsageError(f"--timeout: invalid duration {ns.timeout!r}: must be positive")
-    auto_remove = bool(getattr(ns, "rm", False)) and (command != "run" or detach)
+    ephemeral = bool(getattr(ns, "rm", False))
     return {
         "image": ns.image,
         "name": getattr(ns, "name", None),
@@ -163,8 +164,8 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
         "disks": [parse_disk(d) for d in getattr(ns, "disk", None) or []],
         "publish": [parse_publish(p) for p in getattr(ns, "publish", None) or []],
         "allow_egress": [parse_egress(e) for e in getattr(ns, "allow_egress", None) or []],
-        "auto_remove": auto_remove,
-        "start": command == "run",
+        "ephemeral": ephemeral,
+        "start": command == "run" and (detach or not ephemeral),
     }
 
 

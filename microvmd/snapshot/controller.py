@@ -319,7 +319,7 @@ class Snapshots:
             spec.dirs = []
         spec.image = m["vm"]["digest"]
         spec.name = new_name
-        spec.auto_remove = False
+        spec.auto_remove = spec.ephemeral = False
         made = await self._restore_disks(m, spec)
         refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
 

@@ -24,6 +24,7 @@ from typing import Any
 import wasmtime
 
 from ..config import Config
+from ..devices.console import Console
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeout, Unprocessable
@@ -252,6 +253,9 @@ class Hypervisor:
         if memory > lim.max_memory:
             raise BadRequest(f"memory {memory} is above the daemon's maximum of {lim.max_memory}",
                              code="invalid_limit")
+        if spec.ephemeral and any(d.mode == "cow" for d in spec.disks):
+            raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have a cow disk (use ro, or a "
+                             "VM that is not ephemeral)", code="invalid_disk")
         for d in spec.dirs:
             if not os.path.isabs(d.host) or not os.path.isdir(d.host):
                 raise BadRequest(f"--dir {d.host}: not an existing absolute directory", code="invalid_dir")
@@ -274,14 +278,19 @@ class Hypervisor:
         if spec.timeout is None:
             spec.timeout = img.limits.get("timeout", self.cfg.limits.timeout)
         memory = self._validate(spec)
-        premade = bool(self._ready)
-        vm_id = self._ready.pop() if premade else uuid.uuid4().hex
-        self._refill_ready()
+        if spec.ephemeral:  # nothing on disk: no directory, no record, the console in memory
+            vm_id = uuid.uuid4().hex
+            premade = False
+        else:
+            premade = bool(self._ready)
+            vm_id = self._ready.pop() if premade else uuid.uuid4().hex
+            self._refill_ready()
         d = self.vm_dir / vm_id
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
                 self.cfg.limits.log_bytes, memory)
-        vm.console.premade = premade
-        vm.console.use_files = self._console_mode()
+        if not spec.ephemeral:
+            vm.console.premade = premade
+            vm.console.use_files = self._console_mode()
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
         self.vms[vm_id] = vm  # reserve the name while we build
         # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
@@ -289,7 +298,7 @@ class Hypervisor:
         # its first slice instead, and only if it is still alive then: a short run (hello) then has no file
         # system work competing with it for the GIL, and its final record is written with the next batch.
         fused = start and restore is None
-        record = None if fused else asyncio.get_running_loop().run_in_executor(
+        record = None if fused or spec.ephemeral else asyncio.get_running_loop().run_in_executor(
             self._persist, _write_records, [(vm.dir, vm.record())])
         first: SliceEnd | BaseException | None = None
         try:
@@ -333,7 +342,7 @@ class Hypervisor:
             vm.started = t_wall
             self._transition(vm, VmState.RUNNING, "start", since=t_mono)
             self._on_slice_end(vm, first)
-            if not vm.state.terminal:  # it lives on: durable before the API answers
+            if not vm.state.terminal and not spec.ephemeral:  # it lives on: durable before the API answers
                 await asyncio.get_running_loop().run_in_executor(self._persist, _write_records,
                                                                  [(vm.dir, vm.record())])
         elif start:
@@ -395,7 +404,7 @@ class Hypervisor:
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
         )
-        if vm.console.use_files:
+        if isinstance(vm.console, Console) and vm.console.use_files:
             mspec.stdout_file, mspec.stderr_file = vm.console.files()
         if img.entry is None:
             mspec.entry = mspec.boot.pop() if mspec.boot else ""
@@ -440,7 +449,8 @@ class Hypervisor:
             await self.sched.on_io(m.close)
         self._free_console(vm)
         self._dirty.pop(vm.id, None)
-        await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
+        if not vm.spec.ephemeral:  # (an ephemeral VM has no directory)
+            await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
 
     # ------------------------------------------------------------------ lifecycle
     def _transition(self, vm: Vm, target: VmState, action: str, since: float | None = None) -> None:
@@ -666,7 +676,7 @@ class Hypervisor:
             self._release(vm)
         if vm.devices is not None:
             vm.devices.close()
-        if vm.spec.auto_remove and not self.closing:
+        if (vm.spec.auto_remove or vm.spec.ephemeral) and not self.closing:
             asyncio.get_running_loop().create_task(self._auto_remove(vm))
 
     def _release(self, vm: Vm) -> None:
@@ -799,6 +809,8 @@ class Hypervisor:
     # ------------------------------------------------------------------ persistence
     def _save(self, vm: Vm) -> None:
         """Mark the VM's record for writing; records are flushed together within 50 ms, off the loop."""
+        if vm.spec.ephemeral:
+            return
         self._dirty[vm.id] = vm
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)

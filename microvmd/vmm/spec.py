@@ -30,7 +30,7 @@ def _rate_limiter(d: Any) -> dict[str, Any] | None:
 
 
 VM_FIELDS = {"image", "name", "args", "env", "fuel", "memory", "timeout", "dirs", "disks", "publish",
-             "allow_egress", "auto_remove", "start", "net_rate_limiter"}
+             "allow_egress", "auto_remove", "ephemeral", "start", "net_rate_limiter"}
 
 
 def vm_spec(d: dict[str, Any]) -> tuple[VmSpec, bool]:
@@ -81,6 +81,7 @@ def vm_spec(d: dict[str, Any]) -> tuple[VmSpec, bool]:
         fuel=_type(d, "fuel", int), memory=_type(d, "memory", int), timeout=_type(d, "timeout", (int, float)),
         dirs=dirs, disks=disks, publish=publish, allow_egress=egress,
         auto_remove=bool(_type(d, "auto_remove", bool, False)),
+        ephemeral=bool(_type(d, "ephemeral", bool, False)),
         net_rate_limiter=_rate_limiter(d.get("net_rate_limiter")),
     )
     return spec, bool(_type(d, "start", bool, False))

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..devices.console import Console
+from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
 from .state import VmState
@@ -49,6 +49,7 @@ class VmSpec:
     publish: list[PublishSpec] = field(default_factory=list)
     allow_egress: list[str] = field(default_factory=list)
     auto_remove: bool = False
+    ephemeral: bool = False  # no record, no console files (output kept in memory); gone when it ends
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
 
     @classmethod
@@ -59,7 +60,7 @@ class VmSpec:
             dirs=[DirSpec(**x) for x in d.get("dirs", [])], disks=[DiskSpec(**x) for x in d.get("disks", [])],
             publish=[PublishSpec(**x) for x in d.get("publish", [])],
             allow_egress=list(d.get("allow_egress", [])), auto_remove=bool(d.get("auto_remove", False)),
-            net_rate_limiter=d.get("net_rate_limiter"),
+            ephemeral=bool(d.get("ephemeral", False)), net_rate_limiter=d.get("net_rate_limiter"),
         )
 
 
@@ -85,7 +86,8 @@ class Vm:
         self.digest = image_digest
         self.image_name = image_name
         self.dir = directory
-        self.console = Console(directory, log_cap)
+        self.console: Console | MemoryConsole = MemoryConsole(log_cap) if spec.ephemeral else \
+            Console(directory, log_cap)
         self.memory_limit = memory_limit
         self.state = VmState.CREATED
         self.created = time.time()

@@ -76,7 +76,7 @@ class FakeVM:
             self.exit = {"code": code, "reason": reason, "fuel_consumed": 1234, "peak_memory": 65536,
                          "wall_time_s": 0.01}
             self.daemon.cond.notify_all()
-            if self.spec.get("auto_remove"):
+            if self.spec.get("auto_remove") or self.spec.get("ephemeral"):
                 self.daemon.vms.pop(self.id, None)
 
     def _run(self):
@@ -238,7 +238,9 @@ class Handler(BaseHTTPRequestHandler):
                 if vm.state != "created":
                     raise ApiFail(409, "invalid_state", f"cannot start a VM in state {vm.state}")
                 vm.start()
-                return self._send(200, vm.obj())
+                if query.get("wait") != "true":
+                    return self._send(200, vm.obj())
+                action = "wait"  # start?wait=true answers as wait does
             if action == "kill":
                 if vm.state == "exited":
                     raise ApiFail(409, "invalid_state", "VM has exited")

@@ -39,7 +39,7 @@ def test_run_attached_streams_and_exits_with_the_guest_code(cli, fake_daemon, im
     assert create["json"] == {
         "image": "img", "name": None, "args": ["out:hello", "err:oops", "out:bye", "exit:3"], "env": {},
         "fuel": None, "memory": None, "timeout": None, "dirs": [], "disks": [], "publish": [],
-        "allow_egress": [], "auto_remove": False, "start": True,
+        "allow_egress": [], "ephemeral": False, "start": True,
     }
     vm_id = only_vm(fake_daemon).id
     logs = reqs(fake_daemon, "GET", f"/v1/vms/{vm_id}/logs")
@@ -75,12 +75,13 @@ def test_run_out_of_fuel_returns_although_the_log_stream_stays_open(cli, fake_da
     assert r.stderr.decode().endswith("stopped by host: out_of_fuel\n")
 
 
-def test_run_rm_removes_after_waiting(cli, fake_daemon, img):
+def test_run_rm_opens_the_console_then_starts_and_waits_in_one_request(cli, fake_daemon, img):
     r = cli("run", "--rm", "img", "out:x")
-    assert r.returncode == 0
+    assert r.returncode == 0 and r.stdout == b"x\n"
     vm_reqs = [(q["method"], q["path"].split("/")[-1], q["query"]) for q in reqs(fake_daemon, prefix="/v1/vms")]
-    assert vm_reqs[-1][0] == "DELETE" and vm_reqs[-1][2] == {"force": "true"}
-    assert not fake_daemon.vms
+    assert vm_reqs[0][0] == "POST" and {p for m, p, _ in vm_reqs[1:-1]} == {"logs"}  # console streams first
+    assert vm_reqs[-1][1:] == ("start", {"wait": "true"})
+    assert not fake_daemon.vms  # ephemeral: gone when it ended, nothing for the client to remove
 
 
 def test_run_detached_prints_the_id(cli, fake_daemon, img):
@@ -88,10 +89,10 @@ def test_run_detached_prints_the_id(cli, fake_daemon, img):
     assert r.returncode == 0
     vm = only_vm(fake_daemon)
     assert r.stdout.decode() == vm.id + "\n"
-    assert vm.spec["start"] is True and vm.spec["auto_remove"] is False
+    assert vm.spec["start"] is True and vm.spec["ephemeral"] is False
     assert not reqs(fake_daemon, "GET", "/v1/vms/")  # no log streaming
     r = cli("run", "-d", "--rm", "img")
-    assert json.loads(reqs(fake_daemon, "POST", "/v1/vms")[-1]["body"])["auto_remove"] is True
+    assert json.loads(reqs(fake_daemon, "POST", "/v1/vms")[-1]["body"])["ephemeral"] is True
 
 
 def test_run_a_file_uploads_it_first(cli, fake_daemon, tmp_path):
@@ -120,7 +121,7 @@ def test_run_unknown_image_is_an_api_error(cli, fake_daemon):
     assert r.stderr.decode() == "microvm: no such image: ghost (image_not_found)\n"
 
 
-def test_run_ctrl_c_kills_and_removes(fake_daemon, img):
+def test_run_ctrl_c_kills_the_ephemeral_vm(fake_daemon, img):
     env = dict(os.environ, PYTHONPATH=REPO)
     p = subprocess.Popen(
         [sys.executable, "-m", "microvmd.cli.main", "--socket", fake_daemon.socket_path, "run", "--rm", "img",
@@ -129,15 +130,14 @@ def test_run_ctrl_c_kills_and_removes(fake_daemon, img):
     )
     assert p.stdout.readline() == b"started\n"
     for _ in range(100):  # wait until the client is blocked in wait
-        if reqs(fake_daemon, "POST", "/v1/vms/") and any(r["path"].endswith("/wait") for r in fake_daemon.requests):
+        if any(r["path"].endswith("/start") for r in fake_daemon.requests):
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=15)
     assert p.returncode == 137, err
     assert err.decode().endswith("stopped by host: killed\n")
-    assert any(r["path"].endswith("/kill") for r in fake_daemon.requests)
-    assert fake_daemon.requests[-1]["method"] == "DELETE"
+    assert fake_daemon.requests[-1]["path"].endswith("/kill")  # its answer has the exit: nothing more to ask
     assert not fake_daemon.vms
 
 

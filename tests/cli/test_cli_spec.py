@@ -26,13 +26,13 @@ def test_minimal_run_spec():
     assert spec("run", "hello") == {
         "image": "hello", "name": None, "args": [], "env": {}, "fuel": None, "memory": None,
         "timeout": None, "dirs": [], "disks": [], "publish": [], "allow_egress": [],
-        "auto_remove": False, "start": True,
+        "ephemeral": False, "start": True,
     }
 
 
 def test_create_does_not_start():
     s = spec("create", "hello")
-    assert s["start"] is False and s["auto_remove"] is False
+    assert s["start"] is False and s["ephemeral"] is False
 
 
 def test_full_spec():
@@ -65,7 +65,7 @@ def test_full_spec():
             {"host_ip": "::1", "host_port": 81, "guest_port": 80},
         ],
         "allow_egress": ["example.com:443", "10.0.0.0/8:5432"],
-        "auto_remove": False,
+        "ephemeral": False,
         "start": True,
     }
 
@@ -84,10 +84,12 @@ def test_options_after_image_belong_to_the_guest():
     assert s["name"] is None and s["args"] == ["--name", "x"]
 
 
-def test_rm_sets_auto_remove_only_when_the_client_will_not_remove_it():
-    assert spec("run", "--rm", "hello")["auto_remove"] is False  # attached: the client removes after wait
-    assert spec("run", "--rm", "-d", "hello")["auto_remove"] is True
-    assert spec("create", "--rm", "hello")["auto_remove"] is True
+def test_rm_makes_the_vm_ephemeral_and_an_attached_run_starts_it_itself():
+    assert spec("run", "--rm", "hello")["ephemeral"] is True
+    assert spec("run", "--rm", "hello")["start"] is False  # started with start?wait=true once attached
+    assert spec("run", "--rm", "-d", "hello")["start"] is True
+    assert spec("create", "--rm", "hello")["ephemeral"] is True
+    assert spec("run", "hello")["ephemeral"] is False
 
 
 def test_env_bare_key_copies_the_clients_value():

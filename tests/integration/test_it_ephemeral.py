@@ -1,0 +1,87 @@
+"""Ephemeral VMs (`"ephemeral": true`, `microvm run --rm`): no record, no console files, gone when they end.
+
+What a function invocation will use: nothing of such a VM reaches the disk, and its output is kept in
+memory (the last log_bytes of each stream) for followers and for the answer to a create with wait=true.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from mvapi import Api, Daemon
+
+
+def _paths_changed_since(root: Path, t0: float) -> list[str]:
+    changed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            try:
+                if p.lstat().st_mtime >= t0:
+                    changed.append(str(p.relative_to(root)))
+            except FileNotFoundError:
+                pass
+    return changed
+
+
+def test_run_rm_streams_the_console_and_writes_nothing(daemon: Daemon) -> None:
+    daemon.cli("run", "--rm", "hello")  # anything the first run makes lazily is made before the mark
+    time.sleep(0.3)  # the record batches and directory refills of earlier tests are written
+    t0 = time.time()
+    time.sleep(0.05)
+    for code in ("0", "3"):
+        r = daemon.cli("run", "--rm", "--env", "WHO=eph", "hello", code)
+        assert r.returncode == int(code), r.stderr
+        assert "Hello from microvmd!" in r.stdout and "WHO=eph" in r.stdout
+    time.sleep(0.2)  # anything written late would be written by now
+    assert _paths_changed_since(daemon.state_dir, t0) == []
+
+
+def test_create_ephemeral_with_wait_answers_the_exit_and_the_vm_is_gone(api: Api) -> None:
+    r = api("POST", "/v1/vms?wait=true", {"image": "hello", "args": ["5"], "ephemeral": True, "start": True})
+    assert r.status == 201, r.text
+    vm = r.json()
+    assert vm["exit"]["code"] == 5 and vm["exit"]["reason"] == "exit"
+    assert vm["spec"]["ephemeral"] is True
+    assert api("GET", f"/v1/vms/{vm['id']}").status == 404
+    assert all(v["id"] != vm["id"] for v in api.ok("GET", "/v1/vms?all=true")["vms"])
+
+
+def test_ephemeral_vm_is_listed_while_it_runs_and_its_console_follows(api: Api) -> None:
+    vm = api.create("spin", "900000000000", ephemeral=True)
+    assert vm["state"] == "created"
+    seen: list[str] = []
+    t = threading.Thread(target=lambda: seen.append(api(
+        "GET", f"/v1/vms/{vm['id']}/logs?follow=true", timeout=60).text))
+    t.start()
+    time.sleep(0.2)
+    assert api.ok("POST", f"/v1/vms/{vm['id']}/start")["state"] == "running"
+    assert any(v["id"] == vm["id"] for v in api.ok("GET", "/v1/vms")["vms"])
+    killed = api.ok("POST", f"/v1/vms/{vm['id']}/kill")
+    assert killed["exit"]["reason"] == "killed"  # the answer carries the exit: the VM is gone after it
+    t.join(30)
+    assert not t.is_alive() and seen  # the follower's stream ended with the VM
+    deadline = time.monotonic() + 10
+    while api("GET", f"/v1/vms/{vm['id']}").status != 404:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_start_with_wait_answers_like_wait(api: Api) -> None:
+    vm = api.create("hello", "4", ephemeral=True)
+    ex = api.ok("POST", f"/v1/vms/{vm['id']}/start?wait=true")
+    assert ex["code"] == 4 and ex["reason"] == "exit" and ex["state"] == "exited"
+    persistent = api.create("hello", "6")
+    ex = api.ok("POST", f"/v1/vms/{persistent['id']}/start?wait=true")
+    assert ex["code"] == 6
+    assert api.vm(persistent["id"])["state"] == "exited"  # a VM that is not ephemeral stays
+    api.ok("DELETE", f"/v1/vms/{persistent['id']}")
+
+
+def test_ephemeral_vm_cannot_have_a_cow_disk(api: Api) -> None:
+    r = api("POST", "/v1/vms", {"image": "hello", "ephemeral": True, "disks": [{"name": "x", "mode": "cow"}]})
+    assert r.status == 400 and r.code == "invalid_disk", r.text
+    r = api("POST", "/v1/vms", {"image": "hello", "ephemeral": "yes"})
+    assert r.status == 400 and "ephemeral" in r.message
