@@ -76,7 +76,7 @@ class Snapshots:
         self._tracker: dirty.DirtyTracker | None = None
         self._spares = _SparePool(256 << 20)
         self._vm_locks: dict[str, asyncio.Lock] = {}
-        self._write = asyncio.Lock()  # one writer of packs + manifests at a time
+        self.write_lock = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
         self._background: set[asyncio.Future[None]] = set()
 
@@ -122,11 +122,11 @@ class Snapshots:
             raise BadRequest(f"--diff needs an earlier snapshot of VM {vm.name} taken by this daemon",
                              code="no_parent_snapshot")
         lock = self._vm_locks.setdefault(vm.id, asyncio.Lock())
-        async with lock, self._write:
+        async with lock, self.write_lock:
             writer = await self.hv.sched.on_io(PackWriter, self.store)
             try:
                 async with vm.lock:
-                    manifest, memory, changed = await self._capture(vm, name, writer, diff)
+                    manifest, memory, changed = await self.capture(vm, name, writer, diff)
                 return await self._persist(vm, manifest, memory, changed, writer)
             except BaseException:
                 self._parents.pop(vm.id, None)  # a diff may have updated its copy: start afresh
@@ -136,7 +136,7 @@ class Snapshots:
             finally:
                 self.refill_spares_later()
 
-    async def _capture(self, vm: Vm, name: str, writer: PackWriter, diff: bool,
+    async def capture(self, vm: Vm, name: str, writer: PackWriter, diff: bool,
                        thaw: bool = True, copy_memory: bool = True) -> tuple[dict[str, Any], Any, list[int] | None]:
         """With the VM's lock held: quiesce, copy memory (only changed chunks for a diff) and disks, thaw
         (unless the caller will). Returns the manifest skeleton, the memory copy and the changed chunks.
@@ -291,7 +291,7 @@ class Snapshots:
         return summary(await self.hv.sched.on_io(self.store.load_manifest, name))
 
     async def remove(self, name: str) -> None:
-        async with self._write:
+        async with self.write_lock:
             await self.hv.sched.on_io(self.store.remove, name)
         for vm_id, p in list(self._parents.items()):
             if p.name == name:
@@ -404,7 +404,7 @@ class Snapshots:
 
     async def import_stream(self, readexactly: Any) -> dict[str, Any]:
         hv = self.hv
-        async with self._write:
+        async with self.write_lock:
             writer = await hv.sched.on_io(PackWriter, self.store)
             try:
                 m, image = await transfer.read_stream(readexactly, hv.sched.on_io, self.store, writer,

@@ -107,11 +107,11 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
         async with vm.lock:
             was_running = vm.state == VmState.RUNNING
             # capture (disks go to a local pack, memory stays in the captured copy and is streamed from it)
-            async with snaps._write:
+            async with snaps.write_lock:
                 writer = await hv.sched.on_io(PackWriter, snaps.store)
                 try:
                     # the VM stays frozen until the target confirms: stream its memory without a copy
-                    manifest, memory, _ = await snaps._capture(vm, name, writer, diff=False, thaw=False,
+                    manifest, memory, _ = await snaps.capture(vm, name, writer, diff=False, thaw=False,
                                                                copy_memory=False)
                     manifest["memory"]["chunks"] = await hv.sched.on_io(snaps.store.digest_refs, memory)
                     disk_pack = await hv.sched.on_io(writer.publish)
@@ -183,10 +183,9 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                 raise
             finally:
                 if disk_pack is not None:
-                    async with snaps._write:
+                    async with snaps.write_lock:
                         await hv.sched.on_io(snaps.store.collect, {disk_pack})
-            vm.frozen = False
-            hv._finish(vm, None, "migrated")
+            hv.end_migrated(vm)
         await hv.remove(vm, force=True)
         try:
             await peer.call("DELETE", f"/v1/snapshots/{name}")  # the target keeps the VM, not the snapshot

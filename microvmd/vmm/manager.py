@@ -32,7 +32,7 @@ from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from .machine import Machine, MachineSpec, SliceEnd
 from .scheduler import Scheduler
-from .state import VmState, check_transition
+from .state import Control, ExitReason, VmState, check_transition
 from .vm import ExitRecord, Vm, VmSpec
 
 log = logging.getLogger("microvmd.vmm")
@@ -96,7 +96,9 @@ class RestoreData:
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # only the tables the guest changed
 
 
-_CONTROL_PRIORITY = {"pause": 0, "stop": 1, "timeout": 2, "killed": 3}
+_TRAP_REASONS = {wasmtime.TrapCode.STACK_OVERFLOW: ExitReason.STACK_OVERFLOW,
+                 wasmtime.TrapCode.OUT_OF_FUEL: ExitReason.OUT_OF_FUEL,
+                 wasmtime.TrapCode.INTERRUPT: ExitReason.TIMEOUT}
 
 
 class Hypervisor:
@@ -168,7 +170,7 @@ class Hypervisor:
             if vm.state.live:
                 # its native state died with the previous daemon
                 vm.state = VmState.STOPPED
-                vm.exit = ExitRecord(None, "daemon_restart", vm.fuel_consumed, vm.peak_memory,
+                vm.exit = ExitRecord(None, ExitReason.DAEMON_RESTART.wire(), vm.fuel_consumed, vm.peak_memory,
                                      0.0 if vm.started is None else time.time() - vm.started)
                 vm.finished = time.time()
                 rewritten.append((vm.dir, vm.record()))
@@ -194,7 +196,7 @@ class Hypervisor:
         """Stop every live VM (reason daemon_restart on next load is avoided: they are stopped now)."""
         self.closing = True
         live = [vm for vm in self.vms.values() if vm.state.live]
-        await asyncio.gather(*(self._kill(vm, "stopped") for vm in live), return_exceptions=True)
+        await asyncio.gather(*(self._end(vm, Control.STOP) for vm in live), return_exceptions=True)
         await self.flush_records()
         ready, self._ready = self._ready, []
         for vm_id in ready:
@@ -307,12 +309,12 @@ class Hypervisor:
             for dev in self.device_hooks:
                 await dev.attach(self, vm)
             if fused:
-                vm.on_cpu = True
+                vm.enter_cpu()
                 t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
                 try:
                     first = await self.sched.on_cpu_pool(self._build_and_run, vm, img)
                 finally:
-                    vm.on_cpu = False
+                    vm.leave_cpu()
             else:
                 await self.sched.on_io(self._build, vm, img, restore)
             if restore is not None and vm.devices is not None:
@@ -483,7 +485,7 @@ class Hypervisor:
     def _on_timeout(self, vm: Vm) -> None:
         vm.deadline_handle = None
         if vm.state == VmState.RUNNING:
-            self._request(vm, "timeout")
+            self._request(vm, Control.TIMEOUT)
 
     async def start(self, vm: Vm) -> Vm:
         async with vm.lock:
@@ -514,7 +516,7 @@ class Hypervisor:
             return
         if isinstance(end, BaseException):
             vm.log.error("vCPU error: %r", end)
-            self._finish(vm, None, f"trap: host error: {end}")
+            self._finish(vm, None, ExitReason.TRAP, f"host error: {end}")
             return
         if end is SliceEnd.UNWOUND:
             vm.snapshot_wanted = False
@@ -545,9 +547,9 @@ class Hypervisor:
         elif end is SliceEnd.OUT_OF_FUEL:
             self._transition(vm, VmState.OUT_OF_FUEL, "fuel budget used")
 
-    def _request(self, vm: Vm, what: str) -> None:
+    def _request(self, vm: Vm, what: Control) -> None:
         """Ask for pause/stop/kill/timeout; applied now if the VM is off-CPU, else at its next yield."""
-        if vm.control is None or _CONTROL_PRIORITY[what] > _CONTROL_PRIORITY[vm.control]:
+        if vm.control is None or what > vm.control:
             vm.control = what
         if not vm.on_cpu:
             self._apply_control(vm)
@@ -558,34 +560,29 @@ class Hypervisor:
         what, vm.control = vm.control, None
         if what is None or vm.state.terminal:
             return
-        if what == "pause":
+        if what == Control.PAUSE:
             if vm.state == VmState.RUNNING:
                 self._transition(vm, VmState.PAUSED, "pause")
         else:
-            self._finish(vm, None, "stopped" if what == "stop" else what)
+            self._finish(vm, None, what.reason)
 
     def _finish_outcome(self, vm: Vm) -> None:
         m = vm.machine
         out = m.outcome if m is not None else None
         if out is None:
-            self._finish(vm, None, "trap: no outcome")
+            self._finish(vm, None, ExitReason.TRAP, "no outcome")
         elif out.exit_code is not None:
-            self._finish(vm, out.exit_code, "exit")
+            self._finish(vm, out.exit_code, ExitReason.EXIT)
         elif out.trap is not None:
-            code = out.trap_code
-            if code == wasmtime.TrapCode.STACK_OVERFLOW:
-                reason = "stack_overflow"
-            elif code == wasmtime.TrapCode.OUT_OF_FUEL:
-                reason = "out_of_fuel"
-            elif code == wasmtime.TrapCode.INTERRUPT:
-                reason = "timeout"
+            reason = _TRAP_REASONS.get(out.trap_code)  # type: ignore[arg-type]
+            if reason is None:
+                self._finish(vm, None, ExitReason.TRAP, str(out.trap))
             else:
-                reason = f"trap: {out.trap}"
-            self._finish(vm, None, reason)
+                self._finish(vm, None, reason)
         elif out.error is not None:
-            self._finish(vm, None, f"trap: {out.error}")
+            self._finish(vm, None, ExitReason.TRAP, str(out.error))
         else:
-            self._finish(vm, 0, "exit")
+            self._finish(vm, 0, ExitReason.EXIT)
 
     def _resolve_unwound(self, vm: Vm, exc: BaseException | None) -> None:
         waiters, vm.unwound_waiters = vm.unwound_waiters, []
@@ -650,14 +647,20 @@ class Hypervisor:
         if vm.state == VmState.RUNNING:
             self._dispatch(vm)
 
-    def _finish(self, vm: Vm, code: int | None, reason: str) -> None:
+    def end_migrated(self, vm: Vm) -> None:
+        """The VM runs on another daemon now: it ends here (reason ``migrated``) without running again."""
+        vm.frozen = False
+        self._finish(vm, None, ExitReason.MIGRATED)
+
+    def _finish(self, vm: Vm, code: int | None, why: ExitReason, detail: str | None = None) -> None:
         if vm.state.terminal:
             return
+        reason = why.wire(detail)
         self._resolve_unwound(vm, InvalidState(f"VM {vm.id} ended ({reason})"))
         if vm.waiting is not None:
             vm.waiting.cancel()
             vm.waiting = None
-        target = VmState.EXITED if reason == "exit" else VmState.STOPPED
+        target = VmState.EXITED if why == ExitReason.EXIT else VmState.STOPPED
         if vm.run_since is not None:
             vm.run_seconds += time.monotonic() - vm.run_since
             vm.run_since = None
@@ -708,7 +711,7 @@ class Hypervisor:
     async def pause(self, vm: Vm) -> Vm:
         async with vm.lock:
             check_transition(vm.id, vm.state, VmState.PAUSED, "pause")
-            self._request(vm, "pause")
+            self._request(vm, Control.PAUSE)
             await self._settle(vm, lambda: vm.state != VmState.RUNNING or vm.control is None)
         return vm
 
@@ -722,23 +725,23 @@ class Hypervisor:
         return vm
 
     async def stop(self, vm: Vm) -> Vm:
-        return await self._kill(vm, "stop")
+        return await self._end(vm, Control.STOP)
 
     async def kill(self, vm: Vm) -> Vm:
-        return await self._kill(vm, "killed")
+        return await self._end(vm, Control.KILL)
 
-    async def _kill(self, vm: Vm, how: str) -> Vm:
+    async def _end(self, vm: Vm, how: Control) -> Vm:
         async with vm.lock:
             if vm.state.terminal:
-                raise InvalidState(f"cannot {'stop' if how == 'stop' else 'kill'} VM {vm.id}: it is {vm.state.value}")
-            reason = "stopped" if how in ("stop", "stopped") else "killed"
+                raise InvalidState(f"cannot {'stop' if how == Control.STOP else 'kill'} VM {vm.id}: "
+                                   f"it is {vm.state.value}")
             if vm.state == VmState.CREATED:
-                self._finish(vm, None, reason)
+                self._finish(vm, None, how.reason)
             else:
-                self._request(vm, "stop" if reason == "stopped" else "killed")
+                self._request(vm, how)
                 await self._settle(vm, lambda: vm.state.terminal)
                 if vm.state.live:  # the slice did not come back in time: finish without it
-                    self._finish(vm, None, reason)
+                    self._finish(vm, None, how.reason)
         return vm
 
     async def _settle(self, vm: Vm, cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -780,7 +783,7 @@ class Hypervisor:
             except TimeoutError:
                 continue
         if vm.state == VmState.OUT_OF_FUEL:
-            return {"code": None, "reason": "out_of_fuel", "state": vm.state.value,
+            return {"code": None, "reason": ExitReason.OUT_OF_FUEL.wire(), "state": vm.state.value,
                     "fuel_consumed": vm.fuel_consumed, "peak_memory": vm.peak_memory, "wall_time_s": None}
         assert vm.exit is not None
         return {"state": vm.state.value, **vm.exit.__dict__}
@@ -791,14 +794,11 @@ class Hypervisor:
                 raise Conflict(f"VM {vm.id} is {vm.state.value}; stop it first or use force",
                                code="vm_running")
             try:
-                await self._kill(vm, "killed")
+                await self._end(vm, Control.KILL)
             except InvalidState:
                 pass
         self.vms.pop(vm.id, None)
-        for _ in range(1000):  # a slice that was already running finishes within one quantum
-            if not vm.on_cpu:
-                break
-            await asyncio.sleep(0.005)
+        await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
         if vm.devices is not None:
             vm.devices.close()
         await self._teardown(vm)

@@ -81,10 +81,10 @@ class Scheduler:
     def dispatch(self, vm: Any, on_end: Callable[[Any, SliceEnd | BaseException], None]) -> None:
         """Queue one slice of ``vm`` on a vCPU worker; ``on_end`` runs on the event loop afterwards."""
         loop = asyncio.get_running_loop()
-        vm.on_cpu = True
+        vm.enter_cpu()
 
         def done(end: SliceEnd | BaseException) -> None:
-            vm.on_cpu = False
+            vm.leave_cpu()
             on_end(vm, end)
 
         def job() -> None:

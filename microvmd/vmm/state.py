@@ -1,7 +1,7 @@
 """VM lifecycle: an explicit state enum and the one table of allowed transitions."""
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 from ..errors import InvalidState
 
@@ -37,3 +37,36 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
 def check_transition(vm_id: str, current: VmState, target: VmState, action: str) -> None:
     if target not in TRANSITIONS[current]:
         raise InvalidState(f"cannot {action} VM {vm_id}: it is {current.value}")
+
+
+class ExitReason(StrEnum):
+    """Why a VM ended: ``exit`` when the guest ended itself, anything else when the host ended it.
+
+    The values are the wire strings of ``exit.reason`` (docs/api.md); a trap carries its message after
+    ``trap: `` (``ExitReason.TRAP.wire("unreachable")``)."""
+    EXIT = "exit"
+    STOPPED = "stopped"
+    KILLED = "killed"
+    TIMEOUT = "timeout"
+    OUT_OF_FUEL = "out_of_fuel"
+    STACK_OVERFLOW = "stack_overflow"
+    TRAP = "trap"
+    MIGRATED = "migrated"
+    DAEMON_RESTART = "daemon_restart"
+
+    def wire(self, detail: str | None = None) -> str:
+        return f"{self.value}: {detail}" if detail is not None else self.value
+
+
+class Control(IntEnum):
+    """A request applied at a running VM's next yield. A stronger one (higher) replaces a weaker one."""
+    PAUSE = 0
+    STOP = 1
+    TIMEOUT = 2
+    KILL = 3
+
+    @property
+    def reason(self) -> ExitReason:
+        """How the VM ends when this request is applied (PAUSE does not end it)."""
+        return {Control.STOP: ExitReason.STOPPED, Control.TIMEOUT: ExitReason.TIMEOUT,
+                Control.KILL: ExitReason.KILLED}[self]

@@ -11,7 +11,7 @@ from typing import Any
 from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
-from .state import VmState
+from .state import Control, VmState
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Vm:
         self.machine: Machine | None = None
         self.devices: Any = None
         self.on_cpu = False
-        self.control: str | None = None   # request seen by the worker at its next yield
+        self.control: Control | None = None  # request seen by the worker at its next yield
         self.waiting: HostOp | None = None
         self.spin = 0.0                   # this slice's spin window (set by Machine.run_slice) ...
         self.slice_end = 0.0              # ... and when the slice ends (time.monotonic)
@@ -118,6 +118,27 @@ class Vm:
         self.snapshot_wanted = False      # unwind at the next suspension point
         self.frozen = False               # being captured: do not run it
         self.unwound_waiters: list[asyncio.Future[None]] = []
+        self._off_cpu_waiters: list[asyncio.Future[None]] = []
+
+    # ---------------------------------------------------------------- on and off a vCPU (event loop only)
+    def enter_cpu(self) -> None:
+        self.on_cpu = True
+
+    def leave_cpu(self) -> None:
+        """The slice has returned to the event loop: whoever waits for the machine to be free may go on."""
+        self.on_cpu = False
+        waiters, self._off_cpu_waiters = self._off_cpu_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    async def off_cpu(self) -> None:
+        """Until no slice of this VM runs. A slice ends within one quantum (epoch interruption), so this
+        needs no timeout; the store is never closed under a running slice."""
+        if self.on_cpu:
+            fut = asyncio.get_running_loop().create_future()
+            self._off_cpu_waiters.append(fut)
+            await fut
 
     # ---------------------------------------------------------------- bookkeeping
     def notify(self) -> None:

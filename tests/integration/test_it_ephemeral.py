@@ -85,3 +85,12 @@ def test_ephemeral_vm_cannot_have_a_cow_disk(api: Api) -> None:
     assert r.status == 400 and r.code == "invalid_disk", r.text
     r = api("POST", "/v1/vms", {"image": "hello", "ephemeral": "yes"})
     assert r.status == 400 and "ephemeral" in r.message
+
+
+def test_force_remove_races_running_slices_safely(api: Api) -> None:
+    """`rm -f` right after start: the store is closed only once the running slice is back (no polling)."""
+    for _ in range(20):
+        vm = api.create("spin", "900000000000", start=True)
+        assert api("DELETE", f"/v1/vms/{vm['id']}?force=true").status == 204
+        assert api("GET", f"/v1/vms/{vm['id']}").status == 404
+    assert api.ok("GET", "/v1/info")["vms"]["running"] >= 0  # the daemon is still serving
