@@ -213,7 +213,7 @@ def server_delta(before: dict[str, tuple[float, int]], after: dict[str, tuple[fl
 # Used only with --profile: times phases by wrapping functions at run time, then runs the real daemon.
 PROFILE_WRAPPER = r'''
 import asyncio, collections, functools, json, re, sys, threading, time
-from microvmd.vmm import manager, machine
+from microvmd.vmm import builder, manager, machine
 from microvmd.snapshot import store, controller, migrate as mig, transfer
 import microvmd.api.snapshots as apis
 from microvmd import daemon
@@ -260,9 +260,10 @@ def top(op, f):
     return w
 
 for cls, attrs in [
-        (manager.Hypervisor, ["quiesce", "create", "start", "remove", "_build", "_build_and_run", "_teardown"]),
+        (manager.Hypervisor, ["quiesce", "create", "start", "remove", "_teardown"]),
+        (builder.Builder, ["boot", "restore", "boot_and_run"]),
         (machine.Machine, ["__init__", "capture", "restore", "capture_globals"]),
-        (controller.Snapshots, ["_capture", "_persist", "_capture_disks", "_restore_disks"]),
+        (controller.Snapshots, ["capture", "_persist", "_capture_disks", "_restore_disks"]),
         (store.SnapshotStore, ["store_bytes", "digest_refs", "map_into", "read_into", "read_chunk", "verify_manifest",
                                "load_manifest", "save", "put_chunk", "get_chunk", "assemble", "load"]),
         (getattr(store, "PackWriter", None), ["__init__", "write_runs", "publish", "abort"]),

@@ -28,7 +28,7 @@ import asyncio, functools, json, shutil, statistics, sys, tempfile, time
 from microvmd.config import load
 from microvmd.daemon import parse_args
 from microvmd.devices import install_devices
-from microvmd.vmm import machine, manager, scheduler
+from microvmd.vmm import builder, machine, registry, scheduler
 from microvmd.vmm.manager import Hypervisor
 from microvmd.vmm.vm import VmSpec
 
@@ -53,9 +53,9 @@ def wrap(obj, attr, name):
     setattr(obj, attr, w)
 
 if no_record:
-    manager._write_records = lambda batch: None
+    registry._write_records = lambda batch: None
 else:
-    wrap(manager, "_write_records", "record write (persist thread, concurrent)")
+    wrap(registry, "_write_records", "record write (persist thread, concurrent)")
 wrap(machine.Machine, "__init__", "instantiate (Machine.__init__, vCPU worker)")
 wrap(machine.Machine, "run_slice", "first slice: the guest runs (Machine.run_slice, vCPU worker)")
 _ocp = scheduler.Scheduler.on_cpu_pool
@@ -64,14 +64,14 @@ async def ocp(self, fn, *a):
     T["ocp"] = time.perf_counter()
     return await _ocp(self, fn, *a)
 scheduler.Scheduler.on_cpu_pool = ocp
-_bar = Hypervisor._build_and_run
-def bar(self, vm, img):
+_bar = builder.Builder.boot_and_run
+def bar(self, vm, img, run_slice):
     rec("hand-off: run_in_executor until the vCPU worker runs", time.perf_counter() - T["ocp"])
     try:
-        return _bar(self, vm, img)
+        return _bar(self, vm, img, run_slice)
     finally:
         T["end"] = time.perf_counter()
-Hypervisor._build_and_run = bar
+builder.Builder.boot_and_run = bar
 
 async def main():
     hv = Hypervisor(cfg)

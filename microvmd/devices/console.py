@@ -51,7 +51,7 @@ class Console:
         self.write_errors = 0
         self._next_check = time.monotonic() + CHECK_EVERY
         self.premade = False  # the directory and both (empty) logs exist already
-        self.use_files = False  # file mode for this VM (decided at create, see Hypervisor._console_mode)
+        self.use_files = False  # file mode for this VM (decided at create, see Builder.console_mode)
 
     def files(self) -> tuple[str, str]:
         """File mode: make the VM's directory (wasmtime creates the files in it) and name the two logs."""

@@ -16,8 +16,9 @@ from typing import Any
 
 from ..engine import wt
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
+from ..vmm.builder import RestoreData
 from ..vmm.machine import NotSnapshottable
-from ..vmm.manager import Hypervisor, RestoreData
+from ..vmm.manager import Hypervisor
 from ..vmm.vm import Vm, VmSpec
 from . import dirty, transfer
 from .store import (

@@ -1,22 +1,17 @@
-"""The controller: every VM and image action goes through here. It never sees HTTP.
+"""The hypervisor: the lifecycle of every VM, and the image actions. It never sees HTTP.
 
-All state changes happen on the event loop, under the VM's lock, through ``_transition``; guest code runs
-on vCPU workers (see scheduler.py) and blocking work (instantiation, file I/O) on I/O workers.
+Its parts: the registry (``registry.py``: the table of VMs and their records), the builder (``builder.py``:
+boot and restore paths), the scheduler (``scheduler.py``: vCPU workers and I/O threads). State changes happen
+on the event loop, through ``_transition`` and ``_finish``; guest code runs on vCPU workers, which only report
+the end of a slice (``_on_slice_end``), and blocking work (instantiation, file I/O) on I/O workers.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import resource
-import shutil
-import threading
 import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,77 +19,19 @@ from typing import Any
 import wasmtime
 
 from ..config import Config
-from ..devices.console import Console
 from ..engine import wt
 from ..engine.hostop import loop_waker
-from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeout, Unprocessable
+from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, Unprocessable
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
-from .machine import Machine, MachineSpec, SliceEnd
+from .builder import Builder, RestoreData
+from .machine import Machine, SliceEnd
+from .registry import DirRecords, VmRegistry
 from .scheduler import Scheduler
 from .state import Control, ExitReason, VmState, check_transition
 from .vm import ExitRecord, Vm, VmSpec
 
 log = logging.getLogger("microvmd.vmm")
-
-ABI_VERSION = 1
-
-
-READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs)
-
-
-def _make_ready_dirs(parent: Path, n: int) -> list[str]:
-    """On the persist thread: ``n`` VM directories, each with its two empty console logs, named by the ids
-    the next VMs will get. Making one costs up to a millisecond on ext4 (bench/bench_console.py), off the
-    path of the create that uses it."""
-    ids = []
-    for _ in range(n):
-        vm_id = uuid.uuid4().hex
-        d = parent / vm_id
-        try:
-            d.mkdir()
-            for stream in ("stdout", "stderr"):
-                os.close(os.open(d / f"{stream}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
-        except OSError as exc:
-            log.warning("cannot prepare a VM directory: %s", exc)
-            shutil.rmtree(d, ignore_errors=True)
-            break
-        ids.append(vm_id)
-    return ids
-
-
-def _is_ready_dir(d: Path) -> bool:
-    """A directory made in advance and never used: nothing in it but empty console logs."""
-    try:
-        return all(f.name in ("stdout.log", "stderr.log") and f.stat().st_size == 0 for f in d.iterdir())
-    except OSError:
-        return False
-
-
-def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
-    for d, rec in batch:
-        tmp = d / "vm.json.tmp"
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(rec))
-            os.replace(tmp, d / "vm.json")
-        except OSError as exc:
-            log.error("vm=%s cannot save its record: %s", rec.get("id", "?")[:12], exc)
-
-
-
-@dataclass
-class RestoreData:
-    memory_size: int
-    load: Callable[[int, int], None]            # fills guest memory at (address, size)
-    zero_chunks: Callable[[int], list[int]]     # chunks the snapshot has as zeros below an offset
-    globals: dict[str, tuple[str, int | float]]
-    unwound: bool
-    fuel_consumed: int
-    fuel_budget: int | None
-    devices: dict[str, Any] = field(default_factory=dict)
-    tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # only the tables the guest changed
-
 
 _TRAP_REASONS = {wasmtime.TrapCode.STACK_OVERFLOW: ExitReason.STACK_OVERFLOW,
                  wasmtime.TrapCode.OUT_OF_FUEL: ExitReason.OUT_OF_FUEL,
@@ -116,19 +53,9 @@ class Hypervisor:
                                  cfg.upload_limit)
         self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice,
                                spin_wait=cfg.engine.spin_wait)
-        # VM records are written off the event loop, coalesced, in order (one thread: a record is never
-        # overwritten by an older one, and a removed VM's directory is deleted after its last write)
-        self._persist = ThreadPoolExecutor(1, thread_name_prefix="persist")
-        self._ready: list[str] = []  # ids whose directories exist already (see _make_ready_dirs)
-        # file-mode consoles hold two descriptors per live VM: "auto" keeps them within half the limit
-        self._console_fds = 0
-        self._console_lock = threading.Lock()
-        self._refilling = False
-        self._dirty: dict[str, Vm] = {}
-        self._flush_handle: asyncio.Handle | None = None
-        self.vms: dict[str, Vm] = {}
-        self.vm_dir = cfg.state_dir / "vms"
-        self.vm_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = VmRegistry(DirRecords(cfg.state_dir / "vms"))
+        self.vms = self.registry.vms  # (read-only use elsewhere: the registry adds and removes)
+        self.builder = Builder(cfg, self.engine, self.linker, self.images)
         self.started = time.time()
         self.fuel_total_finished = 0
         self.closing = False
@@ -152,32 +79,7 @@ class Hypervisor:
     def load(self) -> None:
         """On an I/O thread at start-up: images, then VM records (a VM that was live is now stopped)."""
         self.images.load()
-        rewritten = []
-        for d in sorted(self.vm_dir.iterdir()):
-            if not (d / "vm.json").exists():
-                # made in advance and never used, or created moments before a crash with its record never
-                # written: nothing can be restored
-                if not _is_ready_dir(d):
-                    log.info("removing %s: a VM directory without a record", d.name)
-                shutil.rmtree(d, ignore_errors=True)
-                continue
-            try:
-                rec = json.loads((d / "vm.json").read_text())
-                vm = self._vm_from_record(rec, d)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("skipping damaged VM record %s: %s", d.name, exc)
-                continue
-            if vm.state.live:
-                # its native state died with the previous daemon
-                vm.state = VmState.STOPPED
-                vm.exit = ExitRecord(None, ExitReason.DAEMON_RESTART.wire(), vm.fuel_consumed, vm.peak_memory,
-                                     0.0 if vm.started is None else time.time() - vm.started)
-                vm.finished = time.time()
-                rewritten.append((vm.dir, vm.record()))
-            self.vms[vm.id] = vm
-        _write_records(rewritten)
-        self._ready = _make_ready_dirs(self.vm_dir, READY_DIRS)
-        log.info("loaded %d VM records", len(self.vms))
+        self.registry.load(self._vm_from_record)
 
     def _vm_from_record(self, rec: dict[str, Any], d: Path) -> Vm:
         spec = VmSpec.from_dict(rec["spec"])
@@ -197,32 +99,15 @@ class Hypervisor:
         self.closing = True
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._end(vm, Control.STOP) for vm in live), return_exceptions=True)
-        await self.flush_records()
-        ready, self._ready = self._ready, []
-        for vm_id in ready:
-            self._persist.submit(shutil.rmtree, self.vm_dir / vm_id, True)
-        self._persist.shutdown(wait=True)
+        await self.registry.close()
         self.sched.close()
 
     # ------------------------------------------------------------------ lookup
     def get(self, ref: str) -> Vm:
-        vm = self.vms.get(ref)
-        if vm is not None:
-            return vm
-        by_name = [v for v in self.vms.values() if v.name == ref]
-        if len(by_name) == 1:
-            return by_name[0]
-        if len(ref) >= 4:
-            hits = [v for v in self.vms.values() if v.id.startswith(ref)]
-            if len(hits) == 1:
-                return hits[0]
-            if len(hits) > 1:
-                raise Conflict(f"VM reference {ref!r} is ambiguous", code="ambiguous_ref")
-        raise NotFound(f"no such VM: {ref}", code="vm_not_found")
+        return self.registry.get(ref)
 
     def list(self, all_: bool) -> list[Vm]:
-        vms = sorted(self.vms.values(), key=lambda v: v.created)
-        return vms if all_ else [v for v in vms if v.state.live]
+        return self.registry.list(all_)
 
     # ------------------------------------------------------------------ images
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
@@ -243,7 +128,7 @@ class Hypervisor:
         if spec.name is not None:
             if not spec.name or len(spec.name) > 128 or "/" in spec.name:
                 raise BadRequest(f"invalid VM name {spec.name!r}", code="invalid_name")
-            if any(v.name == spec.name for v in self.vms.values()):
+            if self.registry.name_taken(spec.name):
                 raise Conflict(f"a VM named {spec.name!r} already exists", code="name_in_use")
         if spec.fuel is not None and (not isinstance(spec.fuel, int) or spec.fuel <= 0):
             raise BadRequest("fuel must be a positive integer", code="invalid_limit")
@@ -280,28 +165,19 @@ class Hypervisor:
         if spec.timeout is None:
             spec.timeout = img.limits.get("timeout", self.cfg.limits.timeout)
         memory = self._validate(spec)
-        if spec.ephemeral:  # nothing on disk: no directory, no record, the console in memory
-            vm_id = uuid.uuid4().hex
-            premade = False
-        else:
-            premade = bool(self._ready)
-            vm_id = self._ready.pop() if premade else uuid.uuid4().hex
-            self._refill_ready()
-        d = self.vm_dir / vm_id
+        vm_id, d, premade = self.registry.new_id(spec.ephemeral)  # (ephemeral: nothing on disk)
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
                 self.cfg.limits.log_bytes, memory)
-        if not spec.ephemeral:
-            vm.console.premade = premade
-            vm.console.use_files = self._console_mode()
+        vm.console.premade = premade
+        self.builder.console_mode(vm)
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
-        self.vms[vm_id] = vm  # reserve the name while we build
+        self.registry.add(vm)  # reserve the name while we build
         # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
         # It is written on the persist thread while the VM is built; a VM started at once writes it after
         # its first slice instead, and only if it is still alive then: a short run (hello) then has no file
         # system work competing with it for the GIL, and its final record is written with the next batch.
         fused = start and restore is None
-        record = None if fused or spec.ephemeral else asyncio.get_running_loop().run_in_executor(
-            self._persist, _write_records, [(vm.dir, vm.record())])
+        record = None if fused else self.registry.save_soon(vm)
         first: SliceEnd | BaseException | None = None
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
@@ -312,11 +188,13 @@ class Hypervisor:
                 vm.enter_cpu()
                 t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
                 try:
-                    first = await self.sched.on_cpu_pool(self._build_and_run, vm, img)
+                    first = await self.sched.on_cpu_pool(self.builder.boot_and_run, vm, img, self.sched.run_slice)
                 finally:
                     vm.leave_cpu()
+            elif restore is None:
+                await self.sched.on_io(self.builder.boot, vm, img)
             else:
-                await self.sched.on_io(self._build, vm, img, restore)
+                await self.sched.on_io(self.builder.restore, vm, img, restore)
             if restore is not None and vm.devices is not None:
                 for name, state in restore.devices.items():
                     part = vm.devices.get(name)
@@ -327,7 +205,7 @@ class Hypervisor:
                             raise Unprocessable(f"snapshot device state for {name} is invalid: {exc}",
                                                 code="invalid_snapshot") from None
         except BaseException:
-            self.vms.pop(vm_id, None)
+            self.registry.discard(vm)
             if vm.devices is not None:
                 vm.devices.close()
             await self._teardown(vm)
@@ -344,115 +222,22 @@ class Hypervisor:
             vm.started = t_wall
             self._transition(vm, VmState.RUNNING, "start", since=t_mono)
             self._on_slice_end(vm, first)
-            if not vm.state.terminal and not spec.ephemeral:  # it lives on: durable before the API answers
-                await asyncio.get_running_loop().run_in_executor(self._persist, _write_records,
-                                                                 [(vm.dir, vm.record())])
+            if not vm.state.terminal:  # it lives on: durable before the API answers
+                await self.registry.save_now(vm)
         elif start:
             await self.start(vm)
         return vm
 
-    def _console_mode(self) -> bool:
-        """True (and two descriptors reserved) if this VM's console is written by wasmtime to its files."""
-        mode = self.cfg.engine.console
-        if mode == "hook":
-            return False
-        with self._console_lock:
-            if mode == "auto" and self._console_fds + 2 > resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2:
-                return False
-            self._console_fds += 2
-        return True
-
     def console_fds(self) -> int:
-        return self._console_fds
-
-    def _refill_ready(self) -> None:
-        """Keep a few VM directories made in advance; refilled a moment later, after the current create."""
-        if self._refilling or len(self._ready) > READY_DIRS // 2 or self.closing:
-            return
-        self._refilling = True
-        loop = asyncio.get_running_loop()
-
-        def done(fut: asyncio.Future[list[str]]) -> None:
-            self._refilling = False
-            if not fut.cancelled() and fut.exception() is None:
-                self._ready.extend(fut.result())
-
-        def start() -> None:
-            if self.closing:
-                self._refilling = False
-                return
-            fut = loop.run_in_executor(self._persist, _make_ready_dirs, self.vm_dir, READY_DIRS - len(self._ready))
-            fut.add_done_callback(done)
-
-        loop.call_later(0.02, start)
-
-    def _build_and_run(self, vm: Vm, img: Image) -> SliceEnd | BaseException:
-        """On a vCPU worker: build, then the first slice (build errors raise; slice errors are returned)."""
-        self._build(vm, img)
-        try:
-            return self.sched.run_slice(vm)
-        except Exception as exc:
-            return exc
-
-    def _build(self, vm: Vm, img: Image, restore: RestoreData | None = None) -> None:
-        """On an I/O thread: directory, console files, instantiation, ABI check."""
-        lim = self.cfg.limits
-        argv0 = vm.image_name if not vm.image_name.startswith("sha256:") else "guest"
-        mspec = MachineSpec(
-            args=[argv0, *(vm.spec.args or img.args)], env={**img.env, **vm.spec.env},
-            dirs=[(x.host, x.guest, x.readonly) for x in vm.spec.dirs], memory_limit=vm.memory_limit,
-            table_elements=lim.table_elements, instances=lim.instances, tables=lim.tables,
-            memories=lim.memories, stdout=vm.console.writer("stdout"), stderr=vm.console.writer("stderr"),
-            entry=img.entry or "", boot=list(img.boot),
-            asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
-        )
-        if isinstance(vm.console, Console) and vm.console.use_files:
-            mspec.stdout_file, mspec.stderr_file = vm.console.files()
-        if img.entry is None:
-            mspec.entry = mspec.boot.pop() if mspec.boot else ""
-        module, pre = self.images.instance_pre(img)
-        wt.set_current_vm(vm)
-        try:
-            vm.machine = Machine(self.engine, self.linker, module, mspec, pre)
-        except wt.InstantiationError as exc:
-            msg = str(exc)
-            if "memory" in msg and ("limit" in msg or "minimum" in msg or "exceeds" in msg or "resource" in msg):
-                raise Unprocessable(f"memory_limit: the module needs more memory than the VM's limit of "
-                                    f"{vm.memory_limit} bytes ({msg})", code="memory_limit") from None
-            raise Unprocessable(f"instantiation failed: {msg}", code="instantiation_failed") from None
-        except wasmtime.WasmtimeError as exc:
-            raise Unprocessable(f"cannot set up the VM: {str(exc).splitlines()[0]}", code="vm_setup_failed") from None
-        finally:
-            wt.set_current_vm(None)
-        if img.kind == "sdk" and vm.machine.export("microvm_abi_version") is not None:
-            try:
-                want = vm.machine.call_sync("microvm_abi_version")[0]
-            except (RuntimeError, TimeoutError, KeyError) as exc:
-                raise Unprocessable(f"the guest's microvm_abi_version failed: {exc}", code="abi_check_failed") from None
-            if want > ABI_VERSION:
-                raise Unprocessable(f"the guest was built for microvm ABI version {want}; this daemon serves "
-                                    f"version {ABI_VERSION}: rebuild it with this SDK or upgrade microvmd",
-                                    code="abi_version_unsupported")
-        if restore is not None:
-            try:
-                vm.machine.restore(restore.memory_size, restore.load, restore.globals, restore.unwound,
-                                   restore.fuel_consumed, restore.zero_chunks, restore.tables)
-            except (ValueError, wasmtime.WasmtimeError) as exc:
-                raise Unprocessable(f"the snapshot does not fit its image: {str(exc).splitlines()[0]}",
-                                    code="invalid_snapshot") from None
-            vm.fuel_budget = restore.fuel_budget
-            vm.snapshot_kind = "asyncify" if vm.machine.asyncify is not None else "stopped_only"
-        vm.sync_from_machine()
+        return self.builder.console_fds()
 
     async def _teardown(self, vm: Vm) -> None:
         """Free the VM's store (I/O thread), then delete its directory after any record write still queued."""
         m, vm.machine = vm.machine, None
         if m is not None:
             await self.sched.on_io(m.close)
-        self._free_console(vm)
-        self._dirty.pop(vm.id, None)
-        if not vm.spec.ephemeral:  # (an ephemeral VM has no directory)
-            await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
+        self.builder.free_console(vm)
+        await self.registry.delete(vm)
 
     # ------------------------------------------------------------------ lifecycle
     def _transition(self, vm: Vm, target: VmState, action: str, since: float | None = None) -> None:
@@ -691,21 +476,12 @@ class Hypervisor:
     def _close_machine(self, vm: Vm, machine: Machine) -> None:
         """On an I/O thread: drop the store (closing the console files in file mode), check the log cap."""
         machine.close()
-        if self._free_console(vm):
+        if self.builder.free_console(vm):
             vm.console.enforce_cap()
-
-    def _free_console(self, vm: Vm) -> bool:
-        """After the store is closed: give back a file-mode console's two descriptors (once)."""
-        with self._console_lock:
-            if not vm.console.use_files:
-                return False
-            vm.console.use_files = False
-            self._console_fds -= 2
-        return True
 
     async def _auto_remove(self, vm: Vm) -> None:
         await asyncio.sleep(0)
-        if vm.id in self.vms:
+        if vm in self.registry:
             await self.remove(vm, force=True)
 
     async def pause(self, vm: Vm) -> Vm:
@@ -797,7 +573,7 @@ class Hypervisor:
                 await self._end(vm, Control.KILL)
             except InvalidState:
                 pass
-        self.vms.pop(vm.id, None)
+        self.registry.discard(vm)
         await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
         if vm.devices is not None:
             vm.devices.close()
@@ -806,32 +582,15 @@ class Hypervisor:
             hook(vm)
         vm.log.debug("removed")
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ records and info
     def _save(self, vm: Vm) -> None:
-        """Mark the VM's record for writing; records are flushed together within 50 ms, off the loop."""
-        if vm.spec.ephemeral:
-            return
-        self._dirty[vm.id] = vm
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)
-
-    def _flush(self) -> asyncio.Future[None]:
-        self._flush_handle = None
-        batch = [(vm.dir, vm.record()) for vm in self._dirty.values() if vm.id in self.vms]
-        self._dirty.clear()
-        return asyncio.get_running_loop().run_in_executor(self._persist, _write_records, batch)
+        self.registry.save(vm)
 
     async def flush_records(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        await self._flush()
+        await self.registry.flush()
 
-    # ------------------------------------------------------------------ info
     def counts(self) -> dict[str, int]:
-        out = {s.value: 0 for s in VmState}
-        for vm in self.vms.values():
-            out[vm.state.value] += 1
-        return out
+        return self.registry.counts()
 
     def fuel_total(self) -> int:
         return self.fuel_total_finished + sum(v.fuel_consumed for v in self.vms.values() if v.state.live)

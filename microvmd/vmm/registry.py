@@ -1,0 +1,273 @@
+"""The VM registry: which VMs exist, how a reference finds one, and their records on disk.
+
+Lookups and the in-memory table live on the event loop. Records go to a ``RecordStore``: the daemon's is
+``DirRecords`` (``state/vms/<id>/vm.json``, written on one persist thread, coalesced and in order: a record
+is never overwritten by an older one, and a removed VM's directory is deleted after its last write). An
+ephemeral VM is in the table while it exists and never reaches the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import Conflict, NotFound
+from .state import ExitReason, VmState
+from .vm import ExitRecord, Vm
+
+log = logging.getLogger("microvmd.vmm")
+
+READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs)
+
+
+class RecordStore(Protocol):
+    """Where VM records survive a daemon restart."""
+
+    def load(self) -> list[tuple[dict[str, Any], Path]]: ...   # on an I/O thread, at start-up
+    def new_id(self) -> tuple[str, bool]: ...                   # (id, whether its directory exists already)
+    def directory(self, vm_id: str) -> Path: ...
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[None]: ...  # in order
+    async def delete(self, vm: Vm) -> None: ...                 # after any write still queued for it
+    async def close(self) -> None: ...
+
+
+def _make_ready_dirs(parent: Path, n: int) -> list[str]:
+    """On the persist thread: ``n`` VM directories, each with its two empty console logs, named by the ids
+    the next VMs will get. Making one costs up to a millisecond on ext4 (bench/bench_console.py), off the
+    path of the create that uses it."""
+    ids = []
+    for _ in range(n):
+        vm_id = uuid.uuid4().hex
+        d = parent / vm_id
+        try:
+            d.mkdir()
+            for stream in ("stdout", "stderr"):
+                os.close(os.open(d / f"{stream}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
+        except OSError as exc:
+            log.warning("cannot prepare a VM directory: %s", exc)
+            shutil.rmtree(d, ignore_errors=True)
+            break
+        ids.append(vm_id)
+    return ids
+
+
+def _is_ready_dir(d: Path) -> bool:
+    """A directory made in advance and never used: nothing in it but empty console logs."""
+    try:
+        return all(f.name in ("stdout.log", "stderr.log") and f.stat().st_size == 0 for f in d.iterdir())
+    except OSError:
+        return False
+
+
+def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
+    for d, rec in batch:
+        tmp = d / "vm.json.tmp"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, d / "vm.json")
+        except OSError as exc:
+            log.error("vm=%s cannot save its record: %s", rec.get("id", "?")[:12], exc)
+
+
+class DirRecords:
+    """Records as ``<root>/<id>/vm.json``, with a few VM directories made in advance for the next creates."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._persist = ThreadPoolExecutor(1, thread_name_prefix="persist")
+        self._ready: list[str] = []  # ids whose directories exist already (see _make_ready_dirs)
+        self._refilling = False
+        self._closing = False
+
+    def load(self) -> list[tuple[dict[str, Any], Path]]:
+        found = []
+        for d in sorted(self.root.iterdir()):
+            if not (d / "vm.json").exists():
+                # made in advance and never used, or created moments before a crash with its record never
+                # written: nothing can be restored
+                if not _is_ready_dir(d):
+                    log.info("removing %s: a VM directory without a record", d.name)
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            try:
+                found.append((json.loads((d / "vm.json").read_text()), d))
+            except (OSError, ValueError) as exc:
+                log.warning("skipping damaged VM record %s: %s", d.name, exc)
+        self._ready = _make_ready_dirs(self.root, READY_DIRS)
+        return found
+
+    def new_id(self) -> tuple[str, bool]:
+        premade = bool(self._ready)
+        vm_id = self._ready.pop() if premade else uuid.uuid4().hex
+        self._refill()
+        return vm_id, premade
+
+    def directory(self, vm_id: str) -> Path:
+        return self.root / vm_id
+
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().run_in_executor(self._persist, _write_records, batch)
+
+    async def delete(self, vm: Vm) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
+
+    def _refill(self) -> None:
+        """Keep a few VM directories made in advance; refilled a moment later, after the current create."""
+        if self._refilling or len(self._ready) > READY_DIRS // 2 or self._closing:
+            return
+        self._refilling = True
+        loop = asyncio.get_running_loop()
+
+        def done(fut: asyncio.Future[list[str]]) -> None:
+            self._refilling = False
+            if not fut.cancelled() and fut.exception() is None:
+                self._ready.extend(fut.result())
+
+        def start() -> None:
+            if self._closing:
+                self._refilling = False
+                return
+            fut = loop.run_in_executor(self._persist, _make_ready_dirs, self.root, READY_DIRS - len(self._ready))
+            fut.add_done_callback(done)
+
+        loop.call_later(0.02, start)
+
+    async def close(self) -> None:
+        """Remove the directories made in advance and unused; wait for every queued write."""
+        self._closing = True
+        ready, self._ready = self._ready, []
+        for vm_id in ready:
+            self._persist.submit(shutil.rmtree, self.root / vm_id, True)
+        await asyncio.get_running_loop().run_in_executor(None, self._persist.shutdown, True)
+
+
+class VmRegistry:
+    """Every VM of the daemon by id, with its record kept in a ``RecordStore``.
+
+    ``save`` marks a record for writing; marked records are written together within 50 ms, off the loop.
+    """
+
+    def __init__(self, records: RecordStore) -> None:
+        self.records = records
+        self.vms: dict[str, Vm] = {}
+        self._dirty: dict[str, Vm] = {}
+        self._flush_handle: asyncio.Handle | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def load(self, make: Callable[[dict[str, Any], Path], Vm]) -> None:
+        """On an I/O thread at start-up: every record back as a VM (one that was live is now stopped)."""
+        rewritten = []
+        for rec, d in self.records.load():
+            try:
+                vm = make(rec, d)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping damaged VM record %s: %s", d.name, exc)
+                continue
+            if vm.state.live:
+                # its native state died with the previous daemon
+                vm.state = VmState.STOPPED
+                vm.exit = ExitRecord(None, ExitReason.DAEMON_RESTART.wire(), vm.fuel_consumed, vm.peak_memory,
+                                     0.0 if vm.started is None else time.time() - vm.started)
+                vm.finished = time.time()
+                rewritten.append((vm.dir, vm.record()))
+            self.vms[vm.id] = vm
+        _write_records(rewritten)
+        log.info("loaded %d VM records", len(self.vms))
+
+    # ------------------------------------------------------------------ the table
+    def new_id(self, ephemeral: bool) -> tuple[str, Path, bool]:
+        """An id, its directory and whether that directory exists already (an ephemeral VM has none)."""
+        if ephemeral:
+            vm_id = uuid.uuid4().hex
+            return vm_id, self.records.directory(vm_id), False
+        vm_id, premade = self.records.new_id()
+        return vm_id, self.records.directory(vm_id), premade
+
+    def add(self, vm: Vm) -> None:
+        self.vms[vm.id] = vm
+
+    def discard(self, vm: Vm) -> None:
+        self.vms.pop(vm.id, None)
+        self._dirty.pop(vm.id, None)
+
+    def __contains__(self, vm: Vm) -> bool:
+        return self.vms.get(vm.id) is vm
+
+    def get(self, ref: str) -> Vm:
+        vm = self.vms.get(ref)
+        if vm is not None:
+            return vm
+        by_name = [v for v in self.vms.values() if v.name == ref]
+        if len(by_name) == 1:
+            return by_name[0]
+        if len(ref) >= 4:
+            hits = [v for v in self.vms.values() if v.id.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise Conflict(f"VM reference {ref!r} is ambiguous", code="ambiguous_ref")
+        raise NotFound(f"no such VM: {ref}", code="vm_not_found")
+
+    def list(self, all_: bool) -> list[Vm]:
+        vms = sorted(self.vms.values(), key=lambda v: v.created)
+        return vms if all_ else [v for v in vms if v.state.live]
+
+    def name_taken(self, name: str) -> bool:
+        return any(v.name == name for v in self.vms.values())
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in VmState}
+        for vm in self.vms.values():
+            out[vm.state.value] += 1
+        return out
+
+    # ------------------------------------------------------------------ records
+    def save(self, vm: Vm) -> None:
+        """Mark the VM's record for writing (nothing for an ephemeral VM)."""
+        if vm.spec.ephemeral:
+            return
+        self._dirty[vm.id] = vm
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)
+
+    async def save_now(self, vm: Vm) -> None:
+        """Write the VM's record and return once it is written (the API answers after it)."""
+        if not vm.spec.ephemeral:
+            await self.records.write_now([(vm.dir, vm.record())])
+
+    def save_soon(self, vm: Vm) -> asyncio.Future[None] | None:
+        """Start writing the record now (awaited later, e.g. while the VM is built)."""
+        if vm.spec.ephemeral:
+            return None
+        return self.records.write_now([(vm.dir, vm.record())])
+
+    def _flush(self) -> asyncio.Future[None]:
+        self._flush_handle = None
+        batch = [(vm.dir, vm.record()) for vm in self._dirty.values() if vm.id in self.vms]
+        self._dirty.clear()
+        return self.records.write_now(batch)
+
+    async def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        await self._flush()
+
+    async def delete(self, vm: Vm) -> None:
+        """Remove the VM's files (after any record write still queued for it)."""
+        self._dirty.pop(vm.id, None)
+        if not vm.spec.ephemeral:
+            await self.records.delete(vm)
+
+    async def close(self) -> None:
+        await self.flush()
+        await self.records.close()
