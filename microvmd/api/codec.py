@@ -1,15 +1,17 @@
-"""Request decoding and response encoding: JSON by default, MessagePack when asked for."""
+"""Request decoding and response encoding through the contract types: JSON by default, MessagePack when
+asked for. Both directions go through ``microvmd.contract``, so the wire can only carry what it declares."""
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, TypeVar
 
-import msgpack
+import msgspec
 from aiohttp import web
 
-from ..errors import BadRequest, PayloadTooLarge
+from .. import contract
+from ..errors import BadRequest, MicrovmError, PayloadTooLarge
 
 MSGPACK = "application/msgpack"
+T = TypeVar("T")
 
 
 def wants_msgpack(request: web.Request) -> bool:
@@ -17,10 +19,25 @@ def wants_msgpack(request: web.Request) -> bool:
         request.content_type == MSGPACK and "application/json" not in request.headers.get("Accept", ""))
 
 
-def respond(request: web.Request, data: Any, status: int = 200) -> web.Response:
+def respond(request: web.Request, value: Any, status: int = 200) -> web.Response:
+    """Encode a contract value (or the plain data of one) as the client asked."""
     if wants_msgpack(request):
-        return web.Response(body=msgpack.packb(data, use_bin_type=True), status=status, content_type=MSGPACK)
-    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+        return web.Response(body=msgspec.msgpack.encode(value), status=status, content_type=MSGPACK)
+    return web.Response(body=msgspec.json.encode(value), status=status, content_type="application/json")
+
+
+def reply(request: web.Request, typ: type[Any], data: Any, status: int = 200) -> web.Response:
+    """The controller's answer, held to the response type ``typ``, encoded."""
+    if not isinstance(data, typ):
+        try:
+            data = contract.convert(data, typ)
+        except contract.ContractError as exc:  # the daemon broke its own contract: a bug, said plainly
+            raise MicrovmError(f"the answer does not fit {typ.__name__}: {exc.message}") from None
+    return respond(request, data, status)
+
+
+def error(request: web.Request, code: str, message: str, status: int) -> web.Response:
+    return respond(request, contract.ErrorBody(contract.ErrorDetail(code, message)), status)
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
@@ -36,18 +53,10 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def decode(request: web.Request, limit: int) -> dict[str, Any]:
+async def decode(request: web.Request, typ: type[T], limit: int) -> T:
+    """The body as ``typ``; a 400 naming the field when it does not fit (an empty body is ``{}``)."""
     raw = await read_limited(request, limit)
-    if not raw.strip():
-        return {}
     try:
-        if request.content_type == MSGPACK:
-            data = msgpack.unpackb(raw, raw=False)
-        else:
-            data = json.loads(raw)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise BadRequest(f"request body is not valid {'MessagePack' if request.content_type == MSGPACK else 'JSON'}: "
-                         f"{exc}", code="malformed_body") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be an object", code="malformed_body")
-    return data
+        return contract.decode(raw, typ, msgpack=request.content_type == MSGPACK)
+    except contract.ContractError as exc:
+        raise BadRequest(exc.message, code=exc.code) from None

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .. import contract
 from ..devices.blk import BlockDevice
 from ..devices.disks import MAX_DISK_SIZE, Disk
 from ..errors import BadRequest, MicrovmError, PayloadTooLarge
 from . import codec
 from .server import Route, hv
-
-DISK_FIELDS = {"name", "size", "from"}
 
 
 def _blk(request: web.Request) -> BlockDevice:
@@ -27,25 +26,17 @@ def _disk(disk: Disk) -> dict[str, object]:
 
 
 async def disk_create(request: web.Request) -> web.StreamResponse:
-    body = await codec.decode(request, hv(request).cfg.json_limit)
-    unknown = set(body) - DISK_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", code="invalid_field")
-    if body.get("from") is not None:
-        raise BadRequest("'from' must be null: upload the content with PUT /v1/disks/{name}/content "
-                         "(the daemon may be on another host)", code="invalid_field")
-    if "size" not in body:
-        raise BadRequest("field 'size' is required (bytes)", code="invalid_size")
-    disk = await _blk(request).create_disk(body.get("name"), body["size"])
-    return codec.respond(request, _disk(disk), status=201)
+    body = await codec.decode(request, contract.DiskCreate, hv(request).cfg.json_limit)
+    disk = await _blk(request).create_disk(body.name, body.size)
+    return codec.reply(request, contract.Disk, _disk(disk), status=201)
 
 
 async def disk_list(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, {"disks": [_disk(d) for d in _blk(request).list_disks()]})
+    return codec.reply(request, contract.DiskList, {"disks": [_disk(d) for d in _blk(request).list_disks()]})
 
 
 async def disk_get(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, _disk(_blk(request).get_disk(request.match_info["name"])))
+    return codec.reply(request, contract.Disk, _disk(_blk(request).get_disk(request.match_info["name"])))
 
 
 async def disk_rm(request: web.Request) -> web.StreamResponse:
@@ -58,7 +49,7 @@ async def disk_content(request: web.Request) -> web.StreamResponse:
         raise PayloadTooLarge(f"content of {request.content_length} bytes is larger than the maximum disk size")
     disk = await _blk(request).upload(request.match_info["name"], request.content.iter_chunked(1 << 20),
                                       MAX_DISK_SIZE)
-    return codec.respond(request, _disk(disk))
+    return codec.reply(request, contract.Disk, _disk(disk))
 
 
 async def vm_disk_patch(request: web.Request) -> web.StreamResponse:
@@ -68,20 +59,23 @@ async def vm_disk_patch(request: web.Request) -> web.StreamResponse:
         index = int(request.match_info["index"])
     except ValueError:
         raise BadRequest("the disk index must be an integer", code="invalid_field") from None
-    body = await codec.decode(request, h.cfg.json_limit)
-    return codec.respond(request, _blk(request).set_rate_limiter(vm, index, body))
+    body = await codec.decode(request, contract.DiskPatch, h.cfg.json_limit)
+    patch = {"rate_limiter": None if body.rate_limiter is None else contract.to_builtins(body.rate_limiter)}
+    return codec.reply(request, contract.BlkDisk, _blk(request).set_rate_limiter(vm, index, patch))
 
 
 ROUTES = [
-    Route("POST", "/v1/disks", disk_create, "Create a sparse raw disk: {name, size, from: null}", body="json",
+    Route("POST", "/v1/disks", disk_create, "Create a sparse raw disk: {name, size, from: null}",
+          request=contract.DiskCreate, response=contract.Disk, status=201, tag="disks"),
+    Route("GET", "/v1/disks", disk_list, "List disks (with the VMs using them)", response=contract.DiskList,
           tag="disks"),
-    Route("GET", "/v1/disks", disk_list, "List disks (with the VMs using them)", tag="disks"),
-    Route("GET", "/v1/disks/{name}", disk_get, "Inspect a disk", tag="disks"),
+    Route("GET", "/v1/disks/{name}", disk_get, "Inspect a disk", response=contract.Disk, tag="disks"),
     Route("DELETE", "/v1/disks/{name}", disk_rm, "Remove a disk (409 disk_in_use while a live VM has it)",
-          tag="disks"),
+          status=204, tag="disks"),
     Route("PUT", "/v1/disks/{name}/content", disk_content,
-          "Replace a disk's content with the raw body; size becomes max(size, body length)", body="binary",
-          tag="disks"),
+          "Replace a disk's content with the raw body; size becomes max(size, body length)", request="binary",
+          response=contract.Disk, tag="disks"),
     Route("PATCH", "/v1/vms/{ref}/disks/{index}", vm_disk_patch,
-          "Change a running VM's disk rate limiter: {rate_limiter: {bandwidth, ops} | null}", body="json"),
+          "Change a running VM's disk rate limiter: {rate_limiter: {bandwidth, ops} | null}",
+          request=contract.DiskPatch, response=contract.BlkDisk),
 ]

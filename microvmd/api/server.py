@@ -13,16 +13,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from .. import __version__
+from .. import __version__, contract
 from ..engine import wt
 from ..errors import BadRequest, MicrovmError, NotImplementedYet
 from ..snapshot import dirty
-from ..vmm import spec as schemas
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
+from ..vmm.vm import VmSpec
 from . import codec
 from .metrics import Metrics
 
@@ -33,13 +34,21 @@ METRICS = web.AppKey("metrics", Metrics)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+Body = type[msgspec.Struct] | str | None
+
+
 @dataclass(frozen=True)
 class Route:
+    """One route. ``request`` and ``response`` are contract types (a JSON or MessagePack body), or
+    ``"binary"`` (application/octet-stream), ``"text"`` (text/plain), or None (no body; a 204 answer)."""
+
     method: str
     path: str
     handler: Handler
     summary: str
-    body: str | None = None  # "json", "binary"
+    request: Body = None
+    response: Body = None
+    status: int = 200
     tag: str = "vms"
 
 
@@ -57,7 +66,7 @@ def _bool(request: web.Request, name: str) -> bool:
 # ------------------------------------------------------------------ system
 async def info(request: web.Request) -> web.StreamResponse:
     h = hv(request)
-    return codec.respond(request, {
+    return codec.reply(request, contract.Info, {
         "version": __version__, "wasmtime_version": wt.WASMTIME_VERSION, "api_version": "v1",
         "state_dir": str(h.cfg.state_dir), "socket": str(h.cfg.socket), "vms": h.counts(),
         "images": len(h.images.images), "uptime_s": round(time.time() - h.started, 3),
@@ -73,8 +82,7 @@ async def info(request: web.Request) -> web.StreamResponse:
 
 
 async def version(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, {"version": __version__, "wasmtime_version": wt.WASMTIME_VERSION,
-                                   "api_version": "v1"})
+    return codec.respond(request, contract.Version(__version__, wt.WASMTIME_VERSION, "v1"))
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
@@ -93,22 +101,22 @@ async def image_import(request: web.Request) -> web.StreamResponse:
     if not data:
         raise BadRequest("empty body: send the module's bytes", code="empty_body")
     img = await h.import_image(data, request.query.get("name") or None, request.query.get("entry") or None)
-    return codec.respond(request, img.to_api(), status=201)
+    return codec.reply(request, contract.Image, img.to_api(), status=201)
 
 
 async def image_list(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, {"images": [i.to_api() for i in hv(request).images.list()]})
+    return codec.reply(request, contract.ImageList, {"images": [i.to_api() for i in hv(request).images.list()]})
 
 
 async def image_get(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, hv(request).images.resolve(request.match_info["ref"]).to_api())
+    return codec.reply(request, contract.Image, hv(request).images.resolve(request.match_info["ref"]).to_api())
 
 
 async def image_update(request: web.Request) -> web.StreamResponse:
     h = hv(request)
-    body = await codec.decode(request, h.cfg.json_limit)
-    img = await h.sched.on_io(h.images.update_manifest, request.match_info["ref"], body)
-    return codec.respond(request, img.to_api())
+    body = await codec.decode(request, contract.ImagePatch, h.cfg.json_limit)
+    img = await h.sched.on_io(h.images.update_manifest, request.match_info["ref"], contract.to_builtins(body))
+    return codec.reply(request, contract.Image, img.to_api())
 
 
 async def image_rm(request: web.Request) -> web.StreamResponse:
@@ -119,22 +127,22 @@ async def image_rm(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------ VMs
 async def vm_create(request: web.Request) -> web.StreamResponse:
     h = hv(request)
-    spec, start = schemas.vm_spec(await codec.decode(request, h.cfg.json_limit))
+    body = await codec.decode(request, contract.VmCreate, h.cfg.json_limit)
     wait = _bool(request, "wait")
-    if wait and not start:
+    if wait and not body.start:
         raise BadRequest("wait=true needs start=true", code="invalid_query")
-    vm = await h.create(spec, start=start)
+    vm = await h.create(VmSpec.from_contract(body), start=body.start)
     if wait:  # one round trip for a whole run: the answer carries the exit record
         await h.wait(vm)
-    return codec.respond(request, vm.to_api(), status=201)
+    return codec.reply(request, contract.Vm, vm.to_api(), status=201)
 
 
 async def vm_list(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, {"vms": [v.to_api() for v in hv(request).list(_bool(request, "all"))]})
+    return codec.reply(request, contract.VmList, {"vms": [v.to_api() for v in hv(request).list(_bool(request, "all"))]})
 
 
 async def vm_get(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, hv(request).get(request.match_info["ref"]).to_api())
+    return codec.reply(request, contract.Vm, hv(request).get(request.match_info["ref"]).to_api())
 
 
 async def vm_rm(request: web.Request) -> web.StreamResponse:
@@ -147,7 +155,7 @@ def _action(name: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         h = hv(request)
         vm = await getattr(h, name)(h.get(request.match_info["ref"]))
-        return codec.respond(request, vm.to_api())
+        return codec.reply(request, contract.Vm, vm.to_api())
     handler.__name__ = f"vm_{name}"
     return handler
 
@@ -155,9 +163,9 @@ def _action(name: str) -> Handler:
 async def vm_start(request: web.Request) -> web.StreamResponse:
     h = hv(request)
     vm = await h.start(h.get(request.match_info["ref"]))
-    if _bool(request, "wait"):  # start and wait in one request: the answer is the exit record, as wait's
-        return codec.respond(request, await h.wait(vm))
-    return codec.respond(request, vm.to_api())
+    if _bool(request, "wait"):  # start and wait in one request (as create with wait=true)
+        await h.wait(vm)
+    return codec.reply(request, contract.Vm, vm.to_api())
 
 
 async def vm_wait(request: web.Request) -> web.StreamResponse:
@@ -168,17 +176,14 @@ async def vm_wait(request: web.Request) -> web.StreamResponse:
         timeout = float(t) if t else None
     except ValueError:
         raise BadRequest(f"timeout must be a number of seconds, got {t!r}", code="invalid_query") from None
-    return codec.respond(request, await h.wait(vm, timeout))
+    return codec.reply(request, contract.WaitResult, await h.wait(vm, timeout))
 
 
 async def vm_fuel(request: web.Request) -> web.StreamResponse:
     h = hv(request)
     vm = h.get(request.match_info["ref"])
-    body = await codec.decode(request, h.cfg.json_limit)
-    amount = body.get("amount")
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise BadRequest("field 'amount' must be a positive integer", code="invalid_field")
-    return codec.respond(request, (await h.add_fuel(vm, amount)).to_api())
+    body = await codec.decode(request, contract.FuelAdd, h.cfg.json_limit)
+    return codec.reply(request, contract.Vm, (await h.add_fuel(vm, body.amount)).to_api())
 
 
 async def vm_logs(request: web.Request) -> web.StreamResponse:
@@ -228,35 +233,44 @@ async def functions_unavailable(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------ table
 ROUTES: list[Route] = [
-    Route("GET", "/v1/info", info, "Daemon version, state and VM counts", tag="system"),
-    Route("GET", "/v1/version", version, "Daemon and wasmtime versions", tag="system"),
-    Route("GET", "/v1/openapi.json", openapi, "This document", tag="system"),
-    Route("GET", "/metrics", metrics, "Prometheus text metrics", tag="system"),
+    Route("GET", "/v1/info", info, "Daemon version, state and VM counts", response=contract.Info, tag="system"),
+    Route("GET", "/v1/version", version, "Daemon and wasmtime versions", response=contract.Version, tag="system"),
+    Route("GET", "/v1/openapi.json", openapi, "This document (generated from microvmd/contract.py)",
+          response="json", tag="system"),
+    Route("GET", "/metrics", metrics, "Prometheus text metrics", response="text", tag="system"),
     Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry",
-          body="binary", tag="images"),
-    Route("GET", "/v1/images", image_list, "List images", tag="images"),
+          request="binary", response=contract.Image, status=201, tag="images"),
+    Route("GET", "/v1/images", image_list, "List images", response=contract.ImageList, tag="images"),
     Route("GET", "/v1/images/{ref}", image_get, "Inspect an image (name, sha256:digest or digest prefix)",
-          tag="images"),
+          response=contract.Image, tag="images"),
     Route("PATCH", "/v1/images/{ref}", image_update,
-          "Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}", body="json", tag="images"),
-    Route("DELETE", "/v1/images/{ref}", image_rm, "Remove an image (409 while VMs use it)", tag="images"),
+          "Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}", request=contract.ImagePatch,
+          response=contract.Image, tag="images"),
+    Route("DELETE", "/v1/images/{ref}", image_rm, "Remove an image (409 while VMs use it)", status=204,
+          tag="images"),
     Route("POST", "/v1/vms", vm_create,
           "Create a VM (start=true starts it; query wait=true answers once it has exited or run out of fuel)",
-          body="json"),
-    Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)"),
-    Route("GET", "/v1/vms/{ref}", vm_get, "Inspect a VM (id, id prefix or name)"),
-    Route("DELETE", "/v1/vms/{ref}", vm_rm, "Remove a VM (force=true kills a live one first)"),
+          request=contract.VmCreate, response=contract.Vm, status=201),
+    Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)", response=contract.VmList),
+    Route("GET", "/v1/vms/{ref}", vm_get, "Inspect a VM (id, id prefix or name)", response=contract.Vm),
+    Route("DELETE", "/v1/vms/{ref}", vm_rm, "Remove a VM (force=true kills a live one first)", status=204),
     Route("POST", "/v1/vms/{ref}/start", vm_start,
-          "Start a created VM (query wait=true answers, like wait, once it has exited or run out of fuel)"),
-    Route("POST", "/v1/vms/{ref}/stop", _action("stop"), "Stop a VM at its next yield point"),
-    Route("POST", "/v1/vms/{ref}/kill", _action("kill"), "Kill a VM"),
-    Route("POST", "/v1/vms/{ref}/pause", _action("pause"), "Pause a running VM (it holds no thread)"),
-    Route("POST", "/v1/vms/{ref}/resume", _action("resume"), "Resume a paused VM"),
-    Route("POST", "/v1/vms/{ref}/wait", vm_wait, "Wait until the VM exits or runs out of fuel; query: timeout"),
-    Route("POST", "/v1/vms/{ref}/fuel", vm_fuel, "Add fuel; an out_of_fuel VM continues", body="json"),
-    Route("GET", "/v1/vms/{ref}/logs", vm_logs, "Console output; query: follow, stream=stdout|stderr|all"),
+          "Start a created VM (query wait=true answers once it has exited or run out of fuel)",
+          response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/stop", _action("stop"), "Stop a VM at its next yield point", response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/kill", _action("kill"), "Kill a VM", response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/pause", _action("pause"), "Pause a running VM (it holds no thread)",
+          response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/resume", _action("resume"), "Resume a paused VM", response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/wait", vm_wait, "Wait until the VM exits or runs out of fuel; query: timeout",
+          response=contract.WaitResult),
+    Route("POST", "/v1/vms/{ref}/fuel", vm_fuel, "Add fuel; an out_of_fuel VM continues", request=contract.FuelAdd,
+          response=contract.Vm),
+    Route("GET", "/v1/vms/{ref}/logs", vm_logs, "Console output; query: follow, stream=stdout|stderr|all",
+          response="text"),
 ] + [
-    Route(m, p, functions_unavailable, "Functions: not built yet (501 not_implemented)", tag="functions")
+    Route(m, p, functions_unavailable, "Functions: not built yet (501 not_implemented)", status=501,
+          tag="functions")
     for m, p in (("POST", "/v1/functions"), ("GET", "/v1/functions"), ("GET", "/v1/functions/{name}"),
                  ("DELETE", "/v1/functions/{name}"), ("POST", "/v1/functions/{name}/invoke"),
                  ("GET", "/v1/functions/{name}/logs"))
@@ -268,33 +282,64 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
         app.router.add_route(r.method, r.path, r.handler)
 
 
+REF = "#/components/schemas/{name}"
+MEDIA = {"binary": ("application/octet-stream", {"type": "string", "format": "binary"}),
+         "text": ("text/plain", {"type": "string"}),
+         "json": ("application/json", {"type": "object", "description": "an OpenAPI 3.1 document",
+                                       "properties": {"openapi": {"type": "string"}, "info": {"type": "object"},
+                                                      "paths": {"type": "object"},
+                                                      "components": {"type": "object"}}})}
+
+
+def _content(body: Body, schemas: dict[type, dict[str, Any]]) -> dict[str, Any]:
+    if isinstance(body, str):
+        media, schema = MEDIA[body]
+        return {media: {"schema": schema}}
+    assert body is not None
+    schema = schemas[body]
+    return {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}}
+
+
 def openapi_document(routes: list[Route]) -> dict[str, Any]:
+    """OpenAPI 3.1, its schemas generated from the contract types the routes name."""
+    types = list(dict.fromkeys([contract.ErrorBody] + [t for r in routes for t in (r.request, r.response)
+                                                        if isinstance(t, type)]))
+    refs, components = msgspec.json.schema_components(types, ref_template=REF)
+    schemas = dict(zip(types, refs, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     error = {"$ref": "#/components/responses/Error"}
+    seen: set[str] = set()
     for r in routes:
-        op: dict[str, Any] = {
-            "summary": r.summary, "operationId": r.handler.__name__, "tags": [r.tag],
-            "responses": {"200": {"description": "OK"}, "4XX": error, "5XX": error},
-        }
+        op_id = r.handler.__name__
+        if op_id in seen:  # one handler serving several routes
+            op_id = f"{op_id}_{r.method.lower()}_" + "_".join(p.strip("{}") for p in r.path.split("/")[2:])
+        seen.add(op_id)
+        ok: dict[str, Any] = {"description": "OK" if r.status < 300 else "Not implemented"}
+        if r.response is not None and r.status < 300:
+            ok["content"] = _content(r.response, schemas)
+        responses: dict[str, Any] = {str(r.status): ok, "4XX": error, "5XX": error}
+        if r.status >= 300:
+            responses = {str(r.status): error}
+        op: dict[str, Any] = {"summary": r.summary, "operationId": op_id, "tags": [r.tag], "responses": responses}
         params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in r.path.split("/") if p.startswith("{")]
         if params:
             op["parameters"] = params
-        if r.body == "json":
-            op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}},
-                                             "application/msgpack": {"schema": {"type": "object"}}}}
-        elif r.body == "binary":
-            op["requestBody"] = {"content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}}
+        if r.request is not None:
+            op["requestBody"] = {"required": r.request == "binary", "content": _content(r.request, schemas)}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "microvmd", "version": __version__,
-                 "description": "Local API of the microvmd WebAssembly micro-VM hypervisor."},
+                 "description": "Local API of the microvmd WebAssembly micro-VM hypervisor. The schemas are "
+                                "generated from microvmd/contract.py."},
         "paths": paths,
-        "components": {"responses": {"Error": {"description": "Error", "content": {"application/json": {
-            "schema": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                "code": {"type": "string"}, "message": {"type": "string"}}}}}}}}}},
+        "components": {
+            "schemas": components,
+            "responses": {"Error": {"description": "Error", "content": {
+                "application/json": {"schema": schemas[contract.ErrorBody]},
+                "application/msgpack": {"schema": schemas[contract.ErrorBody]}}}},
+        },
     }
 
 
@@ -310,13 +355,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = exc.status
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.path, exc.message)
-        return codec.respond(request, exc.to_dict(), status=exc.status)
+        return codec.error(request, exc.code, exc.message, exc.status)
     except web.HTTPException as exc:
         status = exc.status
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
-        return codec.respond(request, {"error": {"code": code, "message": exc.reason}}, status=exc.status)
+        resp = codec.error(request, code, exc.reason, exc.status)
+        if "Allow" in exc.headers:  # a 405 says which methods the path has
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except asyncio.CancelledError:
         raise
     except OSError as exc:
@@ -325,11 +373,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = {503: "resource_exhausted", 507: "insufficient_storage"}.get(status, "internal_error")
         log.error("%s %s: %s", request.method, request.path, exc)
         text = f"host resource exhausted: {exc.strerror or exc}" if status != 500 else f"internal error: {exc}"
-        return codec.respond(request, {"error": {"code": code, "message": text}}, status=status)
+        return codec.error(request, code, text, status)
     except Exception as exc:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return codec.respond(request, {"error": {"code": "internal_error", "message": f"internal error: {exc}"}},
-                             status=500)
+        return codec.error(request, "internal_error", f"internal error: {exc}", 500)
     finally:
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         request.app[METRICS].observe(request.method, route, status, time.perf_counter() - t0)

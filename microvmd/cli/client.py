@@ -307,16 +307,23 @@ def _api_error(resp, data: bytes) -> ApiError:
     return ApiError(resp.status, code, message)
 
 
-def _decode(resp, data: bytes):
+def _decode(resp, data: bytes, answer: type | None = None):
+    """The answer as plain data; with ``answer`` (a type of microvmd.contract) it is decoded through that
+    type first, so a field that is missing or of the wrong kind is reported here, not guessed at later."""
     if not data:
         return None
     ctype = (resp.getheader("Content-Type") or "").lower()
     if "json" in ctype:
-        import json
+        import msgspec
 
         try:
-            return json.loads(data)
-        except ValueError:
+            if answer is None:
+                return msgspec.json.decode(data)
+            return msgspec.to_builtins(msgspec.json.decode(data, type=answer))
+        except msgspec.ValidationError as exc:
+            what = getattr(answer, "__name__", answer)
+            raise ClientError(f"the daemon's answer does not fit {what}: {exc}") from None
+        except msgspec.DecodeError:
             raise ClientError(f"the daemon sent invalid JSON: {data[:200]!r}") from None
     return data
 
@@ -343,6 +350,7 @@ class ApiClient:
         content_type: str | None = None,
         content_length: int | None = None,
         headers: dict | None = None,
+        answer: type | None = None,
     ):
         """Send one request. body: dict/list (sent as JSON), bytes, or a binary file object.
 
@@ -395,7 +403,7 @@ class ApiClient:
                 conn = None  # now owned by the StreamResponse
                 return result
             data = resp.read()
-            return _decode(resp, data)
+            return _decode(resp, data, answer)
         except _errors() as e:
             raise ConnectionLost(self.target, _reason(e)) from None
         finally:

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from microvmd import __version__
+from microvmd import __version__, contract
 from microvmd.cli import output
 from microvmd.cli.client import ApiClient, ApiError, ClientError, Unreachable, q, read_token_file, resolve_target
 from microvmd.cli.spec import EXIT_CLIENT, UsageError, exit_status, looks_like_file, vm_spec_from_args
@@ -134,7 +134,7 @@ def _image_name_from_path(path: str) -> str:
 def _upload_image(ctx: Ctx, path: str, name: str | None = None, entry: str | None = None) -> dict:
     data = _read_file(path)
     query = {k: v for k, v in (("name", name), ("entry", entry)) if v}
-    img = ctx.api.post("/v1/images", data, query=query or None, content_type="application/wasm")
+    img = ctx.api.post("/v1/images", data, query=query or None, content_type="application/wasm", answer=contract.Image)
     if not isinstance(img, dict) or not img.get("digest"):
         raise ClientError(f"unexpected answer to the image upload: {img!r}")
     return img
@@ -329,7 +329,7 @@ class _CountingReader:
 # --- system --------------------------------------------------------------------------------------------
 
 def cmd_info(ctx: Ctx, ns) -> int:
-    info = ctx.api.get("/v1/info")
+    info = ctx.api.get("/v1/info", answer=contract.Info)
     if ctx.json or not isinstance(info, dict):
         ctx.emit(info)
         return 0
@@ -364,7 +364,7 @@ def cmd_version(ctx: Ctx, ns) -> int:
     daemon = None
     problem = None
     try:
-        daemon = ctx.api.get("/v1/info")
+        daemon = ctx.api.get("/v1/info", answer=contract.Info)
     except ClientError as e:
         problem = str(e)
     if ctx.json:
@@ -401,7 +401,8 @@ def cmd_image_import(ctx: Ctx, ns) -> int:
         manifest["limits"] = limits
     img = _upload_image(ctx, ns.file, name, getattr(ns, "entry", None))
     if manifest:
-        img = ctx.api.request("PATCH", f"/v1/images/{q(img.get('name') or img['digest'])}", manifest)
+        img = ctx.api.request("PATCH", f"/v1/images/{q(img.get('name') or img['digest'])}", manifest,
+                              answer=contract.Image)
     if ctx.json:
         ctx.emit(img)
     else:
@@ -410,7 +411,7 @@ def cmd_image_import(ctx: Ctx, ns) -> int:
 
 
 def cmd_image_ls(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/images")
+    answer = ctx.api.get("/v1/images", answer=contract.ImageList)
     if ctx.json:
         ctx.emit(answer)
         return 0
@@ -426,7 +427,7 @@ def cmd_image_ls(ctx: Ctx, ns) -> int:
 
 
 def cmd_image_inspect(ctx: Ctx, ns) -> int:
-    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/images/{q(ref)}"))
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/images/{q(ref)}", answer=contract.Image))
     _emit_results(ctx, results, always_json=True)
     return status
 
@@ -442,7 +443,7 @@ def cmd_image_rm(ctx: Ctx, ns) -> int:
 def _create_vm(ctx: Ctx, ns) -> dict:
     spec = vm_spec_from_args(ns)
     spec["image"] = resolve_image(ctx, ns.image)
-    vm = ctx.api.post("/v1/vms", spec)
+    vm = ctx.api.post("/v1/vms", spec, answer=contract.Vm)
     if not isinstance(vm, dict) or not vm.get("id"):
         raise ClientError(f"unexpected answer to the VM creation: {vm!r}")
     return vm
@@ -485,9 +486,10 @@ def _attach(ctx: Ctx, vm_id: str, *, start: bool) -> int:
         try:
             follower.start()
             if start:
-                exit_obj = api.post(f"/v1/vms/{q(vm_id)}/start", query={"wait": "true"})
+                vm = api.post(f"/v1/vms/{q(vm_id)}/start", query={"wait": "true"}, answer=contract.Vm)
+                exit_obj = _exit_of(vm)
             else:
-                exit_obj = api.post(f"/v1/vms/{q(vm_id)}/wait")
+                exit_obj = api.post(f"/v1/vms/{q(vm_id)}/wait", answer=contract.WaitResult)
             follower.finish(LOG_DRAIN_GRACE)
         except KeyboardInterrupt:
             follower.abort()
@@ -503,6 +505,13 @@ def _attach(ctx: Ctx, vm_id: str, *, start: bool) -> int:
     finally:
         restore()
         follower.close()
+
+
+def _exit_of(vm: dict) -> dict:
+    """The exit object of a VM that has ended or run out of fuel, as wait would answer it."""
+    if vm.get("exit"):
+        return vm["exit"]
+    return {"code": None, "reason": vm.get("state")}
 
 
 def _interrupt_on_termination():
@@ -537,19 +546,19 @@ def _kill_after_interrupt(ctx: Ctx, vm_id: str):
     api = ctx.api
     try:
         try:
-            vm = api.post(f"/v1/vms/{q(vm_id)}/kill")
+            vm = api.post(f"/v1/vms/{q(vm_id)}/kill", answer=contract.Vm)
         except ApiError:
             pass  # it has exited already (invalid_state): report its real exit below
         else:
-            if isinstance(vm, dict) and vm.get("exit"):
+            if vm.get("exit"):
                 return vm["exit"]  # (an ephemeral VM is gone once it has ended: nothing to wait for)
-        return api.post(f"/v1/vms/{q(vm_id)}/wait", query={"timeout": "5"})
+        return api.post(f"/v1/vms/{q(vm_id)}/wait", query={"timeout": "5"}, answer=contract.WaitResult)
     except (ClientError, KeyboardInterrupt):
         return None
 
 
 def cmd_vm_action(ctx: Ctx, ns) -> int:
-    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.post(f"/v1/vms/{q(ref)}/{ns.action}"))
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.post(f"/v1/vms/{q(ref)}/{ns.action}", answer=contract.Vm))
     _emit_results(ctx, results)
     return status
 
@@ -558,7 +567,7 @@ def cmd_wait(ctx: Ctx, ns) -> int:
     query = None
     if ns.timeout is not None:
         query = {"timeout": f"{_convert(parse_duration, ns.timeout, '--timeout'):g}"}
-    exit_obj = ctx.api.post(f"/v1/vms/{q(ns.ref)}/wait", query=query)
+    exit_obj = ctx.api.post(f"/v1/vms/{q(ns.ref)}/wait", query=query, answer=contract.WaitResult)
     if ctx.json:
         ctx.emit(exit_obj)
     return _report_exit(ctx, ns.ref, exit_obj)
@@ -588,7 +597,7 @@ def _uptime(vm: dict) -> str:
 
 
 def cmd_ps(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/vms", query={"all": "true"} if ns.all else None)
+    answer = ctx.api.get("/v1/vms", query={"all": "true"} if ns.all else None, answer=contract.VmList)
     if ctx.json:
         ctx.emit(answer)
         return 0
@@ -615,7 +624,7 @@ def cmd_ps(ctx: Ctx, ns) -> int:
 
 
 def cmd_inspect(ctx: Ctx, ns) -> int:
-    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/vms/{q(ref)}"))
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/vms/{q(ref)}", answer=contract.Vm))
     _emit_results(ctx, results, always_json=True)
     return status
 
@@ -629,7 +638,7 @@ def cmd_fuel_add(ctx: Ctx, ns) -> int:
     amount = _convert(parse_count, ns.amount, "AMOUNT")
     if amount <= 0:
         raise UsageError(f"AMOUNT: must be positive, got {ns.amount!r}")
-    vm = ctx.api.post(f"/v1/vms/{q(ns.ref)}/fuel", {"amount": amount})
+    vm = ctx.api.post(f"/v1/vms/{q(ns.ref)}/fuel", {"amount": amount}, answer=contract.Vm)
     if ctx.json:
         ctx.emit(vm)
     elif isinstance(vm, dict):
@@ -653,7 +662,7 @@ def cmd_disk_create(ctx: Ctx, ns) -> int:
     elif not ns.from_file:
         raise UsageError("the following arguments are required: --size (or --from FILE)")
     if not ns.from_file:
-        disk = ctx.api.post("/v1/disks", body)
+        disk = ctx.api.post("/v1/disks", body, answer=contract.Disk)
     else:
         # The daemon may be on another host: create the disk, then upload the file's bytes to it.
         try:
@@ -672,11 +681,11 @@ def cmd_disk_create(ctx: Ctx, ns) -> int:
 
 def _disk_create_from(ctx: Ctx, body: dict, f, size: int, label: str):
     name = body["name"]
-    ctx.api.post("/v1/disks", body)
+    ctx.api.post("/v1/disks", body, answer=contract.Disk)
     progress = Progress(f"Copying {label}", size)
     try:
         disk = ctx.api.request("PUT", f"/v1/disks/{q(name)}/content", _CountingReader(f, progress),
-                               content_type="application/octet-stream", content_length=size)
+                               content_type="application/octet-stream", content_length=size, answer=contract.Disk)
     except BaseException:
         try:
             ctx.api.delete(f"/v1/disks/{q(name)}")  # do not leave an empty disk behind
@@ -688,7 +697,7 @@ def _disk_create_from(ctx: Ctx, body: dict, f, size: int, label: str):
 
 
 def cmd_disk_ls(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/disks")
+    answer = ctx.api.get("/v1/disks", answer=contract.DiskList)
     if ctx.json:
         ctx.emit(answer)
         return 0
@@ -714,7 +723,7 @@ def cmd_snapshot_create(ctx: Ctx, ns) -> int:
     body: dict = {"diff": bool(ns.diff)}
     if ns.name:
         body["name"] = ns.name
-    snap = ctx.api.post(f"/v1/vms/{q(ns.ref)}/snapshots", body)
+    snap = ctx.api.post(f"/v1/vms/{q(ns.ref)}/snapshots", body, answer=contract.Snapshot)
     if ctx.json:
         ctx.emit(snap)
     else:
@@ -723,7 +732,7 @@ def cmd_snapshot_create(ctx: Ctx, ns) -> int:
 
 
 def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/snapshots")
+    answer = ctx.api.get("/v1/snapshots", answer=contract.SnapshotList)
     if ctx.json:
         ctx.emit(answer)
         return 0
@@ -744,7 +753,7 @@ def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
 
 
 def cmd_snapshot_inspect(ctx: Ctx, ns) -> int:
-    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/snapshots/{q(ref)}"))
+    status, results = _each(ctx, ns.refs, lambda ref: ctx.api.get(f"/v1/snapshots/{q(ref)}", answer=contract.Snapshot))
     _emit_results(ctx, results, always_json=True)
     return status
 
@@ -811,6 +820,7 @@ def cmd_snapshot_import(ctx: Ctx, ns) -> int:
             _CountingReader(f, progress),
             content_type="application/octet-stream",
             content_length=size,
+            answer=contract.Snapshot,
         )
     finally:
         if f is not sys.stdin.buffer:
@@ -827,7 +837,7 @@ def cmd_restore(ctx: Ctx, ns) -> int:
     body: dict = {"start": bool(ns.start)}
     if ns.name:
         body["name"] = ns.name
-    vm = ctx.api.post(f"/v1/snapshots/{q(ns.ref)}/restore", body)
+    vm = ctx.api.post(f"/v1/snapshots/{q(ns.ref)}/restore", body, answer=contract.Vm)
     if ctx.json:
         ctx.emit(vm)
     else:
@@ -864,7 +874,7 @@ def cmd_migrate(ctx: Ctx, ns) -> int:
         body["token"] = read_token_file(ns.to_token_file)
     if getattr(ns, "to_ca", None):
         body["ca_file"] = os.path.abspath(ns.to_ca)
-    answer = ctx.api.post(f"/v1/vms/{q(ns.ref)}/migrate", body)
+    answer = ctx.api.post(f"/v1/vms/{q(ns.ref)}/migrate", body, answer=contract.MigrateResult)
     if ctx.json:
         ctx.emit(answer)
     else:

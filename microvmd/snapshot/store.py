@@ -34,6 +34,7 @@ from typing import Any
 
 import msgpack
 
+from .. import contract
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound, Unprocessable
 
 log = logging.getLogger("microvmd.snapshot")
@@ -194,12 +195,10 @@ def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
             raise SnapshotError(f"{where}: manifest has no vm.{key}")
     if not isinstance(vm["spec"], dict):
         raise SnapshotError(f"{where}: vm.spec is not a map")
-    from ..vmm.spec import vm_spec  # the API's own checks: a snapshot's spec is as untrusted as a request
-
-    try:
-        vm_spec(vm["spec"])
-    except Exception as exc:
-        raise SnapshotError(f"{where}: vm.spec is invalid: {getattr(exc, 'message', exc)}") from None
+    try:  # the contract's own checks: a snapshot's spec is as untrusted as a request
+        contract.convert(vm["spec"], contract.VmSpec)
+    except contract.ContractError as exc:
+        raise SnapshotError(f"{where}: vm.spec is invalid: {exc.message}") from None
     fc, fb = vm.get("fuel_consumed", 0), vm.get("fuel_budget")
     if not (isinstance(fc, int) and not isinstance(fc, bool) and 0 <= fc < 1 << 63):
         raise SnapshotError(f"{where}: vm.fuel_consumed is not a count")

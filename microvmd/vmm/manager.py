@@ -18,6 +18,7 @@ from typing import Any
 
 import wasmtime
 
+from .. import contract
 from ..config import Config
 from ..engine import wt
 from ..engine.hostop import loop_waker
@@ -81,17 +82,18 @@ class Hypervisor:
         self.images.load()
         self.registry.load(self._vm_from_record)
 
-    def _vm_from_record(self, rec: dict[str, Any], d: Path) -> Vm:
-        spec = VmSpec.from_dict(rec["spec"])
-        vm = Vm(rec["id"], spec, rec["digest"], rec["image_name"], d, self.cfg.limits.log_bytes,
-                rec.get("memory_limit", self.cfg.limits.memory))
-        vm.state = VmState(rec["state"])
-        vm.created, vm.started, vm.finished = rec["created"], rec.get("started"), rec.get("finished")
-        vm.exit = ExitRecord(**rec["exit"]) if rec.get("exit") else None
-        vm.fuel_consumed = rec.get("fuel_consumed", 0)
-        vm.fuel_budget = rec.get("fuel_budget")
-        vm.peak_memory = rec.get("peak_memory", 0)
-        vm.snapshot_kind = rec.get("snapshot_kind", "stopped_only")
+    def _vm_from_record(self, raw: Any, d: Path) -> Vm:
+        rec = contract.convert(raw, contract.VmRecord)  # a record is checked like a request
+        vm = Vm(rec.id, VmSpec.from_contract(rec.spec), rec.digest, rec.image_name, d, self.cfg.limits.log_bytes,
+                self.cfg.limits.memory if rec.memory_limit is None else rec.memory_limit)
+        vm.state = VmState(rec.state)
+        vm.created, vm.started, vm.finished = rec.created, rec.started, rec.finished
+        e = rec.exit
+        vm.exit = None if e is None else ExitRecord(e.code, e.reason, e.fuel_consumed, e.peak_memory, e.wall_time_s)
+        vm.fuel_consumed = rec.fuel_consumed
+        vm.fuel_budget = rec.fuel_budget
+        vm.peak_memory = rec.peak_memory
+        vm.snapshot_kind = rec.snapshot_kind
         return vm
 
     async def shutdown(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import contract
 from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
@@ -53,15 +54,28 @@ class VmSpec:
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VmSpec:
+    def from_contract(cls, c: contract.VmSpec) -> VmSpec:
+        """The spec as the contract decoded it (a request, a record, a snapshot's manifest)."""
         return cls(
-            image=d["image"], name=d.get("name"), args=list(d.get("args", [])), env=dict(d.get("env", {})),
-            fuel=d.get("fuel"), memory=d.get("memory"), timeout=d.get("timeout"),
-            dirs=[DirSpec(**x) for x in d.get("dirs", [])], disks=[DiskSpec(**x) for x in d.get("disks", [])],
-            publish=[PublishSpec(**x) for x in d.get("publish", [])],
-            allow_egress=list(d.get("allow_egress", [])), auto_remove=bool(d.get("auto_remove", False)),
-            ephemeral=bool(d.get("ephemeral", False)), net_rate_limiter=d.get("net_rate_limiter"),
+            image=c.image, name=c.name, args=list(c.args), env=dict(c.env), fuel=c.fuel, memory=c.memory,
+            timeout=c.timeout, dirs=[DirSpec(x.host, x.guest or x.host, x.readonly) for x in c.dirs],
+            disks=[DiskSpec(x.name, x.mode, _limiter(x.rate_limiter)) for x in c.disks],
+            publish=[PublishSpec(x.guest_port, x.host_port, x.host_ip or "127.0.0.1") for x in c.publish],
+            allow_egress=list(c.allow_egress), auto_remove=c.auto_remove, ephemeral=c.ephemeral,
+            net_rate_limiter=_limiter(c.net_rate_limiter),
         )
+
+    @classmethod
+    def from_dict(cls, d: Any) -> VmSpec:
+        """A stored spec (untrusted: decoded and checked like a request); ContractError when it does not fit."""
+        return cls.from_contract(contract.convert(d, contract.VmSpec))
+
+
+def _limiter(c: contract.RateLimiter | None) -> dict[str, Any] | None:
+    """As the devices keep it: None when no bucket is set, else both keys (a bucket with all three fields)."""
+    if c is None or (c.bandwidth is None and c.ops is None):
+        return None
+    return contract.to_builtins(c)  # type: ignore[no-any-return]
 
 
 @dataclass

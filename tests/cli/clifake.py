@@ -27,6 +27,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from microvmd import contract
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -50,14 +52,17 @@ class FakeVM:
         self.killed = threading.Event()
 
     def obj(self):
+        spec = {k: v for k, v in self.spec.items() if k != "start"}
+        spec = contract.to_builtins(contract.convert(spec, contract.VmSpec))
         return {
-            "id": self.id, "name": self.spec.get("name"), "image": self.spec["image"],
-            "digest": self.image["digest"], "state": self.state, "args": self.spec.get("args", []),
-            "env": self.spec.get("env", {}),
-            "limits": {k: self.spec.get(k) for k in ("fuel", "memory", "timeout")},
-            "fuel_consumed": 1234, "fuel_remaining": None, "memory_bytes": 65536,
+            "id": self.id, "name": self.spec.get("name") or self.id[:12], "image": self.spec["image"],
+            "digest": self.image["digest"], "state": self.state, "blocked_in": None,
+            "args": self.spec.get("args", []), "env": self.spec.get("env", {}),
+            "limits": {"fuel": self.spec.get("fuel"), "memory": self.spec.get("memory") or 1 << 28,
+                       "timeout": self.spec.get("timeout")},
+            "fuel_consumed": 1234, "fuel_remaining": None, "memory_bytes": 65536, "peak_memory": 65536,
             "created": self.created, "started": self.started, "finished": None, "exit": self.exit,
-            "devices": {}, "snapshot_kind": "stopped_only",
+            "devices": {}, "snapshot_kind": "stopped_only", "spec": spec,
         }
 
     def start(self):
@@ -140,11 +145,40 @@ class FakeDaemon:
 
     def add_image(self, data, name=None):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        img = {"name": name or digest, "digest": digest, "size": len(data), "created": time.time(),
-               "entry": "_start", "args": [], "env": {}, "limits": {}, "kind": "wasi", "asyncify": False,
-               "imports": [], "exports": []}
+        img = {"digest": digest, "size": len(data), "created": time.time(), "names": [name] if name else [],
+               "entry": "_start", "boot": [], "args": [], "env": {}, "limits": {}, "kind": "wasi",
+               "asyncify": False, "imports": [], "exports": [], "mutable_globals": {}, "asyncify_globals": None,
+               "source_format": "wasm", "name": name or digest}
         self.images[img["name"]] = img
         return img
+
+
+def _request_type(method, parts):
+    """The contract's type for a JSON request body (the client's answers are checked by the client itself,
+    which decodes every answer through the contract's response types)."""
+    tail = parts[3] if len(parts) == 4 else None
+    if parts[:2] == ["v1", "vms"]:
+        if method == "POST" and len(parts) == 2:
+            return contract.VmCreate
+        return {"fuel": contract.FuelAdd, "snapshots": contract.SnapshotCreate, "migrate": contract.Migrate}.get(tail)
+    if parts[:2] == ["v1", "snapshots"] and tail == "restore":
+        return contract.Restore
+    if parts == ["v1", "disks"] and method == "POST":
+        return contract.DiskCreate
+    if parts[:2] == ["v1", "images"] and method == "PATCH":
+        return contract.ImagePatch
+    return None
+
+
+def _snapshot(name, vm_id):
+    return {"name": name, "created": time.time(), "kind": "created", "parent": None,
+            "vm": {"id": vm_id, "name": None, "image": None, "digest": "sha256:" + "0" * 64, "state": "created"},
+            "memory_bytes": 65536, "chunks": 1, "disks": [], "stats": {"frozen_ms": 0.1},
+            "wasmtime": "50.0.1", "engine": "fake"}
+
+
+def _disk(name, size):
+    return {"name": name, "size": size, "allocated": 0, "created": time.time(), "used_by": [], "attachments": []}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -190,6 +224,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if body and "json" in (self.headers.get("Content-Type") or ""):
                 rec["json"] = json.loads(body)
+                typ = _request_type(method, parts)
+                if typ is not None:  # the client must send what the real daemon accepts
+                    try:
+                        contract.decode(body, typ)
+                    except contract.ContractError as exc:
+                        raise ApiFail(400, exc.code, exc.message) from None
             return self._route(method, parts, query, body, rec.get("json"))
         except ApiFail as e:
             self._send(e.status, {"error": {"code": e.code, "message": e.message}})
@@ -197,9 +237,15 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method, parts, query, body, js):
         d = self.daemon
         if parts == ["v1", "info"]:
-            return self._send(200, {"version": "9.9.9", "wasmtime_version": "50.0.1", "state_dir": "/x",
-                                    "socket": d.socket_path, "vms": {"running": 1}, "images": len(d.images),
-                                    "uptime_s": 12.5, "engine": {"fuel": True}})
+            return self._send(200, {"version": "9.9.9", "wasmtime_version": "50.0.1", "api_version": "v1",
+                                    "state_dir": "/x", "socket": d.socket_path, "vms": {"running": 1},
+                                    "images": len(d.images), "uptime_s": 12.5,
+                                    "engine": {"fingerprint": "fake", "workers": 2, "epoch_interval_s": 0.01},
+                                    "event_loop": {"max_lag_ms": 0.5, "stalls": 0, "threshold_ms": 100.0},
+                                    "limits": {"memory": 1 << 28, "max_memory": 1 << 32, "fuel": None,
+                                               "timeout": None, "upload": 1 << 28},
+                                    "snapshots": {"dirty_tracking": "off"},
+                                    "console": {"mode": "auto", "file_descriptors": 0}})
         if parts[:2] == ["v1", "images"]:
             if method == "POST" and len(parts) == 2:
                 return self._send(201, d.add_image(body, query.get("name")))
@@ -238,9 +284,11 @@ class Handler(BaseHTTPRequestHandler):
                 if vm.state != "created":
                     raise ApiFail(409, "invalid_state", f"cannot start a VM in state {vm.state}")
                 vm.start()
-                if query.get("wait") != "true":
-                    return self._send(200, vm.obj())
-                action = "wait"  # start?wait=true answers as wait does
+                if query.get("wait") == "true":  # answers once the VM has ended, as create with wait=true
+                    with d.cond:
+                        while vm.state not in ("exited", "out_of_fuel"):
+                            d.cond.wait(0.05)
+                return self._send(200, vm.obj())
             if action == "kill":
                 if vm.state == "exited":
                     raise ApiFail(409, "invalid_state", "VM has exited")
@@ -257,23 +305,25 @@ class Handler(BaseHTTPRequestHandler):
                     while vm.state not in ("exited", "out_of_fuel") and time.time() < deadline:
                         d.cond.wait(0.05)
                 if vm.state == "out_of_fuel":
-                    return self._send(200, {"code": None, "reason": "out_of_fuel"})
-                return self._send(200, vm.exit)
+                    return self._send(200, {"state": "out_of_fuel", "code": None, "reason": "out_of_fuel",
+                                            "fuel_consumed": 1234, "peak_memory": 65536, "wall_time_s": None})
+                return self._send(200, {"state": vm.state, **vm.exit})
             if action == "logs":
                 return self._logs(vm, query)
             if action == "snapshots" and method == "POST":
                 name = (js or {}).get("name") or f"{vm.id[:12]}-snap"
-                snap = {"name": name, "vm": vm.id, "diff": bool((js or {}).get("diff")), "size": 10,
-                        "created": time.time(), "kind": "asyncify"}
+                snap = _snapshot(name, vm.id)
                 d.snapshots[name] = snap
                 return self._send(201, snap)
             if action == "migrate":
-                return self._send(200, {"id": vm.id, "to": js["to"]})
+                return self._send(200, {"vm": vm.obj(), "to": js["to"], "snapshot": "m", "stats": {
+                    "total_ms": 1.0, "chunks_sent": 1, "chunks_total": 1, "capture_ms": 0.1, "downtime_ms": 1.0,
+                    "prepare_ms": 0.1, "transfer_ms": 0.1, "restore_ms": 0.1}})
         if parts[:2] == ["v1", "snapshots"]:
             if len(parts) == 2:
                 return self._send(200, {"snapshots": list(d.snapshots.values())})
             if parts[2] == "import":
-                snap = {"name": f"imported-{len(body)}", "size": len(body)}
+                snap = _snapshot(f"imported-{len(body)}", "0" * 32)
                 d.snapshots[snap["name"]] = snap
                 return self._send(201, snap)
             snap = d.snapshots.get(parts[2])
@@ -292,9 +342,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, snap)
         if parts[:2] == ["v1", "disks"]:
             if method == "POST":
-                return self._send(201, {**js, "created": time.time()})
+                return self._send(201, _disk(js["name"], js["size"]))
+            if method == "PUT":
+                return self._send(200, _disk(parts[2], len(body)))
             if method == "GET":
-                return self._send(200, {"disks": [{"name": "d1", "size": 1 << 20, "created": time.time()}]})
+                return self._send(200, {"disks": [_disk("d1", 1 << 20)]})
             return self._send(204)
         if parts[:2] == ["v1", "functions"]:
             if method == "POST" and len(parts) == 2:

@@ -69,13 +69,13 @@ def test_ephemeral_vm_is_listed_while_it_runs_and_its_console_follows(api: Api) 
         time.sleep(0.02)
 
 
-def test_start_with_wait_answers_like_wait(api: Api) -> None:
+def test_start_with_wait_answers_once_the_vm_has_ended(api: Api) -> None:
     vm = api.create("hello", "4", ephemeral=True)
-    ex = api.ok("POST", f"/v1/vms/{vm['id']}/start?wait=true")
-    assert ex["code"] == 4 and ex["reason"] == "exit" and ex["state"] == "exited"
+    done = api.ok("POST", f"/v1/vms/{vm['id']}/start?wait=true")
+    assert done["state"] == "exited" and done["exit"]["code"] == 4 and done["exit"]["reason"] == "exit"
     persistent = api.create("hello", "6")
-    ex = api.ok("POST", f"/v1/vms/{persistent['id']}/start?wait=true")
-    assert ex["code"] == 6
+    done = api.ok("POST", f"/v1/vms/{persistent['id']}/start?wait=true")
+    assert done["exit"]["code"] == 6
     assert api.vm(persistent["id"])["state"] == "exited"  # a VM that is not ephemeral stays
     api.ok("DELETE", f"/v1/vms/{persistent['id']}")
 

@@ -1,0 +1,566 @@
+"""The API contract: one msgspec type for every request body and every JSON response body of the v1 API.
+
+The daemon decodes requests into these types (JSON and MessagePack alike) and encodes its answers through
+them; the OpenAPI document is generated from them; the client decodes the answers with them; VM records and
+the spec inside a snapshot manifest are decoded with them too. A rule that a type or a ``Meta`` constraint
+can state lives here; the few that cannot (an IP address, the rate limiter's own rules) are in
+``check_vm_spec`` below, the one place that runs them.
+
+Request types forbid unknown fields (a typo is a 400 naming the field); response types do not, so a client
+keeps working against a daemon that has learnt new fields. Fields are declared in the order the daemon has
+always sent them: the field order is the key order on the wire and in ``microvm --json`` output.
+
+This module is imported by the client, so it imports nothing heavy: msgspec and the standard library only.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+__all__ = ["UNSET", "UnsetType"]
+
+T = TypeVar("T")
+
+U63 = 1 << 63
+Count = Annotated[int, Meta(ge=0, le=U63 - 1)]
+Positive = Annotated[int, Meta(gt=0, le=U63 - 1)]
+Seconds = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+HostPort = Annotated[int, Meta(ge=0, le=65535)]
+Digest = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
+# "(?![\s\S])" is the end of the string in Python and in ECMA regexes alike; "$" would let a final "\n" in
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(?![\s\S])"
+Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
+# VM names are freer than image or disk names, but never a path, a control character or a bidi override
+VM_NAME_PATTERN = r"^(?!\.\.?(?![\s\S]))[^/\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]{1,128}(?![\s\S])"
+VmName = Annotated[str, Meta(pattern=VM_NAME_PATTERN)]
+VmState = Literal["created", "running", "paused", "out_of_fuel", "exited", "stopped"]
+DiskMode = Literal["rw", "ro", "cow"]
+Number = int | float  # a float field that keeps an integer as the client sent it
+
+
+class Request(Struct, forbid_unknown_fields=True):
+    """A request body. ``error_codes`` maps a top-level field to the error code of a 400 about it
+    (default ``invalid_field``): the codes clients already rely on."""
+
+    error_codes: ClassVar[dict[str, str]] = {}
+    error_hints: ClassVar[dict[str, str]] = {}  # field -> what a user needs to read instead of a regex
+
+
+class Response(Struct):
+    """A response body; unknown fields are ignored so that an older client reads a newer daemon."""
+
+
+# ================================================================== rate limiters (Firecracker's buckets)
+class Bucket(Request):
+    size: Annotated[int, Meta(ge=0, lt=1 << 62, description="tokens; 0 disables the bucket")]
+    refill_time: Annotated[int, Meta(ge=0, lt=1 << 62, description="ms from empty to full; 0 disables it")]
+    one_time_burst: Annotated[int, Meta(ge=0, lt=1 << 62)] = 0
+
+
+class RateLimiter(Request):
+    """``bandwidth`` counts bytes, ``ops`` counts calls; a missing or null bucket is unlimited."""
+
+    bandwidth: Bucket | None = None
+    ops: Bucket | None = None
+
+
+class RateLimiterPatch(Request):
+    """A bucket left out keeps its setting, ``null`` removes it, an object replaces it."""
+
+    bandwidth: Bucket | None | UnsetType = UNSET
+    ops: Bucket | None | UnsetType = UNSET
+
+
+# ================================================================== the VM spec (request, record, snapshot)
+class DirSpec(Request):
+    host: str
+    guest: str | None = None  # the host path when left out
+    readonly: bool = False
+
+
+class DiskAttach(Request):
+    name: str
+    mode: DiskMode = "rw"
+    rate_limiter: RateLimiter | None = None
+
+
+class Publish(Request):
+    guest_port: Port
+    host_port: HostPort = 0
+    host_ip: str | None = "127.0.0.1"
+
+
+class VmSpec(Request):
+    """What a user asks a VM to be; stored in its record and in its snapshots as it was accepted."""
+
+    image: Annotated[str, Meta(min_length=1, description="image name, sha256:<hex> or a digest prefix")]
+    name: VmName | None = None
+    args: list[str] = []
+    env: dict[str, str] = {}
+    fuel: Positive | None = None
+    memory: Annotated[int, Meta(ge=0, le=U63 - 1, description="bytes")] | None = None
+    timeout: Annotated[Number, Meta(description="seconds")] | None = None
+    dirs: list[DirSpec] = []
+    disks: list[DiskAttach] = []
+    publish: list[Publish] = []
+    allow_egress: list[Annotated[str, Meta(description="HOST:PORT or CIDR:PORT")]] = []
+    auto_remove: bool = False
+    ephemeral: Annotated[bool, Meta(description="no record and no console files (output kept in memory); "
+                                                "the VM is gone when it ends")] = False
+    net_rate_limiter: RateLimiter | None = None
+
+    error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
+                                             "memory": "invalid_limit", "timeout": "invalid_limit"}
+    error_hints: ClassVar[dict[str, str]] = {
+        "name": "invalid VM name: 1-128 characters without '/', control characters or bidi overrides, "
+                "and not '.' or '..'"}
+
+
+class VmCreate(VmSpec):
+    """``POST /v1/vms``: the spec, and whether to start the VM at once."""
+
+    start: bool = False
+
+
+class FuelAdd(Request):
+    amount: Positive
+
+
+class ImageLimits(Request):
+    fuel: Positive | None | UnsetType = UNSET
+    memory: Annotated[int, Meta(ge=65536, le=U63 - 1)] | None | UnsetType = UNSET
+    timeout: Annotated[Number, Meta(description="seconds")] | None | UnsetType = UNSET
+
+
+class ImagePatch(Request):
+    """``PATCH /v1/images/{ref}``: the image's defaults; a field left out keeps its value."""
+
+    entry: str | UnsetType = UNSET
+    args: list[str] | UnsetType = UNSET
+    env: dict[str, str] | UnsetType = UNSET
+    limits: ImageLimits | UnsetType = UNSET
+
+
+class DiskCreate(Request):
+    name: Name
+    size: Annotated[int, Meta(ge=0, description="bytes")]
+    from_: None = field(default=None, name="from")  # content comes with PUT /v1/disks/{name}/content
+
+    error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "size": "invalid_size"}
+    error_hints: ClassVar[dict[str, str]] = {
+        "name": "invalid disk name: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        "size": "field 'size' must be a non-negative integer (bytes)"}
+
+
+class DiskPatch(Request):
+    rate_limiter: RateLimiterPatch | None
+
+
+class SnapshotCreate(Request):
+    name: str | None = None
+    diff: bool = False
+
+
+class Restore(Request):
+    name: str | None = None
+    start: bool = False
+
+
+class ChunksMissing(Request):
+    chunks: Annotated[list[Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}(?![\s\S])")]], Meta(max_length=1 << 20)]
+
+
+class Migrate(Request):
+    to: Annotated[str, Meta(min_length=1, description="unix:///path/to.sock or https://HOST:PORT")]
+    token: str | None = None
+    ca_file: Annotated[str, Meta(pattern="^/", description="a CA file on the daemon's host")] | None = None
+
+
+def check_vm_spec(spec: VmSpec) -> VmSpec:
+    """The rules of a VM spec that a type cannot state; raises ContractError naming the field.
+
+    Every decoded spec passes here (``convert``/``decode`` call it), so a request, a record and a
+    snapshot's spec are held to the same rules. Limits that depend on the daemon's configuration (the
+    memory ceiling, existing names, host directories) are the Hypervisor's to check."""
+    import ipaddress  # here: the client imports this module and never needs it
+    for i, p in enumerate(spec.publish):
+        if p.host_ip is None:
+            p.host_ip = "127.0.0.1"
+        try:
+            ipaddress.ip_address(p.host_ip)
+        except ValueError:
+            raise ContractError(f"publish[{i}].host_ip {p.host_ip!r} is not an IP address",
+                                "invalid_field") from None
+    for d in spec.dirs:
+        if not d.guest:
+            d.guest = d.host
+    if spec.timeout is not None and not 0 < spec.timeout < float("inf"):
+        raise ContractError("timeout must be a positive number of seconds", "invalid_limit")
+    return spec
+
+
+# ================================================================== responses
+class ErrorDetail(Response):
+    code: str
+    message: str
+
+
+class ErrorBody(Response):
+    error: ErrorDetail
+
+
+class Version(Response):
+    version: str
+    wasmtime_version: str
+    api_version: str
+
+
+class EngineInfo(Response):
+    fingerprint: str
+    workers: int
+    epoch_interval_s: float
+
+
+class EventLoopInfo(Response):
+    max_lag_ms: float
+    stalls: int
+    threshold_ms: float
+
+
+class DaemonLimits(Response):
+    memory: int
+    max_memory: int
+    fuel: int | None
+    timeout: Number | None
+    upload: int
+
+
+class SnapshotsInfo(Response):
+    dirty_tracking: str
+
+
+class ConsoleInfo(Response):
+    mode: str
+    file_descriptors: int
+
+
+class Info(Response):
+    version: str
+    wasmtime_version: str
+    api_version: str
+    state_dir: str
+    socket: str
+    vms: dict[str, int]
+    images: int
+    uptime_s: float
+    engine: EngineInfo
+    event_loop: EventLoopInfo
+    limits: DaemonLimits
+    snapshots: SnapshotsInfo
+    console: ConsoleInfo
+
+
+class ImageDefaults(Response):
+    fuel: int | UnsetType = UNSET
+    memory: int | UnsetType = UNSET
+    timeout: Number | UnsetType = UNSET
+
+
+class Image(Response):
+    digest: str
+    size: int
+    created: float
+    names: list[str]
+    entry: str | None
+    boot: list[str]
+    args: list[str]
+    env: dict[str, str]
+    limits: ImageDefaults
+    kind: str  # "wasi", "sdk" or "reactor"
+    asyncify: bool
+    imports: list[str]
+    exports: list[str]
+    mutable_globals: dict[str, str]
+    asyncify_globals: list[int] | None
+    source_format: str
+    name: str
+
+
+class ImageList(Response):
+    images: list[Image]
+
+
+class ExitRecord(Response):
+    code: int | None
+    reason: str  # "exit", or why the host stopped the guest: out_of_fuel, timeout, trap: ..., killed, ...
+    fuel_consumed: int
+    peak_memory: int
+    wall_time_s: float
+
+
+class WaitResult(Response):
+    """``POST /v1/vms/{ref}/wait``: the exit record with the state; out_of_fuel has no wall time yet."""
+
+    state: VmState
+    code: int | None
+    reason: str
+    fuel_consumed: int
+    peak_memory: int
+    wall_time_s: float | None
+
+
+class VmLimits(Response):
+    fuel: int | None
+    memory: int
+    timeout: Number | None
+
+
+class BucketState(Response):
+    size: int
+    refill_time: int
+    one_time_burst: int
+
+
+class RateLimiterState(Response):
+    bandwidth: BucketState | None
+    ops: BucketState | None
+
+
+class BlkDisk(Response):
+    index: int
+    name: str
+    mode: str
+    size: int
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+    flushes: int
+    throttled_s: float
+    errors: int
+    private_bytes: int
+    rate_limiter: RateLimiterState | None
+
+
+class Published(Response):
+    host_ip: str
+    host_port: int
+    guest_port: int
+
+
+class NetStats(Response):
+    connections_in: int
+    connections_out: int
+    bytes_in: int
+    bytes_out: int
+    refused: int
+    dropped: int
+    throttled_s: float
+
+
+class NetInfo(Response):
+    published: list[Published]
+    egress: list[str]
+    sockets: int
+    stats: NetStats
+    rate_limiter: RateLimiterState | None
+
+
+class Devices(Response):
+    blk: list[BlkDisk] | UnsetType = UNSET
+    net: NetInfo | UnsetType = UNSET
+
+
+class Vm(Response):
+    id: str
+    name: str
+    image: str
+    digest: str
+    state: VmState
+    blocked_in: str | None
+    args: list[str]
+    env: dict[str, str]
+    limits: VmLimits
+    fuel_consumed: int
+    fuel_remaining: int | None
+    memory_bytes: int
+    peak_memory: int
+    created: float
+    started: float | None
+    finished: float | None
+    exit: ExitRecord | None
+    devices: Devices
+    snapshot_kind: Literal["asyncify", "stopped_only"]
+    spec: VmSpec
+
+
+class VmList(Response):
+    vms: list[Vm]
+
+
+class DiskAttachment(Response):
+    vm: str
+    vm_name: str
+    index: int
+    mode: str
+
+
+class Disk(Response):
+    name: str
+    size: int
+    allocated: int
+    created: float
+    used_by: list[str]
+    attachments: list[DiskAttachment]
+
+
+class DiskList(Response):
+    disks: list[Disk]
+
+
+class SnapshotVm(Response):
+    id: str
+    name: str | None
+    image: str | None
+    digest: str
+    state: str | None
+
+
+class SnapshotDisk(Response):
+    name: str
+    size: int
+    mode: str | None
+
+
+class Snapshot(Response):
+    name: str
+    created: float
+    kind: Literal["created", "unwound"]
+    parent: str | None
+    vm: SnapshotVm
+    memory_bytes: int
+    chunks: int
+    disks: list[SnapshotDisk]
+    stats: dict[str, int | float | str | None]  # frozen_ms, write_ms, new_chunks, new_bytes, ...
+    wasmtime: str | None
+    engine: str | None
+
+
+class SnapshotList(Response):
+    snapshots: list[Snapshot]
+
+
+class MissingChunks(Response):
+    missing: list[str]
+
+
+class MigrateStats(Response):
+    total_ms: float
+    chunks_sent: int
+    chunks_total: int
+    capture_ms: float
+    downtime_ms: float
+    prepare_ms: float
+    transfer_ms: float
+    restore_ms: float
+
+
+class MigrateResult(Response):
+    vm: Vm
+    to: str
+    snapshot: str
+    stats: MigrateStats
+
+
+# ================================================================== VM records (vm.json)
+class VmRecord(Struct):
+    """What survives a daemon restart (``<state>/vms/<id>/vm.json``)."""
+
+    id: str
+    spec: VmSpec
+    digest: str
+    image_name: str
+    state: VmState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    exit: ExitRecord | None = None
+    fuel_consumed: int = 0
+    fuel_budget: int | None = None
+    peak_memory: int = 0
+    memory_limit: int | None = None
+    snapshot_kind: Literal["asyncify", "stopped_only"] = "stopped_only"
+
+
+# ================================================================== decoding
+class ContractError(ValueError):
+    """A body that does not fit its type. ``code`` is the API error code; the message names the field."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def _field_of(message: str) -> str | None:
+    """The top-level field a msgspec error is about (``at `$.fuel```, ``missing required field `size```)."""
+    if "- at `$." in message:
+        rest = message.split("- at `$.", 1)[1]
+        return rest.split("`", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    if "- at `$" not in message and "field `" in message:
+        return message.split("field `", 1)[1].split("`", 1)[0]
+    return None
+
+
+def contract_error(exc: msgspec.ValidationError, typ: type[Any], what: str = "request body") -> ContractError:
+    message = str(exc)
+    if message.startswith("Expected `object`") and "- at `$" not in message:
+        return ContractError("request body must be an object", "malformed_body")
+    name = _field_of(message) or ""
+    codes: dict[str, str] = getattr(typ, "error_codes", {})
+    hints: dict[str, str] = getattr(typ, "error_hints", {})
+    code = codes.get(name, "invalid_field") if name else "invalid_field"
+    if name in hints:
+        where = message.rsplit(" - ", 1)[1] if " - at `" in message else f"at `$.{name}`"
+        return ContractError(f"{hints[name]} ({where})", code)
+    if " matching regex " in message:  # the pattern is in the OpenAPI document; the field's name says enough
+        message = message.split(" matching regex ", 1)[0] + " of the documented form" + (
+            " - " + message.rsplit(" - ", 1)[1] if " - at `" in message else "")
+    return ContractError(f"invalid {what}: {message}", code)
+
+
+def _checked(value: T) -> T:
+    if isinstance(value, VmSpec):
+        check_vm_spec(value)
+    return value
+
+
+def convert(data: Any, typ: type[T]) -> T:
+    """A value already parsed (a dict from a record or a snapshot manifest) into ``typ``, strictly."""
+    try:
+        return _checked(msgspec.convert(data, typ))
+    except msgspec.ValidationError as exc:
+        raise contract_error(exc, typ, typ.__name__) from None
+
+
+def decode(raw: bytes, typ: type[T], *, msgpack: bool = False) -> T:
+    """A JSON (or MessagePack) body into ``typ``; an empty body is ``{}``. Raises ContractError."""
+    if not raw.strip():
+        raw = b"\x80" if msgpack else b"{}"
+    try:
+        if msgpack:
+            return _checked(msgspec.msgpack.decode(raw, type=typ))
+        return _checked(msgspec.json.decode(raw, type=typ))
+    except msgspec.ValidationError as exc:
+        raise contract_error(exc, typ) from None
+    except msgspec.DecodeError as exc:
+        kind = "MessagePack" if msgpack else "JSON"
+        raise ContractError(f"request body is not valid {kind}: {exc}", "malformed_body") from None
+
+
+def to_builtins(value: Any) -> Any:
+    """A contract value as plain dicts and lists (what ``json.dumps`` would print), UNSET fields left out."""
+    return msgspec.to_builtins(value)
