@@ -25,11 +25,6 @@ class BadRequest(MicrovmError):
     code = "bad_request"
 
 
-class Unauthorized(MicrovmError):
-    status = 401
-    code = "unauthorized"
-
-
 class NotFound(MicrovmError):
     status = 404
     code = "not_found"
