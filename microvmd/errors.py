@@ -61,6 +61,13 @@ class NotImplementedYet(MicrovmError):
     code = "not_implemented"
 
 
+class ShuttingDown(MicrovmError):
+    """The daemon is stopping: new work is refused (retry against the daemon that replaces it)."""
+
+    status = 503
+    code = "shutting_down"
+
+
 class InsufficientStorage(MicrovmError):
     status = 507
     code = "insufficient_storage"
