@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 from aiohttp import web
 
 from . import __version__, systemd
@@ -139,6 +140,9 @@ async def serve(cfg: Config) -> int:
 
     notifier = systemd.Notifier(unset_env=True)
     _raise_fd_limit()
+    # no *_created series next to the API's counter and histogram: they double the scrape and the old
+    # hand-written exposition had none (a process-wide switch, hence here and not in api/metrics.py)
+    prometheus_client.disable_created_metrics()
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     hv = Hypervisor(cfg)
     install_devices(hv)

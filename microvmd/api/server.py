@@ -24,6 +24,7 @@ from ..vmm import spec as schemas
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from . import codec
+from . import metrics as metrics_
 from .metrics import Metrics
 
 log = logging.getLogger("microvmd.api")
@@ -121,8 +122,8 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=request.app[METRICS].render(hv(request)), content_type="text/plain",
-                        charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": metrics_.CONTENT_TYPE,
+                                                                    "X-Content-Type-Options": "nosniff"})
 
 
 # ------------------------------------------------------------------ images
@@ -385,7 +386,7 @@ def make_app(h: Hypervisor, routes: list[Route], middlewares: list[Any] | None =
                           client_max_size=h.cfg.upload_limit + 1)
     app[HV] = h
     app[DRAIN] = Drain()
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(h)
     app[ROUTE_TABLE] = routes
     add_routes(app, routes)
     return app
