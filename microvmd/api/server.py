@@ -24,7 +24,7 @@ from ..vmm import spec as schemas
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from . import codec
-from . import metrics as metrics_
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 
 log = logging.getLogger("microvmd.api")
@@ -122,7 +122,7 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": metrics_.CONTENT_TYPE,
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": METRICS_CONTENT_TYPE,
                                                                     "X-Content-Type-Options": "nosniff"})
 
 
