@@ -398,7 +398,7 @@ def metrics_sums(cl: UnixHttp) -> dict[str, tuple[float, int]]:
             if "_sum{" in line:
                 sums[key] = float(val)
             else:
-                counts[key] = int(val)
+                counts[key] = int(float(val))  # prometheus-client writes 3.0
     return {k: (sums.get(k, 0.0), counts.get(k, 0)) for k in counts}
 
 

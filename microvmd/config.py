@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -11,6 +12,14 @@ from typing import Any
 from .units import default_socket_path, default_state_dir, parse_duration, parse_size
 
 MiB = 1 << 20
+
+log = logging.getLogger("microvmd.config")
+
+# Keys that did something once (or never) and are now ignored with a warning instead of refused, so a
+# config file written for an older microvmd still starts the daemon.
+_RETIRED = {
+    "engine": {"cache_compiled": "compiled modules are always cached (in memory and in <state>/images)"},
+}
 
 
 class ConfigError(ValueError):
@@ -47,7 +56,6 @@ class EngineSettings:
     # how long a vCPU worker waits for a blocked guest's device call before giving the thread back
     # (ping-pong traffic then skips two thread hand-offs; never while other VMs are queued)
     spin_wait: float = 0.0003
-    cache_compiled: bool = True
     # find a --diff snapshot's changed pages with userfaultfd write-protect + PAGEMAP_SCAN (Linux >= 6.7)
     # instead of comparing all of memory; the first write to each page after a snapshot costs a minor fault
     dirty_tracking: bool = True
@@ -129,6 +137,10 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _section(cls: type, data: dict[str, Any], where: str) -> Any:
+    data = dict(data)
+    for key, why in _RETIRED.get(where, {}).items():
+        if data.pop(key, None) is not None:
+            log.warning("config: [%s] %s is ignored: %s", where, key, why)
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:

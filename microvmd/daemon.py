@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 from aiohttp import web
 
 from . import __version__, systemd
@@ -125,6 +126,12 @@ def _raise_fd_limit() -> None:
              max(soft, hard), max(soft, hard) // 3)
 
 
+# Shutdown budgets (seconds): requests in flight first get DRAIN_GRACE to finish on their own, before the
+# guests they may be waiting for are stopped; what is still in flight after that gets CANCEL_AFTER more.
+DRAIN_GRACE = 2.0
+CANCEL_AFTER = 5.0
+
+
 async def serve(cfg: Config) -> int:
     from .api.routes import api_routes
     from .api.server import make_app
@@ -133,6 +140,9 @@ async def serve(cfg: Config) -> int:
 
     notifier = systemd.Notifier(unset_env=True)
     _raise_fd_limit()
+    # no *_created series next to the API's counter and histogram: they double the scrape and the old
+    # hand-written exposition had none (a process-wide switch, hence here and not in api/metrics.py)
+    prometheus_client.disable_created_metrics()
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     hv = Hypervisor(cfg)
     install_devices(hv)
@@ -150,10 +160,12 @@ async def serve(cfg: Config) -> int:
     token = remote.load_token(cfg)
     app = make_app(hv, api_routes(hv), [remote.token_middleware(token)] if token else None)
     app[SNAPSHOTS] = snaps
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     inherited = systemd.listen_fds()
     sock = inherited[0] if inherited else _bind_unix(cfg.socket)
+    # the inode we bound: at exit the path is removed only if it is still ours (not a successor's socket)
+    bound_inode = None if inherited else cfg.socket.stat().st_ino
     sock.setblocking(False)
     sites: list[web.BaseSite] = [web.SockSite(runner, sock)]
     for extra in hv.device_hooks:
@@ -174,24 +186,69 @@ async def serve(cfg: Config) -> int:
     notifier.start_watchdog()
 
     await stop.wait()
-    log.info("shutting down: stopping guests")
-    notifier.stopping("stopping guests")
-    await notifier.stop_watchdog()
-    await hv.loop_lag.stop()
-    try:
-        await asyncio.wait_for(hv.shutdown(), cfg.shutdown_timeout)
-    except TimeoutError:
-        log.error("guests did not stop within %.0f s", cfg.shutdown_timeout)
-    await runner.cleanup()
-    for dev in hv.device_hooks:
-        await dev.shutdown()
-    if not inherited:
-        try:
-            cfg.socket.unlink()
-        except OSError:
-            pass
+    await shutdown(cfg, hv, snaps, app, runner, sites, notifier, bound_inode)
     log.info("stopped")
     return 0
+
+
+async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runner: web.AppRunner,
+                   sites: list[web.BaseSite], notifier: systemd.Notifier, bound_inode: int | None) -> None:
+    """The one ordered shutdown path (docs/architecture.md, "Shutdown"). Each step relies on the ones before
+    it: no request is answered 500 because a pool, the snapshot store or a device closed under it, and
+    nothing reaches a component after it has closed."""
+    from .api.server import DRAIN
+
+    notifier.stopping("draining API requests")
+    await notifier.stop_watchdog()
+    await hv.loop_lag.stop()
+
+    # 1. No new connections: the listening sockets close (a client is refused, not answered 5xx).
+    for site in sites:
+        await site.stop()
+
+    # 2. Requests in flight finish on their own while everything they use still works; idle keep-alive
+    #    connections close now, busy ones after their answer.
+    drain = app[DRAIN]
+    busy = await drain.drain(runner.server, DRAIN_GRACE)
+    log.info("shutting down: stopping guests (%d API connections still busy)", busy)
+
+    # 3. Guests stop. create() refuses from here on (503 shutting_down), and requests waiting for a guest
+    #    (wait, logs --follow, run with ?wait=true) get their answer.
+    notifier.stopping("stopping guests")
+    try:
+        await asyncio.wait_for(hv.stop_guests(), cfg.shutdown_timeout)
+    except TimeoutError:
+        log.error("guests did not stop within %.0f s", cfg.shutdown_timeout)
+
+    # 4. Requests still in flight get CANCEL_AFTER more seconds (still reading their bodies: a create that
+    #    arrives only now is answered 503 shutting_down); then the HTTP server ends and cancels what is left
+    #    (aiohttp's own shutdown stops reading at once, so it comes after our drain, not instead of it).
+    busy = await drain.drain(runner.server, CANCEL_AFTER)
+    if busy:
+        log.warning("shutting down: cancelling %d API requests still in flight", busy)
+    await runner.cleanup()
+    log.debug("shutdown: HTTP server closed")
+
+    # 5. VM records: ephemeral VMs removed, every record written, the persist thread ended.
+    await hv.close()
+    log.debug("shutdown: VM records written")
+    # 6. The snapshot store (its hashing pool and spare files).
+    snaps.close()
+    log.debug("shutdown: snapshot store closed")
+    # 7. Devices (published ports, disks).
+    for dev in hv.device_hooks:
+        await dev.shutdown()
+    log.debug("shutdown: devices closed")
+    # 8. vCPU workers, I/O pool and the epoch ticker: nothing is left to use them.
+    hv.sched.close()
+    log.debug("shutdown: workers and pools stopped")
+    # 9. The socket path, if it is still the one we bound (systemd owns a socket it passed us).
+    if bound_inode is not None:
+        try:
+            if cfg.socket.stat().st_ino == bound_inode:
+                cfg.socket.unlink()
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

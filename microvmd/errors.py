@@ -25,11 +25,6 @@ class BadRequest(MicrovmError):
     code = "bad_request"
 
 
-class Unauthorized(MicrovmError):
-    status = 401
-    code = "unauthorized"
-
-
 class NotFound(MicrovmError):
     status = 404
     code = "not_found"
@@ -64,6 +59,13 @@ class Unprocessable(MicrovmError):
 class NotImplementedYet(MicrovmError):
     status = 501
     code = "not_implemented"
+
+
+class ShuttingDown(MicrovmError):
+    """The daemon is stopping: new work is refused (retry against the daemon that replaces it)."""
+
+    status = 503
+    code = "shutting_down"
 
 
 class InsufficientStorage(MicrovmError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 log = logging.getLogger("microvmd.loop")
 
 
@@ -51,12 +53,10 @@ class LoopLagMonitor:
         return {"max_lag_ms": round(self.max_lag * 1000, 3), "stalls": self.stalls,
                 "threshold_ms": self.threshold * 1000}
 
-    def metrics(self) -> list[str]:
+    def metrics(self) -> list[Metric]:
         return [
-            "# HELP microvmd_event_loop_lag_seconds_max Largest event-loop wake-up delay seen",
-            "# TYPE microvmd_event_loop_lag_seconds_max gauge",
-            f"microvmd_event_loop_lag_seconds_max {self.max_lag:.6f}",
-            "# HELP microvmd_event_loop_stalls_total Times the event loop was blocked above the threshold",
-            "# TYPE microvmd_event_loop_stalls_total counter",
-            f"microvmd_event_loop_stalls_total {self.stalls}",
+            GaugeMetricFamily("microvmd_event_loop_lag_seconds_max", "Largest event-loop wake-up delay seen",
+                              value=self.max_lag),
+            CounterMetricFamily("microvmd_event_loop_stalls_total",
+                                "Times the event loop was blocked above the threshold", value=self.stalls),
         ]

@@ -19,12 +19,13 @@ from aiohttp.client_exceptions import ClientConnectionResetError
 
 from .. import __version__, contract
 from ..engine import wt
-from ..errors import BadRequest, MicrovmError, NotImplementedYet
+from ..errors import BadRequest, MicrovmError, NotImplementedYet, ShuttingDown
 from ..snapshot import dirty
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import VmSpec
 from . import codec
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 
 log = logging.getLogger("microvmd.api")
@@ -53,6 +54,45 @@ class Route:
 
 
 ROUTE_TABLE = web.AppKey("routes", list[Route])
+
+
+class Drain:
+    """The API's part in shutdown: which connections are busy with a request, so that idle ones can be closed
+    at once while busy ones keep reading (a request whose body is still arriving completes) and close after
+    their answer. aiohttp's own pre_shutdown() stops reading busy connections too, so an upload in flight
+    would hang until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.busy: dict[object, int] = {}  # the connection (aiohttp's protocol object) -> requests on it
+        self.draining = False
+
+    def enter(self, conn: object) -> None:
+        self.busy[conn] = self.busy.get(conn, 0) + 1
+
+    def leave(self, conn: object) -> None:
+        n = self.busy.pop(conn, 1) - 1
+        if n > 0:
+            self.busy[conn] = n
+
+    async def drain(self, server: web.Server | None, timeout: float) -> int:
+        """Until every connection has closed (answers now say ``Connection: close``), at most ``timeout``
+        seconds; returns how many are still open. Call it after the listening sites have stopped."""
+        self.draining = True
+        if server is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while server.connections:
+            for conn in server.connections:
+                if conn not in self.busy:
+                    conn.close()  # idle keep-alive: closes now (a request already read is still handled)
+            if loop.time() >= end:
+                break
+            await asyncio.sleep(0.01)
+        return len(server.connections)
+
+
+DRAIN = web.AppKey("drain", Drain)
 
 
 def hv(request: web.Request) -> Hypervisor:
@@ -90,8 +130,8 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=request.app[METRICS].render(hv(request)), content_type="text/plain",
-                        charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                                                    "X-Content-Type-Options": "nosniff"})
 
 
 # ------------------------------------------------------------------ images
@@ -353,7 +393,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return resp
     except MicrovmError as exc:
         status = exc.status
-        if exc.status >= 500:
+        if exc.status >= 500 and not isinstance(exc, ShuttingDown):
             log.error("%s %s: %s", request.method, request.path, exc.message)
         return codec.error(request, exc.code, exc.message, exc.status)
     except web.HTTPException as exc:
@@ -382,12 +422,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request.app[METRICS].observe(request.method, route, status, time.perf_counter() - t0)
 
 
+@web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    drain = request.app[DRAIN]
+    conn = request.protocol
+    drain.enter(conn)
+    try:
+        resp = await handler(request)
+        if drain.draining:
+            resp.force_close()  # the daemon is stopping: this connection ends with this answer
+        return resp
+    finally:
+        drain.leave(conn)
+
+
 def make_app(h: Hypervisor, routes: list[Route], middlewares: list[Any] | None = None) -> web.Application:
     """The application serving ``routes`` (composed by ``api.routes.api_routes``)."""
-    app = web.Application(middlewares=[error_middleware, *(middlewares or [])],
+    app = web.Application(middlewares=[drain_middleware, error_middleware, *(middlewares or [])],
                           client_max_size=h.cfg.upload_limit + 1)
     app[HV] = h
-    app[METRICS] = Metrics()
+    app[DRAIN] = Drain()
+    app[METRICS] = Metrics(h)
     app[ROUTE_TABLE] = routes
     add_routes(app, routes)
     return app

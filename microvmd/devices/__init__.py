@@ -1,6 +1,7 @@
 """Devices: each module defines its guest imports once on the shared linker and attaches per-VM state.
 
-A device object has ``define(linker)``, ``async attach(hv, vm)``, ``metrics(hv) -> list[str]`` and
+A device object has ``define(linker)``, ``async attach(hv, vm)``, ``metrics(hv)`` (prometheus-client metric
+families, e.g. ``CounterMetricFamily``, read at scrape time) and
 ``async shutdown()``; per-VM state lives in ``vm.devices`` (a ``DeviceSet``).
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..engine import wt
 from ..engine.hostop import HostOp
@@ -358,7 +359,7 @@ class BlockDevice:
             if vm is None or vm.state.terminal:
                 st.close()
 
-    def metrics(self, hv: Any) -> list[str]:
+    def metrics(self, hv: Any) -> list[Metric]:
         series = {
             "read_bytes": ("microvmd_blk_read_bytes_total", "Bytes read by guests from virtual disks"),
             "write_bytes": ("microvmd_blk_write_bytes_total", "Bytes written by guests to virtual disks"),
@@ -370,15 +371,13 @@ class BlockDevice:
         }
         atts = [(vm.id[:12], a) for vm in list(hv.vms.values()) if vm.devices is not None
                 for a in (vm.devices.get("blk").disks if vm.devices.get("blk") is not None else [])]
-        out = ["# HELP microvmd_disks Virtual disks in the store", "# TYPE microvmd_disks gauge",
-               f"microvmd_disks {len(self.store.disks)}"]
+        out: list[Metric] = [GaugeMetricFamily("microvmd_disks", "Virtual disks in the store",
+                                               value=len(self.store.disks))]
         for key, (metric, help_) in series.items():
-            out.append(f"# HELP {metric} {help_}")
-            out.append(f"# TYPE {metric} counter")
+            fam = CounterMetricFamily(metric, help_, labels=["vm", "disk", "index"])
             for vm_id, a in atts:
-                v = getattr(a.stats, key)
-                out.append(f'{metric}{{vm="{vm_id}",disk="{a.name}",index="{a.index}"}} '
-                           f'{round(v, 6) if isinstance(v, float) else v}')
+                fam.add_metric([vm_id, a.name, str(a.index)], getattr(a.stats, key))
+            out.append(fam)
         return out
 
     async def shutdown(self) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import wasmtime
+from prometheus_client.core import Metric
 
 from ..engine import wt
 from ..engine.hostop import HostOp
@@ -62,7 +63,7 @@ class ClockDevice:
     async def attach(self, hv: Any, vm: Any) -> None:
         self.loop = asyncio.get_running_loop()
 
-    def metrics(self, hv: Any) -> list[str]:
+    def metrics(self, hv: Any) -> list[Metric]:
         return []
 
     async def shutdown(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import wasmtime
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..engine import wt
 from ..engine.hostop import HostOp, wait_in_call
@@ -1039,13 +1040,12 @@ class NetDevice:
         self.states.add(st)
         vm.devices.add("net", st)
 
-    def metrics(self, hv: Any) -> list[str]:
-        out = ["# HELP microvmd_net_total Socket device counters per VM",
-               "# TYPE microvmd_net_total counter"]
+    def metrics(self, hv: Any) -> list[Metric]:
+        fam = CounterMetricFamily("microvmd_net_total", "Socket device counters per VM", labels=["vm", "counter"])
         for st in list(self.states):
             for k, v in st.stats.items():
-                out.append(f'microvmd_net_total{{vm="{st.vm.id[:12]}",counter="{k}"}} {v}')
-        return out
+                fam.add_metric([st.vm.id[:12], k], v)
+        return [fam]
 
     async def shutdown(self) -> None:
         for st in list(self.states):

@@ -76,7 +76,6 @@ def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
 
 _UFFDIO_API = _ioc(3, 0xAA, 0x3F, ctypes.sizeof(_Api))
 _UFFDIO_REGISTER = _ioc(3, 0xAA, 0x00, ctypes.sizeof(_Register))
-_UFFDIO_UNREGISTER = _ioc(2, 0xAA, 0x01, ctypes.sizeof(_Range))
 _UFFDIO_WRITEPROTECT = _ioc(3, 0xAA, 0x06, ctypes.sizeof(_WriteProtect))
 _PAGEMAP_SCAN = _ioc(3, ord("f"), 16, ctypes.sizeof(_ScanArg))
 
@@ -158,12 +157,6 @@ class DirtyTracker:
         _check(_libc.ioctl(self.uffd, _UFFDIO_REGISTER, ctypes.addressof(reg)), "UFFDIO_REGISTER")
         wp = _WriteProtect(_Range(address, size), _UFFDIO_WRITEPROTECT_MODE_WP)
         _check(_libc.ioctl(self.uffd, _UFFDIO_WRITEPROTECT, ctypes.addressof(wp)), "UFFDIO_WRITEPROTECT")
-
-    def disarm(self, address: int, size: int) -> None:
-        """Stop tracking (best effort: an unmapped range has nothing left to unregister)."""
-        if size > 0 and self.uffd >= 0:
-            rng = _Range(address, size)
-            _libc.ioctl(self.uffd, _UFFDIO_UNREGISTER, ctypes.addressof(rng))
 
     def collect_pages(self, address: int, size: int) -> list[tuple[int, int]]:
         """Page ranges (offsets from ``address``) written since they were last armed, re-protecting them in

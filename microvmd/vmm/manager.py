@@ -22,7 +22,7 @@ from .. import contract
 from ..config import Config
 from ..engine import wt
 from ..engine.hostop import loop_waker
-from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, Unprocessable
+from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, ShuttingDown, Unprocessable
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from .builder import Builder, RestoreData
@@ -97,12 +97,27 @@ class Hypervisor:
         return vm
 
     async def shutdown(self) -> None:
-        """Stop every live VM (reason daemon_restart on next load is avoided: they are stopped now)."""
+        """Stop the guests, then close everything this object owns (for embedders such as the benchmarks; the
+        daemon runs the same steps with its HTTP server and devices in between, see daemon.shutdown)."""
+        await self.stop_guests()
+        await self.close()
+        self.sched.close()
+
+    async def stop_guests(self) -> None:
+        """From now on create() refuses (503 shutting_down); every live VM is stopped (reason stopped, not
+        daemon_restart at the next start), which also answers the requests waiting for one."""
         self.closing = True
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._end(vm, Control.STOP) for vm in live), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Once no request is in flight: ephemeral and auto-removed VMs that ended go, every record is
+        written, the directories made in advance are removed and the persist thread ends. The pools stay
+        (sched.close(), last of all)."""
+        self.closing = True
+        for vm in [v for v in self.vms.values() if (v.spec.auto_remove or v.spec.ephemeral) and v.state.terminal]:
+            await self.remove(vm, force=True)
         await self.registry.close()
-        self.sched.close()
 
     # ------------------------------------------------------------------ lookup
     def get(self, ref: str) -> Vm:
@@ -158,6 +173,8 @@ class Hypervisor:
     async def create(self, spec: VmSpec, restore: RestoreData | None = None, start: bool = False) -> Vm:
         """Create (and with ``start``, start) a VM. A started VM is built and runs its first slice in one
         task on a vCPU worker: a short guest finishes without another thread hand-off."""
+        if self.closing:  # stop_guests() has run or is running: a VM made now would never be stopped
+            raise ShuttingDown("microvmd is shutting down and creates no more VMs")
         img = self.images.resolve(spec.image)
         # limits: the VM's own, else the image manifest's, else the daemon's defaults
         if spec.fuel is None:

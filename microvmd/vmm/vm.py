@@ -125,7 +125,6 @@ class Vm:
         self.lock = asyncio.Lock()
         self.changed = asyncio.Event()    # set and replaced at every state change
         self.deadline_handle: asyncio.TimerHandle | None = None
-        self.time_left: float | None = spec.timeout
         self.run_since: float | None = None
         self.run_seconds = 0.0
         self._spec_api: dict[str, Any] | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import shutil
 import socket
 import struct
@@ -26,6 +25,7 @@ import mvapi
 import pytest
 from mvapi import IMAGES, WAT_PRINT, free_port, line_rpc, wait_port
 from mvapi import wat_repeat as repeat
+from prometheus_client.parser import text_string_to_metric_families
 
 # WASI errno numbers (ABI.md)
 EAGAIN, EBADF, ECONNREFUSED, EFAULT, EINVAL, EMFILE = 6, 8, 14, 21, 28, 33
@@ -59,8 +59,11 @@ class Daemon(mvapi.Daemon):
     def metric(self, vm_id: str, counter: str) -> int | None:
         text = self.ok("GET", "/metrics")
         assert isinstance(text, str)
-        m = re.search(rf'^microvmd_net_total\{{vm="{vm_id[:12]}",counter="{counter}"\}} (\d+)', text, re.M)
-        return int(m.group(1)) if m else None
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "microvmd_net_total" and s.labels == {"vm": vm_id[:12], "counter": counter}:
+                    return int(s.value)
+        return None
 
 
 @pytest.fixture(scope="module")
