@@ -26,14 +26,12 @@ from ..errors import BadRequest, InvalidState, MicrovmError, NotFound, PayloadTo
 from . import DeviceSet
 from .disks import Backend, Busy, Disk, DiskStore, check_name, check_size, open_backends
 from .ratelimit import LimiterConfig, RateLimiter, RateLimitError
+from .wasi import EBADF, EFAULT, EINVAL, EIO, ENOSPC, EROFS, errno_of, guarded
 
 log = logging.getLogger("microvmd.blk")
 
 MAX_IO = 16 << 20
 UPLOAD_CHUNK = 4 << 20
-
-# wasi-libc errno values, negated on return
-EBADF, EFAULT, EINVAL, EIO, ENOSPC, EROFS = 8, 21, 28, 29, 51, 69
 
 
 @dataclass
@@ -187,14 +185,7 @@ class BlockDevice:
 
     @staticmethod
     def _guarded(fn: wt.HostFn) -> wt.HostFn:
-        """A device bug must not trap the guest or reach wasmtime: it becomes -EIO."""
-        def call(mem: wt.GuestMemory, args: Sequence[int]) -> wt.HostResult:
-            try:
-                return fn(mem, args)
-            except Exception:
-                log.exception("microvm_blk call failed")
-                return [-EIO]
-        return call
+        return guarded(fn, log, "microvm_blk call")
 
     @staticmethod
     def _state() -> BlkState | None:
@@ -276,10 +267,9 @@ class BlockDevice:
     def _guarded_io(self, att: Attachment, io: Callable[[wt.GuestMemory], int], mem: wt.GuestMemory) -> int:
         try:
             return io(mem)
-        except Exception:
-            log.exception("microvm_blk call failed")
+        except Exception as exc:
             att.stats.errors += 1
-            return -EIO
+            return -errno_of(exc, log, "microvm_blk call")
 
     def _do_transfer(self, st: BlkState, att: Attachment, mem: wt.GuestMemory, offset: int, ptr: int, n: int,
                      write: bool) -> int:

@@ -6,6 +6,7 @@ or snapshotted while it sleeps.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,9 @@ import wasmtime
 
 from ..engine import wt
 from ..engine.hostop import HostOp
+from .wasi import EINVAL, guarded
+
+log = logging.getLogger("microvmd.clock")
 
 MAX_SLEEP_MS = 24 * 3600 * 1000
 
@@ -40,13 +44,15 @@ class ClockDevice:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def define(self, linker: wasmtime.Linker) -> None:
-        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"], self._sleep, suspends=True)
-        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], self._yield, suspends=True)
+        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"],
+                            guarded(self._sleep, log, "microvm.sleep_ms"), suspends=True)
+        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], guarded(self._yield, log, "microvm.yield"),
+                            suspends=True)
 
     def _sleep(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
         ms = args[0]
         if ms < 0:
-            return [-28]  # EINVAL
+            return [-EINVAL]
         return self._suspend(min(ms, MAX_SLEEP_MS) / 1000.0)
 
     def _yield(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:

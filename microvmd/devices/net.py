@@ -31,12 +31,26 @@ from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
 from . import DeviceSet
 from .ratelimit import LimiterConfig, RateLimiter
+from .wasi import (
+    EADDRINUSE,
+    EAGAIN,
+    EBADF,
+    ECONNREFUSED,
+    ECONNRESET,
+    EFAULT,
+    EHOSTUNREACH,
+    EINVAL,
+    EMFILE,
+    ENOTCONN,
+    ENOTSUP,
+    EPIPE,
+    ETIMEDOUT,
+    GuestError,
+    errno_of,
+)
 
 log = logging.getLogger("microvmd.net")
 
-# WASI errno numbers (the guest's libc numbering)
-EAGAIN, EBADF, ECONNREFUSED, ECONNRESET, EFAULT, EINVAL, EIO = 6, 8, 14, 15, 21, 28, 29
-EMFILE, ENOTCONN, EADDRINUSE, ETIMEDOUT, EHOSTUNREACH, EPIPE, ENOTSUP = 33, 53, 3, 73, 23, 64, 58
 NONBLOCK = 1
 POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
 
@@ -446,7 +460,7 @@ class NetState:
     # ---- guest side (vCPU worker)
     def _alloc_sd(self, check: bool = True) -> int:
         if check and len(self.socks) >= self.limits.max_sockets:
-            raise _Errno(EMFILE)
+            raise GuestError(EMFILE)
         sd = self.next_sd
         self.next_sd += 1
         return sd
@@ -454,7 +468,7 @@ class NetState:
     def get(self, sd: int, kind: str | None = None) -> GSock:
         s = self.socks.get(sd)
         if s is None or s.closed or (kind is not None and s.kind != kind):
-            raise _Errno(EBADF)
+            raise GuestError(EBADF)
         return s
 
     def close_sock(self, s: GSock) -> None:
@@ -565,11 +579,6 @@ class NetState:
         self.device.forget(self)
 
 
-class _Errno(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
 @dataclass
 class PublishInfo:
     host_ip: str
@@ -643,10 +652,10 @@ class NetDevice:
                         return answer
                     vm.waiting = res
                 return res
-            except _Errno as e:
-                return [-e.code]
-            except wt.MemoryFault:
-                return [-EFAULT]
+            except wt.HostTrap:
+                raise
+            except Exception as exc:  # the guest's mistake keeps its errno; a device bug is -EIO, logged
+                return [-errno_of(exc, log, "microvm_net call")]
         return host
 
     @staticmethod
@@ -723,11 +732,11 @@ class NetDevice:
         s = GSock(st._alloc_sd(), "connecting")
         st.socks[s.sd] = s
 
-        def refuse() -> _Errno:
+        def refuse() -> GuestError:
             with st.lock:
                 st.stats["refused"] += 1
             log.info("vm=%s egress to %s:%d refused by policy", st.vm.id[:12], host, port)
-            return _Errno(ECONNREFUSED)
+            return GuestError(ECONNREFUSED)
 
         async def dial() -> None:
             err = ECONNREFUSED
@@ -749,7 +758,7 @@ class NetDevice:
                         with st.lock:
                             st.stats["connections_out"] += 1
                         break
-            except _Errno as e:
+            except GuestError as e:
                 err = e.code
             with st.lock:
                 s.error = err
@@ -779,11 +788,11 @@ class NetDevice:
             with st.lock:
                 st.stats["refused"] += 1
             log.info("vm=%s egress to %s:%d refused by policy (no rule names this host)", st.vm.id[:12], host, port)
-            raise _Errno(ECONNREFUSED)
+            raise GuestError(ECONNREFUSED)
         try:
             infos = await st.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
-            raise _Errno(EHOSTUNREACH) from None
+            raise GuestError(EHOSTUNREACH) from None
         return list(dict.fromkeys(str(i[4][0]) for i in infos)), True
 
     def _send(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
@@ -1179,8 +1188,8 @@ def _errno_guard(act: Callable[[wt.GuestMemory], _Answer], mem: wt.GuestMemory) 
     """``act(mem)``, with the device's errors as the guest's answer (a negative errno), never a trap."""
     try:
         return act(mem)
-    except _Errno as e:
-        return [-e.code]
-    except wt.MemoryFault:
-        return [-EFAULT]
+    except wt.HostTrap:
+        raise
+    except Exception as exc:
+        return [-errno_of(exc, log, "microvm_net call")]
 
