@@ -199,6 +199,7 @@ class Bench:
 
         self.vm = SimpleNamespace(id="bench0000000000", waiting=None, machine=None, snapshot_wanted=False,
                                   spec=SimpleNamespace(net_rate_limiter=None), devices=DeviceSet())
+        self.vm.block_on = lambda op: setattr(self.vm, "waiting", op)  # as Vm.block_on
         st = netmod.NetState(self.vm, self.netdev, self.loop, self.netdev.limits, [])
         self.netdev.states.add(st)
         self.transport = FakeTransport()

@@ -7,25 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .base import DeviceSet
 
-class DeviceSet:
-    """The devices of one VM, closed together when it stops."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, Any] = {}
-
-    def add(self, name: str, part: Any) -> None:
-        self.parts[name] = part
-
-    def get(self, name: str) -> Any:
-        return self.parts.get(name)
-
-    def to_api(self) -> dict[str, Any]:
-        return {name: part.to_api() for name, part in self.parts.items()}
-
-    def close(self) -> None:
-        for part in self.parts.values():
-            part.close()
+__all__ = ["DeviceSet", "install_devices"]
 
 
 def install_devices(hv: Any) -> None:

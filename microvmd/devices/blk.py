@@ -23,7 +23,7 @@ import wasmtime
 from ..engine import wt
 from ..engine.hostop import HostOp
 from ..errors import BadRequest, InvalidState, MicrovmError, NotFound, PayloadTooLarge
-from . import DeviceSet
+from .base import DeviceHost, GuestVm
 from .disks import Backend, Busy, Disk, DiskStore, check_name, check_size, open_backends
 from .ratelimit import LimiterConfig, RateLimiter, RateLimitError
 from .wasi import EBADF, EFAULT, EINVAL, EIO, ENOSPC, EROFS, errno_of, guarded
@@ -189,8 +189,8 @@ class BlockDevice:
 
     @staticmethod
     def _state() -> BlkState | None:
-        devices = getattr(wt.current_vm(), "devices", None)
-        return devices.get("blk") if devices is not None else None
+        vm: GuestVm | None = wt.current_vm()
+        return vm.devices.get("blk") if vm is not None else None
 
     def _count(self, mem: wt.GuestMemory, args: Sequence[int]) -> wt.HostResult:
         st = self._state()
@@ -251,12 +251,12 @@ class BlockDevice:
         delay = att.limiter.reserve(nbytes)
         if delay <= 0:
             return [io(mem)]
-        vm = wt.current_vm()
+        vm: GuestVm = wt.current_vm()
         assert self.loop is not None
         att.stats.throttled_s += delay
         op = ThrottleOp(self.loop, delay, lambda m: self._guarded_io(att, io, m))
         st.pending = op
-        vm.waiting = op
+        vm.block_on(op)
         return op
 
     @staticmethod
@@ -310,7 +310,7 @@ class BlockDevice:
                 st.close_backends()
 
     # ------------------------------------------------------------------ VM lifecycle
-    async def attach(self, hv: Any, vm: Any) -> None:
+    async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
         specs = list(vm.spec.disks or [])
         if not specs:
@@ -332,8 +332,6 @@ class BlockDevice:
                                     for i, (d, s, b, lim) in enumerate(zip(disks, specs, backends, limits,
                                                                           strict=True))])
         self.states[vm.id] = st
-        if vm.devices is None:
-            vm.devices = DeviceSet()
         vm.devices.add("blk", st)
         vm.log.info("attached disks %s", ", ".join(f"{a.index}:{a.name}:{a.mode}" for a in st.disks))
 
@@ -348,7 +346,7 @@ class BlockDevice:
             if vm is None or vm.state.terminal:
                 st.close()
 
-    def metrics(self, hv: Any) -> list[str]:
+    def metrics(self, hv: DeviceHost) -> list[str]:
         series = {
             "read_bytes": ("microvmd_blk_read_bytes_total", "Bytes read by guests from virtual disks"),
             "write_bytes": ("microvmd_blk_write_bytes_total", "Bytes written by guests to virtual disks"),
@@ -358,7 +356,7 @@ class BlockDevice:
             "errors": ("microvmd_blk_errors_total", "Guest disk calls that returned an error"),
             "throttled_s": ("microvmd_blk_throttled_seconds_total", "Time guests waited for disk rate limits"),
         }
-        atts = [(vm.id[:12], a) for vm in list(hv.vms.values()) if vm.devices is not None
+        atts = [(vm.id[:12], a) for vm in list(hv.vms.values())
                 for a in (vm.devices.get("blk").disks if vm.devices.get("blk") is not None else [])]
         out = ["# HELP microvmd_disks Virtual disks in the store", "# TYPE microvmd_disks gauge",
                f"microvmd_disks {len(self.store.disks)}"]
@@ -462,14 +460,14 @@ class BlockDevice:
         log.info("disk %s: %d bytes of content, size %d", name, total, disk.size)
         return disk
 
-    def vm_disk(self, vm: Any, index: int) -> tuple[BlkState, Attachment]:
-        st = vm.devices.get("blk") if vm.devices is not None else None
+    def vm_disk(self, vm: GuestVm, index: int) -> tuple[BlkState, Attachment]:
+        st = vm.devices.get("blk")
         att = st.get(index) if st is not None else None
         if st is None or att is None:
             raise NotFound(f"VM {vm.name} has no disk {index}", code="disk_not_attached")
         return st, att
 
-    def set_rate_limiter(self, vm: Any, index: int, body: Any) -> dict[str, Any]:
+    def set_rate_limiter(self, vm: GuestVm, index: int, body: Any) -> dict[str, Any]:
         """PATCH semantics: ``{"rate_limiter": null}`` removes it; a bucket left out keeps its setting."""
         if not isinstance(body, dict) or "rate_limiter" not in body:
             raise BadRequest("body must be {\"rate_limiter\": {\"bandwidth\": ..., \"ops\": ...} or null}",

@@ -14,6 +14,7 @@ import wasmtime
 
 from ..engine import wt
 from ..engine.hostop import HostOp
+from .base import DeviceHost, GuestVm
 from .wasi import EINVAL, guarded
 
 log = logging.getLogger("microvmd.clock")
@@ -59,16 +60,16 @@ class ClockDevice:
         return self._suspend(0.0)
 
     def _suspend(self, seconds: float) -> Any:
-        vm = wt.current_vm()
+        vm: GuestVm = wt.current_vm()
         assert self.loop is not None
         op = SleepOp(self.loop, seconds)
-        vm.waiting = op
+        vm.block_on(op)
         return op
 
-    async def attach(self, hv: Any, vm: Any) -> None:
+    async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
 
-    def metrics(self, hv: Any) -> list[str]:
+    def metrics(self, hv: DeviceHost) -> list[str]:
         return []
 
     async def shutdown(self) -> None:

@@ -29,7 +29,7 @@ import wasmtime
 from ..engine import wt
 from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
-from . import DeviceSet
+from .base import DeviceHost, GuestVm
 from .ratelimit import LimiterConfig, RateLimiter
 from .wasi import (
     EADDRINUSE,
@@ -378,7 +378,7 @@ class _Conn(asyncio.Protocol):
 class NetState:
     """One VM's sockets, published ports and egress rules."""
 
-    def __init__(self, vm: Any, device: NetDevice, loop: asyncio.AbstractEventLoop, limits: NetLimits,
+    def __init__(self, vm: GuestVm, device: NetDevice, loop: asyncio.AbstractEventLoop, limits: NetLimits,
                  rules: list[EgressRule]) -> None:
         self.vm = vm
         self.device = device
@@ -639,9 +639,9 @@ class NetDevice:
 
     def _guarded(self, fn: Callable[[NetState, wt.GuestMemory, Sequence[int]], Any]) -> wt.HostFn:
         def host(mem: wt.GuestMemory, args: Sequence[int]) -> Any:
-            vm = wt.current_vm()
-            st: NetState | None = vm.devices.get("net") if vm is not None and vm.devices is not None else None
-            if st is None:
+            vm: GuestVm | None = wt.current_vm()
+            st: NetState | None = vm.devices.get("net") if vm is not None else None
+            if vm is None or st is None:
                 return [-ENOTSUP]
             try:
                 with st.lock:
@@ -650,7 +650,7 @@ class NetDevice:
                     answer = wait_in_call(vm, res, mem)
                     if answer is not None:  # answered within the spin window: no suspension
                         return answer
-                    vm.waiting = res
+                    vm.block_on(res)
                 return res
             except wt.HostTrap:
                 raise
@@ -1024,12 +1024,10 @@ class NetDevice:
         mem.write(out, _RX.pack(index, result))
 
     # ---- per VM
-    async def attach(self, hv: Any, vm: Any) -> None:
+    async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
         spec = vm.spec
         rules = [parse_egress(r) for r in spec.allow_egress]
-        if vm.devices is None:
-            vm.devices = DeviceSet()
         st = NetState(vm, self, self.loop, self.limits, rules)
         try:
             for p in spec.publish:
@@ -1048,7 +1046,7 @@ class NetDevice:
         self.states.add(st)
         vm.devices.add("net", st)
 
-    def metrics(self, hv: Any) -> list[str]:
+    def metrics(self, hv: DeviceHost) -> list[str]:
         out = ["# HELP microvmd_net_total Socket device counters per VM",
                "# TYPE microvmd_net_total counter"]
         for st in list(self.states):

@@ -242,12 +242,13 @@ class _Sched:
 
 
 def _fake_vm(hv: Any, vm_id: str, tmp: Path, disks: list[Any]) -> Any:
+    from microvmd.devices import DeviceSet
     from microvmd.vmm.state import VmState
     from microvmd.vmm.vm import DiskSpec
 
     d = tmp / vm_id
     d.mkdir()
-    vm = SimpleNamespace(id=vm_id, name=vm_id, dir=d, devices=None, state=VmState.RUNNING,
+    vm = SimpleNamespace(id=vm_id, name=vm_id, dir=d, devices=DeviceSet(), state=VmState.RUNNING,
                          spec=SimpleNamespace(disks=[DiskSpec(**x) for x in disks]),
                          log=SimpleNamespace(info=lambda *a: None))
     hv.vms[vm_id] = vm
