@@ -217,8 +217,8 @@ class Bench:
         att = blkmod.Attachment(0, disk, "rw", RawBackend(img, DISK_SIZE, True),  # type: ignore[arg-type]
                                 LimiterConfig.from_dict(None))
         self.blk = blkmod.BlkState(self.blkdev, self.vm.id, [att])
-        self.vm.devices.add("net", st)
-        self.vm.devices.add("blk", self.blk)
+        self.vm.devices.add(st)
+        self.vm.devices.add(self.blk)
 
         self.store = wasmtime.Store(self.engine)
         self.store.set_wasi(wasmtime.WasiConfig())

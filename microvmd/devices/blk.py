@@ -23,7 +23,7 @@ import wasmtime
 from ..engine import wt
 from ..engine.hostop import HostOp
 from ..errors import BadRequest, InvalidState, MicrovmError, NotFound, PayloadTooLarge
-from .base import DeviceHost, GuestVm
+from .base import Device, DeviceHost, DevicePart, GuestVm, NoState
 from .disks import Backend, Busy, Disk, DiskStore, check_name, check_size, open_backends
 from .ratelimit import LimiterConfig, RateLimiter, RateLimitError
 from .wasi import EBADF, EFAULT, EINVAL, EIO, ENOSPC, EROFS, errno_of, guarded
@@ -70,8 +70,10 @@ class Attachment:
                 "rate_limiter": self.limiter.cfg.to_api()}
 
 
-class BlkState:
+class BlkState(DevicePart[NoState]):
     """The disks of one VM (its ``vm.devices`` part ``"blk"``)."""
+
+    name = "blk"
 
     def __init__(self, device: BlockDevice, vm_id: str, attachments: list[Attachment]) -> None:
         self.device = device
@@ -94,6 +96,17 @@ class BlkState:
             op.cancel()
         if self.busy.close():
             self.close_backends()
+
+    # ---- snapshot: a disk's state is its content, which the snapshot captures as a disk (snapshot_views)
+    def save(self) -> None:
+        return None
+
+    @classmethod
+    def load(cls, raw: object) -> NoState:
+        return NoState()
+
+    def restore(self, state: NoState) -> None:
+        pass
 
     def snapshot_views(self) -> list[SnapshotView]:
         """What a snapshot copies: each disk as this VM sees it (its cow overlay merged in)."""
@@ -161,7 +174,9 @@ class ThrottleOp(HostOp):
         return [self._io(mem)]
 
 
-class BlockDevice:
+class BlockDevice(Device):
+    name = "blk"
+
     """Defines the ``microvm_blk`` imports, attaches disks to VMs and is the controller of the disk store."""
 
     def __init__(self, hv: Any) -> None:
@@ -190,7 +205,7 @@ class BlockDevice:
     @staticmethod
     def _state() -> BlkState | None:
         vm: GuestVm | None = wt.current_vm()
-        return vm.devices.get("blk") if vm is not None else None
+        return vm.devices.get(BlkState) if vm is not None else None
 
     def _count(self, mem: wt.GuestMemory, args: Sequence[int]) -> wt.HostResult:
         st = self._state()
@@ -332,7 +347,7 @@ class BlockDevice:
                                     for i, (d, s, b, lim) in enumerate(zip(disks, specs, backends, limits,
                                                                           strict=True))])
         self.states[vm.id] = st
-        vm.devices.add("blk", st)
+        vm.devices.add(st)
         vm.log.info("attached disks %s", ", ".join(f"{a.index}:{a.name}:{a.mode}" for a in st.disks))
 
     def forget(self, vm_id: str) -> None:
@@ -357,7 +372,7 @@ class BlockDevice:
             "throttled_s": ("microvmd_blk_throttled_seconds_total", "Time guests waited for disk rate limits"),
         }
         atts = [(vm.id[:12], a) for vm in list(hv.vms.values())
-                for a in (vm.devices.get("blk").disks if vm.devices.get("blk") is not None else [])]
+                if (st := vm.devices.get(BlkState)) is not None for a in st.disks]
         out = ["# HELP microvmd_disks Virtual disks in the store", "# TYPE microvmd_disks gauge",
                f"microvmd_disks {len(self.store.disks)}"]
         for key, (metric, help_) in series.items():
@@ -461,7 +476,7 @@ class BlockDevice:
         return disk
 
     def vm_disk(self, vm: GuestVm, index: int) -> tuple[BlkState, Attachment]:
-        st = vm.devices.get("blk")
+        st = vm.devices.get(BlkState)
         att = st.get(index) if st is not None else None
         if st is None or att is None:
             raise NotFound(f"VM {vm.name} has no disk {index}", code="disk_not_attached")

@@ -14,7 +14,7 @@ import wasmtime
 
 from ..engine import wt
 from ..engine.hostop import HostOp
-from .base import DeviceHost, GuestVm
+from .base import Device, DeviceHost, GuestVm
 from .wasi import EINVAL, guarded
 
 log = logging.getLogger("microvmd.clock")
@@ -40,7 +40,12 @@ class SleepOp(HostOp):
             self._handle.cancel()
 
 
-class ClockDevice:
+class ClockDevice(Device):
+    """No per-VM part: a snapshot unwinds a sleeping guest from its SleepOp, and the guest repeats the
+    call when it runs again."""
+
+    name = "clock"
+
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -68,9 +73,3 @@ class ClockDevice:
 
     async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
-
-    def metrics(self, hv: DeviceHost) -> list[str]:
-        return []
-
-    async def shutdown(self) -> None:
-        pass

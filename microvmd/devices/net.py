@@ -29,7 +29,7 @@ import wasmtime
 from ..engine import wt
 from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
-from .base import DeviceHost, GuestVm
+from .base import Device, DeviceHost, DevicePart, GuestVm
 from .ratelimit import LimiterConfig, RateLimiter
 from .wasi import (
     EADDRINUSE,
@@ -375,8 +375,48 @@ class _Conn(asyncio.Protocol):
         self.state.wake(self.sock)
 
 
-class NetState:
+SOCKET_KINDS = ("listener", "conn", "connecting", "failed")
+
+
+@dataclass(frozen=True)
+class SavedSocket:
+    sd: int
+    kind: str  # one of SOCKET_KINDS
+    port: int = 0  # a listener's guest port
+
+
+@dataclass(frozen=True)
+class NetSaved:
+    """A VM's sockets in a snapshot: listeners come back, open connections come back reset (as
+    Firecracker's vsock). Published ports and egress rules are the VM's spec, not saved state."""
+
+    next_sd: int
+    sockets: tuple[SavedSocket, ...]
+
+    def encode(self) -> dict[str, Any]:
+        return {"next_sd": self.next_sd,
+                "sockets": [{"sd": s.sd, "kind": s.kind, "port": s.port} for s in self.sockets]}
+
+    @classmethod
+    def decode(cls, raw: object) -> NetSaved:
+        nxt = raw.get("next_sd", 3) if isinstance(raw, dict) else None
+        socks = raw.get("sockets", []) if isinstance(raw, dict) else None
+        if not isinstance(nxt, int) or not isinstance(socks, list):
+            raise ValueError("malformed socket state in snapshot")
+        out = []
+        for rec in socks:
+            sd, kind, port = (rec.get("sd"), rec.get("kind"), rec.get("port", 0)) if isinstance(rec, dict) \
+                else (None, None, None)
+            if not isinstance(sd, int) or not isinstance(port, int) or kind not in SOCKET_KINDS:
+                raise ValueError("malformed socket record in snapshot")
+            out.append(SavedSocket(sd, kind, port))
+        return cls(nxt, tuple(out))
+
+
+class NetState(DevicePart[NetSaved]):
     """One VM's sockets, published ports and egress rules."""
+
+    name = "net"
 
     def __init__(self, vm: GuestVm, device: NetDevice, loop: asyncio.AbstractEventLoop, limits: NetLimits,
                  rules: list[EgressRule]) -> None:
@@ -514,35 +554,30 @@ class NetState:
                 "rate_limiter": self.limiter.cfg.to_api(),
             }
 
-    # ---- snapshot save/restore: listeners come back, open connections are reset (as Firecracker's vsock)
-    def save(self) -> dict[str, Any]:
+    # ---- snapshot (see NetSaved)
+    def save(self) -> NetSaved:
         with self.lock:
-            return {
-                "next_sd": self.next_sd,
-                "sockets": [{"sd": s.sd, "kind": s.kind, "port": s.port} for s in self.socks.values()],
-            }
+            return NetSaved(self.next_sd, tuple(SavedSocket(s.sd, s.kind, s.port) for s in self.socks.values()))
 
-    def restore(self, state: dict[str, Any]) -> None:
+    @classmethod
+    def load(cls, raw: object) -> NetSaved:
+        return NetSaved.decode(raw)
+
+    def restore(self, state: NetSaved) -> None:
         with self.lock:
-            nxt = state.get("next_sd", 3)
-            socks = state.get("sockets", [])
-            if not isinstance(nxt, int) or not isinstance(socks, list) or len(socks) > self.limits.max_sockets:
+            if len(state.sockets) > self.limits.max_sockets:
                 raise ValueError("malformed socket state in snapshot")
-            self.next_sd = max(self.next_sd, nxt)
-            for rec in socks:
-                sd, kind, port = rec.get("sd"), rec.get("kind"), rec.get("port", 0)
-                if not isinstance(sd, int) or not isinstance(port, int) or kind not in (
-                        "listener", "conn", "connecting", "failed"):
-                    raise ValueError("malformed socket record in snapshot")
-                s = GSock(sd, "listener" if kind == "listener" else "conn")
-                if kind == "listener":
-                    s.port = port
-                    self.listeners[port] = s
-                    for c in self.unclaimed.pop(port, collections.deque()):
+            self.next_sd = max(self.next_sd, state.next_sd)
+            for rec in state.sockets:
+                s = GSock(rec.sd, "listener" if rec.kind == "listener" else "conn")
+                if rec.kind == "listener":
+                    s.port = rec.port
+                    self.listeners[rec.port] = s
+                    for c in self.unclaimed.pop(rec.port, collections.deque()):
                         s.backlog.append(c)
                 else:
                     s.eof, s.error = True, ECONNRESET  # the peer is gone: reset
-                self.socks[sd] = s
+                self.socks[rec.sd] = s
 
     async def release_published(self) -> None:
         """Unbind the published ports (the VM is moving); ``rebind_published`` undoes it."""
@@ -587,7 +622,9 @@ class PublishInfo:
 
 
 # ------------------------------------------------------------------ the device
-class NetDevice:
+class NetDevice(Device):
+    name = "net"
+
     def __init__(self, hv: Any, limits: NetLimits | None = None) -> None:
         self.hv = hv
         self.limits = limits or NetLimits()
@@ -640,7 +677,7 @@ class NetDevice:
     def _guarded(self, fn: Callable[[NetState, wt.GuestMemory, Sequence[int]], Any]) -> wt.HostFn:
         def host(mem: wt.GuestMemory, args: Sequence[int]) -> Any:
             vm: GuestVm | None = wt.current_vm()
-            st: NetState | None = vm.devices.get("net") if vm is not None else None
+            st: NetState | None = vm.devices.get(NetState) if vm is not None else None
             if vm is None or st is None:
                 return [-ENOTSUP]
             try:
@@ -1044,7 +1081,7 @@ class NetDevice:
             st.close()
             raise
         self.states.add(st)
-        vm.devices.add("net", st)
+        vm.devices.add(st)
 
     def metrics(self, hv: DeviceHost) -> list[str]:
         out = ["# HELP microvmd_net_total Socket device counters per VM",

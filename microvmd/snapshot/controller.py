@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..devices.blk import BlkState
 from ..engine import wt
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..vmm.machine import NotSnapshottable
@@ -202,7 +203,7 @@ class Snapshots:
                 "globals": {k: [t, v] for k, (t, v) in globals_.items()},
                 **({"tables": tables} if tables else {}),
                 "disks": disks,
-                "devices": _device_states(vm),
+                "devices": vm.devices.save(),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
                 "parent": parent.name if parent is not None and changed is not None else None,
                 "stats": {"frozen_ms": round(frozen_ms, 3), **how},
@@ -241,8 +242,8 @@ class Snapshots:
 
     async def _capture_disks(self, vm: Vm, writer: PackWriter) -> list[dict[str, Any]]:
         """Each attached disk, chunk by chunk straight into the pack (point-in-time: the VM is frozen)."""
-        blk = vm.devices.get("blk") if vm.devices is not None else None
-        if blk is None or not hasattr(blk, "snapshot_views"):
+        blk = vm.devices.get(BlkState)
+        if blk is None:
             return []
         out = []
         for view in blk.snapshot_views():
@@ -454,13 +455,6 @@ class Snapshots:
 
     def missing(self, hashes: list[bytes]) -> list[bytes]:
         return [h for h in hashes if not self.store.has_chunk(h)]
-
-
-def _device_states(vm: Vm) -> dict[str, Any]:
-    """Every device part with a save() contributes its state (restored by its restore())."""
-    if vm.devices is None:
-        return {}
-    return {name: part.save() for name, part in vm.devices.parts.items() if hasattr(part, "save")}
 
 
 def summary(m: dict[str, Any]) -> dict[str, Any]:

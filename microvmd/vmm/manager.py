@@ -24,6 +24,7 @@ from typing import Any
 import wasmtime
 
 from ..config import Config
+from ..devices.base import DeviceStateError
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeout, Unprocessable
@@ -306,15 +307,12 @@ class Hypervisor:
                     vm.on_cpu = False
             else:
                 await self.sched.on_io(self._build, vm, img, restore)
-            if restore is not None and vm.devices is not None:
-                for name, state in restore.devices.items():
-                    part = vm.devices.get(name)
-                    if part is not None and hasattr(part, "restore"):
-                        try:
-                            part.restore(state)
-                        except (ValueError, TypeError, AttributeError) as exc:
-                            raise Unprocessable(f"snapshot device state for {name} is invalid: {exc}",
-                                                code="invalid_snapshot") from None
+            if restore is not None:
+                try:
+                    vm.devices.restore(restore.devices)
+                except DeviceStateError as exc:
+                    raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
+                                        code="invalid_snapshot") from None
         except BaseException:
             self.vms.pop(vm_id, None)
             if vm.devices is not None:

@@ -1,14 +1,18 @@
 """The device model every device shares (devices/wasi.py, devices/base.py): how a failed call answers the guest."""
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import wasmtime
 
 from microvmd.devices import wasi
+from microvmd.devices.base import DeviceSet, DeviceStateError, DeviceTable
 from microvmd.engine import wt
 
 GUARD_WAT = """(module
@@ -66,3 +70,58 @@ def test_a_failed_call_answers_with_an_errno_and_a_bug_is_logged(guest: Any, cap
     assert rec.getMessage() == "t.call failed" and rec.exc_info is not None and rec.exc_info[0] is KeyError
     out = guest(3)
     assert out.results == [] and "asked to trap" in (out.trap or out.error or "")
+
+
+def _net_vm(dev: Any, loop: asyncio.AbstractEventLoop, vm_id: str) -> tuple[Any, Any]:
+    from microvmd.devices.net import NetState
+
+    vm = SimpleNamespace(id=vm_id, spec=SimpleNamespace(net_rate_limiter=None), devices=DeviceSet())
+    st = NetState(vm, dev, loop, dev.limits, [])
+    vm.devices.add(st)
+    return vm, st
+
+
+def test_a_part_saves_its_typed_state_in_the_manifest_format_and_restores_it() -> None:
+    """Net's save/restore pair through DeviceSet, as the snapshot controller and the manager use it: the
+    encoded state is what manifests have always held, so old snapshots restore."""
+    from microvmd.devices.blk import BlkState
+    from microvmd.devices.net import GSock, NetDevice, NetSaved, NetState
+
+    loop = asyncio.new_event_loop()
+    dev = NetDevice(SimpleNamespace(cfg=SimpleNamespace(listen=None, gateway=None), vms={}))
+    vm, st = _net_vm(dev, loop, "vm-a")
+    lst, conn = GSock(3, "listener"), GSock(4, "conn")
+    lst.port = 8080
+    st.socks.update({3: lst, 4: conn})
+    st.listeners[8080] = lst
+    st.next_sd = 5
+    assert isinstance(st.save(), NetSaved)
+    saved = vm.devices.save()
+    assert saved == {"net": {"next_sd": 5, "sockets": [{"sd": 3, "kind": "listener", "port": 8080},
+                                                       {"sd": 4, "kind": "conn", "port": 0}]}}
+    assert vm.devices.get(NetState) is st and vm.devices.get(BlkState) is None
+
+    vm2, st2 = _net_vm(dev, loop, "vm-b")
+    # a state for a device this daemon lacks is left alone
+    vm2.devices.restore({**json.loads(json.dumps(saved)), "gpu": {"x": 1}})
+    assert st2.next_sd == 5 and st2.listeners[8080].sd == 3 and st2.socks[3].kind == "listener"
+    assert st2.socks[4].error == wasi.ECONNRESET and st2.socks[4].eof  # a connection comes back reset
+    for bad in ({"sockets": [{"sd": "3", "kind": "listener"}]}, {"next_sd": "x"}, ["not", "a", "map"],
+                {"sockets": [{"sd": 9, "kind": "pipe"}]}):
+        with pytest.raises(DeviceStateError) as exc:
+            vm2.devices.restore({"net": bad})
+        assert exc.value.part == "net"
+    st.close()
+    st2.close()
+    loop.close()
+
+
+def test_devices_are_found_by_type() -> None:
+    from microvmd.devices.clock import ClockDevice
+
+    table = DeviceTable()
+    clock = ClockDevice()
+    table.add(clock)
+    assert table.get(ClockDevice) is clock and list(table) == [clock]
+    with pytest.raises(ValueError):
+        table.add(ClockDevice())  # one device per name
