@@ -156,8 +156,8 @@ async def serve(cfg: Config) -> int:
     sock = inherited[0] if inherited else _bind_unix(cfg.socket)
     sock.setblocking(False)
     sites: list[web.BaseSite] = [web.SockSite(runner, sock)]
-    for extra in hv.device_hooks:
-        sites.extend(getattr(extra, "sites", lambda r: [])(runner))
+    for dev in hv.devices:
+        sites.extend(dev.sites(runner))
     sites.extend(remote.sites(cfg, runner))
     for s in sites:
         await s.start()
@@ -183,7 +183,7 @@ async def serve(cfg: Config) -> int:
     except TimeoutError:
         log.error("guests did not stop within %.0f s", cfg.shutdown_timeout)
     await runner.cleanup()
-    for dev in hv.device_hooks:
+    for dev in hv.devices:
         await dev.shutdown()
     if not inherited:
         try:

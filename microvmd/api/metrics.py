@@ -43,7 +43,7 @@ class Metrics:
         out.append(f"microvmd_compiles_total {hv.images.compiles}")
         metric("microvmd_vcpu_slices_total", "counter", "Scheduling slices run on vCPU workers")
         out.append(f"microvmd_vcpu_slices_total {hv.sched.slices}")
-        for dev in hv.device_hooks:
+        for dev in hv.devices:
             out.extend(dev.metrics(hv))
         out.extend(hv.loop_lag.metrics())
         metric("microvmd_api_requests_total", "counter", "API requests by route and status")

@@ -1,18 +1,24 @@
 """Devices: each module defines its guest imports once on the shared linker and attaches per-VM state.
 
-A device object has ``define(linker)``, ``async attach(hv, vm)``, ``metrics(hv) -> list[str]`` and
-``async shutdown()``; per-VM state lives in ``vm.devices`` (a ``DeviceSet``).
+Every device is a ``base.Device`` (``define(linker)``, ``async attach(hv, vm)``, ``metrics``, ``sites``,
+``async shutdown()``), kept by the hypervisor in a ``DeviceTable`` (``hv.devices``); what it keeps for
+one VM is a ``base.DevicePart`` in ``vm.devices`` (a ``DeviceSet``), with a typed save/restore pair.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
-from .base import DeviceSet
+from .base import Device, DeviceHost, DeviceSet
 
 __all__ = ["DeviceSet", "install_devices"]
 
 
-def install_devices(hv: Any) -> None:
+class Installer(DeviceHost, Protocol):
+    def add_device(self, device: Device) -> None: ...
+
+
+def install_devices(hv: Installer) -> None:
+    """The composition root's device list: clock, disks, sockets."""
     from .clock import ClockDevice
 
     hv.add_device(ClockDevice())

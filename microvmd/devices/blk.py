@@ -179,13 +179,12 @@ class BlockDevice(Device):
 
     """Defines the ``microvm_blk`` imports, attaches disks to VMs and is the controller of the disk store."""
 
-    def __init__(self, hv: Any) -> None:
+    def __init__(self, hv: DeviceHost) -> None:
         self.hv = hv
         self.store = DiskStore(hv.cfg.state_dir / "disks")
         self.store.load()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.states: dict[str, BlkState] = {}
-        hv.disks = self  # the snapshot controller restores disk contents through ``materialize``
 
     # ------------------------------------------------------------------ guest imports
     def define(self, linker: wasmtime.Linker) -> None:

@@ -625,7 +625,7 @@ class PublishInfo:
 class NetDevice(Device):
     name = "net"
 
-    def __init__(self, hv: Any, limits: NetLimits | None = None) -> None:
+    def __init__(self, hv: DeviceHost, limits: NetLimits | None = None) -> None:
         self.hv = hv
         self.limits = limits or NetLimits()
         self.states: set[NetState] = set()

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from ..devices.blk import BlkState
+from ..devices.blk import BlkState, BlockDevice
 from ..engine import wt
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..vmm.machine import NotSnapshottable
@@ -337,12 +337,7 @@ class Snapshots:
         try:
             vm = await hv.create(spec, restore=data)
         except BaseException:
-            disks = getattr(hv, "disks", None)
-            for disk_name in made:
-                try:
-                    await disks.remove_disk(disk_name)  # type: ignore[union-attr]
-                except Exception as exc:  # leave it for the operator, but say so
-                    log.warning("could not remove disk %s of a failed restore: %s", disk_name, exc)
+            await self._remove_disks(made)
             raise
         vm.image_name = m["vm"].get("image_name") or vm.image_name
         log.info("restored snapshot %s as vm=%s (%s)", name, vm.id[:12], m["kind"])
@@ -354,7 +349,7 @@ class Snapshots:
         """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""
         if not m["disks"]:
             return []
-        disks = getattr(self.hv, "disks", None)
+        disks = self.hv.devices.get(BlockDevice)
         if disks is None:
             raise Unprocessable("this snapshot has disks but the daemon has no disk device", code="no_disk_device")
         made: list[str] = []
@@ -374,13 +369,20 @@ class Snapshots:
                 if ds.mode == "cow":
                     ds.mode = "rw"
         except BaseException:
-            for n in made:
-                try:
-                    await disks.remove_disk(n)
-                except Exception as exc:
-                    log.warning("could not remove disk %s of a failed restore: %s", n, exc)
+            await self._remove_disks(made)
             raise
         return made
+
+    async def _remove_disks(self, made: list[str]) -> None:
+        """Remove the disks a failed restore made (there are some only if the block device is in)."""
+        disks = self.hv.devices.get(BlockDevice)
+        if disks is None:
+            return
+        for name in made:
+            try:
+                await disks.remove_disk(name)
+            except Exception as exc:  # leave it for the operator, but say so
+                log.warning("could not remove disk %s of a failed restore: %s", name, exc)
 
     # ------------------------------------------------------------------ export / import
     async def export_blocks(self, name: str, only: set[bytes] | None = None,

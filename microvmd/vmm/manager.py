@@ -24,7 +24,7 @@ from typing import Any
 import wasmtime
 
 from ..config import Config
-from ..devices.base import DeviceStateError
+from ..devices.base import Device, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, NotFound, RequestTimeout, Unprocessable
@@ -109,7 +109,7 @@ class Hypervisor:
         self.linker = wasmtime.Linker(self.engine)
         self.linker.allow_shadowing = True
         self.linker.define_wasi()
-        self.device_hooks: list[Any] = []  # device modules: define imports, attach per VM
+        self.devices = DeviceTable()  # define their imports on the linker, attach per VM
         self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
                                  cfg.upload_limit)
         self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice,
@@ -142,9 +142,9 @@ class Hypervisor:
             return None  # the common case, on every blocking device call: nothing to finish or start
         return m.at_suspension_point(mem, vm.snapshot_wanted)
 
-    def add_device(self, device: Any) -> None:
+    def add_device(self, device: Device) -> None:
+        self.devices.add(device)
         device.define(self.linker)
-        self.device_hooks.append(device)
 
     # ------------------------------------------------------------------ start-up and shutdown
     def load(self) -> None:
@@ -296,7 +296,7 @@ class Hypervisor:
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
                 await self.sched.on_io(partial(vm.dir.mkdir, parents=True, exist_ok=True))
-            for dev in self.device_hooks:
+            for dev in self.devices:
                 await dev.attach(self, vm)
             if fused:
                 vm.on_cpu = True

@@ -562,7 +562,6 @@ async def test_snapshot_views_and_materialize(tmp_path: Path) -> None:
 
     hv = SimpleNamespace(cfg=SimpleNamespace(state_dir=tmp_path), sched=_Sched(), vms={})
     dev = BlockDevice(hv)
-    assert hv.disks is dev
     await dev.create_disk("base", 3 * COW_BLOCK)
     (tmp_path / "disks" / "base.img").write_bytes(b"b" * 3 * COW_BLOCK)
     vm = _fake_vm(hv, "vm1", tmp_path, [{"name": "base", "mode": "cow"}])
