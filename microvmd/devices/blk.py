@@ -330,7 +330,7 @@ class BlockDevice(Device):
         if not specs:
             return
         try:
-            limits = [LimiterConfig.from_dict(getattr(s, "rate_limiter", None)) for s in specs]
+            limits = [LimiterConfig.from_dict(s.rate_limiter) for s in specs]
         except RateLimitError as exc:
             raise BadRequest(str(exc), code="invalid_field") from None
         self._prune()
