@@ -199,6 +199,7 @@ class Bench:
 
         self.vm = SimpleNamespace(id="bench0000000000", waiting=None, machine=None, snapshot_wanted=False,
                                   spec=SimpleNamespace(net_rate_limiter=None), devices=DeviceSet())
+        self.vm.block_on = lambda op: setattr(self.vm, "waiting", op)  # as Vm.block_on
         st = netmod.NetState(self.vm, self.netdev, self.loop, self.netdev.limits, [])
         self.netdev.states.add(st)
         self.transport = FakeTransport()
@@ -216,8 +217,8 @@ class Bench:
         att = blkmod.Attachment(0, disk, "rw", RawBackend(img, DISK_SIZE, True),  # type: ignore[arg-type]
                                 LimiterConfig.from_dict(None))
         self.blk = blkmod.BlkState(self.blkdev, self.vm.id, [att])
-        self.vm.devices.add("net", st)
-        self.vm.devices.add("blk", self.blk)
+        self.vm.devices.add(st)
+        self.vm.devices.add(self.blk)
 
         self.store = wasmtime.Store(self.engine)
         self.store.set_wasi(wasmtime.WasiConfig())

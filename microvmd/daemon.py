@@ -168,8 +168,8 @@ async def serve(cfg: Config) -> int:
     bound_inode = None if inherited else cfg.socket.stat().st_ino
     sock.setblocking(False)
     sites: list[web.BaseSite] = [web.SockSite(runner, sock)]
-    for extra in hv.device_hooks:
-        sites.extend(getattr(extra, "sites", lambda r: [])(runner))
+    for dev in hv.devices:
+        sites.extend(dev.sites(runner))
     sites.extend(remote.sites(cfg, runner))
     for s in sites:
         await s.start()
@@ -236,7 +236,7 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     snaps.close()
     log.debug("shutdown: snapshot store closed")
     # 7. Devices (published ports, disks).
-    for dev in hv.device_hooks:
+    for dev in hv.devices:
         await dev.shutdown()
     log.debug("shutdown: devices closed")
     # 8. vCPU workers, I/O pool and the epoch ticker: nothing is left to use them.

@@ -15,9 +15,9 @@ from .server import Route, hv
 
 
 def _blk(request: web.Request) -> BlockDevice:
-    for dev in hv(request).device_hooks:
-        if isinstance(dev, BlockDevice):
-            return dev
+    dev = hv(request).devices.get(BlockDevice)
+    if dev is not None:
+        return dev
     raise MicrovmError("this daemon has no block device", code="no_block_device")
 
 

@@ -38,7 +38,7 @@ class StateCollector(Collector):
                                   value=hv.images.compiles)
         yield CounterMetricFamily("microvmd_vcpu_slices_total", "Scheduling slices run on vCPU workers",
                                   value=hv.sched.slices)
-        for dev in hv.device_hooks:
+        for dev in hv.devices:
             yield from dev.metrics(hv)
         yield from hv.loop_lag.metrics()
 

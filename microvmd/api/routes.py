@@ -10,6 +10,6 @@ from .server import Route
 def api_routes(hv: Hypervisor) -> list[Route]:
     """Every route this daemon serves: the core, snapshots, and the disks when the block device is in."""
     table = server.ROUTES + snapshots.ROUTES
-    if any(isinstance(dev, BlockDevice) for dev in hv.device_hooks):
+    if hv.devices.get(BlockDevice) is not None:
         table = table + disks.ROUTES
     return table

@@ -1,35 +1,25 @@
 """Devices: each module defines its guest imports once on the shared linker and attaches per-VM state.
 
-A device object has ``define(linker)``, ``async attach(hv, vm)``, ``metrics(hv)`` (prometheus-client metric
-families, e.g. ``CounterMetricFamily``, read at scrape time) and
-``async shutdown()``; per-VM state lives in ``vm.devices`` (a ``DeviceSet``).
+Every device is a ``base.Device`` (``define(linker)``, ``async attach(hv, vm)``, ``metrics(hv)`` (prometheus-client
+metric families, read at scrape time), ``sites``, ``async shutdown()``), kept by the hypervisor in a
+``DeviceTable`` (``hv.devices``); what it keeps for one VM is a ``base.DevicePart`` in ``vm.devices`` (a
+``DeviceSet``), with a typed save/restore pair.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
+
+from .base import Device, DeviceHost, DeviceSet
+
+__all__ = ["DeviceSet", "install_devices"]
 
 
-class DeviceSet:
-    """The devices of one VM, closed together when it stops."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, Any] = {}
-
-    def add(self, name: str, part: Any) -> None:
-        self.parts[name] = part
-
-    def get(self, name: str) -> Any:
-        return self.parts.get(name)
-
-    def to_api(self) -> dict[str, Any]:
-        return {name: part.to_api() for name, part in self.parts.items()}
-
-    def close(self) -> None:
-        for part in self.parts.values():
-            part.close()
+class Installer(DeviceHost, Protocol):
+    def add_device(self, device: Device) -> None: ...
 
 
-def install_devices(hv: Any) -> None:
+def install_devices(hv: Installer) -> None:
+    """The composition root's device list: clock, disks, sockets."""
     from .clock import ClockDevice
 
     hv.add_device(ClockDevice())

@@ -24,17 +24,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..engine import wt
 from ..engine.hostop import HostOp
 from ..errors import BadRequest, InvalidState, MicrovmError, NotFound, PayloadTooLarge
-from . import DeviceSet
+from .base import Device, DeviceHost, DevicePart, GuestVm, NoState
 from .disks import Backend, Busy, Disk, DiskStore, check_name, check_size, open_backends
 from .ratelimit import LimiterConfig, RateLimiter, RateLimitError
+from .wasi import EBADF, EFAULT, EINVAL, EIO, ENOSPC, EROFS, errno_of, guarded
 
 log = logging.getLogger("microvmd.blk")
 
 MAX_IO = 16 << 20
 UPLOAD_CHUNK = 4 << 20
-
-# wasi-libc errno values, negated on return
-EBADF, EFAULT, EINVAL, EIO, ENOSPC, EROFS = 8, 21, 28, 29, 51, 69
 
 
 @dataclass
@@ -73,8 +71,10 @@ class Attachment:
                 "rate_limiter": self.limiter.cfg.to_api()}
 
 
-class BlkState:
+class BlkState(DevicePart[NoState]):
     """The disks of one VM (its ``vm.devices`` part ``"blk"``)."""
+
+    name = "blk"
 
     def __init__(self, device: BlockDevice, vm_id: str, attachments: list[Attachment]) -> None:
         self.device = device
@@ -97,6 +97,17 @@ class BlkState:
             op.cancel()
         if self.busy.close():
             self.close_backends()
+
+    # ---- snapshot: a disk's state is its content, which the snapshot captures as a disk (snapshot_views)
+    def save(self) -> None:
+        return None
+
+    @classmethod
+    def load(cls, raw: object) -> NoState:
+        return NoState()
+
+    def restore(self, state: NoState) -> None:
+        pass
 
     def snapshot_views(self) -> list[SnapshotView]:
         """What a snapshot copies: each disk as this VM sees it (its cow overlay merged in)."""
@@ -164,16 +175,17 @@ class ThrottleOp(HostOp):
         return [self._io(mem)]
 
 
-class BlockDevice:
+class BlockDevice(Device):
+    name = "blk"
+
     """Defines the ``microvm_blk`` imports, attaches disks to VMs and is the controller of the disk store."""
 
-    def __init__(self, hv: Any) -> None:
+    def __init__(self, hv: DeviceHost) -> None:
         self.hv = hv
         self.store = DiskStore(hv.cfg.state_dir / "disks")
         self.store.load()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.states: dict[str, BlkState] = {}
-        hv.disks = self  # the snapshot controller restores disk contents through ``materialize``
 
     # ------------------------------------------------------------------ guest imports
     def define(self, linker: wasmtime.Linker) -> None:
@@ -188,19 +200,12 @@ class BlockDevice:
 
     @staticmethod
     def _guarded(fn: wt.HostFn) -> wt.HostFn:
-        """A device bug must not trap the guest or reach wasmtime: it becomes -EIO."""
-        def call(mem: wt.GuestMemory, args: Sequence[int]) -> wt.HostResult:
-            try:
-                return fn(mem, args)
-            except Exception:
-                log.exception("microvm_blk call failed")
-                return [-EIO]
-        return call
+        return guarded(fn, log, "microvm_blk call")
 
     @staticmethod
     def _state() -> BlkState | None:
-        devices = getattr(wt.current_vm(), "devices", None)
-        return devices.get("blk") if devices is not None else None
+        vm: GuestVm | None = wt.current_vm()
+        return vm.devices.get(BlkState) if vm is not None else None
 
     def _count(self, mem: wt.GuestMemory, args: Sequence[int]) -> wt.HostResult:
         st = self._state()
@@ -261,12 +266,12 @@ class BlockDevice:
         delay = att.limiter.reserve(nbytes)
         if delay <= 0:
             return [io(mem)]
-        vm = wt.current_vm()
+        vm: GuestVm = wt.current_vm()
         assert self.loop is not None
         att.stats.throttled_s += delay
         op = ThrottleOp(self.loop, delay, lambda m: self._guarded_io(att, io, m))
         st.pending = op
-        vm.waiting = op
+        vm.block_on(op)
         return op
 
     @staticmethod
@@ -277,10 +282,9 @@ class BlockDevice:
     def _guarded_io(self, att: Attachment, io: Callable[[wt.GuestMemory], int], mem: wt.GuestMemory) -> int:
         try:
             return io(mem)
-        except Exception:
-            log.exception("microvm_blk call failed")
+        except Exception as exc:
             att.stats.errors += 1
-            return -EIO
+            return -errno_of(exc, log, "microvm_blk call")
 
     def _do_transfer(self, st: BlkState, att: Attachment, mem: wt.GuestMemory, offset: int, ptr: int, n: int,
                      write: bool) -> int:
@@ -321,13 +325,13 @@ class BlockDevice:
                 st.close_backends()
 
     # ------------------------------------------------------------------ VM lifecycle
-    async def attach(self, hv: Any, vm: Any) -> None:
+    async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
         specs = list(vm.spec.disks or [])
         if not specs:
             return
         try:
-            limits = [LimiterConfig.from_dict(getattr(s, "rate_limiter", None)) for s in specs]
+            limits = [LimiterConfig.from_dict(s.rate_limiter) for s in specs]
         except RateLimitError as exc:
             raise BadRequest(str(exc), code="invalid_field") from None
         self._prune()
@@ -343,9 +347,7 @@ class BlockDevice:
                                     for i, (d, s, b, lim) in enumerate(zip(disks, specs, backends, limits,
                                                                           strict=True))])
         self.states[vm.id] = st
-        if vm.devices is None:
-            vm.devices = DeviceSet()
-        vm.devices.add("blk", st)
+        vm.devices.add(st)
         vm.log.info("attached disks %s", ", ".join(f"{a.index}:{a.name}:{a.mode}" for a in st.disks))
 
     def forget(self, vm_id: str) -> None:
@@ -359,7 +361,7 @@ class BlockDevice:
             if vm is None or vm.state.terminal:
                 st.close()
 
-    def metrics(self, hv: Any) -> list[Metric]:
+    def metrics(self, hv: DeviceHost) -> list[Metric]:
         series = {
             "read_bytes": ("microvmd_blk_read_bytes_total", "Bytes read by guests from virtual disks"),
             "write_bytes": ("microvmd_blk_write_bytes_total", "Bytes written by guests to virtual disks"),
@@ -369,8 +371,8 @@ class BlockDevice:
             "errors": ("microvmd_blk_errors_total", "Guest disk calls that returned an error"),
             "throttled_s": ("microvmd_blk_throttled_seconds_total", "Time guests waited for disk rate limits"),
         }
-        atts = [(vm.id[:12], a) for vm in list(hv.vms.values()) if vm.devices is not None
-                for a in (vm.devices.get("blk").disks if vm.devices.get("blk") is not None else [])]
+        atts = [(vm.id[:12], a) for vm in list(hv.vms.values())
+                if (st := vm.devices.get(BlkState)) is not None for a in st.disks]
         out: list[Metric] = [GaugeMetricFamily("microvmd_disks", "Virtual disks in the store",
                                                value=len(self.store.disks))]
         for key, (metric, help_) in series.items():
@@ -471,14 +473,14 @@ class BlockDevice:
         log.info("disk %s: %d bytes of content, size %d", name, total, disk.size)
         return disk
 
-    def vm_disk(self, vm: Any, index: int) -> tuple[BlkState, Attachment]:
-        st = vm.devices.get("blk") if vm.devices is not None else None
+    def vm_disk(self, vm: GuestVm, index: int) -> tuple[BlkState, Attachment]:
+        st = vm.devices.get(BlkState)
         att = st.get(index) if st is not None else None
         if st is None or att is None:
             raise NotFound(f"VM {vm.name} has no disk {index}", code="disk_not_attached")
         return st, att
 
-    def set_rate_limiter(self, vm: Any, index: int, body: Any) -> dict[str, Any]:
+    def set_rate_limiter(self, vm: GuestVm, index: int, body: Any) -> dict[str, Any]:
         """PATCH semantics: ``{"rate_limiter": null}`` removes it; a bucket left out keeps its setting."""
         if not isinstance(body, dict) or "rate_limiter" not in body:
             raise BadRequest("body must be {\"rate_limiter\": {\"bandwidth\": ..., \"ops\": ...} or null}",

@@ -6,14 +6,18 @@ or snapshotted while it sleeps.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import wasmtime
-from prometheus_client.core import Metric
 
 from ..engine import wt
 from ..engine.hostop import HostOp
+from .base import Device, DeviceHost, GuestVm
+from .wasi import EINVAL, guarded
+
+log = logging.getLogger("microvmd.clock")
 
 MAX_SLEEP_MS = 24 * 3600 * 1000
 
@@ -36,35 +40,36 @@ class SleepOp(HostOp):
             self._handle.cancel()
 
 
-class ClockDevice:
+class ClockDevice(Device):
+    """No per-VM part: a snapshot unwinds a sleeping guest from its SleepOp, and the guest repeats the
+    call when it runs again."""
+
+    name = "clock"
+
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def define(self, linker: wasmtime.Linker) -> None:
-        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"], self._sleep, suspends=True)
-        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], self._yield, suspends=True)
+        wt.define_host_func(linker, "microvm", "sleep_ms", ["i32"], ["i32"],
+                            guarded(self._sleep, log, "microvm.sleep_ms"), suspends=True)
+        wt.define_host_func(linker, "microvm", "yield", [], ["i32"], guarded(self._yield, log, "microvm.yield"),
+                            suspends=True)
 
     def _sleep(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
         ms = args[0]
         if ms < 0:
-            return [-28]  # EINVAL
+            return [-EINVAL]
         return self._suspend(min(ms, MAX_SLEEP_MS) / 1000.0)
 
     def _yield(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
         return self._suspend(0.0)
 
     def _suspend(self, seconds: float) -> Any:
-        vm = wt.current_vm()
+        vm: GuestVm = wt.current_vm()
         assert self.loop is not None
         op = SleepOp(self.loop, seconds)
-        vm.waiting = op
+        vm.block_on(op)
         return op
 
-    async def attach(self, hv: Any, vm: Any) -> None:
+    async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
-
-    def metrics(self, hv: Any) -> list[Metric]:
-        return []
-
-    async def shutdown(self) -> None:
-        pass

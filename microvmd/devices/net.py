@@ -30,14 +30,28 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from ..engine import wt
 from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
-from . import DeviceSet
+from .base import Device, DeviceHost, DevicePart, GuestVm
 from .ratelimit import LimiterConfig, RateLimiter
+from .wasi import (
+    EADDRINUSE,
+    EAGAIN,
+    EBADF,
+    ECONNREFUSED,
+    ECONNRESET,
+    EFAULT,
+    EHOSTUNREACH,
+    EINVAL,
+    EMFILE,
+    ENOTCONN,
+    ENOTSUP,
+    EPIPE,
+    ETIMEDOUT,
+    GuestError,
+    errno_of,
+)
 
 log = logging.getLogger("microvmd.net")
 
-# WASI errno numbers (the guest's libc numbering)
-EAGAIN, EBADF, ECONNREFUSED, ECONNRESET, EFAULT, EINVAL, EIO = 6, 8, 14, 15, 21, 28, 29
-EMFILE, ENOTCONN, EADDRINUSE, ETIMEDOUT, EHOSTUNREACH, EPIPE, ENOTSUP = 33, 53, 3, 73, 23, 64, 58
 NONBLOCK = 1
 POLLIN, POLLOUT, POLLERR, POLLHUP = 1, 4, 8, 16
 
@@ -362,10 +376,50 @@ class _Conn(asyncio.Protocol):
         self.state.wake(self.sock)
 
 
-class NetState:
+SOCKET_KINDS = ("listener", "conn", "connecting", "failed")
+
+
+@dataclass(frozen=True)
+class SavedSocket:
+    sd: int
+    kind: str  # one of SOCKET_KINDS
+    port: int = 0  # a listener's guest port
+
+
+@dataclass(frozen=True)
+class NetSaved:
+    """A VM's sockets in a snapshot: listeners come back, open connections come back reset (as
+    Firecracker's vsock). Published ports and egress rules are the VM's spec, not saved state."""
+
+    next_sd: int
+    sockets: tuple[SavedSocket, ...]
+
+    def encode(self) -> dict[str, Any]:
+        return {"next_sd": self.next_sd,
+                "sockets": [{"sd": s.sd, "kind": s.kind, "port": s.port} for s in self.sockets]}
+
+    @classmethod
+    def decode(cls, raw: object) -> NetSaved:
+        nxt = raw.get("next_sd", 3) if isinstance(raw, dict) else None
+        socks = raw.get("sockets", []) if isinstance(raw, dict) else None
+        if not isinstance(nxt, int) or not isinstance(socks, list):
+            raise ValueError("malformed socket state in snapshot")
+        out = []
+        for rec in socks:
+            sd, kind, port = (rec.get("sd"), rec.get("kind"), rec.get("port", 0)) if isinstance(rec, dict) \
+                else (None, None, None)
+            if not isinstance(sd, int) or not isinstance(port, int) or kind not in SOCKET_KINDS:
+                raise ValueError("malformed socket record in snapshot")
+            out.append(SavedSocket(sd, kind, port))
+        return cls(nxt, tuple(out))
+
+
+class NetState(DevicePart[NetSaved]):
     """One VM's sockets, published ports and egress rules."""
 
-    def __init__(self, vm: Any, device: NetDevice, loop: asyncio.AbstractEventLoop, limits: NetLimits,
+    name = "net"
+
+    def __init__(self, vm: GuestVm, device: NetDevice, loop: asyncio.AbstractEventLoop, limits: NetLimits,
                  rules: list[EgressRule]) -> None:
         self.vm = vm
         self.device = device
@@ -447,7 +501,7 @@ class NetState:
     # ---- guest side (vCPU worker)
     def _alloc_sd(self, check: bool = True) -> int:
         if check and len(self.socks) >= self.limits.max_sockets:
-            raise _Errno(EMFILE)
+            raise GuestError(EMFILE)
         sd = self.next_sd
         self.next_sd += 1
         return sd
@@ -455,7 +509,7 @@ class NetState:
     def get(self, sd: int, kind: str | None = None) -> GSock:
         s = self.socks.get(sd)
         if s is None or s.closed or (kind is not None and s.kind != kind):
-            raise _Errno(EBADF)
+            raise GuestError(EBADF)
         return s
 
     def close_sock(self, s: GSock) -> None:
@@ -501,35 +555,30 @@ class NetState:
                 "rate_limiter": self.limiter.cfg.to_api(),
             }
 
-    # ---- snapshot save/restore: listeners come back, open connections are reset (as Firecracker's vsock)
-    def save(self) -> dict[str, Any]:
+    # ---- snapshot (see NetSaved)
+    def save(self) -> NetSaved:
         with self.lock:
-            return {
-                "next_sd": self.next_sd,
-                "sockets": [{"sd": s.sd, "kind": s.kind, "port": s.port} for s in self.socks.values()],
-            }
+            return NetSaved(self.next_sd, tuple(SavedSocket(s.sd, s.kind, s.port) for s in self.socks.values()))
 
-    def restore(self, state: dict[str, Any]) -> None:
+    @classmethod
+    def load(cls, raw: object) -> NetSaved:
+        return NetSaved.decode(raw)
+
+    def restore(self, state: NetSaved) -> None:
         with self.lock:
-            nxt = state.get("next_sd", 3)
-            socks = state.get("sockets", [])
-            if not isinstance(nxt, int) or not isinstance(socks, list) or len(socks) > self.limits.max_sockets:
+            if len(state.sockets) > self.limits.max_sockets:
                 raise ValueError("malformed socket state in snapshot")
-            self.next_sd = max(self.next_sd, nxt)
-            for rec in socks:
-                sd, kind, port = rec.get("sd"), rec.get("kind"), rec.get("port", 0)
-                if not isinstance(sd, int) or not isinstance(port, int) or kind not in (
-                        "listener", "conn", "connecting", "failed"):
-                    raise ValueError("malformed socket record in snapshot")
-                s = GSock(sd, "listener" if kind == "listener" else "conn")
-                if kind == "listener":
-                    s.port = port
-                    self.listeners[port] = s
-                    for c in self.unclaimed.pop(port, collections.deque()):
+            self.next_sd = max(self.next_sd, state.next_sd)
+            for rec in state.sockets:
+                s = GSock(rec.sd, "listener" if rec.kind == "listener" else "conn")
+                if rec.kind == "listener":
+                    s.port = rec.port
+                    self.listeners[rec.port] = s
+                    for c in self.unclaimed.pop(rec.port, collections.deque()):
                         s.backlog.append(c)
                 else:
                     s.eof, s.error = True, ECONNRESET  # the peer is gone: reset
-                self.socks[sd] = s
+                self.socks[rec.sd] = s
 
     async def release_published(self) -> None:
         """Unbind the published ports (the VM is moving); ``rebind_published`` undoes it."""
@@ -566,11 +615,6 @@ class NetState:
         self.device.forget(self)
 
 
-class _Errno(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
 @dataclass
 class PublishInfo:
     host_ip: str
@@ -579,8 +623,10 @@ class PublishInfo:
 
 
 # ------------------------------------------------------------------ the device
-class NetDevice:
-    def __init__(self, hv: Any, limits: NetLimits | None = None) -> None:
+class NetDevice(Device):
+    name = "net"
+
+    def __init__(self, hv: DeviceHost, limits: NetLimits | None = None) -> None:
         self.hv = hv
         self.limits = limits or NetLimits()
         self.states: set[NetState] = set()
@@ -631,9 +677,9 @@ class NetDevice:
 
     def _guarded(self, fn: Callable[[NetState, wt.GuestMemory, Sequence[int]], Any]) -> wt.HostFn:
         def host(mem: wt.GuestMemory, args: Sequence[int]) -> Any:
-            vm = wt.current_vm()
-            st: NetState | None = vm.devices.get("net") if vm is not None and vm.devices is not None else None
-            if st is None:
+            vm: GuestVm | None = wt.current_vm()
+            st: NetState | None = vm.devices.get(NetState) if vm is not None else None
+            if vm is None or st is None:
                 return [-ENOTSUP]
             try:
                 with st.lock:
@@ -642,12 +688,12 @@ class NetDevice:
                     answer = wait_in_call(vm, res, mem)
                     if answer is not None:  # answered within the spin window: no suspension
                         return answer
-                    vm.waiting = res
+                    vm.block_on(res)
                 return res
-            except _Errno as e:
-                return [-e.code]
-            except wt.MemoryFault:
-                return [-EFAULT]
+            except wt.HostTrap:
+                raise
+            except Exception as exc:  # the guest's mistake keeps its errno; a device bug is -EIO, logged
+                return [-errno_of(exc, log, "microvm_net call")]
         return host
 
     @staticmethod
@@ -724,11 +770,11 @@ class NetDevice:
         s = GSock(st._alloc_sd(), "connecting")
         st.socks[s.sd] = s
 
-        def refuse() -> _Errno:
+        def refuse() -> GuestError:
             with st.lock:
                 st.stats["refused"] += 1
             log.info("vm=%s egress to %s:%d refused by policy", st.vm.id[:12], host, port)
-            return _Errno(ECONNREFUSED)
+            return GuestError(ECONNREFUSED)
 
         async def dial() -> None:
             err = ECONNREFUSED
@@ -750,7 +796,7 @@ class NetDevice:
                         with st.lock:
                             st.stats["connections_out"] += 1
                         break
-            except _Errno as e:
+            except GuestError as e:
                 err = e.code
             with st.lock:
                 s.error = err
@@ -780,11 +826,11 @@ class NetDevice:
             with st.lock:
                 st.stats["refused"] += 1
             log.info("vm=%s egress to %s:%d refused by policy (no rule names this host)", st.vm.id[:12], host, port)
-            raise _Errno(ECONNREFUSED)
+            raise GuestError(ECONNREFUSED)
         try:
             infos = await st.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
-            raise _Errno(EHOSTUNREACH) from None
+            raise GuestError(EHOSTUNREACH) from None
         return list(dict.fromkeys(str(i[4][0]) for i in infos)), True
 
     def _send(self, st: NetState, mem: wt.GuestMemory, a: Sequence[int]) -> Any:
@@ -1016,12 +1062,10 @@ class NetDevice:
         mem.write(out, _RX.pack(index, result))
 
     # ---- per VM
-    async def attach(self, hv: Any, vm: Any) -> None:
+    async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
         spec = vm.spec
         rules = [parse_egress(r) for r in spec.allow_egress]
-        if vm.devices is None:
-            vm.devices = DeviceSet()
         st = NetState(vm, self, self.loop, self.limits, rules)
         try:
             for p in spec.publish:
@@ -1038,9 +1082,9 @@ class NetDevice:
             st.close()
             raise
         self.states.add(st)
-        vm.devices.add("net", st)
+        vm.devices.add(st)
 
-    def metrics(self, hv: Any) -> list[Metric]:
+    def metrics(self, hv: DeviceHost) -> list[Metric]:
         fam = CounterMetricFamily("microvmd_net_total", "Socket device counters per VM", labels=["vm", "counter"])
         for st in list(self.states):
             for k, v in st.stats.items():
@@ -1179,8 +1223,8 @@ def _errno_guard(act: Callable[[wt.GuestMemory], _Answer], mem: wt.GuestMemory) 
     """``act(mem)``, with the device's errors as the guest's answer (a negative errno), never a trap."""
     try:
         return act(mem)
-    except _Errno as e:
-        return [-e.code]
-    except wt.MemoryFault:
-        return [-EFAULT]
+    except wt.HostTrap:
+        raise
+    except Exception as exc:
+        return [-errno_of(exc, log, "microvm_net call")]
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..devices.blk import BlkState, BlockDevice
 from ..engine import wt
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..vmm.builder import RestoreData
@@ -203,7 +204,7 @@ class Snapshots:
                 "globals": {k: [t, v] for k, (t, v) in globals_.items()},
                 **({"tables": tables} if tables else {}),
                 "disks": disks,
-                "devices": _device_states(vm),
+                "devices": vm.devices.save(),
                 "console": {s: vm.console.size(s) for s in ("stdout", "stderr")},
                 "parent": parent.name if parent is not None and changed is not None else None,
                 "stats": {"frozen_ms": round(frozen_ms, 3), **how},
@@ -242,8 +243,8 @@ class Snapshots:
 
     async def _capture_disks(self, vm: Vm, writer: PackWriter) -> list[dict[str, Any]]:
         """Each attached disk, chunk by chunk straight into the pack (point-in-time: the VM is frozen)."""
-        blk = vm.devices.get("blk") if vm.devices is not None else None
-        if blk is None or not hasattr(blk, "snapshot_views"):
+        blk = vm.devices.get(BlkState)
+        if blk is None:
             return []
         out = []
         for view in blk.snapshot_views():
@@ -337,12 +338,7 @@ class Snapshots:
         try:
             vm = await hv.create(spec, restore=data)
         except BaseException:
-            disks = getattr(hv, "disks", None)
-            for disk_name in made:
-                try:
-                    await disks.remove_disk(disk_name)  # type: ignore[union-attr]
-                except Exception as exc:  # leave it for the operator, but say so
-                    log.warning("could not remove disk %s of a failed restore: %s", disk_name, exc)
+            await self._remove_disks(made)
             raise
         vm.image_name = m["vm"].get("image_name") or vm.image_name
         log.info("restored snapshot %s as vm=%s (%s)", name, vm.id[:12], m["kind"])
@@ -354,7 +350,7 @@ class Snapshots:
         """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""
         if not m["disks"]:
             return []
-        disks = getattr(self.hv, "disks", None)
+        disks = self.hv.devices.get(BlockDevice)
         if disks is None:
             raise Unprocessable("this snapshot has disks but the daemon has no disk device", code="no_disk_device")
         made: list[str] = []
@@ -374,13 +370,20 @@ class Snapshots:
                 if ds.mode == "cow":
                     ds.mode = "rw"
         except BaseException:
-            for n in made:
-                try:
-                    await disks.remove_disk(n)
-                except Exception as exc:
-                    log.warning("could not remove disk %s of a failed restore: %s", n, exc)
+            await self._remove_disks(made)
             raise
         return made
+
+    async def _remove_disks(self, made: list[str]) -> None:
+        """Remove the disks a failed restore made (there are some only if the block device is in)."""
+        disks = self.hv.devices.get(BlockDevice)
+        if disks is None:
+            return
+        for name in made:
+            try:
+                await disks.remove_disk(name)
+            except Exception as exc:  # leave it for the operator, but say so
+                log.warning("could not remove disk %s of a failed restore: %s", name, exc)
 
     # ------------------------------------------------------------------ export / import
     async def export_blocks(self, name: str, only: set[bytes] | None = None,
@@ -455,13 +458,6 @@ class Snapshots:
 
     def missing(self, hashes: list[bytes]) -> list[bytes]:
         return [h for h in hashes if not self.store.has_chunk(h)]
-
-
-def _device_states(vm: Vm) -> dict[str, Any]:
-    """Every device part with a save() contributes its state (restored by its restore())."""
-    if vm.devices is None:
-        return {}
-    return {name: part.save() for name, part in vm.devices.parts.items() if hasattr(part, "save")}
 
 
 def summary(m: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from ..devices.net import NetState
 from ..engine import wt
 from ..errors import BadRequest, MicrovmError
 from ..vmm.manager import Hypervisor
@@ -103,7 +104,7 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
         except (aiohttp.ClientError, _PeerError, OSError) as exc:
             raise MigrationFailed(f"cannot reach the target {to}: {exc}; nothing was changed") from None
         name = f"migrate-{vm.id[:12]}-{int(time.time() * 1000)}"
-        net = vm.devices.get("net") if vm.devices is not None else None
+        net = vm.devices.get(NetState)
         async with vm.lock:
             was_running = vm.state == VmState.RUNNING
             # capture (disks go to a local pack, memory stays in the captured copy and is streamed from it)

@@ -20,6 +20,7 @@ import wasmtime
 
 from .. import contract
 from ..config import Config
+from ..devices.base import Device, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, ShuttingDown, Unprocessable
@@ -49,7 +50,7 @@ class Hypervisor:
         self.linker = wasmtime.Linker(self.engine)
         self.linker.allow_shadowing = True
         self.linker.define_wasi()
-        self.device_hooks: list[Any] = []  # device modules: define imports, attach per VM
+        self.devices = DeviceTable()  # define their imports on the linker, attach per VM
         self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
                                  cfg.upload_limit)
         self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice,
@@ -72,9 +73,9 @@ class Hypervisor:
             return None  # the common case, on every blocking device call: nothing to finish or start
         return m.at_suspension_point(mem, vm.snapshot_wanted)
 
-    def add_device(self, device: Any) -> None:
+    def add_device(self, device: Device) -> None:
+        self.devices.add(device)
         device.define(self.linker)
-        self.device_hooks.append(device)
 
     # ------------------------------------------------------------------ start-up and shutdown
     def load(self) -> None:
@@ -201,7 +202,7 @@ class Hypervisor:
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
                 await self.sched.on_io(partial(vm.dir.mkdir, parents=True, exist_ok=True))
-            for dev in self.device_hooks:
+            for dev in self.devices:
                 await dev.attach(self, vm)
             if fused:
                 vm.enter_cpu()
@@ -214,19 +215,15 @@ class Hypervisor:
                 await self.sched.on_io(self.builder.boot, vm, img)
             else:
                 await self.sched.on_io(self.builder.restore, vm, img, restore)
-            if restore is not None and vm.devices is not None:
-                for name, state in restore.devices.items():
-                    part = vm.devices.get(name)
-                    if part is not None and hasattr(part, "restore"):
-                        try:
-                            part.restore(state)
-                        except (ValueError, TypeError, AttributeError) as exc:
-                            raise Unprocessable(f"snapshot device state for {name} is invalid: {exc}",
-                                                code="invalid_snapshot") from None
+            if restore is not None:
+                try:
+                    vm.devices.restore(restore.devices)
+                except DeviceStateError as exc:
+                    raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
+                                        code="invalid_snapshot") from None
         except BaseException:
             self.registry.discard(vm)
-            if vm.devices is not None:
-                vm.devices.close()
+            vm.devices.close()
             await self._teardown(vm)
             raise
         finally:
@@ -481,8 +478,7 @@ class Hypervisor:
         vm.notify()
         if not vm.on_cpu:
             self._release(vm)
-        if vm.devices is not None:
-            vm.devices.close()
+        vm.devices.close()
         if (vm.spec.auto_remove or vm.spec.ephemeral) and not self.closing:
             asyncio.get_running_loop().create_task(self._auto_remove(vm))
 
@@ -594,8 +590,7 @@ class Hypervisor:
                 pass
         self.registry.discard(vm)
         await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
-        if vm.devices is not None:
-            vm.devices.close()
+        vm.devices.close()
         await self._teardown(vm)
         for hook in self.on_remove:
             hook(vm)

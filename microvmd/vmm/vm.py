@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract
+from ..devices.base import DeviceSet
 from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
@@ -116,7 +117,7 @@ class Vm:
         self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
         # runtime (not persisted)
         self.machine: Machine | None = None
-        self.devices: Any = None
+        self.devices = DeviceSet()
         self.on_cpu = False
         self.control: Control | None = None  # request seen by the worker at its next yield
         self.waiting: HostOp | None = None
@@ -165,6 +166,11 @@ class Vm:
             self.memory_bytes = m.memory_bytes
             self.peak_memory = max(self.peak_memory, m.peak_memory)
 
+    def block_on(self, op: HostOp) -> None:
+        """A device call suspends the guest on ``op`` (on the vCPU worker, inside the call): the scheduler
+        parks the VM until ``op`` is ready. The one way devices say that a VM waits."""
+        self.waiting = op
+
     def blocked_in(self) -> str | None:
         w = self.waiting
         return w.name if w is not None and not w.ready() else None
@@ -192,7 +198,7 @@ class Vm:
             "started": self.started,
             "finished": self.finished,
             "exit": asdict(self.exit) if self.exit else None,
-            "devices": self.devices.to_api() if self.devices is not None else {},
+            "devices": self.devices.to_api(),
             "snapshot_kind": self.snapshot_kind,
             "spec": spec,
         }

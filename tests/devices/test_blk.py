@@ -243,12 +243,13 @@ class _Sched:
 
 
 def _fake_vm(hv: Any, vm_id: str, tmp: Path, disks: list[Any]) -> Any:
+    from microvmd.devices import DeviceSet
     from microvmd.vmm.state import VmState
     from microvmd.vmm.vm import DiskSpec
 
     d = tmp / vm_id
     d.mkdir()
-    vm = SimpleNamespace(id=vm_id, name=vm_id, dir=d, devices=None, state=VmState.RUNNING,
+    vm = SimpleNamespace(id=vm_id, name=vm_id, dir=d, devices=DeviceSet(), state=VmState.RUNNING,
                          spec=SimpleNamespace(disks=[DiskSpec(**x) for x in disks]),
                          log=SimpleNamespace(info=lambda *a: None))
     hv.vms[vm_id] = vm
@@ -256,7 +257,7 @@ def _fake_vm(hv: Any, vm_id: str, tmp: Path, disks: list[Any]) -> Any:
 
 
 async def test_controller_attach_release_and_failed_create(tmp_path: Path) -> None:
-    from microvmd.devices.blk import BlockDevice
+    from microvmd.devices.blk import BlkState, BlockDevice
     from microvmd.vmm.state import VmState
 
     hv = SimpleNamespace(cfg=SimpleNamespace(state_dir=tmp_path), sched=_Sched(), vms={})
@@ -264,7 +265,7 @@ async def test_controller_attach_release_and_failed_create(tmp_path: Path) -> No
     await dev.create_disk("d", 1 << 20)
     vm1 = _fake_vm(hv, "vm1", tmp_path, [{"name": "d", "mode": "rw", "rate_limiter": None}])
     await dev.attach(hv, vm1)
-    assert vm1.devices.get("blk").to_api()[0]["mode"] == "rw"
+    assert vm1.devices.get(BlkState).to_api()[0]["mode"] == "rw"
     vm2 = _fake_vm(hv, "vm2", tmp_path, [{"name": "d", "mode": "ro"}])
     with pytest.raises(Conflict):
         await dev.attach(hv, vm2)
@@ -560,16 +561,15 @@ def test_rate_limiter_is_validated_at_create(mvd: Daemon) -> None:
 async def test_snapshot_views_and_materialize(tmp_path: Path) -> None:
     """What the snapshot controller uses: a cow disk's merged content read piece by piece, and a new disk
     written from a copy."""
-    from microvmd.devices.blk import BlockDevice
+    from microvmd.devices.blk import BlkState, BlockDevice
 
     hv = SimpleNamespace(cfg=SimpleNamespace(state_dir=tmp_path), sched=_Sched(), vms={})
     dev = BlockDevice(hv)
-    assert hv.disks is dev
     await dev.create_disk("base", 3 * COW_BLOCK)
     (tmp_path / "disks" / "base.img").write_bytes(b"b" * 3 * COW_BLOCK)
     vm = _fake_vm(hv, "vm1", tmp_path, [{"name": "base", "mode": "cow"}])
     await dev.attach(hv, vm)
-    st = vm.devices.get("blk")
+    st = vm.devices.get(BlkState)
     st.disks[0].backend.write_from(_view(b"new"), COW_BLOCK + 1)
     (view,) = st.snapshot_views()
     data = b"".join(view.read_at(off, min(COW_BLOCK, view.size() - off)) for off in range(0, view.size(), COW_BLOCK))
