@@ -151,15 +151,14 @@ async def serve(cfg: Config) -> int:
         await _import_images(hv, cfg.import_images)
 
     from .api import remote
-    from .api.snapshots import SNAPSHOTS
+    from .control.controller import Controller
     from .snapshot.controller import Snapshots
 
     snaps = Snapshots(hv)
     await snaps.startup()
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
     token = remote.load_token(cfg)
-    app = make_app(hv, api_routes(hv), [remote.token_middleware(token)] if token else None)
-    app[SNAPSHOTS] = snaps
+    app = make_app(Controller(hv, snaps), api_routes(hv), [remote.token_middleware(token)] if token else None)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     inherited = systemd.listen_fds()

@@ -7,61 +7,46 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import contract
-from ..devices.blk import BlockDevice
-from ..devices.disks import MAX_DISK_SIZE, Disk
-from ..errors import BadRequest, MicrovmError, PayloadTooLarge
+from ..control import actions as a
+from ..devices.disks import MAX_DISK_SIZE
+from ..errors import BadRequest, PayloadTooLarge
 from . import codec
-from .server import Route, hv
-
-
-def _blk(request: web.Request) -> BlockDevice:
-    dev = hv(request).devices.get(BlockDevice)
-    if dev is not None:
-        return dev
-    raise MicrovmError("this daemon has no block device", code="no_block_device")
-
-
-def _disk(disk: Disk) -> dict[str, object]:
-    return disk.to_api()
+from .server import Route, apply, body
 
 
 async def disk_create(request: web.Request) -> web.StreamResponse:
-    body = await codec.decode(request, contract.DiskCreate, hv(request).cfg.json_limit)
-    disk = await _blk(request).create_disk(body.name, body.size)
-    return codec.reply(request, contract.Disk, _disk(disk), status=201)
+    b = await body(request, contract.DiskCreate)
+    return codec.reply(request, contract.Disk, await apply(request, a.CreateDisk(b.name, b.size)), status=201)
 
 
 async def disk_list(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.DiskList, {"disks": [_disk(d) for d in _blk(request).list_disks()]})
+    return codec.reply(request, contract.DiskList, await apply(request, a.ListDisks()))
 
 
 async def disk_get(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.Disk, _disk(_blk(request).get_disk(request.match_info["name"])))
+    return codec.reply(request, contract.Disk, await apply(request, a.GetDisk(request.match_info["name"])))
 
 
 async def disk_rm(request: web.Request) -> web.StreamResponse:
-    await _blk(request).remove_disk(request.match_info["name"])
+    await apply(request, a.RemoveDisk(request.match_info["name"]))
     return web.Response(status=204)
 
 
 async def disk_content(request: web.Request) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > MAX_DISK_SIZE:
         raise PayloadTooLarge(f"content of {request.content_length} bytes is larger than the maximum disk size")
-    disk = await _blk(request).upload(request.match_info["name"], request.content.iter_chunked(1 << 20),
-                                      MAX_DISK_SIZE)
-    return codec.reply(request, contract.Disk, _disk(disk))
+    act = a.ReplaceDiskContent(request.match_info["name"], request.content.iter_chunked(1 << 20), MAX_DISK_SIZE)
+    return codec.reply(request, contract.Disk, await apply(request, act))
 
 
 async def vm_disk_patch(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = h.get(request.match_info["ref"])
     try:
         index = int(request.match_info["index"])
     except ValueError:
         raise BadRequest("the disk index must be an integer", code="invalid_field") from None
-    body = await codec.decode(request, contract.DiskPatch, h.cfg.json_limit)
-    patch = {"rate_limiter": None if body.rate_limiter is None else contract.to_builtins(body.rate_limiter)}
-    return codec.reply(request, contract.BlkDisk, _blk(request).set_rate_limiter(vm, index, patch))
+    b = await body(request, contract.DiskPatch)
+    act = a.SetDiskRateLimiter(request.match_info["ref"], index, b.rate_limiter)
+    return codec.reply(request, contract.BlkDisk, await apply(request, act))
 
 
 ROUTES = [

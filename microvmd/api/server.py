@@ -11,19 +11,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
 from .. import __version__, contract
-from ..engine import wt
+from ..control import actions as a
+from ..control.controller import Controller
 from ..errors import BadRequest, MicrovmError, NotImplementedYet, ShuttingDown
-from ..snapshot import dirty
 from ..vmm.manager import Hypervisor
-from ..vmm.state import VmState
-from ..vmm.vm import VmSpec
 from . import codec
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -31,6 +29,8 @@ from .metrics import Metrics
 log = logging.getLogger("microvmd.api")
 
 HV = web.AppKey("hypervisor", Hypervisor)
+CONTROLLER = web.AppKey("controller", Controller)
+T = TypeVar("T")
 METRICS = web.AppKey("metrics", Metrics)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,30 +99,29 @@ def hv(request: web.Request) -> Hypervisor:
     return request.app[HV]
 
 
+def ctl(request: web.Request) -> Controller:
+    return request.app[CONTROLLER]
+
+
+async def apply(request: web.Request, action: a.Action) -> Any:
+    return await request.app[CONTROLLER].apply(action)
+
+
 def _bool(request: web.Request, name: str) -> bool:
     return request.query.get(name, "").lower() in ("1", "true", "yes")
 
 
+async def body(request: web.Request, typ: type[T]) -> T:
+    return await codec.decode(request, typ, request.app[HV].cfg.json_limit)
+
+
 # ------------------------------------------------------------------ system
 async def info(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    return codec.reply(request, contract.Info, {
-        "version": __version__, "wasmtime_version": wt.WASMTIME_VERSION, "api_version": "v1",
-        "state_dir": str(h.cfg.state_dir), "socket": str(h.cfg.socket), "vms": h.counts(),
-        "images": len(h.images.images), "uptime_s": round(time.time() - h.started, 3),
-        "engine": {"fingerprint": h.opts.fingerprint(), "workers": h.sched.workers,
-                   "epoch_interval_s": h.cfg.engine.epoch_interval},
-        "event_loop": h.loop_lag.to_api(),
-        "limits": {"memory": h.cfg.limits.memory, "max_memory": h.cfg.limits.max_memory,
-                   "fuel": h.cfg.limits.fuel, "timeout": h.cfg.limits.timeout,
-                   "upload": h.cfg.upload_limit},
-        "snapshots": {"dirty_tracking": dirty.describe(h.cfg.engine.dirty_tracking)},
-        "console": {"mode": h.cfg.engine.console, "file_descriptors": h.console_fds()},
-    })
+    return codec.reply(request, contract.Info, await apply(request, a.GetInfo()))
 
 
 async def version(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, contract.Version(__version__, wt.WASMTIME_VERSION, "v1"))
+    return codec.reply(request, contract.Version, await apply(request, a.GetVersion()))
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
@@ -136,129 +135,88 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------ images
 async def image_import(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    data = await codec.read_limited(request, h.cfg.upload_limit)
-    if not data:
-        raise BadRequest("empty body: send the module's bytes", code="empty_body")
-    img = await h.import_image(data, request.query.get("name") or None, request.query.get("entry") or None)
-    return codec.reply(request, contract.Image, img.to_api(), status=201)
+    data = await codec.read_limited(request, hv(request).cfg.upload_limit)
+    act = a.ImportImage(data, request.query.get("name") or None, request.query.get("entry") or None)
+    return codec.reply(request, contract.Image, await apply(request, act), status=201)
 
 
 async def image_list(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.ImageList, {"images": [i.to_api() for i in hv(request).images.list()]})
+    return codec.reply(request, contract.ImageList, await apply(request, a.ListImages()))
 
 
 async def image_get(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.Image, hv(request).images.resolve(request.match_info["ref"]).to_api())
+    return codec.reply(request, contract.Image, await apply(request, a.GetImage(request.match_info["ref"])))
 
 
 async def image_update(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    body = await codec.decode(request, contract.ImagePatch, h.cfg.json_limit)
-    img = await h.sched.on_io(h.images.update_manifest, request.match_info["ref"], contract.to_builtins(body))
-    return codec.reply(request, contract.Image, img.to_api())
+    act = a.UpdateImage(request.match_info["ref"], await body(request, contract.ImagePatch))
+    return codec.reply(request, contract.Image, await apply(request, act))
 
 
 async def image_rm(request: web.Request) -> web.StreamResponse:
-    await hv(request).remove_image(request.match_info["ref"])
+    await apply(request, a.RemoveImage(request.match_info["ref"]))
     return web.Response(status=204)
 
 
 # ------------------------------------------------------------------ VMs
 async def vm_create(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    body = await codec.decode(request, contract.VmCreate, h.cfg.json_limit)
-    wait = _bool(request, "wait")
-    if wait and not body.start:
-        raise BadRequest("wait=true needs start=true", code="invalid_query")
-    vm = await h.create(VmSpec.from_contract(body), start=body.start)
-    if wait:  # one round trip for a whole run: the answer carries the exit record
-        await h.wait(vm)
-    return codec.reply(request, contract.Vm, vm.to_api(), status=201)
+    b = await body(request, contract.VmCreate)
+    act = a.CreateVm(b, start=b.start, wait=_bool(request, "wait"))
+    return codec.reply(request, contract.Vm, await apply(request, act), status=201)
 
 
 async def vm_list(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.VmList, {"vms": [v.to_api() for v in hv(request).list(_bool(request, "all"))]})
+    return codec.reply(request, contract.VmList, await apply(request, a.ListVms(_bool(request, "all"))))
 
 
 async def vm_get(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.Vm, hv(request).get(request.match_info["ref"]).to_api())
+    return codec.reply(request, contract.Vm, await apply(request, a.GetVm(request.match_info["ref"])))
 
 
 async def vm_rm(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    await h.remove(h.get(request.match_info["ref"]), _bool(request, "force"))
+    await apply(request, a.RemoveVm(request.match_info["ref"], _bool(request, "force")))
     return web.Response(status=204)
 
 
-def _action(name: str) -> Handler:
+def _vm_action(kind: Callable[[str], a.Action], name: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        h = hv(request)
-        vm = await getattr(h, name)(h.get(request.match_info["ref"]))
-        return codec.reply(request, contract.Vm, vm.to_api())
+        return codec.reply(request, contract.Vm, await apply(request, kind(request.match_info["ref"])))
     handler.__name__ = f"vm_{name}"
     return handler
 
 
 async def vm_start(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = await h.start(h.get(request.match_info["ref"]))
-    if _bool(request, "wait"):  # start and wait in one request (as create with wait=true)
-        await h.wait(vm)
-    return codec.reply(request, contract.Vm, vm.to_api())
+    act = a.StartVm(request.match_info["ref"], wait=_bool(request, "wait"))
+    return codec.reply(request, contract.Vm, await apply(request, act))
 
 
 async def vm_wait(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = h.get(request.match_info["ref"])
     t = request.query.get("timeout")
     try:
         timeout = float(t) if t else None
     except ValueError:
         raise BadRequest(f"timeout must be a number of seconds, got {t!r}", code="invalid_query") from None
-    return codec.reply(request, contract.WaitResult, await h.wait(vm, timeout))
+    return codec.reply(request, contract.WaitResult, await apply(request, a.WaitVm(request.match_info["ref"], timeout)))
 
 
 async def vm_fuel(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = h.get(request.match_info["ref"])
-    body = await codec.decode(request, contract.FuelAdd, h.cfg.json_limit)
-    return codec.reply(request, contract.Vm, (await h.add_fuel(vm, body.amount)).to_api())
+    act = a.AddFuel(request.match_info["ref"], (await body(request, contract.FuelAdd)).amount)
+    return codec.reply(request, contract.Vm, await apply(request, act))
 
 
 async def vm_logs(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = h.get(request.match_info["ref"])
     stream = request.query.get("stream", "all")
     if stream not in ("stdout", "stderr", "all"):
         raise BadRequest("stream must be stdout, stderr or all", code="invalid_query")
-    streams = ["stdout", "stderr"] if stream == "all" else [stream]
-    follow = _bool(request, "follow")
+    streams = ("stdout", "stderr") if stream == "all" else (stream,)
+    logs: a.LogStream = await apply(request, a.ReadLogs(request.match_info["ref"], streams, _bool(request, "follow")))
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                        "X-Content-Type-Options": "nosniff"})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
-    offsets = {s: 0 for s in streams}
     try:
-        while True:
-            # a parked out_of_fuel VM writes nothing until fuel is added: the stream ends, like at exit
-            ended = vm.state.terminal or vm.state == VmState.OUT_OF_FUEL or vm.id not in h.vms
-            wrote = False
-            for s in streams:
-                while True:
-                    data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
-                    if not data:
-                        break
-                    wrote = True
-                    await resp.write(data)
-            if not follow or ended:
-                break
-            if not wrote:
-                ev = vm.changed
-                try:
-                    await asyncio.wait_for(ev.wait(), 0.05)
-                except TimeoutError:
-                    pass
+        async for chunk in logs.chunks:
+            await resp.write(chunk)
         await resp.write_eof()
     except (ConnectionResetError, ClientConnectionResetError):
         pass  # the follower went away
@@ -297,11 +255,12 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/vms/{ref}/start", vm_start,
           "Start a created VM (query wait=true answers once it has exited or run out of fuel)",
           response=contract.Vm),
-    Route("POST", "/v1/vms/{ref}/stop", _action("stop"), "Stop a VM at its next yield point", response=contract.Vm),
-    Route("POST", "/v1/vms/{ref}/kill", _action("kill"), "Kill a VM", response=contract.Vm),
-    Route("POST", "/v1/vms/{ref}/pause", _action("pause"), "Pause a running VM (it holds no thread)",
+    Route("POST", "/v1/vms/{ref}/stop", _vm_action(a.StopVm, "stop"), "Stop a VM at its next yield point",
           response=contract.Vm),
-    Route("POST", "/v1/vms/{ref}/resume", _action("resume"), "Resume a paused VM", response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/kill", _vm_action(a.KillVm, "kill"), "Kill a VM", response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/pause", _vm_action(a.PauseVm, "pause"), "Pause a running VM (it holds no thread)",
+          response=contract.Vm),
+    Route("POST", "/v1/vms/{ref}/resume", _vm_action(a.ResumeVm, "resume"), "Resume a paused VM", response=contract.Vm),
     Route("POST", "/v1/vms/{ref}/wait", vm_wait, "Wait until the VM exits or runs out of fuel; query: timeout",
           response=contract.WaitResult),
     Route("POST", "/v1/vms/{ref}/fuel", vm_fuel, "Add fuel; an out_of_fuel VM continues", request=contract.FuelAdd,
@@ -436,11 +395,13 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
         drain.leave(conn)
 
 
-def make_app(h: Hypervisor, routes: list[Route], middlewares: list[Any] | None = None) -> web.Application:
-    """The application serving ``routes`` (composed by ``api.routes.api_routes``)."""
+def make_app(controller: Controller, routes: list[Route], middlewares: list[Any] | None = None) -> web.Application:
+    """The application serving ``routes`` (composed by ``api.routes.api_routes``) through ``controller``."""
+    h = controller.hv
     app = web.Application(middlewares=[drain_middleware, error_middleware, *(middlewares or [])],
                           client_max_size=h.cfg.upload_limit + 1)
     app[HV] = h
+    app[CONTROLLER] = controller
     app[DRAIN] = Drain()
     app[METRICS] = Metrics(h)
     app[ROUTE_TABLE] = routes

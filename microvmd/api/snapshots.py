@@ -6,83 +6,73 @@ import logging
 from aiohttp import web
 
 from .. import contract
-from ..snapshot.controller import Snapshots, drain
-from ..snapshot.migrate import migrate
+from ..control import actions as a
 from . import codec
-from .server import Route, hv
+from .server import Route, apply, body
 
-SNAPSHOTS = web.AppKey("snapshots", Snapshots)
 log = logging.getLogger("microvmd.api")
 
 
-def snaps(request: web.Request) -> Snapshots:
-    return request.app[SNAPSHOTS]
-
-
 async def snapshot_create(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = h.get(request.match_info["ref"])
-    body = await codec.decode(request, contract.SnapshotCreate, h.cfg.json_limit)
-    return codec.reply(request, contract.Snapshot, await snaps(request).create(vm, body.name, body.diff), status=201)
+    b = await body(request, contract.SnapshotCreate)
+    act = a.CreateSnapshot(request.match_info["ref"], b.name, b.diff)
+    return codec.reply(request, contract.Snapshot, await apply(request, act), status=201)
 
 
 async def snapshot_list(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.SnapshotList, {"snapshots": await snaps(request).list_all()})
+    return codec.reply(request, contract.SnapshotList, await apply(request, a.ListSnapshots()))
 
 
 async def snapshot_get(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.Snapshot, await snaps(request).get(request.match_info["name"]))
+    return codec.reply(request, contract.Snapshot, await apply(request, a.GetSnapshot(request.match_info["name"])))
 
 
 async def snapshot_rm(request: web.Request) -> web.StreamResponse:
-    await snaps(request).remove(request.match_info["name"])
+    await apply(request, a.RemoveSnapshot(request.match_info["name"]))
     return web.Response(status=204)
 
 
 async def snapshot_export(request: web.Request) -> web.StreamResponse:
-    s = snaps(request)
-    m, gen = await s.export_blocks(request.match_info["name"])
+    export: a.BlockStream = await apply(request, a.ExportSnapshot(request.match_info["name"]))
     resp = web.StreamResponse(headers={
         "Content-Type": "application/octet-stream",
-        "Content-Disposition": f'attachment; filename="{m["name"]}.mvsnap"'})
+        "Content-Disposition": f'attachment; filename="{export.name}.mvsnap"'})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
     try:
-        await drain(gen, hv(request).sched.on_io, resp.write)
+        async for block in export.blocks:
+            await resp.write(block)
         await resp.write_eof()
     except Exception as exc:
         # the status line is gone: the only honest signal left is to cut the stream (it has no end record,
         # so an importer refuses it as truncated)
-        log.error("export of snapshot %s failed mid-stream: %s", m["name"], exc)
+        log.error("export of snapshot %s failed mid-stream: %s", export.name, exc)
         if request.transport is not None:
             request.transport.close()
     return resp
 
 
 async def snapshot_import(request: web.Request) -> web.StreamResponse:
-    summary = await snaps(request).import_stream(request.content.readexactly)
+    summary = await apply(request, a.ImportSnapshot(request.content.readexactly))
     return codec.reply(request, contract.Snapshot, summary, status=201)
 
 
 async def snapshot_restore(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    body = await codec.decode(request, contract.Restore, h.cfg.json_limit)
-    vm = await snaps(request).restore(request.match_info["name"], body.name, body.start)
-    return codec.reply(request, contract.Vm, vm.to_api(), status=201)
+    b = await body(request, contract.Restore)
+    act = a.RestoreSnapshot(request.match_info["name"], b.name, b.start)
+    return codec.reply(request, contract.Vm, await apply(request, act), status=201)
 
 
 async def snapshot_missing(request: web.Request) -> web.StreamResponse:
-    body = await codec.decode(request, contract.ChunksMissing, hv(request).cfg.json_limit)
-    missing = snaps(request).missing([bytes.fromhex(x) for x in body.chunks])  # the pattern made them hex
-    return codec.respond(request, contract.MissingChunks([h.hex() for h in missing]))
+    b = await body(request, contract.ChunksMissing)
+    act = a.FindMissingChunks(tuple(bytes.fromhex(x) for x in b.chunks))  # the pattern made them hex
+    return codec.reply(request, contract.MissingChunks, await apply(request, act))
 
 
 async def vm_migrate(request: web.Request) -> web.StreamResponse:
-    h = hv(request)
-    vm = h.get(request.match_info["ref"])
-    body = await codec.decode(request, contract.Migrate, h.cfg.json_limit)
-    return codec.reply(request, contract.MigrateResult,
-                       await migrate(h, snaps(request), vm, body.to, body.token, body.ca_file))
+    b = await body(request, contract.Migrate)
+    act = a.MigrateVm(request.match_info["ref"], b.to, b.token, b.ca_file)
+    return codec.reply(request, contract.MigrateResult, await apply(request, act))
 
 
 ROUTES: list[Route] = [

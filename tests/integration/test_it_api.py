@@ -141,8 +141,11 @@ def _registered_routes(tmp_path: Path) -> tuple[set[tuple[str, str]], dict[str, 
         install_devices(hv)
         from microvmd.api.routes import api_routes
 
+        from microvmd.control.controller import Controller
+        from microvmd.snapshot.controller import Snapshots
+
         routes = api_routes(hv)
-        app = server.make_app(hv, routes)
+        app = server.make_app(Controller(hv, Snapshots(hv)), routes)
         registered = {(r.method, r.resource.canonical) for r in app.router.routes()
                       if r.resource is not None and r.method != "HEAD"}
         table = {(r.method, r.path) for r in routes}

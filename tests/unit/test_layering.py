@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"vmm"},
     {"snapshot"},
     {"functions"},
+    {"control"},
     {"api"},
     {"daemon", "cli"},
 ]
@@ -74,3 +75,22 @@ def test_every_import_points_down() -> None:
 def test_the_edges_are_found() -> None:
     """The scan itself works: the api imports the vmm, lazily or not."""
     assert ("api", "vmm") in {(a, b) for a, b, _ in _edges()}
+
+
+def test_the_api_reaches_guests_only_through_the_controller() -> None:
+    """HTTP handlers decode, apply an action and encode: nothing in api/ imports wasmtime, the engine layer,
+    the snapshot store or the image store (the hypervisor type is named only for configuration and metrics)."""
+    forbidden = ("wasmtime", "microvmd.engine", "microvmd.snapshot", "microvmd.images", "microvmd.vmm.vm",
+                 "microvmd.vmm.machine", "microvmd.vmm.scheduler")
+    found = []
+    for f in (PACKAGE / "api").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                names = [x.name for x in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "microvmd." if node.level == 2 else ("microvmd.api." if node.level == 1 else "")
+                names = [base + (node.module or "")] + [f"{base}{x.name}" for x in node.names if not node.module]
+            else:
+                continue
+            found += [f"{f.name}:{node.lineno} {n}" for n in names if n.startswith(forbidden)]
+    assert not found, "api/ reaches past the controller:\n" + "\n".join(found)

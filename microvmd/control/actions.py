@@ -1,0 +1,228 @@
+"""Actions: one frozen type per operation of the API, the only thing a handler hands to the controller.
+
+As Firecracker's ``VmmAction``: the API layer parses HTTP into one of these; ``Controller.apply`` dispatches
+it. An action holds decoded, typed values (contract types for bodies); references to VMs, images, disks and
+snapshots are the user's strings, resolved by the controller.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from .. import contract
+
+
+class Action:
+    """Base of every action."""
+
+
+# ------------------------------------------------------------------ system
+@dataclass(frozen=True)
+class GetInfo(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class GetVersion(Action):
+    pass
+
+
+# ------------------------------------------------------------------ images
+@dataclass(frozen=True)
+class ImportImage(Action):
+    data: bytes
+    name: str | None = None
+    entry: str | None = None
+
+
+@dataclass(frozen=True)
+class ListImages(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class GetImage(Action):
+    ref: str
+
+
+@dataclass(frozen=True)
+class UpdateImage(Action):
+    ref: str
+    patch: contract.ImagePatch
+
+
+@dataclass(frozen=True)
+class RemoveImage(Action):
+    ref: str
+
+
+# ------------------------------------------------------------------ VMs
+@dataclass(frozen=True)
+class CreateVm(Action):
+    spec: contract.VmSpec
+    start: bool = False
+    wait: bool = False  # answer once the VM has exited or run out of fuel (needs start)
+
+
+@dataclass(frozen=True)
+class ListVms(Action):
+    all: bool = False
+
+
+@dataclass(frozen=True)
+class GetVm(Action):
+    ref: str
+
+
+@dataclass(frozen=True)
+class RemoveVm(Action):
+    ref: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class StartVm(Action):
+    ref: str
+    wait: bool = False
+
+
+@dataclass(frozen=True)
+class StopVm(Action):
+    ref: str
+
+
+@dataclass(frozen=True)
+class KillVm(Action):
+    ref: str
+
+
+@dataclass(frozen=True)
+class PauseVm(Action):
+    ref: str
+
+
+@dataclass(frozen=True)
+class ResumeVm(Action):
+    ref: str
+
+
+@dataclass(frozen=True)
+class WaitVm(Action):
+    ref: str
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class AddFuel(Action):
+    ref: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class ReadLogs(Action):
+    """Answered with a ``LogStream``: the console from its start, to its end (or the VM's, with ``follow``)."""
+    ref: str
+    streams: tuple[str, ...] = ("stdout", "stderr")
+    follow: bool = False
+
+
+# ------------------------------------------------------------------ disks
+@dataclass(frozen=True)
+class CreateDisk(Action):
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ListDisks(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class GetDisk(Action):
+    name: str
+
+
+@dataclass(frozen=True)
+class RemoveDisk(Action):
+    name: str
+
+
+@dataclass(frozen=True)
+class ReplaceDiskContent(Action):
+    name: str
+    chunks: AsyncIterator[bytes]
+    limit: int
+
+
+@dataclass(frozen=True)
+class SetDiskRateLimiter(Action):
+    ref: str
+    index: int
+    rate_limiter: contract.RateLimiterPatch | None
+
+
+# ------------------------------------------------------------------ snapshots and migration
+@dataclass(frozen=True)
+class CreateSnapshot(Action):
+    ref: str
+    name: str | None = None
+    diff: bool = False
+
+
+@dataclass(frozen=True)
+class ListSnapshots(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class GetSnapshot(Action):
+    name: str
+
+
+@dataclass(frozen=True)
+class RemoveSnapshot(Action):
+    name: str
+
+
+@dataclass(frozen=True)
+class ExportSnapshot(Action):
+    """Answered with a ``BlockStream``."""
+    name: str
+
+
+@dataclass(frozen=True)
+class ImportSnapshot(Action):
+    readexactly: Callable[[int], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class RestoreSnapshot(Action):
+    name: str
+    new_name: str | None = None
+    start: bool = False
+
+
+@dataclass(frozen=True)
+class FindMissingChunks(Action):
+    chunks: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class MigrateVm(Action):
+    ref: str
+    to: str
+    token: str | None = None
+    ca_file: str | None = None
+
+
+# ------------------------------------------------------------------ streamed results
+@dataclass(frozen=True)
+class LogStream:
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class BlockStream:
+    name: str
+    blocks: AsyncIterator[bytes]

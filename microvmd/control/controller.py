@@ -1,0 +1,261 @@
+"""The controller: applies every action of the API (``actions.py``) to the daemon's parts.
+
+It is the one place that reaches into the hypervisor, the snapshot controller, the migration and the
+devices on behalf of a client; handlers in ``microvmd/api`` only decode, call ``apply`` and encode.
+Results are plain data in the shapes of ``microvmd/contract.py`` (or a stream, for logs and exports).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from .. import __version__, contract
+from ..devices.blk import BlockDevice
+from ..engine import wt
+from ..errors import BadRequest, MicrovmError
+from ..snapshot import dirty
+from ..snapshot.controller import Snapshots
+from ..snapshot.migrate import migrate
+from ..vmm.manager import Hypervisor
+from ..vmm.state import VmState
+from ..vmm.vm import Vm, VmSpec
+from . import actions as a
+
+A = TypeVar("A", bound=a.Action)
+Apply = Callable[[Any, Any], Awaitable[Any]]
+_HANDLERS: dict[type[a.Action], Apply] = {}
+
+
+def _applies(kind: type[A]) -> Callable[[Callable[[Controller, A], Awaitable[Any]]],
+                                        Callable[[Controller, A], Awaitable[Any]]]:
+    def register(fn: Callable[[Controller, A], Awaitable[Any]]) -> Callable[[Controller, A], Awaitable[Any]]:
+        _HANDLERS[kind] = fn
+        return fn
+    return register
+
+
+class Controller:
+    def __init__(self, hv: Hypervisor, snapshots: Snapshots) -> None:
+        self.hv = hv
+        self.snapshots = snapshots
+
+    async def apply(self, action: a.Action) -> Any:
+        """Apply one action; MicrovmError (with its status and code) when it cannot be done."""
+        try:
+            fn = _HANDLERS[type(action)]
+        except KeyError:
+            raise MicrovmError(f"no controller for {type(action).__name__}") from None
+        return await fn(self, action)
+
+    # ------------------------------------------------------------------ helpers
+    def _vm(self, ref: str) -> Vm:
+        return self.hv.get(ref)
+
+    def _blk(self) -> BlockDevice:
+        dev = self.hv.devices.get(BlockDevice)
+        if dev is None:
+            raise MicrovmError("this daemon has no block device", code="no_block_device")
+        return dev
+
+    # ------------------------------------------------------------------ system
+    @_applies(a.GetInfo)
+    async def info(self, _: a.GetInfo) -> dict[str, Any]:
+        h = self.hv
+        cfg = h.cfg
+        return {
+            "version": __version__, "wasmtime_version": wt.WASMTIME_VERSION, "api_version": "v1",
+            "state_dir": str(cfg.state_dir), "socket": str(cfg.socket), "vms": h.counts(),
+            "images": len(h.images.images), "uptime_s": round(time.time() - h.started, 3),
+            "engine": {"fingerprint": h.opts.fingerprint(), "workers": h.sched.workers,
+                       "epoch_interval_s": cfg.engine.epoch_interval},
+            "event_loop": h.loop_lag.to_api(),
+            "limits": {"memory": cfg.limits.memory, "max_memory": cfg.limits.max_memory,
+                       "fuel": cfg.limits.fuel, "timeout": cfg.limits.timeout, "upload": cfg.upload_limit},
+            "snapshots": {"dirty_tracking": dirty.describe(cfg.engine.dirty_tracking)},
+            "console": {"mode": cfg.engine.console, "file_descriptors": h.console_fds()},
+        }
+
+    @_applies(a.GetVersion)
+    async def version(self, _: a.GetVersion) -> dict[str, Any]:
+        return {"version": __version__, "wasmtime_version": wt.WASMTIME_VERSION, "api_version": "v1"}
+
+    # ------------------------------------------------------------------ images
+    @_applies(a.ImportImage)
+    async def import_image(self, act: a.ImportImage) -> dict[str, Any]:
+        if not act.data:
+            raise BadRequest("empty body: send the module's bytes", code="empty_body")
+        return (await self.hv.import_image(act.data, act.name, act.entry)).to_api()
+
+    @_applies(a.ListImages)
+    async def list_images(self, _: a.ListImages) -> dict[str, Any]:
+        return {"images": [i.to_api() for i in self.hv.images.list()]}
+
+    @_applies(a.GetImage)
+    async def get_image(self, act: a.GetImage) -> dict[str, Any]:
+        return self.hv.images.resolve(act.ref).to_api()
+
+    @_applies(a.UpdateImage)
+    async def update_image(self, act: a.UpdateImage) -> dict[str, Any]:
+        h = self.hv
+        img = await h.sched.on_io(h.images.update_manifest, act.ref, contract.to_builtins(act.patch))
+        return img.to_api()  # type: ignore[no-any-return]
+
+    @_applies(a.RemoveImage)
+    async def remove_image(self, act: a.RemoveImage) -> None:
+        await self.hv.remove_image(act.ref)
+
+    # ------------------------------------------------------------------ VMs
+    @_applies(a.CreateVm)
+    async def create_vm(self, act: a.CreateVm) -> dict[str, Any]:
+        if act.wait and not act.start:
+            raise BadRequest("wait=true needs start=true", code="invalid_query")
+        vm = await self.hv.create(VmSpec.from_contract(act.spec), start=act.start)
+        if act.wait:  # one round trip for a whole run: the answer carries the exit record
+            await self.hv.wait(vm)
+        return vm.to_api()
+
+    @_applies(a.ListVms)
+    async def list_vms(self, act: a.ListVms) -> dict[str, Any]:
+        return {"vms": [v.to_api() for v in self.hv.list(act.all)]}
+
+    @_applies(a.GetVm)
+    async def get_vm(self, act: a.GetVm) -> dict[str, Any]:
+        return self._vm(act.ref).to_api()
+
+    @_applies(a.RemoveVm)
+    async def remove_vm(self, act: a.RemoveVm) -> None:
+        await self.hv.remove(self._vm(act.ref), act.force)
+
+    @_applies(a.StartVm)
+    async def start_vm(self, act: a.StartVm) -> dict[str, Any]:
+        vm = await self.hv.start(self._vm(act.ref))
+        if act.wait:  # start and wait in one request (as create with wait=true)
+            await self.hv.wait(vm)
+        return vm.to_api()
+
+    @_applies(a.StopVm)
+    async def stop_vm(self, act: a.StopVm) -> dict[str, Any]:
+        return (await self.hv.stop(self._vm(act.ref))).to_api()
+
+    @_applies(a.KillVm)
+    async def kill_vm(self, act: a.KillVm) -> dict[str, Any]:
+        return (await self.hv.kill(self._vm(act.ref))).to_api()
+
+    @_applies(a.PauseVm)
+    async def pause_vm(self, act: a.PauseVm) -> dict[str, Any]:
+        return (await self.hv.pause(self._vm(act.ref))).to_api()
+
+    @_applies(a.ResumeVm)
+    async def resume_vm(self, act: a.ResumeVm) -> dict[str, Any]:
+        return (await self.hv.resume(self._vm(act.ref))).to_api()
+
+    @_applies(a.WaitVm)
+    async def wait_vm(self, act: a.WaitVm) -> dict[str, Any]:
+        return await self.hv.wait(self._vm(act.ref), act.timeout)
+
+    @_applies(a.AddFuel)
+    async def add_fuel(self, act: a.AddFuel) -> dict[str, Any]:
+        return (await self.hv.add_fuel(self._vm(act.ref), act.amount)).to_api()
+
+    @_applies(a.ReadLogs)
+    async def read_logs(self, act: a.ReadLogs) -> a.LogStream:
+        vm = self._vm(act.ref)  # resolved now: an unknown VM is a 404 before the answer starts
+        return a.LogStream(self._log_chunks(vm, act.streams, act.follow))
+
+    async def _log_chunks(self, vm: Vm, streams: tuple[str, ...], follow: bool) -> AsyncIterator[bytes]:
+        h = self.hv
+        offsets = {s: 0 for s in streams}
+        while True:
+            # a parked out_of_fuel VM writes nothing until fuel is added: the stream ends, like at exit
+            ended = vm.state.terminal or vm.state == VmState.OUT_OF_FUEL or vm.id not in h.vms
+            wrote = False
+            for s in streams:
+                while True:
+                    data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
+                    if not data:
+                        break
+                    wrote = True
+                    yield data
+            if not follow or ended:
+                return
+            if not wrote:
+                ev = vm.changed
+                try:
+                    await asyncio.wait_for(ev.wait(), 0.05)
+                except TimeoutError:
+                    pass
+
+    # ------------------------------------------------------------------ disks
+    @_applies(a.CreateDisk)
+    async def create_disk(self, act: a.CreateDisk) -> dict[str, Any]:
+        return (await self._blk().create_disk(act.name, act.size)).to_api()
+
+    @_applies(a.ListDisks)
+    async def list_disks(self, _: a.ListDisks) -> dict[str, Any]:
+        return {"disks": [d.to_api() for d in self._blk().list_disks()]}
+
+    @_applies(a.GetDisk)
+    async def get_disk(self, act: a.GetDisk) -> dict[str, Any]:
+        return self._blk().get_disk(act.name).to_api()
+
+    @_applies(a.RemoveDisk)
+    async def remove_disk(self, act: a.RemoveDisk) -> None:
+        await self._blk().remove_disk(act.name)
+
+    @_applies(a.ReplaceDiskContent)
+    async def replace_disk_content(self, act: a.ReplaceDiskContent) -> dict[str, Any]:
+        return (await self._blk().upload(act.name, act.chunks, act.limit)).to_api()
+
+    @_applies(a.SetDiskRateLimiter)
+    async def set_disk_rate_limiter(self, act: a.SetDiskRateLimiter) -> dict[str, Any]:
+        vm = self._vm(act.ref)
+        patch = {"rate_limiter": None if act.rate_limiter is None else contract.to_builtins(act.rate_limiter)}
+        return self._blk().set_rate_limiter(vm, act.index, patch)
+
+    # ------------------------------------------------------------------ snapshots and migration
+    @_applies(a.CreateSnapshot)
+    async def create_snapshot(self, act: a.CreateSnapshot) -> dict[str, Any]:
+        return await self.snapshots.create(self._vm(act.ref), act.name, act.diff)
+
+    @_applies(a.ListSnapshots)
+    async def list_snapshots(self, _: a.ListSnapshots) -> dict[str, Any]:
+        return {"snapshots": await self.snapshots.list_all()}
+
+    @_applies(a.GetSnapshot)
+    async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:
+        return await self.snapshots.get(act.name)
+
+    @_applies(a.RemoveSnapshot)
+    async def remove_snapshot(self, act: a.RemoveSnapshot) -> None:
+        await self.snapshots.remove(act.name)
+
+    @_applies(a.ExportSnapshot)
+    async def export_snapshot(self, act: a.ExportSnapshot) -> a.BlockStream:
+        m, gen = await self.snapshots.export_blocks(act.name)  # checked before the answer starts
+
+        async def blocks() -> AsyncIterator[bytes]:
+            sentinel = object()
+            while True:  # the generator reads packs: each block is pulled on an I/O thread
+                block = await self.hv.sched.on_io(next, gen, sentinel)
+                if block is sentinel:
+                    return
+                yield block
+        return a.BlockStream(m["name"], blocks())
+
+    @_applies(a.ImportSnapshot)
+    async def import_snapshot(self, act: a.ImportSnapshot) -> dict[str, Any]:
+        return await self.snapshots.import_stream(act.readexactly)
+
+    @_applies(a.RestoreSnapshot)
+    async def restore_snapshot(self, act: a.RestoreSnapshot) -> dict[str, Any]:
+        return (await self.snapshots.restore(act.name, act.new_name, act.start)).to_api()
+
+    @_applies(a.FindMissingChunks)
+    async def find_missing_chunks(self, act: a.FindMissingChunks) -> dict[str, Any]:
+        return {"missing": [h.hex() for h in self.snapshots.missing(list(act.chunks))]}
+
+    @_applies(a.MigrateVm)
+    async def migrate_vm(self, act: a.MigrateVm) -> dict[str, Any]:
+        return await migrate(self.hv, self.snapshots, self._vm(act.ref), act.to, act.token, act.ca_file)
