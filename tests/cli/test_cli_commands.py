@@ -343,31 +343,19 @@ def test_migrate(cli, fake_daemon, img, tmp_path):
     assert cli("migrate", "v", "--to", "ftp://x").returncode == 2
 
 
-def test_functions(cli, fake_daemon, img, tmp_path):
+def test_functions_say_what_the_daemon_answers(cli, fake_daemon, img, tmp_path):
+    """The daemon has no functions yet (501): the client says so and exits 125; its own usage checks stay."""
     r = cli("fn", "deploy", "hello", "img", "--route", "/hi", "--executor", "wagi", "--fuel", "1M",
             "--memory", "16MiB", "--timeout", "2s", "--max-concurrency", "4", "--env", "A=1")
-    assert r.returncode == 0 and r.stdout == b"hello /hi\n"
+    assert r.returncode == 125 and b"not part of this microvmd yet" in r.stderr
     assert reqs(fake_daemon, "POST", "/v1/functions")[-1]["json"] == {
         "name": "hello", "image": "img", "route": "/hi", "executor": "wagi", "fuel": 1_000_000,
         "memory": 16 << 20, "timeout": 2.0, "max_concurrency": 4, "env": {"A": "1"},
     }
     py = tmp_path / "h.py"
     py.write_text("def handler(req): return 'hi'\n")
-    cli("fn", "deploy", "pyfn", "--python", str(py))
-    assert reqs(fake_daemon, "POST", "/v1/functions")[-1]["json"] == {
-        "name": "pyfn", "python": "def handler(req): return 'hi'\n"}
     assert cli("fn", "deploy", "bad").returncode == 2
     assert cli("fn", "deploy", "bad", "img", "--python", str(py)).returncode == 2
-    assert "/f" in cli("fn", "ls").stdout.decode()
-    r = cli("fn", "invoke", "hello", "--data", "hey", "-H", "X-A: b", "--path", "/p")
-    assert r.returncode == 0 and r.stdout == b"echo:hey"
-    assert reqs(fake_daemon, "POST", "/v1/functions/hello/invoke")[-1]["json"] == {
-        "method": "POST", "path": "/p", "headers": {"X-A": "b"}, "body": "hey"}
-    r = cli("fn", "invoke", "hello", "--data", "-", input=b"from stdin")
-    assert r.stdout == b"echo:from stdin"
-    r = cli("fn", "invoke", "hello", "--path", "/boom")
-    assert r.returncode == 1 and b"HTTP 500" in r.stderr
-    assert reqs(fake_daemon, "POST", "/v1/functions/hello/invoke")[-1]["json"]["method"] == "GET"
-    assert cli("fn", "logs", "hello").stdout == b"fn log line\n"
-    assert cli("fn", "rm", "hello").returncode == 0
-    assert reqs(fake_daemon, "DELETE", "/v1/functions/hello")
+    for argv in (("fn", "ls"), ("fn", "invoke", "hello", "--data", "hey"), ("fn", "logs", "hello"),
+                 ("fn", "rm", "hello")):
+        assert cli(*argv).returncode == 125, argv
