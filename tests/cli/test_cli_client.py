@@ -103,9 +103,12 @@ def test_requests_and_errors(fake_daemon):
 
     assert api.request("DELETE", "/v1/images/m") is None  # 204
 
-    with api.request("GET", "/v1/functions/f/logs", stream=True) as r:
-        assert b"".join(r.chunks()) == b"fn log line\n"
-    assert api.request("GET", "/v1/functions/f/logs") == b"fn log line\n"  # non-JSON -> bytes
+    fake_daemon.add_image(b"\0asm\1\0\0\0", "logger")
+    vm = api.request("POST", "/v1/vms", {"image": "logger", "args": ["out:a log line", "exit:0"], "start": True})
+    api.request("POST", f"/v1/vms/{vm['id']}/wait")
+    with api.request("GET", f"/v1/vms/{vm['id']}/logs", stream=True) as r:
+        assert b"".join(r.chunks()) == b"a log line\n"
+    assert api.request("GET", f"/v1/vms/{vm['id']}/logs") == b"a log line\n"  # non-JSON -> bytes
 
 
 @pytest.fixture
