@@ -286,7 +286,7 @@ class PackWriter:
         except OSError:
             pass
         self.tmp.unlink(missing_ok=True)
-        self.store._forget(self.id)
+        self.store.forget_pack(self.id)
 
 
 class SnapshotStore:
@@ -415,7 +415,7 @@ class SnapshotStore:
         try:
             results = list(self._pool.map(work, [which[k:k + step] for k in range(0, n, step)]))
         except BaseException:
-            self._forget(writer.id)
+            self.forget_pack(writer.id)
             raise
         return Stored(refs, sum(r[0] for r in results), sum(r[1] for r in results))
 
@@ -456,7 +456,12 @@ class SnapshotStore:
         """Remove these packs if no manifest references them (e.g. a migration's temporary pack)."""
         self._collect(set(packs))
 
-    def _forget(self, pack: str) -> None:
+    def add_to_index(self, h: bytes, loc: Loc) -> None:
+        """A chunk written into a pack that is not published yet (forget_pack undoes it if it never is)."""
+        with self._lock:
+            self.index[h] = loc
+
+    def forget_pack(self, pack: str) -> None:
         with self._lock:
             for h in [h for h, loc in self.index.items() if loc.pack == pack]:
                 del self.index[h]
@@ -667,7 +672,7 @@ class SnapshotStore:
             if not candidates:
                 return
         for pack in candidates:
-            self._forget(pack)
+            self.forget_pack(pack)
             self.pack_path(pack).unlink(missing_ok=True)
 
     def names(self) -> list[str]:

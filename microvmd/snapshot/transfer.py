@@ -183,10 +183,9 @@ def _store_batch(store: SnapshotStore, writer: PackWriter, batch: list[tuple[byt
             continue
         off = writer.reserve()
         runs.append((off, [memoryview(data)]))
-        with store._lock:
-            store.index[h] = Loc(writer.id, off, len(data), expected[h])
+        store.add_to_index(h, Loc(writer.id, off, len(data), expected[h]))
     try:
         writer.write_runs(runs)
     except BaseException:
-        store._forget(writer.id)
+        store.forget_pack(writer.id)
         raise
