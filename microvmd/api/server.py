@@ -92,12 +92,15 @@ async def image_import(request: web.Request) -> web.StreamResponse:
     data = await codec.read_limited(request, h.cfg.upload_limit)
     if not data:
         raise BadRequest("empty body: send the module's bytes", code="empty_body")
-    img = await h.import_image(data, request.query.get("name") or None, request.query.get("entry") or None)
+    img = await h.import_image(data, request.query.get("name") or None, request.query.get("entry") or None,
+                               asyncify=not _bool(request, "no_asyncify"))
     return codec.respond(request, img.to_api(), status=201)
 
 
 async def image_list(request: web.Request) -> web.StreamResponse:
-    return codec.respond(request, {"images": [i.to_api() for i in hv(request).images.list()]})
+    images = hv(request).images
+    return codec.respond(request, {"images": [i.to_api() for i in images.list()],
+                                   "importing": list(images.importing.values())})
 
 
 async def image_get(request: web.Request) -> web.StreamResponse:
@@ -232,7 +235,8 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/version", version, "Daemon and wasmtime versions", tag="system"),
     Route("GET", "/v1/openapi.json", openapi, "This document", tag="system"),
     Route("GET", "/metrics", metrics, "Prometheus text metrics", tag="system"),
-    Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry",
+    Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry, "
+          "no_asyncify (keep a plain WASI module as it is instead of rewriting it for snapshots)",
           body="binary", tag="images"),
     Route("GET", "/v1/images", image_list, "List images", tag="images"),
     Route("GET", "/v1/images/{ref}", image_get, "Inspect an image (name, sha256:digest or digest prefix)",

@@ -32,6 +32,9 @@ def install_devices(hv: Any) -> None:
     from .clock import ClockDevice
 
     hv.add_device(ClockDevice())
+    from .wasi import WasiDevice
+
+    hv.add_device(WasiDevice())  # WASI's blocking calls for modules rewritten with Asyncify at import
     try:
         from .blk import BlockDevice
     except ImportError:

@@ -15,8 +15,10 @@ from typing import Any
 
 import wasmtime
 
+from ..devices.wasi import wasi_fd_read
 from ..engine import wt
-from ..images.asyncify import STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
+from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
+from ..images.rewrite import HOST_MODULE
 
 log = logging.getLogger("microvmd.vmm")
 
@@ -77,6 +79,9 @@ class Machine:
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)
+        # WASI's monotonic clock counts from here (wasmtime starts it with the context): the host's
+        # poll_oneoff (devices/wasi.py) turns the guest's absolute deadlines into host time with it
+        self.wasi_clock_base_ns = time.monotonic_ns()
         self.store.set_limits(memory_size=spec.memory_limit, table_elements=spec.table_elements,
                               instances=spec.instances, tables=spec.tables, memories=spec.memories)
         self.store.set_fuel(FUEL_TANK)
@@ -87,6 +92,11 @@ class Machine:
         self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
+        # a module rewritten at import reads through the daemon's fd_read: other descriptors than stdin go
+        # on to wasmtime's own (devices/wasi.py)
+        self.wasi_fd_read: wasmtime.Func | None = None
+        if self.memory is not None and any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports):
+            self.wasi_fd_read = wasi_fd_read(engine, self.store, self.memory)
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
         self.call: wt.GuestCall | None = None
@@ -105,9 +115,12 @@ class Machine:
                 self.tables_at_start = None  # a non-function reference at start: snapshots will say so
         self.asyncify: AsyncifyCtl | None = None
         if spec.asyncify_globals is not None and self.memory is not None:
-            data_ptr = self.call_sync("microvm_asyncify_data")[0]
-            self.asyncify = AsyncifyCtl.setup(self.exports, self.store, spec.asyncify_globals, data_ptr,
-                                              self.memory)
+            if "microvm_asyncify_data" in self.export_names:  # an SDK guest: its own buffer
+                data_ptr = self.call_sync("microvm_asyncify_data")[0]
+                self.asyncify = AsyncifyCtl.setup(self.exports, self.store, spec.asyncify_globals, data_ptr,
+                                                  self.memory)
+            else:  # rewritten at import: the daemon grows the buffer (ensure_unwind_buffer)
+                self.asyncify = AsyncifyCtl.lazy(self.exports, self.store, spec.asyncify_globals)
 
     # ---- helpers the VM's devices and snapshots use (on the owning thread) ----
     def export(self, name: str) -> Any:
@@ -217,9 +230,34 @@ class Machine:
         if a.rewinding:  # asyncify_stop_rewind: the guest is back inside the call it was suspended in
             mem.set_global_i32(a.state, STATE_NORMAL)
             a.rewinding = False
-        if snapshot_wanted:
+        if snapshot_wanted and self.ensure_unwind_buffer(mem):
             return self.start_unwind(mem)
         return None
+
+    def ensure_unwind_buffer(self, mem: wt.GuestMemory) -> bool:
+        """A guest rewritten at import has no unwind buffer of its own: on its first suspending call (from
+        inside that call, so no Wasm runs) grow memory by GROWN_BUFFER_PAGES past everything the guest has,
+        once per VM. The guest's allocator never hands out memory it did not get from its own memory.grow,
+        so nothing but the unwind ever writes there. False (and the VM is not snapshottable any more) when
+        the memory limit refuses the growth."""
+        a = self.asyncify
+        if a is None:
+            return False
+        if a.has_buffer:
+            return True
+        old = mem.grow(GROWN_BUFFER_PAGES)
+        if old < 0:
+            log.warning("cannot grow memory by %d KiB for the Asyncify unwind buffer (memory limit): this VM "
+                        "cannot be snapshotted while it runs", GROWN_BUFFER_PAGES * 64)
+            self.asyncify = None
+            return False
+        a.place_buffer(old * 65536, GROWN_BUFFER_PAGES * 65536)
+        self._sample_memory_in_call(mem)
+        return True
+
+    def _sample_memory_in_call(self, mem: wt.GuestMemory) -> None:
+        self.memory_bytes = mem.size()
+        self.peak_memory = max(self.peak_memory, self.memory_bytes)
 
     def start_unwind(self, mem: wt.GuestMemory) -> list[int]:
         """asyncify_start_unwind from inside the suspended import; the import's answer is ignored."""
@@ -355,6 +393,8 @@ class Machine:
             self._queue = [self.spec.entry]
             if self.asyncify is None:
                 raise ValueError("snapshot was taken inside a call but the guest has no Asyncify support")
+            if not self.asyncify.has_buffer and self.memory is not None:
+                self.asyncify.adopt_buffer(self.store, self.memory)
             self.asyncify.unwound = True
         self._sample_memory()
 
