@@ -231,9 +231,7 @@ class WasiDevice:
             mem.check(nevents_ptr, 4) or _fault()
         except wt.MemoryFault:
             return [EFAULT]
-        machine = vm.machine
-        machine.ensure_unwind_buffer(mem)
-        base = getattr(machine, "wasi_clock_base_ns", 0)
+        base = getattr(vm.machine, "wasi_clock_base_ns", 0)
         now = time.monotonic_ns()
         subs = []
         deadline: int | None = None
@@ -304,7 +302,6 @@ class WasiDevice:
         state = self._state(vm)
         if state is None:
             return [EBADF]
-        machine.ensure_unwind_buffer(mem)
         try:
             mem.check(nread_ptr, 4) or _fault()
             vecs = [struct.unpack_from("<II", mem.read(iovs + 8 * i, 8)) for i in range(min(iovs_len, 1024))]

@@ -22,8 +22,8 @@ from ..images import wasmbin
 from ..images.store import RESERVED_PREFIX
 
 STATE_NORMAL, STATE_UNWINDING, STATE_REWINDING = 0, 1, 2
-# The unwind buffer of a guest rewritten at import: memory the daemon grows once, on the guest's first
-# suspending call (docs/snapshot-format.md). Asyncify traps if a call stack does not fit.
+# The unwind buffer of a guest rewritten at import: memory the daemon grows at its first snapshot
+# (docs/snapshot-format.md). Asyncify traps if a call stack does not fit.
 GROWN_BUFFER_PAGES = 16  # 1 MiB
 
 
@@ -77,6 +77,8 @@ class AsyncifyCtl:
     unwinding: bool = False   # the guest is unwinding right now
     unwound: bool = False     # the call stack lives in memory; the entry must be re-entered to rewind
     rewinding: bool = False   # re-entered; the first suspension point reached stops the rewind
+    grown: bool = False       # the buffer is memory the daemon grew (a module rewritten at import)
+    settled: bool = False     # ... and the guest's allocator cannot have claimed it (Machine.ensure_unwind_buffer)
 
     @classmethod
     def setup(cls, exports: object, store: wasmtime.Store, globals_: tuple[int, int], data_ptr: int,
@@ -95,20 +97,20 @@ class AsyncifyCtl:
     @classmethod
     def lazy(cls, exports: object, store: wasmtime.Store, globals_: tuple[int, int]) -> AsyncifyCtl:
         """For a module rewritten at import (no ``microvm_asyncify_data``): the buffer is memory the daemon
-        grows on the guest's first suspending call (``place_buffer``), see docs/snapshot-format.md."""
+        grows at the first snapshot (``place_buffer``), see docs/snapshot-format.md."""
         get = exports.get  # type: ignore[attr-defined]
         state = get(f"{RESERVED_PREFIX}global_{globals_[0]}")
         data = get(f"{RESERVED_PREFIX}global_{globals_[1]}")
         if not isinstance(state, wasmtime.Global) or not isinstance(data, wasmtime.Global):
             raise ValueError("the Asyncify control globals are not exported (image not normalised?)")
-        return cls(state, data, 0, 0)
+        return cls(state, data, 0, 0, grown=True)
 
     @property
     def has_buffer(self) -> bool:
         return self.data_ptr != 0
 
-    def place_buffer(self, address: int, size: int) -> None:
-        self.data_ptr, self.data_end = address, address + size
+    def place_buffer(self, address: int, size: int, settled: bool) -> None:
+        self.data_ptr, self.data_end, self.settled = address, address + size, settled
 
     def adopt_buffer(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         """After a restore of an unwound guest: the buffer is where ``__asyncify_data`` points (the unwind

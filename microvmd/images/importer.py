@@ -45,6 +45,8 @@ async def import_module(store: ImageStore, data: bytes, name: str | None, entry:
         info = await on_io(wasmbin.parse, module)
     except wasmbin.WasmFormatError:
         return await on_io(store.import_bytes, module, name, entry)  # type: ignore[no-any-return]  # (says why)
+    if rewrite.is_rewritten(info):  # e.g. the module of a snapshot made on another host
+        return await on_io(store.import_bytes, module, name, entry)  # type: ignore[no-any-return]
     reason = rewrite.skip_reason(info)
     if reason is not None:
         return await _as_is(store, on_io, module, name, entry, hexd, reason)  # type: ignore[no-any-return]

@@ -351,6 +351,16 @@ class ImageStore:
         os.replace(tmp, path)
         return img
 
+    def adopt_origin(self, ref: str, original_digest: str | None) -> Image:
+        """A rewritten module that came with a snapshot: remember the digest of the module it was made from."""
+        img = self.resolve(ref)
+        if original_digest and img.original_digest is None and img.digest != original_digest \
+                and re.fullmatch(r"sha256:[0-9a-f]{64}", original_digest):
+            img.original_digest = original_digest
+            img.rewritten_digest = img.digest
+            self._write_manifest(img)
+        return img
+
     def update_note(self, ref: str, note: str) -> Image:
         img = self.resolve(ref)
         img.snapshot_note = note

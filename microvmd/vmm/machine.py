@@ -104,6 +104,8 @@ class Machine:
         self.fuel_consumed = 0
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
         self.memory_bytes = self.memory.data_len(self.store) if self.memory else 0
+        self._initial_memory = self.memory_bytes
+        self._grown_by_host = 0  # unwind buffers (ensure_unwind_buffer)
         self.peak_memory = self.memory_bytes
         # the tables as instantiated, by raw function pointer: the names a snapshot gives the functions in a
         # table the guest changed (only guests that can be snapshotted after they ran need them)
@@ -230,38 +232,46 @@ class Machine:
         if a.rewinding:  # asyncify_stop_rewind: the guest is back inside the call it was suspended in
             mem.set_global_i32(a.state, STATE_NORMAL)
             a.rewinding = False
-        if snapshot_wanted and self.ensure_unwind_buffer(mem):
+            if a.grown:  # the saved stack is dead now: clear it, so the next unwind can tell nobody wrote there
+                mem.write(a.data_ptr, bytes(a.data_end - a.data_ptr))
+        if snapshot_wanted:
             return self.start_unwind(mem)
         return None
 
     def ensure_unwind_buffer(self, mem: wt.GuestMemory) -> bool:
-        """A guest rewritten at import has no unwind buffer of its own: on its first suspending call (from
-        inside that call, so no Wasm runs) grow memory by GROWN_BUFFER_PAGES past everything the guest has,
-        once per VM. The guest's allocator never hands out memory it did not get from its own memory.grow,
-        so nothing but the unwind ever writes there. False (and the VM is not snapshottable any more) when
-        the memory limit refuses the growth."""
+        """Where a guest rewritten at import unwinds: memory the daemon grows at its first snapshot (from
+        inside the suspended call, so no Wasm runs), past everything the guest has. A guest's allocator
+        hands out only memory it got from memory.grow or claimed at its first malloc; wasi-libc before 2023
+        claims everything up to memory.size there, so a buffer placed before the guest's first malloc could
+        be taken. The buffer is therefore *settled* (kept for good) when the guest had grown memory itself
+        before it was placed (its allocator was running); an unsettled one is kept only while it is still
+        as the last rewind left it (all zeros), else a new one is grown. False when the memory limit
+        refuses the growth (the VM is then no longer snapshottable while it runs)."""
         a = self.asyncify
         if a is None:
             return False
-        if a.has_buffer:
+        if a.has_buffer and (a.settled or not any(mem.view(a.data_ptr, a.data_end - a.data_ptr))):
             return True
+        size = mem.size()
+        initial = self._initial_memory + self._grown_by_host
         old = mem.grow(GROWN_BUFFER_PAGES)
         if old < 0:
             log.warning("cannot grow memory by %d KiB for the Asyncify unwind buffer (memory limit): this VM "
                         "cannot be snapshotted while it runs", GROWN_BUFFER_PAGES * 64)
             self.asyncify = None
             return False
-        a.place_buffer(old * 65536, GROWN_BUFFER_PAGES * 65536)
-        self._sample_memory_in_call(mem)
-        return True
-
-    def _sample_memory_in_call(self, mem: wt.GuestMemory) -> None:
+        self._grown_by_host += GROWN_BUFFER_PAGES * 65536
+        a.place_buffer(old * 65536, GROWN_BUFFER_PAGES * 65536, settled=size > initial)
         self.memory_bytes = mem.size()
         self.peak_memory = max(self.peak_memory, self.memory_bytes)
+        return True
 
-    def start_unwind(self, mem: wt.GuestMemory) -> list[int]:
-        """asyncify_start_unwind from inside the suspended import; the import's answer is ignored."""
+    def start_unwind(self, mem: wt.GuestMemory) -> list[int] | None:
+        """asyncify_start_unwind from inside the suspended import; the import's answer is ignored. None when
+        there is no buffer to unwind into (the call then runs as usual)."""
         a = self.asyncify
+        if a is None or (a.grown or not a.has_buffer) and not self.ensure_unwind_buffer(mem):
+            return None
         assert a is not None
         mem.write(a.data_ptr, a.header())
         mem.set_global_i32(a.data, a.data_ptr)
