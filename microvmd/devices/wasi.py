@@ -1,12 +1,15 @@
 """Module ``microvm_wasi``: WASI's blocking calls served by the daemon, so that they suspend the guest.
 
-A module rewritten with Asyncify at import (images/rewrite.py) imports ``fd_read`` and ``poll_oneoff`` from
-here instead of ``wasi_snapshot_preview1``. Both are suspension points: a guest blocked in them holds no
-thread and can be paused, stopped or snapshotted, as with the SDK's ``sleep_ms``.
+A module rewritten with Asyncify at import (images/rewrite.py) imports ``fd_read``, ``poll_oneoff`` and
+``clock_time_get`` from here instead of ``wasi_snapshot_preview1``. The first two are suspension points: a
+guest blocked in them holds no thread and can be paused, stopped or snapshotted, as with the SDK's
+``sleep_ms``.
 
 - ``poll_oneoff``: clock subscriptions (relative or absolute; realtime, monotonic, and the CPU-time clocks
   as monotonic) wait on an event-loop timer; ``fd_read`` on fd 0 waits for the VM's stdin; every other fd
   subscription (files, stdout, stderr) is reported ready at once, as wasmtime does for files.
+- ``clock_time_get``: realtime is the host's; the monotonic clock counts from the VM's creation and goes on
+  across a snapshot (``WasiState``), so a deadline the guest computed before it still means the same.
 - ``fd_read`` on fd 0 reads the VM's ``StdinBuffer`` (the hook for ``run -i``/``attach``: ``feed``/``close``);
   other descriptors go to wasmtime's own ``fd_read`` through a two-function helper instance in the same
   store (WASI's host functions need a caller that exports the memory).
@@ -137,23 +140,33 @@ class StdinBuffer:
 
 
 class WasiState:
-    """A rewritten guest's part in ``vm.devices`` (``"wasi"``): its stdin."""
+    """A rewritten guest's part in ``vm.devices`` (``"wasi"``): its stdin and its monotonic clock, which
+    counts from the VM's creation and goes on from where it was after a restore (WASI says it never goes
+    back; wasmtime's own would start again at 0 in the new VM)."""
 
     def __init__(self) -> None:
         self.stdin = StdinBuffer()
+        self.mono_base_ns = time.monotonic_ns()
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns() - self.mono_base_ns
 
     def to_api(self) -> dict[str, Any]:
         return {"stdin": {"buffered": self.stdin.buffered(), "eof": self.stdin.eof}}
 
     def save(self) -> dict[str, Any]:
-        return {"stdin": bytes(self.stdin._data), "stdin_eof": self.stdin.eof}
+        return {"stdin": bytes(self.stdin._data), "stdin_eof": self.stdin.eof, "monotonic_ns": self.monotonic_ns()}
 
     def restore(self, state: dict[str, Any]) -> None:
         data = state.get("stdin", b"")
         if not isinstance(data, (bytes, bytearray)) or len(data) > STDIN_LIMIT:
             raise ValueError("stdin must be at most 1 MiB of bytes")
+        mono = state.get("monotonic_ns", 0)
+        if not isinstance(mono, int) or not 0 <= mono < 1 << 62:
+            raise ValueError("monotonic_ns must be a count of nanoseconds")
         self.stdin._data = bytearray(data)
         self.stdin.eof = bool(state.get("stdin_eof", True))
+        self.mono_base_ns = time.monotonic_ns() - mono
 
     def close(self) -> None:
         self.stdin.close()
@@ -201,6 +214,23 @@ class WasiDevice:
     def define(self, linker: wasmtime.Linker) -> None:
         wt.define_host_func(linker, HOST_MODULE, "poll_oneoff", ["i32"] * 4, ["i32"], self._poll, suspends=True)
         wt.define_host_func(linker, HOST_MODULE, "fd_read", ["i32"] * 4, ["i32"], self._fd_read, suspends=True)
+        wt.define_host_func(linker, HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], ["i32"], self._clock)
+
+    # ---- clock_time_get ----
+    def _clock(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
+        clock_id, _precision, out = args
+        if clock_id == CLOCK_REALTIME:
+            now = time.time_ns()
+        elif 0 < clock_id <= 3:  # monotonic, and the CPU-time clocks as monotonic (as wasmtime does)
+            state = self._state(wt.current_vm())
+            now = state.monotonic_ns() if state is not None else time.monotonic_ns()
+        else:
+            return [EINVAL]
+        try:
+            mem.write(out, struct.pack("<Q", now))
+        except wt.MemoryFault:
+            return [EFAULT]
+        return [ESUCCESS]
 
     async def attach(self, hv: Any, vm: Any) -> None:
         self.loop = asyncio.get_running_loop()
@@ -231,7 +261,8 @@ class WasiDevice:
             mem.check(nevents_ptr, 4) or _fault()
         except wt.MemoryFault:
             return [EFAULT]
-        base = getattr(vm.machine, "wasi_clock_base_ns", 0)
+        state = self._state(vm)
+        base = state.mono_base_ns if state is not None else 0
         now = time.monotonic_ns()
         subs = []
         deadline: int | None = None
@@ -252,7 +283,6 @@ class WasiDevice:
             elif tag not in (TAG_FD_READ, TAG_FD_WRITE):
                 return [EINVAL]
             subs.append((userdata, tag, which, due))
-        state = self._state(vm)
         stdin = state.stdin if state is not None else None
 
         def answer(m: wt.GuestMemory, final: bool = True) -> list[int] | None:

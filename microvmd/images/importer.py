@@ -85,8 +85,13 @@ async def _finish(store: ImageStore, on_io: OnIo, module: bytes, name: str | Non
                     result.reason)
         return await _as_is(store, on_io, module, name, entry, hexd, f"stopped_only: {result.reason}")
     note = f"rewritten with Asyncify by {version}" + (f" in {result.seconds:.1f} s" if result.seconds else "")
-    rewritten_hex = await on_io(_sha256, result.module)
-    img: Image = await on_io(store.import_bytes, result.module, name, entry,
+    try:
+        module_out: bytes = await on_io(rewrite.to_host_imports, result.module)
+    except (wasmbin.WasmFormatError, StopIteration) as exc:
+        return await _as_is(store, on_io, module, name, entry, hexd,
+                            f"stopped_only: the rewritten module is not readable: {exc}")
+    rewritten_hex = await on_io(_sha256, module_out)
+    img: Image = await on_io(store.import_bytes, module_out, name, entry,
                              {"original_digest": f"sha256:{hexd}", "rewritten_digest": f"sha256:{rewritten_hex}",
                               "snapshot_note": note})
     return img

@@ -79,9 +79,6 @@ class Machine:
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)
-        # WASI's monotonic clock counts from here (wasmtime starts it with the context): the host's
-        # poll_oneoff (devices/wasi.py) turns the guest's absolute deadlines into host time with it
-        self.wasi_clock_base_ns = time.monotonic_ns()
         self.store.set_limits(memory_size=spec.memory_limit, table_elements=spec.table_elements,
                               instances=spec.instances, tables=spec.tables, memories=spec.memories)
         self.store.set_fuel(FUEL_TANK)
