@@ -79,8 +79,11 @@ class Machine:
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)
+        # a module rewritten at import reads through the daemon's fd_read: other descriptors than stdin go
+        # on to wasmtime's own, through a helper instance in the same store (devices/wasi.py)
+        helper = any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports)
         self.store.set_limits(memory_size=spec.memory_limit, table_elements=spec.table_elements,
-                              instances=spec.instances, tables=spec.tables, memories=spec.memories)
+                              instances=spec.instances + helper, tables=spec.tables, memories=spec.memories)
         self.store.set_fuel(FUEL_TANK)
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
@@ -89,10 +92,8 @@ class Machine:
         self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
-        # a module rewritten at import reads through the daemon's fd_read: other descriptors than stdin go
-        # on to wasmtime's own (devices/wasi.py)
         self.wasi_fd_read: wasmtime.Func | None = None
-        if self.memory is not None and any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports):
+        if self.memory is not None and helper:
             self.wasi_fd_read = wasi_fd_read(engine, self.store, self.memory)
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
