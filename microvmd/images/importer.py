@@ -148,6 +148,8 @@ async def _rewrite_then_import(store: ImageStore, on_io: OnIo, module: bytes, na
             await on_io(store.update_note, f"sha256:{hexd}", f"stopped_only: {result.reason}")
             return
         img = await _finish(store, on_io, module, name, entry, hexd, result, version)
+        if img.rewritten_digest is not None:  # the module as it was stays for the VMs made from it meanwhile
+            await on_io(store.update_note, f"sha256:{hexd}", f"stopped_only: its rewrite is image {img.digest}")
         log.info("image %s is now the rewritten module %s (snapshottable)", name or "-", img.digest[:19])
     except asyncio.CancelledError:
         raise

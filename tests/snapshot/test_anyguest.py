@@ -204,3 +204,19 @@ def test_wasi_behaviour_is_the_same_with_and_without_the_rewrite(make_daemon, tm
     r = a.cli("run", "--dir", f"{data}::/data", "--env", "WT=x", "wt", "7", "a b")
     assert (r.returncode, r.stdout) == (7, WASITEST_OUT), r.stderr
     assert (data / "out.txt").read_text() == "written by wasitest\n"
+
+
+def test_import_images_at_start_up_rewrites_in_the_background(make_daemon, tmp_path: Path) -> None:
+    """`microvmd --import-images DIR` (make run) does not wait for rewrites: the module is usable at once as it
+    is, and its name moves to the rewritten image when that is ready."""
+    src = tmp_path / "imgs" / "plaincount"
+    src.mkdir(parents=True)
+    shutil.copy(PLAINCOUNT, src / "plaincount.wasm")
+    a = make_daemon("a", "--import-images", str(tmp_path / "imgs"), images=())
+    end = time.monotonic() + 60
+    while (img := a.ok("GET", "/v1/images/plaincount"))["snapshot_kind"] != "asyncify":
+        assert time.monotonic() < end, img
+        time.sleep(0.1)
+    assert img["original_digest"] == "sha256:" + hashlib.sha256(PLAINCOUNT.read_bytes()).hexdigest()
+    old = a.ok("GET", f"/v1/images/{img['original_digest']}")
+    assert old["snapshot_kind"] == "stopped_only" and img["digest"] in old["snapshot_note"]
