@@ -220,3 +220,29 @@ def test_import_images_at_start_up_rewrites_in_the_background(make_daemon, tmp_p
     assert img["original_digest"] == "sha256:" + hashlib.sha256(PLAINCOUNT.read_bytes()).hexdigest()
     old = a.ok("GET", f"/v1/images/{img['original_digest']}")
     assert old["snapshot_kind"] == "stopped_only" and img["digest"] in old["snapshot_note"]
+
+
+PYTHON_WASM = IMAGES / "python" / "python.wasm"  # scripts/fetch-interpreters
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PYTHON_WASM.is_file(), reason="run scripts/fetch-interpreters first")
+def test_cpython_snapshotted_in_time_sleep_continues_on_another_daemon(make_daemon, tmp_path: Path) -> None:
+    """The 26 MB CPython build: rewritten at import (~4 min on 2 cores), snapshotted while it sleeps in
+    time.sleep (an absolute monotonic deadline), restored on another daemon with its variables intact."""
+    a = make_daemon("a", images=())
+    b = make_daemon("b", images=())
+    r = a.cli("image", "import", str(PYTHON_WASM), "--name", "python", timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert a.ok("GET", "/v1/images/python")["snapshot_kind"] == "asyncify"
+    prog = ("import time\nx = 40\ndata = [i * i for i in range(100000)]\nn = 0\nwhile True:\n    n += 1\n"
+            "    print(n, x + 2, sum(data) % 1000, flush=True)\n    time.sleep(0.1)")
+    a.mv("run", "-d", "--name", "py1", "python", "-c", prog)
+    seen = _wait_lines(a, "py1", r"^(\d+) 42 0$", 5, timeout=120)
+    _snapshot(a, "py1", "pys")
+    a.mv("snapshot", "export", "pys", "-o", str(tmp_path / "pys.snap"))
+    b.mv("snapshot", "import", str(tmp_path / "pys.snap"), timeout=600)
+    b.mv("restore", "pys", "--name", "py2", "--start")
+    _wait_lines(b, "py2", r"^(\d+) 42 0$", seen + 10, timeout=120)
+    first = int(re.findall(r"^(\d+) 42 0$", b.logs("py2"), re.M)[0])
+    assert seen - 1 <= first <= seen + 3, (seen, first)  # it went on from the snapshot
