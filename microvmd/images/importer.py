@@ -38,62 +38,62 @@ _background: set[asyncio.Task[Any]] = set()
 
 async def import_module(store: ImageStore, data: bytes, name: str | None, entry: str | None, *,
                         on_io: OnIo, asyncify: bool = True, background: bool = False) -> Image:
-    module, _fmt, hexd = await on_io(store.prepare, data, name)
+    module, fmt, hexd = await on_io(store.prepare, data, name)
     if not asyncify:
-        return await _as_is(store, on_io, module, name, entry, hexd, "imported with --no-asyncify")  # type: ignore[no-any-return]
+        return await _as_is(store, on_io, module, name, entry, hexd, "imported with --no-asyncify", fmt)  # type: ignore[no-any-return]
     try:
         info = await on_io(wasmbin.parse, module)
     except wasmbin.WasmFormatError:
         return await on_io(store.import_bytes, module, name, entry)  # type: ignore[no-any-return]  # (says why)
     if rewrite.is_rewritten(info):  # e.g. the module of a snapshot made on another host
-        return await on_io(store.import_bytes, module, name, entry)  # type: ignore[no-any-return]
+        return await on_io(store.import_bytes, module, name, entry, {"source_format": fmt})  # type: ignore[no-any-return]
     reason = rewrite.skip_reason(info)
     if reason is not None:
-        return await _as_is(store, on_io, module, name, entry, hexd, reason)  # type: ignore[no-any-return]
+        return await _as_is(store, on_io, module, name, entry, hexd, reason, fmt)  # type: ignore[no-any-return]
     done = store.find_rewrite_of(hexd)
     if done is not None:
         return await on_io(store.import_bytes, await on_io(store.module_bytes, done), name, entry)  # type: ignore[no-any-return]
     version = await on_io(rewrite.binaryen_version)
     if version is None:
         return await _as_is(store, on_io, module, name, entry, hexd,  # type: ignore[no-any-return]
-                            "not rewritten: Binaryen's wasm-opt is not installed")
+                            "not rewritten: Binaryen's wasm-opt is not installed", fmt)
     key = rewrite.RewriteCache.key(hexd, version)
     cached = await on_io(store.rewrites.get, key)
     if cached is not None:
-        return await _finish(store, on_io, module, name, entry, hexd, cached, version)
+        return await _finish(store, on_io, module, name, entry, hexd, cached, version, fmt)
     if background:
         first = await _as_is(store, on_io, module, name, entry, hexd,
-                             "being rewritten with Asyncify in the background; not snapshottable until then")
+                             "being rewritten with Asyncify in the background; not snapshottable until then", fmt)
         task = asyncio.ensure_future(_rewrite_then_import(store, on_io, module, name, entry, hexd, key, version))
         _background.add(task)
         task.add_done_callback(_background.discard)
         return first
     result = await _rewrite(store, on_io, module, name, hexd, key)
-    return await _finish(store, on_io, module, name, entry, hexd, result, version)
+    return await _finish(store, on_io, module, name, entry, hexd, result, version, fmt)
 
 
 async def _as_is(store: ImageStore, on_io: OnIo, module: bytes, name: str | None, entry: str | None,
-                 hexd: str, note: str) -> Image:
-    img: Image = await on_io(store.import_bytes, module, name, entry, {"snapshot_note": note})
+                 hexd: str, note: str, fmt: str = "wasm") -> Image:
+    img: Image = await on_io(store.import_bytes, module, name, entry, {"snapshot_note": note, "source_format": fmt})
     return img
 
 
 async def _finish(store: ImageStore, on_io: OnIo, module: bytes, name: str | None, entry: str | None, hexd: str,
-                  result: rewrite.Result, version: str) -> Image:
+                  result: rewrite.Result, version: str, fmt: str = "wasm") -> Image:
     if result.module is None:
         log.warning("image %s (sha256:%s) is imported as it is, stopped_only: %s", name or "-", hexd[:12],
                     result.reason)
-        return await _as_is(store, on_io, module, name, entry, hexd, f"stopped_only: {result.reason}")
+        return await _as_is(store, on_io, module, name, entry, hexd, f"stopped_only: {result.reason}", fmt)
     note = f"rewritten with Asyncify by {version}" + (f" in {result.seconds:.1f} s" if result.seconds else "")
     try:
         module_out: bytes = await on_io(rewrite.to_host_imports, result.module)
     except (wasmbin.WasmFormatError, StopIteration) as exc:
         return await _as_is(store, on_io, module, name, entry, hexd,
-                            f"stopped_only: the rewritten module is not readable: {exc}")
+                            f"stopped_only: the rewritten module is not readable: {exc}", fmt)
     rewritten_hex = await on_io(_sha256, module_out)
     img: Image = await on_io(store.import_bytes, module_out, name, entry,
                              {"original_digest": f"sha256:{hexd}", "rewritten_digest": f"sha256:{rewritten_hex}",
-                              "snapshot_note": note})
+                              "snapshot_note": note, "source_format": fmt})
     return img
 
 
@@ -124,7 +124,7 @@ async def _rewrite(store: ImageStore, on_io: OnIo, module: bytes, name: str | No
             store.importing[job]["elapsed"] = round(elapsed, 1)
 
     try:
-        result = await rewrite.run_wasm_opt(module, store.root / "tmp", on_io, progress)
+        result = await rewrite.run_wasm_opt(module, store.rewrites.work, on_io, progress)
         await on_io(store.rewrites.put, key, result)
         fut.set_result(result)
         log.info("rewrite of %s done in %.1f s: %s", name or "-", result.seconds,

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -154,7 +152,9 @@ class RewriteCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        self.work = root / "work"  # wasm-opt's input and output while it runs; cleared at start-up
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def key(input_hex: str, version: str) -> str:
@@ -182,12 +182,16 @@ class RewriteCache:
         os.replace(tmp, path)
 
 
-def _child_setup() -> None:  # pragma: no cover - runs in the child
-    """Low priority (guests and the API come first) and gone with the daemon (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError):
-        os.nice(10)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+def _wrapper() -> list[str]:
+    """Low priority (guests and the API come first) and killed with the daemon (PDEATHSIG), through
+    ``nice`` and ``setpriv`` rather than a preexec_fn: with one, Python must fork() the whole daemon (a slow
+    copy of a big address space, on the event loop) instead of vfork/posix_spawn."""
+    out = []
+    if (nice := shutil.which("nice")) is not None:
+        out += [nice, "-n", "10"]
+    if (setpriv := shutil.which("setpriv")) is not None:
+        out += [setpriv, "--pdeathsig", "KILL"]
+    return out
 
 
 async def run_wasm_opt(data: bytes, tmp_dir: Path, on_io: Callable[..., object],
@@ -202,8 +206,8 @@ async def run_wasm_opt(data: bytes, tmp_dir: Path, on_io: Callable[..., object],
     try:
         await on_io(src.write_bytes, data)  # type: ignore[misc]
         proc = await asyncio.create_subprocess_exec(
-            exe, str(src), *PASS_ARGS, "-o", str(dst), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=_child_setup)
+            *_wrapper(), exe, str(src), *PASS_ARGS, "-o", str(dst), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
             assert proc.stderr is not None
             err_task = asyncio.ensure_future(proc.stderr.read())

@@ -178,7 +178,7 @@ class ImageStore:
                                 code="unsupported_import") from None
         img = self._describe(hexd, data, info, report, source_format, entry)
         for k, v in (meta or {}).items():
-            if k in ("original_digest", "rewritten_digest", "snapshot_note"):
+            if k in ("original_digest", "rewritten_digest", "snapshot_note", "source_format"):
                 setattr(img, k, v)
         if img.asyncify and img.snapshot_note is None:
             img.snapshot_note = ("rewritten with Asyncify" if rewrite.is_rewritten(info)
