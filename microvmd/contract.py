@@ -287,10 +287,29 @@ class Image(Response):
     asyncify_globals: list[int] | None
     source_format: str
     name: str
+    original_digest: Annotated[str, Meta(description="the module as imported; differs from digest when the "
+                                                     "daemon rewrote it with Asyncify")] = ""
+    rewritten_digest: str | None = None
+    snapshot_kind: Annotated[str, Meta(description="asyncify (snapshots while it runs) or stopped_only")] = ""
+    snapshot_note: str | None = None
+
+
+class ImportInProgress(Response):
+    """An import whose Asyncify rewrite is still running (``microvm image import`` shows its progress)."""
+
+    id: str
+    name: str | None
+    original_digest: str
+    size: int
+    phase: str
+    started: float
+    elapsed: float
+    expected_seconds: int
 
 
 class ImageList(Response):
     images: list[Image]
+    importing: list[ImportInProgress] = []
 
 
 class ExitRecord(Response):

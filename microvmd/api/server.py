@@ -136,7 +136,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------ images
 async def image_import(request: web.Request) -> web.StreamResponse:
     data = await codec.read_limited(request, hv(request).cfg.upload_limit)
-    act = a.ImportImage(data, request.query.get("name") or None, request.query.get("entry") or None)
+    act = a.ImportImage(data, request.query.get("name") or None, request.query.get("entry") or None,
+                        asyncify=not _bool(request, "no_asyncify"))
     return codec.reply(request, contract.Image, await apply(request, act), status=201)
 
 
@@ -236,9 +237,11 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/openapi.json", openapi, "This document (generated from microvmd/contract.py)",
           response="json", tag="system"),
     Route("GET", "/metrics", metrics, "Prometheus text metrics", response="text", tag="system"),
-    Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry",
+    Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry, "
+          "no_asyncify (keep a plain WASI module as it is instead of rewriting it for snapshots)",
           request="binary", response=contract.Image, status=201, tag="images"),
-    Route("GET", "/v1/images", image_list, "List images", response=contract.ImageList, tag="images"),
+    Route("GET", "/v1/images", image_list, "List images (and the imports whose rewrite is still running)",
+          response=contract.ImageList, tag="images"),
     Route("GET", "/v1/images/{ref}", image_get, "Inspect an image (name, sha256:digest or digest prefix)",
           response=contract.Image, tag="images"),
     Route("PATCH", "/v1/images/{ref}", image_update,

@@ -131,13 +131,61 @@ def _image_name_from_path(path: str) -> str:
     return stem if ext in (".wasm", ".wat") and stem else base
 
 
-def _upload_image(ctx: Ctx, path: str, name: str | None = None, entry: str | None = None) -> dict:
+def _upload_image(ctx: Ctx, path: str, name: str | None = None, entry: str | None = None,
+                  no_asyncify: bool = False) -> dict:
     data = _read_file(path)
     query = {k: v for k, v in (("name", name), ("entry", entry)) if v}
+    if no_asyncify:
+        query["no_asyncify"] = "true"
     img = ctx.api.post("/v1/images", data, query=query or None, content_type="application/wasm", answer=contract.Image)
     if not isinstance(img, dict) or not img.get("digest"):
         raise ClientError(f"unexpected answer to the image upload: {img!r}")
     return img
+
+
+def _upload_with_progress(ctx: Ctx, path: str, name: str, entry: str | None, no_asyncify: bool) -> dict:
+    """The upload, while the daemon's one-time Asyncify rewrite of a big module (minutes for CPython) is
+    shown on stderr: the upload runs in a thread, this one polls GET /v1/images for its ``importing`` entry."""
+    import threading
+
+    box: dict = {}
+
+    def upload() -> None:
+        try:
+            box["img"] = _upload_image(ctx, path, name, entry, no_asyncify)
+        except BaseException as e:  # handed to the main thread
+            box["exc"] = e
+
+    t = threading.Thread(target=upload, daemon=True)
+    t.start()
+    t.join(2.0)  # most imports are done by then: nothing to show
+    shown, last_line = False, 0.0
+    tty = sys.stderr.isatty()
+    while t.is_alive():
+        try:
+            answer = ctx.api.get("/v1/images", answer=contract.ImageList)
+        except ClientError:
+            answer = None
+        jobs = [j for j in (answer.get("importing") or []) if isinstance(j, dict)] if isinstance(answer, dict) else []
+        job = next((j for j in jobs if j.get("name") == name), None)
+        if job is not None:
+            text = (f"{name}: rewriting for snapshots (Asyncify, once per host): {job.get('elapsed', 0):.0f} s of "
+                    f"about {job.get('expected_seconds', 0):.0f} s")
+            now = time.monotonic()
+            if tty:
+                sys.stderr.write(f"\r{text}  ")
+                sys.stderr.flush()
+                shown = True
+            elif now - last_line >= 15:
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+                last_line = now
+        t.join(1.0)
+    if shown:
+        sys.stderr.write("\n")
+    if "exc" in box:
+        raise box["exc"]
+    return box["img"]  # type: ignore[no-any-return]
 
 
 def resolve_image(ctx: Ctx, arg: str) -> str:
@@ -399,7 +447,8 @@ def cmd_image_import(ctx: Ctx, ns) -> int:
         limits["timeout"] = _convert(parse_duration, ns.default_timeout, "--timeout")
     if limits:
         manifest["limits"] = limits
-    img = _upload_image(ctx, ns.file, name, getattr(ns, "entry", None))
+    img = _upload_with_progress(ctx, ns.file, name, getattr(ns, "entry", None),
+                                no_asyncify=bool(getattr(ns, "no_asyncify", False)))
     if manifest:
         img = ctx.api.request("PATCH", f"/v1/images/{q(img.get('name') or img['digest'])}", manifest,
                               answer=contract.Image)

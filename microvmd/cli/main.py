@@ -197,6 +197,9 @@ def build_parser(only: tuple[str, ...] | None = None):
     p.add_argument("file", metavar="FILE", help="module file (.wasm or .wat)")
     p.add_argument("--name", help="image name (default: the file name without extension)")
     p.add_argument("--entry", help="export to run (default: _start)")
+    p.add_argument("--no-asyncify", dest="no_asyncify", action="store_true",
+                   help="keep a plain WASI module as it is (default: rewrite it once with Binaryen's Asyncify so "
+                        "that it can be snapshotted while it runs)")
     p.add_argument("--arg", dest="default_args", action="append", metavar="ARG",
                    help="default guest argument, used when a VM gives none (repeatable)")
     p.add_argument("--env", dest="default_env", action="append", metavar="K=V",

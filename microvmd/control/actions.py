@@ -33,6 +33,7 @@ class ImportImage(Action):
     data: bytes
     name: str | None = None
     entry: str | None = None
+    asyncify: bool = True  # rewrite a plain WASI module with Asyncify, so that it can be snapshotted running
 
 
 @dataclass(frozen=True)

@@ -86,11 +86,12 @@ class Controller:
     async def import_image(self, act: a.ImportImage) -> dict[str, Any]:
         if not act.data:
             raise BadRequest("empty body: send the module's bytes", code="empty_body")
-        return (await self.hv.import_image(act.data, act.name, act.entry)).to_api()
+        return (await self.hv.import_image(act.data, act.name, act.entry, asyncify=act.asyncify)).to_api()
 
     @_applies(a.ListImages)
     async def list_images(self, _: a.ListImages) -> dict[str, Any]:
-        return {"images": [i.to_api() for i in self.hv.images.list()]}
+        images = self.hv.images
+        return {"images": [i.to_api() for i in images.list()], "importing": list(images.importing.values())}
 
     @_applies(a.GetImage)
     async def get_image(self, act: a.GetImage) -> dict[str, Any]:

@@ -7,7 +7,7 @@ metric families, read at scrape time), ``sites``, ``async shutdown()``), kept by
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from .base import Device, DeviceHost, DeviceSet
 
@@ -15,23 +15,20 @@ __all__ = ["DeviceSet", "install_devices"]
 
 
 class Installer(DeviceHost, Protocol):
+    @property
+    def images(self) -> Any: ...  # the image store: the WASI device asks which modules were rewritten
+
     def add_device(self, device: Device) -> None: ...
 
 
 def install_devices(hv: Installer) -> None:
-    """The composition root's device list: clock, disks, sockets."""
+    """The composition root's device list: clock, WASI's blocking calls, disks, sockets."""
+    from .blk import BlockDevice
     from .clock import ClockDevice
+    from .net import NetDevice
+    from .wasip1 import WasiDevice
 
     hv.add_device(ClockDevice())
-    try:
-        from .blk import BlockDevice
-    except ImportError:
-        pass
-    else:
-        hv.add_device(BlockDevice(hv))
-    try:
-        from .net import NetDevice
-    except ImportError:
-        pass
-    else:
-        hv.add_device(NetDevice(hv))
+    hv.add_device(WasiDevice(hv.images))  # for modules rewritten with Asyncify at import
+    hv.add_device(BlockDevice(hv))
+    hv.add_device(NetDevice(hv))

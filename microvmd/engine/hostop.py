@@ -79,7 +79,7 @@ class HostOp:
         """The VM is going away or being parked for a snapshot; release what the op holds."""
         self.cancelled = True
 
-    def interrupt(self, answer: Callable[[GuestMemory], Sequence[int]]) -> None:
+    def interrupt(self, answer: Callable[[GuestMemory], Sequence[int] | None]) -> None:
         """Wake the guest now and answer the call with ``answer`` instead (used to unwind for a snapshot).
 
         The op is cancelled first, so its own work is not done: the guest repeats the call later.
@@ -97,7 +97,9 @@ class HostOp:
         self._consumed = True
         answer = getattr(self, "_answer", None)
         if answer is not None:
-            return answer(mem)  # type: ignore[no-any-return]
+            out = answer(mem)
+            if out is not None:  # (None: the interruption could not happen; the op answers for itself)
+                return out  # type: ignore[no-any-return]
         return self.finish(mem)
 
     def finish(self, mem: GuestMemory) -> Sequence[int]:

@@ -391,6 +391,50 @@ class GuestMemory:
         i = self._start(ptr, length)
         return _RAW[i:i + length]
 
+    def grow(self, pages: int) -> int:
+        """``memory.grow`` on the caller's memory from inside a host call: the old size in pages, or -1 when
+        the store's limits (or the memory's maximum) refuse it. The next access re-reads size and address."""
+        ctx = self._context()
+        ref = _MemoryRef(ctx, self._caller)
+        if not ref.mem:
+            return -1
+        prev = ctypes.c_uint64()
+        err = ffi.wasmtime_memory_grow(ctypes.cast(ctx, ctypes.POINTER(ffi.wasmtime_context_t)),
+                                       ctypes.cast(ref.mem, ctypes.POINTER(ffi.wasmtime_memory_t)), pages,
+                                       ctypes.byref(prev))
+        if err:
+            ffi.wasmtime_error_delete(err)
+            return -1
+        self._size = -1
+        return int(prev.value)
+
+    def call(self, func: wasmtime.Func, args: Sequence[int], nresults: int = 1) -> list[int]:
+        """Call ``func`` (of the caller's store, all-i32 signature) from inside a host call and run it to
+        completion on this thread; its yields (epoch, fuel) are polled through. Raises HostTrap when it
+        traps or fails."""
+        ctx = ctypes.cast(self._context(), ctypes.POINTER(ffi.wasmtime_context_t))
+        argv = (ffi.wasmtime_val_t * max(1, len(args)))()
+        for i, v in enumerate(args):
+            argv[i].kind = I32  # type: ignore[assignment]
+            argv[i].of.i32 = v
+        res = (ffi.wasmtime_val_t * max(1, nresults))()
+        trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        error = ctypes.POINTER(ffi.wasmtime_error_t)()
+        raw = func._func
+        fut = ffi.wasmtime_func_call_async(ctx, ctypes.byref(raw), argv, len(args), res, nresults,
+                                           ctypes.byref(trap), ctypes.byref(error))
+        try:
+            while not ffi.wasmtime_call_future_poll(fut):
+                pass
+        finally:
+            ffi.wasmtime_call_future_delete(fut)
+        self._size = -1  # the callee may have grown memory
+        if trap:
+            raise HostTrap(trap_text(wasmtime.Trap._from_ptr(trap).message))
+        if error:
+            raise HostTrap(trap_text(str(wasmtime.WasmtimeError._from_ptr(error))))
+        return [res[i].of.i32 for i in range(nresults)]
+
     def set_global_i32(self, glob: wasmtime.Global, value: int) -> None:
         """Set a global of the calling instance from inside a host call (no Wasm runs)."""
         val = ffi.wasmtime_val_t()

@@ -22,6 +22,9 @@ from ..images import wasmbin
 from ..images.store import RESERVED_PREFIX
 
 STATE_NORMAL, STATE_UNWINDING, STATE_REWINDING = 0, 1, 2
+# The unwind buffer of a guest rewritten at import: memory the daemon grows at its first snapshot
+# (docs/snapshot-format.md). Asyncify traps if a call stack does not fit.
+GROWN_BUFFER_PAGES = 16  # 1 MiB
 
 
 def find_control_globals(module_bytes: bytes) -> tuple[int, int] | None:
@@ -74,6 +77,8 @@ class AsyncifyCtl:
     unwinding: bool = False   # the guest is unwinding right now
     unwound: bool = False     # the call stack lives in memory; the entry must be re-entered to rewind
     rewinding: bool = False   # re-entered; the first suspension point reached stops the rewind
+    grown: bool = False       # the buffer is memory the daemon grew (a module rewritten at import)
+    settled: bool = False     # ... and the guest's allocator cannot have claimed it (Machine.ensure_unwind_buffer)
 
     @classmethod
     def setup(cls, exports: object, store: wasmtime.Store, globals_: tuple[int, int], data_ptr: int,
@@ -88,6 +93,35 @@ class AsyncifyCtl:
         if end <= data_ptr + 8 or end > memory.data_len(store):
             raise ValueError(f"bad Asyncify buffer header at {data_ptr}: end={end}")
         return cls(state, data, data_ptr, end)
+
+    @classmethod
+    def lazy(cls, exports: object, store: wasmtime.Store, globals_: tuple[int, int]) -> AsyncifyCtl:
+        """For a module rewritten at import (no ``microvm_asyncify_data``): the buffer is memory the daemon
+        grows at the first snapshot (``place_buffer``), see docs/snapshot-format.md."""
+        get = exports.get  # type: ignore[attr-defined]
+        state = get(f"{RESERVED_PREFIX}global_{globals_[0]}")
+        data = get(f"{RESERVED_PREFIX}global_{globals_[1]}")
+        if not isinstance(state, wasmtime.Global) or not isinstance(data, wasmtime.Global):
+            raise ValueError("the Asyncify control globals are not exported (image not normalised?)")
+        return cls(state, data, 0, 0, grown=True)
+
+    @property
+    def has_buffer(self) -> bool:
+        return self.data_ptr != 0
+
+    def place_buffer(self, address: int, size: int, settled: bool) -> None:
+        self.data_ptr, self.data_end, self.settled = address, address + size, settled
+
+    def adopt_buffer(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        """After a restore of an unwound guest: the buffer is where ``__asyncify_data`` points (the unwind
+        left it there), its end in the header the unwind wrote."""
+        ptr = self.data.value(store)
+        if not isinstance(ptr, int) or ptr <= 0 or ptr + 8 > memory.data_len(store):
+            raise ValueError(f"the snapshot's Asyncify data pointer ({ptr}) is outside memory")
+        _cur, end = struct.unpack("<II", memory.read(store, ptr, ptr + 8))
+        if end <= ptr + 8 or end > memory.data_len(store):
+            raise ValueError(f"bad Asyncify buffer header at {ptr}: end={end}")
+        self.data_ptr, self.data_end = ptr, end
 
     def header(self) -> bytes:
         return struct.pack("<II", self.data_ptr + 8, self.data_end)

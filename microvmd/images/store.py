@@ -2,11 +2,14 @@
 
 Layout under ``<state>/images``::
 
-    blobs/<hex>/original.wasm   the bytes the user imported (WAT is converted; the text is kept too)
+    blobs/<hex>/original.wasm   the module as imported (WAT converted), or as rewritten with Asyncify at import
+                                (images/rewrite.py): <hex> is the digest of the module that runs
     blobs/<hex>/module.wasm     the normalised module (mutable globals exported, start -> export)
     blobs/<hex>/manifest.json   entry, default args/env/limits, kind, imports, exports
     names/<name>                the digest a name points at
     cache/<hex>.<engine>.cwasm  compiled code for this wasmtime version and engine configuration
+    rewrites/<key>.wasm|json    Asyncify rewrites (or why there is none) by input digest, Binaryen version
+                                and pass arguments
 
 Imports are written into a temporary directory and renamed into place, so a failed import leaves nothing.
 All methods that hash, compile or touch files are synchronous and meant to run on an I/O thread.
@@ -29,7 +32,8 @@ from typing import Any
 import wasmtime
 
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
-from . import wasmbin
+from . import rewrite, wasmbin
+from .rewrite import RewriteCache
 
 log = logging.getLogger("microvmd.images")
 
@@ -55,14 +59,23 @@ class Image:
     mutable_globals: dict[str, str] = field(default_factory=dict)  # export name -> value type
     asyncify_globals: list[int] | None = None  # (state, data) global indices of an Asyncify build
     source_format: str = "wasm"
+    original_digest: str | None = None   # the module the user imported; ``digest`` is the one that runs
+    rewritten_digest: str | None = None  # set when the daemon rewrote it with Asyncify (== digest)
+    snapshot_note: str | None = None     # how it became snapshottable, or why it is stopped_only
 
     @property
     def hex(self) -> str:
         return self.digest.split(":", 1)[1]
 
+    @property
+    def snapshot_kind(self) -> str:
+        return "asyncify" if self.asyncify else "stopped_only"
+
     def to_api(self) -> dict[str, Any]:
         d = asdict(self)
         d["name"] = self.names[0] if self.names else self.digest
+        d["original_digest"] = self.original_digest or self.digest
+        d["snapshot_kind"] = self.snapshot_kind
         return d
 
 
@@ -82,6 +95,8 @@ class ImageStore:
         self.compiles = 0  # for tests and metrics: how many times we really compiled
         for sub in ("blobs", "names", "cache", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        self.rewrites = RewriteCache(root / "rewrites")
+        self.importing: dict[str, dict[str, Any]] = {}  # imports waiting for a rewrite (images/importer.py)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
@@ -103,7 +118,8 @@ class ImageStore:
         log.info("loaded %d images", len(self.images))
 
     # ------------------------------------------------------------------ import
-    def import_bytes(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
+    def prepare(self, data: bytes, name: str | None) -> tuple[bytes, str, str]:
+        """Check the name and size, turn WAT into a binary: (module bytes, source format, hex digest)."""
         if name is not None and not NAME_RE.match(name):
             raise BadRequest(f"invalid image name {name!r}: use letters, digits, '.', '_', '-' (max 128)",
                              code="invalid_name")
@@ -121,12 +137,28 @@ class ImageStore:
             else:
                 raise Unprocessable("not a WebAssembly module: no \\0asm magic and not WAT text",
                                     code="invalid_module")
-        hexd = hashlib.sha256(data).hexdigest()
+        return data, source_format, hashlib.sha256(data).hexdigest()
+
+    def find_rewrite_of(self, original_hex: str) -> Image | None:
+        """The image this daemon made by rewriting the module with that digest, if it still has it."""
+        want = f"sha256:{original_hex}"
+        with self._lock:
+            return next((i for i in self.images.values()
+                         if i.original_digest == want and i.rewritten_digest == i.digest), None)
+
+    def import_bytes(self, data: bytes, name: str | None, entry: str | None = None,
+                     meta: dict[str, Any] | None = None) -> Image:
+        """Import ``data`` as it is. ``meta``: ``original_digest``, ``rewritten_digest``, ``snapshot_note``
+        (set by images/importer.py when the module is a rewrite, or why it is not)."""
+        data, source_format, hexd = self.prepare(data, name)
         with self._lock:
             existing = self.images.get(hexd)
         if existing is not None:
             if entry is not None and entry != existing.entry:
                 self.update_manifest(existing.digest, {"entry": entry})
+            note = (meta or {}).get("snapshot_note")
+            if note and not existing.asyncify and note != existing.snapshot_note:
+                self.update_note(existing.digest, note)
             if name:
                 self._set_name(name, hexd)
             return existing
@@ -145,6 +177,12 @@ class ImageStore:
             raise Unprocessable(f"module needs imports microvmd does not provide: {_first_line(exc)}",
                                 code="unsupported_import") from None
         img = self._describe(hexd, data, info, report, source_format, entry)
+        for k, v in (meta or {}).items():
+            if k in ("original_digest", "rewritten_digest", "snapshot_note", "source_format"):
+                setattr(img, k, v)
+        if img.asyncify and img.snapshot_note is None:
+            img.snapshot_note = ("rewritten with Asyncify" if rewrite.is_rewritten(info)
+                                 else "built with Asyncify (guest-sdk)")
         tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp"))
         try:
             (tmp / "original.wasm").write_bytes(data)
@@ -168,7 +206,8 @@ class ImageStore:
                   source_format: str, entry: str | None) -> Image:
         exports = [e.name for e in info.exports]
         imports = [f"{i.module}.{i.name}" for i in info.imports]
-        sdk = any(i.module.startswith("microvm") for i in info.imports) or "microvm_abi_version" in exports
+        sdk = any(i.module.startswith("microvm") and i.module != rewrite.HOST_MODULE for i in info.imports) \
+            or "microvm_abi_version" in exports
         boot: list[str] = []
         if report.start:
             boot.append(report.start)
@@ -192,7 +231,8 @@ class ImageStore:
             ctl = find_control_globals(data)
         except wasmbin.WasmFormatError:
             ctl = None
-        asyncify = ctl is not None and "microvm_asyncify_data" in exports
+        # an SDK build exports its buffer; a module rewritten at import gets one grown by the daemon
+        asyncify = ctl is not None and ("microvm_asyncify_data" in exports or rewrite.is_rewritten(info))
         return Image(
             digest=f"sha256:{hexd}", size=len(data), created=time.time(), entry=entry, boot=boot, kind=kind,
             asyncify=asyncify, asyncify_globals=list(ctl) if asyncify and ctl else None,
@@ -310,6 +350,28 @@ class ImageStore:
         tmp.write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
         os.replace(tmp, path)
         return img
+
+    def adopt_origin(self, ref: str, original_digest: str | None) -> Image:
+        """A rewritten module that came with a snapshot: remember the digest of the module it was made from."""
+        img = self.resolve(ref)
+        if original_digest and img.original_digest is None and img.digest != original_digest \
+                and re.fullmatch(r"sha256:[0-9a-f]{64}", original_digest):
+            img.original_digest = original_digest
+            img.rewritten_digest = img.digest
+            self._write_manifest(img)
+        return img
+
+    def update_note(self, ref: str, note: str) -> Image:
+        img = self.resolve(ref)
+        img.snapshot_note = note
+        self._write_manifest(img)
+        return img
+
+    def _write_manifest(self, img: Image) -> None:
+        path = self.root / "blobs" / img.hex / "manifest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
+        os.replace(tmp, path)
 
     def remove(self, ref: str) -> Image:
         img = self.resolve(ref)

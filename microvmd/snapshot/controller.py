@@ -199,7 +199,8 @@ class Snapshots:
                 "wasmtime": wt.WASMTIME_VERSION, "engine": hv.opts.fingerprint(),
                 "vm": {"id": vm.id, "name": vm.name, "spec": asdict(vm.spec), "image_name": vm.image_name,
                        "digest": vm.digest, "memory_limit": vm.memory_limit, "fuel_budget": vm.fuel_budget,
-                       "fuel_consumed": vm.fuel_consumed, "state": vm.state.value},
+                       "fuel_consumed": vm.fuel_consumed, "state": vm.state.value,
+                       "original_digest": _original_digest(hv, vm.digest)},
                 "memory": {"size": len(memory), "chunks": []},
                 "globals": {k: [t, v] for k, (t, v) in globals_.items()},
                 **({"tables": tables} if tables else {}),
@@ -418,6 +419,9 @@ class Snapshots:
                     if img.digest != m["vm"]["digest"]:
                         raise Unprocessable("the image in the snapshot export does not match its manifest",
                                             code="invalid_snapshot")
+                    # the module that ran (rewritten with Asyncify at its first import, if it was): no rewrite
+                    # here; the digest of the module it was made from is kept
+                    await hv.sched.on_io(hv.images.adopt_origin, img.digest, m["vm"].get("original_digest"))
                 if self.store.exists(m["name"]):
                     old = await hv.sched.on_io(self.store.load_manifest, m["name"])
                     if old["created"] != m["created"] or old["vm"]["id"] != m["vm"]["id"]:
@@ -458,6 +462,14 @@ class Snapshots:
 
     def missing(self, hashes: list[bytes]) -> list[bytes]:
         return [h for h in hashes if not self.store.has_chunk(h)]
+
+
+def _original_digest(hv: Any, digest: str) -> str | None:
+    """The digest of the module the user imported, when the image is a rewrite of it (images/importer.py)."""
+    try:
+        return hv.images.resolve(digest).original_digest  # type: ignore[no-any-return]
+    except NotFound:
+        return None
 
 
 def summary(m: dict[str, Any]) -> dict[str, Any]:

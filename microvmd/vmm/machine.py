@@ -15,8 +15,10 @@ from typing import Any
 
 import wasmtime
 
+from ..devices.wasip1 import wasi_fd_read
 from ..engine import wt
-from ..images.asyncify import STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
+from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
+from ..images.rewrite import HOST_MODULE
 
 log = logging.getLogger("microvmd.vmm")
 
@@ -77,8 +79,11 @@ class Machine:
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)
+        # a module rewritten at import reads through the daemon's fd_read: other descriptors than stdin go
+        # on to wasmtime's own, through a helper instance in the same store (devices/wasip1.py)
+        helper = any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports)
         self.store.set_limits(memory_size=spec.memory_limit, table_elements=spec.table_elements,
-                              instances=spec.instances, tables=spec.tables, memories=spec.memories)
+                              instances=spec.instances + helper, tables=spec.tables, memories=spec.memories)
         self.store.set_fuel(FUEL_TANK)
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
@@ -87,6 +92,9 @@ class Machine:
         self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
+        self.wasi_fd_read: wasmtime.Func | None = None
+        if self.memory is not None and helper:
+            self.wasi_fd_read = wasi_fd_read(engine, self.store, self.memory)
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
         self.call: wt.GuestCall | None = None
@@ -94,6 +102,8 @@ class Machine:
         self.fuel_consumed = 0
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
         self.memory_bytes = self.memory.data_len(self.store) if self.memory else 0
+        self._initial_memory = self.memory_bytes
+        self._grown_by_host = 0  # unwind buffers (ensure_unwind_buffer)
         self.peak_memory = self.memory_bytes
         # the tables as instantiated, by raw function pointer: the names a snapshot gives the functions in a
         # table the guest changed (only guests that can be snapshotted after they ran need them)
@@ -105,9 +115,12 @@ class Machine:
                 self.tables_at_start = None  # a non-function reference at start: snapshots will say so
         self.asyncify: AsyncifyCtl | None = None
         if spec.asyncify_globals is not None and self.memory is not None:
-            data_ptr = self.call_sync("microvm_asyncify_data")[0]
-            self.asyncify = AsyncifyCtl.setup(self.exports, self.store, spec.asyncify_globals, data_ptr,
-                                              self.memory)
+            if "microvm_asyncify_data" in self.export_names:  # an SDK guest: its own buffer
+                data_ptr = self.call_sync("microvm_asyncify_data")[0]
+                self.asyncify = AsyncifyCtl.setup(self.exports, self.store, spec.asyncify_globals, data_ptr,
+                                                  self.memory)
+            else:  # rewritten at import: the daemon grows the buffer (ensure_unwind_buffer)
+                self.asyncify = AsyncifyCtl.lazy(self.exports, self.store, spec.asyncify_globals)
 
     # ---- helpers the VM's devices and snapshots use (on the owning thread) ----
     def export(self, name: str) -> Any:
@@ -217,13 +230,46 @@ class Machine:
         if a.rewinding:  # asyncify_stop_rewind: the guest is back inside the call it was suspended in
             mem.set_global_i32(a.state, STATE_NORMAL)
             a.rewinding = False
+            if a.grown:  # the saved stack is dead now: clear it, so the next unwind can tell nobody wrote there
+                mem.write(a.data_ptr, bytes(a.data_end - a.data_ptr))
         if snapshot_wanted:
             return self.start_unwind(mem)
         return None
 
-    def start_unwind(self, mem: wt.GuestMemory) -> list[int]:
-        """asyncify_start_unwind from inside the suspended import; the import's answer is ignored."""
+    def ensure_unwind_buffer(self, mem: wt.GuestMemory) -> bool:
+        """Where a guest rewritten at import unwinds: memory the daemon grows at its first snapshot (from
+        inside the suspended call, so no Wasm runs), past everything the guest has. A guest's allocator
+        hands out only memory it got from memory.grow or claimed at its first malloc; wasi-libc before 2023
+        claims everything up to memory.size there, so a buffer placed before the guest's first malloc could
+        be taken. The buffer is therefore *settled* (kept for good) when the guest had grown memory itself
+        before it was placed (its allocator was running); an unsettled one is kept only while it is still
+        as the last rewind left it (all zeros), else a new one is grown. False when the memory limit
+        refuses the growth (the VM is then no longer snapshottable while it runs)."""
         a = self.asyncify
+        if a is None:
+            return False
+        if a.has_buffer and (a.settled or not any(mem.view(a.data_ptr, a.data_end - a.data_ptr))):
+            return True
+        size = mem.size()
+        initial = self._initial_memory + self._grown_by_host
+        old = mem.grow(GROWN_BUFFER_PAGES)
+        if old < 0:
+            log.warning("cannot grow memory by %d KiB for the Asyncify unwind buffer (memory limit): this VM "
+                        "cannot be snapshotted while it runs", GROWN_BUFFER_PAGES * 64)
+            self.asyncify = None
+            return False
+        self._grown_by_host += GROWN_BUFFER_PAGES * 65536
+        a.place_buffer(old * 65536, GROWN_BUFFER_PAGES * 65536, settled=size > initial)
+        self.memory_bytes = mem.size()
+        self.peak_memory = max(self.peak_memory, self.memory_bytes)
+        return True
+
+    def start_unwind(self, mem: wt.GuestMemory) -> list[int] | None:
+        """asyncify_start_unwind from inside the suspended import; the import's answer is ignored. None when
+        there is no buffer to unwind into (the call then runs as usual)."""
+        a = self.asyncify
+        if a is None or (a.grown or not a.has_buffer) and not self.ensure_unwind_buffer(mem):
+            return None
         assert a is not None
         mem.write(a.data_ptr, a.header())
         mem.set_global_i32(a.data, a.data_ptr)
@@ -355,6 +401,8 @@ class Machine:
             self._queue = [self.spec.entry]
             if self.asyncify is None:
                 raise ValueError("snapshot was taken inside a call but the guest has no Asyncify support")
+            if not self.asyncify.has_buffer and self.memory is not None:
+                self.asyncify.adopt_buffer(self.store, self.memory)
             self.asyncify.unwound = True
         self._sample_memory()
 

@@ -24,6 +24,7 @@ from ..devices.base import Device, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, ShuttingDown, Unprocessable
+from ..images.importer import import_module
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from .builder import Builder, RestoreData
@@ -128,8 +129,12 @@ class Hypervisor:
         return self.registry.list(all_)
 
     # ------------------------------------------------------------------ images
-    async def import_image(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
-        return await self.sched.on_io(self.images.import_bytes, data, name, entry)  # type: ignore[no-any-return]
+    async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
+                           asyncify: bool = True, background: bool = False) -> Image:
+        """``asyncify``: rewrite a plain WASI module for snapshots (images/importer.py); ``background``: import
+        it as it is at once and move the name to the rewrite when that is done."""
+        return await import_module(self.images, data, name, entry, on_io=self.sched.on_io, asyncify=asyncify,
+                                   background=background)
 
     async def remove_image(self, ref: str) -> Image:
         img = self.images.resolve(ref)
