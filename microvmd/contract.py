@@ -110,6 +110,8 @@ class VmSpec(Request):
     auto_remove: bool = False
     ephemeral: Annotated[bool, Meta(description="no record and no console files (output kept in memory); "
                                                 "the VM is gone when it ends")] = False
+    stdin: Annotated[bool, Meta(description="keep the guest's standard input open for POST .../stdin "
+                                            "(microvm run -i, attach); otherwise it reads end of file")] = False
     net_rate_limiter: RateLimiter | None = None
 
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
@@ -294,6 +296,12 @@ class Image(Response):
     snapshot_note: str | None = None
 
 
+class StdinResult(Response):
+    """``POST /v1/vms/{ref}/stdin``: what the guest was given; its input is closed after it (end of file)."""
+
+    bytes: int
+
+
 class ImportInProgress(Response):
     """An import whose Asyncify rewrite is still running (``microvm image import`` shows its progress)."""
 
@@ -388,9 +396,21 @@ class NetInfo(Response):
     rate_limiter: RateLimiterState | None
 
 
+class StdinInfo(Response):
+    buffered: int  # bytes given to the guest and not read yet
+    eof: bool      # the input is closed (the guest reads end of file once it has read what is buffered)
+
+
+class WasiInfo(Response):
+    """A guest rewritten at import: the daemon serves its blocking WASI calls and its standard input."""
+
+    stdin: StdinInfo
+
+
 class Devices(Response):
     blk: list[BlkDisk] | UnsetType = UNSET
     net: NetInfo | UnsetType = UNSET
+    wasi: WasiInfo | UnsetType = UNSET
 
 
 class Vm(Response):

@@ -210,7 +210,8 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
     if stream not in ("stdout", "stderr", "all"):
         raise BadRequest("stream must be stdout, stderr or all", code="invalid_query")
     streams = ("stdout", "stderr") if stream == "all" else (stream,)
-    logs: a.LogStream = await apply(request, a.ReadLogs(request.match_info["ref"], streams, _bool(request, "follow")))
+    act = a.ReadLogs(request.match_info["ref"], streams, _bool(request, "follow"), _bool(request, "from_end"))
+    logs: a.LogStream = await apply(request, act)
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                        "X-Content-Type-Options": "nosniff"})
     resp.enable_chunked_encoding()
@@ -222,6 +223,11 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, ClientConnectionResetError):
         pass  # the follower went away
     return resp
+
+
+async def vm_stdin(request: web.Request) -> web.StreamResponse:
+    act = a.FeedStdin(request.match_info["ref"], request.content.iter_any())
+    return codec.reply(request, contract.StdinResult, await apply(request, act))
 
 
 # ------------------------------------------------------------------ functions (not built yet)
@@ -268,8 +274,12 @@ ROUTES: list[Route] = [
           response=contract.WaitResult),
     Route("POST", "/v1/vms/{ref}/fuel", vm_fuel, "Add fuel; an out_of_fuel VM continues", request=contract.FuelAdd,
           response=contract.Vm),
-    Route("GET", "/v1/vms/{ref}/logs", vm_logs, "Console output; query: follow, stream=stdout|stderr|all",
+    Route("GET", "/v1/vms/{ref}/logs", vm_logs,
+          "Console output; query: follow, stream=stdout|stderr|all, from_end (only what is written from now on)",
           response="text"),
+    Route("POST", "/v1/vms/{ref}/stdin", vm_stdin,
+          "Stream the body to the guest's standard input (a VM created with stdin: true); the end of the body "
+          "closes it", request="binary", response=contract.StdinResult),
 ] + [
     Route(m, p, functions_unavailable, "Functions: not built yet (501 not_implemented)", status=501,
           tag="functions")

@@ -238,10 +238,12 @@ class LogFollower:
     guest's interleaving; otherwise stdout and stderr are fetched separately, each to its own side.
     """
 
-    def __init__(self, api: ApiClient, ref: str, *, follow: bool, stream: str | None = None):
+    def __init__(self, api: ApiClient, ref: str, *, follow: bool, stream: str | None = None,
+                 from_end: bool = False):
         self.api = api
         self.ref = ref
         self.follow = follow
+        self.from_end = from_end
         if stream == "stderr":
             plan = [("stderr", sys.stderr)]
         elif stream in ("stdout", "all"):
@@ -263,7 +265,8 @@ class LogFollower:
                     "GET",
                     f"/v1/vms/{q(self.ref)}/logs",
                     stream=True,
-                    query={"follow": "true" if self.follow else None, "stream": name},
+                    query={"follow": "true" if self.follow else None, "stream": name,
+                           "from_end": "true" if self.from_end else None},
                 )
             )
 
@@ -512,7 +515,42 @@ def cmd_run(ctx: Ctx, ns) -> int:
     if ns.detach:
         return cmd_create(ctx, ns)
     vm = _create_vm(ctx, ns)
-    return _attach(ctx, vm["id"], start=ns.rm)
+    return _attach(ctx, vm["id"], start=ns.rm or ns.interactive, stdin=ns.interactive)
+
+
+def cmd_attach(ctx: Ctx, ns) -> int:
+    vm = ctx.api.get(f"/v1/vms/{q(ns.ref)}", answer=contract.Vm)
+    if vm["state"] in ("exited", "stopped"):
+        return _report_exit(ctx, vm["id"], vm["exit"])
+    return _attach(ctx, vm["id"], start=False, stdin=True, from_end=True)
+
+
+class _StdinStream:
+    """Our standard input as a request body: what is there is sent at once (a line typed, a pipe's
+    write), not held back until a block is full."""
+
+    def read(self, n: int) -> bytes:
+        try:
+            return os.read(sys.stdin.fileno(), n)
+        except (OSError, ValueError):
+            return b""
+
+
+def _send_stdin(ctx: Ctx, vm_id: str, required: bool) -> None:
+    """In a thread: stream our stdin to the guest until it ends. A VM that takes no input is fine when we
+    were not asked for it (attach without -i), else worth a line."""
+    import threading
+
+    def run() -> None:
+        try:
+            ctx.api.post(f"/v1/vms/{q(vm_id)}/stdin", _StdinStream(), content_type="application/octet-stream",
+                         answer=contract.StdinResult)
+        except ApiError as e:
+            if required or e.code not in ("stdin_closed", "no_stdin"):
+                ctx.error(f"cannot send input: {e.message}")
+        except ClientError:
+            pass  # the VM ended and the daemon closed the stream: nothing left to send it
+    threading.Thread(target=run, daemon=True, name="stdin").start()
 
 
 def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
@@ -522,18 +560,21 @@ def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
     return code
 
 
-def _attach(ctx: Ctx, vm_id: str, *, start: bool) -> int:
-    """Stream the console of a VM, wait for it, and return the exit status for the client.
+def _attach(ctx: Ctx, vm_id: str, *, start: bool, stdin: bool = False, from_end: bool = False) -> int:
+    """Stream the console of a VM (with ``stdin``, our stdin to it too), wait for it, and return the exit
+    status for the client.
 
     With ``start`` the VM (an ephemeral one, which is gone once it ends) is started only once its console
     streams are open, by a request that also waits for its end: no output and no exit status can be missed.
     """
     api = ctx.api
-    follower = LogFollower(api, vm_id, follow=True)
+    follower = LogFollower(api, vm_id, follow=True, from_end=from_end)
     restore = _interrupt_on_termination()
     try:
         try:
             follower.start()
+            if stdin:
+                _send_stdin(ctx, vm_id, required=start)
             if start:
                 vm = api.post(f"/v1/vms/{q(vm_id)}/start", query={"wait": "true"}, answer=contract.Vm)
                 exit_obj = _exit_of(vm)

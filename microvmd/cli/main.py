@@ -59,7 +59,7 @@ class _Null:
 _NULL = _Null()
 # The command words (aliases included); tests/cli checks these against the full parser.
 COMMANDS = (
-    "info", "version", "image", "run", "create", "start", "stop", "kill", "pause", "resume", "wait",
+    "info", "version", "image", "run", "create", "start", "stop", "kill", "pause", "resume", "wait", "attach",
     "rm", "remove", "ps", "inspect", "logs", "fuel", "disk", "snapshot", "restore", "migrate", "fn",
 )
 GROUP_COMMANDS = {
@@ -218,7 +218,10 @@ def build_parser(only: tuple[str, ...] | None = None):
         g = p.add_argument_group("VM options")
         g.add_argument("--name", help="name the VM")
         g.add_argument("-d", "--detach", action="store_true", help="run in the background and print the VM id")
-        g.add_argument("--rm", action="store_true", help="remove the VM when it exits")
+        g.add_argument("--rm", action="store_true",
+                       help="ephemeral: no record and no console files; the VM is gone when it ends")
+        g.add_argument("-i", "--interactive", action="store_true",
+                       help="keep the guest's stdin open; run -i streams yours to it (end of file closes it)")
         g.add_argument("--fuel", metavar="N", help="instruction budget in fuel units (10M, 2G accepted)")
         g.add_argument("--memory", metavar="SIZE", help="memory limit (65536, 64KiB, 64MiB, 1GiB)")
         g.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (250ms, 10s, 2m)")
@@ -251,7 +254,8 @@ def build_parser(only: tuple[str, ...] | None = None):
         [
             "microvm run images/hello/hello.wasm world",
             "microvm run --rm --fuel 10M --memory 64MiB --timeout 10s --dir .::/data:ro app -- --verbose",
-            "microvm run -d --name web --publish 8080:8000 server",
+            "microvm run -d --name web --publish 8080:8000 echo",
+            "microvm run -i python",
         ],
         description="Create a VM from IMAGE (or upload FILE.wasm first) and start it.\n\n"
         "Attached (the default) it streams the guest's stdout/stderr and exits with the guest's exit\n"
@@ -281,6 +285,15 @@ def build_parser(only: tuple[str, ...] | None = None):
         p.add_argument("refs", metavar="VM", nargs="+", help="VM id, unique id prefix, or name")
         p.set_defaults(action=action)
 
+    p = cmd(
+        subs, "attach", "attach",
+        "Attach to a running VM: your stdin to the guest, its console back; exit with the guest's code.",
+        ["microvm attach py", "printf 'print(x)\\n' | microvm attach py"],
+        description="Stream your standard input to the VM's guest (a VM created with -i; end of file closes\n"
+        "the guest's input) and its output from now on back to you, until it exits; then exit with\n"
+        "the guest's code (137 if the host stopped it). Ctrl-C kills the VM, as with run.",
+    )
+    p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
     p = cmd(
         subs, "wait", "wait",
         "Wait until a VM exits; exit with the guest's exit code (137 if the host stopped it).",

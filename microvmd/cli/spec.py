@@ -152,6 +152,7 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
         if timeout <= 0:
             raise UsageError(f"--timeout: invalid duration {ns.timeout!r}: must be positive")
     ephemeral = bool(getattr(ns, "rm", False))
+    interactive = bool(getattr(ns, "interactive", False))
     return {
         "image": ns.image,
         "name": getattr(ns, "name", None),
@@ -165,7 +166,8 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
         "publish": [parse_publish(p) for p in getattr(ns, "publish", None) or []],
         "allow_egress": [parse_egress(e) for e in getattr(ns, "allow_egress", None) or []],
         "ephemeral": ephemeral,
-        "start": command == "run" and (detach or not ephemeral),
+        "stdin": interactive,
+        "start": command == "run" and (detach or not (ephemeral or interactive)),
     }
 
 

@@ -121,10 +121,19 @@ class AddFuel(Action):
 
 @dataclass(frozen=True)
 class ReadLogs(Action):
-    """Answered with a ``LogStream``: the console from its start, to its end (or the VM's, with ``follow``)."""
+    """Answered with a ``LogStream``: the console from its start (or, with ``from_end``, from what is
+    written next), to its end (or the VM's, with ``follow``)."""
     ref: str
     streams: tuple[str, ...] = ("stdout", "stderr")
     follow: bool = False
+    from_end: bool = False
+
+
+@dataclass(frozen=True)
+class FeedStdin(Action):
+    """Stream bytes to the guest's standard input; its end closes the input (the guest reads end of file)."""
+    ref: str
+    chunks: AsyncIterator[bytes]
 
 
 # ------------------------------------------------------------------ disks

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 
 from .. import __version__, contract
 from ..devices.blk import BlockDevice
+from ..devices.wasip1 import WasiState
 from ..engine import wt
-from ..errors import BadRequest, MicrovmError
+from ..errors import BadRequest, Conflict, MicrovmError
 from ..snapshot import dirty
 from ..snapshot.controller import Snapshots
 from ..snapshot.migrate import migrate
@@ -163,11 +164,12 @@ class Controller:
     @_applies(a.ReadLogs)
     async def read_logs(self, act: a.ReadLogs) -> a.LogStream:
         vm = self._vm(act.ref)  # resolved now: an unknown VM is a 404 before the answer starts
-        return a.LogStream(self._log_chunks(vm, act.streams, act.follow))
+        start = {s: vm.console.size(s) if act.from_end else 0 for s in act.streams}
+        return a.LogStream(self._log_chunks(vm, start, act.follow))
 
-    async def _log_chunks(self, vm: Vm, streams: tuple[str, ...], follow: bool) -> AsyncIterator[bytes]:
+    async def _log_chunks(self, vm: Vm, offsets: dict[str, int], follow: bool) -> AsyncIterator[bytes]:
         h = self.hv
-        offsets = {s: 0 for s in streams}
+        streams = list(offsets)
         while True:
             # a parked out_of_fuel VM writes nothing until fuel is added: the stream ends, like at exit
             ended = vm.state.terminal or vm.state == VmState.OUT_OF_FUEL or vm.id not in h.vms
@@ -187,6 +189,35 @@ class Controller:
                     await asyncio.wait_for(ev.wait(), 0.05)
                 except TimeoutError:
                     pass
+
+    @_applies(a.FeedStdin)
+    async def feed_stdin(self, act: a.FeedStdin) -> dict[str, Any]:
+        vm = self._vm(act.ref)
+        part = vm.devices.get(WasiState)
+        if part is None:
+            raise Conflict(f"VM {vm.name} cannot take input: its image reads stdin through wasmtime's own WASI "
+                           f"(imported with --no-asyncify, or not rewritable); import it without --no-asyncify",
+                           code="no_stdin")
+        stdin = part.stdin
+        if stdin.eof:
+            raise Conflict(f"the standard input of VM {vm.name} is closed: create it with stdin open "
+                           f"(microvm run -i, or \"stdin\": true)", code="stdin_closed")
+        total = 0
+        try:
+            async for chunk in act.chunks:
+                view = memoryview(chunk)
+                while view:
+                    if stdin.eof or vm.state.terminal:
+                        return {"bytes": total}  # closed by another attacher, or the VM ended
+                    n = stdin.feed(bytes(view))
+                    total += n
+                    view = view[n:]
+                    if view:  # the guest has not read what it was given: wait for room
+                        await asyncio.sleep(0.01)
+        finally:
+            if not stdin.eof:
+                stdin.close()
+        return {"bytes": total}
 
     # ------------------------------------------------------------------ disks
     @_applies(a.CreateDisk)

@@ -174,8 +174,8 @@ class WasiState(DevicePart[WasiSaved]):
 
     name = "wasi"
 
-    def __init__(self) -> None:
-        self.stdin = StdinBuffer()
+    def __init__(self, stdin_open: bool = False) -> None:
+        self.stdin = StdinBuffer(open=stdin_open)
         self.mono_base_ns = time.monotonic_ns()
 
     def monotonic_ns(self) -> int:
@@ -213,8 +213,9 @@ class WaitOp(HostOp):
     name = "wasi_wait"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline_ns: int | None, stdin: StdinBuffer | None,
-                 answer: Callable[[wt.GuestMemory], Sequence[int]]) -> None:
+                 answer: Callable[[wt.GuestMemory], Sequence[int]], name: str) -> None:
         super().__init__()
+        self.name = name  # the call the guest is blocked in, as inspect shows it (blocked_in)
         self._handle: asyncio.TimerHandle | None = None
         self._stdin = stdin
         self._answer_fn = answer
@@ -282,7 +283,7 @@ class WasiDevice(Device):
         except Exception:  # noqa: BLE001 - no image, no part: the create fails on its own
             return
         if any(i.startswith(f"{HOST_MODULE}.") for i in img.imports):
-            vm.devices.add(WasiState())
+            vm.devices.add(WasiState(stdin_open=bool(getattr(vm.spec, "stdin", False))))
 
     # ---- poll_oneoff ----
     def _poll(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
@@ -350,7 +351,8 @@ class WasiDevice(Device):
         if done is not None:
             return done
         assert self.loop is not None
-        op = WaitOp(self.loop, deadline, stdin if wants_stdin else None, lambda m: answer(m) or [ESUCCESS])
+        op = WaitOp(self.loop, deadline, stdin if wants_stdin else None, lambda m: answer(m) or [ESUCCESS],
+                    "poll_oneoff")
         vm.block_on(op)
         return op
 
@@ -391,7 +393,7 @@ class WasiDevice(Device):
         if state.stdin.ready() or total == 0:
             return answer(mem)
         assert self.loop is not None
-        op = WaitOp(self.loop, None, state.stdin, answer)
+        op = WaitOp(self.loop, None, state.stdin, answer, "fd_read")
         vm.block_on(op)
         return op
 

@@ -52,6 +52,7 @@ class VmSpec:
     allow_egress: list[str] = field(default_factory=list)
     auto_remove: bool = False
     ephemeral: bool = False  # no record, no console files (output kept in memory); gone when it ends
+    stdin: bool = False  # standard input kept open for POST /v1/vms/{ref}/stdin (run -i, attach)
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
 
     @classmethod
@@ -62,7 +63,7 @@ class VmSpec:
             timeout=c.timeout, dirs=[DirSpec(x.host, x.guest or x.host, x.readonly) for x in c.dirs],
             disks=[DiskSpec(x.name, x.mode, _limiter(x.rate_limiter)) for x in c.disks],
             publish=[PublishSpec(x.guest_port, x.host_port, x.host_ip or "127.0.0.1") for x in c.publish],
-            allow_egress=list(c.allow_egress), auto_remove=c.auto_remove, ephemeral=c.ephemeral,
+            allow_egress=list(c.allow_egress), auto_remove=c.auto_remove, ephemeral=c.ephemeral, stdin=c.stdin,
             net_rate_limiter=_limiter(c.net_rate_limiter),
         )
 

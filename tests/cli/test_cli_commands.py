@@ -39,7 +39,7 @@ def test_run_attached_streams_and_exits_with_the_guest_code(cli, fake_daemon, im
     assert create["json"] == {
         "image": "img", "name": None, "args": ["out:hello", "err:oops", "out:bye", "exit:3"], "env": {},
         "fuel": None, "memory": None, "timeout": None, "dirs": [], "disks": [], "publish": [],
-        "allow_egress": [], "ephemeral": False, "start": True,
+        "allow_egress": [], "ephemeral": False, "stdin": False, "start": True,
     }
     vm_id = only_vm(fake_daemon).id
     logs = reqs(fake_daemon, "GET", f"/v1/vms/{vm_id}/logs")

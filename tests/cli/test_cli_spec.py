@@ -26,7 +26,7 @@ def test_minimal_run_spec():
     assert spec("run", "hello") == {
         "image": "hello", "name": None, "args": [], "env": {}, "fuel": None, "memory": None,
         "timeout": None, "dirs": [], "disks": [], "publish": [], "allow_egress": [],
-        "ephemeral": False, "start": True,
+        "ephemeral": False, "stdin": False, "start": True,
     }
 
 
@@ -66,6 +66,7 @@ def test_full_spec():
         ],
         "allow_egress": ["example.com:443", "10.0.0.0/8:5432"],
         "ephemeral": False,
+        "stdin": False,
         "start": True,
     }
 
@@ -90,6 +91,13 @@ def test_rm_makes_the_vm_ephemeral_and_an_attached_run_starts_it_itself():
     assert spec("run", "--rm", "-d", "hello")["start"] is True
     assert spec("create", "--rm", "hello")["ephemeral"] is True
     assert spec("run", "hello")["ephemeral"] is False
+
+
+def test_i_keeps_stdin_open_and_an_attached_run_starts_the_vm_itself():
+    s = spec("run", "-i", "python")
+    assert s["stdin"] is True and s["start"] is False  # started with start?wait=true once stdin streams
+    assert spec("run", "-d", "-i", "python")["start"] is True
+    assert spec("create", "-i", "python")["stdin"] is True
 
 
 def test_env_bare_key_copies_the_clients_value():
