@@ -14,6 +14,7 @@ This module is imported by the client, so it imports nothing heavy: msgspec and 
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
@@ -36,6 +37,13 @@ Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
 # VM names are freer than image or disk names, but never a path, a control character or a bidi override
 VM_NAME_PATTERN = r"^(?!\.\.?(?![\s\S]))[^/\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]{1,128}(?![\s\S])"
 VmName = Annotated[str, Meta(pattern=VM_NAME_PATTERN)]
+VM_NAME_RULE = "1-128 characters without '/', control characters or bidi overrides, and not '.' or '..'"
+_VM_NAME = re.compile(VM_NAME_PATTERN)
+
+
+def valid_vm_name(name: str) -> bool:
+    """The rule of ``VmName``, for a name that did not come through a request (a snapshot's, a restore's)."""
+    return _VM_NAME.match(name) is not None
 VmState = Literal["created", "running", "paused", "out_of_fuel", "exited", "stopped"]
 DiskMode = Literal["rw", "ro", "cow"]
 Number = int | float  # a float field that keeps an integer as the client sent it
@@ -121,6 +129,11 @@ class VmSpec(Request):
                 "and not '.' or '..'"}
 
 
+class VmSpecView(VmSpec, forbid_unknown_fields=False):
+    """A spec in an answer (the VM object): a field this version does not know (a newer daemon's, e.g. the
+    target of a migration) is left out rather than refused."""
+
+
 class VmCreate(VmSpec):
     """``POST /v1/vms``: the spec, and whether to start the VM at once."""
 
@@ -167,7 +180,7 @@ class SnapshotCreate(Request):
 
 
 class Restore(Request):
-    name: str | None = None
+    name: VmName | None = None
     start: bool = False
 
 
@@ -433,7 +446,7 @@ class Vm(Response):
     exit: ExitRecord | None
     devices: Devices
     snapshot_kind: Literal["asyncify", "stopped_only"]
-    spec: VmSpec
+    spec: VmSpecView
 
 
 class VmList(Response):

@@ -12,7 +12,13 @@ import time
 from microvmd import __version__, contract
 from microvmd.cli import output
 from microvmd.cli.client import ApiClient, ApiError, ClientError, Unreachable, q, read_token_file, resolve_target
-from microvmd.cli.spec import EXIT_CLIENT, UsageError, exit_status, looks_like_file, vm_spec_from_args
+from microvmd.cli.spec import (
+    EXIT_CLIENT,
+    UsageError,
+    exit_status,
+    looks_like_file,
+    vm_spec_from_args,
+)
 from microvmd.units import format_duration, format_size, parse_count, parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
@@ -515,7 +521,7 @@ def cmd_run(ctx: Ctx, ns) -> int:
     if ns.detach:
         return cmd_create(ctx, ns)
     vm = _create_vm(ctx, ns)
-    return _attach(ctx, vm["id"], start=ns.rm or ns.interactive, stdin=ns.interactive)
+    return _attach(ctx, vm["id"], start=ns.rm or ns.interactive, stdin=ns.interactive, ephemeral=ns.rm)
 
 
 def cmd_attach(ctx: Ctx, ns) -> int:
@@ -560,7 +566,8 @@ def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
     return code
 
 
-def _attach(ctx: Ctx, vm_id: str, *, start: bool, stdin: bool = False, from_end: bool = False) -> int:
+def _attach(ctx: Ctx, vm_id: str, *, start: bool, stdin: bool = False, from_end: bool = False,
+            ephemeral: bool = False) -> int:
     """Stream the console of a VM (with ``stdin``, our stdin to it too), wait for it, and return the exit
     status for the client.
 
@@ -581,6 +588,11 @@ def _attach(ctx: Ctx, vm_id: str, *, start: bool, stdin: bool = False, from_end:
             else:
                 exit_obj = api.post(f"/v1/vms/{q(vm_id)}/wait", answer=contract.WaitResult)
             follower.finish(LOG_DRAIN_GRACE)
+            if ephemeral and isinstance(exit_obj, dict) and exit_obj.get("reason") == "out_of_fuel":
+                try:  # parked out of fuel: an ephemeral VM that nobody will add fuel to goes now
+                    api.delete(f"/v1/vms/{q(vm_id)}", query={"force": "true"})
+                except ClientError:
+                    pass
         except KeyboardInterrupt:
             follower.abort()
             sys.stderr.write("\n")

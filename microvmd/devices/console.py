@@ -170,11 +170,12 @@ class MemoryConsole:
     def writer(self, stream: str) -> Callable[[bytes], None]:
         buf = self._buf[stream]
         cap = self.cap
+        slack = min(cap, 64 << 10)
 
         def write(data: bytes) -> None:  # never raises: wasmtime would see 0 bytes written
             with self._lock:
                 buf.extend(data)
-                if len(buf) > 2 * cap:  # amortised: trim back to the cap once it has doubled
+                if len(buf) > cap + slack:  # trimmed back to the cap in steps of ``slack``
                     cut = len(buf) - cap
                     del buf[:cut]
                     self.released[stream] += cut

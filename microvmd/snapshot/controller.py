@@ -341,7 +341,9 @@ class Snapshots:
         except BaseException:
             await self._remove_disks(made)
             raise
-        vm.image_name = m["vm"].get("image_name") or vm.image_name
+        image_name = m["vm"].get("image_name")
+        vm.image_name = image_name if isinstance(image_name, str) and 0 < len(image_name) <= 256 \
+            and image_name.isprintable() else vm.digest  # a file's word, kept only if it is a plain name
         log.info("restored snapshot %s as vm=%s (%s)", name, vm.id[:12], m["kind"])
         if start:
             await hv.start(vm)

@@ -62,6 +62,7 @@ class Hypervisor:
         self.started = time.time()
         self.fuel_total_finished = 0
         self.closing = False
+        self._removals: set[asyncio.Task[None]] = set()  # auto-removals under way (close() waits for them)
         self.on_remove: list[Callable[[Vm], None]] = []
         self.loop_lag = LoopLagMonitor()
         wt.suspension_hook = self._suspension_hook
@@ -117,6 +118,8 @@ class Hypervisor:
         written, the directories made in advance are removed and the persist thread ends. The pools stay
         (sched.close(), last of all)."""
         self.closing = True
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
         for vm in [v for v in self.vms.values() if (v.spec.auto_remove or v.spec.ephemeral) and v.state.terminal]:
             await self.remove(vm, force=True)
         await self.registry.close()
@@ -149,8 +152,8 @@ class Hypervisor:
     def _validate(self, spec: VmSpec) -> int:
         lim = self.cfg.limits
         if spec.name is not None:
-            if not spec.name or len(spec.name) > 128 or "/" in spec.name:
-                raise BadRequest(f"invalid VM name {spec.name!r}", code="invalid_name")
+            if not contract.valid_vm_name(spec.name):
+                raise BadRequest(f"invalid VM name {spec.name!r}: {contract.VM_NAME_RULE}", code="invalid_name")
             if self.registry.name_taken(spec.name):
                 raise Conflict(f"a VM named {spec.name!r} already exists", code="name_in_use")
         if spec.fuel is not None and (not isinstance(spec.fuel, int) or spec.fuel <= 0):
@@ -212,8 +215,15 @@ class Hypervisor:
             if fused:
                 vm.enter_cpu()
                 t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
+                job = asyncio.ensure_future(
+                    self.sched.on_cpu_pool(self.builder.boot_and_run, vm, img, self.sched.run_slice))
                 try:
-                    first = await self.sched.on_cpu_pool(self.builder.boot_and_run, vm, img, self.sched.run_slice)
+                    first = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    # the create was cancelled (its client went away, or shutdown): the worker still runs the
+                    # slice; the machine is torn down below only once it is back
+                    await asyncio.wait([job])
+                    raise
                 finally:
                     vm.leave_cpu()
             elif restore is None:
@@ -485,7 +495,9 @@ class Hypervisor:
             self._release(vm)
         vm.devices.close()
         if (vm.spec.auto_remove or vm.spec.ephemeral) and not self.closing:
-            asyncio.get_running_loop().create_task(self._auto_remove(vm))
+            task = asyncio.get_running_loop().create_task(self._auto_remove(vm))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
 
     def _release(self, vm: Vm) -> None:
         """Free the store (and its linear memory) on an I/O thread."""
@@ -593,6 +605,8 @@ class Hypervisor:
                 await self._end(vm, Control.KILL)
             except InvalidState:
                 pass
+        if vm not in self.registry:
+            return  # removed already (an auto-removal and a user's rm -f can race here)
         self.registry.discard(vm)
         await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
         vm.devices.close()
@@ -604,9 +618,6 @@ class Hypervisor:
     # ------------------------------------------------------------------ records and info
     def _save(self, vm: Vm) -> None:
         self.registry.save(vm)
-
-    async def flush_records(self) -> None:
-        await self.registry.flush()
 
     def counts(self) -> dict[str, int]:
         return self.registry.counts()

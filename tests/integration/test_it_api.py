@@ -140,7 +140,6 @@ def _registered_routes(tmp_path: Path) -> tuple[set[tuple[str, str]], dict[str, 
     try:
         install_devices(hv)
         from microvmd.api.routes import api_routes
-
         from microvmd.control.controller import Controller
         from microvmd.snapshot.controller import Snapshots
 

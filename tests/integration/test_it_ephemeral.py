@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from mvapi import Api, Daemon
+from mvapi import IMAGES, Api, Daemon
 
 
 def _paths_changed_since(root: Path, t0: float) -> list[str]:
@@ -26,17 +26,18 @@ def _paths_changed_since(root: Path, t0: float) -> list[str]:
     return changed
 
 
-def test_run_rm_streams_the_console_and_writes_nothing(daemon: Daemon) -> None:
-    daemon.cli("run", "--rm", "hello")  # anything the first run makes lazily is made before the mark
-    time.sleep(0.3)  # the record batches and directory refills of earlier tests are written
+def test_run_rm_streams_the_console_and_writes_nothing(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon("--import-images", str(IMAGES))  # its own daemon: no other test's work in its state dir
+    d.cli("run", "--rm", "hello")  # anything the first run makes lazily is made before the mark
+    time.sleep(0.5)  # the directories made in advance are refilled by now
     t0 = time.time()
     time.sleep(0.05)
     for code in ("0", "3"):
-        r = daemon.cli("run", "--rm", "--env", "WHO=eph", "hello", code)
+        r = d.cli("run", "--rm", "--env", "WHO=eph", "hello", code)
         assert r.returncode == int(code), r.stderr
         assert "Hello from microvmd!" in r.stdout and "WHO=eph" in r.stdout
     time.sleep(0.2)  # anything written late would be written by now
-    assert _paths_changed_since(daemon.state_dir, t0) == []
+    assert _paths_changed_since(d.state_dir, t0) == []
 
 
 def test_create_ephemeral_with_wait_answers_the_exit_and_the_vm_is_gone(api: Api) -> None:
@@ -94,3 +95,21 @@ def test_force_remove_races_running_slices_safely(api: Api) -> None:
         assert api("DELETE", f"/v1/vms/{vm['id']}?force=true").status == 204
         assert api("GET", f"/v1/vms/{vm['id']}").status == 404
     assert api.ok("GET", "/v1/info")["vms"]["running"] >= 0  # the daemon is still serving
+
+
+def test_run_rm_that_runs_out_of_fuel_leaves_nothing_behind(daemon: Daemon, api: Api) -> None:
+    before = {v["id"] for v in api.ok("GET", "/v1/vms?all=true")["vms"]}
+    r = daemon.cli("run", "--rm", "--fuel", "100000", "spin", "30000000")
+    assert r.returncode == 137 and "out_of_fuel" in r.stderr, r.stderr
+    assert {v["id"] for v in api.ok("GET", "/v1/vms?all=true")["vms"]} - before == set()
+
+
+def test_a_restore_with_a_name_no_vm_may_have_is_a_400(api: Api) -> None:
+    vm = api.create("hello")
+    assert api("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": "name-check"}).status == 201
+    for bad in (".", "..", "a/b", "tab\there", "x" * 129):
+        r = api("POST", "/v1/snapshots/name-check/restore", {"name": bad})
+        assert r.status == 400, (bad, r.status, r.text)
+    assert api("GET", "/v1/vms?all=true").status == 200  # the listing is whole
+    api.ok("DELETE", "/v1/snapshots/name-check")
+    api.ok("DELETE", f"/v1/vms/{vm['id']}?force=true")

@@ -36,7 +36,7 @@ def _edges() -> list[tuple[str, str, str]]:
     found = []
     for f in PACKAGE.rglob("*.py"):
         rel = f.relative_to(PACKAGE.parent).with_suffix("").parts
-        pkg = list(rel[:-1]) if f.name != "__init__.py" else list(rel[:-1])
+        pkg = list(rel[:-1])
         here = _part(".".join(rel if f.name != "__init__.py" else rel[:-1]))
         if here is None or here == "__init__":
             continue
