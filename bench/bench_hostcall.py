@@ -270,8 +270,8 @@ class Bench:
         finally:
             wt.set_current_vm(None)
             self.vm.waiting = None
-        if out.trap or out.error or out.exit_code is not None:
-            raise RuntimeError(f"{case}: {out.trap or out.error or out.exit_code}")
+        if not isinstance(out, wt.Returned):
+            raise RuntimeError(f"{case}: {out}")
         self._drain()
         return (t1 - t0) / n, (w1 - w0) / n
 

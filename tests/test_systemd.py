@@ -285,7 +285,7 @@ def test_service_unit_settings() -> None:
         "RuntimeDirectoryMode": "0750",
         "WatchdogSec": "30s",
         "Restart": "on-failure",
-        "TimeoutStopSec": "30s",
+        "TimeoutStopSec": "45s",
         "KillMode": "mixed",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",

@@ -83,17 +83,32 @@ def yield_on_every_epoch(store: wasmtime.Store) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Suspendable calls
 # --------------------------------------------------------------------------------------------------------
-class Outcome:
-    """How a finished call ended: ``results`` on return, else ``exit_code`` (proc_exit) or ``trap``."""
+@dataclass(frozen=True, slots=True)
+class Returned:
+    """The call returned (its results)."""
+    results: list[int]
 
-    __slots__ = ("results", "exit_code", "trap", "trap_code", "error")
 
-    def __init__(self) -> None:
-        self.results: list[int] = []
-        self.exit_code: int | None = None
-        self.trap: str | None = None
-        self.trap_code: wasmtime.TrapCode | None = None
-        self.error: str | None = None
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """The guest called ``proc_exit``."""
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class Trapped:
+    """A Wasm trap: its cause, and wasmtime's code when it has one (stack overflow, out of fuel, interrupt)."""
+    message: str
+    code: wasmtime.TrapCode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A host error that is not a trap (an import's failure, a missing entry)."""
+    message: str
+
+
+Outcome = Returned | Exited | Trapped | Failed  # how a finished call ended
 
 
 class _Future:
@@ -116,20 +131,19 @@ class _Future:
             ffi.wasmtime_call_future_delete(self._ptr)
             self._ptr = None
 
-    def _outcome(self, out: Outcome) -> Outcome:
+    def _ended(self) -> Exited | Trapped | Failed | None:
+        """How the call ended when it did not return (None when it returned)."""
         if self._trap:
             trap = wasmtime.Trap._from_ptr(self._trap)
-            out.trap = trap_text(trap.message)
-            out.trap_code = trap.trap_code
             self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
-        elif self._error:
+            return Trapped(trap_text(trap.message), trap.trap_code)
+        if self._error:
             err = wasmtime.WasmtimeError._from_ptr(self._error)
             self._error = ctypes.POINTER(ffi.wasmtime_error_t)()
             if isinstance(err, wasmtime.ExitTrap):
-                out.exit_code = err.code
-            else:
-                out.error = trap_text(str(err)) if str(err) else "error"
-        return out
+                return Exited(err.code)
+            return Failed(trap_text(str(err)) if str(err) else "error")
+        return None
 
 
 def trap_text(message: str | None) -> str:
@@ -169,13 +183,11 @@ class GuestCall(_Future):
             self._results, nresults, ctypes.byref(self._trap), ctypes.byref(self._error))
 
     def outcome(self) -> Outcome:
-        out = self._outcome(Outcome())
-        if out.trap is None and out.exit_code is None and out.error is None:
-            out.results = [
-                self._results[i].of.i64 if self._results[i].kind == I64 else self._results[i].of.i32
-                for i in range(self._nresults)
-            ]
-        return out
+        ended = self._ended()
+        if ended is not None:
+            return ended
+        return Returned([self._results[i].of.i64 if self._results[i].kind == I64 else self._results[i].of.i32
+                         for i in range(self._nresults)])
 
 
 class Instantiation(_Future):
@@ -196,11 +208,11 @@ class Instantiation(_Future):
                 ctypes.byref(self._trap), ctypes.byref(self._error))
 
     def result(self) -> wasmtime.Instance:
-        out = self._outcome(Outcome())
-        if out.trap is not None:
-            raise InstantiationError(out.trap, trap_code=out.trap_code)
-        if out.error is not None:
-            raise InstantiationError(out.error)
+        ended = self._ended()
+        if isinstance(ended, Trapped):
+            raise InstantiationError(ended.message, trap_code=ended.code)
+        if ended is not None:
+            raise InstantiationError(ended.message if isinstance(ended, Failed) else f"exit {ended.code}")
         return wasmtime.Instance._from_raw(self._inst)
 
 

@@ -337,7 +337,7 @@ class Snapshots:
                            devices=m.get("devices") if isinstance(m.get("devices"), dict) else {},
                            tables=m.get("tables") or {})
         try:
-            vm = await hv.create(spec, restore=data)
+            vm = await hv.restore(spec, data)
         except BaseException:
             await self._remove_disks(made)
             raise

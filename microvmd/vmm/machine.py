@@ -141,8 +141,8 @@ class Machine:
             out = call.outcome()
         finally:
             call.close()
-        if out.trap or out.error:
-            raise RuntimeError(out.trap or out.error)
+        if not isinstance(out, wt.Returned):
+            raise RuntimeError(out.message if isinstance(out, (wt.Trapped, wt.Failed)) else f"exit {out.code}")
         return out.results
 
     # ---- running ----
@@ -178,15 +178,13 @@ class Machine:
                 self.call = None
                 self._sample_memory()
                 a = self.asyncify
-                if a is not None and a.unwinding and out.trap is None and out.error is None \
-                        and out.exit_code is None:
+                if a is not None and a.unwinding and isinstance(out, wt.Returned):
                     a.unwinding = False
                     a.unwound = True
                     a.state.set_value(self.store, wasmtime.Val.i32(STATE_NORMAL))  # asyncify_stop_unwind
                     self._queue.insert(0, self._current)
                     return SliceEnd.UNWOUND
-                if out.results is not None and out.trap is None and out.error is None and out.exit_code is None \
-                        and self._queue:
+                if isinstance(out, wt.Returned) and self._queue:
                     continue  # a boot step finished; go on to the entry
                 self.outcome = out
                 self._queue.clear()
@@ -213,9 +211,7 @@ class Machine:
             a.rewinding = True
         func = self.exports.get(name)
         if not isinstance(func, wasmtime.Func):
-            out = wt.Outcome()
-            out.error = f"entry {name!r} is not an exported function"
-            self.outcome = out
+            self.outcome = wt.Failed(f"entry {name!r} is not an exported function")
             self._queue.clear()
             return False
         self.call = wt.GuestCall(self.store, func, nresults=len(func.type(self.store).results))

@@ -11,10 +11,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import wasmtime
 
@@ -35,6 +35,7 @@ from .state import Control, ExitReason, VmState, check_transition
 from .vm import ExitRecord, Vm, VmSpec
 
 log = logging.getLogger("microvmd.vmm")
+T = TypeVar("T")
 
 _TRAP_REASONS = {wasmtime.TrapCode.STACK_OVERFLOW: ExitReason.STACK_OVERFLOW,
                  wasmtime.TrapCode.OUT_OF_FUEL: ExitReason.OUT_OF_FUEL,
@@ -179,9 +180,39 @@ class Hypervisor:
                 raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
         return memory
 
-    async def create(self, spec: VmSpec, restore: RestoreData | None = None, start: bool = False) -> Vm:
-        """Create (and with ``start``, start) a VM. A started VM is built and runs its first slice in one
-        task on a vCPU worker: a short guest finishes without another thread hand-off."""
+    async def create(self, spec: VmSpec, start: bool = False) -> Vm:
+        """Create a VM from its image (the boot path), and with ``start`` start it. A started VM is built and
+        runs its first slice in one task on a vCPU worker: a short guest finishes without another thread
+        hand-off."""
+        vm, img = self._admit(spec)
+        if not start:
+            await self._assemble(vm, lambda: self.sched.on_io(self.builder.boot, vm, img))
+            return vm
+        # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
+        # A VM started at once writes it after its first slice, and only if it is still alive then: a short
+        # run (hello) then has no file system work competing with it for the GIL, and its final record is
+        # written with the next batch.
+        first, t_wall, t_mono = await self._assemble(vm, lambda: self._boot_and_run(vm, img), record=False)
+        if vm.state.terminal:  # killed while it was being built
+            self._release(vm)
+            return vm
+        vm.started = t_wall
+        self._transition(vm, VmState.RUNNING, "start", since=t_mono)
+        self._on_slice_end(vm, first)
+        if not vm.state.terminal:  # it lives on: durable before the API answers
+            await self.registry.save_now(vm)
+        return vm
+
+    async def restore(self, spec: VmSpec, data: RestoreData) -> Vm:
+        """Create a VM from a snapshot (the restore path): its memory, globals, tables, fuel and device
+        states are the snapshot's. It is not started."""
+        vm, img = self._admit(spec)
+        await self._assemble(vm, lambda: self.sched.on_io(self.builder.restore, vm, img, data),
+                             devices=data.devices)
+        return vm
+
+    def _admit(self, spec: VmSpec) -> tuple[Vm, Image]:
+        """The VM a spec asks for, in the table (its name reserved), nothing built yet."""
         if self.closing:  # stop_guests() has run or is running: a VM made now would never be stopped
             raise ShuttingDown("microvmd is shutting down and creates no more VMs")
         img = self.images.resolve(spec.image)
@@ -199,40 +230,24 @@ class Hypervisor:
         vm.console.premade = premade
         self.builder.console_mode(vm)
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
-        self.registry.add(vm)  # reserve the name while we build
-        # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
-        # It is written on the persist thread while the VM is built; a VM started at once writes it after
-        # its first slice instead, and only if it is still alive then: a short run (hello) then has no file
-        # system work competing with it for the GIL, and its final record is written with the next batch.
-        fused = start and restore is None
-        record = None if fused else self.registry.save_soon(vm)
-        first: SliceEnd | BaseException | None = None
+        self.registry.add(vm)
+        return vm, img
+
+    async def _assemble(self, vm: Vm, build: Callable[[], Awaitable[T]], *, record: bool = True,
+                        devices: Mapping[str, object] | None = None) -> T:
+        """Devices attached, the machine built by ``build`` (device states restored from ``devices``); with
+        ``record``, the VM's record written meanwhile on the persist thread. On any failure the VM is gone
+        again, its devices closed and its store freed."""
+        pending = self.registry.save_soon(vm) if record else None
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
                 await self.sched.on_io(partial(vm.dir.mkdir, parents=True, exist_ok=True))
             for dev in self.devices:
                 await dev.attach(self, vm)
-            if fused:
-                vm.enter_cpu()
-                t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
-                job = asyncio.ensure_future(
-                    self.sched.on_cpu_pool(self.builder.boot_and_run, vm, img, self.sched.run_slice))
+            result = await build()
+            if devices is not None:
                 try:
-                    first = await asyncio.shield(job)
-                except asyncio.CancelledError:
-                    # the create was cancelled (its client went away, or shutdown): the worker still runs the
-                    # slice; the machine is torn down below only once it is back
-                    await asyncio.wait([job])
-                    raise
-                finally:
-                    vm.leave_cpu()
-            elif restore is None:
-                await self.sched.on_io(self.builder.boot, vm, img)
-            else:
-                await self.sched.on_io(self.builder.restore, vm, img, restore)
-            if restore is not None:
-                try:
-                    vm.devices.restore(restore.devices)
+                    vm.devices.restore(devices)
                 except DeviceStateError as exc:
                     raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
                                         code="invalid_snapshot") from None
@@ -242,22 +257,28 @@ class Hypervisor:
             await self._teardown(vm)
             raise
         finally:
-            if record is not None:
-                await record
+            if pending is not None:
+                await pending
         self._save(vm)
-        vm.log.info("created from image %s (%s)", vm.image_name, img.digest[:19])
-        if first is not None:
-            if vm.state.terminal:  # killed while it was being built
-                self._release(vm)
-                return vm
-            vm.started = t_wall
-            self._transition(vm, VmState.RUNNING, "start", since=t_mono)
-            self._on_slice_end(vm, first)
-            if not vm.state.terminal:  # it lives on: durable before the API answers
-                await self.registry.save_now(vm)
-        elif start:
-            await self.start(vm)
-        return vm
+        vm.log.info("created from image %s (%s)", vm.image_name, vm.digest[:19])
+        return result
+
+    async def _boot_and_run(self, vm: Vm, img: Image) -> tuple[SliceEnd | BaseException, float, float]:
+        """Boot and the first slice on one vCPU worker; (how the slice ended, when it began: wall, monotonic).
+        The VM leaves the CPU when the worker's job has really ended, even if the create is cancelled."""
+        vm.enter_cpu()
+        t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
+        job = asyncio.ensure_future(self.sched.on_cpu_pool(self.builder.boot_and_run, vm, img, self.sched.run_slice))
+        try:
+            first = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # the create was cancelled (its client went away, or shutdown): the worker still runs the slice;
+            # the machine is torn down only once it is back
+            await asyncio.wait([job])
+            raise
+        finally:
+            vm.leave_cpu()
+        return first, t_wall, t_mono
 
     def console_fds(self) -> int:
         return self.builder.console_fds()
@@ -385,20 +406,17 @@ class Hypervisor:
     def _finish_outcome(self, vm: Vm) -> None:
         m = vm.machine
         out = m.outcome if m is not None else None
-        if out is None:
-            self._finish(vm, None, ExitReason.TRAP, "no outcome")
-        elif out.exit_code is not None:
-            self._finish(vm, out.exit_code, ExitReason.EXIT)
-        elif out.trap is not None:
-            reason = _TRAP_REASONS.get(out.trap_code)  # type: ignore[arg-type]
-            if reason is None:
-                self._finish(vm, None, ExitReason.TRAP, str(out.trap))
-            else:
-                self._finish(vm, None, reason)
-        elif out.error is not None:
-            self._finish(vm, None, ExitReason.TRAP, str(out.error))
-        else:
-            self._finish(vm, 0, ExitReason.EXIT)
+        match out:
+            case None:
+                self._finish(vm, None, ExitReason.TRAP, "no outcome")
+            case wt.Exited(code):
+                self._finish(vm, code, ExitReason.EXIT)
+            case wt.Trapped(message, code) if code in _TRAP_REASONS:
+                self._finish(vm, None, _TRAP_REASONS[code])
+            case wt.Trapped(message) | wt.Failed(message):
+                self._finish(vm, None, ExitReason.TRAP, message)
+            case wt.Returned():
+                self._finish(vm, 0, ExitReason.EXIT)
 
     def _resolve_unwound(self, vm: Vm, exc: BaseException | None) -> None:
         waiters, vm.unwound_waiters = vm.unwound_waiters, []
