@@ -28,6 +28,10 @@ def _paths_changed_since(root: Path, t0: float) -> list[str]:
 
 def test_run_rm_streams_the_console_and_writes_nothing(make_daemon) -> None:  # type: ignore[no-untyped-def]
     d = make_daemon("--import-images", str(IMAGES))  # its own daemon: no other test's work in its state dir
+    deadline = time.monotonic() + 300
+    while d.api.ok("GET", "/v1/images")["importing"]:  # sample images rewritten in the background at start
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     d.cli("run", "--rm", "hello")  # anything the first run makes lazily is made before the mark
     time.sleep(0.5)  # the directories made in advance are refilled by now
     t0 = time.time()
