@@ -3,8 +3,8 @@
 The daemon decodes requests into these types (JSON and MessagePack alike) and encodes its answers through
 them; the OpenAPI document is generated from them; the client decodes the answers with them; VM records and
 the spec inside a snapshot manifest are decoded with them too. A rule that a type or a ``Meta`` constraint
-can state lives here; the few that cannot (an IP address, the rate limiter's own rules) are in
-``check_vm_spec`` below, the one place that runs them.
+can state lives here; the few that cannot (an IP address, a finite timeout) are in ``check_vm_spec`` below,
+the one place that runs them (the rate limiter's own rules are the devices', ``devices/ratelimit.py``).
 
 Request types forbid unknown fields (a typo is a 400 naming the field); response types do not, so a client
 keeps working against a daemon that has learnt new fields. Fields are declared in the order the daemon has

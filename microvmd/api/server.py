@@ -52,6 +52,19 @@ class Route:
     response: Body = None
     status: int = 200
     tag: str = "vms"
+    query: tuple[Query, ...] = ()
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query parameter of a route, for the OpenAPI document (handlers read it with ``_bool`` and co.)."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str
+
+
+FLAG = {"type": "boolean"}
 
 
 ROUTE_TABLE = web.AppKey("routes", list[Route])
@@ -246,7 +259,10 @@ ROUTES: list[Route] = [
     Route("GET", "/metrics", metrics, "Prometheus text metrics", response="text", tag="system"),
     Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry, "
           "no_asyncify (keep a plain WASI module as it is instead of rewriting it for snapshots)",
-          request="binary", response=contract.Image, status=201, tag="images"),
+          request="binary", response=contract.Image, status=201, tag="images",
+          query=(Query("name", {"type": "string"}, "the image's name"),
+                 Query("entry", {"type": "string"}, "the export to call (default _start)"),
+                 Query("no_asyncify", FLAG, "keep a plain WASI module as it is (not snapshottable while it runs)"))),
     Route("GET", "/v1/images", image_list, "List images (and the imports whose rewrite is still running)",
           response=contract.ImageList, tag="images"),
     Route("GET", "/v1/images/{ref}", image_get, "Inspect an image (name, sha256:digest or digest prefix)",
@@ -258,13 +274,16 @@ ROUTES: list[Route] = [
           tag="images"),
     Route("POST", "/v1/vms", vm_create,
           "Create a VM (start=true starts it; query wait=true answers once it has exited or run out of fuel)",
-          request=contract.VmCreate, response=contract.Vm, status=201),
-    Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)", response=contract.VmList),
+          request=contract.VmCreate, response=contract.Vm, status=201,
+          query=(Query("wait", FLAG, "answer once the VM has exited or run out of fuel (needs start)"),)),
+    Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)", response=contract.VmList,
+          query=(Query("all", FLAG, "include VMs that have ended"),)),
     Route("GET", "/v1/vms/{ref}", vm_get, "Inspect a VM (id, id prefix or name)", response=contract.Vm),
-    Route("DELETE", "/v1/vms/{ref}", vm_rm, "Remove a VM (force=true kills a live one first)", status=204),
+    Route("DELETE", "/v1/vms/{ref}", vm_rm, "Remove a VM (force=true kills a live one first)", status=204,
+          query=(Query("force", FLAG, "kill a live VM first"),)),
     Route("POST", "/v1/vms/{ref}/start", vm_start,
           "Start a created VM (query wait=true answers once it has exited or run out of fuel)",
-          response=contract.Vm),
+          response=contract.Vm, query=(Query("wait", FLAG, "answer once the VM has exited or run out of fuel"),)),
     Route("POST", "/v1/vms/{ref}/stop", _vm_action(a.StopVm, "stop"), "Stop a VM at its next yield point",
           response=contract.Vm),
     Route("POST", "/v1/vms/{ref}/kill", _vm_action(a.KillVm, "kill"), "Kill a VM", response=contract.Vm),
@@ -272,12 +291,16 @@ ROUTES: list[Route] = [
           response=contract.Vm),
     Route("POST", "/v1/vms/{ref}/resume", _vm_action(a.ResumeVm, "resume"), "Resume a paused VM", response=contract.Vm),
     Route("POST", "/v1/vms/{ref}/wait", vm_wait, "Wait until the VM exits or runs out of fuel; query: timeout",
-          response=contract.WaitResult),
+          response=contract.WaitResult,
+          query=(Query("timeout", {"type": "number", "exclusiveMinimum": 0}, "seconds (408 wait_timeout after)"),)),
     Route("POST", "/v1/vms/{ref}/fuel", vm_fuel, "Add fuel; an out_of_fuel VM continues", request=contract.FuelAdd,
           response=contract.Vm),
     Route("GET", "/v1/vms/{ref}/logs", vm_logs,
           "Console output; query: follow, stream=stdout|stderr|all, from_end (only what is written from now on)",
-          response="text"),
+          response="text",
+          query=(Query("follow", FLAG, "keep streaming until the VM ends"),
+                 Query("stream", {"type": "string", "enum": ["stdout", "stderr", "all"]}, "which stream (all)"),
+                 Query("from_end", FLAG, "start at what is written next"))),
     Route("POST", "/v1/vms/{ref}/stdin", vm_stdin,
           "Stream the body to the guest's standard input (a VM created with stdin: true); the end of the body "
           "closes it", request="binary", response=contract.StdinResult),
@@ -336,6 +359,8 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
         op: dict[str, Any] = {"summary": r.summary, "operationId": op_id, "tags": [r.tag], "responses": responses}
         params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in r.path.split("/") if p.startswith("{")]
+        params += [{"name": q.name, "in": "query", "required": False, "schema": q.schema,
+                    "description": q.description} for q in r.query]
         if params:
             op["parameters"] = params
         if r.request is not None:

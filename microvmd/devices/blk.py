@@ -176,9 +176,9 @@ class ThrottleOp(HostOp):
 
 
 class BlockDevice(Device):
-    name = "blk"
-
     """Defines the ``microvm_blk`` imports, attaches disks to VMs and is the controller of the disk store."""
+
+    name = "blk"
 
     def __init__(self, hv: DeviceHost) -> None:
         self.hv = hv
