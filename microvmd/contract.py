@@ -165,8 +165,17 @@ class SnapshotCreate(Request):
 
 
 class Restore(Request):
-    name: str | None = None
+    """``POST /v1/snapshots/{name}/restore``. ``allow_egress`` and ``publish`` are the new VM's network
+    grants: left out (null), a snapshot this daemon took keeps its VM's grants and an imported one gets none
+    (a file is data, never authority: docs/snapshot-format.md); a list replaces them."""
+
+    name: VmName | None = None
     start: bool = False
+    allow_egress: list[Annotated[str, Meta(description="HOST:PORT or CIDR:PORT")]] | None = None
+    publish: list[Publish] | None = None
+
+    error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name"}
+    error_hints: ClassVar[dict[str, str]] = {"name": VmSpec.error_hints["name"]}
 
 
 class ChunksMissing(Request):
@@ -185,8 +194,18 @@ def check_vm_spec(spec: VmSpec) -> VmSpec:
     Every decoded spec passes here (``convert``/``decode`` call it), so a request, a record and a
     snapshot's spec are held to the same rules. Limits that depend on the daemon's configuration (the
     memory ceiling, existing names, host directories) are the Hypervisor's to check."""
+    _check_publish(spec.publish)
+    for d in spec.dirs:
+        if not d.guest:
+            d.guest = d.host
+    if spec.timeout is not None and not 0 < spec.timeout < float("inf"):
+        raise ContractError("timeout must be a positive number of seconds", "invalid_limit")
+    return spec
+
+
+def _check_publish(publish: list[Publish]) -> None:
     import ipaddress  # here: the client imports this module and never needs it
-    for i, p in enumerate(spec.publish):
+    for i, p in enumerate(publish):
         if p.host_ip is None:
             p.host_ip = "127.0.0.1"
         try:
@@ -194,12 +213,6 @@ def check_vm_spec(spec: VmSpec) -> VmSpec:
         except ValueError:
             raise ContractError(f"publish[{i}].host_ip {p.host_ip!r} is not an IP address",
                                 "invalid_field") from None
-    for d in spec.dirs:
-        if not d.guest:
-            d.guest = d.host
-    if spec.timeout is not None and not 0 < spec.timeout < float("inf"):
-        raise ContractError("timeout must be a positive number of seconds", "invalid_limit")
-    return spec
 
 
 # ================================================================== responses
@@ -435,6 +448,18 @@ class SnapshotDisk(Response):
     mode: str | None
 
 
+class SnapshotAsks(Response):
+    """What a snapshot's VM spec asks for. For an imported snapshot this is what its file asked: a restore
+    grants none of its network rules and none of its limits above the daemon's own."""
+
+    allow_egress: list[str]
+    publish: list[Published]
+    memory: int | None
+    fuel: int | None
+    timeout: Number | None
+    dirs: list[str]
+
+
 class Snapshot(Response):
     name: str
     created: float
@@ -447,6 +472,8 @@ class Snapshot(Response):
     stats: dict[str, int | float | str | None]  # frozen_ms, write_ms, new_chunks, new_bytes, ...
     wasmtime: str | None
     engine: str | None
+    origin: Literal["local", "import"] = "local"  # "import": it came from a file or another daemon
+    asks: SnapshotAsks | None = None
 
 
 class SnapshotList(Response):
@@ -535,6 +562,8 @@ def contract_error(exc: msgspec.ValidationError, typ: type[Any], what: str = "re
 def _checked(value: T) -> T:
     if isinstance(value, VmSpec):
         check_vm_spec(value)
+    elif isinstance(value, Restore) and value.publish:
+        _check_publish(value.publish)
     return value
 
 

@@ -12,7 +12,15 @@ import time
 from microvmd import __version__, contract
 from microvmd.cli import output
 from microvmd.cli.client import ApiClient, ApiError, ClientError, Unreachable, q, read_token_file, resolve_target
-from microvmd.cli.spec import EXIT_CLIENT, UsageError, exit_status, looks_like_file, vm_spec_from_args
+from microvmd.cli.spec import (
+    EXIT_CLIENT,
+    UsageError,
+    exit_status,
+    looks_like_file,
+    parse_egress,
+    parse_publish,
+    vm_spec_from_args,
+)
 from microvmd.units import format_duration, format_size, parse_count, parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
@@ -837,6 +845,10 @@ def cmd_restore(ctx: Ctx, ns) -> int:
     body: dict = {"start": bool(ns.start)}
     if ns.name:
         body["name"] = ns.name
+    if ns.allow_egress is not None:
+        body["allow_egress"] = [parse_egress(e) for e in ns.allow_egress]
+    if ns.publish is not None:
+        body["publish"] = [parse_publish(p) for p in ns.publish]
     vm = ctx.api.post(f"/v1/snapshots/{q(ns.ref)}/restore", body, answer=contract.Vm)
     if ctx.json:
         ctx.emit(vm)

@@ -16,11 +16,11 @@ from ..devices.blk import BlockDevice
 from ..engine import wt
 from ..errors import BadRequest, MicrovmError
 from ..snapshot import dirty
-from ..snapshot.controller import Snapshots
+from ..snapshot.controller import Grants, Snapshots
 from ..snapshot.migrate import migrate
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
-from ..vmm.vm import Vm, VmSpec
+from ..vmm.vm import PublishSpec, Vm, VmSpec
 from . import actions as a
 
 A = TypeVar("A", bound=a.Action)
@@ -250,7 +250,11 @@ class Controller:
 
     @_applies(a.RestoreSnapshot)
     async def restore_snapshot(self, act: a.RestoreSnapshot) -> dict[str, Any]:
-        return (await self.snapshots.restore(act.name, act.new_name, act.start)).to_api()
+        grants = Grants(None if act.allow_egress is None else list(act.allow_egress),
+                        None if act.publish is None else [PublishSpec(p.guest_port, p.host_port,
+                                                                      p.host_ip or "127.0.0.1")
+                                                          for p in act.publish])
+        return (await self.snapshots.restore(act.name, act.new_name, act.start, grants)).to_api()
 
     @_applies(a.FindMissingChunks)
     async def find_missing_chunks(self, act: a.FindMissingChunks) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""A snapshot file is data, never authority (issue 13, row 2): a VM restored from an imported snapshot gets
+none of the file's network grants and no limits above the importing daemon's; the restore call grants them."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mvapi import free_port
+from snaphelp import Daemon
+
+MiB = 1 << 20
+
+
+def _exported(a: Daemon, root: Path, name: str, port: int) -> Path:
+    """An echo VM created on `a` with a published port, an egress rule and a 512 MiB memory limit,
+    snapshotted and exported."""
+    a.mv("create", "--name", name, "--publish", f"127.0.0.1:{port}:8000", "--allow-egress", "127.0.0.1:9",
+         "--memory", "512MiB", "echo")
+    a.mv("snapshot", "create", name, "--name", f"{name}-s")
+    a.mv("rm", "-f", name)  # frees the port: a grant on the importer must not collide with the source
+    out = root / f"{name}.mvsnap"
+    a.mv("snapshot", "export", f"{name}-s", "-o", str(out))
+    return out
+
+
+def _net(vm: dict[str, Any]) -> dict[str, Any]:
+    return vm["devices"].get("net") or {"published": [], "egress": []}
+
+
+def test_imported_snapshot_gets_no_grants_and_no_limits_above_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
+    root: Path = make_daemon.root  # type: ignore[attr-defined]
+    (root / "b.toml").write_text('[limits]\nmax_memory = "256MiB"\nmemory = "64MiB"\n')
+    a = make_daemon("a")
+    b = make_daemon("b", "--config", str(root / "b.toml"))
+    port = free_port()
+    file = _exported(a, root, "tr1", port)
+    b.mv("snapshot", "import", str(file))
+
+    # inspect shows what the file asked for, and that it came from a file
+    snap = json.loads(b.mv("snapshot", "inspect", "tr1-s"))
+    snap = snap[0] if isinstance(snap, list) else snap
+    assert snap["origin"] == "import"
+    assert snap["asks"]["allow_egress"] == ["127.0.0.1:9"]
+    assert snap["asks"]["publish"] == [{"host_ip": "127.0.0.1", "host_port": port, "guest_port": 8000}]
+    assert snap["asks"]["memory"] == 512 * MiB
+
+    # restored without grants: no egress, nothing published, memory capped at b's max_memory
+    vm = json.loads(b.mv("--json", "restore", "tr1-s", "--name", "r1"))
+    assert vm["spec"]["allow_egress"] == [] and vm["spec"]["publish"] == []
+    assert _net(vm)["published"] == [] and _net(vm)["egress"] == []
+    assert vm["limits"]["memory"] == 256 * MiB
+
+    # the restore call grants them explicitly
+    port2 = free_port()
+    vm = json.loads(b.mv("--json", "restore", "tr1-s", "--name", "r2", "--allow-egress", "127.0.0.1:9",
+                         "--publish", f"127.0.0.1:{port2}:8000"))
+    assert vm["spec"]["allow_egress"] == ["127.0.0.1:9"]
+    assert [(p["host_port"], p["guest_port"]) for p in _net(vm)["published"]] == [(port2, 8000)]
+
+    # a local snapshot keeps its VM's grants (the daemon accepted them itself)
+    a_snap = json.loads(a.mv("snapshot", "inspect", "tr1-s"))
+    a_snap = a_snap[0] if isinstance(a_snap, list) else a_snap
+    assert a_snap["origin"] == "local"
+    vm = json.loads(a.mv("--json", "restore", "tr1-s", "--name", "r3"))
+    assert vm["spec"]["allow_egress"] == ["127.0.0.1:9"]
+    assert [p["host_port"] for p in _net(vm)["published"]] == [port]
+
+
+def test_restore_grants_are_checked_like_a_create(make_daemon: Callable[..., Daemon]) -> None:
+    a = make_daemon("a")
+    a.mv("create", "--name", "tr2", "echo")
+    a.mv("snapshot", "create", "tr2", "--name", "tr2-s")
+    status, body = a.call("POST", "/v1/snapshots/tr2-s/restore",
+                          {"publish": [{"guest_port": 8000, "host_ip": "not-an-ip"}]})
+    assert status == 400, body
+    status, body = a.call("POST", "/v1/snapshots/tr2-s/restore", {"name": "x\n"})
+    assert status == 400 and body["error"]["code"] == "invalid_name", body
