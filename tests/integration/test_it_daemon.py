@@ -150,6 +150,24 @@ def test_second_daemon_refuses_a_live_socket(make_daemon: Callable[..., Daemon],
     assert request(d.socket, "GET", "/v1/info").status == 200  # the first one is unharmed
 
 
+def test_socket_directory_mode_is_set_only_when_the_daemon_makes_it(make_daemon: Callable[..., Daemon]) -> None:
+    """Issue 13 row 3: `--socket DIR/x.sock` used to chmod an existing DIR to 0750 (/tmp lost 1777)."""
+    d = make_daemon(start=False)
+    shared = d.root / "pub"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    d.socket = shared / "m.sock"
+    d.start()
+    assert request(d.socket, "GET", "/v1/info").status == 200
+    assert oct(shared.stat().st_mode & 0o7777) == oct(0o1777)
+    d.stop()
+    fresh = d.root / "made" / "run"  # neither exists: the daemon makes both, the socket's own one 0750
+    d.socket = fresh / "m.sock"
+    d.start()
+    assert request(d.socket, "GET", "/v1/info").status == 200
+    assert oct(fresh.stat().st_mode & 0o7777) == oct(0o750)
+
+
 # ------------------------------------------------------------------------------------------ client UX
 def test_client_exit_statuses_without_and_with_a_daemon(daemon: Daemon, tmp_path: Path) -> None:
     nowhere = tmp_path / "none.sock"
