@@ -581,7 +581,9 @@ class Hypervisor:
 
     async def remove(self, vm: Vm, force: bool) -> None:
         if vm.state.live:
-            if not force:
+            # a VM that never started runs nothing and holds nothing but its store: like docker rm of a
+            # created container, removing it needs no force
+            if not force and vm.state != VmState.CREATED:
                 raise Conflict(f"VM {vm.id} is {vm.state.value}; stop it first or use force",
                                code="vm_running")
             try:

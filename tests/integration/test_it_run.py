@@ -191,6 +191,22 @@ def test_rm_of_a_running_vm_needs_force(daemon: Daemon) -> None:
     assert not (daemon.state_dir / "vms" / vm_id).exists()
 
 
+def test_rm_of_a_vm_that_never_started_needs_no_force_and_removes_its_files(daemon: Daemon) -> None:
+    """Issue 13 row 12: it used to be 409 vm_running. Removing it removes its directory."""
+    vm_id = daemon.cli("create", "hello").stdout.strip()
+    assert daemon.api.vm(vm_id)["state"] == "created"
+    d = daemon.state_dir / "vms" / vm_id
+    assert (d / "vm.json").exists()
+    r = daemon.cli("rm", vm_id)
+    assert r.returncode == 0, r.stderr
+    assert daemon.api("GET", f"/v1/vms/{vm_id}").status == 404
+    assert not d.exists()
+    # and over the API, without force
+    vm = daemon.api.create("hello", name="never-started")
+    assert daemon.api("DELETE", f"/v1/vms/{vm['id']}").status == 204
+    assert not (daemon.state_dir / "vms" / vm["id"]).exists()
+
+
 # A guest that writes 400 KiB to stdout (400 writes of 1 KiB, each ending in a numbered line) and 1 KiB to
 # stderr, then exits 0.
 CHATTY_WAT = r"""(module
