@@ -221,6 +221,9 @@ class Hypervisor:
                 except DeviceStateError as exc:
                     raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
                                         code="invalid_snapshot") from None
+            if record is not None:  # a 201 is durable: a VM whose record could not be written is undone
+                pending, record = record, None
+                await self.registry.written(vm, pending)
         except BaseException:
             self.registry.discard(vm)
             vm.devices.close()
