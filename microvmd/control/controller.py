@@ -104,7 +104,8 @@ class Controller:
 
     @_applies(a.RemoveImage)
     async def remove_image(self, act: a.RemoveImage) -> None:
-        await self.hv.remove_image(act.ref)
+        img = self.hv.images.resolve(act.ref)
+        await self.hv.remove_image(act.ref, await self.snapshots.needing_image(img.digest))
 
     # ------------------------------------------------------------------ VMs
     @_applies(a.CreateVm)

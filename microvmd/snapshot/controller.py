@@ -298,6 +298,11 @@ class Snapshots:
     async def list_all(self) -> list[dict[str, Any]]:
         return [summary(m) for m in await self.hv.sched.on_io(self.store.iter_manifests)]
 
+    async def needing_image(self, digest: str) -> list[str]:
+        """The snapshots that need the image ``digest`` to be restored or exported."""
+        return [m["name"] for m in await self.hv.sched.on_io(self.store.iter_manifests)
+                if m["vm"]["digest"] == digest]
+
     async def get(self, name: str) -> dict[str, Any]:
         return summary(await self.hv.sched.on_io(self.store.load_manifest, name))
 

@@ -131,13 +131,19 @@ class Hypervisor:
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
         return await self.sched.on_io(self.images.import_bytes, data, name, entry)  # type: ignore[no-any-return]
 
-    async def remove_image(self, ref: str) -> Image:
+    async def remove_image(self, ref: str, snapshots: list[str] | None = None) -> Image:
+        """Remove an image (or only one of its names). ``snapshots``: the snapshots that need its bytes to be
+        restored or exported (the snapshot controller knows them); like VMs, they keep the image."""
         img = self.images.resolve(ref)
         users = [v for v in self.vms.values() if v.digest == img.digest]
         only_untag = ref in self.images.names and len(img.names) > 1
         if users and not only_untag:
             raise Conflict(f"image {ref} is used by VM(s) {', '.join(v.name for v in users[:5])}; remove them first",
                            code="image_in_use")
+        if snapshots and not only_untag:
+            more = f" and {len(snapshots) - 5} more" if len(snapshots) > 5 else ""
+            raise Conflict(f"image {ref} is needed by snapshot(s) {', '.join(snapshots[:5])}{more} to restore or "
+                           f"export them; remove them first", code="image_in_use")
         return await self.sched.on_io(self.images.remove, ref)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ create

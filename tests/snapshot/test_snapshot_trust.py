@@ -77,3 +77,23 @@ def test_restore_grants_are_checked_like_a_create(make_daemon: Callable[..., Dae
     assert status == 400, body
     status, body = a.call("POST", "/v1/snapshots/tr2-s/restore", {"name": "x\n"})
     assert status == 400 and body["error"]["code"] == "invalid_name", body
+
+
+def test_an_image_a_snapshot_needs_cannot_be_removed(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Issue 13 row 6: `image rm` used to succeed, and the snapshot could no longer be restored or exported."""
+    from mvapi import IMAGES
+    d = make_daemon("a", images=())
+    d.import_image(IMAGES / "hello" / "hello.wasm", "hi")
+    d.mv("create", "--name", "h1", "hi")
+    d.mv("snapshot", "create", "h1", "--name", "h1-s")
+    d.mv("rm", "h1")
+    status, body = d.call("DELETE", "/v1/images/hi")
+    assert status == 409 and body["error"]["code"] == "image_in_use", body
+    assert "h1-s" in body["error"]["message"]
+    d.import_image(IMAGES / "hello" / "hello.wasm", "hi2")  # a second name of the same image
+    assert d.call("DELETE", "/v1/images/hi2")[0] == 204  # only untags: the bytes stay
+    d.mv("snapshot", "export", "h1-s", "-o", str(tmp_path / "h.snap"))
+    d.mv("restore", "h1-s", "--name", "h2")
+    d.mv("rm", "h2")
+    d.mv("snapshot", "rm", "h1-s")
+    assert d.call("DELETE", "/v1/images/hi")[0] == 204  # nothing needs it any more
