@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ class Hypervisor:
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
         return await self.sched.on_io(self.images.import_bytes, data, name, entry)  # type: ignore[no-any-return]
 
-    async def remove_image(self, ref: str, snapshots: list[str] | None = None) -> Image:
+    async def remove_image(self, ref: str, snapshots: Sequence[str] = ()) -> Image:
         """Remove an image (or only one of its names). ``snapshots``: the snapshots that need its bytes to be
         restored or exported (the snapshot controller knows them); like VMs, they keep the image."""
         img = self.images.resolve(ref)
