@@ -476,8 +476,18 @@ class Snapshot(Response):
     asks: SnapshotAsks | None = None
 
 
+class DamagedSnapshot(Response):
+    """A manifest that could not be read at start-up, set aside with its packs kept (``snapshot rm`` removes
+    it)."""
+
+    name: str
+    reason: str
+    path: str
+
+
 class SnapshotList(Response):
     snapshots: list[Snapshot]
+    damaged: list[DamagedSnapshot] = []
 
 
 class MissingChunks(Response):

@@ -756,7 +756,13 @@ def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
             kind = f"{kind or 'snapshot'} (diff)"
         size = _first(s, "memory_bytes", "size")
         rows.append([s.get("name"), vm, kind, output.size(size), output.ago(s.get("created"))])
+    damaged = _items(answer, "damaged")
+    for s in damaged:
+        rows.append([s.get("name"), "-", "DAMAGED", "-", "-"])
     output.table(["NAME", "VM", "KIND", "SIZE", "CREATED"], rows)
+    for s in damaged:
+        ctx.error(f"snapshot {s.get('name')} is damaged: {s.get('reason')} (kept as {s.get('path')}; "
+                f"'microvm snapshot rm {s.get('name')}' removes it)")
     return 0
 
 

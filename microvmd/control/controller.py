@@ -222,7 +222,8 @@ class Controller:
 
     @_applies(a.ListSnapshots)
     async def list_snapshots(self, _: a.ListSnapshots) -> dict[str, Any]:
-        return {"snapshots": await self.snapshots.list_all()}
+        return {"snapshots": await self.snapshots.list_all(),
+                "damaged": await self.hv.sched.on_io(self.snapshots.store.damaged)}
 
     @_applies(a.GetSnapshot)
     async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:
