@@ -97,3 +97,16 @@ def test_an_image_a_snapshot_needs_cannot_be_removed(make_daemon: Callable[..., 
     d.mv("rm", "h2")
     d.mv("snapshot", "rm", "h1-s")
     assert d.call("DELETE", "/v1/images/hi")[0] == 204  # nothing needs it any more
+
+
+def test_import_refuses_bytes_after_the_end_record(make_daemon: Callable[..., Daemon], sample: dict[str, bytes],
+                                                   tmp_path: Path) -> None:
+    """Issue 13 row 10, through the real API: the import is refused and nothing is stored."""
+    d = make_daemon("a", images=())
+    (tmp_path / "tail.snap").write_bytes(sample["export"] + b"trailing garbage")
+    r = d.cli("snapshot", "import", str(tmp_path / "tail.snap"))
+    assert r.returncode == 125 and "after its end record" in r.stderr, r.stderr
+    assert d.snapshots() == []
+    (tmp_path / "whole.snap").write_bytes(sample["export"])
+    d.mv("snapshot", "import", str(tmp_path / "whole.snap"))
+    assert d.snapshots() == ["sample-run"]
