@@ -33,8 +33,11 @@ Digest = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
 # "(?![\s\S])" is the end of the string in Python and in ECMA regexes alike; "$" would let a final "\n" in
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(?![\s\S])"
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
-# VM names are freer than image or disk names, but never a path, a control character or a bidi override
-VM_NAME_PATTERN = r"^(?!\.\.?(?![\s\S]))[^/\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]{1,128}(?![\s\S])"
+# VM names are freer than image or disk names, but never a path, a control character (C0, DEL, C1), a bidi
+# mark, embedding, override or isolate, nor a line or paragraph separator: what `ps` prints is what it says
+VM_NAME_PATTERN = (r"^(?!\.\.?(?![\s\S]))"
+                   r"[^/\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]{1,128}"
+                   r"(?![\s\S])")
 VmName = Annotated[str, Meta(pattern=VM_NAME_PATTERN)]
 VmState = Literal["created", "running", "paused", "out_of_fuel", "exited", "stopped"]
 DiskMode = Literal["rw", "ro", "cow"]
@@ -115,8 +118,8 @@ class VmSpec(Request):
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
                                              "memory": "invalid_limit", "timeout": "invalid_limit"}
     error_hints: ClassVar[dict[str, str]] = {
-        "name": "invalid VM name: 1-128 characters without '/', control characters or bidi overrides, "
-                "and not '.' or '..'"}
+        "name": "invalid VM name: 1-128 characters without '/', control characters, bidi marks or "
+                "overrides, or line separators, and not '.' or '..'"}
 
 
 class VmCreate(VmSpec):

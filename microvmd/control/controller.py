@@ -99,6 +99,12 @@ class Controller:
     @_applies(a.UpdateImage)
     async def update_image(self, act: a.UpdateImage) -> dict[str, Any]:
         h = self.hv
+        lim = act.patch.limits
+        if isinstance(lim, contract.ImageLimits) and isinstance(lim.memory, int) \
+                and lim.memory > h.cfg.limits.max_memory:
+            # held to the rule a VM's own limit is held to: a default no create could use breaks them all
+            raise BadRequest(f"limits.memory {lim.memory} is above the daemon's maximum of "
+                             f"{h.cfg.limits.max_memory} (limits.max_memory)", code="invalid_limit")
         img = await h.sched.on_io(h.images.update_manifest, act.ref, contract.to_builtins(act.patch))
         return img.to_api()  # type: ignore[no-any-return]
 

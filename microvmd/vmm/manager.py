@@ -154,6 +154,10 @@ class Hypervisor:
                 raise BadRequest(f"invalid VM name {spec.name!r}", code="invalid_name")
             if self.registry.name_taken(spec.name):
                 raise Conflict(f"a VM named {spec.name!r} already exists", code="name_in_use")
+            other = self.registry.id_prefixed_by(spec.name)
+            if other is not None:
+                raise BadRequest(f"VM name {spec.name!r} reads as a prefix of VM {other.id[:12]}'s id; choose "
+                                 f"another name", code="invalid_name")
         if spec.fuel is not None and (not isinstance(spec.fuel, int) or spec.fuel <= 0):
             raise BadRequest("fuel must be a positive integer", code="invalid_limit")
         if spec.timeout is not None and (not isinstance(spec.timeout, (int, float)) or spec.timeout <= 0):

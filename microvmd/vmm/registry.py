@@ -29,6 +29,11 @@ log = logging.getLogger("microvmd.vmm")
 READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs)
 
 
+def looks_like_id(ref: str) -> bool:
+    """Whether ``ref`` could be a VM id or an id prefix (ids are 32 lower-case hex digits)."""
+    return len(ref) <= 32 and all(c in "0123456789abcdef" for c in ref)
+
+
 class RecordNotWritten(MicrovmError):
     """The state dir refused a new VM's record (out of descriptors or space): the create is undone."""
 
@@ -243,11 +248,18 @@ class VmRegistry:
         return self.vms.get(vm.id) is vm
 
     def get(self, ref: str) -> Vm:
+        """A VM by id, name or unique id prefix (4+ characters). A reference that is one VM's name and a
+        prefix of another's id is ambiguous (409), never silently the named one: a name cannot pass for
+        another VM's id."""
         vm = self.vms.get(ref)
         if vm is not None:
             return vm
         by_name = [v for v in self.vms.values() if v.name == ref]
         if len(by_name) == 1:
+            if len(ref) >= 4 and looks_like_id(ref) and any(
+                    v.id.startswith(ref) and v is not by_name[0] for v in self.vms.values()):
+                raise Conflict(f"VM reference {ref!r} is the name of one VM and an id prefix of another: use the "
+                               f"full id", code="ambiguous_ref")
             return by_name[0]
         if len(ref) >= 4:
             hits = [v for v in self.vms.values() if v.id.startswith(ref)]
@@ -263,6 +275,12 @@ class VmRegistry:
 
     def name_taken(self, name: str) -> bool:
         return any(v.name == name for v in self.vms.values())
+
+    def id_prefixed_by(self, name: str) -> Vm | None:
+        """The VM whose id this name would read as (4+ hex characters that prefix its id), if any."""
+        if len(name) < 4 or not looks_like_id(name):
+            return None
+        return next((v for v in self.vms.values() if v.id.startswith(name)), None)
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in VmState}
