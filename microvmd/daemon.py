@@ -18,11 +18,12 @@ from aiohttp import web
 from . import __version__, systemd
 from .config import Config, ConfigError, load
 from .errors import MicrovmError
+from .logsafe import SafeFormatter
 
 log = logging.getLogger("microvmd")
 
 
-class _VmFieldFormatter(logging.Formatter):
+class _VmFieldFormatter(SafeFormatter):
     def format(self, record: logging.LogRecord) -> str:
         vm = getattr(record, "vm", None)
         if vm:

@@ -123,3 +123,16 @@ def test_no_500_for_a_malformed_body_anywhere(api: Api) -> None:
                 assert 400 <= status < 500, (method, path, body[:20], status, text[:200])
     finally:
         api.ok("DELETE", f"/v1/vms/{vm['id']}")
+
+
+def test_a_users_mistakes_are_not_logged_as_daemon_errors(make_daemon: Callable[..., Daemon]) -> None:
+    """Issue 13 row 4: a wrong image name, VM or snapshot is the client's 4xx, not an ERROR of the daemon."""
+    d = make_daemon()
+    assert d.cli("run", "nosuchimage").returncode == 125
+    assert d.cli("image", "rm", "nosuch").returncode == 125
+    assert d.cli("restore", "nosuch").returncode == 125
+    assert d.api("POST", "/v1/vms/%0aFORGED-LINE/start").status == 404
+    assert d.api("POST", "/v1/vms", {"image": "nosuch\nFORGED-LINE"}).status == 404
+    log = d.log()
+    assert " ERROR " not in log and " WARNING " not in log, log
+    assert not [line for line in log.splitlines() if line.startswith("FORGED")]
