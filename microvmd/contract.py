@@ -252,6 +252,8 @@ class DaemonLimits(Response):
     fuel: int | None
     timeout: Number | None
     upload: int
+    total_memory: int = 0  # the budget for all guests' linear memory (limits.total_memory)
+    total_memory_used: int = 0  # what they hold now
 
 
 class SnapshotsInfo(Response):

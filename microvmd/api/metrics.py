@@ -43,6 +43,11 @@ class StateCollector(Collector):
         for dev in hv.devices:
             yield from dev.metrics(hv)
         yield from hv.loop_lag.metrics()
+        budget = GaugeMetricFamily("microvmd_memory_budget_bytes", "Linear memory of all guests: the budget "
+                                   "(limits.total_memory) and what they hold", labels=["kind"])
+        budget.add_metric(["total"], hv.builder.memory.total)
+        budget.add_metric(["used"], hv.builder.memory.used)
+        yield budget
         yield CounterMetricFamily("microvmd_log_suppressed_total",
                                   "Log lines of repeated events left out by their throttle (the events are "
                                   "counted by their own metrics)", value=logsafe.suppressed_total)

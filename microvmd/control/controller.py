@@ -72,7 +72,8 @@ class Controller:
                        "epoch_interval_s": cfg.engine.epoch_interval},
             "event_loop": h.loop_lag.to_api(),
             "limits": {"memory": cfg.limits.memory, "max_memory": cfg.limits.max_memory,
-                       "fuel": cfg.limits.fuel, "timeout": cfg.limits.timeout, "upload": cfg.upload_limit},
+                       "fuel": cfg.limits.fuel, "timeout": cfg.limits.timeout, "upload": cfg.upload_limit,
+                       "total_memory": h.builder.memory.total, "total_memory_used": h.builder.memory.used},
             "snapshots": {"dirty_tracking": dirty.describe(cfg.engine.dirty_tracking)},
             "console": {"mode": cfg.engine.console, "file_descriptors": h.console_fds()},
         }

@@ -17,6 +17,7 @@ import wasmtime
 
 from ..engine import wt
 from ..images.asyncify import STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
+from .budget import MemoryBudget
 
 log = logging.getLogger("microvmd.vmm")
 
@@ -53,6 +54,7 @@ class MachineSpec:
     asyncify_globals: tuple[int, int] | None = None
     stdout_file: str | None = None  # wasmtime writes the console to these files itself (truncating them)
     stderr_file: str | None = None
+    budget: MemoryBudget | None = None  # the daemon's memory for all guests (limits.total_memory)
 
 
 def _val(ty: str, value: int | float) -> wasmtime.Val:
@@ -77,8 +79,9 @@ class Machine:
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)
-        self.store.set_limits(memory_size=spec.memory_limit, table_elements=spec.table_elements,
-                              instances=spec.instances, tables=spec.tables, memories=spec.memories)
+        self._memory_cap = -1
+        self.memory_bytes = 0
+        self._cap_memory()  # (instantiation may not take more than the budget has left either)
         self.store.set_fuel(FUEL_TANK)
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
@@ -93,8 +96,8 @@ class Machine:
         self.outcome: wt.Outcome | None = None
         self.fuel_consumed = 0
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
-        self.memory_bytes = self.memory.data_len(self.store) if self.memory else 0
-        self.peak_memory = self.memory_bytes
+        self.peak_memory = 0
+        self._sample_memory()
         # the tables as instantiated, by raw function pointer: the names a snapshot gives the functions in a
         # table the guest changed (only guests that can be snapshotted after they ran need them)
         self.tables_at_start: dict[str, list[int]] | None = None
@@ -156,6 +159,8 @@ class Machine:
                 self._set_fuel_interval(min(left, fuel_slice))
             else:  # wasmtime writes the fuel counter back only at fuel yields: keep them, so it reads live
                 self._set_fuel_interval(fuel_slice)
+            if self.spec.budget is not None:
+                self._cap_memory()
             assert self.call is not None
             done = self.call.poll()
             self.fuel_consumed = self.fuel_base + FUEL_TANK - self.store.get_fuel()
@@ -365,8 +370,22 @@ class Machine:
 
     def _sample_memory(self) -> None:
         if self.memory is not None:
-            self.memory_bytes = self.memory.data_len(self.store)
+            now = self.memory.data_len(self.store)
+            if self.spec.budget is not None:
+                self.spec.budget.change(now - self.memory_bytes)
+            self.memory_bytes = now
             self.peak_memory = max(self.peak_memory, self.memory_bytes)
+
+    def _cap_memory(self) -> None:
+        """The store's memory limit: the VM's own, or less when the daemon's budget has less left."""
+        spec = self.spec
+        cap = spec.memory_limit
+        if spec.budget is not None:
+            cap = min(cap, self.memory_bytes + spec.budget.headroom())
+        if cap != self._memory_cap:
+            self._memory_cap = cap
+            self.store.set_limits(memory_size=cap, table_elements=spec.table_elements, instances=spec.instances,
+                                  tables=spec.tables, memories=spec.memories)
 
     def close(self) -> None:
         """Drop the suspended call and the store (frees linear memory)."""
@@ -379,3 +398,5 @@ class Machine:
         store, self.store = self.store, None  # type: ignore[assignment]
         if store is not None:
             store.close()
+            if self.spec.budget is not None:
+                self.spec.budget.change(-self.memory_bytes)
