@@ -165,7 +165,9 @@ class DirRecords:
 
     def _refill(self) -> None:
         """Keep a few VM directories made in advance; refilled a moment later, after the current create."""
-        if self._refilling or len(self._ready) > READY_DIRS // 2 or self._closing:
+        # topped up after every use (not in batches): at rest there are always READY_DIRS, so the state dir
+        # of an idle daemon looks the same whatever ran and was removed before
+        if self._refilling or len(self._ready) >= READY_DIRS or self._closing:
             return
         self._refilling = True
         loop = asyncio.get_running_loop()
@@ -173,7 +175,10 @@ class DirRecords:
         def done(fut: asyncio.Future[list[str]]) -> None:
             self._refilling = False
             if not fut.cancelled() and fut.exception() is None:
-                self._ready.extend(fut.result())
+                made = fut.result()
+                self._ready.extend(made)
+                if made and len(self._ready) < READY_DIRS:  # some were taken meanwhile: top up again
+                    self._refill()
 
         def start() -> None:
             if self._closing:
