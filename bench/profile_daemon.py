@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import shutil
 import socket
 import subprocess
@@ -42,10 +43,10 @@ def loop_run(d: c.Daemon, stop: threading.Event, wait_param: bool) -> int:
     while not stop.is_set():
         if wait_param:
             st, body = cl.raw("POST", "/v1/vms?wait=true", spec)
-            vm_id = body.split(b'"id": "', 1)[1].split(b'"', 1)[0].decode()
+            vm_id = json.loads(body)["id"]  # (the daemon's JSON has no spaces)
         else:
             st, body = cl.raw("POST", "/v1/vms", spec)
-            vm_id = body.split(b'"id": "', 1)[1].split(b'"', 1)[0].decode()
+            vm_id = json.loads(body)["id"]  # (the daemon's JSON has no spaces)
             cl.raw("POST", f"/v1/vms/{vm_id}/wait")
         cl.raw("DELETE", f"/v1/vms/{vm_id}?force=true")
         n += 1

@@ -40,6 +40,16 @@ class Limits:
     tables: int = 4
     memories: int = 1
     log_bytes: int = 8 * MiB  # cap per console stream; older output is dropped beyond it
+    # linear memory all guests together may hold; 0: three quarters of the host's physical memory
+    total_memory: int = 0
+
+    def total_memory_budget(self) -> int:
+        if self.total_memory:
+            return self.total_memory
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
+        except (ValueError, OSError):
+            return 1 << 62
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,10 @@ class Config:
             raise ConfigError("limits.memory is larger than limits.max_memory")
         if self.limits.memory < 65536:
             raise ConfigError("limits.memory must be at least one Wasm page (64KiB)")
+        if not isinstance(self.limits.total_memory, int) or not 0 <= self.limits.total_memory < 1 << 62 \
+                or 0 < self.limits.total_memory < 65536:
+            raise ConfigError("limits.total_memory must be at least one Wasm page (64KiB), or 0 for 3/4 of "
+                              "physical memory")
         if self.engine.epoch_interval <= 0 or self.engine.epoch_interval > 1:
             raise ConfigError("engine.epoch_interval must be in (0, 1] seconds")
         if self.engine.console not in ("auto", "file", "hook"):
@@ -120,7 +134,7 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1", int(port))
 
 
-_SIZE_KEYS = {"memory", "max_memory", "max_wasm_stack", "log_bytes", "upload_limit", "json_limit",
+_SIZE_KEYS = {"memory", "max_memory", "total_memory", "max_wasm_stack", "log_bytes", "upload_limit", "json_limit",
               "memory_reservation", "memory_guard_size"}
 _DURATION_KEYS = {"timeout", "epoch_interval", "shutdown_timeout", "spin_wait"}
 

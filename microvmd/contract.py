@@ -34,8 +34,11 @@ Digest = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$")]
 # "(?![\s\S])" is the end of the string in Python and in ECMA regexes alike; "$" would let a final "\n" in
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(?![\s\S])"
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
-# VM names are freer than image or disk names, but never a path, a control character or a bidi override
-VM_NAME_PATTERN = r"^(?!\.\.?(?![\s\S]))[^/\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]{1,128}(?![\s\S])"
+# VM names are freer than image or disk names, but never a path, a control character (C0, DEL, C1), a bidi
+# mark, embedding, override or isolate, nor a line or paragraph separator: what `ps` prints is what it says
+VM_NAME_PATTERN = (r"^(?!\.\.?(?![\s\S]))"
+                   r"[^/\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]{1,128}"
+                   r"(?![\s\S])")
 VmName = Annotated[str, Meta(pattern=VM_NAME_PATTERN)]
 VM_NAME_RULE = "1-128 characters without '/', control characters or bidi overrides, and not '.' or '..'"
 _VM_NAME = re.compile(VM_NAME_PATTERN)
@@ -125,8 +128,8 @@ class VmSpec(Request):
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
                                              "memory": "invalid_limit", "timeout": "invalid_limit"}
     error_hints: ClassVar[dict[str, str]] = {
-        "name": "invalid VM name: 1-128 characters without '/', control characters or bidi overrides, "
-                "and not '.' or '..'"}
+        "name": "invalid VM name: 1-128 characters without '/', control characters, bidi marks or "
+                "overrides, or line separators, and not '.' or '..'"}
 
 
 class VmSpecView(VmSpec, forbid_unknown_fields=False):
@@ -180,8 +183,17 @@ class SnapshotCreate(Request):
 
 
 class Restore(Request):
+    """``POST /v1/snapshots/{name}/restore``. ``allow_egress`` and ``publish`` are the new VM's network
+    grants: left out (null), a snapshot this daemon took keeps its VM's grants and an imported one gets none
+    (a file is data, never authority: docs/snapshot-format.md); a list replaces them."""
+
     name: VmName | None = None
     start: bool = False
+    allow_egress: list[Annotated[str, Meta(description="HOST:PORT or CIDR:PORT")]] | None = None
+    publish: list[Publish] | None = None
+
+    error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name"}
+    error_hints: ClassVar[dict[str, str]] = {"name": VmSpec.error_hints["name"]}
 
 
 class ChunksMissing(Request):
@@ -200,8 +212,18 @@ def check_vm_spec(spec: VmSpec) -> VmSpec:
     Every decoded spec passes here (``convert``/``decode`` call it), so a request, a record and a
     snapshot's spec are held to the same rules. Limits that depend on the daemon's configuration (the
     memory ceiling, existing names, host directories) are the Hypervisor's to check."""
+    _check_publish(spec.publish)
+    for d in spec.dirs:
+        if not d.guest:
+            d.guest = d.host
+    if spec.timeout is not None and not 0 < spec.timeout < float("inf"):
+        raise ContractError("timeout must be a positive number of seconds", "invalid_limit")
+    return spec
+
+
+def _check_publish(publish: list[Publish]) -> None:
     import ipaddress  # here: the client imports this module and never needs it
-    for i, p in enumerate(spec.publish):
+    for i, p in enumerate(publish):
         if p.host_ip is None:
             p.host_ip = "127.0.0.1"
         try:
@@ -209,12 +231,6 @@ def check_vm_spec(spec: VmSpec) -> VmSpec:
         except ValueError:
             raise ContractError(f"publish[{i}].host_ip {p.host_ip!r} is not an IP address",
                                 "invalid_field") from None
-    for d in spec.dirs:
-        if not d.guest:
-            d.guest = d.host
-    if spec.timeout is not None and not 0 < spec.timeout < float("inf"):
-        raise ContractError("timeout must be a positive number of seconds", "invalid_limit")
-    return spec
 
 
 # ================================================================== responses
@@ -251,6 +267,8 @@ class DaemonLimits(Response):
     fuel: int | None
     timeout: Number | None
     upload: int
+    total_memory: int = 0  # the budget for all guests' linear memory (limits.total_memory)
+    total_memory_used: int = 0  # what they hold now
 
 
 class SnapshotsInfo(Response):
@@ -487,6 +505,18 @@ class SnapshotDisk(Response):
     mode: str | None
 
 
+class SnapshotAsks(Response):
+    """What a snapshot's VM spec asks for. For an imported snapshot this is what its file asked: a restore
+    grants none of its network rules and none of its limits above the daemon's own."""
+
+    allow_egress: list[str]
+    publish: list[Published]
+    memory: int | None
+    fuel: int | None
+    timeout: Number | None
+    dirs: list[str]
+
+
 class Snapshot(Response):
     name: str
     created: float
@@ -499,10 +529,22 @@ class Snapshot(Response):
     stats: dict[str, int | float | str | None]  # frozen_ms, write_ms, new_chunks, new_bytes, ...
     wasmtime: str | None
     engine: str | None
+    origin: Literal["local", "import"] = "local"  # "import": it came from a file or another daemon
+    asks: SnapshotAsks | None = None
+
+
+class DamagedSnapshot(Response):
+    """A manifest that could not be read at start-up, set aside with its packs kept (``snapshot rm`` removes
+    it)."""
+
+    name: str
+    reason: str
+    path: str
 
 
 class SnapshotList(Response):
     snapshots: list[Snapshot]
+    damaged: list[DamagedSnapshot] = []
 
 
 class MissingChunks(Response):
@@ -587,6 +629,8 @@ def contract_error(exc: msgspec.ValidationError, typ: type[Any], what: str = "re
 def _checked(value: T) -> T:
     if isinstance(value, VmSpec):
         check_vm_spec(value)
+    elif isinstance(value, Restore) and value.publish:
+        _check_publish(value.publish)
     return value
 
 

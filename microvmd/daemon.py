@@ -18,11 +18,12 @@ from aiohttp import web
 from . import __version__, systemd
 from .config import Config, ConfigError, load
 from .errors import MicrovmError
+from .logsafe import SafeFormatter
 
 log = logging.getLogger("microvmd")
 
 
-class _VmFieldFormatter(logging.Formatter):
+class _VmFieldFormatter(SafeFormatter):
     def format(self, record: logging.LogRecord) -> str:
         vm = getattr(record, "vm", None)
         if vm:
@@ -64,12 +65,16 @@ def _setup_logging(level: str) -> None:
 
 
 def _bind_unix(path: Path) -> socket.socket:
-    """Bind the API socket 0660 inside a 0750 directory; refuse to steal a live daemon's socket."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    """Bind the API socket 0660; refuse to steal a live daemon's socket. A socket directory that does not
+    exist is made 0750; an existing one keeps its mode (``--socket /tmp/x.sock`` must not take 1777 from
+    /tmp), so its owner decides who reaches the socket through it."""
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.chmod(path.parent, 0o750)
-    except OSError:
+        path.parent.mkdir(mode=0o750)
+    except FileExistsError:
         pass
+    else:
+        os.chmod(path.parent, 0o750)  # mkdir's mode went through the umask: make it exactly 0750
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"{path} exists and is not a socket")

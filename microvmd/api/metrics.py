@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .. import logsafe
+
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # generate_latest() writes the classic text format, whatever CONTENT_TYPE_LATEST says in newer releases
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -41,6 +43,14 @@ class StateCollector(Collector):
         for dev in hv.devices:
             yield from dev.metrics(hv)
         yield from hv.loop_lag.metrics()
+        budget = GaugeMetricFamily("microvmd_memory_budget_bytes", "Linear memory of all guests: the budget "
+                                   "(limits.total_memory) and what they hold", labels=["kind"])
+        budget.add_metric(["total"], hv.builder.memory.total)
+        budget.add_metric(["used"], hv.builder.memory.used)
+        yield budget
+        yield CounterMetricFamily("microvmd_log_suppressed_total",
+                                  "Log lines of repeated events left out by their throttle (the events are "
+                                  "counted by their own metrics)", value=logsafe.suppressed_total)
 
 
 class Metrics:

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -210,7 +211,10 @@ async def vm_wait(request: web.Request) -> web.StreamResponse:
     try:
         timeout = float(t) if t else None
     except ValueError:
-        raise BadRequest(f"timeout must be a number of seconds, got {t!r}", code="invalid_query") from None
+        timeout = math.nan
+    if timeout is not None and not 0 <= timeout < math.inf:
+        raise BadRequest(f"timeout must be a finite, non-negative number of seconds, got {t!r}",
+                         code="invalid_query")
     return codec.reply(request, contract.WaitResult, await apply(request, a.WaitVm(request.match_info["ref"], timeout)))
 
 

@@ -59,7 +59,9 @@ async def snapshot_import(request: web.Request) -> web.StreamResponse:
 
 async def snapshot_restore(request: web.Request) -> web.StreamResponse:
     b = await body(request, contract.Restore)
-    act = a.RestoreSnapshot(request.match_info["name"], b.name, b.start)
+    act = a.RestoreSnapshot(request.match_info["name"], b.name, b.start,
+                            None if b.allow_egress is None else tuple(b.allow_egress),
+                            None if b.publish is None else tuple(b.publish))
     return codec.reply(request, contract.Vm, await apply(request, act), status=201)
 
 
@@ -87,7 +89,9 @@ ROUTES: list[Route] = [
           "Export a snapshot (and its image) as one portable stream", response="binary", tag="snapshots"),
     Route("POST", "/v1/snapshots/import", snapshot_import, "Import an exported snapshot stream",
           request="binary", response=contract.Snapshot, status=201, tag="snapshots"),
-    Route("POST", "/v1/snapshots/{name}/restore", snapshot_restore, "Restore a snapshot as a new VM (name, start)",
+    Route("POST", "/v1/snapshots/{name}/restore", snapshot_restore,
+          "Restore a snapshot as a new VM (name, start; allow_egress and publish grant its network: an "
+          "imported snapshot gets none of its file's)",
           request=contract.Restore, response=contract.Vm, status=201, tag="snapshots"),
     Route("POST", "/v1/snapshots/chunks/missing", snapshot_missing,
           "Which of these chunk hashes this daemon lacks (used by migration)", request=contract.ChunksMissing,

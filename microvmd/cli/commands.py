@@ -17,6 +17,8 @@ from microvmd.cli.spec import (
     UsageError,
     exit_status,
     looks_like_file,
+    parse_egress,
+    parse_publish,
     vm_spec_from_args,
 )
 from microvmd.units import format_duration, format_size, parse_count, parse_duration, parse_size
@@ -850,7 +852,13 @@ def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
             kind = f"{kind or 'snapshot'} (diff)"
         size = _first(s, "memory_bytes", "size")
         rows.append([s.get("name"), vm, kind, output.size(size), output.ago(s.get("created"))])
+    damaged = _items(answer, "damaged")
+    for s in damaged:
+        rows.append([s.get("name"), "-", "DAMAGED", "-", "-"])
     output.table(["NAME", "VM", "KIND", "SIZE", "CREATED"], rows)
+    for s in damaged:
+        ctx.error(f"snapshot {s.get('name')} is damaged: {s.get('reason')} (kept as {s.get('path')}; "
+                f"'microvm snapshot rm {s.get('name')}' removes it)")
     return 0
 
 
@@ -939,6 +947,10 @@ def cmd_restore(ctx: Ctx, ns) -> int:
     body: dict = {"start": bool(ns.start)}
     if ns.name:
         body["name"] = ns.name
+    if ns.allow_egress is not None:
+        body["allow_egress"] = [parse_egress(e) for e in ns.allow_egress]
+    if ns.publish is not None:
+        body["publish"] = [parse_publish(p) for p in ns.publish]
     vm = ctx.api.post(f"/v1/snapshots/{q(ns.ref)}/restore", body, answer=contract.Vm)
     if ctx.json:
         ctx.emit(vm)

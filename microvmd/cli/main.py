@@ -369,11 +369,22 @@ def build_parser(only: tuple[str, ...] | None = None):
 
     p = cmd(
         subs, "restore", "restore", "Create a VM from a snapshot; prints the VM id.",
-        ["microvm restore web-1 --name web2 --start"],
+        ["microvm restore web-1 --name web2 --start",
+         "microvm restore imported-1 --start --allow-egress 10.0.0.5:443 --publish 8080:8000"],
     )
     p.add_argument("ref", metavar="SNAP")
     p.add_argument("--name", help="name of the new VM")
     p.add_argument("--start", action="store_true", help="start the VM right away")
+    p.add_argument(
+        "--allow-egress", metavar="HOST:PORT|CIDR:PORT", action="append", default=None,
+        help="outbound rule for the new VM (repeatable); given, it replaces the snapshot's rules. An imported "
+             "snapshot gets only the rules given here",
+    )
+    p.add_argument(
+        "-p", "--publish", metavar="[HOSTIP:]HOSTPORT:GUESTPORT", action="append", default=None,
+        help="publish a guest TCP port (repeatable); given, it replaces the snapshot's. An imported snapshot "
+             "publishes only the ports given here",
+    )
 
     p = cmd(
         subs, "migrate", "migrate", "Move a VM to another microvmd.",

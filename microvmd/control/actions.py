@@ -208,9 +208,13 @@ class ImportSnapshot(Action):
 
 @dataclass(frozen=True)
 class RestoreSnapshot(Action):
+    """``allow_egress``/``publish``: the new VM's network grants; None keeps a local snapshot's and gives an
+    imported one none."""
     name: str
     new_name: str | None = None
     start: bool = False
+    allow_egress: tuple[str, ...] | None = None
+    publish: tuple[contract.Publish, ...] | None = None
 
 
 @dataclass(frozen=True)

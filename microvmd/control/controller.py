@@ -17,11 +17,11 @@ from ..devices.wasip1 import WasiState
 from ..engine import wt
 from ..errors import BadRequest, Conflict, MicrovmError
 from ..snapshot import dirty
-from ..snapshot.controller import Snapshots
+from ..snapshot.controller import Grants, Snapshots
 from ..snapshot.migrate import migrate
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
-from ..vmm.vm import Vm, VmSpec
+from ..vmm.vm import PublishSpec, Vm, VmSpec
 from . import actions as a
 
 A = TypeVar("A", bound=a.Action)
@@ -73,7 +73,8 @@ class Controller:
                        "epoch_interval_s": cfg.engine.epoch_interval},
             "event_loop": h.loop_lag.to_api(),
             "limits": {"memory": cfg.limits.memory, "max_memory": cfg.limits.max_memory,
-                       "fuel": cfg.limits.fuel, "timeout": cfg.limits.timeout, "upload": cfg.upload_limit},
+                       "fuel": cfg.limits.fuel, "timeout": cfg.limits.timeout, "upload": cfg.upload_limit,
+                       "total_memory": h.builder.memory.total, "total_memory_used": h.builder.memory.used},
             "snapshots": {"dirty_tracking": dirty.describe(cfg.engine.dirty_tracking)},
             "console": {"mode": cfg.engine.console, "file_descriptors": h.console_fds()},
         }
@@ -101,12 +102,19 @@ class Controller:
     @_applies(a.UpdateImage)
     async def update_image(self, act: a.UpdateImage) -> dict[str, Any]:
         h = self.hv
+        lim = act.patch.limits
+        if isinstance(lim, contract.ImageLimits) and isinstance(lim.memory, int) \
+                and lim.memory > h.cfg.limits.max_memory:
+            # held to the rule a VM's own limit is held to: a default no create could use breaks them all
+            raise BadRequest(f"limits.memory {lim.memory} is above the daemon's maximum of "
+                             f"{h.cfg.limits.max_memory} (limits.max_memory)", code="invalid_limit")
         img = await h.sched.on_io(h.images.update_manifest, act.ref, contract.to_builtins(act.patch))
         return img.to_api()  # type: ignore[no-any-return]
 
     @_applies(a.RemoveImage)
     async def remove_image(self, act: a.RemoveImage) -> None:
-        await self.hv.remove_image(act.ref)
+        img = self.hv.images.resolve(act.ref)
+        await self.hv.remove_image(act.ref, await self.snapshots.needing_image(img.digest))
 
     # ------------------------------------------------------------------ VMs
     @_applies(a.CreateVm)
@@ -253,7 +261,8 @@ class Controller:
 
     @_applies(a.ListSnapshots)
     async def list_snapshots(self, _: a.ListSnapshots) -> dict[str, Any]:
-        return {"snapshots": await self.snapshots.list_all()}
+        return {"snapshots": await self.snapshots.list_all(),
+                "damaged": await self.hv.sched.on_io(self.snapshots.store.damaged)}
 
     @_applies(a.GetSnapshot)
     async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:
@@ -282,7 +291,11 @@ class Controller:
 
     @_applies(a.RestoreSnapshot)
     async def restore_snapshot(self, act: a.RestoreSnapshot) -> dict[str, Any]:
-        return (await self.snapshots.restore(act.name, act.new_name, act.start)).to_api()
+        grants = Grants(None if act.allow_egress is None else list(act.allow_egress),
+                        None if act.publish is None else [PublishSpec(p.guest_port, p.host_port,
+                                                                      p.host_ip or "127.0.0.1")
+                                                          for p in act.publish])
+        return (await self.snapshots.restore(act.name, act.new_name, act.start, grants)).to_api()
 
     @_applies(a.FindMissingChunks)
     async def find_missing_chunks(self, act: a.FindMissingChunks) -> dict[str, Any]:

@@ -31,11 +31,11 @@ log = logging.getLogger("microvmd.disks")
 MODES = ("rw", "ro", "cow")
 MAX_DISK_SIZE = 1 << 40  # 1 TiB: images are sparse, but a cow bitmap is size / 32 KiB bytes per VM
 COW_BLOCK = 4096
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole names only: fullmatch (no final newline)
 
 
 def check_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BadRequest(f"invalid disk name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit", code="invalid_name")
     return name

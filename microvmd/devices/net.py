@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from ..engine import wt
 from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
+from ..logsafe import Throttle
 from .base import Device, DeviceHost, DevicePart, GuestVm
 from .ratelimit import LimiterConfig, RateLimiter
 from .wasi import (
@@ -435,9 +436,18 @@ class NetState(DevicePart[NetSaved]):
         self.stats = collections.Counter({"connections_in": 0, "connections_out": 0, "bytes_in": 0,
                                           "bytes_out": 0, "refused": 0, "dropped": 0})
         self.limiter = RateLimiter(LimiterConfig.from_dict(vm.spec.net_rate_limiter))
+        self.refusals = Throttle()  # a guest dialling in a loop logs a few lines, not megabytes
         self.throttle_until = 0.0  # send/recv wait until then (the limiter's debt)
         self.throttled_s = 0.0
         self.closed = False
+
+    def log_refused(self, host: str, port: int, why: str) -> None:
+        """A refused connect, logged within the VM's throttle (each one is counted in ``stats`` anyway);
+        the host is the guest's text, escaped by the daemon's formatter and quoted here."""
+        ok, left_out = self.refusals.allow()
+        if ok:
+            more = f"; {left_out} more refusals not logged" if left_out else ""
+            log.info("vm=%s egress to %r port %d refused by policy%s%s", self.vm.id[:12], host, port, why, more)
 
     # ---- loop side
     def wake(self, sock: GSock) -> None:
@@ -773,7 +783,7 @@ class NetDevice(Device):
         def refuse() -> GuestError:
             with st.lock:
                 st.stats["refused"] += 1
-            log.info("vm=%s egress to %s:%d refused by policy", st.vm.id[:12], host, port)
+            st.log_refused(host, port, "")
             return GuestError(ECONNREFUSED)
 
         async def dial() -> None:
@@ -825,7 +835,7 @@ class NetDevice(Device):
         if not named:
             with st.lock:
                 st.stats["refused"] += 1
-            log.info("vm=%s egress to %s:%d refused by policy (no rule names this host)", st.vm.id[:12], host, port)
+            st.log_refused(host, port, " (no rule names this host)")
             raise GuestError(ECONNREFUSED)
         try:
             infos = await st.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)

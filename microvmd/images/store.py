@@ -37,7 +37,7 @@ from .rewrite import RewriteCache
 
 log = logging.getLogger("microvmd.images")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole names only: fullmatch (no final newline)
 RESERVED_PREFIX = "__microvm_"
 
 
@@ -120,7 +120,7 @@ class ImageStore:
     # ------------------------------------------------------------------ import
     def prepare(self, data: bytes, name: str | None) -> tuple[bytes, str, str]:
         """Check the name and size, turn WAT into a binary: (module bytes, source format, hex digest)."""
-        if name is not None and not NAME_RE.match(name):
+        if name is not None and not NAME_RE.fullmatch(name):
             raise BadRequest(f"invalid image name {name!r}: use letters, digits, '.', '_', '-' (max 128)",
                              code="invalid_name")
         if len(data) > self.upload_limit:

@@ -11,7 +11,7 @@ import ctypes
 import logging
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..devices.blk import BlkState, BlockDevice
@@ -20,7 +20,7 @@ from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from ..vmm.builder import RestoreData
 from ..vmm.machine import NotSnapshottable
 from ..vmm.manager import Hypervisor
-from ..vmm.vm import Vm, VmSpec
+from ..vmm.vm import PublishSpec, Vm, VmSpec
 from . import dirty, transfer
 from .store import (
     CHUNK,
@@ -67,6 +67,15 @@ class _SparePool:
             if len(buf) == size:
                 return self.buffers.pop(i)
         return None
+
+
+@dataclass(frozen=True)
+class Grants:
+    """The network a restore grants its new VM; None: what the snapshot's spec says (a local snapshot) or
+    nothing (an imported one)."""
+
+    allow_egress: list[str] | None = None
+    publish: list[PublishSpec] | None = None
 
 
 class Snapshots:
@@ -290,6 +299,11 @@ class Snapshots:
     async def list_all(self) -> list[dict[str, Any]]:
         return [summary(m) for m in await self.hv.sched.on_io(self.store.iter_manifests)]
 
+    async def needing_image(self, digest: str) -> list[str]:
+        """The snapshots that need the image ``digest`` to be restored or exported."""
+        return [m["name"] for m in await self.hv.sched.on_io(self.store.iter_manifests)
+                if m["vm"]["digest"] == digest]
+
     async def get(self, name: str) -> dict[str, Any]:
         return summary(await self.hv.sched.on_io(self.store.load_manifest, name))
 
@@ -301,9 +315,10 @@ class Snapshots:
                 del self._parents[vm_id]
 
     # ------------------------------------------------------------------ restore
-    async def restore(self, name: str, new_name: str | None, start: bool) -> Vm:
+    async def restore(self, name: str, new_name: str | None, start: bool, grants: Grants | None = None) -> Vm:
         hv = self.hv
         st = self.store
+        grants = grants or Grants()
         m = await hv.sched.on_io(st.load_manifest, name)
         try:
             hv.images.resolve(m["vm"]["digest"])
@@ -315,11 +330,13 @@ class Snapshots:
             spec = VmSpec.from_dict(m["vm"]["spec"])
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise Unprocessable(f"snapshot {name} has an invalid VM spec: {exc}", code="invalid_snapshot") from None
-        if m.get("origin") == "import" and spec.dirs:
-            # host directories are this host's: an imported snapshot does not get to name them
-            log.warning("restore of imported snapshot %s: dropping %d host director(ies) from its spec",
-                        name, len(spec.dirs))
-            spec.dirs = []
+        fuel_budget = m["vm"].get("fuel_budget")
+        if m.get("origin") == "import":
+            fuel_budget = self._distrust(name, spec, m, fuel_budget)
+        if grants.allow_egress is not None:
+            spec.allow_egress = list(grants.allow_egress)
+        if grants.publish is not None:
+            spec.publish = list(grants.publish)
         spec.image = m["vm"]["digest"]
         spec.name = new_name
         spec.auto_remove = spec.ephemeral = False
@@ -333,7 +350,7 @@ class Snapshots:
                            zero_chunks=zero_chunks,
                            globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
                            unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
-                           fuel_budget=m["vm"].get("fuel_budget"),
+                           fuel_budget=fuel_budget,
                            devices=m.get("devices") if isinstance(m.get("devices"), dict) else {},
                            tables=m.get("tables") or {})
         try:
@@ -348,6 +365,40 @@ class Snapshots:
         if start:
             await hv.start(vm)
         return vm
+
+    def _distrust(self, name: str, spec: VmSpec, m: dict[str, Any], fuel_budget: int | None) -> int | None:
+        """An imported snapshot's spec is what a file asked for, and anyone can write a file whose checksums
+        hold: it gets no host directories, no network grants (the restore call grants them) and no limits
+        above this daemon's. Narrows ``spec`` in place; returns the fuel budget to restore with."""
+        lim = self.hv.cfg.limits
+        dropped = []
+        if spec.dirs:  # host directories are this host's: an imported snapshot does not get to name them
+            dropped.append(f"{len(spec.dirs)} host director(ies)")
+            spec.dirs = []
+        if spec.allow_egress:
+            dropped.append(f"{len(spec.allow_egress)} egress rule(s)")
+            spec.allow_egress = []
+        if spec.publish:
+            dropped.append(f"{len(spec.publish)} published port(s)")
+            spec.publish = []
+        if dropped:
+            log.info("restore of imported snapshot %s: not granting its file's %s (grant them with the "
+                     "restore call: --allow-egress, --publish)", name, ", ".join(dropped))
+        size = int(m["memory"]["size"])
+        if size > lim.max_memory:
+            raise Unprocessable(f"snapshot {name} holds {size} bytes of memory, above this daemon's maximum of "
+                                f"{lim.max_memory} (limits.max_memory)", code="memory_limit")
+        if spec.memory is not None and spec.memory > lim.max_memory:
+            spec.memory = lim.max_memory
+        if lim.timeout is not None and (spec.timeout is None or spec.timeout > lim.timeout):
+            spec.timeout = lim.timeout
+        if lim.fuel is not None:
+            consumed = int(m["vm"].get("fuel_consumed") or 0)
+            if spec.fuel is None or spec.fuel > lim.fuel:
+                spec.fuel = lim.fuel
+            if fuel_budget is None or fuel_budget - consumed > lim.fuel:
+                fuel_budget = consumed + lim.fuel
+        return fuel_budget
 
     async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> list[str]:
         """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""
@@ -484,7 +535,20 @@ def summary(m: dict[str, Any]) -> dict[str, Any]:
         "disks": [{"name": d["name"], "size": d["size"], "mode": d.get("mode")} for d in m["disks"]],
         "stats": m.get("stats", {}),
         "wasmtime": m.get("wasmtime"), "engine": m.get("engine"),
+        "origin": "import" if m.get("origin") == "import" else "local",
+        "asks": _asks(m["vm"].get("spec")),
     }
+
+
+def _asks(raw: Any) -> dict[str, Any] | None:
+    """What a snapshot's spec asks for (None when it does not decode: restore refuses it then)."""
+    try:
+        spec = VmSpec.from_dict(raw)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    return {"allow_egress": spec.allow_egress, "publish": [asdict(p) for p in spec.publish],
+            "memory": spec.memory, "fuel": spec.fuel, "timeout": spec.timeout,
+            "dirs": [d.host for d in spec.dirs]}
 
 
 async def drain(gen: Any, run_io: Any, write: Any) -> None:

@@ -10,6 +10,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlparse
 
@@ -164,8 +165,12 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                 await peer.call("POST", "/v1/snapshots/import", data=stream())
                 imported = True
                 t_restore = time.perf_counter()
+                # the target trusts no grant a snapshot stream carries: the caller, who holds a socket or a
+                # token for both daemons, grants the VM's network rules explicitly
                 new = await peer.call("POST", f"/v1/snapshots/{name}/restore",
-                                      {"name": vm.name, "start": was_running})
+                                      {"name": vm.name, "start": was_running,
+                                       "allow_egress": list(vm.spec.allow_egress),
+                                       "publish": [asdict(p) for p in vm.spec.publish]})
                 t_done = time.perf_counter()
             except BaseException as exc:
                 if released and net is not None:

@@ -43,7 +43,7 @@ CHUNK = 64 * 1024
 FORMAT_VERSION = 2
 MANIFEST_MAGIC = b"MVSNAPM\x00"
 MAX_MANIFEST = 64 << 20
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole names only (fullmatch: no final newline)
 ZERO = bytes(CHUNK)
 ZERO_CRC = zlib.crc32(ZERO)
 
@@ -153,7 +153,7 @@ def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
             raise SnapshotError(f"{where}: manifest field {key!r} is missing or of the wrong type")
     if m["kind"] not in ("created", "unwound"):
         raise SnapshotError(f"{where}: unknown snapshot kind {m['kind']!r}")
-    if not NAME_RE.match(m["name"]):
+    if not NAME_RE.fullmatch(m["name"]):
         raise SnapshotError(f"{where}: invalid snapshot name")
     packs = m.get("packs", [])
     if not isinstance(packs, list) or len(packs) > 1 << 16 or not all(
@@ -294,26 +294,45 @@ class SnapshotStore:
         self.root = root
         self.packs = root / "packs"
         self.manifests = root / "manifests"
-        for d in (self.packs, self.manifests, root / "tmp"):
+        self.damaged_dir = root / "damaged"  # manifests that could not be read at start-up, set aside
+        for d in (self.packs, self.manifests, self.damaged_dir, root / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.index: dict[bytes, Loc] = {}
         self._pool = ThreadPoolExecutor(hash_threads, thread_name_prefix="hash")
         self.verified: set[str] = set()  # packs whose chunks were checked (or written) in this daemon's life
         self._spares: list[Path] = []  # empty files in tmp/, made in advance for packs and manifests
+        # packs no readable manifest references, kept while a damaged manifest (which may use them) exists
+        self.held: set[str] = set()
 
     # ------------------------------------------------------------------ start-up
     def load(self) -> int:
-        """Rebuild the chunk index from the manifests; remove unreferenced packs and temp files."""
+        """Rebuild the chunk index from the manifests; remove unreferenced packs and temp files.
+
+        A manifest that cannot be read is moved aside to ``damaged/`` (listed, removable, never read as a
+        snapshot), and while any damaged manifest exists no pack is deleted as unreferenced: which packs it
+        uses cannot be known, and deleting them would lose what a repair could still recover."""
         live: set[str] = set()
-        for m in self.iter_manifests():
+        for name in self.names():
+            try:
+                m = self.load_manifest(name)
+            except (SnapshotError, OSError) as exc:
+                self._set_aside(name, exc)
+                continue
+            except NotFound:
+                continue
             packs = m.get("packs", [])
             live.update(packs)
             for r in all_refs(m):
                 self.index.setdefault(r[0], Loc(packs[r[2]], r[3], r[4], r[1]))
         removed = 0
-        for f in self.packs.glob("*.pack"):
-            if f.stem not in live:
+        unreferenced = [f for f in self.packs.glob("*.pack") if f.stem not in live]
+        if unreferenced and self.damaged():
+            self.held = {f.stem for f in unreferenced}
+            log.warning("keeping %d snapshot pack(s) that no readable manifest uses: a damaged manifest may "
+                        "use them (snapshot ls shows it; snapshot rm removes it)", len(self.held))
+        else:
+            for f in unreferenced:
                 f.unlink(missing_ok=True)
                 removed += 1
         for f in (self.root / "tmp").iterdir():
@@ -551,7 +570,7 @@ class SnapshotStore:
         return self.manifests / f"{name}.snap"
 
     def check_name(self, name: str) -> None:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise BadRequest(f"invalid snapshot name {name!r}: use letters, digits, '.', '_', '-'",
                              code="invalid_name")
 
@@ -651,11 +670,16 @@ class SnapshotStore:
         return decode_manifest(raw, f"snapshot {name}")
 
     def remove(self, name: str) -> None:
+        """Remove a snapshot, or a damaged manifest set aside under that name; then collect the packs no
+        manifest uses any more."""
         self.check_name(name)
         try:
             m = self.load_manifest(name)
         except SnapshotError:
             m = None
+        except NotFound:
+            self._remove_damaged(name)
+            return
         try:
             self.manifest_path(name).unlink()
         except FileNotFoundError:
@@ -663,8 +687,47 @@ class SnapshotStore:
         if m is not None:
             self._collect(set(m.get("packs", [])))
 
+    # ------------------------------------------------------------------ damaged manifests
+    def _set_aside(self, name: str, exc: Exception) -> None:
+        """Move an unreadable manifest to ``damaged/`` (a later one of the same name gets ``.1``, ``.2``...)."""
+        target = self.damaged_dir / f"{name}.snap"
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.damaged_dir / f"{name}.{n}.snap"
+        try:
+            os.replace(self.manifest_path(name), target)
+        except OSError as move_exc:
+            log.error("snapshot %s cannot be read (%s) nor set aside (%s)", name, exc, move_exc)
+            return
+        log.error("snapshot %s cannot be read (%s): set aside as %s; its packs are kept", name, exc, target)
+
+    def damaged(self) -> list[dict[str, str]]:
+        """The manifests set aside: name (what ``snapshot rm`` takes), why it cannot be read, where it is."""
+        out = []
+        for p in sorted(self.damaged_dir.glob("*.snap")):
+            try:
+                decode_manifest(p.read_bytes(), f"snapshot {p.stem}")
+                why = "set aside at an earlier start-up"
+            except (SnapshotError, OSError) as exc:
+                why = exc.message if isinstance(exc, SnapshotError) else str(exc)
+            out.append({"name": p.stem, "reason": why, "path": str(p)})
+        return out
+
+    def _remove_damaged(self, name: str) -> None:
+        path = self.damaged_dir / f"{name}.snap"
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
+        log.info("removed damaged snapshot manifest %s", name)
+        if not self.damaged() and self.held:
+            held, self.held = self.held, set()
+            self._collect(held)
+
     def _collect(self, candidates: set[str]) -> None:
-        """Delete the candidate packs that no remaining manifest references."""
+        """Delete the candidate packs that no remaining manifest references (nor a damaged one may)."""
+        candidates -= self.held
         if not candidates:
             return
         for other in self.iter_manifests():

@@ -138,6 +138,7 @@ async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotSt
             if kind == T_END:
                 if payload != digest.digest():
                     raise SnapshotError("snapshot stream digest mismatch: corrupted or tampered")
+                await _at_end(readexactly)
                 break
             digest.update(rh + struct.pack("<I", crc))
             if kind == T_MANIFEST:
@@ -171,6 +172,17 @@ async def read_stream(readexactly: ReadExactly, run_io: RunIO, store: SnapshotSt
     if missing:
         raise SnapshotError(f"snapshot stream lacks {len(missing)} chunk(s) this daemon does not have")
     return manifest, image
+
+
+async def _at_end(readexactly: ReadExactly) -> None:
+    """After the end record the stream must end: bytes after it are not covered by its digest, and a
+    stream is accepted whole or not at all."""
+    try:
+        extra = await readexactly(1)
+    except Exception:  # IncompleteReadError at the end of the body: what a whole stream does
+        return
+    if extra:
+        raise SnapshotError("snapshot stream has bytes after its end record: refused")
 
 
 def _store_batch(store: SnapshotStore, writer: PackWriter, batch: list[tuple[bytes, bytes]],

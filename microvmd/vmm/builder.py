@@ -22,6 +22,7 @@ from ..devices.console import Console
 from ..engine import wt
 from ..errors import Unprocessable
 from ..images.store import Image, ImageStore
+from .budget import MemoryBudget
 from .machine import Machine, MachineSpec
 from .vm import Vm
 
@@ -47,6 +48,7 @@ class Builder:
         self.engine = engine
         self.linker = linker
         self.images = images
+        self.memory = MemoryBudget(cfg.limits.total_memory_budget())  # what all guests together may hold
         self._console_fds = 0
         self._console_lock = threading.Lock()
 
@@ -114,6 +116,7 @@ class Builder:
             memories=lim.memories, stdout=vm.console.writer("stdout"), stderr=vm.console.writer("stderr"),
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
+            budget=self.memory,
         )
         if isinstance(vm.console, Console) and vm.console.use_files:
             mspec.stdout_file, mspec.stderr_file = vm.console.files()

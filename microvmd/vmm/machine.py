@@ -19,6 +19,7 @@ from ..devices.wasip1 import wasi_fd_read
 from ..engine import wt
 from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
 from ..images.rewrite import HOST_MODULE
+from .budget import MemoryBudget
 
 log = logging.getLogger("microvmd.vmm")
 
@@ -55,6 +56,7 @@ class MachineSpec:
     asyncify_globals: tuple[int, int] | None = None
     stdout_file: str | None = None  # wasmtime writes the console to these files itself (truncating them)
     stderr_file: str | None = None
+    budget: MemoryBudget | None = None  # the daemon's memory for all guests (limits.total_memory)
 
 
 def _val(ty: str, value: int | float) -> wasmtime.Val:
@@ -81,9 +83,10 @@ class Machine:
         self.store.set_wasi(wasi)
         # a module rewritten at import reads through the daemon's fd_read: other descriptors than stdin go
         # on to wasmtime's own, through a helper instance in the same store (devices/wasip1.py)
-        helper = any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports)
-        self.store.set_limits(memory_size=spec.memory_limit, table_elements=spec.table_elements,
-                              instances=spec.instances + helper, tables=spec.tables, memories=spec.memories)
+        self._helper_instances = int(any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports))
+        self._memory_cap = -1
+        self.memory_bytes = 0
+        self._cap_memory()  # (instantiation may not take more than the budget has left either)
         self.store.set_fuel(FUEL_TANK)
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
@@ -93,7 +96,7 @@ class Machine:
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
         self.wasi_fd_read: wasmtime.Func | None = None
-        if self.memory is not None and helper:
+        if self.memory is not None and self._helper_instances:
             self.wasi_fd_read = wasi_fd_read(engine, self.store, self.memory)
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
@@ -101,10 +104,10 @@ class Machine:
         self.outcome: wt.Outcome | None = None
         self.fuel_consumed = 0
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
-        self.memory_bytes = self.memory.data_len(self.store) if self.memory else 0
+        self.peak_memory = 0
+        self._sample_memory()
         self._initial_memory = self.memory_bytes
         self._grown_by_host = 0  # unwind buffers (ensure_unwind_buffer)
-        self.peak_memory = self.memory_bytes
         # the tables as instantiated, by raw function pointer: the names a snapshot gives the functions in a
         # table the guest changed (only guests that can be snapshotted after they ran need them)
         self.tables_at_start: dict[str, list[int]] | None = None
@@ -169,6 +172,8 @@ class Machine:
                 self._set_fuel_interval(min(left, fuel_slice))
             else:  # wasmtime writes the fuel counter back only at fuel yields: keep them, so it reads live
                 self._set_fuel_interval(fuel_slice)
+            if self.spec.budget is not None:
+                self._cap_memory()
             assert self.call is not None
             done = self.call.poll()
             self.fuel_consumed = self.fuel_base + FUEL_TANK - self.store.get_fuel()
@@ -409,8 +414,23 @@ class Machine:
 
     def _sample_memory(self) -> None:
         if self.memory is not None:
-            self.memory_bytes = self.memory.data_len(self.store)
+            now = self.memory.data_len(self.store)
+            if self.spec.budget is not None:
+                self.spec.budget.change(now - self.memory_bytes)
+            self.memory_bytes = now
             self.peak_memory = max(self.peak_memory, self.memory_bytes)
+
+    def _cap_memory(self) -> None:
+        """The store's memory limit: the VM's own, or less when the daemon's budget has less left."""
+        spec = self.spec
+        cap = spec.memory_limit
+        if spec.budget is not None:
+            cap = min(cap, self.memory_bytes + spec.budget.headroom())
+        if cap != self._memory_cap:
+            self._memory_cap = cap
+            self.store.set_limits(memory_size=cap, table_elements=spec.table_elements,
+                                  instances=spec.instances + self._helper_instances, tables=spec.tables,
+                                  memories=spec.memories)
 
     def close(self) -> None:
         """Drop the suspended call and the store (frees linear memory)."""
@@ -423,3 +443,5 @@ class Machine:
         store, self.store = self.store, None  # type: ignore[assignment]
         if store is not None:
             store.close()
+            if self.spec.budget is not None:
+                self.spec.budget.change(-self.memory_bytes)

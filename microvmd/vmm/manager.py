@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -140,13 +140,19 @@ class Hypervisor:
         return await import_module(self.images, data, name, entry, on_io=self.sched.on_io, asyncify=asyncify,
                                    background=background)
 
-    async def remove_image(self, ref: str) -> Image:
+    async def remove_image(self, ref: str, snapshots: Sequence[str] = ()) -> Image:
+        """Remove an image (or only one of its names). ``snapshots``: the snapshots that need its bytes to be
+        restored or exported (the snapshot controller knows them); like VMs, they keep the image."""
         img = self.images.resolve(ref)
         users = [v for v in self.vms.values() if v.digest == img.digest]
         only_untag = ref in self.images.names and len(img.names) > 1
         if users and not only_untag:
             raise Conflict(f"image {ref} is used by VM(s) {', '.join(v.name for v in users[:5])}; remove them first",
                            code="image_in_use")
+        if snapshots and not only_untag:
+            more = f" and {len(snapshots) - 5} more" if len(snapshots) > 5 else ""
+            raise Conflict(f"image {ref} is needed by snapshot(s) {', '.join(snapshots[:5])}{more} to restore or "
+                           f"export them; remove them first", code="image_in_use")
         return await self.sched.on_io(self.images.remove, ref)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ create
@@ -157,6 +163,10 @@ class Hypervisor:
                 raise BadRequest(f"invalid VM name {spec.name!r}: {contract.VM_NAME_RULE}", code="invalid_name")
             if self.registry.name_taken(spec.name):
                 raise Conflict(f"a VM named {spec.name!r} already exists", code="name_in_use")
+            other = self.registry.id_prefixed_by(spec.name)
+            if other is not None:
+                raise BadRequest(f"VM name {spec.name!r} reads as a prefix of VM {other.id[:12]}'s id; choose "
+                                 f"another name", code="invalid_name")
         if spec.fuel is not None and (not isinstance(spec.fuel, int) or spec.fuel <= 0):
             raise BadRequest("fuel must be a positive integer", code="invalid_limit")
         if spec.timeout is not None and (not isinstance(spec.timeout, (int, float)) or spec.timeout <= 0):
@@ -251,6 +261,9 @@ class Hypervisor:
                 except DeviceStateError as exc:
                     raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
                                         code="invalid_snapshot") from None
+            if pending is not None:  # a 201 is durable: a VM whose record could not be written is undone
+                written, pending = pending, None
+                await self.registry.written(vm, written)
         except BaseException:
             self.registry.discard(vm)
             vm.devices.close()
@@ -616,7 +629,9 @@ class Hypervisor:
 
     async def remove(self, vm: Vm, force: bool) -> None:
         if vm.state.live:
-            if not force:
+            # a VM that never started runs nothing and holds nothing but its store: like docker rm of a
+            # created container, removing it needs no force
+            if not force and vm.state != VmState.CREATED:
                 raise Conflict(f"VM {vm.id} is {vm.state.value}; stop it first or use force",
                                code="vm_running")
             try:

@@ -8,6 +8,7 @@ ephemeral VM is in the table while it exists and never reaches the store.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, MicrovmError, NotFound
 from .state import ExitReason, VmState
 from .vm import ExitRecord, Vm
 
@@ -28,18 +29,31 @@ log = logging.getLogger("microvmd.vmm")
 READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs)
 
 
+def looks_like_id(ref: str) -> bool:
+    """Whether ``ref`` could be a VM id or an id prefix (ids are 32 lower-case hex digits)."""
+    return len(ref) <= 32 and all(c in "0123456789abcdef" for c in ref)
+
+
+class RecordNotWritten(MicrovmError):
+    """The state dir refused a new VM's record (out of descriptors or space): the create is undone."""
+
+    status = 503
+    code = "record_not_written"
+
+
 class RecordStore(Protocol):
     """Where VM records survive a daemon restart."""
 
     def load(self) -> list[tuple[dict[str, Any], Path]]: ...   # on an I/O thread, at start-up
     def new_id(self) -> tuple[str, bool]: ...                   # (id, whether its directory exists already)
     def directory(self, vm_id: str) -> Path: ...
-    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[None]: ...  # in order
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[list[str]]: ...  # in order;
+    #                                                               the ids whose record could not be written
     async def delete(self, vm: Vm) -> None: ...                 # after any write still queued for it
     async def close(self) -> None: ...
 
 
-def _make_ready_dirs(parent: Path, n: int) -> list[str]:
+def _make_ready_dirs(parent: Path, n: int, remove: Callable[[Path], None] = shutil.rmtree) -> list[str]:
     """On the persist thread: ``n`` VM directories, each with its two empty console logs, named by the ids
     the next VMs will get. Making one costs up to a millisecond on ext4 (bench/bench_console.py), off the
     path of the create that uses it."""
@@ -53,7 +67,7 @@ def _make_ready_dirs(parent: Path, n: int) -> list[str]:
                 os.close(os.open(d / f"{stream}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
         except OSError as exc:
             log.warning("cannot prepare a VM directory: %s", exc)
-            shutil.rmtree(d, ignore_errors=True)
+            remove(d)
             break
         ids.append(vm_id)
     return ids
@@ -67,7 +81,9 @@ def _is_ready_dir(d: Path) -> bool:
         return False
 
 
-def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
+def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Write each record atomically; returns the ids whose record could not be written (each logged)."""
+    failed = []
     for d, rec in batch:
         tmp = d / "vm.json.tmp"
         try:
@@ -75,7 +91,9 @@ def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
             tmp.write_text(json.dumps(rec))
             os.replace(tmp, d / "vm.json")
         except OSError as exc:
-            log.error("vm=%s cannot save its record: %s", rec.get("id", "?")[:12], exc)
+            log.error("vm=%s cannot save its record: %s", str(rec.get("id", "?"))[:12], exc)
+            failed.append(str(rec.get("id", "?")))
+    return failed
 
 
 class DirRecords:
@@ -88,6 +106,9 @@ class DirRecords:
         self._ready: list[str] = []  # ids whose directories exist already (see _make_ready_dirs)
         self._refilling = False
         self._closing = False
+        # directories that could not be deleted (out of descriptors: rmtree needs one per level), retried
+        # before every later write and at close; touched on the persist thread only
+        self._leftover: set[Path] = set()
 
     def load(self) -> list[tuple[dict[str, Any], Path]]:
         found = []
@@ -97,13 +118,13 @@ class DirRecords:
                 # written: nothing can be restored
                 if not _is_ready_dir(d):
                     log.info("removing %s: a VM directory without a record", d.name)
-                shutil.rmtree(d, ignore_errors=True)
+                self._remove(d)
                 continue
             try:
                 found.append((json.loads((d / "vm.json").read_text()), d))
             except (OSError, ValueError) as exc:
                 log.warning("skipping damaged VM record %s: %s", d.name, exc)
-        self._ready = _make_ready_dirs(self.root, READY_DIRS)
+        self._ready = _make_ready_dirs(self.root, READY_DIRS, self._remove)
         return found
 
     def new_id(self) -> tuple[str, bool]:
@@ -115,15 +136,38 @@ class DirRecords:
     def directory(self, vm_id: str) -> Path:
         return self.root / vm_id
 
-    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[None]:
-        return asyncio.get_running_loop().run_in_executor(self._persist, _write_records, batch)
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[list[str]]:
+        return asyncio.get_running_loop().run_in_executor(self._persist, self._write, batch)
+
+    def _write(self, batch: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+        self._sweep()
+        return _write_records(batch)
 
     async def delete(self, vm: Vm) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
+        await asyncio.get_running_loop().run_in_executor(self._persist, self._remove, vm.dir)
+
+    def _remove(self, d: Path) -> None:
+        """On the persist thread: delete a VM directory, or remember it to try again (never left behind
+        unlisted for the daemon's life because it ran out of descriptors once)."""
+        self._sweep()
+        shutil.rmtree(d, ignore_errors=True)
+        if os.path.lexists(d):
+            if d not in self._leftover:
+                log.warning("cannot delete VM directory %s yet; will try again", d.name)
+            self._leftover.add(d)
+
+    def _sweep(self) -> None:
+        for d in list(self._leftover):
+            shutil.rmtree(d, ignore_errors=True)
+            if not os.path.lexists(d):
+                self._leftover.discard(d)
+                log.info("deleted VM directory %s, left over from an earlier failure", d.name)
 
     def _refill(self) -> None:
         """Keep a few VM directories made in advance; refilled a moment later, after the current create."""
-        if self._refilling or len(self._ready) > READY_DIRS // 2 or self._closing:
+        # topped up after every use (not in batches): at rest there are always READY_DIRS, so the state dir
+        # of an idle daemon looks the same whatever ran and was removed before
+        if self._refilling or len(self._ready) >= READY_DIRS or self._closing:
             return
         self._refilling = True
         loop = asyncio.get_running_loop()
@@ -131,13 +175,17 @@ class DirRecords:
         def done(fut: asyncio.Future[list[str]]) -> None:
             self._refilling = False
             if not fut.cancelled() and fut.exception() is None:
-                self._ready.extend(fut.result())
+                made = fut.result()
+                self._ready.extend(made)
+                if made and len(self._ready) < READY_DIRS:  # some were taken meanwhile: top up again
+                    self._refill()
 
         def start() -> None:
             if self._closing:
                 self._refilling = False
                 return
-            fut = loop.run_in_executor(self._persist, _make_ready_dirs, self.root, READY_DIRS - len(self._ready))
+            fut = loop.run_in_executor(self._persist, _make_ready_dirs, self.root, READY_DIRS - len(self._ready),
+                                       self._remove)
             fut.add_done_callback(done)
 
         loop.call_later(0.02, start)
@@ -147,7 +195,8 @@ class DirRecords:
         self._closing = True
         ready, self._ready = self._ready, []
         for vm_id in ready:
-            self._persist.submit(shutil.rmtree, self.root / vm_id, True)
+            self._persist.submit(self._remove, self.root / vm_id)
+        self._persist.submit(self._sweep)
         await asyncio.get_running_loop().run_in_executor(None, self._persist.shutdown, True)
 
 
@@ -204,11 +253,18 @@ class VmRegistry:
         return self.vms.get(vm.id) is vm
 
     def get(self, ref: str) -> Vm:
+        """A VM by id, name or unique id prefix (4+ characters). A reference that is one VM's name and a
+        prefix of another's id is ambiguous (409), never silently the named one: a name cannot pass for
+        another VM's id."""
         vm = self.vms.get(ref)
         if vm is not None:
             return vm
         by_name = [v for v in self.vms.values() if v.name == ref]
         if len(by_name) == 1:
+            if len(ref) >= 4 and looks_like_id(ref) and any(
+                    v.id.startswith(ref) and v is not by_name[0] for v in self.vms.values()):
+                raise Conflict(f"VM reference {ref!r} is the name of one VM and an id prefix of another: use the "
+                               f"full id", code="ambiguous_ref")
             return by_name[0]
         if len(ref) >= 4:
             hits = [v for v in self.vms.values() if v.id.startswith(ref)]
@@ -224,6 +280,12 @@ class VmRegistry:
 
     def name_taken(self, name: str) -> bool:
         return any(v.name == name for v in self.vms.values())
+
+    def id_prefixed_by(self, name: str) -> Vm | None:
+        """The VM whose id this name would read as (4+ hex characters that prefix its id), if any."""
+        if len(name) < 4 or not looks_like_id(name):
+            return None
+        return next((v for v in self.vms.values() if v.id.startswith(name)), None)
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in VmState}
@@ -245,13 +307,22 @@ class VmRegistry:
         if not vm.spec.ephemeral:
             await self.records.write_now([(vm.dir, vm.record())])
 
-    def save_soon(self, vm: Vm) -> asyncio.Future[None] | None:
-        """Start writing the record now (awaited later, e.g. while the VM is built)."""
+    def save_soon(self, vm: Vm) -> asyncio.Future[builtins.list[str]] | None:
+        """Start writing the record now (awaited later, e.g. while the VM is built): the future's result is
+        empty once it is written, else it names the VM (see ``written``)."""
         if vm.spec.ephemeral:
             return None
         return self.records.write_now([(vm.dir, vm.record())])
 
-    def _flush(self) -> asyncio.Future[None]:
+    @staticmethod
+    async def written(vm: Vm, pending: asyncio.Future[builtins.list[str]]) -> None:
+        """Await a ``save_soon``; RecordNotWritten when the record could not be written (the VM would not
+        survive a restart, so its create must not answer 201)."""
+        if await pending:
+            raise RecordNotWritten(f"VM {vm.id[:12]}: its record could not be written (see the daemon's log); "
+                                   f"the VM was not created")
+
+    def _flush(self) -> asyncio.Future[builtins.list[str]]:
         self._flush_handle = None
         batch = [(vm.dir, vm.record()) for vm in self._dirty.values() if vm.id in self.vms]
         self._dirty.clear()

@@ -668,6 +668,32 @@ def test_forbidden_connects_repeatedly_are_refused_and_counted(mvd: Daemon, coun
     mvd.rm(vm["id"])
 
 
+def test_refused_connects_can_neither_forge_nor_flood_the_daemon_log(mvd: Daemon) -> None:
+    """Issue 13 row 4: a guest-chosen host name with a newline started a line of its own in the daemon's
+    log, and a guest refused in a loop logged megabytes. The host is escaped; a few refusals per VM and
+    window are logged, the rest counted (microvmd_log_suppressed_total; each refusal in `refused`)."""
+    body = f"""
+    {repeat(CONNECT_STORM, '(drop (call $connect (i32.const 1024) (i32.const 22) (i32.const 80) (i32.const 0)))')}
+    {p("(i32.const 1)")}
+    (call $hold)"""
+    wat = wat_guest(body, data='(data (i32.const 1024) "10.0.0.1\\0aFORGED-LINE x")')
+    vm = mvd.vm(mvd.image("net-forge", wat))
+    try:
+        mvd.wait_stdout_lines(vm["id"], 1, timeout=60)
+        assert mvd.net(vm["id"])["stats"]["refused"] == CONNECT_STORM
+        log = mvd.log()
+        assert not [line for line in log.splitlines() if line.startswith("FORGED")]
+        mine = [line for line in log.splitlines() if f"vm={vm['id'][:12]}" in line and "refused" in line]
+        assert 1 <= len(mine) <= 10, mine[:12]
+        assert "\\nFORGED-LINE" in mine[0]
+        text = mvd.ok("GET", "/metrics")
+        suppressed = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                      if s.name == "microvmd_log_suppressed_total"]
+        assert suppressed and suppressed[0] >= CONNECT_STORM - 10
+    finally:
+        mvd.rm(vm["id"])
+
+
 def test_refusals_by_host_name_are_counted(mvd: Daemon) -> None:
     body = f"""
     {repeat(20, '(drop (call $connect (i32.const 1024) (i32.const 9) (i32.const 80) (i32.const 0)))')}

@@ -150,6 +150,54 @@ def test_second_daemon_refuses_a_live_socket(make_daemon: Callable[..., Daemon],
     assert request(d.socket, "GET", "/v1/info").status == 200  # the first one is unharmed
 
 
+def test_socket_directory_mode_is_set_only_when_the_daemon_makes_it(make_daemon: Callable[..., Daemon]) -> None:
+    """Issue 13 row 3: `--socket DIR/x.sock` used to chmod an existing DIR to 0750 (/tmp lost 1777)."""
+    d = make_daemon(start=False)
+    shared = d.root / "pub"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    d.socket = shared / "m.sock"
+    d.start()
+    assert request(d.socket, "GET", "/v1/info").status == 200
+    assert oct(shared.stat().st_mode & 0o7777) == oct(0o1777)
+    d.stop()
+    fresh = d.root / "made" / "run"  # neither exists: the daemon makes both, the socket's own one 0750
+    d.socket = fresh / "m.sock"
+    d.start()
+    assert request(d.socket, "GET", "/v1/info").status == 200
+    assert oct(fresh.stat().st_mode & 0o7777) == oct(0o750)
+
+
+def test_vms_that_failed_for_want_of_descriptors_leave_no_directory(make_daemon: Callable[..., Daemon]) -> None:
+    """Issue 13 row 13: out of descriptors, a create's record write and the removal of its directory both
+    failed, and the directory stayed under the state dir, listed nowhere. Now a create whose record cannot
+    be written is undone, and a directory that cannot be deleted yet is deleted at the next chance."""
+    import resource
+    d = make_daemon()
+    assert d.cli("image", "import", HELLO, "--name", "hello").returncode == 0
+    time.sleep(0.3)  # the directories made in advance are made
+    soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{d.pid}/fd")) + 4, hard))
+    statuses = []
+    try:
+        for i in range(20):
+            try:
+                statuses.append(request(d.socket, "POST", "/v1/vms", {"image": "hello", "name": f"fd{i}"}).status)
+            except OSError:
+                statuses.append(0)  # the accept itself found no descriptor (row 1)
+    finally:
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert any(s >= 400 or s == 0 for s in statuses), statuses  # the limit did bite
+    assert all(s < 500 or s == 503 for s in statuses), statuses
+    vm = d.api.create("hello", name="after")  # the next record write sweeps what is left over
+    assert d.api("DELETE", f"/v1/vms/{vm['id']}").status == 204
+    listed = {v["id"] for v in d.api.ok("GET", "/v1/vms?all=true")["vms"]}
+    unlisted = set(os.listdir(d.state_dir / "vms")) - listed
+    assert len(unlisted) <= 8, sorted(unlisted)  # at most the directories made in advance for the next creates
+    assert d.stop() == 0
+    assert set(os.listdir(d.state_dir / "vms")) == listed  # and a clean stop removes those
+
+
 # ------------------------------------------------------------------------------------------ client UX
 def test_client_exit_statuses_without_and_with_a_daemon(daemon: Daemon, tmp_path: Path) -> None:
     nowhere = tmp_path / "none.sock"

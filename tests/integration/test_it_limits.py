@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvapi import (
+    IMAGES,
     WAT_BIG_INITIAL_MEMORY,
     WAT_MEMORY_BOMB,
     WAT_RECURSE,
@@ -251,3 +252,50 @@ def test_paused_time_does_not_count_against_the_timeout(daemon: Daemon) -> None:
     api.ok("POST", f"/v1/vms/{vm['id']}/resume")
     ex = api.wait(vm["id"])
     assert ex["reason"] == "timeout"
+
+
+# ------------------------------------------------------------------------------------------ daemon budgets
+HOLD_WAT = """(module
+  (import "microvm" "sleep_ms" (func $sleep (param i32) (result i32)))
+  (memory (export "memory") 3200)
+  (func (export "microvm_abi_version") (result i32) (i32.const 1))
+  (func (export "_start") (loop $forever (drop (call $sleep (i32.const 600000))) (br $forever))))"""
+
+
+def _grown(d: Daemon, memory: str) -> int:
+    r = d.cli("run", "--rm", "--memory", memory, "grow")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    m = re.fullmatch(r"got (\d+) MiB", r.stdout.strip().splitlines()[-1])
+    assert m, r.stdout
+    return int(m.group(1))
+
+
+def _used(d: Daemon) -> int:
+    return int(d.api.ok("GET", "/v1/info")["limits"]["total_memory_used"])
+
+
+def test_total_memory_caps_what_all_guests_hold_together(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Issue 13 row 11: no daemon-wide memory budget (24 guests x 256 MiB = 7.2 GB resident). With
+    limits.total_memory, a guest that would pass it sees memory.grow fail as at its own limit."""
+    cfg = tmp_path / "budget.toml"
+    cfg.write_text('[limits]\ntotal_memory = "300MiB"\n')
+    d = make_daemon("--config", str(cfg))
+    assert d.cli("image", "import", str(IMAGES / "grow" / "grow.wasm"), "--name", "grow").returncode == 0
+    info = d.api.ok("GET", "/v1/info")["limits"]
+    assert info["total_memory"] == 300 * MiB and info["total_memory_used"] == 0
+    alone = _grown(d, "1GiB")
+    assert 250 <= alone <= 300, alone
+    holder = d.api.create(d.image("hold200", HOLD_WAT), start=True, memory=512 * MiB)
+    d.api.wait_state(holder["id"], "running")
+    assert _used(d) >= 200 * MiB
+    assert "microvmd_memory_budget_bytes" in d.api.metrics()
+    beside = _grown(d, "1GiB")
+    assert 40 <= beside <= 100, beside  # what the holder leaves of the 300 MiB
+    r = d.api("POST", "/v1/vms", {"image": "hold200", "memory": 512 * MiB})  # needs 200 MiB at instantiation
+    assert r.status == 422 and r.code == "memory_limit", r.text
+    d.api.ok("DELETE", f"/v1/vms/{holder['id']}?force=true")
+    end = time.monotonic() + 10
+    while _used(d) and time.monotonic() < end:  # the store is freed on an I/O thread
+        time.sleep(0.05)
+    assert _used(d) == 0
+    assert _grown(d, "1GiB") == alone  # nothing leaked into the count

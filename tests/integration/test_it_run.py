@@ -8,11 +8,12 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mvapi import REPO, Daemon
+from mvapi import IMAGES, REPO, Daemon
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 HUGE = "900000000000"  # spin iterations: runs until stopped
@@ -191,6 +192,22 @@ def test_rm_of_a_running_vm_needs_force(daemon: Daemon) -> None:
     assert not (daemon.state_dir / "vms" / vm_id).exists()
 
 
+def test_rm_of_a_vm_that_never_started_needs_no_force_and_removes_its_files(daemon: Daemon) -> None:
+    """Issue 13 row 12: it used to be 409 vm_running. Removing it removes its directory."""
+    vm_id = daemon.cli("create", "hello").stdout.strip()
+    assert daemon.api.vm(vm_id)["state"] == "created"
+    d = daemon.state_dir / "vms" / vm_id
+    assert (d / "vm.json").exists()
+    r = daemon.cli("rm", vm_id)
+    assert r.returncode == 0, r.stderr
+    assert daemon.api("GET", f"/v1/vms/{vm_id}").status == 404
+    assert not d.exists()
+    # and over the API, without force
+    vm = daemon.api.create("hello", name="never-started")
+    assert daemon.api("DELETE", f"/v1/vms/{vm['id']}").status == 204
+    assert not (daemon.state_dir / "vms" / vm["id"]).exists()
+
+
 # A guest that writes 400 KiB to stdout (400 writes of 1 KiB, each ending in a numbered line) and 1 KiB to
 # stderr, then exits 0.
 CHATTY_WAT = r"""(module
@@ -269,3 +286,24 @@ def test_auto_console_keeps_log_descriptors_within_half_the_limit(make_daemon: A
     for n in names:
         d.api.ok("DELETE", f"/v1/vms/{n}?force=true")
     assert d.api("GET", "/v1/info").json()["console"]["file_descriptors"] == 0  # given back
+
+
+def test_vms_run_and_removed_leave_nothing_behind(make_daemon: Callable[..., Daemon]) -> None:
+    """Issue 13 item 7: after VMs are run and removed (rm, run --rm), the idle daemon's state dir holds
+    exactly what it held before (directories made in advance are topped up to the same number)."""
+    d = make_daemon("--import-images", str(IMAGES))
+
+    def paths() -> set[str]:
+        time.sleep(0.5)  # the directories made in advance are topped up 20 ms after a create
+        return {str(p.relative_to(d.state_dir)) for p in d.state_dir.rglob("*")}
+
+    for i in range(3):
+        assert d.cli("run", "--name", f"warm{i}", "hello").returncode == 0
+    before = paths()
+    for i in range(10):
+        assert d.cli("run", "--name", f"t{i}", "hello").returncode == 0
+        assert d.cli("rm", f"t{i}").returncode == 0
+        assert d.cli("run", "--rm", "hello").returncode == 0
+    after = paths()
+    assert len(after) == len(before), (sorted(after - before), sorted(before - after))
+    assert {p for p in after if not p.startswith("vms/")} == {p for p in before if not p.startswith("vms/")}

@@ -320,6 +320,14 @@ def test_stream_round_trip(sample: dict[str, bytes], tmp_path: Path) -> None:
     assert ex.build() == data  # the test helper re-encodes faithfully
 
 
+@pytest.mark.parametrize("tail", [b"x", b"trailing garbage", b"\x00" * 70000])
+def test_stream_with_bytes_after_its_end_record_is_refused(sample: dict[str, bytes], tmp_path: Path,
+                                                            tail: bytes) -> None:
+    """Issue 13 row 10: such a stream used to be accepted."""
+    with pytest.raises(SnapshotError, match="after its end record"):
+        read(sample["export"] + tail, tmp_path / "dst")
+
+
 def test_stream_truncated_at_many_offsets_is_refused_as_truncated(sample: dict[str, bytes], tmp_path: Path) -> None:
     data = sample["export"]
     ex = Export.parse(data)

@@ -177,7 +177,8 @@ def test_echo_suspended_in_poll_restored_elsewhere_serves_new_clients(pair: tupl
     a.mv("rm", "-f", "e-rs")  # frees the port for the copy
     a.mv("snapshot", "export", "s-e-rs", "-o", str(tmp_path / "e.snap"))
     b.mv("snapshot", "import", str(tmp_path / "e.snap"))
-    b.mv("restore", "s-e-rs", "--name", "e-rs2", "--start")
+    # an imported snapshot publishes nothing by itself: the restore grants the port (docs/snapshot-format.md)
+    b.mv("restore", "s-e-rs", "--name", "e-rs2", "--start", "--publish", f"127.0.0.1:{port}:8000")
     wait_port(port)
     assert line_rpc(port, "restored") == "restored"
     b.mv("rm", "-f", "e-rs2")
@@ -200,7 +201,7 @@ def test_guest_suspended_in_accept_gets_the_connection_after_restore_elsewhere(
     a.mv("rm", "-f", "greet")
     a.mv("snapshot", "export", "s-greet", "-o", str(tmp_path / "g.snap"))
     b.mv("snapshot", "import", str(tmp_path / "g.snap"))
-    b.mv("restore", "s-greet", "--name", "greet2", "--start")
+    b.mv("restore", "s-greet", "--name", "greet2", "--start", "--publish", f"127.0.0.1:{port}:8000")
     assert line_rpc(port, "y", retry=10) == "hello 2, y"  # the suspended accept returned this client
     assert line_rpc(port, "z") == "hello 3, z"  # and it goes on
     out = b.logs("greet2")
