@@ -36,6 +36,7 @@ Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
 # VM names are freer than image or disk names, but never a path, a control character or a bidi override
 VM_NAME_PATTERN = r"^(?!\.\.?(?![\s\S]))[^/\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]{1,128}(?![\s\S])"
 VmName = Annotated[str, Meta(pattern=VM_NAME_PATTERN)]
+RESTART_PATTERN = r"^(no|always|unless-stopped|on-failure(:[0-9]{1,9})?)(?![\s\S])"  # = vmm/restart.py
 VmState = Literal["created", "running", "paused", "out_of_fuel", "exited", "stopped"]
 DiskMode = Literal["rw", "ro", "cow"]
 Number = int | float  # a float field that keeps an integer as the client sent it
@@ -111,12 +112,16 @@ class VmSpec(Request):
     ephemeral: Annotated[bool, Meta(description="no record and no console files (output kept in memory); "
                                                 "the VM is gone when it ends")] = False
     net_rate_limiter: RateLimiter | None = None
+    restart: Annotated[str, Meta(pattern=RESTART_PATTERN,
+                                 description="no, on-failure[:N], always or unless-stopped (docker's meanings)")] = "no"
 
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
-                                             "memory": "invalid_limit", "timeout": "invalid_limit"}
+                                             "memory": "invalid_limit", "timeout": "invalid_limit",
+                                             "restart": "invalid_restart_policy"}
     error_hints: ClassVar[dict[str, str]] = {
         "name": "invalid VM name: 1-128 characters without '/', control characters or bidi overrides, "
-                "and not '.' or '..'"}
+                "and not '.' or '..'",
+        "restart": "invalid restart policy: expected no, on-failure[:N], always or unless-stopped"}
 
 
 class VmCreate(VmSpec):
@@ -395,6 +400,10 @@ class Vm(Response):
     devices: Devices
     snapshot_kind: Literal["asyncify", "stopped_only"]
     spec: VmSpec
+    restart_policy: str = "no"
+    restart_count: Annotated[int, Meta(description="restarts by the policy since the user last started it")] = 0
+    restarting: Annotated[bool, Meta(description="ended, and to be restarted by its policy after a back-off")] \
+        = False
 
 
 class VmList(Response):
@@ -493,6 +502,8 @@ class VmRecord(Struct):
     peak_memory: int = 0
     memory_limit: int | None = None
     snapshot_kind: Literal["asyncify", "stopped_only"] = "stopped_only"
+    restart_count: int = 0
+    user_stopped: bool = False  # stopped or killed by a user: no policy restarts it (unless-stopped: ever)
 
 
 # ================================================================== decoding

@@ -181,6 +181,9 @@ async def serve(cfg: Config) -> int:
     log.info("microvmd %s serving on %s (state %s, %d vCPU workers)", __version__, where, cfg.state_dir,
              cfg.workers)
     hv.loop_lag.start()
+    again = hv.restart_at_start()  # restart policies across a daemon restart (vmm/restart.py)
+    if again:
+        log.info("starting %d VMs again by their restart policies", len(again))
     notifier.ready(f"serving on {where}")
     notifier.start_watchdog()
 

@@ -586,8 +586,17 @@ def _state_text(vm: dict) -> str:
     if state in ("exited", "stopped") and isinstance(ex, dict):
         reason = ex.get("reason") or "exit"
         detail = ex.get("code", 0) if reason == "exit" else reason
-        return f"{state} ({0 if detail is None else detail})"
+        state = f"{state} ({0 if detail is None else detail})"
+        if vm.get("restarting"):
+            state += ", restarting"
     return state
+
+
+def _restart_text(vm: dict) -> str:
+    """RESTART column: the policy and, once it has restarted the VM, how often (docker's RestartCount)."""
+    policy = vm.get("restart_policy") or "no"
+    count = vm.get("restart_count") or 0
+    return f"{policy} ({count})" if count else policy
 
 
 def _uptime(vm: dict) -> str:
@@ -618,8 +627,9 @@ def cmd_ps(ctx: Ctx, ns) -> int:
             output.size(vm.get("memory_bytes")),
             output.ago(vm.get("created")),
             _uptime(vm),
+            _restart_text(vm),
         ])
-    output.table(["ID", "NAME", "IMAGE", "STATE", "FUEL USED", "MEMORY", "CREATED", "UPTIME"], rows)
+    output.table(["ID", "NAME", "IMAGE", "STATE", "FUEL USED", "MEMORY", "CREATED", "UPTIME", "RESTART"], rows)
     return 0
 
 

@@ -216,6 +216,11 @@ def build_parser(only: tuple[str, ...] | None = None):
         g.add_argument("--name", help="name the VM")
         g.add_argument("-d", "--detach", action="store_true", help="run in the background and print the VM id")
         g.add_argument("--rm", action="store_true", help="remove the VM when it exits")
+        g.add_argument(
+            "--restart", metavar="POLICY",
+            help="no (default), on-failure[:N], always or unless-stopped: restart the VM when it ends "
+            "(as docker; a user's stop or kill is not restarted)",
+        )
         g.add_argument("--fuel", metavar="N", help="instruction budget in fuel units (10M, 2G accepted)")
         g.add_argument("--memory", metavar="SIZE", help="memory limit (65536, 64KiB, 64MiB, 1GiB)")
         g.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (250ms, 10s, 2m)")

@@ -8,6 +8,7 @@ the end of a slice (``_on_slice_end``), and blocking work (instantiation, file I
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import time
@@ -20,12 +21,13 @@ import wasmtime
 
 from .. import contract
 from ..config import Config
-from ..devices.base import Device, DeviceStateError, DeviceTable
+from ..devices.base import Device, DeviceSet, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
-from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, ShuttingDown, Unprocessable
+from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
+from . import restart
 from .builder import Builder, RestoreData
 from .machine import Machine, SliceEnd
 from .registry import DirRecords, VmRegistry
@@ -95,6 +97,7 @@ class Hypervisor:
         vm.fuel_budget = rec.fuel_budget
         vm.peak_memory = rec.peak_memory
         vm.snapshot_kind = rec.snapshot_kind
+        vm.restart_count, vm.user_stopped = rec.restart_count, rec.user_stopped
         return vm
 
     async def shutdown(self) -> None:
@@ -106,8 +109,11 @@ class Hypervisor:
 
     async def stop_guests(self) -> None:
         """From now on create() refuses (503 shutting_down); every live VM is stopped (reason stopped, not
-        daemon_restart at the next start), which also answers the requests waiting for one."""
+        daemon_restart at the next start), which also answers the requests waiting for one. Restarts waiting
+        for their back-off are dropped (the next daemon applies the policies again)."""
         self.closing = True
+        for vm in self.vms.values():
+            self._cancel_restart(vm)
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._end(vm, Control.STOP) for vm in live), return_exceptions=True)
 
@@ -158,6 +164,9 @@ class Hypervisor:
         if memory > lim.max_memory:
             raise BadRequest(f"memory {memory} is above the daemon's maximum of {lim.max_memory}",
                              code="invalid_limit")
+        if spec.restart != "no" and (spec.ephemeral or spec.auto_remove):
+            raise BadRequest("a VM removed when it ends (--rm) cannot have a restart policy",
+                             code="invalid_restart_policy")
         if spec.ephemeral and any(d.mode == "cow" for d in spec.disks):
             raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have a cow disk (use ro, or a "
                              "VM that is not ephemeral)", code="invalid_disk")
@@ -289,13 +298,125 @@ class Hypervisor:
             self._request(vm, Control.TIMEOUT)
 
     async def start(self, vm: Vm) -> Vm:
+        """Start a created VM; an exited or stopped one runs again from its image with the same spec (as
+        ``docker start``): its console keeps the earlier output, its policy's restart count starts again."""
         async with vm.lock:
+            if vm.state.terminal:
+                self._cancel_restart(vm)
+                await self._rerun(vm, "start")
+                vm.restart_count, vm.backoff_streak, vm.user_stopped = 0, 0, False
+                await self.registry.save_now(vm)
+                return vm
             if vm.machine is None:
                 raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value}")
             self._transition(vm, VmState.RUNNING, "start")
             vm.started = time.time()
             self._dispatch(vm)
         return vm
+
+    async def _rerun(self, vm: Vm, action: str, restore: RestoreData | None = None) -> None:
+        """Under the VM's lock: a VM that ended gets a new machine from its image (or ``restore``, a snapshot
+        of it) and runs again, in the same record, directory and console."""
+        if self.closing:
+            raise ShuttingDown("microvmd is shutting down and starts no more VMs")
+        if vm.spec.ephemeral or vm.spec.auto_remove:
+            raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value} and removed when it ends")
+        img = self.images.resolve(vm.digest)
+        await vm.off_cpu()
+        if vm.machine is not None:
+            self._release(vm)
+        if vm.machine_closed is not None:  # the old store and its console descriptors are gone first
+            await asyncio.shield(vm.machine_closed)
+        vm.devices = DeviceSet()
+        vm.control, vm.waiting, vm.frozen, vm.snapshot_wanted = None, None, False, False
+        vm.fuel_consumed, vm.fuel_budget, vm.run_seconds = 0, vm.spec.fuel, 0.0
+        # the console appends to the earlier output (hook mode); file mode would truncate the logs
+        try:
+            for dev in self.devices:
+                await dev.attach(self, vm)
+            if restore is None:
+                await self.sched.on_io(self.builder.boot, vm, img)
+            else:
+                await self.sched.on_io(self.builder.restore, vm, img, restore)
+                try:
+                    vm.devices.restore(restore.devices)
+                except DeviceStateError as exc:
+                    raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
+                                        code="invalid_snapshot") from None
+        except BaseException:
+            vm.devices.close()
+            if vm.machine is not None:
+                self._release(vm)
+            raise
+        check_transition(vm.id, vm.state, VmState.RUNNING, action)
+        vm.log.info("%s -> running (%s, image %s)", vm.state.value, action, vm.image_name)
+        vm.state = VmState.RUNNING
+        vm.exit, vm.finished, vm.started = None, None, time.time()
+        vm.run_since = time.monotonic()
+        self._arm_timeout(vm)
+        self._save(vm)
+        vm.notify()
+        if vm.waiting is None or vm.waiting.ready():
+            self._dispatch(vm)
+
+    # ------------------------------------------------------------------ restart policies
+    def _cancel_restart(self, vm: Vm) -> None:
+        if vm.restart_handle is not None:
+            vm.restart_handle.cancel()
+            vm.restart_handle = None
+
+    def _maybe_restart(self, vm: Vm, code: int | None, why: ExitReason) -> None:
+        """After ``_finish``: the VM's policy may want it running again, after its back-off."""
+        if self.closing or why == ExitReason.MIGRATED or vm.spec.ephemeral or vm.spec.auto_remove:
+            return
+        failed = why != ExitReason.EXIT or (code or 0) != 0
+        if not vm.policy.after_exit(failed, vm.user_stopped, vm.restart_count):
+            return
+        ran = vm.exit.wall_time_s if vm.exit is not None else 0.0
+        if ran >= restart.RESET_AFTER:
+            vm.backoff_streak = 0
+        wait = restart.delay(vm.backoff_streak)
+        vm.backoff_streak += 1
+        vm.log.info("restarting in %.1f s (policy %s, restart %d)", wait, vm.policy, vm.restart_count + 1)
+        loop = asyncio.get_running_loop()
+        vm.restart_handle = loop.call_later(wait, lambda: loop.create_task(self._policy_restart(vm)))
+
+    async def _policy_restart(self, vm: Vm) -> None:
+        async with vm.lock:
+            if vm.restart_handle is None or vm not in self.registry or not vm.state.terminal:
+                return  # cancelled (start, stop, rm, shutdown) while it waited
+            vm.restart_handle = None
+            vm.restart_count += 1
+            try:
+                await self._rerun(vm, "restart")
+            except MicrovmError as exc:
+                vm.log.warning("restart by policy %s failed: %s", vm.policy, exc.message)
+                self._save(vm)
+
+    def restart_at_start(self) -> builtins.list[Vm]:
+        """At daemon start-up, once the API serves: the VMs whose policy wants them running again (docker's
+        rules for a daemon restart, restart.RestartPolicy.at_daemon_start) are started, in the background."""
+        chosen = []
+        for vm in self.registry.list(True):
+            if not vm.state.terminal or vm.spec.ephemeral or vm.spec.auto_remove:
+                continue
+            was_live = vm.exit is not None and vm.exit.reason == ExitReason.DAEMON_RESTART.wire()
+            if vm.policy.at_daemon_start(was_live, vm.user_stopped, vm.restart_count):
+                chosen.append(vm)
+        loop = asyncio.get_running_loop()
+        for vm in chosen:
+            vm.restart_handle = loop.call_later(0, lambda v=vm: loop.create_task(self._start_again(v)))  # type: ignore[misc]
+        return chosen
+
+    async def _start_again(self, vm: Vm) -> None:
+        async with vm.lock:
+            if vm.restart_handle is None or vm not in self.registry or not vm.state.terminal:
+                return
+            vm.restart_handle = None
+            try:
+                await self._rerun(vm, "daemon start")
+            except MicrovmError as exc:
+                vm.log.warning("cannot start again at daemon start (policy %s): %s", vm.policy, exc.message)
 
     def _dispatch(self, vm: Vm) -> None:
         if vm.on_cpu or vm.machine is None or vm.frozen:
@@ -481,12 +602,14 @@ class Hypervisor:
         vm.devices.close()
         if (vm.spec.auto_remove or vm.spec.ephemeral) and not self.closing:
             asyncio.get_running_loop().create_task(self._auto_remove(vm))
+        self._maybe_restart(vm, code, why)
 
     def _release(self, vm: Vm) -> None:
         """Free the store (and its linear memory) on an I/O thread."""
         machine, vm.machine = vm.machine, None
         if machine is not None:
-            asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine, vm, machine)
+            vm.machine_closed = asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine,
+                                                                           vm, machine)
 
     def _close_machine(self, vm: Vm, machine: Machine) -> None:
         """On an I/O thread: drop the store (closing the console files in file mode), check the log cap."""
@@ -516,10 +639,22 @@ class Hypervisor:
         return vm
 
     async def stop(self, vm: Vm) -> Vm:
-        return await self._end(vm, Control.STOP)
+        return await self._user_end(vm, Control.STOP)
 
     async def kill(self, vm: Vm) -> Vm:
-        return await self._end(vm, Control.KILL)
+        return await self._user_end(vm, Control.KILL)
+
+    async def _user_end(self, vm: Vm, how: Control) -> Vm:
+        """A user's stop or kill: its policy does not restart it (a restart waiting for its back-off is
+        dropped, and answered like a stop of a running VM)."""
+        if vm.state.terminal and vm.restart_handle is not None:
+            self._cancel_restart(vm)
+            vm.user_stopped = True
+            await self.registry.save_now(vm)
+            return vm
+        if vm.state.live:
+            vm.user_stopped = True
+        return await self._end(vm, how)
 
     async def _end(self, vm: Vm, how: Control) -> Vm:
         async with vm.lock:
@@ -584,10 +719,12 @@ class Hypervisor:
             if not force:
                 raise Conflict(f"VM {vm.id} is {vm.state.value}; stop it first or use force",
                                code="vm_running")
+            vm.user_stopped = True
             try:
                 await self._end(vm, Control.KILL)
             except InvalidState:
                 pass
+        self._cancel_restart(vm)
         self.registry.discard(vm)
         await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
         vm.devices.close()

@@ -29,8 +29,10 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     S.RUNNING: frozenset({S.PAUSED, S.OUT_OF_FUEL, S.EXITED, S.STOPPED}),
     S.PAUSED: frozenset({S.RUNNING, S.STOPPED}),
     S.OUT_OF_FUEL: frozenset({S.RUNNING, S.STOPPED}),
-    S.EXITED: frozenset(),
-    S.STOPPED: frozenset(),
+    # an ended VM runs again from its image (start, a restart policy) or from its own snapshot (resume
+    # after a daemon restart): a new machine in the same record
+    S.EXITED: frozenset({S.RUNNING}),
+    S.STOPPED: frozenset({S.RUNNING}),
 }
 
 

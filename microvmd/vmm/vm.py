@@ -13,6 +13,7 @@ from ..devices.base import DeviceSet
 from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
+from .restart import RestartPolicy
 from .state import Control, VmState
 
 
@@ -53,6 +54,7 @@ class VmSpec:
     auto_remove: bool = False
     ephemeral: bool = False  # no record, no console files (output kept in memory); gone when it ends
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
+    restart: str = "no"  # restart policy (vmm/restart.py)
 
     @classmethod
     def from_contract(cls, c: contract.VmSpec) -> VmSpec:
@@ -63,7 +65,7 @@ class VmSpec:
             disks=[DiskSpec(x.name, x.mode, _limiter(x.rate_limiter)) for x in c.disks],
             publish=[PublishSpec(x.guest_port, x.host_port, x.host_ip or "127.0.0.1") for x in c.publish],
             allow_egress=list(c.allow_egress), auto_remove=c.auto_remove, ephemeral=c.ephemeral,
-            net_rate_limiter=_limiter(c.net_rate_limiter),
+            net_rate_limiter=_limiter(c.net_rate_limiter), restart=c.restart,
         )
 
     @classmethod
@@ -114,6 +116,9 @@ class Vm:
         self.memory_bytes = 0
         self.peak_memory = 0
         self.snapshot_kind = "stopped_only"
+        self.policy = RestartPolicy.parse(spec.restart)
+        self.restart_count = 0     # restarts by the policy since the user last started it
+        self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
         self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
         # runtime (not persisted)
         self.machine: Machine | None = None
@@ -133,6 +138,9 @@ class Vm:
         self.frozen = False               # being captured: do not run it
         self.unwound_waiters: list[asyncio.Future[None]] = []
         self._off_cpu_waiters: list[asyncio.Future[None]] = []
+        self.restart_handle: asyncio.TimerHandle | None = None  # a policy restart waiting for its back-off
+        self.backoff_streak = 0           # restarts in a row after short runs (restart.delay)
+        self.machine_closed: asyncio.Future[None] | None = None  # the old store's close, before a re-run
 
     # ---------------------------------------------------------------- on and off a vCPU (event loop only)
     def enter_cpu(self) -> None:
@@ -201,6 +209,9 @@ class Vm:
             "devices": self.devices.to_api(),
             "snapshot_kind": self.snapshot_kind,
             "spec": spec,
+            "restart_policy": str(self.policy),
+            "restart_count": self.restart_count,
+            "restarting": self.restart_handle is not None,
         }
 
     def record(self) -> dict[str, Any]:
@@ -212,4 +223,5 @@ class Vm:
             "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,
+            "restart_count": self.restart_count, "user_stopped": self.user_stopped,
         }
