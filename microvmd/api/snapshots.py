@@ -8,14 +8,14 @@ from aiohttp import web
 from .. import contract
 from ..control import actions as a
 from . import codec
-from .server import Route, apply, body
+from .server import Route, apply, body, durable
 
 log = logging.getLogger("microvmd.api")
 
 
 async def snapshot_create(request: web.Request) -> web.StreamResponse:
     b = await body(request, contract.SnapshotCreate)
-    act = a.CreateSnapshot(request.match_info["ref"], b.name, b.diff)
+    act = a.CreateSnapshot(request.match_info["ref"], b.name, b.diff, durable(request))
     return codec.reply(request, contract.Snapshot, await apply(request, act), status=201)
 
 

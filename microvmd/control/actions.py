@@ -33,6 +33,7 @@ class ImportImage(Action):
     data: bytes
     name: str | None = None
     entry: str | None = None
+    durable: bool = True  # fsynced before the answer (durable=false: not)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class CreateVm(Action):
     spec: contract.VmSpec
     start: bool = False
     wait: bool = False  # answer once the VM has exited or run out of fuel (needs start)
+    durable: bool = True  # its record fsynced before the answer
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class CreateSnapshot(Action):
     ref: str
     name: str | None = None
     diff: bool = False
+    durable: bool = True  # pack and manifest fsynced before the answer
 
 
 @dataclass(frozen=True)

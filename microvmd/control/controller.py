@@ -86,7 +86,7 @@ class Controller:
     async def import_image(self, act: a.ImportImage) -> dict[str, Any]:
         if not act.data:
             raise BadRequest("empty body: send the module's bytes", code="empty_body")
-        return (await self.hv.import_image(act.data, act.name, act.entry)).to_api()
+        return (await self.hv.import_image(act.data, act.name, act.entry, act.durable)).to_api()
 
     @_applies(a.ListImages)
     async def list_images(self, _: a.ListImages) -> dict[str, Any]:
@@ -111,7 +111,7 @@ class Controller:
     async def create_vm(self, act: a.CreateVm) -> dict[str, Any]:
         if act.wait and not act.start:
             raise BadRequest("wait=true needs start=true", code="invalid_query")
-        vm = await self.hv.create(VmSpec.from_contract(act.spec), start=act.start)
+        vm = await self.hv.create(VmSpec.from_contract(act.spec), start=act.start, durable=act.durable)
         if act.wait:  # one round trip for a whole run: the answer carries the exit record
             await self.hv.wait(vm)
         return vm.to_api()
@@ -217,7 +217,7 @@ class Controller:
     # ------------------------------------------------------------------ snapshots and migration
     @_applies(a.CreateSnapshot)
     async def create_snapshot(self, act: a.CreateSnapshot) -> dict[str, Any]:
-        return await self.snapshots.create(self._vm(act.ref), act.name, act.diff)
+        return await self.snapshots.create(self._vm(act.ref), act.name, act.diff, act.durable)
 
     @_applies(a.ListSnapshots)
     async def list_snapshots(self, _: a.ListSnapshots) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import wasmtime
 
+from ..durable import sync_dir, sync_tree, write_atomic
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from . import wasmbin
 
@@ -103,7 +104,9 @@ class ImageStore:
         log.info("loaded %d images", len(self.images))
 
     # ------------------------------------------------------------------ import
-    def import_bytes(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
+    def import_bytes(self, data: bytes, name: str | None, entry: str | None = None, durable: bool = True) -> Image:
+        """Import a module; with ``durable`` its files, its directory and its name are on stable storage
+        before this returns."""
         if name is not None and not NAME_RE.match(name):
             raise BadRequest(f"invalid image name {name!r}: use letters, digits, '.', '_', '-' (max 128)",
                              code="invalid_name")
@@ -128,7 +131,7 @@ class ImageStore:
             if entry is not None and entry != existing.entry:
                 self.update_manifest(existing.digest, {"entry": entry})
             if name:
-                self._set_name(name, hexd)
+                self._set_name(name, hexd, durable)
             return existing
         try:
             info = wasmbin.parse(data)
@@ -151,7 +154,11 @@ class ImageStore:
             (tmp / "module.wasm").write_bytes(normalized)
             (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
             self._write_cache(hexd, module)
+            if durable:
+                sync_tree(tmp)
             os.replace(tmp, self.root / "blobs" / hexd)
+            if durable:
+                sync_dir(self.root / "blobs")
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -201,11 +208,9 @@ class ImageStore:
             source_format=source_format,
         )
 
-    def _set_name(self, name: str, hexd: str) -> None:
+    def _set_name(self, name: str, hexd: str, durable: bool = True) -> None:
         path = self.root / "names" / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(hexd)
-        os.replace(tmp, path)
+        write_atomic(path, hexd.encode(), path.with_name(f".{name}.tmp"), durable)
         with self._lock:
             old = self.names.get(name)
             if old and old in self.images and name in self.images[old].names:

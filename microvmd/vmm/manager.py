@@ -134,8 +134,9 @@ class Hypervisor:
         return self.registry.list(all_)
 
     # ------------------------------------------------------------------ images
-    async def import_image(self, data: bytes, name: str | None, entry: str | None = None) -> Image:
-        return await self.sched.on_io(self.images.import_bytes, data, name, entry)  # type: ignore[no-any-return]
+    async def import_image(self, data: bytes, name: str | None, entry: str | None = None,
+                           durable: bool = True) -> Image:
+        return await self.sched.on_io(self.images.import_bytes, data, name, entry, durable)  # type: ignore[no-any-return]
 
     async def remove_image(self, ref: str) -> Image:
         img = self.images.resolve(ref)
@@ -180,7 +181,8 @@ class Hypervisor:
                 raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
         return memory
 
-    async def create(self, spec: VmSpec, restore: RestoreData | None = None, start: bool = False) -> Vm:
+    async def create(self, spec: VmSpec, restore: RestoreData | None = None, start: bool = False,
+                     durable: bool = True) -> Vm:
         """Create (and with ``start``, start) a VM. A started VM is built and runs its first slice in one
         task on a vCPU worker: a short guest finishes without another thread hand-off."""
         if self.closing:  # stop_guests() has run or is running: a VM made now would never be stopped
@@ -206,7 +208,7 @@ class Hypervisor:
         # its first slice instead, and only if it is still alive then: a short run (hello) then has no file
         # system work competing with it for the GIL, and its final record is written with the next batch.
         fused = start and restore is None
-        record = None if fused else self.registry.save_soon(vm)
+        record = None if fused else self.registry.save_soon(vm, durable)
         first: SliceEnd | BaseException | None = None
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
@@ -248,7 +250,7 @@ class Hypervisor:
             self._transition(vm, VmState.RUNNING, "start", since=t_mono)
             self._on_slice_end(vm, first)
             if not vm.state.terminal:  # it lives on: durable before the API answers
-                await self.registry.save_now(vm)
+                await self.registry.save_now(vm, durable)
         elif start:
             await self.start(vm)
         return vm

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..durable import sync_dir, write_atomic
 from ..errors import Conflict, NotFound
 from .state import ExitReason, VmState
 from .vm import ExitRecord, Vm
@@ -34,7 +35,8 @@ class RecordStore(Protocol):
     def load(self) -> list[tuple[dict[str, Any], Path]]: ...   # on an I/O thread, at start-up
     def new_id(self) -> tuple[str, bool]: ...                   # (id, whether its directory exists already)
     def directory(self, vm_id: str) -> Path: ...
-    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[None]: ...  # in order
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]],
+                  durable: bool = True) -> asyncio.Future[None]: ...  # in order
     async def delete(self, vm: Vm) -> None: ...                 # after any write still queued for it
     async def close(self) -> None: ...
 
@@ -67,13 +69,16 @@ def _is_ready_dir(d: Path) -> bool:
         return False
 
 
-def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> None:
+def _write_records(batch: list[tuple[Path, dict[str, Any]]], durable: bool = True) -> None:
+    """Each record replaces the last whole; with ``durable`` it is fsynced with its directory (and a new
+    VM's directory with the directory of all VMs) before the write counts as done."""
     for d, rec in batch:
-        tmp = d / "vm.json.tmp"
         try:
+            new = not d.exists()
             d.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(rec))
-            os.replace(tmp, d / "vm.json")
+            write_atomic(d / "vm.json", json.dumps(rec).encode(), d / "vm.json.tmp", durable)
+            if durable and new:
+                sync_dir(d.parent)
         except OSError as exc:
             log.error("vm=%s cannot save its record: %s", rec.get("id", "?")[:12], exc)
 
@@ -115,8 +120,8 @@ class DirRecords:
     def directory(self, vm_id: str) -> Path:
         return self.root / vm_id
 
-    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[None]:
-        return asyncio.get_running_loop().run_in_executor(self._persist, _write_records, batch)
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]], durable: bool = True) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().run_in_executor(self._persist, _write_records, batch, durable)
 
     async def delete(self, vm: Vm) -> None:
         await asyncio.get_running_loop().run_in_executor(self._persist, shutil.rmtree, vm.dir, True)
@@ -240,16 +245,16 @@ class VmRegistry:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)
 
-    async def save_now(self, vm: Vm) -> None:
+    async def save_now(self, vm: Vm, durable: bool = True) -> None:
         """Write the VM's record and return once it is written (the API answers after it)."""
         if not vm.spec.ephemeral:
-            await self.records.write_now([(vm.dir, vm.record())])
+            await self.records.write_now([(vm.dir, vm.record())], durable)
 
-    def save_soon(self, vm: Vm) -> asyncio.Future[None] | None:
+    def save_soon(self, vm: Vm, durable: bool = True) -> asyncio.Future[None] | None:
         """Start writing the record now (awaited later, e.g. while the VM is built)."""
         if vm.spec.ephemeral:
             return None
-        return self.records.write_now([(vm.dir, vm.record())])
+        return self.records.write_now([(vm.dir, vm.record())], durable)
 
     def _flush(self) -> asyncio.Future[None]:
         self._flush_handle = None
