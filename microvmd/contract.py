@@ -484,6 +484,53 @@ class MigrateResult(Response):
     stats: MigrateStats
 
 
+# ================================================================== /v1/system
+class CheckProblem(Response):
+    kind: str      # image, image_name, snapshot, disk, vm
+    ref: str
+    path: str
+    problem: str
+    severity: Literal["error", "warning"]  # a warning (a dangling link) does not make the check unclean
+
+
+class CheckRepair(Response):
+    ref: str
+    action: str
+    kind: str | None = None
+    paths: list[str] = []
+
+
+class SystemCheck(Response):
+    """``POST /v1/system/check``: what was checked, what is wrong, and (``repair=true``) what was done."""
+
+    clean: bool
+    errors: int
+    checked: dict[str, int]
+    problems: list[CheckProblem]
+    repaired: list[CheckRepair]
+
+
+class SystemDf(Response):
+    """``GET /v1/system/df``: bytes allocated by each part of the state directory."""
+
+    images: dict[str, int]
+    snapshots: dict[str, int]
+    shared_chunks: dict[str, int]  # chunks more than one snapshot references, and the bytes that saves
+    disks: dict[str, int]
+    vms: dict[str, int]
+    total: int
+
+
+class SystemPrune(Response):
+    """``POST /v1/system/prune``: what was (``dry_run=true``: would be) removed."""
+
+    dry_run: bool
+    vms: list[str]
+    images: list[str]
+    packs: list[str]
+    freed_bytes: int
+
+
 # ================================================================== VM records (vm.json)
 class VmRecord(Struct):
     """What survives a daemon restart (``<state>/vms/<id>/vm.json``)."""

@@ -61,6 +61,7 @@ _NULL = _Null()
 COMMANDS = (
     "info", "version", "image", "run", "create", "start", "stop", "kill", "pause", "resume", "wait",
     "rm", "remove", "ps", "inspect", "logs", "fuel", "disk", "snapshot", "restore", "migrate", "fn",
+    "system",
 )
 GROUP_COMMANDS = {
     "image": ("import", "ls", "list", "inspect", "rm", "remove"),
@@ -68,6 +69,7 @@ GROUP_COMMANDS = {
     "disk": ("create", "ls", "list", "rm", "remove"),
     "snapshot": ("create", "ls", "list", "inspect", "rm", "remove", "export", "import"),
     "fn": ("deploy", "ls", "list", "invoke", "logs", "rm", "remove"),
+    "system": ("check", "df", "prune"),
 }
 _GROUPS = tuple(GROUP_COMMANDS)
 _VALUED_GLOBALS = ("--socket", "--token-file", "--tls-ca")
@@ -184,6 +186,22 @@ def build_parser(only: tuple[str, ...] | None = None):
         subs, "version", "version", "Show the client's version, and the daemon's when it is reachable.",
         "microvm version",
     )
+
+    _, ssubs = group(subs, "system", "Check, measure and prune the daemon's state directory.")
+    p = cmd(
+        ssubs, "check", "system_check",
+        "Check every image, snapshot (manifest, packs, chunks), disk and VM record, and the links between "
+        "them; exit 1 when something is damaged.",
+        ["microvm system check", "microvm system check --repair"],
+    )
+    p.add_argument("--repair", action="store_true",
+                   help="move what is damaged aside (under STATE/lost+found/) and say what was done")
+    cmd(ssubs, "df", "system_df", "Show the space used by images, snapshots, shared chunks, disks and VMs.",
+        "microvm system df")
+    p = cmd(ssubs, "prune", "system_prune",
+            "Remove ended VMs, images nothing uses and snapshot packs no snapshot references.",
+            ["microvm system prune --dry-run", "microvm system prune"])
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
     # --- images ---------------------------------------------------------------------------------------
     _, isubs = group(subs, "image", "Manage images (compiled WebAssembly modules).")

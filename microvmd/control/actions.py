@@ -27,6 +27,21 @@ class GetVersion(Action):
     pass
 
 
+@dataclass(frozen=True)
+class CheckSystem(Action):
+    repair: bool = False
+
+
+@dataclass(frozen=True)
+class SpaceUsage(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class Prune(Action):
+    dry_run: bool = False
+
+
 # ------------------------------------------------------------------ images
 @dataclass(frozen=True)
 class ImportImage(Action):

@@ -22,6 +22,7 @@ from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import Vm, VmSpec
 from . import actions as a
+from .system import System
 
 A = TypeVar("A", bound=a.Action)
 Apply = Callable[[Any, Any], Awaitable[Any]]
@@ -40,6 +41,7 @@ class Controller:
     def __init__(self, hv: Hypervisor, snapshots: Snapshots) -> None:
         self.hv = hv
         self.snapshots = snapshots
+        self.system = System(hv, snapshots)
 
     async def apply(self, action: a.Action) -> Any:
         """Apply one action; MicrovmError (with its status and code) when it cannot be done."""
@@ -80,6 +82,18 @@ class Controller:
     @_applies(a.GetVersion)
     async def version(self, _: a.GetVersion) -> dict[str, Any]:
         return {"version": __version__, "wasmtime_version": wt.WASMTIME_VERSION, "api_version": "v1"}
+
+    @_applies(a.CheckSystem)
+    async def check_system(self, act: a.CheckSystem) -> dict[str, Any]:
+        return await self.system.check(act.repair)
+
+    @_applies(a.SpaceUsage)
+    async def space_usage(self, _: a.SpaceUsage) -> dict[str, Any]:
+        return await self.system.df()
+
+    @_applies(a.Prune)
+    async def prune(self, act: a.Prune) -> dict[str, Any]:
+        return await self.system.prune(act.dry_run)
 
     # ------------------------------------------------------------------ images
     @_applies(a.ImportImage)
