@@ -551,6 +551,7 @@ class VmRecord(Struct):
     snapshot_kind: Literal["asyncify", "stopped_only"] = "stopped_only"
     restart_count: int = 0
     user_stopped: bool = False  # stopped or killed by a user: no policy restarts it (unless-stopped: ever)
+    suspended_to: str | None = None  # the snapshot a clean daemon stop took of it, resumed at the next start
 
 
 # ================================================================== decoding

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..devices.blk import BlkState, BlockDevice
 from ..engine import wt
-from ..errors import BadRequest, Conflict, NotFound, Unprocessable
+from ..errors import BadRequest, Conflict, MicrovmError, NotFound, Unprocessable
 from ..vmm.builder import RestoreData
 from ..vmm.machine import NotSnapshottable
 from ..vmm.manager import Hypervisor
@@ -328,18 +328,7 @@ class Snapshots:
         spec.name = new_name
         spec.auto_remove = spec.ephemeral = False
         made = await self._restore_disks(m, spec)
-        refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
-
-        def zero_chunks(limit: int) -> list[int]:
-            return [i for i, r in enumerate(refs) if r is None and i * CHUNK < limit]
-
-        data = RestoreData(memory_size=size, load=lambda addr, n: st.map_into(refs, n, addr, packs),
-                           zero_chunks=zero_chunks,
-                           globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
-                           unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
-                           fuel_budget=m["vm"].get("fuel_budget"),
-                           devices=m.get("devices") if isinstance(m.get("devices"), dict) else {},
-                           tables=m.get("tables") or {})
+        data = self._restore_data(m)
         try:
             vm = await hv.create(spec, restore=data)
         except BaseException:
@@ -350,6 +339,93 @@ class Snapshots:
         if start:
             await hv.start(vm)
         return vm
+
+    def _restore_data(self, m: dict[str, Any]) -> RestoreData:
+        st = self.store
+        refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
+        devices = m.get("devices")
+
+        def zero_chunks(limit: int) -> list[int]:
+            return [i for i, r in enumerate(refs) if r is None and i * CHUNK < limit]
+
+        return RestoreData(memory_size=size, load=lambda addr, n: st.map_into(refs, n, addr, packs),
+                           zero_chunks=zero_chunks,
+                           globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
+                           unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
+                           fuel_budget=m["vm"].get("fuel_budget"),
+                           devices=devices if isinstance(devices, dict) else {},
+                           tables=m.get("tables") or {})
+
+    # ------------------------------------------------------------------ suspend on a clean stop, resume
+    async def suspend_all(self, vms: list[Vm]) -> None:
+        """At a clean daemon stop (Hypervisor.stop_guests): each VM is snapshotted (durably) and ended with
+        reason ``suspended``, its record naming the snapshot. One that cannot be snapshotted (no Asyncify, no
+        suspension point in time) is left running: stop_guests stops it, and its policy starts it again from
+        its image at the next start."""
+        t0 = time.monotonic()
+        done = 0
+        for vm in vms:
+            try:
+                await self.suspend(vm)
+                done += 1
+            except MicrovmError as exc:
+                log.info("vm=%s not suspended (%s): it starts again from its image", vm.id[:12], exc.message)
+        if vms:
+            log.info("suspended %d of %d VMs in %.1f ms", done, len(vms), (time.monotonic() - t0) * 1000)
+
+    async def suspend(self, vm: Vm) -> str:
+        hv = self.hv
+        if vm.snapshot_kind != "asyncify":
+            raise Conflict(f"VM {vm.id} has no Asyncify support", code="not_snapshottable")
+        name = f"suspend-{vm.id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        lock = self._vm_locks.setdefault(vm.id, asyncio.Lock())
+        async with lock, self.write_lock:
+            writer = await hv.sched.on_io(PackWriter, self.store)
+            try:
+                async with vm.lock:  # stays frozen from the capture to its end: nothing runs after the image
+                    manifest, memory, _ = await self.capture(vm, name, writer, diff=False, thaw=False,
+                                                              copy_memory=False)
+                    try:
+                        await self._persist(vm, manifest, memory, None, writer, True)
+                    finally:
+                        self._parents.pop(vm.id, None)  # (a view of guest memory, not a copy to keep)
+                    hv.end_suspended(vm, name)
+            except BaseException:
+                await hv.sched.on_io(writer.abort)
+                if vm.frozen and not vm.state.terminal:
+                    hv.thaw(vm)
+                raise
+        return name
+
+    async def resume_suspended(self) -> None:
+        """At start-up, once the API serves: every VM suspended by the last clean stop runs again from its
+        snapshot, in its own record and console (published ports bound again as it is attached); the
+        snapshot is removed once it has. One that cannot be resumed starts again from its image."""
+        hv = self.hv
+        vms = [vm for vm in hv.list(True) if vm.suspended_to and vm.state.terminal]
+        resumed = 0
+        for vm in vms:
+            name = vm.suspended_to
+            assert name is not None
+            try:
+                m = await hv.sched.on_io(self.store.load_manifest, name)
+                async with vm.lock:
+                    if vm.state.terminal and vm.suspended_to == name:
+                        await hv.rerun(vm, "resume", restore=self._restore_data(m))
+                        resumed += 1
+            except MicrovmError as exc:
+                log.warning("vm=%s cannot be resumed from %s (%s): starting it from its image", vm.id[:12],
+                            name, exc.message)
+                vm.suspended_to = None
+                hv.restart_at_start([vm])
+                continue
+            try:
+                await self.remove(name)
+            except MicrovmError:
+                pass
+        if vms:
+            log.info("resumed %d of %d suspended VMs, the last %.1f ms after start-up began", resumed, len(vms),
+                     (time.monotonic() - hv.started_mono) * 1000)
 
     async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> list[str]:
         """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""

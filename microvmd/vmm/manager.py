@@ -12,7 +12,7 @@ import builtins
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ class Hypervisor:
         self.vms = self.registry.vms  # (read-only use elsewhere: the registry adds and removes)
         self.builder = Builder(cfg, self.engine, self.linker, self.images)
         self.started = time.time()
+        self.started_mono = time.monotonic()
         self.fuel_total_finished = 0
         self.closing = False
         self.on_remove: list[Callable[[Vm], None]] = []
@@ -98,6 +99,7 @@ class Hypervisor:
         vm.peak_memory = rec.peak_memory
         vm.snapshot_kind = rec.snapshot_kind
         vm.restart_count, vm.user_stopped = rec.restart_count, rec.user_stopped
+        vm.suspended_to = rec.suspended_to
         return vm
 
     async def shutdown(self) -> None:
@@ -107,13 +109,16 @@ class Hypervisor:
         await self.close()
         self.sched.close()
 
-    async def stop_guests(self) -> None:
+    async def stop_guests(self, suspend: Callable[[builtins.list[Vm]], Awaitable[None]] | None = None) -> None:
         """From now on create() refuses (503 shutting_down); every live VM is stopped (reason stopped, not
         daemon_restart at the next start), which also answers the requests waiting for one. Restarts waiting
         for their back-off are dropped (the next daemon applies the policies again)."""
         self.closing = True
         for vm in self.vms.values():
             self._cancel_restart(vm)
+        if suspend is not None:  # first, those whose policy keeps them running: snapshotted, then ended
+            await suspend([vm for vm in self.vms.values()
+                           if vm.state in (VmState.RUNNING, VmState.PAUSED) and vm.policy.keeps_running])
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._end(vm, Control.STOP) for vm in live), return_exceptions=True)
 
@@ -305,7 +310,7 @@ class Hypervisor:
         async with vm.lock:
             if vm.state.terminal:
                 self._cancel_restart(vm)
-                await self._rerun(vm, "start")
+                await self.rerun(vm, "start")
                 vm.restart_count, vm.backoff_streak, vm.user_stopped = 0, 0, False
                 await self.registry.save_now(vm)
                 return vm
@@ -316,7 +321,7 @@ class Hypervisor:
             self._dispatch(vm)
         return vm
 
-    async def _rerun(self, vm: Vm, action: str, restore: RestoreData | None = None) -> None:
+    async def rerun(self, vm: Vm, action: str, restore: RestoreData | None = None) -> None:
         """Under the VM's lock: a VM that ended gets a new machine from its image (or ``restore``, a snapshot
         of it) and runs again, in the same record, directory and console."""
         if self.closing:
@@ -354,6 +359,7 @@ class Hypervisor:
         vm.log.info("%s -> running (%s, image %s)", vm.state.value, action, vm.image_name)
         vm.state = VmState.RUNNING
         vm.exit, vm.finished, vm.started = None, None, time.time()
+        vm.suspended_to = None  # (a resume used it; any other run makes it stale)
         vm.run_since = time.monotonic()
         self._arm_timeout(vm)
         self._save(vm)
@@ -390,18 +396,18 @@ class Hypervisor:
             vm.restart_handle = None
             vm.restart_count += 1
             try:
-                await self._rerun(vm, "restart")
+                await self.rerun(vm, "restart")
             except MicrovmError as exc:
                 vm.log.warning("restart by policy %s failed: %s", vm.policy, exc.message)
                 self._save(vm)
 
-    def restart_at_start(self) -> builtins.list[Vm]:
+    def restart_at_start(self, only: builtins.list[Vm] | None = None) -> builtins.list[Vm]:
         """At daemon start-up, once the API serves: the VMs whose policy wants them running again (docker's
         rules for a daemon restart, restart.RestartPolicy.at_daemon_start) are started, in the background."""
         chosen = []
-        for vm in self.registry.list(True):
-            if not vm.state.terminal or vm.spec.ephemeral or vm.spec.auto_remove:
-                continue
+        for vm in self.registry.list(True) if only is None else only:
+            if not vm.state.terminal or vm.spec.ephemeral or vm.spec.auto_remove or vm.suspended_to:
+                continue  # (a suspended VM is resumed from its snapshot by the snapshot controller)
             was_live = vm.exit is not None and vm.exit.reason == ExitReason.DAEMON_RESTART.wire()
             if vm.policy.at_daemon_start(was_live, vm.user_stopped, vm.restart_count):
                 chosen.append(vm)
@@ -416,7 +422,7 @@ class Hypervisor:
                 return
             vm.restart_handle = None
             try:
-                await self._rerun(vm, "daemon start")
+                await self.rerun(vm, "daemon start")
             except MicrovmError as exc:
                 vm.log.warning("cannot start again at daemon start (policy %s): %s", vm.policy, exc.message)
 
@@ -570,6 +576,13 @@ class Hypervisor:
             self._apply_control(vm)
         if vm.state == VmState.RUNNING:
             self._dispatch(vm)
+
+    def end_suspended(self, vm: Vm, snapshot: str) -> None:
+        """Snapshotted at a clean daemon stop: it ends here (reason ``suspended``); the next daemon resumes it
+        from ``snapshot`` in the same record."""
+        vm.frozen = False
+        vm.suspended_to = snapshot
+        self._finish(vm, None, ExitReason.SUSPENDED)
 
     def end_migrated(self, vm: Vm) -> None:
         """The VM runs on another daemon now: it ends here (reason ``migrated``) without running again."""

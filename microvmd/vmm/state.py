@@ -54,6 +54,7 @@ class ExitReason(StrEnum):
     STACK_OVERFLOW = "stack_overflow"
     TRAP = "trap"
     MIGRATED = "migrated"
+    SUSPENDED = "suspended"  # snapshotted at a clean daemon stop; the next daemon resumes it from there
     DAEMON_RESTART = "daemon_restart"
 
     def wire(self, detail: str | None = None) -> str:

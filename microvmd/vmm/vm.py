@@ -119,6 +119,7 @@ class Vm:
         self.policy = RestartPolicy.parse(spec.restart)
         self.restart_count = 0     # restarts by the policy since the user last started it
         self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
+        self.suspended_to: str | None = None  # snapshot taken at a clean daemon stop, to resume it from
         self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
         # runtime (not persisted)
         self.machine: Machine | None = None
@@ -224,4 +225,5 @@ class Vm:
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,
             "restart_count": self.restart_count, "user_stopped": self.user_stopped,
+            "suspended_to": self.suspended_to,
         }
