@@ -114,10 +114,14 @@ class VmSpec(Request):
     net_rate_limiter: RateLimiter | None = None
     restart: Annotated[str, Meta(pattern=RESTART_PATTERN,
                                  description="no, on-failure[:N], always or unless-stopped (docker's meanings)")] = "no"
+    checkpoint_interval: Annotated[float, Meta(ge=0.05, le=86400.0, description="seconds between checkpoints "
+                                                "(diff snapshots; a crashed daemon resumes the VM from the last)")] \
+        | None = None
 
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
                                              "memory": "invalid_limit", "timeout": "invalid_limit",
-                                             "restart": "invalid_restart_policy"}
+                                             "restart": "invalid_restart_policy",
+                                             "checkpoint_interval": "invalid_checkpoint_interval"}
     error_hints: ClassVar[dict[str, str]] = {
         "name": "invalid VM name: 1-128 characters without '/', control characters or bidi overrides, "
                 "and not '.' or '..'",
@@ -404,6 +408,7 @@ class Vm(Response):
     restart_count: Annotated[int, Meta(description="restarts by the policy since the user last started it")] = 0
     restarting: Annotated[bool, Meta(description="ended, and to be restarted by its policy after a back-off")] \
         = False
+    checkpoint: Annotated[str | None, Meta(description="its last checkpoint (a snapshot name)")] = None
 
 
 class VmList(Response):
@@ -552,6 +557,7 @@ class VmRecord(Struct):
     restart_count: int = 0
     user_stopped: bool = False  # stopped or killed by a user: no policy restarts it (unless-stopped: ever)
     suspended_to: str | None = None  # the snapshot a clean daemon stop took of it, resumed at the next start
+    checkpoint: str | None = None  # its last checkpoint (--checkpoint-interval), resumed after a crash
 
 
 # ================================================================== decoding

@@ -157,6 +157,7 @@ async def serve(cfg: Config) -> int:
     snaps = Snapshots(hv)
     await snaps.startup()
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
+    hv.on_remove.append(snaps.checkpoints.removed)
     token = remote.load_token(cfg)
     app = make_app(Controller(hv, snaps), api_routes(hv), [remote.token_middleware(token)] if token else None)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
@@ -187,6 +188,7 @@ async def serve(cfg: Config) -> int:
     if again:
         log.info("starting %d VMs again by their restart policies", len(again))
     resuming = asyncio.get_running_loop().create_task(snaps.resume_suspended())
+    snaps.checkpoints.start()  # --checkpoint-interval (snapshot/checkpoints.py)
     notifier.ready(f"serving on {where}")
     notifier.start_watchdog()
 

@@ -239,6 +239,11 @@ def build_parser(only: tuple[str, ...] | None = None):
             help="no (default), on-failure[:N], always or unless-stopped: restart the VM when it ends "
             "(as docker; a user's stop or kill is not restarted)",
         )
+        g.add_argument(
+            "--checkpoint-interval", metavar="DURATION",
+            help="snapshot the running VM this often (diff snapshots); after a crash of the daemon, "
+            "--restart always|unless-stopped resumes it from the last one",
+        )
         g.add_argument("--fuel", metavar="N", help="instruction budget in fuel units (10M, 2G accepted)")
         g.add_argument("--memory", metavar="SIZE", help="memory limit (65536, 64KiB, 64MiB, 1GiB)")
         g.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (250ms, 10s, 2m)")

@@ -162,6 +162,11 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
             raise UsageError(f"--restart: {e}") from None
         if ephemeral and extra["restart"] != "no":
             raise UsageError("--restart cannot be combined with --rm")
+    if getattr(ns, "checkpoint_interval", None) is not None:
+        every = _convert(parse_duration, ns.checkpoint_interval, "--checkpoint-interval")
+        if every < 0.05:
+            raise UsageError(f"--checkpoint-interval {ns.checkpoint_interval!r}: at least 50ms")
+        extra["checkpoint_interval"] = every
     return {**extra,
         "image": ns.image,
         "name": getattr(ns, "name", None),

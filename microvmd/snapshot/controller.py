@@ -81,6 +81,8 @@ class Snapshots:
         self.write_lock = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
         self._background: set[asyncio.Future[None]] = set()
+        from .checkpoints import Checkpointer  # (it uses this class)
+        self.checkpoints = Checkpointer(self)
 
     async def startup(self) -> None:
         if self.hv.cfg.engine.dirty_tracking:
@@ -358,6 +360,7 @@ class Snapshots:
 
     # ------------------------------------------------------------------ suspend on a clean stop, resume
     async def suspend_all(self, vms: list[Vm]) -> None:
+        await self.checkpoints.stop()  # (no checkpoint of a VM being suspended)
         """At a clean daemon stop (Hypervisor.stop_guests): each VM is snapshotted (durably) and ended with
         reason ``suspended``, its record naming the snapshot. One that cannot be snapshotted (no Asyncify, no
         suspension point in time) is left running: stop_guests stops it, and its policy starts it again from
@@ -402,29 +405,36 @@ class Snapshots:
         snapshot, in its own record and console (published ports bound again as it is attached); the
         snapshot is removed once it has. One that cannot be resumed starts again from its image."""
         hv = self.hv
-        vms = [vm for vm in hv.list(True) if vm.suspended_to and vm.state.terminal]
+        # suspended by a clean stop; or, after a crash, checkpointed and kept running by its policy
+        vms = [vm for vm in hv.list(True) if vm.state.terminal and (vm.suspended_to or (
+            vm.checkpoint and hv.ended_by_crash(vm)
+            and vm.policy.at_daemon_start(True, vm.user_stopped, vm.restart_count)))]
         resumed = 0
         for vm in vms:
-            name = vm.suspended_to
+            name = vm.suspended_to or vm.checkpoint
             assert name is not None
+            suspended = vm.suspended_to is not None
             try:
                 m = await hv.sched.on_io(self.store.load_manifest, name)
                 async with vm.lock:
-                    if vm.state.terminal and vm.suspended_to == name:
-                        await hv.rerun(vm, "resume", restore=self._restore_data(m))
+                    if vm.state.terminal and name in (vm.suspended_to, vm.checkpoint):
+                        await hv.rerun(vm, "resume" if suspended else "resume from checkpoint",
+                                       restore=self._restore_data(m))
                         resumed += 1
             except MicrovmError as exc:
                 log.warning("vm=%s cannot be resumed from %s (%s): starting it from its image", vm.id[:12],
                             name, exc.message)
-                vm.suspended_to = None
+                vm.suspended_to = vm.checkpoint = None
                 hv.restart_at_start([vm])
                 continue
-            try:
-                await self.remove(name)
-            except MicrovmError:
-                pass
+            if suspended:
+                try:
+                    await self.remove(name)
+                except MicrovmError:
+                    pass
         if vms:
-            log.info("resumed %d of %d suspended VMs, the last %.1f ms after start-up began", resumed, len(vms),
+            log.info("resumed %d of %d suspended or checkpointed VMs, the last %.1f ms after start-up began",
+                     resumed, len(vms),
                      (time.monotonic() - hv.started_mono) * 1000)
 
     async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> list[str]:

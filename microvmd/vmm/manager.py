@@ -99,7 +99,7 @@ class Hypervisor:
         vm.peak_memory = rec.peak_memory
         vm.snapshot_kind = rec.snapshot_kind
         vm.restart_count, vm.user_stopped = rec.restart_count, rec.user_stopped
-        vm.suspended_to = rec.suspended_to
+        vm.suspended_to, vm.checkpoint = rec.suspended_to, rec.checkpoint
         return vm
 
     async def shutdown(self) -> None:
@@ -170,6 +170,9 @@ class Hypervisor:
         if memory > lim.max_memory:
             raise BadRequest(f"memory {memory} is above the daemon's maximum of {lim.max_memory}",
                              code="invalid_limit")
+        if spec.checkpoint_interval is not None and spec.ephemeral:
+            raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have checkpoints",
+                             code="invalid_checkpoint_interval")
         if spec.restart != "no" and (spec.ephemeral or spec.auto_remove):
             raise BadRequest("a VM removed when it ends (--rm) cannot have a restart policy",
                              code="invalid_restart_policy")
@@ -360,6 +363,8 @@ class Hypervisor:
         vm.state = VmState.RUNNING
         vm.exit, vm.finished, vm.started = None, None, time.time()
         vm.suspended_to = None  # (a resume used it; any other run makes it stale)
+        if restore is None:
+            vm.checkpoint = None  # a run from the image: the last run's checkpoints are stale
         vm.run_since = time.monotonic()
         self._arm_timeout(vm)
         self._save(vm)
@@ -408,13 +413,20 @@ class Hypervisor:
         for vm in self.registry.list(True) if only is None else only:
             if not vm.state.terminal or vm.spec.ephemeral or vm.spec.auto_remove or vm.suspended_to:
                 continue  # (a suspended VM is resumed from its snapshot by the snapshot controller)
-            was_live = vm.exit is not None and vm.exit.reason == ExitReason.DAEMON_RESTART.wire()
+            was_live = self.ended_by_crash(vm)
+            if was_live and vm.checkpoint and only is None:
+                continue  # (resumed from its last checkpoint by the snapshot controller, if its policy says so)
             if vm.policy.at_daemon_start(was_live, vm.user_stopped, vm.restart_count):
                 chosen.append(vm)
         loop = asyncio.get_running_loop()
         for vm in chosen:
             vm.restart_handle = loop.call_later(0, lambda v=vm: loop.create_task(self._start_again(v)))  # type: ignore[misc]
         return chosen
+
+    @staticmethod
+    def ended_by_crash(vm: Vm) -> bool:
+        """It was live when the previous daemon went away without a clean stop (kill -9, power loss)."""
+        return vm.exit is not None and vm.exit.reason == ExitReason.DAEMON_RESTART.wire()
 
     async def _start_again(self, vm: Vm) -> None:
         async with vm.lock:

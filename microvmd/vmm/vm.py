@@ -55,6 +55,7 @@ class VmSpec:
     ephemeral: bool = False  # no record, no console files (output kept in memory); gone when it ends
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
     restart: str = "no"  # restart policy (vmm/restart.py)
+    checkpoint_interval: float | None = None  # seconds between checkpoints (snapshot/checkpoints.py)
 
     @classmethod
     def from_contract(cls, c: contract.VmSpec) -> VmSpec:
@@ -66,6 +67,7 @@ class VmSpec:
             publish=[PublishSpec(x.guest_port, x.host_port, x.host_ip or "127.0.0.1") for x in c.publish],
             allow_egress=list(c.allow_egress), auto_remove=c.auto_remove, ephemeral=c.ephemeral,
             net_rate_limiter=_limiter(c.net_rate_limiter), restart=c.restart,
+            checkpoint_interval=c.checkpoint_interval,
         )
 
     @classmethod
@@ -120,6 +122,7 @@ class Vm:
         self.restart_count = 0     # restarts by the policy since the user last started it
         self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
         self.suspended_to: str | None = None  # snapshot taken at a clean daemon stop, to resume it from
+        self.checkpoint: str | None = None    # its last checkpoint, to resume it from after a crash
         self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
         # runtime (not persisted)
         self.machine: Machine | None = None
@@ -213,6 +216,7 @@ class Vm:
             "restart_policy": str(self.policy),
             "restart_count": self.restart_count,
             "restarting": self.restart_handle is not None,
+            "checkpoint": self.checkpoint,
         }
 
     def record(self) -> dict[str, Any]:
@@ -225,5 +229,5 @@ class Vm:
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,
             "restart_count": self.restart_count, "user_stopped": self.user_stopped,
-            "suspended_to": self.suspended_to,
+            "suspended_to": self.suspended_to, "checkpoint": self.checkpoint,
         }

@@ -33,7 +33,7 @@ def test_a_clean_stop_suspends_and_the_next_start_resumes(make_daemon: Callable[
     assert c["state"] == "running" and c["restart_count"] == 0
     assert d.get("n")["state"] == "stopped"
     assert d.get("s")["state"] == "running"  # started again from its image
-    assert re.search(r"resumed 1 of 1 suspended VMs, the last [0-9.]+ ms after start-up began", d.log()), d.log()
+    assert re.search(r"resumed 1 of 1 suspended or checkpointed VMs, the last [0-9.]+ ms after start-up began", d.log()), d.log()
     assert not any(s["name"].startswith("suspend-") for s in d.ok("GET", "/v1/snapshots")["snapshots"])
     assert d.cli("system", "check").returncode == 0
 
