@@ -8,7 +8,7 @@ from aiohttp import web
 from .. import contract
 from ..control import actions as a
 from . import codec
-from .server import Route, apply, body, durable
+from .server import Route, _bool, apply, body, durable
 
 log = logging.getLogger("microvmd.api")
 
@@ -20,7 +20,7 @@ async def snapshot_create(request: web.Request) -> web.StreamResponse:
 
 
 async def snapshot_list(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.SnapshotList, await apply(request, a.ListSnapshots()))
+    return codec.reply(request, contract.SnapshotList, await apply(request, a.ListSnapshots(_bool(request, "all"))))
 
 
 async def snapshot_get(request: web.Request) -> web.StreamResponse:
@@ -79,7 +79,8 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/vms/{ref}/snapshots", snapshot_create,
           "Snapshot a VM (name, diff); a running Asyncify guest is taken at its next suspension point",
           request=contract.SnapshotCreate, response=contract.Snapshot, status=201, tag="snapshots"),
-    Route("GET", "/v1/snapshots", snapshot_list, "List snapshots", response=contract.SnapshotList, tag="snapshots"),
+    Route("GET", "/v1/snapshots", snapshot_list, "List snapshots; query: all=true also lists the VMs' checkpoints",
+          response=contract.SnapshotList, tag="snapshots"),
     Route("GET", "/v1/snapshots/{name}", snapshot_get, "Inspect a snapshot", response=contract.Snapshot,
           tag="snapshots"),
     Route("DELETE", "/v1/snapshots/{name}", snapshot_rm, "Remove a snapshot", status=204, tag="snapshots"),

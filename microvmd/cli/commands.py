@@ -742,7 +742,8 @@ def cmd_snapshot_create(ctx: Ctx, ns) -> int:
 
 
 def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/snapshots", answer=contract.SnapshotList)
+    answer = ctx.api.get("/v1/snapshots", query={"all": "true"} if getattr(ns, "all", False) else None,
+                         answer=contract.SnapshotList)
     if ctx.json:
         ctx.emit(answer)
         return 0

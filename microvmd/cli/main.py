@@ -362,7 +362,9 @@ def build_parser(only: tuple[str, ...] | None = None):
     p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
     p.add_argument("--name", help="snapshot name (default: chosen by the daemon)")
     p.add_argument("--diff", action="store_true", help="store only what changed since the previous snapshot")
-    cmd(ssubs, "ls", "snapshot_ls", "List snapshots.", "microvm snapshot ls", aliases=["list"])
+    p = cmd(ssubs, "ls", "snapshot_ls", "List snapshots.", "microvm snapshot ls", aliases=["list"])
+    p.add_argument("-a", "--all", action="store_true",
+                   help="also the VMs' checkpoints (--checkpoint-interval; each replaces the one before)")
     p = cmd(ssubs, "inspect", "snapshot_inspect", "Show snapshots as JSON.", "microvm snapshot inspect web-1")
     p.add_argument("refs", metavar="SNAP", nargs="+")
     p = cmd(ssubs, "rm", "snapshot_rm", "Remove snapshots.", "microvm snapshot rm web-1", aliases=["remove"])

@@ -190,7 +190,7 @@ class CreateSnapshot(Action):
 
 @dataclass(frozen=True)
 class ListSnapshots(Action):
-    pass
+    all: bool = False  # also the VMs' checkpoints (they are replaced every --checkpoint-interval)
 
 
 @dataclass(frozen=True)

@@ -234,8 +234,11 @@ class Controller:
         return await self.snapshots.create(self._vm(act.ref), act.name, act.diff, act.durable)
 
     @_applies(a.ListSnapshots)
-    async def list_snapshots(self, _: a.ListSnapshots) -> dict[str, Any]:
-        return {"snapshots": await self.snapshots.list_all()}
+    async def list_snapshots(self, act: a.ListSnapshots) -> dict[str, Any]:
+        found = await self.snapshots.list_all()
+        if not act.all:  # a VM's checkpoints are its own, shown by inspect (checkpoint) and by ?all=true
+            found = [s for s in found if not s["name"].startswith(f"ckpt-{s['vm']['id'][:12]}-")]
+        return {"snapshots": found}
 
     @_applies(a.GetSnapshot)
     async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:
