@@ -116,7 +116,7 @@ def build_parser(only: tuple[str, ...] | None = None):
         description="Manage WebAssembly micro-VMs through the microvmd daemon.",
         epilog="Examples:\n"
         "  microvm run images/hello/hello.wasm\n"
-        "  microvm run -d --name web --memory 64MiB --publish 8080:8000 server\n"
+        "  microvm run -d --name web --memory 64MiB --publish 8080:8000 echo\n"
         "  microvm ps -a\n\n"
         "Global options may also follow the command (microvm ps --json).\n"
         "Run 'microvm COMMAND --help' for more about a command.",
@@ -276,7 +276,7 @@ def build_parser(only: tuple[str, ...] | None = None):
         [
             "microvm run images/hello/hello.wasm world",
             "microvm run --rm --fuel 10M --memory 64MiB --timeout 10s --dir .::/data:ro app -- --verbose",
-            "microvm run -d --name web --publish 8080:8000 server",
+            "microvm run -d --name web --publish 8080:8000 echo",
         ],
         description="Create a VM from IMAGE (or upload FILE.wasm first) and start it.\n\n"
         "Attached (the default) it streams the guest's stdout/stderr and exits with the guest's exit\n"

@@ -121,3 +121,11 @@ def test_policies_across_a_daemon_restart(make_daemon: Callable[..., Daemon]) ->
     states = {n: json.loads(d.mv("--json", "inspect", n))["state"] for n in ("a", "u", "us", "as", "n")}
     # docker: always comes back even when the user had stopped it; unless-stopped does not; no never does
     assert states == {"a": "running", "u": "running", "us": "stopped", "as": "running", "n": "stopped"}, states
+
+
+def test_migrate_to_a_daemon_that_is_down_says_so_plainly(daemon: Daemon, tmp_path: Any) -> None:
+    name = uname("mig")
+    daemon.mv("create", "--name", name, "hello")
+    r = daemon.cli("migrate", name, "--to", f"unix://{tmp_path}/nobody.sock")
+    assert r.returncode == 125 and "ssl:default" not in r.stderr, r.stderr
+    assert "No such file or directory" in r.stderr and "start it with" in r.stderr, r.stderr
