@@ -100,13 +100,14 @@ def main() -> int:
     ap.add_argument("--vms", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="a short smoke run (5 VMs, 2 s)")
-    ap.add_argument("--json", help="(accepted for run_all.py; nothing is written)")
+    ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args()
     if a.quick:
         a.vms, a.seconds = 5, 2.0
     c.emit(f"# bench_outlive: {a.vms} idle VMs suspended and resumed; checkpoint cost over {a.seconds:g} s")
     rows = suspend_resume(a.vms) + checkpoints(a.seconds)
     c.emit(c.table(["what", "ms / progress", "detail"], rows))
+    c.write_json(a.json, {"vms": a.vms, "seconds": a.seconds, "rows": rows})
     return 0
 
 

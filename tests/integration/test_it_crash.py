@@ -40,11 +40,12 @@ class Load(threading.Thread):
                 self.api.ok("POST", "/v1/vms", {"image": "hello", "start": True, "ephemeral": True})
                 self.api.ok("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": f"s-{tag}"})
                 self.acked_snapshots.add(f"s-{tag}")
+                # a removal counts from when it is asked for: the daemon may do it and die before answering
                 if i % 2 == 0:
-                    self.api.ok("DELETE", f"/v1/snapshots/s-{tag}")
                     self.removed.add(f"s-{tag}")
-                self.api.ok("DELETE", f"/v1/vms/{vm['id']}?force=true")
+                    self.api.ok("DELETE", f"/v1/snapshots/s-{tag}")
                 self.removed.add(vm["id"])
+                self.api.ok("DELETE", f"/v1/vms/{vm['id']}?force=true")
                 w = self.api.ok("POST", "/v1/vms?wait=true", {
                     "image": "diskbench", "start": True, "disks": [{"name": "d"}],
                     "env": {"MODE": "randwrite", "BS": "4096", "TOTAL": "65536", "SEED": str(i)}})
@@ -80,5 +81,4 @@ def test_kill_9_under_load_leaves_a_store_that_checks_clean(make_daemon: Callabl
             d.ok("DELETE", f"/v1/vms/{vm['id']}?force=true")
         for name in names:
             d.ok("DELETE", f"/v1/snapshots/{name}")
-        d.ok("POST", "/v1/system/prune")
     assert acked >= ROUNDS // 2, acked  # the load really ran: snapshots were acknowledged before the kills
