@@ -63,7 +63,8 @@ class Checkpointer:
             now = time.monotonic()
             for vm in list(self.hv.vms.values()):
                 every = vm.spec.checkpoint_interval
-                if every is None or vm.state != VmState.RUNNING or vm.id in self._busy:
+                if every is None or vm.state != VmState.RUNNING or vm.id in self._busy \
+                        or vm.snapshot_kind != "asyncify":
                     if every is not None and vm.state != VmState.RUNNING:
                         self._due.pop(vm.id, None)  # counted again from its next start
                     continue

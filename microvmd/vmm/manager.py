@@ -204,6 +204,10 @@ class Hypervisor:
         if spec.timeout is None:
             spec.timeout = img.limits.get("timeout", self.cfg.limits.timeout)
         memory = self._validate(spec)
+        if spec.checkpoint_interval is not None and not img.asyncify:
+            raise BadRequest(f"image {spec.image} has no Asyncify support: its VMs cannot be snapshotted while "
+                             f"they run, so they cannot have checkpoints (rebuild it with guest-sdk/mvcc)",
+                             code="not_snapshottable")
         vm_id, d, premade = self.registry.new_id(spec.ephemeral)  # (ephemeral: nothing on disk)
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
                 self.cfg.limits.log_bytes, memory)

@@ -39,3 +39,10 @@ def test_kill_9_resumes_from_the_last_checkpoint(make_daemon: Callable[..., Daem
     time.sleep(0.3)
     assert not d.ok("GET", "/v1/snapshots?all=true")["snapshots"]
     assert "ckpt-" not in d.mv("snapshot", "ls", "-a")
+
+
+def test_checkpoints_need_a_snapshottable_guest(daemon: Daemon) -> None:
+    r = daemon.cli("run", "-d", "--checkpoint-interval", "1s", "spin", "1000")
+    assert r.returncode == 125 and "not_snapshottable" in r.stderr, r.stderr
+    r = daemon.cli("run", "-d", "--checkpoint-interval", "10ms", "counter")
+    assert r.returncode == 2 and "50ms" in r.stderr

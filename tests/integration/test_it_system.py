@@ -49,8 +49,10 @@ def test_check_finds_damage_and_repair_moves_it_aside(make_daemon: Callable[...,
 def test_df_and_prune(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon("--import-images", str(IMAGES))
     a = d.ok("POST", "/v1/vms", {"image": "counter", "name": "a", "start": True, "env": {"INTERVAL_MS": "20"}})
+    d.ok("POST", f"/v1/vms/{a['id']}/pause")  # two snapshots of the same memory: every chunk shared
     d.ok("POST", f"/v1/vms/{a['id']}/snapshots", {"name": "s1"})
     d.ok("POST", f"/v1/vms/{a['id']}/snapshots", {"name": "s2"})
+    d.ok("POST", f"/v1/vms/{a['id']}/resume")
     h = d.ok("POST", "/v1/vms", {"image": "hello", "name": "h", "start": True})
     d.wait(h["id"])
     df = json.loads(d.mv("--json", "system", "df"))
