@@ -53,7 +53,7 @@ async def snapshot_export(request: web.Request) -> web.StreamResponse:
 
 
 async def snapshot_import(request: web.Request) -> web.StreamResponse:
-    summary = await apply(request, a.ImportSnapshot(request.content.readexactly))
+    summary = await apply(request, a.ImportSnapshot(request.content.readexactly, durable(request)))
     return codec.reply(request, contract.Snapshot, summary, status=201)
 
 

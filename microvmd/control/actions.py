@@ -212,6 +212,7 @@ class ExportSnapshot(Action):
 @dataclass(frozen=True)
 class ImportSnapshot(Action):
     readexactly: Callable[[int], Awaitable[bytes]]
+    durable: bool = True  # false: fsynced just after the answer (a migration's downtime)
 
 
 @dataclass(frozen=True)

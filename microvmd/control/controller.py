@@ -263,7 +263,7 @@ class Controller:
 
     @_applies(a.ImportSnapshot)
     async def import_snapshot(self, act: a.ImportSnapshot) -> dict[str, Any]:
-        return await self.snapshots.import_stream(act.readexactly)
+        return await self.snapshots.import_stream(act.readexactly, act.durable)
 
     @_applies(a.RestoreSnapshot)
     async def restore_snapshot(self, act: a.RestoreSnapshot) -> dict[str, Any]:

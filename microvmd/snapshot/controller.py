@@ -497,7 +497,9 @@ class Snapshots:
                                      wt.WASMTIME_VERSION, self.hv.opts.fingerprint())
         return m, gen
 
-    async def import_stream(self, readexactly: Any) -> dict[str, Any]:
+    async def import_stream(self, readexactly: Any, durable: bool = True) -> dict[str, Any]:
+        """Import an exported snapshot. Without ``durable`` (a migration: the VM is frozen at its source
+        until this answers) the fsyncs run right after the answer instead of before it."""
         hv = self.hv
         async with self.write_lock:
             writer = await hv.sched.on_io(PackWriter, self.store)
@@ -517,15 +519,20 @@ class Snapshots:
                 stored = self._locate(m)
                 stored["origin"] = "import"
 
-                def publish() -> None:
-                    writer.publish()
-                    self.store.save(self.store.finish(stored), True)
-                await hv.sched.on_io(publish)
+                def publish() -> str | None:
+                    pack = writer.publish(durable)
+                    self.store.save(self.store.finish(stored), True, durable)
+                    return pack
+                pack = await hv.sched.on_io(publish)
             except BaseException:
                 await hv.sched.on_io(writer.abort)
                 raise
             finally:
                 self.refill_spares_later()
+        if not durable:
+            fut = asyncio.get_running_loop().run_in_executor(hv.sched.io, self.store.sync_later, pack, m["name"])
+            self._background.add(fut)
+            fut.add_done_callback(self._background.discard)
         return summary(self.store.finish(stored))
 
     def _locate(self, m: dict[str, Any]) -> dict[str, Any]:

@@ -171,7 +171,8 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                         yield block
 
                 t_send = time.perf_counter()
-                await peer.call("POST", "/v1/snapshots/import", data=stream())
+                # the VM is frozen here until the target answers: the target fsyncs just after answering
+                await peer.call("POST", "/v1/snapshots/import?durable=false", data=stream())
                 imported = True
                 t_restore = time.perf_counter()
                 new = await peer.call("POST", f"/v1/snapshots/{name}/restore",

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 
 from .. import contract
-from ..durable import sync_dir, sync_fd, write_atomic
+from ..durable import sync_dir, sync_fd, sync_file, write_atomic
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound, Unprocessable
 
 log = logging.getLogger("microvmd.snapshot")
@@ -642,6 +642,18 @@ class SnapshotStore:
             tmp.unlink(missing_ok=True)
             _enospc(exc)
             raise
+
+    def sync_later(self, pack: str | None, name: str) -> None:
+        """The fsyncs a snapshot written without ``durable`` skipped (its pack, its manifest, their
+        directories); a file removed meanwhile needs none."""
+        try:
+            if pack is not None:
+                sync_file(self.pack_path(pack))
+                sync_dir(self.packs)
+            sync_file(self.manifest_path(name))
+            sync_dir(self.manifests)
+        except FileNotFoundError:
+            pass
 
     def load_manifest(self, name: str) -> dict[str, Any]:
         self.check_name(name)
