@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=50, help="runs per mode (default 50)")
     p.add_argument("--dir", default=None, help="where the files go (default $TMPDIR)")
     p.add_argument("--ref", metavar="GIT-REV", help="measure a clean export of this revision's microvmd/")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (run_all.py --quick)")
     a = p.parse_args(argv)
+    if a.quick:
+        a.runs, a.writes = 3, 20
     c.set_ref(a.ref)
     sys.path.insert(0, str(c.code_root()))
     import wasmtime

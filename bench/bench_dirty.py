@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=15, help="repetitions (default 15)")
     p.add_argument("--mb", type=int, default=64, help="MiB of memory (default 64)")
     p.add_argument("--ref", metavar="GIT-REV", help="measure a clean export of this revision's microvmd/")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (run_all.py --quick)")
     a = p.parse_args(argv)
+    if a.quick:
+        a.runs, a.mb = 2, 8
     c.set_ref(a.ref)
     sys.path.insert(0, str(c.code_root()))
     from microvmd.snapshot import dirty

@@ -186,7 +186,7 @@ def load(args: argparse.Namespace) -> Config:
     listen = pick("listen")
     gateway = pick("gateway")
     cfg = Config(
-        socket=Path(socket) if socket else Path(default_socket_path()),
+        socket=Path(socket).absolute() if socket else Path(default_socket_path()),  # as info shows it
         state_dir=Path(state_dir) if state_dir else Path(default_state_dir()),
         log_level=pick("log_level") or "info",
         listen=_hostport(listen, "--listen") if listen else None,

@@ -47,6 +47,7 @@ _VM_NAME = re.compile(VM_NAME_PATTERN)
 def valid_vm_name(name: str) -> bool:
     """The rule of ``VmName``, for a name that did not come through a request (a snapshot's, a restore's)."""
     return _VM_NAME.match(name) is not None
+RESTART_PATTERN = r"^(no|always|unless-stopped|on-failure(:[0-9]{1,9})?)(?![\s\S])"  # = vmm/restart.py
 VmState = Literal["created", "running", "paused", "out_of_fuel", "exited", "stopped"]
 DiskMode = Literal["rw", "ro", "cow"]
 Number = int | float  # a float field that keeps an integer as the client sent it
@@ -124,12 +125,20 @@ class VmSpec(Request):
     stdin: Annotated[bool, Meta(description="keep the guest's standard input open for POST .../stdin "
                                             "(microvm run -i, attach); otherwise it reads end of file")] = False
     net_rate_limiter: RateLimiter | None = None
+    restart: Annotated[str, Meta(pattern=RESTART_PATTERN,
+                                 description="no, on-failure[:N], always or unless-stopped (docker's meanings)")] = "no"
+    checkpoint_interval: Annotated[float, Meta(ge=0.05, le=86400.0, description="seconds between checkpoints "
+                                                "(diff snapshots; a crashed daemon resumes the VM from the last)")] \
+        | None = None
 
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "fuel": "invalid_limit",
-                                             "memory": "invalid_limit", "timeout": "invalid_limit"}
+                                             "memory": "invalid_limit", "timeout": "invalid_limit",
+                                             "restart": "invalid_restart_policy",
+                                             "checkpoint_interval": "invalid_checkpoint_interval"}
     error_hints: ClassVar[dict[str, str]] = {
         "name": "invalid VM name: 1-128 characters without '/', control characters, bidi marks or "
-                "overrides, or line separators, and not '.' or '..'"}
+                "overrides, or line separators, and not '.' or '..'",
+        "restart": "invalid restart policy: expected no, on-failure[:N], always or unless-stopped"}
 
 
 class VmSpecView(VmSpec, forbid_unknown_fields=False):
@@ -465,6 +474,11 @@ class Vm(Response):
     devices: Devices
     snapshot_kind: Literal["asyncify", "stopped_only"]
     spec: VmSpecView
+    restart_policy: str = "no"
+    restart_count: Annotated[int, Meta(description="restarts by the policy since the user last started it")] = 0
+    restarting: Annotated[bool, Meta(description="ended, and to be restarted by its policy after a back-off")] \
+        = False
+    checkpoint: Annotated[str | None, Meta(description="its last checkpoint (a snapshot name)")] = None
 
 
 class VmList(Response):
@@ -569,6 +583,53 @@ class MigrateResult(Response):
     stats: MigrateStats
 
 
+# ================================================================== /v1/system
+class CheckProblem(Response):
+    kind: str      # image, image_name, snapshot, disk, vm
+    ref: str
+    path: str
+    problem: str
+    severity: Literal["error", "warning"]  # a warning (a dangling link) does not make the check unclean
+
+
+class CheckRepair(Response):
+    ref: str
+    action: str
+    kind: str | None = None
+    paths: list[str] = []
+
+
+class SystemCheck(Response):
+    """``POST /v1/system/check``: what was checked, what is wrong, and (``repair=true``) what was done."""
+
+    clean: bool
+    errors: int
+    checked: dict[str, int]
+    problems: list[CheckProblem]
+    repaired: list[CheckRepair]
+
+
+class SystemDf(Response):
+    """``GET /v1/system/df``: bytes allocated by each part of the state directory."""
+
+    images: dict[str, int]
+    snapshots: dict[str, int]
+    shared_chunks: dict[str, int]  # chunks more than one snapshot references, and the bytes that saves
+    disks: dict[str, int]
+    vms: dict[str, int]
+    total: int
+
+
+class SystemPrune(Response):
+    """``POST /v1/system/prune``: what was (``dry_run=true``: would be) removed."""
+
+    dry_run: bool
+    vms: list[str]
+    images: list[str]
+    packs: list[str]
+    freed_bytes: int
+
+
 # ================================================================== VM records (vm.json)
 class VmRecord(Struct):
     """What survives a daemon restart (``<state>/vms/<id>/vm.json``)."""
@@ -587,6 +648,10 @@ class VmRecord(Struct):
     peak_memory: int = 0
     memory_limit: int | None = None
     snapshot_kind: Literal["asyncify", "stopped_only"] = "stopped_only"
+    restart_count: int = 0
+    user_stopped: bool = False  # stopped or killed by a user: no policy restarts it (unless-stopped: ever)
+    suspended_to: str | None = None  # the snapshot a clean daemon stop took of it, resumed at the next start
+    checkpoint: str | None = None  # its last checkpoint (--checkpoint-interval), resumed after a crash
 
 
 # ================================================================== decoding

@@ -162,6 +162,7 @@ async def serve(cfg: Config) -> int:
     snaps = Snapshots(hv)
     await snaps.startup()
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
+    hv.on_remove.append(snaps.checkpoints.removed)
     token = remote.load_token(cfg)
     app = make_app(Controller(hv, snaps), api_routes(hv), [remote.token_middleware(token)] if token else None)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
@@ -186,10 +187,19 @@ async def serve(cfg: Config) -> int:
     log.info("microvmd %s serving on %s (state %s, %d vCPU workers)", __version__, where, cfg.state_dir,
              cfg.workers)
     hv.loop_lag.start()
+    # VMs that outlive the daemon (docs/operations.md): those suspended by the last clean stop resume from
+    # their snapshots; the others whose restart policy wants them running start again from their images
+    again = hv.restart_at_start()
+    if again:
+        log.info("starting %d VMs again by their restart policies", len(again))
+    resuming = asyncio.get_running_loop().create_task(snaps.resume_suspended())
+    snaps.checkpoints.start()  # --checkpoint-interval (snapshot/checkpoints.py)
     notifier.ready(f"serving on {where}")
     notifier.start_watchdog()
 
     await stop.wait()
+    if not resuming.done():
+        resuming.cancel()
     await shutdown(cfg, hv, snaps, app, runner, sites, notifier, bound_inode)
     log.info("stopped")
     return 0
@@ -220,7 +230,9 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     #    (wait, logs --follow, run with ?wait=true) get their answer.
     notifier.stopping("stopping guests")
     try:
-        await asyncio.wait_for(hv.stop_guests(), cfg.shutdown_timeout)
+        # VMs whose restart policy keeps them running (always, unless-stopped) are suspended to snapshots
+        # first (snaps.suspend_all), the next start resumes them; every other live VM is stopped
+        await asyncio.wait_for(hv.stop_guests(snaps.suspend_all), cfg.shutdown_timeout)
     except TimeoutError:
         log.error("guests did not stop within %.0f s", cfg.shutdown_timeout)
 

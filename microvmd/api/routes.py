@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from ..devices.blk import BlockDevice
 from ..vmm.manager import Hypervisor
-from . import disks, server, snapshots
+from . import disks, server, snapshots, system
 from .server import Route
 
 
 def api_routes(hv: Hypervisor) -> list[Route]:
     """Every route this daemon serves: the core, snapshots, and the disks when the block device is in."""
-    table = server.ROUTES + snapshots.ROUTES
+    table = server.ROUTES + snapshots.ROUTES + system.ROUTES
     if hv.devices.get(BlockDevice) is not None:
         table = table + disks.ROUTES
     return table

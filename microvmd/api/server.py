@@ -66,6 +66,7 @@ class Query:
 
 
 FLAG = {"type": "boolean"}
+DURABLE = Query("durable", FLAG, "false: answer before the files are fsynced (default true: on stable storage)")
 
 
 ROUTE_TABLE = web.AppKey("routes", list[Route])
@@ -123,6 +124,11 @@ def _bool(request: web.Request, name: str) -> bool:
     return request.query.get(name, "").lower() in ("1", "true", "yes")
 
 
+def durable(request: web.Request) -> bool:
+    """``?durable=false``: acknowledge before the files are fsynced (the caller can lose them in a power loss)."""
+    return request.query.get("durable", "").lower() not in ("0", "false", "no")
+
+
 async def body(request: web.Request, typ: type[T]) -> T:
     return await codec.decode(request, typ, request.app[HV].cfg.json_limit)
 
@@ -152,7 +158,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 async def image_import(request: web.Request) -> web.StreamResponse:
     data = await codec.read_limited(request, hv(request).cfg.upload_limit)
     act = a.ImportImage(data, request.query.get("name") or None, request.query.get("entry") or None,
-                        asyncify=not _bool(request, "no_asyncify"))
+                        asyncify=not _bool(request, "no_asyncify"), durable=durable(request))
     return codec.reply(request, contract.Image, await apply(request, act), status=201)
 
 
@@ -177,7 +183,7 @@ async def image_rm(request: web.Request) -> web.StreamResponse:
 # ------------------------------------------------------------------ VMs
 async def vm_create(request: web.Request) -> web.StreamResponse:
     b = await body(request, contract.VmCreate)
-    act = a.CreateVm(b, start=b.start, wait=_bool(request, "wait"))
+    act = a.CreateVm(b, start=b.start, wait=_bool(request, "wait"), durable=durable(request))
     return codec.reply(request, contract.Vm, await apply(request, act), status=201)
 
 
@@ -262,11 +268,12 @@ ROUTES: list[Route] = [
           response="json", tag="system"),
     Route("GET", "/metrics", metrics, "Prometheus text metrics", response="text", tag="system"),
     Route("POST", "/v1/images", image_import, "Import a module (.wasm bytes or WAT text); query: name, entry, "
-          "no_asyncify (keep a plain WASI module as it is instead of rewriting it for snapshots)",
+          "no_asyncify (keep a plain WASI module as it is instead of rewriting it for snapshots), durable=false",
           request="binary", response=contract.Image, status=201, tag="images",
           query=(Query("name", {"type": "string"}, "the image's name"),
                  Query("entry", {"type": "string"}, "the export to call (default _start)"),
-                 Query("no_asyncify", FLAG, "keep a plain WASI module as it is (not snapshottable while it runs)"))),
+                 Query("no_asyncify", FLAG, "keep a plain WASI module as it is (not snapshottable while it runs)"),
+                 DURABLE)),
     Route("GET", "/v1/images", image_list, "List images (and the imports whose rewrite is still running)",
           response=contract.ImageList, tag="images"),
     Route("GET", "/v1/images/{ref}", image_get, "Inspect an image (name, sha256:digest or digest prefix)",
@@ -277,9 +284,10 @@ ROUTES: list[Route] = [
     Route("DELETE", "/v1/images/{ref}", image_rm, "Remove an image (409 while VMs use it)", status=204,
           tag="images"),
     Route("POST", "/v1/vms", vm_create,
-          "Create a VM (start=true starts it; query wait=true answers once it has exited or run out of fuel)",
+          "Create a VM (start=true starts it; query wait=true answers once it has exited or run out of fuel, "
+          "durable=false before its record is fsynced)",
           request=contract.VmCreate, response=contract.Vm, status=201,
-          query=(Query("wait", FLAG, "answer once the VM has exited or run out of fuel (needs start)"),)),
+          query=(Query("wait", FLAG, "answer once the VM has exited or run out of fuel (needs start)"), DURABLE)),
     Route("GET", "/v1/vms", vm_list, "List VMs (all=true includes exited ones)", response=contract.VmList,
           query=(Query("all", FLAG, "include VMs that have ended"),)),
     Route("GET", "/v1/vms/{ref}", vm_get, "Inspect a VM (id, id prefix or name)", response=contract.Vm),

@@ -8,19 +8,19 @@ from aiohttp import web
 from .. import contract
 from ..control import actions as a
 from . import codec
-from .server import Route, apply, body
+from .server import Route, _bool, apply, body, durable
 
 log = logging.getLogger("microvmd.api")
 
 
 async def snapshot_create(request: web.Request) -> web.StreamResponse:
     b = await body(request, contract.SnapshotCreate)
-    act = a.CreateSnapshot(request.match_info["ref"], b.name, b.diff)
+    act = a.CreateSnapshot(request.match_info["ref"], b.name, b.diff, durable(request))
     return codec.reply(request, contract.Snapshot, await apply(request, act), status=201)
 
 
 async def snapshot_list(request: web.Request) -> web.StreamResponse:
-    return codec.reply(request, contract.SnapshotList, await apply(request, a.ListSnapshots()))
+    return codec.reply(request, contract.SnapshotList, await apply(request, a.ListSnapshots(_bool(request, "all"))))
 
 
 async def snapshot_get(request: web.Request) -> web.StreamResponse:
@@ -53,7 +53,7 @@ async def snapshot_export(request: web.Request) -> web.StreamResponse:
 
 
 async def snapshot_import(request: web.Request) -> web.StreamResponse:
-    summary = await apply(request, a.ImportSnapshot(request.content.readexactly))
+    summary = await apply(request, a.ImportSnapshot(request.content.readexactly, durable(request)))
     return codec.reply(request, contract.Snapshot, summary, status=201)
 
 
@@ -81,7 +81,8 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/vms/{ref}/snapshots", snapshot_create,
           "Snapshot a VM (name, diff); a running Asyncify guest is taken at its next suspension point",
           request=contract.SnapshotCreate, response=contract.Snapshot, status=201, tag="snapshots"),
-    Route("GET", "/v1/snapshots", snapshot_list, "List snapshots", response=contract.SnapshotList, tag="snapshots"),
+    Route("GET", "/v1/snapshots", snapshot_list, "List snapshots; query: all=true also lists the VMs' checkpoints",
+          response=contract.SnapshotList, tag="snapshots"),
     Route("GET", "/v1/snapshots/{name}", snapshot_get, "Inspect a snapshot", response=contract.Snapshot,
           tag="snapshots"),
     Route("DELETE", "/v1/snapshots/{name}", snapshot_rm, "Remove a snapshot", status=204, tag="snapshots"),

@@ -690,8 +690,17 @@ def _state_text(vm: dict) -> str:
     if state in ("exited", "stopped") and isinstance(ex, dict):
         reason = ex.get("reason") or "exit"
         detail = ex.get("code", 0) if reason == "exit" else reason
-        return f"{state} ({0 if detail is None else detail})"
+        state = f"{state} ({0 if detail is None else detail})"
+        if vm.get("restarting"):
+            state += ", restarting"
     return state
+
+
+def _restart_text(vm: dict) -> str:
+    """RESTART column: the policy and, once it has restarted the VM, how often (docker's RestartCount)."""
+    policy = vm.get("restart_policy") or "no"
+    count = vm.get("restart_count") or 0
+    return f"{policy} ({count})" if count else policy
 
 
 def _uptime(vm: dict) -> str:
@@ -722,8 +731,9 @@ def cmd_ps(ctx: Ctx, ns) -> int:
             output.size(vm.get("memory_bytes")),
             output.ago(vm.get("created")),
             _uptime(vm),
+            _restart_text(vm),
         ])
-    output.table(["ID", "NAME", "IMAGE", "STATE", "FUEL USED", "MEMORY", "CREATED", "UPTIME"], rows)
+    output.table(["ID", "NAME", "IMAGE", "STATE", "FUEL USED", "MEMORY", "CREATED", "UPTIME", "RESTART"], rows)
     return 0
 
 
@@ -836,7 +846,8 @@ def cmd_snapshot_create(ctx: Ctx, ns) -> int:
 
 
 def cmd_snapshot_ls(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/snapshots", answer=contract.SnapshotList)
+    answer = ctx.api.get("/v1/snapshots", query={"all": "true"} if getattr(ns, "all", False) else None,
+                         answer=contract.SnapshotList)
     if ctx.json:
         ctx.emit(answer)
         return 0
@@ -1138,3 +1149,58 @@ def cmd_fn_rm(ctx: Ctx, ns) -> int:
 
 
 __all__ = ["run_command", "Ctx", "LogFollower", "resolve_image", "migrate_destination", "Unreachable"]
+
+
+# --- system ------------------------------------------------------------------------------------------------
+
+def cmd_system_check(ctx: Ctx, ns) -> int:
+    answer = ctx.api.post("/v1/system/check", query={"repair": "true"} if ns.repair else None,
+                          answer=contract.SystemCheck)
+    if ctx.json:
+        ctx.emit(answer)
+    else:
+        checked = ", ".join(f"{n} {k}" for k, n in answer["checked"].items())
+        for p in answer["problems"]:
+            ctx.out(f"{p['severity']}: {p['kind']} {p['ref']}: {p['problem']} ({p['path']})")
+        for r in answer["repaired"]:
+            ctx.out(f"repaired: {r.get('kind') or 'vm'} {r['ref']}: {r['action']}")
+        verdict = "clean" if answer["clean"] else f"{answer['errors']} damaged"
+        ctx.out(f"{verdict} (checked {checked})")
+    return 0 if answer["clean"] or answer["repaired"] else 1
+
+
+def cmd_system_df(ctx: Ctx, ns) -> int:
+    answer = ctx.api.get("/v1/system/df", answer=contract.SystemDf)
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    rows = []
+    for kind in ("images", "snapshots", "shared_chunks", "disks", "vms"):
+        part = answer[kind]
+        extra = part.get("reclaimable")
+        if kind == "shared_chunks":
+            extra = None
+            note = f"saves {output.size(part.get('saved'))}"
+        elif kind == "snapshots":
+            note = f"{part.get('packs', 0)} packs, {part.get('chunks', 0)} chunks"
+        else:
+            note = ""
+        rows.append([kind.replace("_", " "), part.get("count"), output.size(part.get("bytes")),
+                     output.size(extra) if extra is not None else "-", note])
+    rows.append(["total", "", output.size(answer["total"]), "", ""])
+    output.table(["TYPE", "COUNT", "SIZE", "RECLAIMABLE", ""], rows)
+    return 0
+
+
+def cmd_system_prune(ctx: Ctx, ns) -> int:
+    answer = ctx.api.post("/v1/system/prune", query={"dry_run": "true"} if ns.dry_run else None,
+                          answer=contract.SystemPrune)
+    if ctx.json:
+        ctx.emit(answer)
+        return 0
+    verb = "would remove" if answer["dry_run"] else "removed"
+    for kind in ("vms", "images", "packs"):
+        for item in answer[kind]:
+            ctx.out(f"{verb} {kind[:-1]} {item}")
+    ctx.out(f"{'would free' if answer['dry_run'] else 'freed'} {output.size(answer['freed_bytes'])}")
+    return 0

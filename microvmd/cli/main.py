@@ -61,6 +61,7 @@ _NULL = _Null()
 COMMANDS = (
     "info", "version", "image", "run", "create", "start", "stop", "kill", "pause", "resume", "wait", "attach",
     "rm", "remove", "ps", "inspect", "logs", "fuel", "disk", "snapshot", "restore", "migrate", "fn",
+    "system",
 )
 GROUP_COMMANDS = {
     "image": ("import", "ls", "list", "inspect", "rm", "remove"),
@@ -68,6 +69,7 @@ GROUP_COMMANDS = {
     "disk": ("create", "ls", "list", "rm", "remove"),
     "snapshot": ("create", "ls", "list", "inspect", "rm", "remove", "export", "import"),
     "fn": ("deploy", "ls", "list", "invoke", "logs", "rm", "remove"),
+    "system": ("check", "df", "prune"),
 }
 _GROUPS = tuple(GROUP_COMMANDS)
 _VALUED_GLOBALS = ("--socket", "--token-file", "--tls-ca")
@@ -114,7 +116,7 @@ def build_parser(only: tuple[str, ...] | None = None):
         description="Manage WebAssembly micro-VMs through the microvmd daemon.",
         epilog="Examples:\n"
         "  microvm run images/hello/hello.wasm\n"
-        "  microvm run -d --name web --memory 64MiB --publish 8080:8000 server\n"
+        "  microvm run -d --name web --memory 64MiB --publish 8080:8000 echo\n"
         "  microvm ps -a\n\n"
         "Global options may also follow the command (microvm ps --json).\n"
         "Run 'microvm COMMAND --help' for more about a command.",
@@ -185,6 +187,22 @@ def build_parser(only: tuple[str, ...] | None = None):
         "microvm version",
     )
 
+    _, ssubs = group(subs, "system", "Check, measure and prune the daemon's state directory.")
+    p = cmd(
+        ssubs, "check", "system_check",
+        "Check every image, snapshot (manifest, packs, chunks), disk and VM record, and the links between "
+        "them; exit 1 when something is damaged.",
+        ["microvm system check", "microvm system check --repair"],
+    )
+    p.add_argument("--repair", action="store_true",
+                   help="move what is damaged aside (under STATE/lost+found/) and say what was done")
+    cmd(ssubs, "df", "system_df", "Show the space used by images, snapshots, shared chunks, disks and VMs.",
+        "microvm system df")
+    p = cmd(ssubs, "prune", "system_prune",
+            "Remove ended VMs, images nothing uses and snapshot packs no snapshot references.",
+            ["microvm system prune --dry-run", "microvm system prune"])
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+
     # --- images ---------------------------------------------------------------------------------------
     _, isubs = group(subs, "image", "Manage images (compiled WebAssembly modules).")
     p = cmd(
@@ -222,6 +240,16 @@ def build_parser(only: tuple[str, ...] | None = None):
                        help="ephemeral: no record and no console files; the VM is gone when it ends")
         g.add_argument("-i", "--interactive", action="store_true",
                        help="keep the guest's stdin open; run -i streams yours to it (end of file closes it)")
+        g.add_argument(
+            "--restart", metavar="POLICY",
+            help="no (default), on-failure[:N], always or unless-stopped: restart the VM when it ends "
+            "(as docker; a user's stop or kill is not restarted)",
+        )
+        g.add_argument(
+            "--checkpoint-interval", metavar="DURATION",
+            help="snapshot the running VM this often (diff snapshots); after a crash of the daemon, "
+            "--restart always|unless-stopped resumes it from the last one",
+        )
         g.add_argument("--fuel", metavar="N", help="instruction budget in fuel units (10M, 2G accepted)")
         g.add_argument("--memory", metavar="SIZE", help="memory limit (65536, 64KiB, 64MiB, 1GiB)")
         g.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (250ms, 10s, 2m)")
@@ -350,7 +378,9 @@ def build_parser(only: tuple[str, ...] | None = None):
     p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
     p.add_argument("--name", help="snapshot name (default: chosen by the daemon)")
     p.add_argument("--diff", action="store_true", help="store only what changed since the previous snapshot")
-    cmd(ssubs, "ls", "snapshot_ls", "List snapshots.", "microvm snapshot ls", aliases=["list"])
+    p = cmd(ssubs, "ls", "snapshot_ls", "List snapshots.", "microvm snapshot ls", aliases=["list"])
+    p.add_argument("-a", "--all", action="store_true",
+                   help="also the VMs' checkpoints (--checkpoint-interval; each replaces the one before)")
     p = cmd(ssubs, "inspect", "snapshot_inspect", "Show snapshots as JSON.", "microvm snapshot inspect web-1")
     p.add_argument("refs", metavar="SNAP", nargs="+")
     p = cmd(ssubs, "rm", "snapshot_rm", "Remove snapshots.", "microvm snapshot rm web-1", aliases=["remove"])

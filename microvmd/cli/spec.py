@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from microvmd.units import parse_count, parse_duration, parse_size
+from microvmd.vmm.restart import RestartPolicy
 
 # Exit status of the client (see CLI.md, "Exit status of the client").
 EXIT_USAGE = 2
@@ -153,7 +154,21 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
             raise UsageError(f"--timeout: invalid duration {ns.timeout!r}: must be positive")
     ephemeral = bool(getattr(ns, "rm", False))
     interactive = bool(getattr(ns, "interactive", False))
-    return {
+    extra: dict = {}
+    restart = getattr(ns, "restart", None)
+    if restart is not None:
+        try:
+            extra["restart"] = str(RestartPolicy.parse(restart))
+        except ValueError as e:
+            raise UsageError(f"--restart: {e}") from None
+        if ephemeral and extra["restart"] != "no":
+            raise UsageError("--restart cannot be combined with --rm")
+    if getattr(ns, "checkpoint_interval", None) is not None:
+        every = _convert(parse_duration, ns.checkpoint_interval, "--checkpoint-interval")
+        if every < 0.05:
+            raise UsageError(f"--checkpoint-interval {ns.checkpoint_interval!r}: at least 50ms")
+        extra["checkpoint_interval"] = every
+    return {**extra,
         "image": ns.image,
         "name": getattr(ns, "name", None),
         "args": args,

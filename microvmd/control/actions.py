@@ -27,6 +27,21 @@ class GetVersion(Action):
     pass
 
 
+@dataclass(frozen=True)
+class CheckSystem(Action):
+    repair: bool = False
+
+
+@dataclass(frozen=True)
+class SpaceUsage(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class Prune(Action):
+    dry_run: bool = False
+
+
 # ------------------------------------------------------------------ images
 @dataclass(frozen=True)
 class ImportImage(Action):
@@ -34,6 +49,7 @@ class ImportImage(Action):
     name: str | None = None
     entry: str | None = None
     asyncify: bool = True  # rewrite a plain WASI module with Asyncify, so that it can be snapshotted running
+    durable: bool = True  # fsynced before the answer (durable=false: not)
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,7 @@ class CreateVm(Action):
     spec: contract.VmSpec
     start: bool = False
     wait: bool = False  # answer once the VM has exited or run out of fuel (needs start)
+    durable: bool = True  # its record fsynced before the answer
 
 
 @dataclass(frozen=True)
@@ -178,11 +195,12 @@ class CreateSnapshot(Action):
     ref: str
     name: str | None = None
     diff: bool = False
+    durable: bool = True  # pack and manifest fsynced before the answer
 
 
 @dataclass(frozen=True)
 class ListSnapshots(Action):
-    pass
+    all: bool = False  # also the VMs' checkpoints (they are replaced every --checkpoint-interval)
 
 
 @dataclass(frozen=True)
@@ -204,6 +222,7 @@ class ExportSnapshot(Action):
 @dataclass(frozen=True)
 class ImportSnapshot(Action):
     readexactly: Callable[[int], Awaitable[bytes]]
+    durable: bool = True  # false: fsynced just after the answer (a migration's downtime)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import PublishSpec, Vm, VmSpec
 from . import actions as a
+from .system import System
 
 A = TypeVar("A", bound=a.Action)
 Apply = Callable[[Any, Any], Awaitable[Any]]
@@ -41,6 +42,7 @@ class Controller:
     def __init__(self, hv: Hypervisor, snapshots: Snapshots) -> None:
         self.hv = hv
         self.snapshots = snapshots
+        self.system = System(hv, snapshots)
 
     async def apply(self, action: a.Action) -> Any:
         """Apply one action; MicrovmError (with its status and code) when it cannot be done."""
@@ -83,12 +85,25 @@ class Controller:
     async def version(self, _: a.GetVersion) -> dict[str, Any]:
         return {"version": __version__, "wasmtime_version": wt.WASMTIME_VERSION, "api_version": "v1"}
 
+    @_applies(a.CheckSystem)
+    async def check_system(self, act: a.CheckSystem) -> dict[str, Any]:
+        return await self.system.check(act.repair)
+
+    @_applies(a.SpaceUsage)
+    async def space_usage(self, _: a.SpaceUsage) -> dict[str, Any]:
+        return await self.system.df()
+
+    @_applies(a.Prune)
+    async def prune(self, act: a.Prune) -> dict[str, Any]:
+        return await self.system.prune(act.dry_run)
+
     # ------------------------------------------------------------------ images
     @_applies(a.ImportImage)
     async def import_image(self, act: a.ImportImage) -> dict[str, Any]:
         if not act.data:
             raise BadRequest("empty body: send the module's bytes", code="empty_body")
-        return (await self.hv.import_image(act.data, act.name, act.entry, asyncify=act.asyncify)).to_api()
+        return (await self.hv.import_image(act.data, act.name, act.entry, asyncify=act.asyncify,
+                                           durable=act.durable)).to_api()
 
     @_applies(a.ListImages)
     async def list_images(self, _: a.ListImages) -> dict[str, Any]:
@@ -121,7 +136,7 @@ class Controller:
     async def create_vm(self, act: a.CreateVm) -> dict[str, Any]:
         if act.wait and not act.start:
             raise BadRequest("wait=true needs start=true", code="invalid_query")
-        vm = await self.hv.create(VmSpec.from_contract(act.spec), start=act.start)
+        vm = await self.hv.create(VmSpec.from_contract(act.spec), start=act.start, durable=act.durable)
         if act.wait:  # one round trip for a whole run: the answer carries the exit record
             await self.hv.wait(vm)
         return vm.to_api()
@@ -257,12 +272,14 @@ class Controller:
     # ------------------------------------------------------------------ snapshots and migration
     @_applies(a.CreateSnapshot)
     async def create_snapshot(self, act: a.CreateSnapshot) -> dict[str, Any]:
-        return await self.snapshots.create(self._vm(act.ref), act.name, act.diff)
+        return await self.snapshots.create(self._vm(act.ref), act.name, act.diff, act.durable)
 
     @_applies(a.ListSnapshots)
-    async def list_snapshots(self, _: a.ListSnapshots) -> dict[str, Any]:
-        return {"snapshots": await self.snapshots.list_all(),
-                "damaged": await self.hv.sched.on_io(self.snapshots.store.damaged)}
+    async def list_snapshots(self, act: a.ListSnapshots) -> dict[str, Any]:
+        found = await self.snapshots.list_all()
+        if not act.all:  # a VM's checkpoints are its own, shown by inspect (checkpoint) and by ?all=true
+            found = [s for s in found if not s["name"].startswith(f"ckpt-{s['vm']['id'][:12]}-")]
+        return {"snapshots": found, "damaged": await self.hv.sched.on_io(self.snapshots.store.damaged)}
 
     @_applies(a.GetSnapshot)
     async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:
@@ -287,7 +304,7 @@ class Controller:
 
     @_applies(a.ImportSnapshot)
     async def import_snapshot(self, act: a.ImportSnapshot) -> dict[str, Any]:
-        return await self.snapshots.import_stream(act.readexactly)
+        return await self.snapshots.import_stream(act.readexactly, act.durable)
 
     @_applies(a.RestoreSnapshot)
     async def restore_snapshot(self, act: a.RestoreSnapshot) -> dict[str, Any]:

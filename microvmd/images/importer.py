@@ -19,6 +19,7 @@ which is what ``microvm image import`` polls to show progress.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -37,7 +38,9 @@ _background: set[asyncio.Task[Any]] = set()
 
 
 async def import_module(store: ImageStore, data: bytes, name: str | None, entry: str | None, *,
-                        on_io: OnIo, asyncify: bool = True, background: bool = False) -> Image:
+                        on_io: OnIo, asyncify: bool = True, background: bool = False, durable: bool = True) -> Image:
+    if not durable:  # (durable=false) every image this import writes is written without fsync
+        on_io = _without_fsync(store, on_io)
     module, fmt, hexd = await on_io(store.prepare, data, name)
     if not asyncify:
         return await _as_is(store, on_io, module, name, entry, hexd, "imported with --no-asyncify", fmt)  # type: ignore[no-any-return]
@@ -70,6 +73,14 @@ async def import_module(store: ImageStore, data: bytes, name: str | None, entry:
         return first
     result = await _rewrite(store, on_io, module, name, hexd, key)
     return await _finish(store, on_io, module, name, entry, hexd, result, version, fmt)
+
+
+def _without_fsync(store: ImageStore, on_io: OnIo) -> OnIo:
+    async def run(fn: Any, *args: Any) -> Any:
+        if fn == store.import_bytes:
+            fn = functools.partial(store.import_bytes, durable=False)
+        return await on_io(fn, *args)
+    return run
 
 
 async def _as_is(store: ImageStore, on_io: OnIo, module: bytes, name: str | None, entry: str | None,

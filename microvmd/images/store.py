@@ -31,6 +31,7 @@ from typing import Any
 
 import wasmtime
 
+from ..durable import sync_dir, sync_tree, write_atomic
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from . import rewrite, wasmbin
 from .rewrite import RewriteCache
@@ -147,9 +148,10 @@ class ImageStore:
                          if i.original_digest == want and i.rewritten_digest == i.digest), None)
 
     def import_bytes(self, data: bytes, name: str | None, entry: str | None = None,
-                     meta: dict[str, Any] | None = None) -> Image:
+                     meta: dict[str, Any] | None = None, durable: bool = True) -> Image:
         """Import ``data`` as it is. ``meta``: ``original_digest``, ``rewritten_digest``, ``snapshot_note``
-        (set by images/importer.py when the module is a rewrite, or why it is not)."""
+        (set by images/importer.py when the module is a rewrite, or why it is not); with ``durable`` its
+        files, its directory and its name are on stable storage before this returns."""
         data, source_format, hexd = self.prepare(data, name)
         with self._lock:
             existing = self.images.get(hexd)
@@ -160,7 +162,7 @@ class ImageStore:
             if note and not existing.asyncify and note != existing.snapshot_note:
                 self.update_note(existing.digest, note)
             if name:
-                self._set_name(name, hexd)
+                self._set_name(name, hexd, durable)
             return existing
         try:
             info = wasmbin.parse(data)
@@ -189,7 +191,11 @@ class ImageStore:
             (tmp / "module.wasm").write_bytes(normalized)
             (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
             self._write_cache(hexd, module)
+            if durable:
+                sync_tree(tmp)
             os.replace(tmp, self.root / "blobs" / hexd)
+            if durable:
+                sync_dir(self.root / "blobs")
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -198,7 +204,7 @@ class ImageStore:
             self._modules[hexd] = module
             self.compiles += 1
         if name:
-            self._set_name(name, hexd)
+            self._set_name(name, hexd, durable)
         log.info("imported image %s digest=%s kind=%s", name or "-", img.digest, img.kind)
         return img
 
@@ -241,11 +247,9 @@ class ImageStore:
             source_format=source_format,
         )
 
-    def _set_name(self, name: str, hexd: str) -> None:
+    def _set_name(self, name: str, hexd: str, durable: bool = True) -> None:
         path = self.root / "names" / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(hexd)
-        os.replace(tmp, path)
+        write_atomic(path, hexd.encode(), path.with_name(f".{name}.tmp"), durable)
         with self._lock:
             old = self.names.get(name)
             if old and old in self.images and name in self.images[old].names:

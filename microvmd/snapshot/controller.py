@@ -16,7 +16,7 @@ from typing import Any
 
 from ..devices.blk import BlkState, BlockDevice
 from ..engine import wt
-from ..errors import BadRequest, Conflict, NotFound, Unprocessable
+from ..errors import BadRequest, Conflict, MicrovmError, NotFound, Unprocessable
 from ..vmm.builder import RestoreData
 from ..vmm.machine import NotSnapshottable
 from ..vmm.manager import Hypervisor
@@ -90,6 +90,8 @@ class Snapshots:
         self.write_lock = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
         self._background: set[asyncio.Future[None]] = set()
+        from .checkpoints import Checkpointer  # (it uses this class)
+        self.checkpoints = Checkpointer(self)
 
     async def startup(self) -> None:
         if self.hv.cfg.engine.dirty_tracking:
@@ -124,7 +126,7 @@ class Snapshots:
         base = re.sub(r"[^A-Za-z0-9_.-]", "-", vm.name).lstrip("._-")[:80] or vm.id[:12]
         return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{self._seq}"
 
-    async def create(self, vm: Vm, name: str | None, diff: bool) -> dict[str, Any]:
+    async def create(self, vm: Vm, name: str | None, diff: bool, durable: bool = True) -> dict[str, Any]:
         name = name or self._auto_name(vm)
         self.store.check_name(name)
         if self.store.exists(name):
@@ -138,7 +140,7 @@ class Snapshots:
             try:
                 async with vm.lock:
                     manifest, memory, changed = await self.capture(vm, name, writer, diff)
-                return await self._persist(vm, manifest, memory, changed, writer)
+                return await self._persist(vm, manifest, memory, changed, writer, durable)
             except BaseException:
                 self._parents.pop(vm.id, None)  # a diff may have updated its copy: start afresh
                 self._armed.pop(vm.id, None)
@@ -265,8 +267,9 @@ class Snapshots:
         return out
 
     async def _persist(self, vm: Vm | None, manifest: dict[str, Any], memory: bytearray,
-                       changed: list[int] | None, writer: PackWriter) -> dict[str, Any]:
-        """Hash, deduplicate and write memory chunks, then publish the pack and the manifest (last)."""
+                       changed: list[int] | None, writer: PackWriter, durable: bool = True) -> dict[str, Any]:
+        """Hash, deduplicate and write memory chunks, then publish the pack and the manifest (last); with
+        ``durable`` both are fsynced (with their directories) before the snapshot is acknowledged."""
         t0 = time.perf_counter()
         parent = self._parents.get(vm.id) if vm is not None and changed is not None else None
         st = self.store
@@ -280,9 +283,13 @@ class Snapshots:
                 new_bytes += d.pop("new_bytes", 0)
             manifest["stats"].update({"new_chunks": new_chunks, "new_bytes": new_bytes,
                                       "changed_chunks": len(changed) if changed is not None else None})
-            writer.publish()
+            t_sync = time.perf_counter()
+            writer.publish(durable)
             manifest["stats"]["write_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-            st.save(st.finish(manifest))
+            manifest["stats"]["durable"] = int(durable)
+            st.save(st.finish(manifest), durable=durable)
+            # pack and manifest fsyncs with their directories (0 without durable): bench/bench_durable.py
+            manifest["stats"]["sync_ms"] = round((time.perf_counter() - t_sync) * 1000, 3)
             return manifest
 
         await self.hv.sched.on_io(work)
@@ -341,18 +348,7 @@ class Snapshots:
         spec.name = new_name
         spec.auto_remove = spec.ephemeral = False
         made = await self._restore_disks(m, spec)
-        refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
-
-        def zero_chunks(limit: int) -> list[int]:
-            return [i for i, r in enumerate(refs) if r is None and i * CHUNK < limit]
-
-        data = RestoreData(memory_size=size, load=lambda addr, n: st.map_into(refs, n, addr, packs),
-                           zero_chunks=zero_chunks,
-                           globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
-                           unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
-                           fuel_budget=fuel_budget,
-                           devices=m.get("devices") if isinstance(m.get("devices"), dict) else {},
-                           tables=m.get("tables") or {})
+        data = self._restore_data(m, fuel_budget)
         try:
             vm = await hv.restore(spec, data)
         except BaseException:
@@ -399,6 +395,103 @@ class Snapshots:
             if fuel_budget is None or fuel_budget - consumed > lim.fuel:
                 fuel_budget = consumed + lim.fuel
         return fuel_budget
+
+    def _restore_data(self, m: dict[str, Any], fuel_budget: int | None = None) -> RestoreData:
+        """What the builder's restore path needs of a manifest (``fuel_budget``: the budget to restore
+        with, when the caller narrowed the snapshot's own; else the snapshot's)."""
+        st = self.store
+        refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
+        devices = m.get("devices")
+
+        def zero_chunks(limit: int) -> list[int]:
+            return [i for i, r in enumerate(refs) if r is None and i * CHUNK < limit]
+
+        return RestoreData(memory_size=size, load=lambda addr, n: st.map_into(refs, n, addr, packs),
+                           zero_chunks=zero_chunks,
+                           globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
+                           unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
+                           fuel_budget=m["vm"].get("fuel_budget") if fuel_budget is None else fuel_budget,
+                           devices=devices if isinstance(devices, dict) else {},
+                           tables=m.get("tables") or {})
+
+    # ------------------------------------------------------------------ suspend on a clean stop, resume
+    async def suspend_all(self, vms: list[Vm]) -> None:
+        await self.checkpoints.stop()  # (no checkpoint of a VM being suspended)
+        """At a clean daemon stop (Hypervisor.stop_guests): each VM is snapshotted (durably) and ended with
+        reason ``suspended``, its record naming the snapshot. One that cannot be snapshotted (no Asyncify, no
+        suspension point in time) is left running: stop_guests stops it, and its policy starts it again from
+        its image at the next start."""
+        t0 = time.monotonic()
+        done = 0
+        for vm in vms:
+            try:
+                await self.suspend(vm)
+                done += 1
+            except MicrovmError as exc:
+                log.info("vm=%s not suspended (%s): it starts again from its image", vm.id[:12], exc.message)
+        if vms:
+            log.info("suspended %d of %d VMs in %.1f ms", done, len(vms), (time.monotonic() - t0) * 1000)
+
+    async def suspend(self, vm: Vm) -> str:
+        hv = self.hv
+        if vm.snapshot_kind != "asyncify":
+            raise Conflict(f"VM {vm.id} has no Asyncify support", code="not_snapshottable")
+        name = f"suspend-{vm.id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        lock = self._vm_locks.setdefault(vm.id, asyncio.Lock())
+        async with lock, self.write_lock:
+            writer = await hv.sched.on_io(PackWriter, self.store)
+            try:
+                async with vm.lock:  # stays frozen from the capture to its end: nothing runs after the image
+                    manifest, memory, _ = await self.capture(vm, name, writer, diff=False, thaw=False,
+                                                              copy_memory=False)
+                    try:
+                        await self._persist(vm, manifest, memory, None, writer, True)
+                    finally:
+                        self._parents.pop(vm.id, None)  # (a view of guest memory, not a copy to keep)
+                    hv.end_suspended(vm, name)
+            except BaseException:
+                await hv.sched.on_io(writer.abort)
+                if vm.frozen and not vm.state.terminal:
+                    hv.thaw(vm)
+                raise
+        return name
+
+    async def resume_suspended(self) -> None:
+        """At start-up, once the API serves: every VM suspended by the last clean stop runs again from its
+        snapshot, in its own record and console (published ports bound again as it is attached); the
+        snapshot is removed once it has. One that cannot be resumed starts again from its image."""
+        hv = self.hv
+        # suspended by a clean stop; or, after a crash, checkpointed and kept running by its policy
+        vms = [vm for vm in hv.list(True) if vm.state.terminal and (vm.suspended_to or (
+            vm.checkpoint and hv.ended_by_crash(vm)
+            and vm.policy.at_daemon_start(True, vm.user_stopped, vm.restart_count)))]
+        resumed = 0
+        for vm in vms:
+            name = vm.suspended_to or vm.checkpoint
+            assert name is not None
+            suspended = vm.suspended_to is not None
+            try:
+                m = await hv.sched.on_io(self.store.load_manifest, name)
+                async with vm.lock:
+                    if vm.state.terminal and name in (vm.suspended_to, vm.checkpoint):
+                        await hv.rerun(vm, "resume" if suspended else "resume from checkpoint",
+                                       restore=self._restore_data(m))
+                        resumed += 1
+            except MicrovmError as exc:
+                log.warning("vm=%s cannot be resumed from %s (%s): starting it from its image", vm.id[:12],
+                            name, exc.message)
+                vm.suspended_to = vm.checkpoint = None
+                hv.restart_at_start([vm])
+                continue
+            if suspended:
+                try:
+                    await self.remove(name)
+                except MicrovmError:
+                    pass
+        if vms:
+            log.info("resumed %d of %d suspended or checkpointed VMs, the last %.1f ms after start-up began",
+                     resumed, len(vms),
+                     (time.monotonic() - hv.started_mono) * 1000)
 
     async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> list[str]:
         """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""
@@ -460,7 +553,9 @@ class Snapshots:
                                      wt.WASMTIME_VERSION, self.hv.opts.fingerprint())
         return m, gen
 
-    async def import_stream(self, readexactly: Any) -> dict[str, Any]:
+    async def import_stream(self, readexactly: Any, durable: bool = True) -> dict[str, Any]:
+        """Import an exported snapshot. Without ``durable`` (a migration: the VM is frozen at its source
+        until this answers) the fsyncs run right after the answer instead of before it."""
         hv = self.hv
         async with self.write_lock:
             writer = await hv.sched.on_io(PackWriter, self.store)
@@ -483,15 +578,20 @@ class Snapshots:
                 stored = self._locate(m)
                 stored["origin"] = "import"
 
-                def publish() -> None:
-                    writer.publish()
-                    self.store.save(self.store.finish(stored), True)
-                await hv.sched.on_io(publish)
+                def publish() -> str | None:
+                    pack = writer.publish(durable)
+                    self.store.save(self.store.finish(stored), True, durable)
+                    return pack
+                pack = await hv.sched.on_io(publish)
             except BaseException:
                 await hv.sched.on_io(writer.abort)
                 raise
             finally:
                 self.refill_spares_later()
+        if not durable:
+            fut = asyncio.get_running_loop().run_in_executor(hv.sched.io, self.store.sync_later, pack, m["name"])
+            self._background.add(fut)
+            fut.add_done_callback(self._background.discard)
         return summary(self.store.finish(stored))
 
     def _locate(self, m: dict[str, Any]) -> dict[str, Any]:

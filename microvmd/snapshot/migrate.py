@@ -90,6 +90,16 @@ class Peer:
             return json.loads(text) if text else None
 
 
+def _why(exc: BaseException) -> str:
+    """aiohttp says "Cannot connect to host localhost:80 ssl:default [...]" for a Unix socket with no daemon
+    behind it: say what the operating system said, and how to start the daemon there."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        return (f"{os_error.strerror or os_error} (is microvmd running there? start it with "
+                f"'microvmd --socket PATH' or 'systemctl start microvmd')")
+    return str(exc)
+
+
 class _PeerError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"target answered {status}: {message}")
@@ -103,7 +113,7 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
         try:
             await peer.call("GET", "/v1/info")
         except (aiohttp.ClientError, _PeerError, OSError) as exc:
-            raise MigrationFailed(f"cannot reach the target {to}: {exc}; nothing was changed") from None
+            raise MigrationFailed(f"cannot reach the target {to}: {_why(exc)}; nothing was changed") from None
         name = f"migrate-{vm.id[:12]}-{int(time.time() * 1000)}"
         net = vm.devices.get(NetState)
         async with vm.lock:
@@ -162,7 +172,8 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                         yield block
 
                 t_send = time.perf_counter()
-                await peer.call("POST", "/v1/snapshots/import", data=stream())
+                # the VM is frozen here until the target answers: the target fsyncs just after answering
+                await peer.call("POST", "/v1/snapshots/import?durable=false", data=stream())
                 imported = True
                 t_restore = time.perf_counter()
                 # the target trusts no grant a snapshot stream carries: the caller, who holds a socket or a

@@ -35,6 +35,7 @@ from typing import Any
 import msgpack
 
 from .. import contract
+from ..durable import sync_dir, sync_fd, sync_file, write_atomic
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound, Unprocessable
 
 log = logging.getLogger("microvmd.snapshot")
@@ -269,13 +270,17 @@ class PackWriter:
                 while done < total:
                     done += os.pwrite(self.fd, data[done:], off + done)
 
-    def publish(self) -> str | None:
+    def publish(self, durable: bool = True) -> str | None:
+        if durable and self.used:
+            sync_fd(self.fd)
         os.close(self.fd)
         if not self.used:
             self.tmp.unlink(missing_ok=True)
             return None
         os.chmod(self.tmp, 0o400)  # packs are immutable: restores map them copy-on-write
         os.replace(self.tmp, self.store.pack_path(self.id))
+        if durable:
+            sync_dir(self.store.packs)
         self.store.verified.add(self.id)  # every chunk in it was hashed as it was written
         return self.id
 
@@ -645,7 +650,9 @@ class SnapshotStore:
                     view = view[n:]
                     off += n
 
-    def save(self, manifest: dict[str, Any], overwrite: bool = False) -> None:
+    def save(self, manifest: dict[str, Any], overwrite: bool = False, durable: bool = True) -> None:
+        """The manifest, last of a snapshot's files: once it is in place (and, ``durable``, on stable storage
+        with the packs it names) the snapshot exists."""
         name = manifest["name"]
         self.check_name(name)
         path = self.manifest_path(name)
@@ -654,12 +661,23 @@ class SnapshotStore:
         data = encode_manifest(manifest)
         tmp = self.take_spare() or self.root / "tmp" / f"{name}.{uuid.uuid4().hex[:8]}.snap"
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data, tmp, durable)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             _enospc(exc)
             raise
+
+    def sync_later(self, pack: str | None, name: str) -> None:
+        """The fsyncs a snapshot written without ``durable`` skipped (its pack, its manifest, their
+        directories); a file removed meanwhile needs none."""
+        try:
+            if pack is not None:
+                sync_file(self.pack_path(pack))
+                sync_dir(self.packs)
+            sync_file(self.manifest_path(name))
+            sync_dir(self.manifests)
+        except FileNotFoundError:
+            pass
 
     def load_manifest(self, name: str) -> dict[str, Any]:
         self.check_name(name)

@@ -8,6 +8,7 @@ the end of a slice (``_on_slice_end``), and blocking work (instantiation, file I
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import time
@@ -20,13 +21,14 @@ import wasmtime
 
 from .. import contract
 from ..config import Config
-from ..devices.base import Device, DeviceStateError, DeviceTable
+from ..devices.base import Device, DeviceSet, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
-from ..errors import BadRequest, Conflict, InvalidState, RequestTimeout, ShuttingDown, Unprocessable
+from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
 from ..images.importer import import_module
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
+from . import restart
 from .builder import Builder, RestoreData
 from .machine import Machine, SliceEnd
 from .registry import DirRecords, VmRegistry
@@ -61,6 +63,7 @@ class Hypervisor:
         self.vms = self.registry.vms  # (read-only use elsewhere: the registry adds and removes)
         self.builder = Builder(cfg, self.engine, self.linker, self.images)
         self.started = time.time()
+        self.started_mono = time.monotonic()
         self.fuel_total_finished = 0
         self.closing = False
         self._removals: set[asyncio.Task[None]] = set()  # auto-removals under way (close() waits for them)
@@ -98,6 +101,8 @@ class Hypervisor:
         vm.fuel_budget = rec.fuel_budget
         vm.peak_memory = rec.peak_memory
         vm.snapshot_kind = rec.snapshot_kind
+        vm.restart_count, vm.user_stopped = rec.restart_count, rec.user_stopped
+        vm.suspended_to, vm.checkpoint = rec.suspended_to, rec.checkpoint
         return vm
 
     async def shutdown(self) -> None:
@@ -107,10 +112,16 @@ class Hypervisor:
         await self.close()
         self.sched.close()
 
-    async def stop_guests(self) -> None:
+    async def stop_guests(self, suspend: Callable[[builtins.list[Vm]], Awaitable[None]] | None = None) -> None:
         """From now on create() refuses (503 shutting_down); every live VM is stopped (reason stopped, not
-        daemon_restart at the next start), which also answers the requests waiting for one."""
+        daemon_restart at the next start), which also answers the requests waiting for one. Restarts waiting
+        for their back-off are dropped (the next daemon applies the policies again)."""
         self.closing = True
+        for vm in self.vms.values():
+            self._cancel_restart(vm)
+        if suspend is not None:  # first, those whose policy keeps them running: snapshotted, then ended
+            await suspend([vm for vm in self.vms.values()
+                           if vm.state in (VmState.RUNNING, VmState.PAUSED) and vm.policy.keeps_running])
         live = [vm for vm in self.vms.values() if vm.state.live]
         await asyncio.gather(*(self._end(vm, Control.STOP) for vm in live), return_exceptions=True)
 
@@ -134,11 +145,12 @@ class Hypervisor:
 
     # ------------------------------------------------------------------ images
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
-                           asyncify: bool = True, background: bool = False) -> Image:
+                           asyncify: bool = True, background: bool = False, durable: bool = True) -> Image:
         """``asyncify``: rewrite a plain WASI module for snapshots (images/importer.py); ``background``: import
-        it as it is at once and move the name to the rewrite when that is done."""
+        it as it is at once and move the name to the rewrite when that is done; ``durable``: its files are on
+        stable storage before it is answered."""
         return await import_module(self.images, data, name, entry, on_io=self.sched.on_io, asyncify=asyncify,
-                                   background=background)
+                                   background=background, durable=durable)
 
     async def remove_image(self, ref: str, snapshots: Sequence[str] = ()) -> Image:
         """Remove an image (or only one of its names). ``snapshots``: the snapshots that need its bytes to be
@@ -177,6 +189,12 @@ class Hypervisor:
         if memory > lim.max_memory:
             raise BadRequest(f"memory {memory} is above the daemon's maximum of {lim.max_memory}",
                              code="invalid_limit")
+        if spec.checkpoint_interval is not None and spec.ephemeral:
+            raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have checkpoints",
+                             code="invalid_checkpoint_interval")
+        if spec.restart != "no" and (spec.ephemeral or spec.auto_remove):
+            raise BadRequest("a VM removed when it ends (--rm) cannot have a restart policy",
+                             code="invalid_restart_policy")
         if spec.ephemeral and any(d.mode == "cow" for d in spec.disks):
             raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have a cow disk (use ro, or a "
                              "VM that is not ephemeral)", code="invalid_disk")
@@ -190,13 +208,13 @@ class Hypervisor:
                 raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
         return memory
 
-    async def create(self, spec: VmSpec, start: bool = False) -> Vm:
+    async def create(self, spec: VmSpec, start: bool = False, durable: bool = True) -> Vm:
         """Create a VM from its image (the boot path), and with ``start`` start it. A started VM is built and
         runs its first slice in one task on a vCPU worker: a short guest finishes without another thread
         hand-off."""
         vm, img = self._admit(spec)
         if not start:
-            await self._assemble(vm, lambda: self.sched.on_io(self.builder.boot, vm, img))
+            await self._assemble(vm, lambda: self.sched.on_io(self.builder.boot, vm, img), durable=durable)
             return vm
         # The record is durable before the API says "created" (a crash then brings the VM back as stopped).
         # A VM started at once writes it after its first slice, and only if it is still alive then: a short
@@ -210,7 +228,7 @@ class Hypervisor:
         self._transition(vm, VmState.RUNNING, "start", since=t_mono)
         self._on_slice_end(vm, first)
         if not vm.state.terminal:  # it lives on: durable before the API answers
-            await self.registry.save_now(vm)
+            await self.registry.save_now(vm, durable)
         return vm
 
     async def restore(self, spec: VmSpec, data: RestoreData) -> Vm:
@@ -234,6 +252,10 @@ class Hypervisor:
         if spec.timeout is None:
             spec.timeout = img.limits.get("timeout", self.cfg.limits.timeout)
         memory = self._validate(spec)
+        if spec.checkpoint_interval is not None and not img.asyncify:
+            raise BadRequest(f"image {spec.image} has no Asyncify support: its VMs cannot be snapshotted while "
+                             f"they run, so they cannot have checkpoints (rebuild it with guest-sdk/mvcc)",
+                             code="not_snapshottable")
         vm_id, d, premade = self.registry.new_id(spec.ephemeral)  # (ephemeral: nothing on disk)
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
                 self.cfg.limits.log_bytes, memory)
@@ -244,11 +266,11 @@ class Hypervisor:
         return vm, img
 
     async def _assemble(self, vm: Vm, build: Callable[[], Awaitable[T]], *, record: bool = True,
-                        devices: Mapping[str, object] | None = None) -> T:
+                        devices: Mapping[str, object] | None = None, durable: bool = True) -> T:
         """Devices attached, the machine built by ``build`` (device states restored from ``devices``); with
         ``record``, the VM's record written meanwhile on the persist thread. On any failure the VM is gone
         again, its devices closed and its store freed."""
-        pending = self.registry.save_soon(vm) if record else None
+        pending = self.registry.save_soon(vm, durable) if record else None
         try:
             if any(d.mode == "cow" for d in vm.spec.disks):  # overlays live in the VM's directory
                 await self.sched.on_io(partial(vm.dir.mkdir, parents=True, exist_ok=True))
@@ -338,13 +360,135 @@ class Hypervisor:
             self._request(vm, Control.TIMEOUT)
 
     async def start(self, vm: Vm) -> Vm:
+        """Start a created VM; an exited or stopped one runs again from its image with the same spec (as
+        ``docker start``): its console keeps the earlier output, its policy's restart count starts again."""
         async with vm.lock:
+            if vm.state.terminal:
+                self._cancel_restart(vm)
+                await self.rerun(vm, "start")
+                vm.restart_count, vm.backoff_streak, vm.user_stopped = 0, 0, False
+                await self.registry.save_now(vm)
+                return vm
             if vm.machine is None:
                 raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value}")
             self._transition(vm, VmState.RUNNING, "start")
             vm.started = time.time()
             self._dispatch(vm)
         return vm
+
+    async def rerun(self, vm: Vm, action: str, restore: RestoreData | None = None) -> None:
+        """Under the VM's lock: a VM that ended gets a new machine from its image (or ``restore``, a snapshot
+        of it) and runs again, in the same record, directory and console."""
+        if self.closing:
+            raise ShuttingDown("microvmd is shutting down and starts no more VMs")
+        if vm.spec.ephemeral or vm.spec.auto_remove:
+            raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value} and removed when it ends")
+        img = self.images.resolve(vm.digest)
+        await vm.off_cpu()
+        if vm.machine is not None:
+            self._release(vm)
+        if vm.machine_closed is not None:  # the old store and its console descriptors are gone first
+            await asyncio.shield(vm.machine_closed)
+        vm.devices = DeviceSet()
+        vm.control, vm.waiting, vm.frozen, vm.snapshot_wanted = None, None, False, False
+        vm.fuel_consumed, vm.fuel_budget, vm.run_seconds = 0, vm.spec.fuel, 0.0
+        # the console appends to the earlier output (hook mode); file mode would truncate the logs
+        try:
+            for dev in self.devices:
+                await dev.attach(self, vm)
+            if restore is None:
+                await self.sched.on_io(self.builder.boot, vm, img)
+            else:
+                await self.sched.on_io(self.builder.restore, vm, img, restore)
+                try:
+                    vm.devices.restore(restore.devices)
+                except DeviceStateError as exc:
+                    raise Unprocessable(f"snapshot device state for {exc.part} is invalid: {exc.reason}",
+                                        code="invalid_snapshot") from None
+        except BaseException:
+            vm.devices.close()
+            if vm.machine is not None:
+                self._release(vm)
+            raise
+        check_transition(vm.id, vm.state, VmState.RUNNING, action)
+        vm.log.info("%s -> running (%s, image %s)", vm.state.value, action, vm.image_name)
+        vm.state = VmState.RUNNING
+        vm.exit, vm.finished, vm.started = None, None, time.time()
+        vm.suspended_to = None  # (a resume used it; any other run makes it stale)
+        if restore is None:
+            vm.checkpoint = None  # a run from the image: the last run's checkpoints are stale
+        vm.run_since = time.monotonic()
+        self._arm_timeout(vm)
+        self._save(vm)
+        vm.notify()
+        if vm.waiting is None or vm.waiting.ready():
+            self._dispatch(vm)
+
+    # ------------------------------------------------------------------ restart policies
+    def _cancel_restart(self, vm: Vm) -> None:
+        if vm.restart_handle is not None:
+            vm.restart_handle.cancel()
+            vm.restart_handle = None
+
+    def _maybe_restart(self, vm: Vm, code: int | None, why: ExitReason) -> None:
+        """After ``_finish``: the VM's policy may want it running again, after its back-off."""
+        if self.closing or why == ExitReason.MIGRATED or vm.spec.ephemeral or vm.spec.auto_remove:
+            return
+        failed = why != ExitReason.EXIT or (code or 0) != 0
+        if not vm.policy.after_exit(failed, vm.user_stopped, vm.restart_count):
+            return
+        ran = vm.exit.wall_time_s if vm.exit is not None else 0.0
+        if ran >= restart.RESET_AFTER:
+            vm.backoff_streak = 0
+        wait = restart.delay(vm.backoff_streak)
+        vm.backoff_streak += 1
+        vm.log.info("restarting in %.1f s (policy %s, restart %d)", wait, vm.policy, vm.restart_count + 1)
+        loop = asyncio.get_running_loop()
+        vm.restart_handle = loop.call_later(wait, lambda: loop.create_task(self._policy_restart(vm)))
+
+    async def _policy_restart(self, vm: Vm) -> None:
+        async with vm.lock:
+            if vm.restart_handle is None or vm not in self.registry or not vm.state.terminal:
+                return  # cancelled (start, stop, rm, shutdown) while it waited
+            vm.restart_handle = None
+            vm.restart_count += 1
+            try:
+                await self.rerun(vm, "restart")
+            except MicrovmError as exc:
+                vm.log.warning("restart by policy %s failed: %s", vm.policy, exc.message)
+                self._save(vm)
+
+    def restart_at_start(self, only: builtins.list[Vm] | None = None) -> builtins.list[Vm]:
+        """At daemon start-up, once the API serves: the VMs whose policy wants them running again (docker's
+        rules for a daemon restart, restart.RestartPolicy.at_daemon_start) are started, in the background."""
+        chosen = []
+        for vm in self.registry.list(True) if only is None else only:
+            if not vm.state.terminal or vm.spec.ephemeral or vm.spec.auto_remove or vm.suspended_to:
+                continue  # (a suspended VM is resumed from its snapshot by the snapshot controller)
+            was_live = self.ended_by_crash(vm)
+            if was_live and vm.checkpoint and only is None:
+                continue  # (resumed from its last checkpoint by the snapshot controller, if its policy says so)
+            if vm.policy.at_daemon_start(was_live, vm.user_stopped, vm.restart_count):
+                chosen.append(vm)
+        loop = asyncio.get_running_loop()
+        for vm in chosen:
+            vm.restart_handle = loop.call_later(0, lambda v=vm: loop.create_task(self._start_again(v)))  # type: ignore[misc]
+        return chosen
+
+    @staticmethod
+    def ended_by_crash(vm: Vm) -> bool:
+        """It was live when the previous daemon went away without a clean stop (kill -9, power loss)."""
+        return vm.exit is not None and vm.exit.reason == ExitReason.DAEMON_RESTART.wire()
+
+    async def _start_again(self, vm: Vm) -> None:
+        async with vm.lock:
+            if vm.restart_handle is None or vm not in self.registry or not vm.state.terminal:
+                return
+            vm.restart_handle = None
+            try:
+                await self.rerun(vm, "daemon start")
+            except MicrovmError as exc:
+                vm.log.warning("cannot start again at daemon start (policy %s): %s", vm.policy, exc.message)
 
     def _dispatch(self, vm: Vm) -> None:
         if vm.on_cpu or vm.machine is None or vm.frozen:
@@ -494,6 +638,13 @@ class Hypervisor:
         if vm.state == VmState.RUNNING:
             self._dispatch(vm)
 
+    def end_suspended(self, vm: Vm, snapshot: str) -> None:
+        """Snapshotted at a clean daemon stop: it ends here (reason ``suspended``); the next daemon resumes it
+        from ``snapshot`` in the same record."""
+        vm.frozen = False
+        vm.suspended_to = snapshot
+        self._finish(vm, None, ExitReason.SUSPENDED)
+
     def end_migrated(self, vm: Vm) -> None:
         """The VM runs on another daemon now: it ends here (reason ``migrated``) without running again."""
         vm.frozen = False
@@ -529,12 +680,14 @@ class Hypervisor:
             task = asyncio.get_running_loop().create_task(self._auto_remove(vm))
             self._removals.add(task)
             task.add_done_callback(self._removals.discard)
+        self._maybe_restart(vm, code, why)
 
     def _release(self, vm: Vm) -> None:
         """Free the store (and its linear memory) on an I/O thread."""
         machine, vm.machine = vm.machine, None
         if machine is not None:
-            asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine, vm, machine)
+            vm.machine_closed = asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine,
+                                                                           vm, machine)
 
     def _close_machine(self, vm: Vm, machine: Machine) -> None:
         """On an I/O thread: drop the store (closing the console files in file mode), check the log cap."""
@@ -564,10 +717,22 @@ class Hypervisor:
         return vm
 
     async def stop(self, vm: Vm) -> Vm:
-        return await self._end(vm, Control.STOP)
+        return await self._user_end(vm, Control.STOP)
 
     async def kill(self, vm: Vm) -> Vm:
-        return await self._end(vm, Control.KILL)
+        return await self._user_end(vm, Control.KILL)
+
+    async def _user_end(self, vm: Vm, how: Control) -> Vm:
+        """A user's stop or kill: its policy does not restart it (a restart waiting for its back-off is
+        dropped, and answered like a stop of a running VM)."""
+        if vm.state.terminal and vm.restart_handle is not None:
+            self._cancel_restart(vm)
+            vm.user_stopped = True
+            await self.registry.save_now(vm)
+            return vm
+        if vm.state.live:
+            vm.user_stopped = True
+        return await self._end(vm, how)
 
     async def _end(self, vm: Vm, how: Control) -> Vm:
         async with vm.lock:
@@ -634,12 +799,14 @@ class Hypervisor:
             if not force and vm.state != VmState.CREATED:
                 raise Conflict(f"VM {vm.id} is {vm.state.value}; stop it first or use force",
                                code="vm_running")
+            vm.user_stopped = True
             try:
                 await self._end(vm, Control.KILL)
             except InvalidState:
                 pass
         if vm not in self.registry:
             return  # removed already (an auto-removal and a user's rm -f can race here)
+        self._cancel_restart(vm)
         self.registry.discard(vm)
         await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
         vm.devices.close()

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..durable import sync_dir, write_atomic
 from ..errors import Conflict, MicrovmError, NotFound
 from .state import ExitReason, VmState
 from .vm import ExitRecord, Vm
@@ -47,7 +48,8 @@ class RecordStore(Protocol):
     def load(self) -> list[tuple[dict[str, Any], Path]]: ...   # on an I/O thread, at start-up
     def new_id(self) -> tuple[str, bool]: ...                   # (id, whether its directory exists already)
     def directory(self, vm_id: str) -> Path: ...
-    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[list[str]]: ...  # in order;
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]],
+                  durable: bool = True) -> asyncio.Future[list[str]]: ...  # in order;
     #                                                               the ids whose record could not be written
     async def delete(self, vm: Vm) -> None: ...                 # after any write still queued for it
     async def close(self) -> None: ...
@@ -81,15 +83,18 @@ def _is_ready_dir(d: Path) -> bool:
         return False
 
 
-def _write_records(batch: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    """Write each record atomically; returns the ids whose record could not be written (each logged)."""
+def _write_records(batch: list[tuple[Path, dict[str, Any]]], durable: bool = True) -> list[str]:
+    """Each record replaces the last whole; with ``durable`` it is fsynced with its directory (and a new
+    VM's directory with the directory of all VMs) before the write counts as done. Returns the ids whose
+    record could not be written (each logged)."""
     failed = []
     for d, rec in batch:
-        tmp = d / "vm.json.tmp"
         try:
+            new = not d.exists()
             d.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(rec))
-            os.replace(tmp, d / "vm.json")
+            write_atomic(d / "vm.json", json.dumps(rec).encode(), d / "vm.json.tmp", durable)
+            if durable and new:
+                sync_dir(d.parent)
         except OSError as exc:
             log.error("vm=%s cannot save its record: %s", str(rec.get("id", "?"))[:12], exc)
             failed.append(str(rec.get("id", "?")))
@@ -136,12 +141,12 @@ class DirRecords:
     def directory(self, vm_id: str) -> Path:
         return self.root / vm_id
 
-    def write_now(self, batch: list[tuple[Path, dict[str, Any]]]) -> asyncio.Future[list[str]]:
-        return asyncio.get_running_loop().run_in_executor(self._persist, self._write, batch)
+    def write_now(self, batch: list[tuple[Path, dict[str, Any]]], durable: bool = True) -> asyncio.Future[list[str]]:
+        return asyncio.get_running_loop().run_in_executor(self._persist, self._write, batch, durable)
 
-    def _write(self, batch: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    def _write(self, batch: list[tuple[Path, dict[str, Any]]], durable: bool = True) -> list[str]:
         self._sweep()
-        return _write_records(batch)
+        return _write_records(batch, durable)
 
     async def delete(self, vm: Vm) -> None:
         await asyncio.get_running_loop().run_in_executor(self._persist, self._remove, vm.dir)
@@ -302,17 +307,17 @@ class VmRegistry:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)
 
-    async def save_now(self, vm: Vm) -> None:
+    async def save_now(self, vm: Vm, durable: bool = True) -> None:
         """Write the VM's record and return once it is written (the API answers after it)."""
         if not vm.spec.ephemeral:
-            await self.records.write_now([(vm.dir, vm.record())])
+            await self.records.write_now([(vm.dir, vm.record())], durable)
 
-    def save_soon(self, vm: Vm) -> asyncio.Future[builtins.list[str]] | None:
+    def save_soon(self, vm: Vm, durable: bool = True) -> asyncio.Future[builtins.list[str]] | None:
         """Start writing the record now (awaited later, e.g. while the VM is built): the future's result is
         empty once it is written, else it names the VM (see ``written``)."""
         if vm.spec.ephemeral:
             return None
-        return self.records.write_now([(vm.dir, vm.record())])
+        return self.records.write_now([(vm.dir, vm.record())], durable)
 
     @staticmethod
     async def written(vm: Vm, pending: asyncio.Future[builtins.list[str]]) -> None:

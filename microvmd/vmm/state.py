@@ -29,8 +29,10 @@ TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     S.RUNNING: frozenset({S.PAUSED, S.OUT_OF_FUEL, S.EXITED, S.STOPPED}),
     S.PAUSED: frozenset({S.RUNNING, S.STOPPED}),
     S.OUT_OF_FUEL: frozenset({S.RUNNING, S.STOPPED}),
-    S.EXITED: frozenset(),
-    S.STOPPED: frozenset(),
+    # an ended VM runs again from its image (start, a restart policy) or from its own snapshot (resume
+    # after a daemon restart): a new machine in the same record
+    S.EXITED: frozenset({S.RUNNING}),
+    S.STOPPED: frozenset({S.RUNNING}),
 }
 
 
@@ -52,6 +54,7 @@ class ExitReason(StrEnum):
     STACK_OVERFLOW = "stack_overflow"
     TRAP = "trap"
     MIGRATED = "migrated"
+    SUSPENDED = "suspended"  # snapshotted at a clean daemon stop; the next daemon resumes it from there
     DAEMON_RESTART = "daemon_restart"
 
     def wire(self, detail: str | None = None) -> str:

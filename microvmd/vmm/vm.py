@@ -13,6 +13,7 @@ from ..devices.base import DeviceSet
 from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
+from .restart import RestartPolicy
 from .state import Control, VmState
 
 
@@ -54,6 +55,8 @@ class VmSpec:
     ephemeral: bool = False  # no record, no console files (output kept in memory); gone when it ends
     stdin: bool = False  # standard input kept open for POST /v1/vms/{ref}/stdin (run -i, attach)
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
+    restart: str = "no"  # restart policy (vmm/restart.py)
+    checkpoint_interval: float | None = None  # seconds between checkpoints (snapshot/checkpoints.py)
 
     @classmethod
     def from_contract(cls, c: contract.VmSpec) -> VmSpec:
@@ -64,7 +67,8 @@ class VmSpec:
             disks=[DiskSpec(x.name, x.mode, _limiter(x.rate_limiter)) for x in c.disks],
             publish=[PublishSpec(x.guest_port, x.host_port, x.host_ip or "127.0.0.1") for x in c.publish],
             allow_egress=list(c.allow_egress), auto_remove=c.auto_remove, ephemeral=c.ephemeral, stdin=c.stdin,
-            net_rate_limiter=_limiter(c.net_rate_limiter),
+            net_rate_limiter=_limiter(c.net_rate_limiter), restart=c.restart,
+            checkpoint_interval=c.checkpoint_interval,
         )
 
     @classmethod
@@ -115,6 +119,11 @@ class Vm:
         self.memory_bytes = 0
         self.peak_memory = 0
         self.snapshot_kind = "stopped_only"
+        self.policy = RestartPolicy.parse(spec.restart)
+        self.restart_count = 0     # restarts by the policy since the user last started it
+        self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
+        self.suspended_to: str | None = None  # snapshot taken at a clean daemon stop, to resume it from
+        self.checkpoint: str | None = None    # its last checkpoint, to resume it from after a crash
         self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
         # runtime (not persisted)
         self.machine: Machine | None = None
@@ -134,6 +143,9 @@ class Vm:
         self.frozen = False               # being captured: do not run it
         self.unwound_waiters: list[asyncio.Future[None]] = []
         self._off_cpu_waiters: list[asyncio.Future[None]] = []
+        self.restart_handle: asyncio.TimerHandle | None = None  # a policy restart waiting for its back-off
+        self.backoff_streak = 0           # restarts in a row after short runs (restart.delay)
+        self.machine_closed: asyncio.Future[None] | None = None  # the old store's close, before a re-run
 
     # ---------------------------------------------------------------- on and off a vCPU (event loop only)
     def enter_cpu(self) -> None:
@@ -202,6 +214,10 @@ class Vm:
             "devices": self.devices.to_api(),
             "snapshot_kind": self.snapshot_kind,
             "spec": spec,
+            "restart_policy": str(self.policy),
+            "restart_count": self.restart_count,
+            "restarting": self.restart_handle is not None,
+            "checkpoint": self.checkpoint,
         }
 
     def record(self) -> dict[str, Any]:
@@ -213,4 +229,6 @@ class Vm:
             "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,
+            "restart_count": self.restart_count, "user_stopped": self.user_stopped,
+            "suspended_to": self.suspended_to, "checkpoint": self.checkpoint,
         }

@@ -210,7 +210,7 @@ def test_ps(cli, fake_daemon, img):
     cli("run", "--name", "done", "img", "exit:2")
     r = cli("ps")
     lines = r.stdout.decode().splitlines()
-    assert lines[0].split() == ["ID", "NAME", "IMAGE", "STATE", "FUEL", "USED", "MEMORY", "CREATED", "UPTIME"]
+    assert lines[0].split() == ["ID", "NAME", "IMAGE", "STATE", "FUEL", "USED", "MEMORY", "CREATED", "UPTIME", "RESTART"]
     assert len(lines) == 2 and " web " in lines[1] and "running" in lines[1] and "64KiB" in lines[1]
     web = next(v for v in fake_daemon.vms.values() if v.spec["name"] == "web")
     assert lines[1].startswith(web.id[:12] + " ")

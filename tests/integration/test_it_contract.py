@@ -107,7 +107,8 @@ def test_vm_records_and_snapshot_specs_decode_through_the_contract() -> None:
     spec = {"image": "hello", "name": "a", "args": [], "env": {}, "fuel": None, "memory": None, "timeout": 5,
             "dirs": [], "disks": [{"name": "d", "mode": "cow", "rate_limiter": None}],
             "publish": [{"guest_port": 80, "host_port": 0, "host_ip": "127.0.0.1"}], "allow_egress": [],
-            "auto_remove": False, "ephemeral": False, "stdin": False, "net_rate_limiter": None}
+            "auto_remove": False, "ephemeral": False, "stdin": False, "net_rate_limiter": None, "restart": "no",
+            "checkpoint_interval": None}
     assert contract.to_builtins(contract.convert(spec, contract.VmSpec)) == spec
     for bad in ({**spec, "publish": [{"guest_port": 80, "host_ip": "not-an-ip"}]}, {**spec, "fuel": -1},
                 {**spec, "name": "../x"}, {**spec, "extra": 1}):

@@ -1,0 +1,56 @@
+"""Stable storage: what the API acknowledges is fsynced, files and the directories that name them.
+
+PostgreSQL's rule: a rename is durable only once the directory holding the new name is fsynced, and a file's
+content only once the file is. Callers write to a temporary name, ``sync_file`` it, rename it into place and
+``sync_dir`` the directory. Every step is skipped when ``durable`` is false (the per-request opt-out,
+``?durable=false``, for callers that can lose the last moments of work after a power loss).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def sync_fd(fd: int) -> None:
+    os.fsync(fd)
+
+
+def sync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str | Path) -> None:
+    """Every file under ``path`` and every directory, ``path`` itself included (a new image's directory)."""
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            sync_file(os.path.join(root, f))
+        sync_dir(root)
+
+
+def write_atomic(path: Path, data: bytes, tmp: Path | None = None, durable: bool = True) -> None:
+    """``data`` at ``path`` whole or not at all; on stable storage before returning when ``durable``."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        sync_dir(path.parent)
