@@ -37,6 +37,8 @@ PREFIX = "pybench-"
 REPL = "import sys, json\nfor line in sys.stdin: exec(line)"
 LINE = b"print(json.dumps(1))\n"
 ANSWER = b"1\n"
+TARGETS = ["compute: rewritten / original <= 1.25x", "first answer: restored p50 <= 5 ms",
+           "first answer: restored >= 20x faster than cold", "second import (cache hit) <= 1 s"]
 
 
 def workload(n: int) -> str:
@@ -170,8 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "instead of the working tree (python.wasm is read from the working tree)")
     a = ap.parse_args(argv)
     c.set_ref(a.ref)
-    if not PY_WASM.is_file():
-        sys.exit(f"bench_python: {PY_WASM} is missing; run scripts/fetch-interpreters")
+    if not PY_WASM.is_file():  # not measured = MISS (docs/benchmarks.md), not a failure of run_all --all
+        c.emit(f"## bench_python: {PY_WASM} is missing (scripts/fetch-interpreters fetches it); nothing measured\n")
+        t = c.Targets()
+        for name in TARGETS:
+            t.check(name, False, "not measured: python.wasm missing")
+        c.emit(t.render())
+        res = {"bench": "python", "targets": t.to_json(), "load_warning": ""}
+        c.write_json(a.json, res)
+        return res
     loop = a.loop or (30000 if a.quick else 150000)
     n_compute = 1 if a.quick else 5
     n_restored, n_cold = (5, 2) if a.quick else (40, 10)
@@ -301,10 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
     c.emit("")
     res["load_warning"] = watch.emit()
     c.emit("")
-    t.check("compute: rewritten / original <= 1.25x", comp_ratio <= 1.25, f"{comp_ratio:.3f}x")
-    t.check("first answer: restored p50 <= 5 ms", c.median(r_tot) <= 0.005, c.ms(c.median(r_tot)))
-    t.check("first answer: restored >= 20x faster than cold", fa_ratio >= 20, f"{fa_ratio:.1f}x")
-    t.check("second import (cache hit) <= 1 s", c.median(hits) <= 1.0, f"{c.median(hits):.3f} s")
+    t.check(TARGETS[0], comp_ratio <= 1.25, f"{comp_ratio:.3f}x")
+    t.check(TARGETS[1], c.median(r_tot) <= 0.005, c.ms(c.median(r_tot)))
+    t.check(TARGETS[2], fa_ratio >= 20, f"{fa_ratio:.1f}x")
+    t.check(TARGETS[3], c.median(hits) <= 1.0, f"{c.median(hits):.3f} s")
     c.emit(t.render())
     res["targets"] = t.to_json()
     c.write_json(a.json, res)
