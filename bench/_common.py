@@ -556,10 +556,15 @@ class Daemon:
     """A private microvmd on a temporary socket and state dir, with the sample images imported."""
 
     def __init__(self, *, nofile: str = "inherit", config: str | None = None, log_level: str = "warning",
-                 keep: bool = False, base_dir: str | None = None) -> None:
+                 keep: bool = False, base_dir: str | None = None, state_dir: str | Path | None = None,
+                 import_images: bool = True) -> None:
+        """``state_dir``: a state directory kept across runs (never removed here; bench_python keeps its
+        Asyncify rewrite cache there) instead of one in the temporary directory; ``import_images``: import
+        the sample images at start-up (--import-images)."""
         self.tmp = Path(tempfile.mkdtemp(prefix="microvmd-bench-", dir=base_dir))
         self.socket = self.tmp / "microvmd.sock"
-        self.state = self.tmp / "state"
+        self.state = Path(state_dir) if state_dir is not None else self.tmp / "state"
+        self.import_images = import_images
         self.log_path = self.tmp / "daemon.log"
         self.nofile = nofile
         self.config = config
@@ -586,7 +591,9 @@ class Daemon:
 
     def start(self, timeout: float = 60.0) -> Daemon:
         cmd = [PY, "-m", "microvmd.daemon", "--socket", str(self.socket), "--state-dir", str(self.state),
-               "--import-images", str(images_dir()), "--log-level", self.log_level]
+               "--log-level", self.log_level]
+        if self.import_images:
+            cmd += ["--import-images", str(images_dir())]
         if self.config:
             cfg = self.tmp / "microvmd.toml"
             cfg.write_text(self.config)
