@@ -292,6 +292,10 @@ def test_vms_run_and_removed_leave_nothing_behind(make_daemon: Callable[..., Dae
     """Issue 13 item 7: after VMs are run and removed (rm, run --rm), the idle daemon's state dir holds
     exactly what it held before (directories made in advance are topped up to the same number)."""
     d = make_daemon("--import-images", str(IMAGES))
+    deadline = time.monotonic() + 300
+    while d.api.ok("GET", "/v1/images")["importing"]:  # sample images rewritten in the background at start
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
     def paths() -> set[str]:
         time.sleep(0.5)  # the directories made in advance are topped up 20 ms after a create
