@@ -4,8 +4,10 @@
   python bench/run_all.py            the foundation benchmarks, full (about 2 minutes on 2 CPUs): run, density,
                                      fuel, ps
   python bench/run_all.py --quick    a short smoke run of each (well under a minute)
-  python bench/run_all.py --all      also every other bench/bench_*.py (density with the echo guest, disk, net,
-                                     snapshot, coldstart, hostcall): about 4 minutes; docs/benchmarks.md
+  python bench/run_all.py --all      also every other bench/bench_*.py except the soak (density with the echo
+                                     guest, disk, net, snapshot, coldstart, hostcall, ephemeral, durable,
+                                     outlive, python, ...): about 10 minutes; docs/benchmarks.md
+  python bench/run_all.py --only soak   the 10-minute soak (bench_soak.py)
 
 Each bench/bench_*.py also runs on its own (see its --help). The exit status is 0 when every benchmark
 ran, whatever its PASS/MISS verdicts (--strict: 1 when any target is missed as well), 2 when one failed
@@ -29,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 BENCHES = ["bench_run", "bench_density", "bench_fuel", "bench_ps"]  # the foundation issue's targets
 # runs of a script with other arguments, each a benchmark of its own: name -> (script, arguments)
 VARIANTS = {"bench_density_echo": ("bench_density", ["--guest", "echo"])}  # the snapshot issue's thread target
-OTHERS = sorted([p.stem for p in HERE.glob("bench_*.py") if p.stem not in BENCHES] + list(VARIANTS))
+SOAKS = ["bench_soak"]  # minutes long: run on its own, or with --only soak
+OTHERS = sorted([p.stem for p in HERE.glob("bench_*.py") if p.stem not in BENCHES + SOAKS] + list(VARIANTS))
 
 
 def script_of(name: str) -> tuple[str, list[str]]:
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a short smoke run of every benchmark")
     ap.add_argument("--all", action="store_true", help="also run the other bench/bench_*.py: "
                     + ", ".join(b.removeprefix("bench_") for b in OTHERS))
-    ap.add_argument("--only", action="append", choices=[b.removeprefix("bench_") for b in BENCHES + OTHERS],
+    ap.add_argument("--only", action="append",
+                    choices=[b.removeprefix("bench_") for b in BENCHES + OTHERS + SOAKS],
                     help="run only this benchmark (repeatable)")
     ap.add_argument("--json", metavar="FILE", help="write all results and the machine description as JSON")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any target is missed")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                          "instead of the working tree, e.g. HEAD when others have uncommitted edits")
     a = ap.parse_args(argv)
     c.set_ref(a.ref)
-    pool = BENCHES + OTHERS if (a.all or a.only) else BENCHES
+    pool = BENCHES + OTHERS + (SOAKS if a.only else []) if (a.all or a.only) else BENCHES
     names = [b for b in pool if not a.only or b.removeprefix("bench_") in a.only]
 
     c.emit("# microvmd benchmarks" + (" (--quick smoke run: figures are not meaningful)" if a.quick else ""))
