@@ -614,6 +614,13 @@ class Daemon:
                     c = UnixHttp(self.socket, timeout=5)
                     try:
                         c.call("GET", "/v1/info")
+                        # sample images that the daemon rewrites with Asyncify in the background (wasm-opt
+                        # subprocesses) are done before anything is measured: a settled daemon
+                        while time.monotonic() < deadline:
+                            images = c.call("GET", "/v1/images")
+                            if not (isinstance(images, dict) and images.get("importing")):
+                                break
+                            time.sleep(0.2)
                     finally:
                         c.close()
                     self.nofile_note = nofile_limit(self.pid)
