@@ -117,6 +117,11 @@ class Scheduler:
 
     async def on_cpu_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` on a vCPU worker (a VM's build and first slice)."""
+        return await self.submit_cpu(fn, *args)
+
+    def submit_cpu(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue ``fn`` on a vCPU worker; the future settles on the loop when it has run (cancelling the
+        future does not stop the job: whoever cancels waits for ``fn`` some other way)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
 
@@ -133,7 +138,7 @@ class Scheduler:
                 loop.call_soon_threadsafe(settle, True, result)
 
         self.cpu.queue.put(job)
-        return await fut
+        return fut
 
     def close(self) -> None:
         self._stop.set()
