@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from .. import __version__, contract
 from ..devices.blk import BlockDevice
+from ..devices.console import MemoryConsole
 from ..devices.wasip1 import WasiState
 from ..engine import wt
 from ..errors import BadRequest, Conflict, MicrovmError
@@ -199,7 +200,10 @@ class Controller:
             wrote = False
             for s in streams:
                 while True:
-                    data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
+                    if isinstance(vm.console, MemoryConsole):  # in memory: a copy under a lock, no file
+                        data, offsets[s] = vm.console.read(s, offsets[s])
+                    else:
+                        data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
                     if not data:
                         break
                     wrote = True
