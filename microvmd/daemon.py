@@ -256,6 +256,7 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
         await dev.shutdown()
     log.debug("shutdown: devices closed")
     # 8. vCPU workers, I/O pool and the epoch ticker: nothing is left to use them.
+    hv.compiler.close()
     hv.sched.close()
     log.debug("shutdown: workers and pools stopped")
     # 9. The socket path, if it is still the one we bound (systemd owns a socket it passed us).

@@ -34,6 +34,7 @@ import wasmtime
 from ..durable import sync_dir, sync_tree, write_atomic
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from . import rewrite, wasmbin
+from .compiler import Compiler
 from .rewrite import RewriteCache
 
 log = logging.getLogger("microvmd.images")
@@ -82,9 +83,10 @@ class Image:
 
 class ImageStore:
     def __init__(self, root: Path, engine: wasmtime.Engine, linker: wasmtime.Linker, fingerprint: str,
-                 upload_limit: int) -> None:
+                 upload_limit: int, compiler: Compiler) -> None:
         self.root = root
         self.engine = engine
+        self.compiler = compiler  # big modules compile in a child process (images/compiler.py)
         self.linker = linker
         self.fp = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.upload_limit = upload_limit
@@ -166,16 +168,15 @@ class ImageStore:
             return existing
         try:
             info = wasmbin.parse(data)
+            self.compiler.check_size(info.index_space_size("func"))
             normalized, report = wasmbin.normalize(data, prefix=RESERVED_PREFIX)
         except wasmbin.WasmFormatError as exc:
             raise Unprocessable(f"malformed module: {exc}", code="invalid_module") from None
-        try:
-            module = wasmtime.Module(self.engine, normalized)
-        except wasmtime.WasmtimeError as exc:
-            raise Unprocessable(f"invalid module: {_first_line(exc)}", code="invalid_module") from None
+        module = self.compiler.compile(normalized, self._cache_path(hexd))
         try:
             self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
+            self._cache_path(hexd).unlink(missing_ok=True)  # (a compile child may have written it)
             raise Unprocessable(f"module needs imports microvmd does not provide: {_first_line(exc)}",
                                 code="unsupported_import") from None
         img = self._describe(hexd, data, info, report, source_format, entry)
@@ -190,7 +191,8 @@ class ImageStore:
             (tmp / "original.wasm").write_bytes(data)
             (tmp / "module.wasm").write_bytes(normalized)
             (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
-            self._write_cache(hexd, module)
+            if not self._cache_path(hexd).exists():  # (a compile child wrote it already)
+                self._write_cache(hexd, module)
             if durable:
                 sync_tree(tmp)
             os.replace(tmp, self.root / "blobs" / hexd)
@@ -285,8 +287,10 @@ class ImageStore:
             mod = wasmtime.Module.deserialize_file(self.engine, str(cache))
         except (wasmtime.WasmtimeError, OSError) as exc:
             log.info("compiling image %s (no usable cache: %s)", img.digest, _first_line(exc))
-            mod = wasmtime.Module(self.engine, (self.root / "blobs" / img.hex / "module.wasm").read_bytes())
-            self._write_cache(img.hex, mod)
+            cache.unlink(missing_ok=True)
+            mod = self.compiler.compile((self.root / "blobs" / img.hex / "module.wasm").read_bytes(), cache)
+            if not cache.exists():
+                self._write_cache(img.hex, mod)
             with self._lock:
                 self.compiles += 1
         with self._lock:
