@@ -283,6 +283,10 @@ class DaemonLimits(Response):
     total_open_files_used: int = 0  # what they hold now
     reserved_files: int = 0  # descriptors the daemon keeps for itself (API, stores, logs)
     process_open_files: int = 0  # the process's RLIMIT_NOFILE (soft, raised to the hard limit at start)
+    compile_jobs: int = 0  # imports compiled at once
+    compile_queue: int = 0  # imports that may wait beyond those (then 503 compile_busy)
+    compile_admitted: int = 0  # imports compiling or waiting now
+    max_functions: int = 0  # functions one module may have
 
 
 class SnapshotsInfo(Response):

@@ -81,7 +81,9 @@ class Controller:
                        "total_memory": h.builder.memory.total, "total_memory_used": h.builder.memory.used,
                        "open_files": h.files.per_vm, "total_open_files": h.files.total,
                        "total_open_files_used": h.files.used, "reserved_files": h.files.reserve,
-                       "process_open_files": files.process_limit()},
+                       "process_open_files": files.process_limit(),
+                       "compile_jobs": cfg.limits.compile_jobs, "compile_queue": cfg.limits.compile_queue,
+                       "compile_admitted": h.compiler.admitted, "max_functions": cfg.limits.max_functions},
             "snapshots": {"dirty_tracking": dirty.describe(cfg.engine.dirty_tracking)},
             "console": {"mode": cfg.engine.console, "file_descriptors": h.console_fds()},
         }

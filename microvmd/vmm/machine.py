@@ -94,7 +94,7 @@ class Machine:
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
         self.instance = wt.instantiate(self.store, linker, module, pre)
-        self.exports = self.instance.exports(self.store)
+        self.exports = wt.Exports(self.store, self.instance)  # (by name: instance.exports() is quadratic)
         self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
