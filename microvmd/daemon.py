@@ -108,7 +108,8 @@ async def _import_images(hv: object, directory: Path) -> None:
         name = wasm.parent.name
         try:
             data = await hv.sched.on_io(wasm.read_bytes)
-            img = await hv.import_image(data, name, background=True)  # a long rewrite must not delay start-up
+            # a long rewrite must not delay start-up; a full compile queue makes the daemon's own imports wait
+            img = await hv.import_image(data, name, background=True, wait=True)
             log.info("image %s ready (%s)", name, img.digest[:19])
         except MicrovmError as exc:
             log.error("cannot import %s: %s", wasm, exc.message)

@@ -25,7 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,19 +68,30 @@ class Compiler:
         self.admitted = 0
         self.refused = 0
         self.children = 0  # compiles done in a child process (for tests and metrics)
+        self._waiters: list[asyncio.Future[None]] = []
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """One import's place (on the event loop); CompileBusy when every place is taken."""
-        if self.admitted >= max(1, self.limits.jobs) + self.limits.queue:
-            self.refused += 1
-            raise CompileBusy(f"{self.admitted} imports are being compiled or waiting for it "
-                              f"(limits.compile_jobs + limits.compile_queue); retry later")
+    @contextlib.asynccontextmanager
+    async def slot(self, wait: bool = False) -> AsyncIterator[None]:
+        """One import's place (on the event loop). When every place is taken: CompileBusy, or with ``wait``
+        (the daemon's own imports at start-up) the next place that frees."""
+        while self.admitted >= max(1, self.limits.jobs) + self.limits.queue:
+            if not wait:
+                self.refused += 1
+                raise CompileBusy(f"{self.admitted} imports are being compiled or waiting for it "
+                                  f"(limits.compile_jobs + limits.compile_queue); retry later")
+            freed = asyncio.get_running_loop().create_future()
+            self._waiters.append(freed)
+            await freed
         self.admitted += 1
         try:
             yield
         finally:
             self.admitted -= 1
+            while self._waiters:
+                waiter = self._waiters.pop(0)
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
 
     async def on_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an import's blocking step on the compile pool (not the daemon's I/O pool)."""

@@ -154,11 +154,12 @@ class Hypervisor:
 
     # ------------------------------------------------------------------ images
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
-                           asyncify: bool = True, background: bool = False, durable: bool = True) -> Image:
+                           asyncify: bool = True, background: bool = False, durable: bool = True,
+                           wait: bool = False) -> Image:
         """``asyncify``: rewrite a plain WASI module for snapshots (images/importer.py); ``background``: import
         it as it is at once and move the name to the rewrite when that is done; ``durable``: its files are on
-        stable storage before it is answered."""
-        with self.compiler.slot():  # 503 compile_busy when too many imports are under way
+        stable storage before it is answered; ``wait``: wait for a compile slot instead of 503 compile_busy."""
+        async with self.compiler.slot(wait):  # 503 compile_busy when too many imports are under way
             # on the compile pool, not the I/O pool that snapshots, ps and logs use
             return await import_module(self.images, data, name, entry, on_io=self.compiler.on_pool,
                                        asyncify=asyncify, background=background, durable=durable)
