@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FUZZ_EXAMPLES, SLOW_EXAMPLES
+from fuzzhelp import FUZZ_EXAMPLES, SEEDS, SLOW_EXAMPLES, mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mvapi import IMAGES, Daemon
-from test_fuzz_parsers import SEEDS, mutated
 
 WASM_TOOLS = Path(sys.executable).with_name("wasm-tools")
 # the exports every generated module has: a command's entry point

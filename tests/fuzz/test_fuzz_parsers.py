@@ -15,38 +15,18 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import FUZZ_EXAMPLES, SLOW_EXAMPLES
+from fuzzhelp import FUZZ_EXAMPLES, SEEDS, SLOW_EXAMPLES, mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mvapi import IMAGES
 
 from microvmd import contract
 from microvmd.images import asyncify, rewrite, wasmbin
 from microvmd.snapshot.store import FORMAT_VERSION, MANIFEST_MAGIC, SnapshotError, decode_manifest
 
-SEEDS = [(IMAGES / name / f"{name}.wasm").read_bytes() for name in ("hello", "counter")]
 quick = settings(max_examples=FUZZ_EXAMPLES * 4, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 long = settings(max_examples=SLOW_EXAMPLES * 10, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@st.composite
-def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
-    """A seed with a few bytes changed, cut, repeated or inserted: deep into the parser, unlike noise."""
-    data = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(1, 8))):
-        op = draw(st.sampled_from(["flip", "cut", "insert", "dup"]))
-        at = draw(st.integers(0, max(0, len(data) - 1)))
-        if op == "flip" and data:
-            data[at] = draw(st.integers(0, 255))
-        elif op == "cut":
-            del data[at:at + draw(st.integers(1, 64))]
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            data[at:at] = data[at:at + draw(st.integers(1, 32))]
-    return bytes(data)
 
 
 modules = st.one_of(st.binary(max_size=256).map(lambda b: b"\0asm\x01\0\0\0" + b), mutated(SEEDS))
