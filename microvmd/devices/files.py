@@ -190,6 +190,7 @@ class FilesDevice(Device):
     """Shadows WASI's calls that open and close descriptors, and gives every VM its ``OpenFiles``."""
 
     name = "files"
+    shadows_wasi = True  # modules without path_open get the plain linker: they open no file to count
 
     def __init__(self, budget: DescriptorBudget) -> None:
         self.budget = budget

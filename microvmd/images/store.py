@@ -41,6 +41,8 @@ log = logging.getLogger("microvmd.images")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole names only: fullmatch (no final newline)
 RESERVED_PREFIX = "__microvm_"
+# an image that imports it can open files: it is linked with the daemon's counting WASI calls (devices/files.py)
+OPENS_FILES = f"{rewrite.WASI}.path_open"
 
 
 @dataclass
@@ -83,8 +85,10 @@ class Image:
 
 class ImageStore:
     def __init__(self, root: Path, engine: wasmtime.Engine, linker: wasmtime.Linker, fingerprint: str,
-                 upload_limit: int, compiler: Compiler) -> None:
+                 upload_limit: int, compiler: Compiler, plain_linker: wasmtime.Linker | None = None) -> None:
         self.root = root
+        # modules that cannot open files are linked without the daemon's counting WASI calls (devices/files.py)
+        self.plain_linker = plain_linker or linker
         self.engine = engine
         self.compiler = compiler  # big modules compile in a child process (images/compiler.py)
         self.linker = linker
@@ -303,7 +307,8 @@ class ImageStore:
         with self._lock:
             pre = self._pres.get(img.hex)
         if pre is None:
-            pre = self.linker.instantiate_pre(mod)
+            linker = self.linker if OPENS_FILES in img.imports else self.plain_linker
+            pre = linker.instantiate_pre(mod)
             with self._lock:
                 self._pres[img.hex] = pre
         return mod, pre

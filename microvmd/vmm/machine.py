@@ -15,7 +15,6 @@ from typing import Any
 
 import wasmtime
 
-from ..devices.files import SHADOWED
 from ..devices.wasip1 import wasi_helper
 from ..engine import wt
 from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
@@ -85,8 +84,9 @@ class Machine:
         # a module rewritten at import reads through the daemon's fd_read, and the daemon counts the WASI
         # calls that open and close files (devices/files.py): both go on to wasmtime's own functions through
         # a helper instance in the same store (devices/wasip1.py)
+        # (only a module that imports path_open is linked with the counting calls: store.OPENS_FILES)
         self._helper_instances = int(any((i.module == HOST_MODULE and i.name == "fd_read")
-                                         or (i.module == WASI and i.name in SHADOWED) for i in module.imports))
+                                         or (i.module == WASI and i.name == "path_open") for i in module.imports))
         self._memory_cap = -1
         self.memory_bytes = 0
         self._cap_memory()  # (instantiation may not take more than the budget has left either)

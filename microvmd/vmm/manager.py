@@ -56,6 +56,11 @@ class Hypervisor:
         self.linker = wasmtime.Linker(self.engine)
         self.linker.allow_shadowing = True
         self.linker.define_wasi()
+        # the same without the shadowed WASI calls that count open files (devices/files.py): for modules that
+        # cannot open a file (no path_open), which then need no helper instance per VM
+        self.plain_linker = wasmtime.Linker(self.engine)
+        self.plain_linker.allow_shadowing = True
+        self.plain_linker.define_wasi()
         self.devices = DeviceTable()  # define their imports on the linker, attach per VM
         total, reserve = files.plan(files.process_limit(), cfg.limits.total_open_files, cfg.limits.reserved_files)
         self.files = files.DescriptorBudget(total, reserve, cfg.limits.open_files)  # guests' files and sockets
@@ -64,7 +69,7 @@ class Hypervisor:
             jobs=lim.compile_jobs, queue=lim.compile_queue, timeout=lim.compile_timeout, memory=lim.compile_memory,
             max_functions=lim.max_functions))
         self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
-                                 cfg.upload_limit, self.compiler)
+                                 cfg.upload_limit, self.compiler, self.plain_linker)
         self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice,
                                spin_wait=cfg.engine.spin_wait)
         self.registry = VmRegistry(DirRecords(cfg.state_dir / "vms"))
@@ -90,6 +95,8 @@ class Hypervisor:
     def add_device(self, device: Device) -> None:
         self.devices.add(device)
         device.define(self.linker)
+        if not device.shadows_wasi:
+            device.define(self.plain_linker)
 
     # ------------------------------------------------------------------ start-up and shutdown
     def load(self) -> None:
