@@ -451,7 +451,7 @@ class Snapshots:
                     hv.end_suspended(vm, name)
             except BaseException:
                 await hv.sched.on_io(writer.abort)
-                if vm.frozen and not vm.state.terminal:
+                if vm.rt.frozen and not vm.state.terminal:
                     hv.thaw(vm)
                 raise
         return name
