@@ -654,6 +654,72 @@ class VmRecord(Struct):
     checkpoint: str | None = None  # its last checkpoint (--checkpoint-interval), resumed after a crash
 
 
+# ================================================================== snapshot manifests (docs/snapshot-format.md)
+# A manifest is untrusted input (a file anyone could have rewritten with a fresh checksum, an import, a
+# migration): every field the daemon reads or shows is typed here, so a manifest whose ``stats`` or ``vm``
+# is of the wrong shape is a damaged snapshot, never a 500 at ``snapshot ls``. What a type cannot say (chunk
+# lists that match their sizes, global values in their type's range, pack indexes) snapshot/store.py checks
+# after. Unknown keys are ignored, as in responses: a newer daemon's manifest still reads.
+ChunkRef = list[bytes | int]  # [sha256, crc32] as it travels; + [pack index, offset, length] once stored
+
+
+class ManifestVm(Struct):
+    id: str
+    spec: VmSpec
+    digest: Digest
+    name: str | None = None
+    image_name: str | None = None
+    original_digest: Digest | None = None
+    memory_limit: Annotated[int, Meta(gt=0, le=1 << 32)] | None = None
+    fuel_budget: Positive | None = None
+    fuel_consumed: Count = 0
+    state: VmState | None = None
+
+
+class ManifestMemory(Struct):
+    size: Annotated[int, Meta(ge=0, le=1 << 40)]  # (whole Wasm pages, at most 4 GiB: snapshot/store.py says so)
+    chunks: list[ChunkRef | None]
+
+
+class ManifestTable(Struct):
+    size: Annotated[int, Meta(ge=0, le=1 << 24)]
+    elems: list[tuple[str, Annotated[int, Meta(ge=0)]] | None]
+
+
+class ManifestDisk(Struct):
+    index: int
+    name: str
+    size: Annotated[int, Meta(ge=0, le=1 << 40)]
+    chunks: list[ChunkRef | None]
+    mode: str | None = None
+
+
+class Manifest(Struct):
+    name: Name
+    created: float
+    kind: Literal["created", "unwound"]
+    vm: ManifestVm
+    memory: ManifestMemory
+    globals: dict[str, tuple[Literal["i32", "i64", "f32", "f64"], int | float]]
+    disks: Annotated[list[ManifestDisk], Meta(max_length=64)]
+    packs: Annotated[list[Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]], Meta(max_length=1 << 16)] = []
+    tables: Annotated[dict[str, ManifestTable], Meta(max_length=64)] = {}
+    devices: dict[str, dict[str, Any]] = {}
+    console: dict[str, Count] = {}
+    parent: str | None = None
+    stats: dict[str, int | float | str | None] = {}
+    wasmtime: str | None = None
+    engine: str | None = None
+    origin: Literal["local", "import"] | None = None
+
+
+def check_manifest(data: Any) -> Manifest:
+    """A decoded manifest's shape, with its VM spec checked as a request's is; ContractError names the field."""
+    m = convert(data, Manifest)
+    check_vm_spec(m.vm.spec)
+    return m
+
+
 # ================================================================== decoding
 class ContractError(ValueError):
     """A body that does not fit its type. ``code`` is the API error code; the message names the field."""

@@ -280,10 +280,10 @@ class Controller:
 
     @_applies(a.ListSnapshots)
     async def list_snapshots(self, act: a.ListSnapshots) -> dict[str, Any]:
-        found = await self.snapshots.list_all()
+        found, damaged = await self.snapshots.list_all()
         if not act.all:  # a VM's checkpoints are its own, shown by inspect (checkpoint) and by ?all=true
             found = [s for s in found if not s["name"].startswith(f"ckpt-{s['vm']['id'][:12]}-")]
-        return {"snapshots": found, "damaged": await self.hv.sched.on_io(self.snapshots.store.damaged)}
+        return {"snapshots": found, "damaged": damaged}
 
     @_applies(a.GetSnapshot)
     async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:
