@@ -239,8 +239,8 @@ class Controller:
                     n = stdin.feed(bytes(view))
                     total += n
                     view = view[n:]
-                    if view:  # the guest has not read what it was given: wait for room
-                        await asyncio.sleep(0.01)
+                    if view:  # the guest has not read what it was given: until it reads (or the VM ends)
+                        await stdin.room()
         finally:
             if not stdin.eof:
                 stdin.close()
