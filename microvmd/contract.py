@@ -88,8 +88,8 @@ class RateLimiterPatch(Request):
 
 # ================================================================== the VM spec (request, record, snapshot)
 class DirSpec(Request):
-    host: str
-    guest: str | None = None  # the host path when left out
+    host: str  # (an existing absolute directory: the Hypervisor checks it on its host)
+    guest: str | None = None  # the host path when left out; absolute, or "." (check_vm_spec)
     readonly: bool = False
 
 
@@ -225,9 +225,29 @@ def check_vm_spec(spec: VmSpec) -> VmSpec:
     for d in spec.dirs:
         if not d.guest:
             d.guest = d.host
+        elif not d.guest.startswith("/") and d.guest != ".":
+            raise ContractError(f"--dir guest path {d.guest!r} must be absolute", "invalid_dir")
+    check_env(spec.env, "invalid_env")
+    if spec.ephemeral or spec.auto_remove:
+        if spec.checkpoint_interval is not None and spec.ephemeral:
+            raise ContractError("an ephemeral VM keeps nothing on disk: it cannot have checkpoints",
+                                "invalid_checkpoint_interval")
+        if spec.restart != "no":
+            raise ContractError("a VM removed when it ends (--rm) cannot have a restart policy",
+                                "invalid_restart_policy")
+        if spec.ephemeral and any(d.mode == "cow" for d in spec.disks):
+            raise ContractError("an ephemeral VM keeps nothing on disk: it cannot have a cow disk (use ro, or a "
+                                "VM that is not ephemeral)", "invalid_disk")
     if spec.timeout is not None and not 0 < spec.timeout < float("inf"):
         raise ContractError("timeout must be a positive number of seconds", "invalid_limit")
     return spec
+
+
+def check_env(env: dict[str, str], code: str) -> None:
+    """A WASI environment variable's name is not empty and has no '=' (it ends the name) and no NUL."""
+    for k in env:
+        if not k or "=" in k or "\0" in k:
+            raise ContractError(f"invalid environment variable name {k!r}", code)
 
 
 def _check_publish(publish: list[Publish]) -> None:
@@ -762,6 +782,8 @@ def _checked(value: T) -> T:
         check_vm_spec(value)
     elif isinstance(value, Restore) and value.publish:
         _check_publish(value.publish)
+    elif isinstance(value, ImagePatch) and value.env is not UNSET:
+        check_env(value.env, "invalid_field")
     return value
 
 

@@ -124,7 +124,7 @@ class Controller:
             # held to the rule a VM's own limit is held to: a default no create could use breaks them all
             raise BadRequest(f"limits.memory {lim.memory} is above the daemon's maximum of "
                              f"{h.cfg.limits.max_memory} (limits.max_memory)", code="invalid_limit")
-        img = await h.sched.on_io(h.images.update_manifest, act.ref, contract.to_builtins(act.patch))
+        img = await h.sched.on_io(h.images.update_manifest, act.ref, act.patch)
         return img.to_api()  # type: ignore[no-any-return]
 
     @_applies(a.RemoveImage)
