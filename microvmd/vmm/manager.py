@@ -752,7 +752,8 @@ class Hypervisor:
         await self._end(vm, how)
         # answered once the record says so: a daemon killed right after must not restart it by its policy
         # (unless-stopped) as a VM that was running when the daemon died
-        await self.registry.save_now(vm)
+        if vm in self.registry and not vm.spec.auto_remove:  # (one being removed keeps no record)
+            await self.registry.save_now(vm)
         return vm
 
     async def _end(self, vm: Vm, how: Control) -> Vm:
