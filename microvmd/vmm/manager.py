@@ -516,8 +516,6 @@ class Hypervisor:
     def _on_slice_end(self, vm: Vm, end: SliceEnd | BaseException) -> None:
         rt = vm.rt
         m = vm.machine
-        if m is not None and m.blocked_on is not rt.waiting:  # the machine's mailbox, read now it is off-CPU
-            rt.apply("blocked", waiting=m.blocked_on)
         vm.sync_from_machine()
         if vm.console.use_files:
             vm.console.ran()
@@ -526,6 +524,8 @@ class Hypervisor:
         if vm.state.terminal:  # finished while this slice ran: the machine is ours to release now
             self._release(vm)
             return
+        if m is not None and m.blocked_on is not rt.waiting:  # the machine's mailbox, read now it is off-CPU
+            rt.apply("blocked", waiting=m.blocked_on)
         if isinstance(end, BaseException):
             vm.log.error("vCPU error: %r", end)
             self._finish(vm, None, ExitReason.TRAP, f"host error: {end}")
