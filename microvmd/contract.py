@@ -159,7 +159,8 @@ class FuelAdd(Request):
 class ImageLimits(Request):
     fuel: Positive | None | UnsetType = UNSET
     memory: Annotated[int, Meta(ge=65536, le=U63 - 1)] | None | UnsetType = UNSET
-    timeout: Annotated[Number, Meta(description="seconds")] | None | UnsetType = UNSET
+    timeout: Annotated[int, Meta(gt=0)] | Annotated[float, Meta(gt=0, description="seconds")] | None \
+        | UnsetType = UNSET
 
 
 class ImagePatch(Request):
@@ -782,8 +783,12 @@ def _checked(value: T) -> T:
         check_vm_spec(value)
     elif isinstance(value, Restore) and value.publish:
         _check_publish(value.publish)
-    elif isinstance(value, ImagePatch) and value.env is not UNSET:
-        check_env(value.env, "invalid_field")
+    elif isinstance(value, ImagePatch):
+        if value.env is not UNSET:
+            check_env(value.env, "invalid_field")
+        if value.limits is not UNSET and isinstance(value.limits.timeout, (int, float)) \
+                and value.limits.timeout == float("inf"):
+            raise ContractError("limits.timeout must be a finite number of seconds", "invalid_field")
     return value
 
 
