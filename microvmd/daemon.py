@@ -152,7 +152,7 @@ async def serve(cfg: Config) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     hv = Hypervisor(cfg)
     install_devices(hv)
-    await hv.sched.on_io(hv.load)
+    await hv.load()
     if cfg.import_images is not None:
         await _import_images(hv, cfg.import_images)
 

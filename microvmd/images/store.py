@@ -31,6 +31,8 @@ from typing import Any
 
 import wasmtime
 
+from .. import contract
+from ..contract import UNSET
 from ..durable import sync_dir, sync_tree, write_atomic
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from . import rewrite, wasmbin
@@ -163,7 +165,7 @@ class ImageStore:
             existing = self.images.get(hexd)
         if existing is not None:
             if entry is not None and entry != existing.entry:
-                self.update_manifest(existing.digest, {"entry": entry})
+                self.update_manifest(existing.digest, contract.ImagePatch(entry=entry))
             note = (meta or {}).get("snapshot_note")
             if note and not existing.asyncify and note != existing.snapshot_note:
                 self.update_note(existing.digest, note)
@@ -325,38 +327,22 @@ class ImageStore:
         tmp.write_bytes(module.serialize())
         os.replace(tmp, path)
 
-    def update_manifest(self, ref: str, changes: dict[str, Any]) -> Image:
-        """Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}."""
+    def update_manifest(self, ref: str, patch: contract.ImagePatch) -> Image:
+        """Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}. The patch's shape and
+        bounds are the contract's (``ImagePatch``); what only the image can say (its exports) is checked
+        here. A field left out keeps its value; a limit set to null is removed."""
         img = self.resolve(ref)
-        unknown = set(changes) - {"entry", "args", "env", "limits"}
-        if unknown:
-            raise BadRequest(f"unknown manifest field(s): {', '.join(sorted(unknown))}", code="invalid_field")
-        if "entry" in changes:
-            entry = changes["entry"]
-            if not isinstance(entry, str) or entry not in img.exports:
-                raise BadRequest(f"entry {entry!r} is not an exported function of the image", code="invalid_entry")
-            img.entry = entry
-        if "args" in changes:
-            args = changes["args"]
-            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise BadRequest("args must be a list of strings", code="invalid_field")
-            img.args = args
-        if "env" in changes:
-            env = changes["env"]
-            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k
-                                                    for k, v in env.items()):
-                raise BadRequest("env must map variable names to strings", code="invalid_field")
-            img.env = env
-        if "limits" in changes:
-            lim = changes["limits"]
-            if not isinstance(lim, dict) or set(lim) - {"fuel", "memory", "timeout"}:
-                raise BadRequest("limits may set fuel, memory and timeout", code="invalid_field")
-            for k, v in lim.items():
-                ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                   and (k == "timeout" or isinstance(v, int)))
-                if not ok:
-                    raise BadRequest(f"limits.{k} must be a positive {'number' if k == 'timeout' else 'integer'}",
-                                     code="invalid_field")
+        if patch.entry is not UNSET:
+            if patch.entry not in img.exports:
+                raise BadRequest(f"entry {patch.entry!r} is not an exported function of the image",
+                                 code="invalid_entry")
+            img.entry = patch.entry
+        if patch.args is not UNSET:
+            img.args = list(patch.args)
+        if patch.env is not UNSET:
+            img.env = dict(patch.env)
+        if patch.limits is not UNSET:
+            lim = contract.to_builtins(patch.limits)  # (fields left out are not in it)
             img.limits = {k: v for k, v in lim.items() if v is not None}
         path = self.root / "blobs" / img.hex / "manifest.json"
         tmp = path.with_suffix(".tmp")

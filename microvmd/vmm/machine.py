@@ -17,6 +17,7 @@ import wasmtime
 
 from ..devices.wasip1 import wasi_helper
 from ..engine import wt
+from ..engine.hostop import HostOp
 from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
 from ..images.rewrite import HOST_MODULE, WASI
 from .budget import MemoryBudget
@@ -104,6 +105,12 @@ class Machine:
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
         self.call: wt.GuestCall | None = None
+        # the guest's side of a slice, written only by the thread running it: the device call it was last
+        # suspended in (Vm.block_on; the loop copies it into the VM's runtime at the slice end, and may
+        # interrupt it meanwhile through the op's own lock), and this slice's spin window and end
+        self.blocked_on: HostOp | None = None
+        self.spin = 0.0
+        self.slice_end = 0.0
         self.outcome: wt.Outcome | None = None
         self.fuel_consumed = 0
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
@@ -159,9 +166,10 @@ class Machine:
         the thread back (ping-pong traffic then stays on this worker: no hand-off through the event loop).
         """
         end = time.monotonic() + quantum
-        vm.spin, vm.slice_end = spin, end  # for device calls that wait in the call (hostop.wait_in_call)
+        self.spin, self.slice_end = spin, end  # for device calls that wait in the call (hostop.wait_in_call)
+        rt = vm.rt  # (read only: the loop decides what follows from the SliceEnd)
         while True:
-            if vm.control is not None:
+            if rt.control is not None:
                 return SliceEnd.CONTROL
             if self.call is None:
                 if not self._queue:
@@ -197,10 +205,10 @@ class Machine:
                 self.outcome = out
                 self._queue.clear()
                 return SliceEnd.DONE
-            op = vm.waiting
+            op = self.blocked_on
             if op is not None and not op.ready():
                 # (not again if the device already waited inside the call: hostop.wait_in_call)
-                if spin > 0 and not op.spun and vm.control is None \
+                if spin > 0 and not op.spun and rt.control is None \
                         and op.wait(min(spin, max(0.0, end - time.monotonic()))):
                     continue  # answered while we waited: same slice
                 self._sample_memory()

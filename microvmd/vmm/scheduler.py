@@ -81,10 +81,10 @@ class Scheduler:
     def dispatch(self, vm: Any, on_end: Callable[[Any, SliceEnd | BaseException], None]) -> None:
         """Queue one slice of ``vm`` on a vCPU worker; ``on_end`` runs on the event loop afterwards."""
         loop = asyncio.get_running_loop()
-        vm.enter_cpu()
+        vm.rt.enter_cpu()
 
         def done(end: SliceEnd | BaseException) -> None:
-            vm.leave_cpu()
+            vm.rt.leave_cpu()
             on_end(vm, end)
 
         def job() -> None:
