@@ -146,7 +146,8 @@ def test_client_decodes_through_the_contract_without_typing_extensions():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "False False"
-    assert "msgspec.ValidationError: Invalid enum value 'nope' - at `$.state`" in r.stderr  # the models still check the answers
+    # the models still check the answers
+    assert "msgspec.ValidationError: Invalid enum value 'nope' - at `$.state`" in r.stderr
     code = "import microvmd.cli.commands, typing_extensions; print(typing_extensions.get_type_hints is not None)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert r.stdout.strip() == "True"
