@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ class Vm:
     def to_api(self) -> dict[str, Any]:
         spec = self._spec_api
         if spec is None:  # the spec does not change after creation: convert it once
-            spec = self._spec_api = asdict(self.spec)
+            spec = self._spec_api = contract.to_builtins(self.spec)
         budget = self.fuel_budget
         return {
             "id": self.id,
@@ -210,7 +210,7 @@ class Vm:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
-            "exit": asdict(self.exit) if self.exit else None,
+            "exit": contract.to_builtins(self.exit) if self.exit else None,
             "devices": self.devices.to_api(),
             "snapshot_kind": self.snapshot_kind,
             "spec": spec,
@@ -223,9 +223,10 @@ class Vm:
     def record(self) -> dict[str, Any]:
         """What survives a daemon restart."""
         return {
-            "id": self.id, "spec": asdict(self.spec), "digest": self.digest, "image_name": self.image_name,
+            "id": self.id, "spec": contract.to_builtins(self.spec), "digest": self.digest,
+            "image_name": self.image_name,
             "state": self.state.value, "created": self.created, "started": self.started,
-            "finished": self.finished, "exit": asdict(self.exit) if self.exit else None,
+            "finished": self.finished, "exit": contract.to_builtins(self.exit) if self.exit else None,
             "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,
