@@ -8,7 +8,6 @@ content only once the file is. Callers write to a temporary name, ``sync_file`` 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back of the range's dirty
 
 def _sync_file_range() -> Any:
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+        # the symbols already loaded in this process (libc's among them): no library search, no subprocess
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux/glibc: the final fsync does all the work
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
