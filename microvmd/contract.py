@@ -11,8 +11,10 @@ keeps working against a daemon that has learnt new fields. Fields are declared i
 always sent them: the field order is the key order on the wire and in ``microvm --json`` output.
 
 This module is imported by the client, so it imports nothing heavy: msgspec and the standard library only.
+It does without ``from __future__ import annotations`` on purpose: msgspec reads every field's type when a
+model is first used, and string annotations would have to be evaluated then (~1.5 ms of a `microvm ps` that
+decodes one answer; the annotations built at import cost a fraction of that).
 """
-from __future__ import annotations
 
 import re
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -836,5 +838,7 @@ def decode(raw: bytes, typ: type[T], *, msgpack: bool = False) -> T:
 
 
 def to_builtins(value: Any) -> Any:
-    """A contract value as plain dicts and lists (what ``json.dumps`` would print), UNSET fields left out."""
+    """A contract value as plain dicts and lists (what ``json.dumps`` would print), UNSET fields left out.
+    Also a dataclass (a VM's spec and exit record): the same dict as ``dataclasses.asdict`` in about a
+    twentieth of the time (~0.7 against ~13 µs for a plain spec, on every create's answer)."""
     return msgspec.to_builtins(value)

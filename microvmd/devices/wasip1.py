@@ -301,6 +301,7 @@ class WasiDevice(Device):
     def __init__(self, images: Any) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.images = images  # which modules were rewritten: their imports name microvm_wasi
+        self._rewritten: dict[str, bool] = {}  # by image digest
 
     def define(self, linker: wasmtime.Linker) -> None:
         wt.define_host_func(linker, HOST_MODULE, "poll_oneoff", ["i32"] * 4, ["i32"],
@@ -328,11 +329,16 @@ class WasiDevice(Device):
 
     async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
-        try:
-            img = self.images.resolve(getattr(vm, "digest", ""))
-        except Exception:  # noqa: BLE001 - no image, no part: the create fails on its own
-            return
-        if any(i.startswith(f"{HOST_MODULE}.") for i in img.imports):
+        digest = getattr(vm, "digest", "")
+        rewritten = self._rewritten.get(digest)
+        if rewritten is None:  # once per image (a digest names one module for good), not at every create
+            try:
+                img = self.images.resolve(digest)
+            except Exception:  # noqa: BLE001 - no image, no part: the create fails on its own
+                return
+            prefix = f"{HOST_MODULE}."
+            rewritten = self._rewritten[digest] = any(i.startswith(prefix) for i in img.imports)
+        if rewritten:
             vm.devices.add(WasiState(stdin_open=bool(getattr(vm.spec, "stdin", False))))
 
     # ---- poll_oneoff ----

@@ -136,7 +136,7 @@ class Snapshots:
                              code="no_parent_snapshot")
         lock = self._vm_locks.setdefault(vm.id, asyncio.Lock())
         async with lock, self.write_lock:
-            writer = await self.hv.sched.on_io(PackWriter, self.store)
+            writer = await self.hv.sched.on_io(PackWriter, self.store, durable)
             try:
                 async with vm.lock:
                     manifest, memory, changed = await self.capture(vm, name, writer, diff)
@@ -562,7 +562,7 @@ class Snapshots:
         until this answers) the fsyncs run right after the answer instead of before it."""
         hv = self.hv
         async with self.write_lock:
-            writer = await hv.sched.on_io(PackWriter, self.store)
+            writer = await hv.sched.on_io(PackWriter, self.store, durable)
             try:
                 m, image = await transfer.read_stream(readexactly, hv.sched.on_io, self.store, writer,
                                                       hv.cfg.upload_limit)

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 
 from .. import contract
-from ..durable import sync_dir, sync_fd, sync_file, write_atomic
+from ..durable import start_writeback, sync_dir, sync_fd, sync_file, write_atomic
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound, Unprocessable
 
 log = logging.getLogger("microvmd.snapshot")
@@ -196,8 +196,10 @@ class Stored:
 class PackWriter:
     """Appends chunks to a new pack at 64 KiB-aligned offsets; ``publish`` renames it into place."""
 
-    def __init__(self, store: SnapshotStore) -> None:
+    def __init__(self, store: SnapshotStore, durable: bool = True) -> None:
         self.store = store
+        # a pack that will be fsynced goes to the disk as it is written (start_writeback), not all at publish
+        self.durable = durable
         spare = store.take_spare()  # an empty file made in advance: creating one is ~1 ms on ext4
         self.tmp = spare or store.root / "tmp" / f"{uuid.uuid4().hex}.pack"
         self.id = self.tmp.stem
@@ -227,6 +229,8 @@ class PackWriter:
                 data = b"".join(bytes(v) for v in views)
                 while done < total:
                     done += os.pwrite(self.fd, data[done:], off + done)
+            if self.durable:
+                start_writeback(self.fd, off, total)
 
     def publish(self, durable: bool = True) -> str | None:
         if durable and self.used:

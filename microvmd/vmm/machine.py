@@ -58,6 +58,9 @@ class MachineSpec:
     stdout_file: str | None = None  # wasmtime writes the console to these files itself (truncating them)
     stderr_file: str | None = None
     budget: MemoryBudget | None = None  # the daemon's memory for all guests (limits.total_memory)
+    # whether the module imports the daemon's fd_read (rewritten at import); None: read from the module. The
+    # builder passes the image's recorded imports: Module.imports costs ~28 µs per instantiation (FFI)
+    wasi_helper: bool | None = None
 
 
 def _val(ty: str, value: int | float) -> wasmtime.Val:
@@ -86,8 +89,11 @@ class Machine:
         # calls that open and close files (devices/files.py): both go on to wasmtime's own functions through
         # a helper instance in the same store (devices/wasip1.py)
         # (only a module that imports path_open is linked with the counting calls: store.OPENS_FILES)
-        self._helper_instances = int(any((i.module == HOST_MODULE and i.name == "fd_read")
-                                         or (i.module == WASI and i.name == "path_open") for i in module.imports))
+        helper = spec.wasi_helper
+        if helper is None:
+            helper = any((i.module == HOST_MODULE and i.name == "fd_read")
+                         or (i.module == WASI and i.name == "path_open") for i in module.imports)
+        self._helper_instances = int(helper)
         self._memory_cap = -1
         self.memory_bytes = 0
         self._cap_memory()  # (instantiation may not take more than the budget has left either)

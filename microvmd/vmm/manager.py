@@ -333,13 +333,13 @@ class Hypervisor:
         The VM leaves the CPU when the worker's job has really ended, even if the create is cancelled."""
         vm.rt.enter_cpu()
         t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
-        job = self.sched.submit_cpu(self.builder.boot_and_run, vm, img, self.sched.run_slice)
+        job, ended = self.sched.submit_cpu(self.builder.boot_and_run, vm, img, self.sched.run_slice)
         try:
-            first = await asyncio.shield(job)  # (a plain future: no task, no extra loop turn)
+            first = await job  # (a plain future: no task, no shield, no extra loop turn)
         except asyncio.CancelledError:
             # the create was cancelled (its client went away, or shutdown): the worker still runs the slice;
             # the machine is torn down only once it is back
-            await asyncio.wait([job])
+            await asyncio.wait([ended])
             raise
         finally:
             vm.rt.leave_cpu()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,7 @@ class Vm:
         rt = self.rt
         spec = self._spec_api
         if spec is None:  # the spec does not change after creation: convert it once
-            spec = self._spec_api = asdict(self.spec)
+            spec = self._spec_api = contract.to_builtins(self.spec)
         budget = self.fuel_budget
         return {
             "id": self.id,
@@ -207,7 +207,7 @@ class Vm:
             "created": self.created,
             "started": rt.started,
             "finished": rt.finished,
-            "exit": asdict(rt.exit) if rt.exit else None,
+            "exit": contract.to_builtins(rt.exit) if rt.exit else None,
             "devices": self.devices.to_api(),
             "snapshot_kind": self.snapshot_kind,
             "spec": spec,
@@ -221,9 +221,10 @@ class Vm:
         """What survives a daemon restart."""
         rt = self.rt
         return {
-            "id": self.id, "spec": asdict(self.spec), "digest": self.digest, "image_name": self.image_name,
+            "id": self.id, "spec": contract.to_builtins(self.spec), "digest": self.digest,
+            "image_name": self.image_name,
             "state": rt.state.value, "created": self.created, "started": rt.started,
-            "finished": rt.finished, "exit": asdict(rt.exit) if rt.exit else None,
+            "finished": rt.finished, "exit": contract.to_builtins(rt.exit) if rt.exit else None,
             "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,
