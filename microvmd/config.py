@@ -101,6 +101,7 @@ class Config:
     token_file: Path | None = None
     gateway: tuple[str, int] | None = None
     import_images: Path | None = None
+    import_fetched: bool = False  # --import-images also imports DIR/<name> holding a SHA256SUMS (python, js)
     upload_limit: int = 256 * MiB
     json_limit: int = 4 * MiB
     shutdown_timeout: float = 20.0
@@ -191,6 +192,14 @@ def _section(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**{k: _coerce(k, v) for k, v in data.items()})
 
 
+def _flag(value: Any, key: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    return value
+
+
 def load(args: argparse.Namespace) -> Config:
     """Flags win over the file, the file wins over the defaults."""
     file_data: dict[str, Any] = {}
@@ -224,6 +233,7 @@ def load(args: argparse.Namespace) -> Config:
         token_file=Path(v) if (v := pick("token_file")) else None,
         gateway=None if not gateway or gateway == "off" else _hostport(gateway, "--gateway"),
         import_images=Path(v) if (v := pick("import_images")) else None,
+        import_fetched=_flag(pick("import_fetched"), "import_fetched"),
         limits=limits,
         engine=engine,
     )

@@ -366,6 +366,8 @@ class Image(Response):
     rewritten_digest: str | None = None
     snapshot_kind: Annotated[str, Meta(description="asyncify (snapshots while it runs) or stopped_only")] = ""
     snapshot_note: str | None = None
+    tables_fixed: Annotated[bool | None, Meta(description="no instruction of the module changes a table, so its "
+                                                          "VMs keep no record of them (null: not known yet)")] = None
 
 
 class StdinResult(Response):

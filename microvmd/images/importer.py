@@ -164,3 +164,22 @@ async def _rewrite_then_import(store: ImageStore, on_io: OnIo, durable: bool, mo
         raise
     except Exception as exc:  # a background job has nobody to answer: log it
         log.error("background rewrite of %s failed: %s", name or "-", exc)
+
+
+def analyse_tables_later(store: ImageStore, on_io: OnIo) -> None:
+    """Images with Asyncify imported by a daemon that did not record ``tables_fixed`` get it worked out once,
+    in the background (a Binaryen run of about 2 s for CPython); until then their VMs record their tables."""
+    todo = [img for img in store.list() if img.asyncify and img.tables_fixed is None]
+    if not todo:
+        return
+
+    async def run() -> None:
+        for img in todo:
+            try:
+                await on_io(store.record_tables_fixed, img)
+            except OSError as exc:
+                log.warning("cannot analyse the tables of image %s: %s", img.digest[:19], exc)
+
+    task = asyncio.ensure_future(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)

@@ -68,6 +68,9 @@ class Image:
     original_digest: str | None = None   # the module the user imported; ``digest`` is the one that runs
     rewritten_digest: str | None = None  # set when the daemon rewrote it with Asyncify (== digest)
     snapshot_note: str | None = None     # how it became snapshottable, or why it is stopped_only
+    # no instruction can change a table (rewrite.tables_fixed), so its VMs keep no record of them; None: not
+    # worked out yet (an image imported by an older daemon: importer.analyse_tables_later)
+    tables_fixed: bool | None = None
 
     @property
     def hex(self) -> str:
@@ -101,6 +104,7 @@ class ImageStore:
         self._modules: dict[str, wasmtime.Module] = {}
         self._pres: dict[str, wasmtime.InstancePre] = {}
         self._lock = threading.Lock()
+        self._importing: dict[str, list[Any]] = {}  # hex digest -> [its import lock, imports waiting on it]
         self.compiles = 0  # for tests and metrics: how many times we really compiled
         for sub in ("blobs", "names", "cache", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -162,6 +166,20 @@ class ImageStore:
         files, its directory and its name are on stable storage before this returns."""
         data, source_format, hexd = self.prepare(data, name)
         with self._lock:
+            busy = self._importing.setdefault(hexd, [threading.Lock(), 0])
+            busy[1] += 1
+        try:
+            with busy[0]:  # two imports of the same bytes at once (two names): the second finds the first's
+                return self._import_one(data, source_format, hexd, name, entry, meta, durable)
+        finally:
+            with self._lock:
+                busy[1] -= 1
+                if not busy[1]:
+                    del self._importing[hexd]
+
+    def _import_one(self, data: bytes, source_format: str, hexd: str, name: str | None, entry: str | None,
+                    meta: dict[str, Any] | None, durable: bool) -> Image:
+        with self._lock:
             existing = self.images.get(hexd)
         if existing is not None:
             if entry is not None and entry != existing.entry:
@@ -196,6 +214,8 @@ class ImageStore:
         try:
             (tmp / "original.wasm").write_bytes(data)
             (tmp / "module.wasm").write_bytes(normalized)
+            if img.asyncify:  # only a guest snapshotted after it ran has its tables compared
+                img.tables_fixed = rewrite.tables_fixed(tmp / "original.wasm") is True
             (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
             if not self._cache_path(hexd).exists():  # (a compile child wrote it already)
                 self._write_cache(hexd, module)
@@ -359,6 +379,15 @@ class ImageStore:
             img.rewritten_digest = img.digest
             self._write_manifest(img)
         return img
+
+    def record_tables_fixed(self, img: Image) -> None:
+        """Work out ``tables_fixed`` for an image that does not have it yet (blocking: an I/O thread)."""
+        fixed = rewrite.tables_fixed(self.root / "blobs" / img.hex / "original.wasm") is True
+        with self._lock:
+            if img.hex not in self.images:
+                return  # removed meanwhile
+            img.tables_fixed = fixed
+            self._write_manifest(img)
 
     def update_note(self, ref: str, note: str) -> Image:
         img = self.resolve(ref)

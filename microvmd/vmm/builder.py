@@ -21,14 +21,12 @@ from ..config import Config
 from ..devices.console import Console
 from ..engine import wt
 from ..errors import Unprocessable
-from ..images.rewrite import HOST_MODULE
-from ..images.store import OPENS_FILES, Image, ImageStore
+from ..images.store import Image, ImageStore
 from .budget import MemoryBudget
 from .machine import Machine, MachineSpec
 from .vm import Vm
 
 ABI_VERSION = 1
-WASI_FD_READ = f"{HOST_MODULE}.fd_read"  # as an image lists its imports
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Builder:
             memories=lim.memories, stdout=vm.console.writer("stdout"), stderr=vm.console.writer("stderr"),
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
-            budget=self.memory, wasi_helper=WASI_FD_READ in img.imports or OPENS_FILES in img.imports,
+            tables_fixed=img.tables_fixed is True, budget=self.memory,
         )
         if isinstance(vm.console, Console) and vm.console.use_files:
             mspec.stdout_file, mspec.stderr_file = vm.console.files()

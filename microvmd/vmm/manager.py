@@ -29,7 +29,7 @@ from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
 from ..images.compiler import CompileLimits, Compiler
-from ..images.importer import import_module
+from ..images.importer import analyse_tables_later, import_module
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from . import restart
@@ -187,6 +187,10 @@ class Hypervisor:
         return self.registry.list(all_)
 
     # ------------------------------------------------------------------ images
+    def analyse_images_later(self) -> None:
+        """On the loop after ``load``: image facts an older daemon did not record, worked out in the background."""
+        analyse_tables_later(self.images, self.sched.on_io)
+
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
                            asyncify: bool = True, background: bool = False, durable: bool = True,
                            wait: bool = False) -> Image:
