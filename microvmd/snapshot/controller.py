@@ -474,8 +474,9 @@ class Snapshots:
                 m = await hv.sched.on_io(self.store.load_manifest, name)
                 async with vm.lock:
                     if vm.state.terminal and name in (vm.suspended_to, vm.checkpoint):
+                        # in the state it had: a VM paused when it was captured comes back paused
                         await hv.rerun(vm, "resume" if suspended else "resume from checkpoint",
-                                       restore=self._restore_data(m))
+                                       restore=self._restore_data(m), paused=m["vm"].get("state") == "paused")
                         resumed += 1
             except MicrovmError as exc:
                 log.warning("vm=%s cannot be resumed from %s (%s): starting it from its image", vm.id[:12],

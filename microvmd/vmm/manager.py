@@ -376,9 +376,10 @@ class Hypervisor:
             self._dispatch(vm)
         return vm
 
-    async def rerun(self, vm: Vm, action: str, restore: RestoreData | None = None) -> None:
+    async def rerun(self, vm: Vm, action: str, restore: RestoreData | None = None, paused: bool = False) -> None:
         """Under the VM's lock: a VM that ended gets a new machine from its image (or ``restore``, a snapshot
-        of it) and runs again, in the same record, directory and console."""
+        of it) and runs again, in the same record, directory and console. ``paused``: it comes back paused
+        (a VM suspended while paused), ready to run at the user's ``resume``."""
         if self.closing:
             raise ShuttingDown("microvmd is shutting down and starts no more VMs")
         if vm.spec.ephemeral or vm.spec.auto_remove:
@@ -421,6 +422,9 @@ class Hypervisor:
         self._arm_timeout(vm)
         self._save(vm)
         vm.notify()
+        if paused:  # (resume() dispatches it, under the same condition as below)
+            self._transition(vm, VmState.PAUSED, action + ", paused as it was")
+            return
         if vm.waiting is None or vm.waiting.ready():
             self._dispatch(vm)
 
