@@ -249,7 +249,7 @@ class Controller:
     # ------------------------------------------------------------------ disks
     @_applies(a.CreateDisk)
     async def create_disk(self, act: a.CreateDisk) -> dict[str, Any]:
-        return (await self._blk().create_disk(act.name, act.size)).to_api()
+        return (await self._blk().create_disk(act.name, act.size, act.durable)).to_api()
 
     @_applies(a.ListDisks)
     async def list_disks(self, _: a.ListDisks) -> dict[str, Any]:
@@ -265,7 +265,7 @@ class Controller:
 
     @_applies(a.ReplaceDiskContent)
     async def replace_disk_content(self, act: a.ReplaceDiskContent) -> dict[str, Any]:
-        return (await self._blk().upload(act.name, act.chunks, act.limit)).to_api()
+        return (await self._blk().upload(act.name, act.chunks, act.limit, act.durable)).to_api()
 
     @_applies(a.SetDiskRateLimiter)
     async def set_disk_rate_limiter(self, act: a.SetDiskRateLimiter) -> dict[str, Any]:

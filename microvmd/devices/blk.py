@@ -395,12 +395,12 @@ class BlockDevice(Device):
         self._prune()
         return self.store.get(name)
 
-    async def create_disk(self, name: Any, size: Any) -> Disk:
+    async def create_disk(self, name: Any, size: Any, durable: bool = True) -> Disk:
         check_name(name)
         size = check_size(size)
         self.store.reserve(name)
         try:
-            disk = await self.hv.sched.on_io(self.store.create_files, name, size)
+            disk = await self.hv.sched.on_io(self.store.create_files, name, size, durable)
         except OSError as exc:
             self.store.unreserve(name)
             raise MicrovmError(f"cannot create disk {name}: {exc.strerror or exc}", code="disk_create_failed") \
@@ -441,7 +441,7 @@ class BlockDevice(Device):
         await self.hv.sched.on_io(self.store.remove_files, disk)
         log.info("removed disk %s", name)
 
-    async def upload(self, name: str, chunks: AsyncIterator[bytes], limit: int) -> Disk:
+    async def upload(self, name: str, chunks: AsyncIterator[bytes], limit: int, durable: bool = True) -> Disk:
         """Replace a disk's content with the uploaded bytes; size becomes max(size, bytes received)."""
         self._prune()
         disk = self.store.check_removable(name)
@@ -464,7 +464,7 @@ class BlockDevice(Device):
             except BaseException:
                 await sched.on_io(self.store.abort_upload, name, fd)
                 raise
-            disk.size = await sched.on_io(self.store.finish_upload, disk, fd, total)
+            disk.size = await sched.on_io(self.store.finish_upload, disk, fd, total, durable)
         except OSError as exc:
             raise MicrovmError(f"cannot write disk {name}: {exc.strerror or exc}", code="disk_write_failed") \
                 from None

@@ -1,11 +1,17 @@
-"""Durable by default: snapshots, images and VM records are fsynced before the API acknowledges them;
+"""Durable by default: snapshots, images, disks and VM records are fsynced before the API acknowledges them;
 ``?durable=false`` opts out per request (docs/operations.md, "Durability")."""
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 from mvapi import IMAGES, Daemon
 
 
@@ -29,3 +35,36 @@ def test_snapshot_is_fsynced_unless_the_request_opts_out(make_daemon: Callable[.
     assert d.get(created["id"])["name"] == "fast"
     restored = d.ok("POST", "/v1/snapshots/s-durable/restore", {"name": "r", "start": True})
     assert restored["state"] == "running"
+
+
+def _strace_usable() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-qq", "-f", "-e", "trace=fsync", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _strace_usable(), reason="needs strace (and ptrace allowed): scripts/setup-deps installs it")
+def test_a_new_disk_is_on_stable_storage_before_the_answer(make_daemon: Callable[..., Daemon]) -> None:
+    """The image file, its index entry (written under a temporary name, fsynced, then renamed) and the
+    directory naming them are fsynced before `POST /v1/disks` answers; `?durable=false` skips the fsyncs.
+    The daemon runs under strace, which shows each fsync with the path of its descriptor (-y)."""
+    d = make_daemon(start=False)
+    trace = d.root / "fsync.trace"
+    d.start(popen_argv=["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), *d.argv()])
+    d.ok("POST", "/v1/disks", {"name": "safe", "size": 1 << 20})
+    d.ok("POST", "/v1/disks?durable=false", {"name": "fast", "size": 1 << 20})
+    d.ok("PUT", "/v1/disks/safe/content", raw=b"x" * 4096)
+    # the daemon is strace's child: stop it (strace ends with it, its output complete)
+    (child,) = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+    os.kill(int(child), signal.SIGTERM)
+    assert d.stop(signal.SIGCONT) == 0  # (reaps strace; SIGCONT changes nothing)
+    synced = re.findall(r"f(?:data)?sync\(\d+<([^>]*)>\)\s*=\s*0", trace.read_text())
+    disks = str((d.state_dir / "disks").resolve())
+    assert f"{disks}/safe.img" in synced, synced
+    assert f"{disks}/.safe.json.tmp" in synced, synced  # the index entry, before its rename
+    assert f"{disks}/.safe.upload" in synced, synced  # the new content, before its rename
+    assert synced.count(disks) >= 2, synced  # the directory: after the entry's rename and the upload's
+    assert not [p for p in synced if "fast" in p], synced
+    d.start()  # and what was acknowledged is there at the next start
+    assert {x["name"] for x in d.ok("GET", "/v1/disks")["disks"]} == {"safe", "fast"}
+    assert d.ok("GET", "/v1/disks/safe")["size"] == 1 << 20
