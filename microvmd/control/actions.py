@@ -236,6 +236,7 @@ class RestoreSnapshot(Action):
     start: bool = False
     allow_egress: tuple[str, ...] | None = None
     publish: tuple[contract.Publish, ...] | None = None
+    keep_disk_names: bool = False  # a disk keeps its name when it is free here (a migration)
 
 
 @dataclass(frozen=True)

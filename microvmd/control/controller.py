@@ -316,7 +316,8 @@ class Controller:
                         None if act.publish is None else [PublishSpec(p.guest_port, p.host_port,
                                                                       p.host_ip or "127.0.0.1")
                                                           for p in act.publish])
-        return (await self.snapshots.restore(act.name, act.new_name, act.start, grants)).to_api()
+        return (await self.snapshots.restore(act.name, act.new_name, act.start, grants,
+                                                   keep_disk_names=act.keep_disk_names)).to_api()
 
     @_applies(a.FindMissingChunks)
     async def find_missing_chunks(self, act: a.FindMissingChunks) -> dict[str, Any]:

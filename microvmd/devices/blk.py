@@ -412,9 +412,12 @@ class BlockDevice(Device):
         log.info("created disk %s (%d bytes)", name, size)
         return disk
 
-    async def materialize_with(self, name: str, size: int, fill: Callable[[int], None]) -> str:
-        """A new sparse disk of ``size`` bytes that ``fill(fd)`` writes (on an I/O thread); returns its name."""
-        new = f"{name[:100]}.restored-{uuid.uuid4().hex[:8]}"
+    async def materialize_with(self, name: str, size: int, fill: Callable[[int], None],
+                               keep_name: bool = False) -> str:
+        """A new sparse disk of ``size`` bytes that ``fill(fd)`` writes (on an I/O thread), durably; returns
+        its name: ``name`` itself when ``keep_name`` and it is free, else ``NAME.restored-HEX``."""
+        new = name if keep_name and name not in self.store.disks and not self.store.reserved(name) else \
+            f"{name[:100]}.restored-{uuid.uuid4().hex[:8]}"
         disk = await self.create_disk(new, size)
         disk.uploading = True
 
@@ -422,6 +425,7 @@ class BlockDevice(Device):
             fd = os.open(disk.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 fill(fd)
+                os.fsync(fd)  # (the restore's answer acknowledges the content as the VM's disk)
             finally:
                 os.close(fd)
         try:
