@@ -68,3 +68,34 @@ def test_a_new_disk_is_on_stable_storage_before_the_answer(make_daemon: Callable
     d.start()  # and what was acknowledged is there at the next start
     assert {x["name"] for x in d.ok("GET", "/v1/disks")["disks"]} == {"safe", "fast"}
     assert d.ok("GET", "/v1/disks/safe")["size"] == 1 << 20
+
+
+@pytest.mark.skipif(not _strace_usable(), reason="needs strace (and ptrace allowed): scripts/setup-deps installs it")
+def test_snapshot_files_reach_stable_storage_in_order(make_daemon: Callable[..., Daemon]) -> None:
+    """A durable snapshot that shares chunks with a `durable=false` one fsyncs that one's pack before its own
+    manifest is renamed into place; a removal fsyncs manifests/ before it deletes packs (else a power loss
+    could bring back a manifest whose packs are gone: a listed snapshot that cannot be restored)."""
+    d = make_daemon("--import-images", str(IMAGES), start=False)
+    trace = d.root / "order.trace"
+    d.start(popen_argv=["strace", "-f", "-qq", "-y", "-e", "trace=fsync,rename,renameat,renameat2,unlink,unlinkat",
+                        "-o", str(trace), *d.argv()])
+    packs = d.state_dir / "snapshots" / "packs"
+    vm = d.ok("POST", "/v1/vms", {"image": "counter", "name": "c", "start": True, "env": {"INTERVAL_MS": "5000"}})
+    d.ok("POST", f"/v1/vms/{vm['id']}/snapshots?durable=false", {"name": "s-fast"})
+    (fast_pack,) = [p.name for p in packs.glob("*.pack")]
+    d.ok("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": "s-safe"})
+    d.ok("DELETE", "/v1/snapshots/s-fast")
+    d.ok("DELETE", "/v1/snapshots/s-safe")
+    (child,) = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+    os.kill(int(child), signal.SIGTERM)
+    d.stop(signal.SIGCONT)
+    calls = trace.read_text().splitlines()
+
+    def first(pattern: str, after: int = -1) -> int:
+        return next(i for i, c in enumerate(calls) if i > after and re.search(pattern, c))
+
+    manifests = str((d.state_dir / "snapshots" / "manifests").resolve())
+    safe_in_place = first(r"rename.*s-safe\.snap")
+    assert first(rf"fsync\(\d+<[^>]*/{fast_pack}>\)") < safe_in_place, calls  # the shared pack, first
+    gone = first(r"unlink.*s-safe\.snap")
+    assert first(rf"fsync\(\d+<{manifests}>\)", gone) < first(r"unlink.*\.pack", gone), calls[gone:]
