@@ -493,6 +493,7 @@ class SnapshotStore:
     def forget_pack(self, pack: str) -> None:
         with self._lock:
             self.unsynced.discard(pack)
+            self.verified.discard(pack)  # (one id per snapshot ever taken, kept for the daemon's life)
             for h in [h for h, loc in self.index.items() if loc.pack == pack]:
                 del self.index[h]
 

@@ -25,6 +25,7 @@ from ..devices.base import Device, DeviceSet, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
+from ..heaptrim import HeapTrimmer
 from ..images.importer import import_module
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
@@ -69,6 +70,7 @@ class Hypervisor:
         self._removals: set[asyncio.Task[None]] = set()  # auto-removals under way (close() waits for them)
         self.on_remove: list[Callable[[Vm], None]] = []
         self.loop_lag = LoopLagMonitor()
+        self.heap_trim = HeapTrimmer()  # freed machines' memory back to the system (started by the daemon)
         wt.suspension_hook = self._suspension_hook
 
     @staticmethod
@@ -690,6 +692,7 @@ class Hypervisor:
         """Free the store (and its linear memory) on an I/O thread."""
         machine, vm.machine = vm.machine, None
         if machine is not None:
+            self.heap_trim.note_freed()
             vm.machine_closed = asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine,
                                                                            vm, machine)
 
