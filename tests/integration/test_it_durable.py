@@ -8,7 +8,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,25 @@ def _strace_usable() -> bool:
     return subprocess.run(["strace", "-qq", "-f", "-e", "trace=fsync", "true"], capture_output=True).returncode == 0
 
 
+@contextmanager
+def under_strace(d: Daemon, trace: Path, calls: str) -> Iterator[None]:
+    """Run ``d`` under ``strace -f -y -e trace=CALLS -o TRACE``; at the end its daemon (strace's child) gets
+    SIGTERM, so strace ends with it, its output complete, and no daemon outlives a failed test."""
+    d.start(popen_argv=["strace", "-f", "-qq", "-y", "-e", f"trace={calls}", "-o", str(trace), *d.argv()])
+    try:
+        yield
+    finally:
+        children = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+        for child in children:
+            os.kill(int(child), signal.SIGTERM)
+        if d.stop(signal.SIGCONT, timeout=30.0) != 0:  # (SIGCONT changes nothing: it reaps strace)
+            for child in children:
+                try:
+                    os.kill(int(child), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 @pytest.mark.skipif(not _strace_usable(), reason="needs strace (and ptrace allowed): scripts/setup-deps installs it")
 def test_a_new_disk_is_on_stable_storage_before_the_answer(make_daemon: Callable[..., Daemon]) -> None:
     """The image file, its index entry (written under a temporary name, fsynced, then renamed) and the
@@ -50,14 +70,10 @@ def test_a_new_disk_is_on_stable_storage_before_the_answer(make_daemon: Callable
     The daemon runs under strace, which shows each fsync with the path of its descriptor (-y)."""
     d = make_daemon(start=False)
     trace = d.root / "fsync.trace"
-    d.start(popen_argv=["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), *d.argv()])
-    d.ok("POST", "/v1/disks", {"name": "safe", "size": 1 << 20})
-    d.ok("POST", "/v1/disks?durable=false", {"name": "fast", "size": 1 << 20})
-    d.ok("PUT", "/v1/disks/safe/content", raw=b"x" * 4096)
-    # the daemon is strace's child: stop it (strace ends with it, its output complete)
-    (child,) = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
-    os.kill(int(child), signal.SIGTERM)
-    assert d.stop(signal.SIGCONT) == 0  # (reaps strace; SIGCONT changes nothing)
+    with under_strace(d, trace, "fsync,fdatasync"):
+        d.ok("POST", "/v1/disks", {"name": "safe", "size": 1 << 20})
+        d.ok("POST", "/v1/disks?durable=false", {"name": "fast", "size": 1 << 20})
+        d.ok("PUT", "/v1/disks/safe/content", raw=b"x" * 4096)
     synced = re.findall(r"f(?:data)?sync\(\d+<([^>]*)>\)\s*=\s*0", trace.read_text())
     disks = str((d.state_dir / "disks").resolve())
     assert f"{disks}/safe.img" in synced, synced
@@ -77,18 +93,15 @@ def test_snapshot_files_reach_stable_storage_in_order(make_daemon: Callable[...,
     could bring back a manifest whose packs are gone: a listed snapshot that cannot be restored)."""
     d = make_daemon("--import-images", str(IMAGES), start=False)
     trace = d.root / "order.trace"
-    d.start(popen_argv=["strace", "-f", "-qq", "-y", "-e", "trace=fsync,rename,renameat,renameat2,unlink,unlinkat",
-                        "-o", str(trace), *d.argv()])
     packs = d.state_dir / "snapshots" / "packs"
-    vm = d.ok("POST", "/v1/vms", {"image": "counter", "name": "c", "start": True, "env": {"INTERVAL_MS": "5000"}})
-    d.ok("POST", f"/v1/vms/{vm['id']}/snapshots?durable=false", {"name": "s-fast"})
-    (fast_pack,) = [p.name for p in packs.glob("*.pack")]
-    d.ok("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": "s-safe"})
-    d.ok("DELETE", "/v1/snapshots/s-fast")
-    d.ok("DELETE", "/v1/snapshots/s-safe")
-    (child,) = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
-    os.kill(int(child), signal.SIGTERM)
-    d.stop(signal.SIGCONT)
+    with under_strace(d, trace, "fsync,rename,renameat,renameat2,unlink,unlinkat"):
+        vm = d.ok("POST", "/v1/vms", {"image": "counter", "name": "c", "start": True,
+                                      "env": {"INTERVAL_MS": "5000"}})
+        d.ok("POST", f"/v1/vms/{vm['id']}/snapshots?durable=false", {"name": "s-fast"})
+        (fast_pack,) = [p.name for p in packs.glob("*.pack")]
+        d.ok("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": "s-safe"})
+        d.ok("DELETE", "/v1/snapshots/s-fast")
+        d.ok("DELETE", "/v1/snapshots/s-safe")
     calls = trace.read_text().splitlines()
 
     def first(pattern: str, after: int = -1) -> int:
