@@ -203,6 +203,9 @@ class Restore(Request):
     start: bool = False
     allow_egress: list[Annotated[str, Meta(description="HOST:PORT or CIDR:PORT")]] | None = None
     publish: list[Publish] | None = None
+    keep_disk_names: Annotated[bool, Meta(description=(
+        "each disk keeps its name when no disk of that name exists here (a migration); otherwise, and by "
+        "default, a restored disk is a new disk NAME.restored-HEX"))] = False
 
     error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name"}
     error_hints: ClassVar[dict[str, str]] = {"name": VmSpec.error_hints["name"]}
@@ -621,11 +624,21 @@ class MigrateStats(Response):
     restore_ms: float
 
 
+class MigratedDisk(Response):
+    """A disk of the migrated VM, and the target's disk holding its content (the same name when it was free
+    there; else ``NAME.restored-HEX``, with ``renamed`` true and ``reason`` saying why)."""
+    name: str
+    target_name: str
+    renamed: bool
+    reason: str | None = None
+
+
 class MigrateResult(Response):
     vm: Vm
     to: str
     snapshot: str
     stats: MigrateStats
+    disks: list[MigratedDisk] = []
 
 
 # ================================================================== /v1/system

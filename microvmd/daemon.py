@@ -201,6 +201,7 @@ async def serve(cfg: Config) -> int:
     log.info("microvmd %s serving on %s (state %s, %d vCPU workers)", __version__, where, cfg.state_dir,
              cfg.workers)
     hv.loop_lag.start()
+    hv.heap_trim.start(hv.sched.on_io)
     # VMs that outlive the daemon (docs/operations.md): those suspended by the last clean stop resume from
     # their snapshots; the others whose restart policy wants them running start again from their images
     again = hv.restart_at_start()
@@ -229,6 +230,7 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     notifier.stopping("draining API requests")
     await notifier.stop_watchdog()
     await hv.loop_lag.stop()
+    await hv.heap_trim.stop()
 
     # 1. No new connections: the listening sockets close (a client is refused, not answered 5xx).
     for site in sites:

@@ -11,12 +11,13 @@ from ..control import actions as a
 from ..devices.disks import MAX_DISK_SIZE
 from ..errors import BadRequest, PayloadTooLarge
 from . import codec
-from .server import Route, apply, body
+from .server import DURABLE, Route, apply, body, durable
 
 
 async def disk_create(request: web.Request) -> web.StreamResponse:
     b = await body(request, contract.DiskCreate)
-    return codec.reply(request, contract.Disk, await apply(request, a.CreateDisk(b.name, b.size)), status=201)
+    act = a.CreateDisk(b.name, b.size, durable(request))
+    return codec.reply(request, contract.Disk, await apply(request, act), status=201)
 
 
 async def disk_list(request: web.Request) -> web.StreamResponse:
@@ -35,7 +36,8 @@ async def disk_rm(request: web.Request) -> web.StreamResponse:
 async def disk_content(request: web.Request) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > MAX_DISK_SIZE:
         raise PayloadTooLarge(f"content of {request.content_length} bytes is larger than the maximum disk size")
-    act = a.ReplaceDiskContent(request.match_info["name"], request.content.iter_chunked(1 << 20), MAX_DISK_SIZE)
+    act = a.ReplaceDiskContent(request.match_info["name"], request.content.iter_chunked(1 << 20), MAX_DISK_SIZE,
+                                 durable(request))
     return codec.reply(request, contract.Disk, await apply(request, act))
 
 
@@ -51,7 +53,7 @@ async def vm_disk_patch(request: web.Request) -> web.StreamResponse:
 
 ROUTES = [
     Route("POST", "/v1/disks", disk_create, "Create a sparse raw disk: {name, size, from: null}",
-          request=contract.DiskCreate, response=contract.Disk, status=201, tag="disks"),
+          request=contract.DiskCreate, response=contract.Disk, status=201, tag="disks", query=(DURABLE,)),
     Route("GET", "/v1/disks", disk_list, "List disks (with the VMs using them)", response=contract.DiskList,
           tag="disks"),
     Route("GET", "/v1/disks/{name}", disk_get, "Inspect a disk", response=contract.Disk, tag="disks"),
@@ -59,7 +61,7 @@ ROUTES = [
           status=204, tag="disks"),
     Route("PUT", "/v1/disks/{name}/content", disk_content,
           "Replace a disk's content with the raw body; size becomes max(size, body length)", request="binary",
-          response=contract.Disk, tag="disks"),
+          response=contract.Disk, tag="disks", query=(DURABLE,)),
     Route("PATCH", "/v1/vms/{ref}/disks/{index}", vm_disk_patch,
           "Change a running VM's disk rate limiter: {rate_limiter: {bandwidth, ops} | null}",
           request=contract.DiskPatch, response=contract.BlkDisk),

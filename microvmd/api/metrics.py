@@ -50,6 +50,7 @@ class StateCollector(Collector):
         for dev in hv.devices:
             yield from dev.metrics(hv)
         yield from hv.loop_lag.metrics()
+        yield from hv.heap_trim.metrics()
         budget = GaugeMetricFamily("microvmd_memory_budget_bytes", "Linear memory of all guests: the budget "
                                    "(limits.total_memory) and what they hold", labels=["kind"])
         budget.add_metric(["total"], hv.builder.memory.total)

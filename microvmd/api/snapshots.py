@@ -61,7 +61,7 @@ async def snapshot_restore(request: web.Request) -> web.StreamResponse:
     b = await body(request, contract.Restore)
     act = a.RestoreSnapshot(request.match_info["name"], b.name, b.start,
                             None if b.allow_egress is None else tuple(b.allow_egress),
-                            None if b.publish is None else tuple(b.publish))
+                            None if b.publish is None else tuple(b.publish), b.keep_disk_names)
     return codec.reply(request, contract.Vm, await apply(request, act), status=201)
 
 

@@ -1018,6 +1018,11 @@ def cmd_migrate(ctx: Ctx, ns) -> int:
         vm = answer.get("vm") if isinstance(answer, dict) else None
         new_id = vm.get("id") if isinstance(vm, dict) else None
         ctx.out(new_id or ns.ref)
+        # stdout stays the new id (scripts read it); a disk that could not keep its name is said on stderr
+        for d in (answer.get("disks") or []) if isinstance(answer, dict) else []:
+            if d.get("renamed"):
+                ctx.error(f"note: disk {d['name']} is {d['target_name']} on the target: a disk named "
+                          f"{d['name']} already exists there (it was left as it is)")
     return 0
 
 

@@ -423,6 +423,10 @@ def build_parser(only: tuple[str, ...] | None = None):
             "microvm migrate web --to https://host2:7443 --token-file host2.token",
         ],
         parents=[common_no_token],
+        description="Move a VM to another microvmd: its memory, its disks' content and its published ports.\n"
+                    "Prints the VM's id on the target. Each disk keeps its name there when it is free; if the\n"
+                    "target already has a disk of that name, that disk is left as it is, the VM's copy gets\n"
+                    "the name NAME.restored-HEX, and a note on stderr says so.",
     )
     p.add_argument("ref", metavar="VM", help="VM id, unique id prefix, or name")
     p.add_argument("--to", required=True, metavar="unix:///PATH|https://HOST:PORT", help="the destination daemon")

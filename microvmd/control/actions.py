@@ -158,6 +158,7 @@ class FeedStdin(Action):
 class CreateDisk(Action):
     name: str
     size: int
+    durable: bool = True  # the image file, its index entry and their directory fsynced before the answer
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class ReplaceDiskContent(Action):
     name: str
     chunks: AsyncIterator[bytes]
     limit: int
+    durable: bool = True  # the content fsynced and renamed durably into place before the answer
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ class RestoreSnapshot(Action):
     start: bool = False
     allow_egress: tuple[str, ...] | None = None
     publish: tuple[contract.Publish, ...] | None = None
+    keep_disk_names: bool = False  # a disk keeps its name when it is free here (a migration)
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class Controller:
     # ------------------------------------------------------------------ disks
     @_applies(a.CreateDisk)
     async def create_disk(self, act: a.CreateDisk) -> dict[str, Any]:
-        return (await self._blk().create_disk(act.name, act.size)).to_api()
+        return (await self._blk().create_disk(act.name, act.size, act.durable)).to_api()
 
     @_applies(a.ListDisks)
     async def list_disks(self, _: a.ListDisks) -> dict[str, Any]:
@@ -271,7 +271,7 @@ class Controller:
 
     @_applies(a.ReplaceDiskContent)
     async def replace_disk_content(self, act: a.ReplaceDiskContent) -> dict[str, Any]:
-        return (await self._blk().upload(act.name, act.chunks, act.limit)).to_api()
+        return (await self._blk().upload(act.name, act.chunks, act.limit, act.durable)).to_api()
 
     @_applies(a.SetDiskRateLimiter)
     async def set_disk_rate_limiter(self, act: a.SetDiskRateLimiter) -> dict[str, Any]:
@@ -322,7 +322,8 @@ class Controller:
                         None if act.publish is None else [PublishSpec(p.guest_port, p.host_port,
                                                                       p.host_ip or "127.0.0.1")
                                                           for p in act.publish])
-        return (await self.snapshots.restore(act.name, act.new_name, act.start, grants)).to_api()
+        return (await self.snapshots.restore(act.name, act.new_name, act.start, grants,
+                                                   keep_disk_names=act.keep_disk_names)).to_api()
 
     @_applies(a.FindMissingChunks)
     async def find_missing_chunks(self, act: a.FindMissingChunks) -> dict[str, Any]:

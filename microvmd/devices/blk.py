@@ -395,12 +395,12 @@ class BlockDevice(Device):
         self._prune()
         return self.store.get(name)
 
-    async def create_disk(self, name: Any, size: Any) -> Disk:
+    async def create_disk(self, name: Any, size: Any, durable: bool = True) -> Disk:
         check_name(name)
         size = check_size(size)
         self.store.reserve(name)
         try:
-            disk = await self.hv.sched.on_io(self.store.create_files, name, size)
+            disk = await self.hv.sched.on_io(self.store.create_files, name, size, durable)
         except OSError as exc:
             self.store.unreserve(name)
             raise MicrovmError(f"cannot create disk {name}: {exc.strerror or exc}", code="disk_create_failed") \
@@ -412,9 +412,12 @@ class BlockDevice(Device):
         log.info("created disk %s (%d bytes)", name, size)
         return disk
 
-    async def materialize_with(self, name: str, size: int, fill: Callable[[int], None]) -> str:
-        """A new sparse disk of ``size`` bytes that ``fill(fd)`` writes (on an I/O thread); returns its name."""
-        new = f"{name[:100]}.restored-{uuid.uuid4().hex[:8]}"
+    async def materialize_with(self, name: str, size: int, fill: Callable[[int], None],
+                               keep_name: bool = False) -> str:
+        """A new sparse disk of ``size`` bytes that ``fill(fd)`` writes (on an I/O thread), durably; returns
+        its name: ``name`` itself when ``keep_name`` and it is free, else ``NAME.restored-HEX``."""
+        new = name if keep_name and name not in self.store.disks and not self.store.reserved(name) else \
+            f"{name[:100]}.restored-{uuid.uuid4().hex[:8]}"
         disk = await self.create_disk(new, size)
         disk.uploading = True
 
@@ -422,6 +425,7 @@ class BlockDevice(Device):
             fd = os.open(disk.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 fill(fd)
+                os.fsync(fd)  # (the restore's answer acknowledges the content as the VM's disk)
             finally:
                 os.close(fd)
         try:
@@ -441,7 +445,7 @@ class BlockDevice(Device):
         await self.hv.sched.on_io(self.store.remove_files, disk)
         log.info("removed disk %s", name)
 
-    async def upload(self, name: str, chunks: AsyncIterator[bytes], limit: int) -> Disk:
+    async def upload(self, name: str, chunks: AsyncIterator[bytes], limit: int, durable: bool = True) -> Disk:
         """Replace a disk's content with the uploaded bytes; size becomes max(size, bytes received)."""
         self._prune()
         disk = self.store.check_removable(name)
@@ -464,7 +468,7 @@ class BlockDevice(Device):
             except BaseException:
                 await sched.on_io(self.store.abort_upload, name, fd)
                 raise
-            disk.size = await sched.on_io(self.store.finish_upload, disk, fd, total)
+            disk.size = await sched.on_io(self.store.finish_upload, disk, fd, total, durable)
         except OSError as exc:
             raise MicrovmError(f"cannot write disk {name}: {exc.strerror or exc}", code="disk_write_failed") \
                 from None

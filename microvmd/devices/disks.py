@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..durable import sync_dir, sync_fd, write_atomic
 from ..errors import BadRequest, Conflict, NotFound
 
 log = logging.getLogger("microvmd.disks")
@@ -122,6 +123,9 @@ class DiskStore:
             raise Conflict(f"a disk named {name!r} already exists", code="disk_exists")
         self._reserved.add(name)
 
+    def reserved(self, name: str) -> bool:
+        return name in self._reserved
+
     def unreserve(self, name: str) -> None:
         self._reserved.discard(name)
 
@@ -168,25 +172,30 @@ class DiskStore:
             d.claims = [c for c in d.claims if c.vm_id != vm_id]
 
     # ------------------------------------------------------------------ files (I/O thread)
-    def create_files(self, name: str, size: int) -> Disk:
+    def create_files(self, name: str, size: int, durable: bool = True) -> Disk:
+        """The image file, then its index entry (``<name>.json``, which is what makes it a disk at the next
+        start); when ``durable``, both and the directory naming them are on stable storage on return."""
         self.root.mkdir(parents=True, exist_ok=True)
         img = self.root / f"{name}.img"
         fd = os.open(img, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)  # sparse: takes no space until written
+            if durable:
+                sync_fd(fd)  # (its size: an index entry must never name a shorter file after a power loss)
         except OSError:
             os.close(fd)
             img.unlink(missing_ok=True)
             raise
         os.close(fd)
         created = time.time()
-        self._write_meta(name, created)
+        try:
+            write_atomic(self.root / f"{name}.json",
+                         json.dumps({"name": name, "created": created, "format": "raw"}).encode(),
+                         durable=durable)  # (its directory fsync also makes the image's name durable)
+        except OSError:
+            img.unlink(missing_ok=True)
+            raise
         return Disk(name, size, created, img)
-
-    def _write_meta(self, name: str, created: float) -> None:
-        tmp = self.root / f".{name}.json.tmp"
-        tmp.write_text(json.dumps({"name": name, "created": created, "format": "raw"}))
-        os.replace(tmp, self.root / f"{name}.json")
 
     def remove_files(self, disk: Disk) -> None:
         (self.root / f"{disk.name}.json").unlink(missing_ok=True)
@@ -198,15 +207,19 @@ class DiskStore:
     def open_upload(self, name: str) -> int:
         return os.open(self.upload_path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
-    def finish_upload(self, disk: Disk, fd: int, length: int) -> int:
-        """Pad to the disk's size (sparse), make it durable and swap it in; returns the new size."""
+    def finish_upload(self, disk: Disk, fd: int, length: int, durable: bool = True) -> int:
+        """Pad to the disk's size (sparse), swap it in (durably: content, then the rename); returns the new
+        size."""
         size = max(disk.size, length)
         try:
             os.ftruncate(fd, size)
-            os.fsync(fd)
+            if durable:
+                sync_fd(fd)
         finally:
             os.close(fd)
         os.replace(self.upload_path(disk.name), disk.path)
+        if durable:
+            sync_dir(self.root)
         return size
 
     def abort_upload(self, name: str, fd: int) -> None:

@@ -326,7 +326,8 @@ class Snapshots:
                 del self._parents[vm_id]
 
     # ------------------------------------------------------------------ restore
-    async def restore(self, name: str, new_name: str | None, start: bool, grants: Grants | None = None) -> Vm:
+    async def restore(self, name: str, new_name: str | None, start: bool, grants: Grants | None = None,
+                      keep_disk_names: bool = False) -> Vm:
         hv = self.hv
         st = self.store
         grants = grants or Grants()
@@ -351,7 +352,7 @@ class Snapshots:
         spec.image = m["vm"]["digest"]
         spec.name = new_name
         spec.auto_remove = spec.ephemeral = False
-        made = await self._restore_disks(m, spec)
+        made = await self._restore_disks(m, spec, keep_disk_names)
         data = self._restore_data(m, fuel_budget)
         try:
             vm = await hv.restore(spec, data)
@@ -478,8 +479,9 @@ class Snapshots:
                 m = await hv.sched.on_io(self.store.load_manifest, name)
                 async with vm.lock:
                     if vm.state.terminal and name in (vm.suspended_to, vm.checkpoint):
+                        # in the state it had: a VM paused when it was captured comes back paused
                         await hv.rerun(vm, "resume" if suspended else "resume from checkpoint",
-                                       restore=self._restore_data(m))
+                                       restore=self._restore_data(m), paused=m["vm"].get("state") == "paused")
                         resumed += 1
             except MicrovmError as exc:
                 log.warning("vm=%s cannot be resumed from %s (%s): starting it from its image", vm.id[:12],
@@ -497,8 +499,9 @@ class Snapshots:
                      resumed, len(vms),
                      (time.monotonic() - hv.started_mono) * 1000)
 
-    async def _restore_disks(self, m: dict[str, Any], spec: VmSpec) -> list[str]:
-        """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks."""
+    async def _restore_disks(self, m: dict[str, Any], spec: VmSpec, keep_names: bool = False) -> list[str]:
+        """Give the new VM the snapshot's point-in-time disk contents, as new (sparse) disks: named
+        ``NAME.restored-HEX``, or ``NAME`` itself when ``keep_names`` and no disk here has it."""
         if not m["disks"]:
             return []
         disks = self.hv.devices.get(BlockDevice)
@@ -514,7 +517,8 @@ class Snapshots:
             for d in m["disks"]:
                 if not 0 <= d["index"] < len(spec.disks):
                     raise Unprocessable("snapshot disk index does not match its VM spec", code="invalid_snapshot")
-                new_name = await disks.materialize_with(d["name"], d["size"], filler(d["chunks"], d["size"]))
+                new_name = await disks.materialize_with(d["name"], d["size"], filler(d["chunks"], d["size"]),
+                                                        keep_name=keep_names)
                 made.append(new_name)
                 ds = spec.disks[d["index"]]
                 ds.name = new_name

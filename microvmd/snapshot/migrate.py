@@ -100,6 +100,22 @@ def _why(exc: BaseException) -> str:
     return str(exc)
 
 
+def _migrated_disks(captured: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which disk of the target holds each captured disk: the target keeps the name when it is free there;
+    when it is not, the user must hear that the VM now uses another disk name (its old name there is some
+    other disk)."""
+    target = new.get("spec", {}).get("disks") or []
+    out = []
+    for d in captured:
+        i = d["index"]
+        got = target[i]["name"] if 0 <= i < len(target) else d["name"]
+        renamed = got != d["name"]
+        out.append({"name": d["name"], "target_name": got, "renamed": renamed,
+                    "reason": (f"the target already has a disk named {d['name']}; the VM's copy is {got} there"
+                               if renamed else None)})
+    return out
+
+
 class _PeerError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"target answered {status}: {message}")
@@ -181,7 +197,8 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
                 new = await peer.call("POST", f"/v1/snapshots/{name}/restore",
                                       {"name": vm.name, "start": was_running,
                                        "allow_egress": list(vm.spec.allow_egress),
-                                       "publish": [asdict(p) for p in vm.spec.publish]})
+                                       "publish": [asdict(p) for p in vm.spec.publish],
+                                       "keep_disk_names": True})
                 t_done = time.perf_counter()
             except BaseException as exc:
                 if released and net is not None:
@@ -211,7 +228,12 @@ async def migrate(hv: Hypervisor, snaps: Snapshots, vm: Vm, to: str, token: str 
         total_ms = (time.perf_counter() - t0) * 1000
         log.info("vm=%s migrated to %s as %s in %.1f ms (%d of %d chunks sent)", vm.id[:12], to,
                  new.get("id", "?")[:12], total_ms, len(missing), len(chunks))
-        return {"vm": new, "to": to, "snapshot": name,
+        moved = _migrated_disks(manifest["disks"], new)
+        for d in moved:
+            if d["renamed"]:
+                log.warning("vm=%s disk %s is %s on %s: %s", vm.id[:12], d["name"], d["target_name"], to,
+                            d["reason"])
+        return {"vm": new, "to": to, "snapshot": name, "disks": moved,
                 "stats": {"total_ms": round(total_ms, 3), "chunks_sent": len(missing), "chunks_total": len(chunks),
                           "capture_ms": manifest["stats"]["frozen_ms"], "downtime_ms": round(total_ms, 3),
                           "prepare_ms": round((t_send - t0) * 1000, 3),

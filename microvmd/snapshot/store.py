@@ -243,6 +243,9 @@ class PackWriter:
         os.replace(self.tmp, self.store.pack_path(self.id))
         if durable:
             sync_dir(self.store.packs)
+        else:  # a durable snapshot that shares its chunks later syncs it first (SnapshotStore.save)
+            with self.store._lock:
+                self.store.unsynced.add(self.id)
         self.store.verified.add(self.id)  # every chunk in it was hashed as it was written
         return self.id
 
@@ -271,6 +274,8 @@ class SnapshotStore:
         self._spares: list[Path] = []  # empty files in tmp/, made in advance for packs and manifests
         # packs no readable manifest references, kept while a damaged manifest (which may use them) exists
         self.held: set[str] = set()
+        # packs published without their fsyncs (?durable=false, a migration's import until sync_later)
+        self.unsynced: set[str] = set()
 
     # ------------------------------------------------------------------ start-up
     def load(self) -> int:
@@ -449,6 +454,8 @@ class SnapshotStore:
 
     def forget_pack(self, pack: str) -> None:
         with self._lock:
+            self.unsynced.discard(pack)
+            self.verified.discard(pack)  # (one id per snapshot ever taken, kept for the daemon's life)
             for h in [h for h, loc in self.index.items() if loc.pack == pack]:
                 del self.index[h]
 
@@ -621,6 +628,8 @@ class SnapshotStore:
         if path.exists() and not overwrite:
             raise Conflict(f"a snapshot named {name!r} already exists", code="snapshot_exists")
         data = encode_manifest(manifest)
+        if durable:
+            self._sync_packs(set(manifest.get("packs", [])))
         tmp = self.take_spare() or self.root / "tmp" / f"{name}.{uuid.uuid4().hex[:8]}.snap"
         try:
             write_atomic(path, data, tmp, durable)
@@ -629,13 +638,28 @@ class SnapshotStore:
             _enospc(exc)
             raise
 
+    def _sync_packs(self, packs: set[str]) -> None:
+        """Before a durable manifest: the packs it names that were published without fsync (a chunk it
+        shares with a ``durable=false`` snapshot lives there) reach stable storage first."""
+        with self._lock:
+            pending = packs & self.unsynced
+        if not pending:
+            return
+        for pack in pending:
+            try:
+                sync_file(self.pack_path(pack))
+            except FileNotFoundError:  # (collected meanwhile: the manifest cannot name it then)
+                pass
+        sync_dir(self.packs)
+        with self._lock:
+            self.unsynced -= pending
+
     def sync_later(self, pack: str | None, name: str) -> None:
         """The fsyncs a snapshot written without ``durable`` skipped (its pack, its manifest, their
         directories); a file removed meanwhile needs none."""
         try:
             if pack is not None:
-                sync_file(self.pack_path(pack))
-                sync_dir(self.packs)
+                self._sync_packs({pack})
             sync_file(self.manifest_path(name))
             sync_dir(self.manifests)
         except FileNotFoundError:
@@ -665,6 +689,9 @@ class SnapshotStore:
         except FileNotFoundError:
             raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
         if m is not None:
+            # the removal is durable before its packs go: after a power loss, a manifest that came back
+            # would name packs that are gone, a listed snapshot that cannot be restored
+            sync_dir(self.manifests)
             self._collect(set(m.get("packs", [])))
 
     # ------------------------------------------------------------------ damaged manifests

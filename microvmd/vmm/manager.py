@@ -28,6 +28,7 @@ from ..devices.base import Device, DeviceSet, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
+from ..heaptrim import HeapTrimmer
 from ..images.compiler import CompileLimits, Compiler
 from ..images.importer import analyse_tables_later, import_module
 from ..images.store import Image, ImageStore
@@ -89,6 +90,7 @@ class Hypervisor:
         self._removals: set[asyncio.Task[None]] = set()  # auto-removals under way (close() waits for them)
         self.on_remove: list[Callable[[Vm], None]] = []
         self.loop_lag = LoopLagMonitor()
+        self.heap_trim = HeapTrimmer()  # freed machines' memory back to the system (started by the daemon)
         wt.suspension_hook = self._suspension_hook
 
     @staticmethod
@@ -416,9 +418,10 @@ class Hypervisor:
             self._dispatch(vm)
         return vm
 
-    async def rerun(self, vm: Vm, action: str, restore: RestoreData | None = None) -> None:
+    async def rerun(self, vm: Vm, action: str, restore: RestoreData | None = None, paused: bool = False) -> None:
         """Under the VM's lock: a VM that ended gets a new machine from its image (or ``restore``, a snapshot
-        of it) and runs again, in the same record, directory and console."""
+        of it) and runs again, in the same record, directory and console. ``paused``: it comes back paused
+        (a VM suspended while paused), ready to run at the user's ``resume``."""
         if self.closing:
             raise ShuttingDown("microvmd is shutting down and starts no more VMs")
         if vm.spec.ephemeral or vm.spec.auto_remove:
@@ -457,6 +460,9 @@ class Hypervisor:
             vm.checkpoint = None  # a run from the image: the last run's checkpoints are stale
         self._transition(vm, VmState.RUNNING, action, exit=None, finished=None, started=time.time())
         self._save(vm)
+        if paused:  # (resume() dispatches it)
+            self._transition(vm, VmState.PAUSED, action + ", paused as it was")
+            return
         self._dispatch(vm)
 
     # ------------------------------------------------------------------ restart policies
@@ -727,6 +733,7 @@ class Hypervisor:
         """Free the store (and its linear memory) on an I/O thread."""
         machine, vm.machine = vm.machine, None
         if machine is not None:
+            self.heap_trim.note_freed()
             vm.rt.apply("release", machine_closed=asyncio.get_running_loop().run_in_executor(
                 self.sched.io, self._close_machine, vm, machine))
 

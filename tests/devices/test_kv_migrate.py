@@ -5,7 +5,8 @@ Real ``microvmd`` subprocesses (each on its own socket and state dir), the real 
 
 What travels with a VM is its disks' point-in-time content: a snapshot reads each disk as the VM sees it
 while the VM is frozen (``SnapshotView.read_all``, a cow overlay merged in), stores it as chunks next to
-the memory, and a restore materializes it as a new disk ``<name>.restored-<hex>`` attached ``rw``
+the memory, and a restore materializes it as a new disk ``<name>.restored-<hex>`` attached ``rw`` (a
+migration keeps ``<name>`` when it is free on the target, and says so when it is not)
 (``Snapshots._restore_disks`` -> ``BlockDevice.materialize``). kv keeps its data in memory *and* in an
 append-only log on disk 0, so a running kv answering GET proves only that memory travelled; every test
 therefore also starts a *fresh* kv on the disk in question, which can only know what the log holds.
@@ -129,7 +130,10 @@ def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
     src = a.inspect("kv1")
     assert src["devices"]["blk"][0]["write_ops"] >= len(KEYS) + 1
 
-    out = a.mv("migrate", "kv1", "--to", f"unix://{b.socket}").strip()
+    r = a.cli("migrate", "kv1", "--to", f"unix://{b.socket}")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
+    assert "disk" not in r.stderr  # its disk kept its name: nothing to say
 
     # gone from A: no VM, the disk is free again (and still holds A's data)
     status, _ = a.call("GET", "/v1/vms/kv1")
@@ -145,11 +149,11 @@ def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
     want = [KEYS[k] for k in ("alpha", "beta", "gamma")] + ["NOT_FOUND"]
     assert kv(port, "GET alpha", "GET beta", "GET gamma", "GET delta") == want
 
-    # its disk is B's own copy of d1's content at migration time, attached rw
+    # its disk is B's own copy of d1's content at migration time, attached rw, under the same name (free on B)
     (att,) = dst["devices"]["blk"]
-    assert att["name"].startswith("d1.restored-") and att["mode"] == "rw"
-    assert b.disks()[att["name"]]["used_by"] == ["kv1"]
-    assert "d1" not in b.disks()
+    assert att["name"] == "d1" and att["mode"] == "rw"
+    assert b.disks()["d1"]["used_by"] == ["kv1"]
+    assert list(b.disks()) == ["d1"]
 
     # writes after the move land on B's disk only
     assert kv(port, "SET after moved") == ["OK"]
@@ -161,6 +165,30 @@ def test_kv_migrates_with_its_disk(daemon_a: Daemon, daemon_b: Daemon) -> None:
     # and A's d1 kept its own history, without what was written on B
     get_a = fresh_view(a, "d1", "check-a")
     assert get_a("alpha", "beta", "gamma", "delta", "after") == want + ["NOT_FOUND"]
+
+
+def test_migrate_says_when_the_target_has_a_disk_of_that_name(daemon_a: Daemon, daemon_b: Daemon) -> None:
+    """B's own d1 is left as it is; the VM's copy gets another name there, and the user is told (stderr, and
+    ``disks`` in the answer), since the VM on B no longer uses a disk called d1."""
+    a, b = daemon_a, daemon_b
+    a.mv("disk", "create", "d1", "--size", "1MiB")
+    b.mv("disk", "create", "d1", "--size", "2MiB")
+    port = a.run_kv("kv1", "d1")
+    set_keys(port, {"moved": "yes"})
+    r = a.cli("migrate", "kv1", "--to", f"unix://{b.socket}")
+    assert r.returncode == 0, r.stderr
+    (att,) = b.inspect("kv1")["devices"]["blk"]
+    assert att["name"].startswith("d1.restored-")
+    assert f"disk d1 is {att['name']} on the target: a disk named d1 already exists there" in r.stderr, r.stderr
+    assert r.stdout.strip() == b.inspect("kv1")["id"]  # stdout is still only the new id
+    assert b.disks()["d1"]["size"] == 2 << 20 and b.disks()["d1"]["used_by"] == []  # B's d1 untouched
+    assert kv(b.published_port("kv1"), "GET moved") == ["yes"]
+    # the JSON answer says it too
+    b.mv("migrate", "kv1", "--to", f"unix://{a.socket}")  # back to A, whose d1 stays (disks are data)
+    moved = json.loads(a.mv("--json", "migrate", "kv1", "--to", f"unix://{b.socket}"))
+    (d,) = moved["disks"]
+    assert d["renamed"] and d["name"].startswith("d1.restored-") and d["target_name"] != d["name"]
+    assert "already has a disk named" in d["reason"]
 
 
 def test_snapshot_restore_gives_a_separate_disk(daemon_a: Daemon) -> None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -476,6 +477,16 @@ def line_rpc(port: int, text: str, host: str = "127.0.0.1", timeout: float = 5.0
 
 
 # ---------------------------------------------------------------------------------------------- guests
+def until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def checksum(text: str) -> str:
     """The last `checksum N` line of spin's console."""
     found = re.findall(r"^checksum (\d+)$", text, re.M)

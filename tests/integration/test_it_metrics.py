@@ -24,7 +24,8 @@ def test_metrics_parse_with_prometheus_client(api: Api) -> None:
                        "microvmd_compiles": "counter", "microvmd_vcpu_slices": "counter",
                        "microvmd_event_loop_lag_seconds_max": "gauge", "microvmd_event_loop_stalls": "counter",
                        "microvmd_disks": "gauge", "microvmd_api_requests": "counter",
-                       "microvmd_api_request_seconds": "histogram"}.items():
+                       "microvmd_api_request_seconds": "histogram", "microvmd_heap_trims": "counter",
+                       "microvmd_heap_trim_seconds": "counter"}.items():
         assert types.get(name) == kind, (name, types)
     assert not [n for n in fams if n.endswith("_created")], "no _created series (disabled in the daemon)"
 

@@ -9,21 +9,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mvapi import Daemon
+from mvapi import Daemon, until
 
 
 def uname(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_start_runs_an_exited_vm_again_and_keeps_its_console(daemon: Daemon) -> None:

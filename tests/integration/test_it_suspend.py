@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from mvapi import IMAGES, Daemon, free_port, line_rpc
+from mvapi import IMAGES, Daemon, free_port, line_rpc, until
 
 
 def numbers(text: str) -> list[int]:
@@ -47,3 +47,23 @@ def test_published_ports_are_bound_again_after_a_resume(make_daemon: Callable[..
     d.start()
     assert line_rpc(port, "again", retry=10.0).strip().endswith("again")
     assert d.get("e")["state"] == "running"
+
+
+def test_a_paused_vm_comes_back_paused(make_daemon: Callable[..., Daemon]) -> None:
+    """Suspended VMs resume in the state they had: a paused one stays paused until the user resumes it."""
+    d = make_daemon("--import-images", str(IMAGES))
+    d.mv("run", "-d", "--name", "p", "--restart", "always", "--env", "INTERVAL_MS=30", "counter")
+    until(lambda: len(numbers(d.logs("p"))) >= 3, what="counter output")
+    d.mv("pause", "p")
+    before = numbers(d.logs("p"))
+    assert d.stop(signal.SIGTERM) == 0
+    assert re.search(r"suspended 1 of 1 VMs", d.log()), d.log()
+    d.start()
+    until(lambda: "resumed 1 of 1" in d.log(), what="the resume")
+    assert d.get("p")["state"] == "paused"
+    assert numbers(d.logs("p")) == before  # it did not run on its own
+    d.mv("resume", "p")
+    until(lambda: len(numbers(d.logs("p"))) > len(before) + 3, what="output after resume")
+    seq = numbers(d.logs("p"))
+    assert seq == list(range(1, len(seq) + 1)), seq  # and continues where it was
+    assert d.get("p")["state"] == "running"

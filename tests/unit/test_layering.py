@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "microvmd"
 
 # lowest first; a part may import its own layer's leaves only when listed in SAME_LAYER_OK
 LAYERS: list[set[str]] = [
-    {"errors", "units", "looplag", "logsafe", "systemd", "engine", "durable"},
+    {"errors", "units", "looplag", "heaptrim", "logsafe", "systemd", "engine", "durable"},
     {"config", "contract"},
     {"images"},
     {"devices"},
