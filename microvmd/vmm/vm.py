@@ -57,6 +57,9 @@ class VmSpec:
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
     restart: str = "no"  # restart policy (vmm/restart.py)
     checkpoint_interval: float | None = None  # seconds between checkpoints (snapshot/checkpoints.py)
+    # set by the daemon, never by a request (not in the contract, not recorded):
+    stdin_data: bytes | None = None  # the whole standard input, given at creation (a function's request body)
+    owner: str | None = None  # "fn:NAME" for a function's instances: listed only with all=true
 
     @classmethod
     def from_contract(cls, c: contract.VmSpec) -> VmSpec:
@@ -70,6 +73,12 @@ class VmSpec:
             net_rate_limiter=_limiter(c.net_rate_limiter), restart=c.restart,
             checkpoint_interval=c.checkpoint_interval,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a request would give it (a record, a snapshot's manifest, an answer): the daemon's own fields left out."""
+        d = asdict(self)
+        del d["stdin_data"], d["owner"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> VmSpec:
@@ -124,7 +133,9 @@ class Vm:
         self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
         self.suspended_to: str | None = None  # snapshot taken at a clean daemon stop, to resume it from
         self.checkpoint: str | None = None    # its last checkpoint, to resume it from after a crash
-        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
+        # a function's instances come and go by the thousand: their lines are debug-level (microvmd.vm.fn)
+        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm.fn" if spec.owner else "microvmd.vm"),
+                                         {"vm": vm_id[:12]})
         # runtime (not persisted)
         self.machine: Machine | None = None
         self.devices = DeviceSet()
@@ -191,7 +202,7 @@ class Vm:
     def to_api(self) -> dict[str, Any]:
         spec = self._spec_api
         if spec is None:  # the spec does not change after creation: convert it once
-            spec = self._spec_api = asdict(self.spec)
+            spec = self._spec_api = self.spec.to_dict()
         budget = self.fuel_budget
         return {
             "id": self.id,
@@ -223,7 +234,7 @@ class Vm:
     def record(self) -> dict[str, Any]:
         """What survives a daemon restart."""
         return {
-            "id": self.id, "spec": asdict(self.spec), "digest": self.digest, "image_name": self.image_name,
+            "id": self.id, "spec": self.spec.to_dict(), "digest": self.digest, "image_name": self.image_name,
             "state": self.state.value, "created": self.created, "started": self.started,
             "finished": self.finished, "exit": asdict(self.exit) if self.exit else None,
             "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
