@@ -717,6 +717,8 @@ class FunctionStats(Response):
     queued: int
     instances: int
     last_invoked: float | None = None
+    fresh_instance_us: dict[str, float] | None = None  # p50, p99 (and count) of the last 1,000 requests: the
+    # time from the request to an instance ready to run (WAGI: boot and first slice; python/js: restore)
 
 
 class FunctionLimits(Response):

@@ -89,6 +89,7 @@ class Function:
     # latency histogram (cumulative counts per LATENCY_BUCKETS bound, as Prometheus has it), and its sum
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
+    instance_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # s to a fresh instance
 
     @property
     def rec(self) -> contract.FunctionRecord:
@@ -205,7 +206,8 @@ class Functions:
             "limits": {"fuel": rec.fuel, "memory": rec.memory, "timeout": self.timeout(rec),
                        "max_concurrency": fn.concurrency, "queue": fn.queue_limit},
             "stats": {"invocations": fn.invocations, "errors": dict(fn.errors), "active": fn.active,
-                      "queued": fn.queued, "instances": fn.active, "last_invoked": fn.last_invoked},
+                      "queued": fn.queued, "instances": fn.active, "last_invoked": fn.last_invoked,
+                      "fresh_instance_us": _percentiles(fn.instance_times)},
         }
 
     # ------------------------------------------------------------------ deploy and remove
@@ -221,6 +223,9 @@ class Functions:
         if d.executor == "sdk":
             raise BadRequest("the sdk executor is not built yet: deploy the guest as a WAGI (CGI over WASI) "
                              "function (--executor wagi)", code="not_implemented")
+        if d.reuse:
+            raise BadRequest("--reuse (warm instances shared between requests) is not built yet: every request "
+                             "gets a fresh instance", code="not_implemented")
         for k in d.env:
             if not k or "=" in k or "\0" in k or "\0" in d.env[k]:
                 raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
@@ -415,7 +420,9 @@ class Functions:
             spec = VmSpec(image=rec.digest, args=[], env=wagi.environment(req, rec.env), fuel=rec.fuel,
                           memory=rec.memory, timeout=timeout, ephemeral=True, owner=f"fn:{rec.name}",
                           stdin_data=req.body)
-            vm = await self.hv.create(spec, start=True, durable=False)
+            t0 = time.perf_counter()
+            vm = await self.hv.create(spec, start=True, durable=False)  # (its first slice included)
+            fn.instance_times.append(time.perf_counter() - t0)
         else:
             assert rec.snapshot is not None
             payload = json.dumps({
@@ -429,7 +436,9 @@ class Functions:
                 spec.memory = rec.memory if rec.memory is not None else spec.memory
                 spec.owner = f"fn:{rec.name}"
 
+            t0 = time.perf_counter()
             vm = await self.snaps.instance(rec.snapshot, adjust, rec.fuel or self.hv.cfg.limits.fuel)
+            fn.instance_times.append(time.perf_counter() - t0)
             part = vm.devices.get(WasiState)
             if part is None:  # (the snapshot is of a rewritten interpreter: it has one)
                 await self.hv.remove(vm, force=True)
@@ -512,6 +521,15 @@ class Functions:
         self.closing = True
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _percentiles(times: deque[float]) -> dict[str, float] | None:
+    """p50 and p99 in microseconds of the last requests' fresh instances (None before the first)."""
+    if not times:
+        return None
+    ordered = sorted(times)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6, 1)  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "count": len(ordered)}
 
 
 def _read(vm: Vm, stream: str) -> bytes:
