@@ -68,7 +68,7 @@ def _function_metrics(functions: Any) -> Iterator[Metric]:
                                   labels=["function", "kind"])
     latency = HistogramMetricFamily("microvmd_function_request_seconds", "Time to answer a request (queue, "
                                     "fresh instance, run)", labels=["function"])
-    for fn in functions.list():
+    for fn in functions.ordered():
         calls.add_metric([fn.name], fn.invocations)
         for kind, n in sorted(fn.errors.items()):
             errors.add_metric([fn.name, kind], n)

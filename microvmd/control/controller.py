@@ -344,7 +344,7 @@ class Controller:
     async def list_functions(self, _: a.ListFunctions) -> dict[str, Any]:
         f = self.functions
         gw = f.gateway
-        return {"functions": [f.to_api(fn) for fn in f.list()], "gateway": f"{gw[0]}:{gw[1]}" if gw else None}
+        return {"functions": [f.to_api(fn) for fn in f.ordered()], "gateway": f"{gw[0]}:{gw[1]}" if gw else None}
 
     @_applies(a.GetFunction)
     async def get_function(self, act: a.GetFunction) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from .. import contract, durable
+from ..devices import fnio
 from ..devices.wasip1 import STDIN_LIMIT, WasiState
 from ..errors import BadRequest, Conflict, MicrovmError, NotFound, ShuttingDown, Unprocessable
 from ..snapshot.controller import Snapshots
@@ -176,7 +177,7 @@ class Functions:
             raise NotFound(f"no such function: {name}", code="function_not_found")
         return fn
 
-    def list(self) -> list[Function]:
+    def ordered(self) -> list[Function]:
         return [self.by_name[n] for n in sorted(self.by_name)]
 
     def match(self, path: str) -> Function | None:
@@ -220,9 +221,6 @@ class Functions:
         if d.executor is not None and d.image is None:
             raise BadRequest(f"executor {d.executor!r} is for images; a {given[0]} handler runs on its interpreter",
                              code="invalid_function")
-        if d.executor == "sdk":
-            raise BadRequest("the sdk executor is not built yet: deploy the guest as a WAGI (CGI over WASI) "
-                             "function (--executor wagi)", code="not_implemented")
         if d.reuse:
             raise BadRequest("--reuse (warm instances shared between requests) is not built yet: every request "
                              "gets a fresh instance", code="not_implemented")
@@ -242,7 +240,18 @@ class Functions:
             old = self.by_name.get(d.name)
             version = old.rec.version + 1 if old is not None else 1
             now = time.time()
-            if d.image is not None:
+            if d.image is not None and d.executor == "sdk":
+                img = await self._settled(d.image)
+                if not any(i.startswith(f"{fnio.HOST_MODULE}.fn_request") for i in img.imports):
+                    raise BadRequest(f"image {d.image} is no SDK function: it does not import "
+                                     f"{fnio.HOST_MODULE}.fn_request (build it with guest-sdk/mvcc and call "
+                                     f"mv_fn_request; or deploy it with --executor wagi)", code="invalid_function")
+                if not img.asyncify:
+                    raise BadRequest(f"image {d.image} cannot be snapshotted while it runs (build it with "
+                                     f"guest-sdk/mvcc, Asyncify on)", code="not_snapshottable")
+                executor, source = "sdk", None
+                snapshot = await self._initialise(d, "sdk", img.digest, version, [], "fn_request")
+            elif d.image is not None:
                 img = await self._settled(d.image)
                 executor, source, snapshot = "wagi", None, None
                 if not any(i.startswith("microvm_wasi.") for i in img.imports):
@@ -254,7 +263,8 @@ class Functions:
                 source = d.python if d.python is not None else d.js
                 assert source is not None
                 img = await self._interpreter(executor)
-                snapshot = await self._initialise(d, executor, source, img.digest, version)
+                snapshot = await self._initialise(d, executor, img.digest, version,
+                                                  drivers.command(executor, source), "fd_read")
             rec = contract.FunctionRecord(
                 name=d.name, executor=executor, digest=img.digest,  # type: ignore[arg-type]
                 image_name=img.names[0] if img.names else img.digest, route=route,
@@ -335,15 +345,16 @@ class Functions:
                             f"{name}.wasm --name {name}), or fetch it with scripts/fetch-interpreters",
                             code="runtime_missing")
 
-    async def _initialise(self, d: contract.FunctionDeploy, runtime: str, source: str, digest: str,
-                          version: int) -> str:
-        """Start the handler's guest, wait until it waits for its first request, snapshot it there."""
-        spec = VmSpec(image=digest, args=drivers.command(runtime, source), env=dict(d.env), memory=d.memory,
-                      stdin=True, ephemeral=True, owner=f"fn:{d.name}", timeout=DEPLOY_TIMEOUT)
+    async def _initialise(self, d: contract.FunctionDeploy, runtime: str, digest: str, version: int,
+                          args: list[str], waits_in: str) -> str:
+        """Start the function's guest, wait until it waits for its first request (blocked in ``waits_in``),
+        and snapshot it there."""
+        spec = VmSpec(image=digest, args=args, env=dict(d.env), memory=d.memory, stdin=True, ephemeral=True,
+                      owner=f"fn:{d.name}", timeout=DEPLOY_TIMEOUT)
         vm = await self.hv.create(spec, start=True, durable=False)
         try:
             end = time.monotonic() + DEPLOY_TIMEOUT
-            while vm.blocked_in() != "fd_read":
+            while vm.blocked_in() != waits_in:
                 if vm.state.terminal or vm.state == VmState.OUT_OF_FUEL:
                     err = _tail(_read(vm, "stderr") + _read(vm, "stdout"))
                     why = vm.exit.reason if vm.exit else vm.state.value
@@ -425,6 +436,8 @@ class Functions:
             fn.instance_times.append(time.perf_counter() - t0)
         else:
             assert rec.snapshot is not None
+            if rec.executor == "sdk":
+                return await self._run_sdk(fn, rec, req, rid, timeout)
             payload = json.dumps({
                 "method": req.method, "path": req.path, "query": req.query, "headers": req.headers,
                 "body": req.body.decode("utf-8", "replace"),
@@ -448,6 +461,27 @@ class Functions:
         await self.hv.wait(vm)
         return self._outcome(fn, rec, vm, rid)
 
+    async def _run_sdk(self, fn: Function, rec: contract.FunctionRecord, req: FnRequest, rid: str,
+                       timeout: float) -> FnResponse:
+        assert rec.snapshot is not None
+
+        def adjust(spec: VmSpec) -> None:
+            spec.timeout = timeout
+            spec.memory = rec.memory if rec.memory is not None else spec.memory
+            spec.owner = f"fn:{rec.name}"
+
+        t0 = time.perf_counter()
+        vm = await self.snaps.instance(rec.snapshot, adjust, rec.fuel or self.hv.cfg.limits.fuel)
+        fn.instance_times.append(time.perf_counter() - t0)
+        part = vm.devices.get(fnio.FnPart)
+        if part is None:
+            await self.hv.remove(vm, force=True)
+            return error_response(500, "internal", "the function's snapshot has no request channel", rid)
+        part.give(fnio.encode_request(req.method, req.path, req.query, req.headers, req.body))
+        await self.hv.start(vm)
+        await self.hv.wait(vm)
+        return self._outcome(fn, rec, vm, rid)
+
     def _outcome(self, fn: Function, rec: contract.FunctionRecord, vm: Vm, rid: str) -> FnResponse:
         """The HTTP answer for how the instance ended (it is gone already, or killed here: out of fuel)."""
         err = _read(vm, "stderr")
@@ -462,6 +496,18 @@ class Functions:
         if reason != "exit":
             kind = reason.split(":", 1)[0]
             return self._error(fn, rid, 502, kind, f"the function's guest was stopped: {reason}", err)
+        if rec.executor == "sdk":
+            part = vm.devices.get(fnio.FnPart)
+            if part is None or part.status is None:
+                return self._error(fn, rid, 502, "bad_response", f"the function ended (exit code {vm.exit.code}) "
+                                   f"without mv_fn_respond", err)
+            self._log_stderr(fn, rid, err + _read(vm, "stdout"))
+            headers = {}
+            for line in part.headers.decode("latin-1").split("\n"):
+                name, colon, value = line.partition(":")
+                if colon and name.strip() and "\r" not in line:
+                    headers[name.strip()] = value.strip()
+            return FnResponse(part.status, headers, part.body)
         out = _read(vm, "stdout")
         if vm.console.released.get("stdout"):
             return self._error(fn, rid, 502, "bad_response", "the response is larger than the console cap", err)

@@ -16,6 +16,7 @@ import pytest
 from mvapi import IMAGES, Api, Daemon, cli
 
 WAGI = IMAGES / "wagi" / "wagi.wasm"
+FNSDK = IMAGES / "fnsdk" / "fnsdk.wasm"
 JS_WASM = IMAGES / "js" / "js.wasm"          # scripts/fetch-interpreters
 PYTHON_WASM = IMAGES / "python" / "python.wasm"
 EXAMPLES = IMAGES / "functions"
@@ -48,8 +49,9 @@ class Gateway:
 def fnd() -> Iterator[tuple[Daemon, Gateway]]:
     port = free_port()
     with Daemon.fresh("mvd-fn-", "--gateway", f"127.0.0.1:{port}") as d:
-        r = d.api.import_image(WAGI.read_bytes(), "wagi")
-        assert r.status == 201, r.body
+        for path, name in ((WAGI, "wagi"), (FNSDK, "fnsdk")):
+            r = d.api.import_image(path.read_bytes(), name)
+            assert r.status == 201, r.body
         yield d, Gateway(port)
 
 
@@ -130,7 +132,8 @@ def test_bad_deploys_say_what_to_fix(fnd: tuple[Daemon, Gateway], deploy: Callab
         ({"name": "x", "image": "wagi", "route": "no-slash"}, 400, "invalid_route"),
         ({"name": "x", "image": "wagi", "route": "/taken"}, 409, "route_in_use"),
         ({"name": "bad name!", "image": "wagi"}, 400, "invalid_name"),
-        ({"name": "x", "image": "wagi", "executor": "sdk"}, 400, "not_implemented"),
+        ({"name": "x", "image": "wagi", "executor": "sdk"}, 400, "invalid_function"),  # no mv_fn_request
+        ({"name": "x", "image": "wagi", "reuse": True}, 400, "not_implemented"),
         ({"name": "x", "image": "wagi", "max_concurrency": 0}, 400, "invalid_limit"),
     ]
     for body, status, code in cases:
@@ -241,6 +244,22 @@ def test_a_taken_gateway_port_is_refused_only_when_asked_for(make_daemon: Callab
         d.start(wait=False)
         assert d.proc is not None and d.proc.wait(60) != 0
         assert "cannot serve the function gateway" in d.log()
+
+
+def test_sdk_function_passes_request_and_response_through_memory(fnd: tuple[Daemon, Gateway],
+                                                                 deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    fn = deploy("sdkf", image="fnsdk", executor="sdk", route="/sdk")
+    assert fn["executor"] == "sdk" and fn["snapshot"]
+    for i in range(2):  # restored per request from the snapshot taken in mv_fn_request: state fresh, init kept
+        status, headers, body = gw("POST", f"/sdk/p?i={i}", b"xyz", {"User-Agent": "ua/1"})
+        assert (status, body) == (200, f"sdk POST /sdk/p?i={i} 3 bytes, call 1, agent ua/1, table 3\n".encode())
+        assert headers["x-sdk"] == "1" and headers["content-type"] == "text/plain"
+    status, _, body = gw("GET", "/sdk?trap=1")
+    assert status == 502 and b"trap" in body
+    status, _, body = gw("GET", "/sdk?silent=1")
+    assert status == 502 and b"without mv_fn_respond" in body
+    assert d.api.ok("GET", "/v1/functions/sdkf")["stats"]["fresh_instance_us"]["count"] >= 4
 
 
 # ------------------------------------------------------------------ JavaScript and Python handlers
