@@ -2,9 +2,10 @@
 
 Each is passed to the interpreter on its command line with the handler's source as the next argument. It
 defines the handler, then reads the request on standard input: that first read is where the function's
-snapshot is taken at deploy (docs/functions.md). Each request restores that snapshot, gets the request as
-JSON on stdin (then end of file), and the driver writes one line on stdout: the response as JSON after
-``MARK``. The handler's own prints go to stderr (the function's log), so they cannot forge a response.
+snapshot is taken at deploy (docs/functions.md). A request is one line of JSON on stdin; the driver answers
+with one line on stdout, the response as JSON after ``MARK``, and reads the next line. A fresh instance gets
+one request then end of file, and ends; a warm one (``--reuse``) is given request after request. The
+handler's own prints go to stderr (the function's log), so they cannot forge a response.
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ def _load():
 _handle = _load()
 del sys.argv[1:]
 _out = sys.stdout
-def _serve():
-    raw = sys.stdin.buffer.read()  # <- deploy snapshots the function here
+def _serve(raw):
     req = json.loads(raw)
     req["body_bytes"] = base64.b64decode(req.pop("body_base64", ""))
     sys.stdout = sys.stderr  # the handler's prints go to the log
@@ -52,9 +52,15 @@ def _serve():
     except BaseException as exc:
         traceback.print_exc()
         out = {"error": "%s: %s" % (type(exc).__name__, exc)}
+    finally:
+        sys.stdout = _out
     _out.write("\x1emicrovmd-response:" + json.dumps(out) + "\n")
     _out.flush()
-_serve()
+while True:
+    _raw = sys.stdin.buffer.readline()  # <- deploy snapshots the function here, at the first one
+    if not _raw:
+        break
+    _serve(_raw)
 '''
 
 JS = r'''
@@ -67,28 +73,34 @@ scriptArgs.length = 0;
 const _log = (...a) => { std.err.puts(a.map(String).join(" ") + "\n"); };
 globalThis.print = _log;
 globalThis.console = { log: _log, info: _log, warn: _log, error: _log, debug: _log };
-const _raw = std.in.readAsString();  // <- deploy snapshots the function here
-let _res;
-try {
-  const req = JSON.parse(_raw);
-  let r = handle(req);
-  let headers = {};
-  if (typeof r === "string") { r = { body: r }; headers["Content-Type"] = "text/plain; charset=utf-8"; }
-  if (r === null || typeof r !== "object") throw new TypeError("handle() must return an object or a string");
-  for (const k in (r.headers || {})) headers[String(k)] = String(r.headers[k]);
-  let body = r.body;
-  if (body === undefined || body === null) body = "";
-  else if (typeof body !== "string") {
-    body = JSON.stringify(body);
-    if (!("Content-Type" in headers)) headers["Content-Type"] = "application/json";
+function _serve(raw) {
+  let res;
+  try {
+    const req = JSON.parse(raw);
+    let r = handle(req);
+    let headers = {};
+    if (typeof r === "string") { r = { body: r }; headers["Content-Type"] = "text/plain; charset=utf-8"; }
+    if (r === null || typeof r !== "object") throw new TypeError("handle() must return an object or a string");
+    for (const k in (r.headers || {})) headers[String(k)] = String(r.headers[k]);
+    let body = r.body;
+    if (body === undefined || body === null) body = "";
+    else if (typeof body !== "string") {
+      body = JSON.stringify(body);
+      if (!("Content-Type" in headers)) headers["Content-Type"] = "application/json";
+    }
+    res = { status: r.status === undefined ? 200 : Number(r.status), headers: headers, body: body };
+  } catch (e) {
+    std.err.puts(String(e) + "\n" + ((e && e.stack) || "") + "\n");
+    res = { error: String(e) };
   }
-  _res = { status: r.status === undefined ? 200 : Number(r.status), headers: headers, body: body };
-} catch (e) {
-  std.err.puts(String(e) + "\n" + ((e && e.stack) || "") + "\n");
-  _res = { error: String(e) };
+  std.out.puts("\x1emicrovmd-response:" + JSON.stringify(res) + "\n");
+  std.out.flush();
 }
-std.out.puts("\x1emicrovmd-response:" + JSON.stringify(_res) + "\n");
-std.out.flush();
+for (;;) {
+  const line = std.in.getline();  // <- deploy snapshots the function here, at the first one
+  if (line === null) break;
+  _serve(line);
+}
 '''
 
 

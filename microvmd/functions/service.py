@@ -43,6 +43,7 @@ DEFAULT_CONCURRENCY = 32
 QUEUE_PER_SLOT = 4  # requests that may wait for a slot, per slot of the concurrency limit
 MAX_BODY = STDIN_LIMIT - 64 * 1024  # a request body reaches the guest through its stdin buffer (with headers)
 DEPLOY_TIMEOUT = 120.0  # for the handler to load and wait for its first request
+WARM_IDLE = 30.0  # seconds a --reuse function keeps an idle warm instance
 LOG_CAP = 256 * 1024  # bytes of log kept per function (in memory; the daemon's log has the errors too)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RUNTIMES = {"python": "python", "js": "js"}  # runtime -> the image name of its interpreter
@@ -75,6 +76,17 @@ class Version:
 
 
 @dataclass
+class Warm:
+    """A warm instance of a --reuse function: alive, waiting in its driver for the next request line."""
+
+    vm: Vm
+    version: Version
+    out: int = 0  # stdout and stderr read so far
+    err: int = 0
+    idle_since: float = 0.0
+
+
+@dataclass
 class Function:
     """A deployed function: its current version, limits and counters (on the event loop only)."""
 
@@ -91,6 +103,7 @@ class Function:
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
     instance_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # s to a fresh instance
+    warm: list[Warm] = field(default_factory=list)  # --reuse: idle instances, the most recently used last
 
     @property
     def rec(self) -> contract.FunctionRecord:
@@ -126,6 +139,7 @@ class Functions:
         self._deploying: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.closing = False
+        self._reaper_task: asyncio.Task[None] | None = None
         snapshots.protected.append(self._owner_of)
 
     # ------------------------------------------------------------------ start-up and records
@@ -137,6 +151,7 @@ class Functions:
             self.routes[rec.route] = fn
         if records:
             log.info("%d functions deployed: %s", len(records), ", ".join(sorted(self.by_name)))
+        self._reaper_task = asyncio.get_running_loop().create_task(self._reaper())
 
     def _read_records(self) -> list[contract.FunctionRecord]:
         out: list[contract.FunctionRecord] = []
@@ -221,9 +236,9 @@ class Functions:
         if d.executor is not None and d.image is None:
             raise BadRequest(f"executor {d.executor!r} is for images; a {given[0]} handler runs on its interpreter",
                              code="invalid_function")
-        if d.reuse:
-            raise BadRequest("--reuse (warm instances shared between requests) is not built yet: every request "
-                             "gets a fresh instance", code="not_implemented")
+        if d.reuse and d.image is not None:
+            raise BadRequest("--reuse is for Python and JavaScript handlers: a WAGI program answers one request per "
+                             "run (CGI), and an SDK function one per instance", code="invalid_function")
         for k in d.env:
             if not k or "=" in k or "\0" in k or "\0" in d.env[k]:
                 raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
@@ -282,6 +297,7 @@ class Functions:
             fn = old or Function(d.name, Version(rec), asyncio.Semaphore(rec.max_concurrency or DEFAULT_CONCURRENCY))
             if old is not None:
                 self._retire(old.current)
+                self._drain_warm(old)
                 fn.current = Version(rec)
                 if old.concurrency != (rec.max_concurrency or DEFAULT_CONCURRENCY):
                     fn.slots = asyncio.Semaphore(fn.concurrency)  # requests holding old slots release those
@@ -298,6 +314,7 @@ class Functions:
         if self.routes.get(fn.rec.route) is fn:
             del self.routes[fn.rec.route]
         self._retire(fn.current)
+        self._drain_warm(fn)
         log.info("function %s removed", name)
 
     def _retire(self, v: Version) -> None:
@@ -404,7 +421,8 @@ class Functions:
         fn.last_invoked = time.time()
         t0 = time.perf_counter()
         try:
-            resp = await self._run(fn, version.rec, req, rid)
+            resp = await (self._run_warm(fn, version, req, rid) if version.rec.reuse else
+                          self._run(fn, version.rec, req, rid))
         finally:
             fn.active -= 1
             slots.release()
@@ -438,11 +456,7 @@ class Functions:
             assert rec.snapshot is not None
             if rec.executor == "sdk":
                 return await self._run_sdk(fn, rec, req, rid, timeout)
-            payload = json.dumps({
-                "method": req.method, "path": req.path, "query": req.query, "headers": req.headers,
-                "body": req.body.decode("utf-8", "replace"),
-                **({"body_base64": base64.b64encode(req.body).decode()} if rec.executor == "python" else {}),
-            }).encode()
+            payload = _payload(rec, req)
 
             def adjust(spec: VmSpec) -> None:
                 spec.timeout = timeout
@@ -460,6 +474,105 @@ class Functions:
             await self.hv.start(vm)
         await self.hv.wait(vm)
         return self._outcome(fn, rec, vm, rid)
+
+    async def _run_warm(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
+        """--reuse: the request goes to an idle warm instance of this version (or a new one), as one more line on
+        its stdin; its answer is the next response line on its stdout. The instance then waits for the next."""
+        rec = version.rec
+        assert rec.snapshot is not None
+        w = None
+        while fn.warm:
+            cand = fn.warm.pop()
+            if cand.version is version and cand.vm.state == VmState.RUNNING:
+                w = cand
+                break
+            self._discard(cand)
+        if w is None:
+            def adjust(spec: VmSpec) -> None:
+                spec.timeout = None  # it lives on between requests: each request has its own timeout here
+                spec.memory = rec.memory if rec.memory is not None else spec.memory
+                spec.owner = f"fn:{rec.name}"
+
+            t0 = time.perf_counter()
+            vm = await self.snaps.instance(rec.snapshot, adjust, rec.fuel or self.hv.cfg.limits.fuel)
+            fn.instance_times.append(time.perf_counter() - t0)
+            w = Warm(vm, version)
+            await self.hv.start(vm)
+        else:
+            fn.instance_times.append(0.0)
+            if rec.fuel:
+                await self.hv.add_fuel(w.vm, rec.fuel)
+        vm = w.vm
+        part = vm.devices.get(WasiState)
+        if part is None:
+            self._discard(w)
+            return error_response(500, "internal", "the function's snapshot has no standard input", rid)
+        part.stdin.feed(_payload(rec, req) + b"\n")
+        try:
+            line = await asyncio.wait_for(self._response_line(w), self.timeout(rec))
+        except TimeoutError:
+            self._discard(w)
+            return self._error(fn, rid, 504, "timeout", f"the function did not answer within {self.timeout(rec):g} s",
+                               self._new_stderr(w))
+        err = self._new_stderr(w)
+        if line is None:  # the instance ended (or ran out of fuel) before it answered
+            why = vm.exit.reason if vm.exit else vm.state.value
+            self._discard(w)
+            kind = why.split(":", 1)[0]
+            return self._error(fn, rid, 502, kind if kind != "exit" else "bad_response",
+                               f"the function's instance ended before it answered ({why})", err)
+        resp = self._interpreted(fn, rid, line, err, None)
+        if fn.current is version and not version.retired:
+            w.idle_since = time.monotonic()
+            fn.warm.append(w)
+        else:
+            self._discard(w)
+        return resp
+
+    async def _response_line(self, w: Warm) -> bytes | None:
+        """The next response line on the instance's stdout, or None once it has ended or is out of fuel."""
+        vm = w.vm
+        mark = drivers.MARK.encode()
+        while True:
+            ev = vm.changed  # (taken before the look: a change after it is not missed)
+            data, end = vm.console.read("stdout", w.out)
+            i = data.find(mark)
+            j = data.find(b"\n", i) if i >= 0 else -1
+            if j >= 0:
+                w.out = end - len(data) + j + 1
+                return data[:j + 1]
+            if vm.state.terminal or vm.state == VmState.OUT_OF_FUEL:
+                return None
+            await ev.wait()  # set when the guest blocks again (for its next line) or ends
+
+    def _new_stderr(self, w: Warm) -> bytes:
+        data, w.err = w.vm.console.read("stderr", w.err)
+        return data
+
+    def _discard(self, w: Warm) -> None:
+        if w.vm.state.live or w.vm in self.hv.registry:
+            task = asyncio.get_running_loop().create_task(self.hv.remove(w.vm, force=True))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _drain_warm(self, fn: Function, idle_for: float = 0.0) -> None:
+        """Stop the warm instances idle for at least ``idle_for`` seconds (all of them with 0)."""
+        now = time.monotonic()
+        keep = []
+        for w in fn.warm:
+            if now - w.idle_since >= idle_for or w.version is not fn.current:
+                self._discard(w)
+            else:
+                keep.append(w)
+        fn.warm = keep
+
+    async def _reaper(self) -> None:
+        """Scale to zero: warm instances idle for WARM_IDLE seconds are stopped."""
+        while True:
+            await asyncio.sleep(WARM_IDLE / 4)
+            for fn in list(self.by_name.values()):
+                if fn.warm:
+                    self._drain_warm(fn, WARM_IDLE)
 
     async def _run_sdk(self, fn: Function, rec: contract.FunctionRecord, req: FnRequest, rid: str,
                        timeout: float) -> FnResponse:
@@ -565,8 +678,21 @@ class Functions:
     # ------------------------------------------------------------------ shutdown
     async def close(self) -> None:
         self.closing = True
+        if self._reaper_task is not None:
+            self._reaper_task.cancel()
+        for fn in self.by_name.values():
+            self._drain_warm(fn)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _payload(rec: contract.FunctionRecord, req: FnRequest) -> bytes:
+    """The request as the Python or JavaScript driver reads it: one line of JSON."""
+    return json.dumps({
+        "method": req.method, "path": req.path, "query": req.query, "headers": req.headers,
+        "body": req.body.decode("utf-8", "replace"),
+        **({"body_base64": base64.b64encode(req.body).decode()} if rec.executor == "python" else {}),
+    }).encode()
 
 
 def _percentiles(times: deque[float]) -> dict[str, float] | None:

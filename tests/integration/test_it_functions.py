@@ -133,7 +133,7 @@ def test_bad_deploys_say_what_to_fix(fnd: tuple[Daemon, Gateway], deploy: Callab
         ({"name": "x", "image": "wagi", "route": "/taken"}, 409, "route_in_use"),
         ({"name": "bad name!", "image": "wagi"}, 400, "invalid_name"),
         ({"name": "x", "image": "wagi", "executor": "sdk"}, 400, "invalid_function"),  # no mv_fn_request
-        ({"name": "x", "image": "wagi", "reuse": True}, 400, "not_implemented"),
+        ({"name": "x", "image": "wagi", "reuse": True}, 400, "invalid_function"),  # CGI: one request per run
         ({"name": "x", "image": "wagi", "max_concurrency": 0}, 400, "invalid_limit"),
     ]
     for body, status, code in cases:
@@ -281,6 +281,25 @@ def test_javascript_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., 
     assert r.status == 400 and r.code == "handler_failed" and "SyntaxError" in r.message, r.body
     r = api("POST", "/v1/functions", {"name": "jsnone", "js": "let x = 1;"})
     assert r.status == 400 and "no handle(request)" in r.message, r.body
+
+
+@pytest.mark.skipif(not JS_WASM.is_file(), reason="run scripts/fetch-interpreters first")
+def test_reuse_keeps_warm_instances_that_share_state(fnd: tuple[Daemon, Gateway],
+                                                     deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    deploy("jswarm", js=(EXAMPLES / "hello.js").read_text(), route="/warm", reuse=True, timeout=2)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    counts = [int(gw("GET", "/warm", conn=conn)[2].split()[-2]) for _ in range(5)]
+    assert counts == [1, 2, 3, 4, 5]  # one warm instance, its module state shared (as --reuse documents)
+    status, _, body = gw("GET", "/warm?fail=1", conn=conn)
+    assert status == 502 and b"asked to fail" in body
+    assert int(gw("GET", "/warm", conn=conn)[2].split()[-2]) == 7  # a handler error does not end the instance
+    conn.close()
+    running = [v for v in d.api.ok("GET", "/v1/vms?all=true")["vms"] if v["state"] == "running"]
+    assert len(running) == 1  # the warm instance waits for the next request
+    deploy("jswarm", js="function handle(r) { while (true) {} }", route="/warm", reuse=True, timeout=0.5)
+    assert gw("GET", "/warm")[0] == 504  # redeployed: a new instance; stuck: stopped and answered 504
+    assert d.api.ok("GET", "/v1/functions/jswarm")["version"] == 2
 
 
 @pytest.mark.slow  # the first import rewrites CPython for snapshots: about 4 minutes on 2 cores
