@@ -251,6 +251,8 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     #    connections close now, busy ones after their answer.
     drain = app[DRAIN]
     busy = await drain.drain(runner.server, DRAIN_GRACE)
+    if functions is not None:  # function requests in flight finish too (their instances still run)
+        busy += await functions.drain(DRAIN_GRACE)
     log.info("shutting down: stopping guests (%d API connections still busy)", busy)
 
     # 3. Guests stop. create() refuses from here on (503 shutting_down), and requests waiting for a guest

@@ -28,6 +28,8 @@ def _answer(resp: FnResponse) -> web.Response:
     if resp.request_id:
         headers["X-Request-Id"] = resp.request_id
     out = web.Response(status=resp.status, body=resp.body, headers=headers)
+    if resp.error == "shutting_down":
+        out.force_close()  # the daemon is stopping: this connection ends with this answer
     return out
 
 

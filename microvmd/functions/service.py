@@ -399,6 +399,10 @@ class Functions:
     # ------------------------------------------------------------------ invoke
     async def invoke(self, fn: Function, req: FnRequest) -> FnResponse:
         rid = secrets.token_hex(6)
+        if self.closing:
+            resp = error_response(503, "shutting_down", "microvmd is shutting down", rid)
+            resp.headers["Connection"] = "close"
+            return resp
         if len(req.body) > MAX_BODY:
             return self._failed(fn, error_response(413, "too_large", f"the request body is above {MAX_BODY} bytes",
                                                    rid), None)
@@ -606,6 +610,8 @@ class Functions:
         if reason == "timeout":
             return self._error(fn, rid, 504, "timeout", f"the function did not answer within {self.timeout(rec):g} s",
                                err)
+        if reason != "exit" and self.hv.closing:  # stopped by the daemon's shutdown, not by its own doing
+            return error_response(503, "shutting_down", "microvmd is shutting down", rid)
         if reason != "exit":
             kind = reason.split(":", 1)[0]
             return self._error(fn, rid, 502, kind, f"the function's guest was stopped: {reason}", err)
@@ -676,6 +682,15 @@ class Functions:
                 fn.log.write(f"{_stamp()} request {rid} stderr: {line.rstrip()}"[:2000])
 
     # ------------------------------------------------------------------ shutdown
+    async def drain(self, timeout: float) -> int:
+        """At shutdown, after the gateway stopped listening: until no request is running (at most ``timeout``
+        seconds), so that requests in flight get their answers before the guests are stopped. Returns how many
+        are still running."""
+        end = time.monotonic() + timeout
+        while (busy := sum(fn.active + fn.queued for fn in self.by_name.values())) and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return busy
+
     async def close(self) -> None:
         self.closing = True
         if self._reaper_task is not None:

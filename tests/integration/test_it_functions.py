@@ -235,6 +235,38 @@ def test_functions_survive_a_restart(make_daemon: Callable[..., Daemon]) -> None
     assert [f["name"] for f in d.api.ok("GET", "/v1/functions")["functions"]] == ["kept"]
 
 
+def test_sigterm_under_gateway_load_gives_answers_or_503(make_daemon: Callable[..., Daemon]) -> None:
+    port = free_port()
+    d = make_daemon("--gateway", f"127.0.0.1:{port}")
+    assert d.api.import_image(WAGI.read_bytes(), "wagi").status == 201
+    assert d.api("POST", "/v1/functions", {"name": "busy", "image": "wagi"}).status == 201
+    gw = Gateway(port)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                while not stop.is_set():
+                    seen.append(gw("GET", "/busy?name=x", conn=conn)[0])
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)  # refused or closed: the daemon is going away
+                if d.proc is not None and d.proc.poll() is not None:
+                    return
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    d.send_signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(60) == 0
+    stop.set()
+    for t in threads:
+        t.join()
+    assert seen and set(seen) <= {200, 503}, sorted(set(seen))
+
+
 def test_a_taken_gateway_port_is_refused_only_when_asked_for(make_daemon: Callable[..., Daemon]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
