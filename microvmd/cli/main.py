@@ -440,7 +440,7 @@ def build_parser(only: tuple[str, ...] | None = None):
     p = cmd(
         nsubs, "deploy", "fn_deploy", "Deploy (or replace) a function.",
         [
-            "microvm fn deploy hello images/hello/hello.wasm --route /hello",
+            "microvm fn deploy hello images/wagi/wagi.wasm --route /hello   # curl 127.0.0.1:8080/hello",
             "microvm fn deploy greet --python greet.py --max-concurrency 4",
             "microvm fn deploy hi --js hi.js --route /hi --timeout 2s",
         ],
