@@ -718,7 +718,9 @@ class FunctionStats(Response):
     instances: int
     last_invoked: float | None = None
     fresh_instance_us: dict[str, float] | None = None  # p50, p99 (and count) of the last 1,000 requests: the
-    # time from the request to an instance ready to run (WAGI: boot and first slice; python/js: restore)
+    # time from the request to a fresh instance ready to run (WAGI: boot and first slice; sdk/python/js: a
+    # spare restored ahead of time, or a restore when there is none)
+    restore_us: dict[str, float] | None = None  # the same for the restores themselves (sdk, python, js)
 
 
 class FunctionLimits(Response):

@@ -43,7 +43,8 @@ DEFAULT_CONCURRENCY = 32
 QUEUE_PER_SLOT = 4  # requests that may wait for a slot, per slot of the concurrency limit
 MAX_BODY = STDIN_LIMIT - 64 * 1024  # a request body reaches the guest through its stdin buffer (with headers)
 DEPLOY_TIMEOUT = 120.0  # for the handler to load and wait for its first request
-WARM_IDLE = 30.0  # seconds a --reuse function keeps an idle warm instance
+WARM_IDLE = 30.0  # seconds a function keeps idle warm instances (--reuse) and spare fresh ones
+SPARES = 2  # fresh instances a function with requests keeps restored ahead of time (snapshot executors)
 LOG_CAP = 256 * 1024  # bytes of log kept per function (in memory; the daemon's log has the errors too)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RUNTIMES = {"python": "python", "js": "js"}  # runtime -> the image name of its interpreter
@@ -103,7 +104,11 @@ class Function:
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
     instance_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # s to a fresh instance
+    restore_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # s of one restore
     warm: list[Warm] = field(default_factory=list)  # --reuse: idle instances, the most recently used last
+    spares: deque[tuple[Vm, Version]] = field(default_factory=deque)  # fresh instances restored ahead of time
+    refill: asyncio.Task[None] | None = None
+    last_request: float = 0.0
 
     @property
     def rec(self) -> contract.FunctionRecord:
@@ -223,7 +228,8 @@ class Functions:
                        "max_concurrency": fn.concurrency, "queue": fn.queue_limit},
             "stats": {"invocations": fn.invocations, "errors": dict(fn.errors), "active": fn.active,
                       "queued": fn.queued, "instances": fn.active, "last_invoked": fn.last_invoked,
-                      "fresh_instance_us": _percentiles(fn.instance_times)},
+                      "fresh_instance_us": _percentiles(fn.instance_times),
+                      "restore_us": _percentiles(fn.restore_times)},
         }
 
     # ------------------------------------------------------------------ deploy and remove
@@ -426,7 +432,7 @@ class Functions:
         t0 = time.perf_counter()
         try:
             resp = await (self._run_warm(fn, version, req, rid) if version.rec.reuse else
-                          self._run(fn, version.rec, req, rid))
+                          self._run(fn, version, req, rid))
         finally:
             fn.active -= 1
             slots.release()
@@ -447,7 +453,8 @@ class Functions:
         fn.errors[kind] = fn.errors.get(kind, 0) + 1
         return resp
 
-    async def _run(self, fn: Function, rec: contract.FunctionRecord, req: FnRequest, rid: str) -> FnResponse:
+    async def _run(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
+        rec = version.rec
         timeout = self.timeout(rec)
         if rec.executor == "wagi":
             spec = VmSpec(image=rec.digest, args=[], env=wagi.environment(req, rec.env), fuel=rec.fuel,
@@ -459,17 +466,9 @@ class Functions:
         else:
             assert rec.snapshot is not None
             if rec.executor == "sdk":
-                return await self._run_sdk(fn, rec, req, rid, timeout)
+                return await self._run_sdk(fn, version, req, rid)
             payload = _payload(rec, req)
-
-            def adjust(spec: VmSpec) -> None:
-                spec.timeout = timeout
-                spec.memory = rec.memory if rec.memory is not None else spec.memory
-                spec.owner = f"fn:{rec.name}"
-
-            t0 = time.perf_counter()
-            vm = await self.snaps.instance(rec.snapshot, adjust, rec.fuel or self.hv.cfg.limits.fuel)
-            fn.instance_times.append(time.perf_counter() - t0)
+            vm = await self._fresh(fn, version)
             part = vm.devices.get(WasiState)
             if part is None:  # (the snapshot is of a rewritten interpreter: it has one)
                 await self.hv.remove(vm, force=True)
@@ -478,6 +477,56 @@ class Functions:
             await self.hv.start(vm)
         await self.hv.wait(vm)
         return self._outcome(fn, rec, vm, rid)
+
+    async def _fresh(self, fn: Function, version: Version) -> Vm:
+        """A fresh instance of ``version`` (never run a request), not started: a spare restored ahead of time
+        when there is one, else restored now. Spares are topped up again in the background (SPARES of them
+        while the function has requests; none once it is idle, see _reaper)."""
+        t0 = time.perf_counter()
+        vm = None
+        while fn.spares:
+            cand_vm, cand_version = fn.spares.popleft()
+            if cand_version is version and cand_vm.state == VmState.CREATED:
+                vm = cand_vm
+                break
+            self._discard(Warm(cand_vm, cand_version))
+        if vm is None:
+            vm = await self._restore(version, fn)
+        fn.instance_times.append(time.perf_counter() - t0)
+        fn.last_request = time.monotonic()
+        if fn.refill is None or fn.refill.done():
+            fn.refill = asyncio.get_running_loop().create_task(self._refill(fn, version))
+        return vm
+
+    async def _restore(self, version: Version, fn: Function | None = None) -> Vm:
+        rec = version.rec
+        assert rec.snapshot is not None
+        timeout = self.timeout(rec)
+
+        def adjust(spec: VmSpec) -> None:
+            spec.timeout = timeout
+            spec.memory = rec.memory if rec.memory is not None else spec.memory
+            spec.owner = f"fn:{rec.name}"
+
+        t0 = time.perf_counter()
+        vm = await self.snaps.instance(rec.snapshot, adjust, rec.fuel or self.hv.cfg.limits.fuel)
+        if fn is not None:
+            fn.restore_times.append(time.perf_counter() - t0)
+        return vm
+
+    async def _refill(self, fn: Function, version: Version) -> None:
+        try:
+            while (len(fn.spares) < SPARES and fn.current is version and not version.retired and not self.closing
+                   and time.monotonic() - fn.last_request < WARM_IDLE):
+                vm = await self._restore(version, fn)
+                fn.spares.append((vm, version))
+        except MicrovmError as exc:  # (the memory budget, the daemon stopping...): requests restore themselves
+            log.debug("function %s: no spare instance: %s", fn.name, exc.message)
+
+    def _drop_spares(self, fn: Function) -> None:
+        while fn.spares:
+            vm, version = fn.spares.popleft()
+            self._discard(Warm(vm, version))
 
     async def _run_warm(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
         """--reuse: the request goes to an idle warm instance of this version (or a new one), as one more line on
@@ -560,8 +609,11 @@ class Functions:
             task.add_done_callback(self._retiring.discard)
 
     def _drain_warm(self, fn: Function, idle_for: float = 0.0) -> None:
-        """Stop the warm instances idle for at least ``idle_for`` seconds (all of them with 0)."""
+        """Stop the warm instances idle for at least ``idle_for`` seconds (all of them with 0), and the spare
+        fresh ones when the function has had no request for that long."""
         now = time.monotonic()
+        if fn.spares and now - fn.last_request >= idle_for:
+            self._drop_spares(fn)
         keep = []
         for w in fn.warm:
             if now - w.idle_since >= idle_for or w.version is not fn.current:
@@ -575,21 +627,12 @@ class Functions:
         while True:
             await asyncio.sleep(WARM_IDLE / 4)
             for fn in list(self.by_name.values()):
-                if fn.warm:
+                if fn.warm or fn.spares:
                     self._drain_warm(fn, WARM_IDLE)
 
-    async def _run_sdk(self, fn: Function, rec: contract.FunctionRecord, req: FnRequest, rid: str,
-                       timeout: float) -> FnResponse:
-        assert rec.snapshot is not None
-
-        def adjust(spec: VmSpec) -> None:
-            spec.timeout = timeout
-            spec.memory = rec.memory if rec.memory is not None else spec.memory
-            spec.owner = f"fn:{rec.name}"
-
-        t0 = time.perf_counter()
-        vm = await self.snaps.instance(rec.snapshot, adjust, rec.fuel or self.hv.cfg.limits.fuel)
-        fn.instance_times.append(time.perf_counter() - t0)
+    async def _run_sdk(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
+        rec = version.rec
+        vm = await self._fresh(fn, version)
         part = vm.devices.get(fnio.FnPart)
         if part is None:
             await self.hv.remove(vm, force=True)
