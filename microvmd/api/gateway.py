@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 from aiohttp import web
 
@@ -23,8 +24,14 @@ _DROPPED = {"connection", "keep-alive", "transfer-encoding", "content-length", "
             "proxy-connection"}
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
 def _answer(resp: FnResponse) -> web.Response:
-    headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROPPED}
+    if not 200 <= resp.status <= 599:  # 1xx would leave the client waiting for the real answer
+        resp = error_response(502, "bad_response", f"the function answered status {resp.status}", resp.request_id)
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROPPED and _TOKEN.match(k)
+               and not any(ch in v for ch in "\r\n\0")}
     if resp.request_id:
         headers["X-Request-Id"] = resp.request_id
     out = web.Response(status=resp.status, body=resp.body, headers=headers)
@@ -48,10 +55,14 @@ async def serve(request: web.Request) -> web.StreamResponse:
         for k, v in request.headers.items():
             k = k.lower()
             headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        path = request.path  # decoded, as CGI's PATH_INFO is; the query string stays raw (RFC 3875)
+        query = request.raw_path.partition("?")[2]
+        if any(ord(ch) < 0x20 or ch == "\x7f" for ch in path):
+            return _answer(error_response(400, "bad_path", "the path holds a control character (%00-%1F)", "-"))
         host = request.url.host or "localhost"
         port = request.url.port or 0
         peer = request.remote or ""
-        req = FnRequest(request.method, request.path, request.query_string, headers, data, route="",
+        req = FnRequest(request.method, path, query, headers, data, route="",
                         server_name=host, server_port=port, remote_addr=peer)
         resp: FnResponse = await request.app[CONTROLLER].apply(a.InvokeFunction(None, req))
     except MicrovmError as exc:  # e.g. shutting down (503)

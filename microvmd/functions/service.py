@@ -25,8 +25,9 @@ from typing import Any
 
 import msgspec
 
-from .. import contract, durable
+from .. import contract, durable, logsafe
 from ..devices import fnio
+from ..devices.console import MemoryConsole
 from ..devices.wasip1 import STDIN_LIMIT, WasiState
 from ..errors import BadRequest, Conflict, MicrovmError, NotFound, ShuttingDown, Unprocessable
 from ..snapshot.controller import Snapshots
@@ -141,7 +142,8 @@ class Functions:
         self.dir = hv.cfg.state_dir / "functions"
         self.by_name: dict[str, Function] = {}
         self.routes: dict[str, Function] = {}
-        self._deploying: dict[str, asyncio.Lock] = {}
+        self._deploying: dict[str, asyncio.Lock] = {}  # one deploy or removal of a name at a time
+        self._commit = asyncio.Lock()  # the tables and records change under it
         self._retiring: set[asyncio.Task[None]] = set()
         self.closing = False
         self._reaper_task: asyncio.Task[None] | None = None
@@ -286,34 +288,52 @@ class Functions:
                 img = await self._interpreter(executor)
                 snapshot = await self._initialise(d, executor, img.digest, version,
                                                   drivers.command(executor, source), "fd_read")
-            rec = contract.FunctionRecord(
-                name=d.name, executor=executor, digest=img.digest,  # type: ignore[arg-type]
-                image_name=img.names[0] if img.names else img.digest, route=route,
-                created=old.rec.created if old is not None else now, updated=now, version=version, source=source,
-                snapshot=snapshot, env=dict(d.env), fuel=d.fuel, memory=d.memory, timeout=d.timeout,
-                max_concurrency=d.max_concurrency, reuse=d.reuse)
-            try:
-                await self.hv.sched.on_io(self._write_record, rec)
-            except BaseException:
-                if snapshot is not None:
-                    await self._drop_snapshot(snapshot, d.name)
-                raise
-            if old is not None and self.routes.get(old.rec.route) is old:
-                del self.routes[old.rec.route]
-            fn = old or Function(d.name, Version(rec), asyncio.Semaphore(rec.max_concurrency or DEFAULT_CONCURRENCY))
-            if old is not None:
-                self._retire(old.current)
-                self._drain_warm(old)
-                fn.current = Version(rec)
-                if old.concurrency != (rec.max_concurrency or DEFAULT_CONCURRENCY):
-                    fn.slots = asyncio.Semaphore(fn.concurrency)  # requests holding old slots release those
-            self.by_name[d.name] = fn
-            self.routes[route] = fn
-            log.info("function %s deployed (version %d, %s, route %s)", d.name, version, executor, route)
-            fn.log.write(f"{_stamp()} deployed version {version} ({executor}, route {route})")
-            return fn
+            async with self._commit:  # the route is checked again where nothing else can take it
+                owner = self.routes.get(route)
+                if owner is not None and owner.name != d.name:
+                    if snapshot is not None:
+                        await self._drop_snapshot(snapshot, d.name)
+                    raise Conflict(f"route {route} is served by function {owner.name}: choose another --route, or "
+                                   f"remove {owner.name} first", code="route_in_use")
+                return await self._commit_deploy(d, version, now, img, executor, source, snapshot, route)
+
+    async def _commit_deploy(self, d: contract.FunctionDeploy, version: int, now: float, img: Any, executor: str,
+                             source: str | None, snapshot: str | None, route: str) -> Function:
+        """The record written, then the tables changed (under the commit lock)."""
+        old = self.by_name.get(d.name)  # (what this deploy replaces; None if it was removed meanwhile)
+        rec = contract.FunctionRecord(
+            name=d.name, executor=executor, digest=img.digest,  # type: ignore[arg-type]
+            image_name=img.names[0] if img.names else img.digest, route=route,
+            created=old.rec.created if old is not None else now, updated=now, version=version, source=source,
+            snapshot=snapshot, env=dict(d.env), fuel=d.fuel, memory=d.memory, timeout=d.timeout,
+            max_concurrency=d.max_concurrency, reuse=d.reuse)
+        try:
+            await self.hv.sched.on_io(self._write_record, rec)
+        except BaseException:
+            if snapshot is not None:
+                await self._drop_snapshot(snapshot, d.name)
+            raise
+        if old is not None and self.routes.get(old.rec.route) is old:
+            del self.routes[old.rec.route]
+        fn = old or Function(d.name, Version(rec), asyncio.Semaphore(rec.max_concurrency or DEFAULT_CONCURRENCY))
+        if old is not None:
+            before = old.concurrency
+            self._retire(old.current)
+            self._drain_warm(old)
+            fn.current = Version(rec)
+            if before != fn.concurrency:
+                fn.slots = asyncio.Semaphore(fn.concurrency)  # requests holding old slots release those
+        self.by_name[d.name] = fn
+        self.routes[route] = fn
+        log.info("function %s deployed (version %d, %s, route %s)", d.name, version, executor, route)
+        fn.log.write(f"{_stamp()} deployed version {version} ({executor}, route {route})")
+        return fn
 
     async def remove(self, name: str) -> None:
+        async with self._deploying.setdefault(name, asyncio.Lock()), self._commit:
+            await self._remove(name)
+
+    async def _remove(self, name: str) -> None:
         fn = self.get(name)
         await self.hv.sched.on_io(self._remove_record, name)
         self.by_name.pop(name, None)
@@ -392,10 +412,6 @@ class Functions:
                 except TimeoutError:
                     pass
             name = _snapshot_name(d.name, version)
-            try:
-                await self.snaps.remove(name, owner=d.name)  # left by a deploy that failed after it
-            except NotFound:
-                pass
             await self.snaps.create(vm, name, diff=False, durable=True)
             return name
         finally:
@@ -418,21 +434,35 @@ class Functions:
                                       f"({fn.concurrency}) and its queue is full", rid)
                 resp.headers["Retry-After"] = "1"
                 return self._failed(fn, resp, None)
+        t0 = time.perf_counter()
         fn.queued += 1
-        try:
-            await fn.slots.acquire()
+        try:  # a request waits for a slot at most its timeout
+            await asyncio.wait_for(fn.slots.acquire(), self.timeout(fn.rec))
+        except TimeoutError:
+            resp = error_response(503, "overloaded", f"function {fn.name} had no free instance slot within "
+                                  f"{self.timeout(fn.rec):g} s", rid)
+            resp.headers["Retry-After"] = "1"
+            return self._failed(fn, resp, None)
         finally:
             fn.queued -= 1
         slots = fn.slots
+        if self.by_name.get(fn.name) is not fn:  # removed while this request waited
+            slots.release()
+            return error_response(404, "function_removed", f"function {fn.name} was removed", rid)
         version = fn.current
         version.in_flight += 1
         fn.active += 1
         fn.invocations += 1
         fn.last_invoked = time.time()
-        t0 = time.perf_counter()
         try:
             resp = await (self._run_warm(fn, version, req, rid) if version.rec.reuse else
                           self._run(fn, version, req, rid))
+        except MicrovmError as exc:  # the daemon could not make an instance (its memory budget, shutdown...)
+            if exc.status >= 500 or exc.status == 429:
+                resp = self._error(fn, rid, 503, exc.code, f"no instance could be made: {exc.message}", b"")
+                resp.headers["Retry-After"] = "1"
+            else:
+                resp = self._error(fn, rid, 500, exc.code, f"no instance could be made: {exc.message}", b"")
         finally:
             fn.active -= 1
             slots.release()
@@ -519,11 +549,17 @@ class Functions:
             while (len(fn.spares) < SPARES and fn.current is version and not version.retired and not self.closing
                    and time.monotonic() - fn.last_request < WARM_IDLE):
                 vm = await self._restore(version, fn)
+                if fn.current is not version or version.retired or self.closing or \
+                        self.by_name.get(fn.name) is not fn:  # changed while it was restored
+                    self._discard(Warm(vm, version))
+                    return
                 fn.spares.append((vm, version))
         except MicrovmError as exc:  # (the memory budget, the daemon stopping...): requests restore themselves
             log.debug("function %s: no spare instance: %s", fn.name, exc.message)
 
     def _drop_spares(self, fn: Function) -> None:
+        if fn.refill is not None:
+            fn.refill.cancel()
         while fn.spares:
             vm, version = fn.spares.popleft()
             self._discard(Warm(vm, version))
@@ -553,14 +589,19 @@ class Functions:
             await self.hv.start(vm)
         else:
             fn.instance_times.append(0.0)
-            if rec.fuel:
-                await self.hv.add_fuel(w.vm, rec.fuel)
+            fuel = rec.fuel or self.hv.cfg.limits.fuel
+            if fuel:
+                await self.hv.add_fuel(w.vm, fuel)
         vm = w.vm
         part = vm.devices.get(WasiState)
         if part is None:
             self._discard(w)
             return error_response(500, "internal", "the function's snapshot has no standard input", rid)
-        part.stdin.feed(_payload(rec, req) + b"\n")
+        line_in = _payload(rec, req) + b"\n"
+        if part.stdin.feed(line_in) < len(line_in):  # the instance's stdin buffer cannot take it whole
+            self._discard(w)
+            return self._error(fn, rid, 413, "too_large", "the request is too large for a warm instance's input",
+                               b"")
         try:
             line = await asyncio.wait_for(self._response_line(w), self.timeout(rec))
         except TimeoutError:
@@ -646,7 +687,7 @@ class Functions:
         """The HTTP answer for how the instance ended (it is gone already, or killed here: out of fuel)."""
         err = _read(vm, "stderr")
         if vm.state == VmState.OUT_OF_FUEL:
-            asyncio.get_running_loop().create_task(self.hv.remove(vm, force=True))
+            self._discard(Warm(vm, fn.current))
             return self._error(fn, rid, 502, "out_of_fuel", "the function ran out of fuel", err)
         assert vm.exit is not None
         reason = vm.exit.reason
@@ -671,7 +712,7 @@ class Functions:
                     headers[name.strip()] = value.strip()
             return FnResponse(part.status, headers, part.body)
         out = _read(vm, "stdout")
-        if vm.console.released.get("stdout"):
+        if _truncated(vm, "stdout"):
             return self._error(fn, rid, 502, "bad_response", "the response is larger than the console cap", err)
         if rec.executor == "wagi":
             try:
@@ -713,16 +754,16 @@ class Functions:
         return FnResponse(status, headers, body)
 
     def _error(self, fn: Function, rid: str, status: int, kind: str, message: str, err: bytes) -> FnResponse:
-        fn.log.write(f"{_stamp()} request {rid}: {status} {kind}: {message}")
+        fn.log.write(f"{_stamp()} request {rid}: {status} {kind}: {logsafe.escape(message)}")
         self._log_stderr(fn, rid, err)
-        log.info("function %s request %s: %d %s: %s", fn.name, rid, status, kind, message)
+        log.debug("function %s request %s: %d %s: %s", fn.name, rid, status, kind, message)
         return error_response(status, kind, message, rid)
 
     def _log_stderr(self, fn: Function, rid: str, err: bytes) -> None:
         if err:
             text = err[-4096:].decode("utf-8", "replace").rstrip("\n")
             for line in text.split("\n"):
-                fn.log.write(f"{_stamp()} request {rid} stderr: {line.rstrip()}"[:2000])
+                fn.log.write(f"{_stamp()} request {rid} stderr: {logsafe.escape(line.rstrip())}"[:2000])
 
     # ------------------------------------------------------------------ shutdown
     async def drain(self, timeout: float) -> int:
@@ -763,8 +804,14 @@ def _percentiles(times: deque[float]) -> dict[str, float] | None:
 
 
 def _read(vm: Vm, stream: str) -> bytes:
-    data, _ = vm.console.read(stream, 0)
-    return bytes(data)
+    """All a stream holds (at most the console's cap: see _truncated). Instances are ephemeral: in memory."""
+    assert isinstance(vm.console, MemoryConsole)
+    return vm.console.output(stream)
+
+
+def _truncated(vm: Vm, stream: str) -> bool:
+    assert isinstance(vm.console, MemoryConsole)
+    return vm.console.size(stream) > len(vm.console.output(stream))
 
 
 def _tail(data: bytes, n: int = 600) -> str:
@@ -777,10 +824,10 @@ def _stamp() -> str:
 
 
 def _snapshot_name(name: str, version: int) -> str:
-    """fn.NAME.VERSION, within a snapshot name's 128 characters."""
+    """fn.NAME.VERSION-RANDOM, within a snapshot name's 128 characters."""
     if len(name) > 100:
         import hashlib
 
         name = f"{name[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-    return f"fn.{name}.{version}"
+    return f"fn.{name}.{version}-{secrets.token_hex(3)}"  # unique: a name removed and deployed again restarts at 1
 

@@ -14,7 +14,8 @@ SOFTWARE = "microvmd"
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # headers a CGI script must not see as HTTP_* (RFC 3875 4.1.18): the body's are CONTENT_*, and credentials
 # of the gateway itself never reach a guest
-_NOT_FORWARDED = {"content-type", "content-length", "authorization", "proxy-authorization", "connection"}
+_NOT_FORWARDED = {"content-type", "content-length", "authorization", "proxy-authorization", "connection",
+                  "proxy"}  # (httpoxy: a Proxy header would become HTTP_PROXY)
 
 
 class CgiError(ValueError):

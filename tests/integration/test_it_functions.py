@@ -122,6 +122,50 @@ def test_failures_have_their_status_and_an_id_in_the_log(fnd: tuple[Daemon, Gate
     assert gw("GET", "/bad?name=ok")[0] == 200  # and the function still works
 
 
+def test_the_query_string_stays_raw_and_control_characters_are_refused(
+        fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    _, gw = fnd
+    deploy("rawq", image="wagi")
+    status, _, body = gw("GET", "/rawq/a%20b?env=1&p=100%25&x=%00")
+    env = dict(line.split("=", 1) for line in body.decode().splitlines() if "=" in line)
+    assert status == 200 and env["QUERY_STRING"] == "env=1&p=100%25&x=%00" and env["PATH_INFO"] == "/a b"
+    assert gw("GET", "/rawq/x%00y")[0] == 400
+    assert gw("GET", "/rawq", headers={"Proxy": "http://evil"})[0] == 200
+
+
+def test_remove_then_deploy_again_under_load(fnd: tuple[Daemon, Gateway]) -> None:
+    d, gw = fnd
+    api = d.api
+    body = {"name": "again", "image": "fnsdk", "executor": "sdk", "route": "/again"}
+    assert api("POST", "/v1/functions", body).status == 201
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def hammer() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        while not stop.is_set():
+            seen.append(gw("GET", "/again", conn=conn)[0])
+        conn.close()
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)
+            assert api("DELETE", "/v1/functions/again").status == 204
+            assert api("POST", "/v1/functions", body).status == 201
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(seen) <= {200, 404}, sorted(set(seen))  # 404 only in the moments it was removed
+    assert gw("GET", "/again")[0] == 200  # its snapshot is its own: not dropped by the removed version's
+    snaps = [s["name"] for s in api.ok("GET", "/v1/snapshots")["snapshots"] if s["name"].startswith("fn.again.")]
+    assert len(snaps) == 1, snaps
+    api("DELETE", "/v1/functions/again")
+
+
 def test_bad_deploys_say_what_to_fix(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     api = fnd[0].api
     deploy("taken", image="wagi", route="/taken")
