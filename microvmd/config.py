@@ -42,6 +42,19 @@ class Limits:
     log_bytes: int = 8 * MiB  # cap per console stream; older output is dropped beyond it
     # linear memory all guests together may hold; 0: three quarters of the host's physical memory
     total_memory: int = 0
+    # descriptors (WASI files and sockets) one VM may hold; one more is EMFILE to the guest
+    open_files: int = 1024
+    # descriptors all guests together may hold (one more is ENFILE); 0: half of RLIMIT_NOFILE less the reserve
+    total_open_files: int = 0
+    # descriptors no guest may take: the daemon's API, stores and logs; 0: a quarter of RLIMIT_NOFILE, at most 1024
+    reserved_files: int = 0
+    # image imports: compiled at once, waiting beyond those (one more is 503 compile_busy), and the wall
+    # clock and address space of one compile (big modules compile in a child process)
+    compile_jobs: int = 1
+    compile_queue: int = 8
+    compile_timeout: float = 300.0
+    compile_memory: int = 4096 * MiB
+    max_functions: int = 1_000_000  # functions one module may have (422 too_many_functions beyond)
 
     def total_memory_budget(self) -> int:
         if self.total_memory:
@@ -116,6 +129,22 @@ class Config:
                 or 0 < self.limits.total_memory < 65536:
             raise ConfigError("limits.total_memory must be at least one Wasm page (64KiB), or 0 for 3/4 of "
                               "physical memory")
+        for key in ("open_files", "total_open_files", "reserved_files"):
+            value = getattr(self.limits, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
+                raise ConfigError(f"limits.{key} must be a count of descriptors")
+        for key in ("compile_jobs", "compile_queue", "max_functions"):
+            value = getattr(self.limits, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
+                raise ConfigError(f"limits.{key} must be a count")
+        if self.limits.compile_jobs < 1:
+            raise ConfigError("limits.compile_jobs must be at least 1")
+        if not isinstance(self.limits.compile_timeout, (int, float)) or not 0 < self.limits.compile_timeout < 1e7:
+            raise ConfigError("limits.compile_timeout must be a positive duration")
+        if not isinstance(self.limits.compile_memory, int) or self.limits.compile_memory < 256 * MiB:
+            raise ConfigError("limits.compile_memory must be at least 256MiB")
+        if self.limits.open_files < 1:
+            raise ConfigError("limits.open_files must be at least 1")
         if self.engine.epoch_interval <= 0 or self.engine.epoch_interval > 1:
             raise ConfigError("engine.epoch_interval must be in (0, 1] seconds")
         if self.engine.console not in ("auto", "file", "hook"):
@@ -132,9 +161,9 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1", int(port))
 
 
-_SIZE_KEYS = {"memory", "max_memory", "total_memory", "max_wasm_stack", "log_bytes", "upload_limit", "json_limit",
-              "memory_reservation", "memory_guard_size"}
-_DURATION_KEYS = {"timeout", "epoch_interval", "shutdown_timeout", "spin_wait"}
+_SIZE_KEYS = {"memory", "max_memory", "total_memory", "compile_memory", "max_wasm_stack", "log_bytes", "upload_limit",
+              "json_limit", "memory_reservation", "memory_guard_size"}
+_DURATION_KEYS = {"timeout", "compile_timeout", "epoch_interval", "shutdown_timeout", "spin_wait"}
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -278,6 +278,15 @@ class DaemonLimits(Response):
     upload: int
     total_memory: int = 0  # the budget for all guests' linear memory (limits.total_memory)
     total_memory_used: int = 0  # what they hold now
+    open_files: int = 0  # descriptors (WASI files and sockets) one VM may hold (limits.open_files)
+    total_open_files: int = 0  # the budget of descriptors for all guests together
+    total_open_files_used: int = 0  # what they hold now
+    reserved_files: int = 0  # descriptors the daemon keeps for itself (API, stores, logs)
+    process_open_files: int = 0  # the process's RLIMIT_NOFILE (soft, raised to the hard limit at start)
+    compile_jobs: int = 0  # imports compiled at once
+    compile_queue: int = 0  # imports that may wait beyond those (then 503 compile_busy)
+    compile_admitted: int = 0  # imports compiling or waiting now
+    max_functions: int = 0  # functions one module may have
 
 
 class SnapshotsInfo(Response):
@@ -447,7 +456,18 @@ class WasiInfo(Response):
     stdin: StdinInfo
 
 
+class FilesInfo(Response):
+    """The VM's descriptors: WASI files and sockets, counted against ``limits.open_files``."""
+
+    open: int
+    files: int
+    sockets: int
+    limit: int
+    refused: int  # opens answered EMFILE (the VM's limit) or ENFILE (the daemon's budget)
+
+
 class Devices(Response):
+    files: FilesInfo | UnsetType = UNSET
     blk: list[BlkDisk] | UnsetType = UNSET
     net: NetInfo | UnsetType = UNSET
     wasi: WasiInfo | UnsetType = UNSET

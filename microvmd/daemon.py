@@ -111,7 +111,8 @@ async def _import_images(hv: object, directory: Path) -> None:
         name = wasm.parent.name
         try:
             data = await hv.sched.on_io(wasm.read_bytes)
-            img = await hv.import_image(data, name, background=True)  # a long rewrite must not delay start-up
+            # a long rewrite must not delay start-up; a full compile queue makes the daemon's own imports wait
+            img = await hv.import_image(data, name, background=True, wait=True)
             log.info("image %s ready (%s)", name, img.digest[:19])
         except MicrovmError as exc:
             log.error("cannot import %s: %s", wasm, exc.message)
@@ -289,6 +290,7 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
         await dev.shutdown()
     log.debug("shutdown: devices closed")
     # 8. vCPU workers, I/O pool and the epoch ticker: nothing is left to use them.
+    hv.compiler.close()
     hv.sched.close()
     log.debug("shutdown: workers and pools stopped")
     # 9. The socket path, if it is still the one we bound (systemd owns a socket it passed us).

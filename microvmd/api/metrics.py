@@ -41,6 +41,13 @@ class StateCollector(Collector):
         yield GaugeMetricFamily("microvmd_images", "Images in the store", value=len(hv.images.images))
         yield CounterMetricFamily("microvmd_compiles_total", "Modules compiled (cache misses)",
                                   value=hv.images.compiles)
+        comp = hv.compiler
+        yield GaugeMetricFamily("microvmd_compile_admitted", "Image imports being compiled or waiting for the "
+                                "compile pool (limits.compile_jobs + limits.compile_queue)", value=comp.admitted)
+        yield CounterMetricFamily("microvmd_compile_refused_total", "Image imports refused with 503 compile_busy",
+                                  value=comp.refused)
+        yield CounterMetricFamily("microvmd_compile_children_total", "Modules compiled in a child process",
+                                  value=comp.children)
         yield CounterMetricFamily("microvmd_vcpu_slices_total", "Scheduling slices run on vCPU workers",
                                   value=hv.sched.slices)
         for dev in hv.devices:

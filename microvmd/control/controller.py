@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from .. import __version__, contract
+from ..devices import files
 from ..devices.blk import BlockDevice
 from ..devices.console import MemoryConsole
 from ..devices.wasip1 import WasiState
@@ -80,7 +81,12 @@ class Controller:
             "event_loop": h.loop_lag.to_api(),
             "limits": {"memory": cfg.limits.memory, "max_memory": cfg.limits.max_memory,
                        "fuel": cfg.limits.fuel, "timeout": cfg.limits.timeout, "upload": cfg.upload_limit,
-                       "total_memory": h.builder.memory.total, "total_memory_used": h.builder.memory.used},
+                       "total_memory": h.builder.memory.total, "total_memory_used": h.builder.memory.used,
+                       "open_files": h.files.per_vm, "total_open_files": h.files.total,
+                       "total_open_files_used": h.files.used, "reserved_files": h.files.reserve,
+                       "process_open_files": files.process_limit(),
+                       "compile_jobs": cfg.limits.compile_jobs, "compile_queue": cfg.limits.compile_queue,
+                       "compile_admitted": h.compiler.admitted, "max_functions": cfg.limits.max_functions},
             "snapshots": {"dirty_tracking": dirty.describe(cfg.engine.dirty_tracking)},
             "console": {"mode": cfg.engine.console, "file_descriptors": h.console_fds()},
         }

@@ -17,18 +17,23 @@ __all__ = ["DeviceSet", "install_devices"]
 class Installer(DeviceHost, Protocol):
     @property
     def images(self) -> Any: ...  # the image store: the WASI device asks which modules were rewritten
+    @property
+    def files(self) -> Any: ...  # the guests' descriptor budget (files.DescriptorBudget)
 
     def add_device(self, device: Device) -> None: ...
 
 
 def install_devices(hv: Installer) -> None:
-    """The composition root's device list: clock, WASI's blocking calls, disks, sockets, function I/O."""
+    """The composition root's device list: descriptor budgets, clock, WASI's blocking calls, disks, sockets,
+    function I/O."""
     from .blk import BlockDevice
     from .clock import ClockDevice
+    from .files import FilesDevice
     from .fnio import FnDevice
     from .net import NetDevice
     from .wasip1 import WasiDevice
 
+    hv.add_device(FilesDevice(hv.files))  # before net: sockets are charged to the VM's files part
     hv.add_device(ClockDevice())
     hv.add_device(WasiDevice(hv.images))  # for modules rewritten with Asyncify at import
     hv.add_device(BlockDevice(hv))

@@ -220,6 +220,9 @@ class Device(ABC):
     """One device module: its guest imports, defined once on the shared linker, and its per-VM parts."""
 
     name: ClassVar[str]
+    # defines WASI's own functions over wasmtime's: only on the linker for modules that need it (the
+    # hypervisor keeps a second linker without them, see devices/files.py)
+    shadows_wasi: ClassVar[bool] = False
 
     @abstractmethod
     def define(self, linker: wasmtime.Linker) -> None:

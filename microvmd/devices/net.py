@@ -32,6 +32,7 @@ from ..engine.hostop import HostOp, wait_in_call
 from ..errors import BadRequest, Conflict
 from ..logsafe import Throttle
 from .base import Device, DeviceHost, DevicePart, GuestVm
+from .files import OpenFiles
 from .ratelimit import LimiterConfig, RateLimiter
 from .wasi import (
     EADDRINUSE,
@@ -510,11 +511,24 @@ class NetState(DevicePart[NetSaved]):
 
     # ---- guest side (vCPU worker)
     def _alloc_sd(self, check: bool = True) -> int:
-        if check and len(self.socks) >= self.limits.max_sockets:
-            raise GuestError(EMFILE)
+        """A new socket number; with ``check`` the socket is charged to the VM's descriptors first (the caller
+        puts it in ``socks`` at once). Published connections are charged when the guest accepts them."""
+        if check:
+            self.charge()
         sd = self.next_sd
         self.next_sd += 1
         return sd
+
+    def charge(self, force: bool = False) -> None:
+        """Count one socket more against the VM's ``limits.open_files`` (files and sockets together) and the
+        daemon's descriptor budget; GuestError(EMFILE or ENFILE) when either is spent."""
+        files = self.vm.devices.get(OpenFiles)
+        if files is None:
+            if not force and len(self.socks) >= self.limits.max_sockets:
+                raise GuestError(EMFILE)
+            return
+        files.take(force)
+        files.socket_opened()
 
     def get(self, sd: int, kind: str | None = None) -> GSock:
         s = self.socks.get(sd)
@@ -524,7 +538,8 @@ class NetState(DevicePart[NetSaved]):
 
     def close_sock(self, s: GSock) -> None:
         s.closed = True
-        self.socks.pop(s.sd, None)
+        if self.socks.pop(s.sd, None) is not None and (files := self.vm.devices.get(OpenFiles)) is not None:
+            files.socket_closed()
         if s.kind == "listener":
             self.listeners.pop(s.port, None)
             pending = list(s.backlog)
@@ -588,6 +603,7 @@ class NetState(DevicePart[NetSaved]):
                         s.backlog.append(c)
                 else:
                     s.eof, s.error = True, ECONNRESET  # the peer is gone: reset
+                self.charge(force=True)
                 self.socks[rec.sd] = s
 
     async def release_published(self) -> None:
@@ -762,8 +778,10 @@ class NetDevice(Device):
         def act(mem: wt.GuestMemory) -> Sequence[int]:
             if lst.closed:
                 return [-EBADF]
-            if len(st.socks) >= st.limits.max_sockets:
-                return [-EMFILE]
+            try:
+                st.charge()
+            except GuestError as exc:
+                return [-exc.code]
             c = lst.backlog.popleft()
             st.socks[c.sd] = c
             return [c.sd]

@@ -11,7 +11,7 @@ guest blocked in them holds no thread and can be paused, stopped or snapshotted,
 - ``clock_time_get``: realtime is the host's; the monotonic clock counts from the VM's creation and goes on
   across a snapshot (``WasiState``), so a deadline the guest computed before it still means the same.
 - ``fd_read`` on fd 0 reads the VM's ``StdinBuffer`` (the hook for ``run -i``/``attach``: ``feed``/``close``);
-  other descriptors go to wasmtime's own ``fd_read`` through a two-function helper instance in the same
+  other descriptors go to wasmtime's own ``fd_read`` through a small helper instance in the same
   store (WASI's host functions need a caller that exports the memory).
 
 A suspended call is repeated from its start after a snapshot (rewind): a relative sleep sleeps again in
@@ -53,17 +53,31 @@ assert _SUB.size == SUB_SIZE and _EVENT.size == EVENT_SIZE
 
 HELPER_WAT = f"""(module
   (import "{WASI}" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "{WASI}" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "{WASI}" "fd_close" (func $close (param i32) (result i32)))
+  (import "{WASI}" "fd_renumber" (func $renumber (param i32 i32) (result i32)))
   (import "env" "memory" (memory 0))
   (export "memory" (memory 0))
+  (func $i64 (param i32 i32) (result i64)
+    (i64.or (i64.extend_i32_u (local.get 0)) (i64.shl (i64.extend_i32_u (local.get 1)) (i64.const 32))))
   (func (export "fd_read") (param i32 i32 i32 i32) (result i32)
-    (call $read (local.get 0) (local.get 1) (local.get 2) (local.get 3))))"""
+    (call $read (local.get 0) (local.get 1) (local.get 2) (local.get 3)))
+  (func (export "path_open") (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+    (call $open (local.get 0) (local.get 1) (local.get 2) (local.get 3) (local.get 4)
+      (call $i64 (local.get 5) (local.get 6)) (call $i64 (local.get 7) (local.get 8))
+      (local.get 9) (local.get 10)))
+  (func (export "fd_close") (param i32) (result i32) (call $close (local.get 0)))
+  (func (export "fd_renumber") (param i32 i32) (result i32) (call $renumber (local.get 0) (local.get 1))))"""
+HELPER_CALLS = ("fd_read", "path_open", "fd_close", "fd_renumber")
 _helpers: dict[int, wasmtime.Module] = {}
 _helpers_lock = threading.Lock()
 
 
-def wasi_fd_read(engine: wasmtime.Engine, store: wasmtime.Store, memory: wasmtime.Memory) -> wasmtime.Func:
-    """wasmtime's own ``fd_read`` for this store, callable from a host function (on the machine's thread,
-    before the guest runs)."""
+def wasi_helper(engine: wasmtime.Engine, store: wasmtime.Store, memory: wasmtime.Memory) -> dict[str, wasmtime.Func]:
+    """wasmtime's own WASI calls for this store, callable from a host function (on the machine's thread,
+    before the guest runs): ``fd_read`` (the daemon's own serves stdin only) and the calls that open and
+    close descriptors (devices/files.py counts them). ``path_open`` takes its two i64 rights as (low, high)
+    i32 pairs, so that every argument is an i32."""
     with _helpers_lock:
         mod = _helpers.get(id(engine))
         if mod is None:
@@ -72,9 +86,13 @@ def wasi_fd_read(engine: wasmtime.Engine, store: wasmtime.Store, memory: wasmtim
     linker.define_wasi()
     linker.define(store, "env", "memory", memory)
     inst = wt.instantiate(store, linker, mod)
-    func = inst.exports(store)["fd_read"]
-    assert isinstance(func, wasmtime.Func)
-    return func
+    exports = inst.exports(store)
+    calls = {}
+    for name in HELPER_CALLS:
+        func = exports[name]
+        assert isinstance(func, wasmtime.Func)
+        calls[name] = func
+    return calls
 
 
 class StdinBuffer:
@@ -366,7 +384,7 @@ class WasiDevice(Device):
         fd, iovs, iovs_len, nread_ptr = args
         machine = vm.machine
         if fd != 0:
-            real = getattr(machine, "wasi_fd_read", None)
+            real = (getattr(machine, "wasi_calls", None) or {}).get("fd_read")
             if real is None:
                 return [EBADF]
             return mem.call(real, list(args))

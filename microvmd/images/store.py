@@ -34,12 +34,15 @@ import wasmtime
 from ..durable import sync_dir, sync_tree, write_atomic
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from . import rewrite, wasmbin
+from .compiler import Compiler
 from .rewrite import RewriteCache
 
 log = logging.getLogger("microvmd.images")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole names only: fullmatch (no final newline)
 RESERVED_PREFIX = "__microvm_"
+# an image that imports it can open files: it is linked with the daemon's counting WASI calls (devices/files.py)
+OPENS_FILES = f"{rewrite.WASI}.path_open"
 
 
 @dataclass
@@ -82,9 +85,12 @@ class Image:
 
 class ImageStore:
     def __init__(self, root: Path, engine: wasmtime.Engine, linker: wasmtime.Linker, fingerprint: str,
-                 upload_limit: int) -> None:
+                 upload_limit: int, compiler: Compiler, plain_linker: wasmtime.Linker | None = None) -> None:
         self.root = root
+        # modules that cannot open files are linked without the daemon's counting WASI calls (devices/files.py)
+        self.plain_linker = plain_linker or linker
         self.engine = engine
+        self.compiler = compiler  # big modules compile in a child process (images/compiler.py)
         self.linker = linker
         self.fp = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.upload_limit = upload_limit
@@ -166,16 +172,15 @@ class ImageStore:
             return existing
         try:
             info = wasmbin.parse(data)
+            self.compiler.check_size(info.index_space_size("func"))
             normalized, report = wasmbin.normalize(data, prefix=RESERVED_PREFIX)
         except wasmbin.WasmFormatError as exc:
             raise Unprocessable(f"malformed module: {exc}", code="invalid_module") from None
-        try:
-            module = wasmtime.Module(self.engine, normalized)
-        except wasmtime.WasmtimeError as exc:
-            raise Unprocessable(f"invalid module: {_first_line(exc)}", code="invalid_module") from None
+        module = self.compiler.compile(normalized, self._cache_path(hexd))
         try:
             self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
+            self._cache_path(hexd).unlink(missing_ok=True)  # (a compile child may have written it)
             raise Unprocessable(f"module needs imports microvmd does not provide: {_first_line(exc)}",
                                 code="unsupported_import") from None
         img = self._describe(hexd, data, info, report, source_format, entry)
@@ -190,7 +195,8 @@ class ImageStore:
             (tmp / "original.wasm").write_bytes(data)
             (tmp / "module.wasm").write_bytes(normalized)
             (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
-            self._write_cache(hexd, module)
+            if not self._cache_path(hexd).exists():  # (a compile child wrote it already)
+                self._write_cache(hexd, module)
             if durable:
                 sync_tree(tmp)
             os.replace(tmp, self.root / "blobs" / hexd)
@@ -285,8 +291,10 @@ class ImageStore:
             mod = wasmtime.Module.deserialize_file(self.engine, str(cache))
         except (wasmtime.WasmtimeError, OSError) as exc:
             log.info("compiling image %s (no usable cache: %s)", img.digest, _first_line(exc))
-            mod = wasmtime.Module(self.engine, (self.root / "blobs" / img.hex / "module.wasm").read_bytes())
-            self._write_cache(img.hex, mod)
+            cache.unlink(missing_ok=True)
+            mod = self.compiler.compile((self.root / "blobs" / img.hex / "module.wasm").read_bytes(), cache)
+            if not cache.exists():
+                self._write_cache(img.hex, mod)
             with self._lock:
                 self.compiles += 1
         with self._lock:
@@ -299,7 +307,8 @@ class ImageStore:
         with self._lock:
             pre = self._pres.get(img.hex)
         if pre is None:
-            pre = self.linker.instantiate_pre(mod)
+            linker = self.linker if OPENS_FILES in img.imports else self.plain_linker
+            pre = linker.instantiate_pre(mod)
             with self._lock:
                 self._pres[img.hex] = pre
         return mod, pre

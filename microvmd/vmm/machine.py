@@ -15,10 +15,10 @@ from typing import Any
 
 import wasmtime
 
-from ..devices.wasip1 import wasi_fd_read
+from ..devices.wasip1 import wasi_helper
 from ..engine import wt
 from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
-from ..images.rewrite import HOST_MODULE
+from ..images.rewrite import HOST_MODULE, WASI
 from .budget import MemoryBudget
 
 log = logging.getLogger("microvmd.vmm")
@@ -81,9 +81,12 @@ class Machine:
         for host, guest, readonly in spec.dirs:
             wasi.preopen_dir(host, guest, not readonly)
         self.store.set_wasi(wasi)
-        # a module rewritten at import reads through the daemon's fd_read: other descriptors than stdin go
-        # on to wasmtime's own, through a helper instance in the same store (devices/wasip1.py)
-        self._helper_instances = int(any(i.module == HOST_MODULE and i.name == "fd_read" for i in module.imports))
+        # a module rewritten at import reads through the daemon's fd_read, and the daemon counts the WASI
+        # calls that open and close files (devices/files.py): both go on to wasmtime's own functions through
+        # a helper instance in the same store (devices/wasip1.py)
+        # (only a module that imports path_open is linked with the counting calls: store.OPENS_FILES)
+        self._helper_instances = int(any((i.module == HOST_MODULE and i.name == "fd_read")
+                                         or (i.module == WASI and i.name == "path_open") for i in module.imports))
         self._memory_cap = -1
         self.memory_bytes = 0
         self._cap_memory()  # (instantiation may not take more than the budget has left either)
@@ -91,13 +94,13 @@ class Machine:
         wt.yield_on_every_epoch(self.store)
         self._fuel_interval: int | None = None
         self.instance = wt.instantiate(self.store, linker, module, pre)
-        self.exports = self.instance.exports(self.store)
+        self.exports = wt.Exports(self.store, self.instance)  # (by name: instance.exports() is quadratic)
         self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
-        self.wasi_fd_read: wasmtime.Func | None = None
+        self.wasi_calls: dict[str, wasmtime.Func] = {}
         if self.memory is not None and self._helper_instances:
-            self.wasi_fd_read = wasi_fd_read(engine, self.store, self.memory)
+            self.wasi_calls = wasi_helper(engine, self.store, self.memory)
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
         self.call: wt.GuestCall | None = None

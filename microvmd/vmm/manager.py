@@ -21,10 +21,12 @@ import wasmtime
 
 from .. import contract
 from ..config import Config
+from ..devices import files
 from ..devices.base import Device, DeviceSet, DeviceStateError, DeviceTable
 from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
+from ..images.compiler import CompileLimits, Compiler
 from ..images.importer import import_module
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
@@ -54,9 +56,20 @@ class Hypervisor:
         self.linker = wasmtime.Linker(self.engine)
         self.linker.allow_shadowing = True
         self.linker.define_wasi()
+        # the same without the shadowed WASI calls that count open files (devices/files.py): for modules that
+        # cannot open a file (no path_open), which then need no helper instance per VM
+        self.plain_linker = wasmtime.Linker(self.engine)
+        self.plain_linker.allow_shadowing = True
+        self.plain_linker.define_wasi()
         self.devices = DeviceTable()  # define their imports on the linker, attach per VM
+        total, reserve = files.plan(files.process_limit(), cfg.limits.total_open_files, cfg.limits.reserved_files)
+        self.files = files.DescriptorBudget(total, reserve, cfg.limits.open_files)  # guests' files and sockets
+        lim = cfg.limits
+        self.compiler = Compiler(self.opts, self.engine, CompileLimits(
+            jobs=lim.compile_jobs, queue=lim.compile_queue, timeout=lim.compile_timeout, memory=lim.compile_memory,
+            max_functions=lim.max_functions))
         self.images = ImageStore(cfg.state_dir / "images", self.engine, self.linker, self.opts.fingerprint(),
-                                 cfg.upload_limit)
+                                 cfg.upload_limit, self.compiler, self.plain_linker)
         self.sched = Scheduler(self.engine, cfg.workers, cfg.engine.epoch_interval, cfg.engine.fuel_slice,
                                spin_wait=cfg.engine.spin_wait)
         self.registry = VmRegistry(DirRecords(cfg.state_dir / "vms"))
@@ -82,6 +95,8 @@ class Hypervisor:
     def add_device(self, device: Device) -> None:
         self.devices.add(device)
         device.define(self.linker)
+        if not device.shadows_wasi:
+            device.define(self.plain_linker)
 
     # ------------------------------------------------------------------ start-up and shutdown
     def load(self) -> None:
@@ -110,6 +125,7 @@ class Hypervisor:
         daemon runs the same steps with its HTTP server and devices in between, see daemon.shutdown)."""
         await self.stop_guests()
         await self.close()
+        self.compiler.close()
         self.sched.close()
 
     async def stop_guests(self, suspend: Callable[[builtins.list[Vm]], Awaitable[None]] | None = None) -> None:
@@ -145,12 +161,15 @@ class Hypervisor:
 
     # ------------------------------------------------------------------ images
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
-                           asyncify: bool = True, background: bool = False, durable: bool = True) -> Image:
+                           asyncify: bool = True, background: bool = False, durable: bool = True,
+                           wait: bool = False) -> Image:
         """``asyncify``: rewrite a plain WASI module for snapshots (images/importer.py); ``background``: import
         it as it is at once and move the name to the rewrite when that is done; ``durable``: its files are on
-        stable storage before it is answered."""
-        return await import_module(self.images, data, name, entry, on_io=self.sched.on_io, asyncify=asyncify,
-                                   background=background, durable=durable)
+        stable storage before it is answered; ``wait``: wait for a compile slot instead of 503 compile_busy."""
+        async with self.compiler.slot(wait):  # 503 compile_busy when too many imports are under way
+            # on the compile pool, not the I/O pool that snapshots, ps and logs use
+            return await import_module(self.images, data, name, entry, on_io=self.compiler.on_pool,
+                                       asyncify=asyncify, background=background, durable=durable)
 
     async def remove_image(self, ref: str, snapshots: Sequence[str] = ()) -> Image:
         """Remove an image (or only one of its names). ``snapshots``: the snapshots that need its bytes to be

@@ -299,3 +299,27 @@ def test_total_memory_caps_what_all_guests_hold_together(make_daemon: Callable[.
         time.sleep(0.05)
     assert _used(d) == 0
     assert _grown(d, "1GiB") == alone  # nothing leaked into the count
+
+
+def test_daemon_wide_default_fuel_and_timeout_apply_when_a_request_gives_none(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Issue 13 row 11: with no fuel or timeout in the request (nor in the image), a guest ran unbounded.
+    ``[limits] fuel`` and ``timeout`` are the defaults; a request's own value still wins."""
+    cfg = tmp_path / "defaults.toml"
+    cfg.write_text('[limits]\nfuel = 2000000\ntimeout = "500ms"\n')
+    d = make_daemon("--config", str(cfg))
+    for name in ("spin", "counter"):
+        d.mv("image", "import", str(IMAGES / name / f"{name}.wasm"), "--name", name)
+    info = d.api.ok("GET", "/v1/info")["limits"]
+    assert info["fuel"] == 2_000_000 and info["timeout"] == 0.5
+    spin = d.api.create("spin", HUGE, start=True)
+    assert d.api.vm(spin["id"])["limits"]["fuel"] == 2_000_000
+    assert d.api.vm(spin["id"])["limits"]["timeout"] == 0.5
+    assert d.api.wait(spin["id"])["reason"] == "out_of_fuel"
+    # a guest that mostly sleeps spends little fuel: the default wall-clock limit ends it
+    sleeper = d.api.create("counter", start=True, env={"INTERVAL_MS": "50"})
+    assert d.api.wait(sleeper["id"])["reason"] == "timeout"
+    # the request's own values win over the defaults
+    own = d.api.create("spin", "10000000", start=True, fuel=10**12, timeout=600)
+    done = d.api.wait(own["id"])
+    assert done["code"] == 0 and done["reason"] == "exit" and done["fuel_consumed"] > 2_000_000, done
