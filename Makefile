@@ -61,12 +61,12 @@ run: deps venv bytecode interpreters
 	@mkdir -p $(STATE_DIR)
 	@if [ ! -d $(STATE_DIR)/images/rewrites ] || [ -z "$$(ls $(STATE_DIR)/images/rewrites 2>/dev/null)" ]; then \
 		echo "microvmd: first start on this state dir: plain WASI images are rewritten once for snapshots (Asyncify),"; \
-		echo "microvmd: in the background: js about 20 s, python about 4 min (2 cores); they run meanwhile but are"; \
+		echo "microvmd: in the background: js about 1.5 min, python about 3 min (2 cores); they run meanwhile but are"; \
 		echo "microvmd: stopped_only until then (microvm image inspect python: snapshot_kind). Compiling python takes"; \
 		echo "microvmd: about a minute before the socket answers."; fi
 	@echo "microvmd: starting in the foreground (Ctrl-C stops it); state in $(STATE_DIR), images from $(IMAGES_DIR)/"
 	@echo "microvmd: in another shell:  export MICROVM_SOCKET=$(abspath $(SOCKET))"
-	$(VENV)/bin/microvmd --state-dir $(STATE_DIR) --socket $(SOCKET) --import-images $(IMAGES_DIR) $(MICROVMD_ARGS)
+	$(VENV)/bin/microvmd --state-dir $(STATE_DIR) --socket $(SOCKET) --import-images $(IMAGES_DIR) --import-fetched $(MICROVMD_ARGS)
 
 test: deps venv bytecode
 	@bash scripts/test $(ARGS)

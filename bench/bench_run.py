@@ -150,7 +150,8 @@ cfg = load(parse_args(["--socket", tmp + "/s.sock", "--state-dir", tmp + "/state
 async def main():
     hv = Hypervisor(cfg)
     install_devices(hv)
-    await hv.sched.on_io(hv.load)
+    # (a --ref revision older than the VM runtime object loads on an I/O thread)
+    await (hv.load() if asyncio.iscoroutinefunction(hv.load) else hv.sched.on_io(hv.load))
     with open(wasm, "rb") as f:
         await hv.import_image(f.read(), "hello")
     out, fused = [], []

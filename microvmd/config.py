@@ -102,6 +102,7 @@ class Config:
     gateway: tuple[str, int] | None = ("127.0.0.1", 8080)  # the function gateway; None: off
     gateway_explicit: bool = False  # asked for (flag or file): a port that cannot be bound stops start-up
     import_images: Path | None = None
+    import_fetched: bool = False  # --import-images also imports DIR/<name> holding a SHA256SUMS (python, js)
     upload_limit: int = 256 * MiB
     json_limit: int = 4 * MiB
     shutdown_timeout: float = 20.0
@@ -189,6 +190,14 @@ def _section(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**{k: _coerce(k, v) for k, v in data.items()})
 
 
+def _flag(value: Any, key: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    return value
+
+
 def load(args: argparse.Namespace) -> Config:
     """Flags win over the file, the file wins over the defaults."""
     file_data: dict[str, Any] = {}
@@ -223,6 +232,7 @@ def load(args: argparse.Namespace) -> Config:
         gateway=("127.0.0.1", 8080) if not gateway else None if gateway == "off" else _hostport(gateway, "--gateway"),
         gateway_explicit=bool(gateway),
         import_images=Path(v) if (v := pick("import_images")) else None,
+        import_fetched=_flag(pick("import_fetched"), "import_fetched"),
         limits=limits,
         engine=engine,
     )

@@ -51,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gateway", metavar="HOST:PORT|off",
                    help="the function HTTP gateway (default 127.0.0.1:8080; 'off' disables it)")
     p.add_argument("--import-images", dest="import_images", metavar="DIR",
-                   help="at start-up, import every DIR/<name>/<name>.wasm as image <name>")
+                   help="at start-up, import every DIR/<name>/<name>.wasm as image <name>, except the fetched "
+                        "ones (a DIR/<name> with a SHA256SUMS: python and js, from scripts/fetch-interpreters) "
+                        "unless --import-fetched is given")
+    p.add_argument("--import-fetched", dest="import_fetched", action="store_true", default=None,
+                   help="with --import-images, import the fetched images too (make run does): CPython takes "
+                        "about a minute to compile and, once per state dir, minutes to rewrite in the background")
     p.add_argument("--version", action="version", version=f"microvmd {__version__}")
     return p.parse_args(argv)
 
@@ -101,8 +106,15 @@ def _bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-async def _import_images(hv: object, directory: Path) -> None:
-    """Import every DIR/<name>/<name>.wasm as image <name>, compiling them in parallel on I/O threads."""
+def _sample_images(directory: Path, fetched: bool) -> list[Path]:
+    """DIR/<name>/<name>.wasm for each image directory; ``fetched``: also those holding a SHA256SUMS, the
+    modules scripts/fetch-interpreters downloads (big interpreters no test or quick start should pay for)."""
+    return [sub / f"{sub.name}.wasm" for sub in sorted(directory.iterdir())
+            if sub.is_dir() and (sub / f"{sub.name}.wasm").is_file() and (fetched or not (sub / "SHA256SUMS").exists())]
+
+
+async def _import_images(hv: object, directory: Path, fetched: bool) -> None:
+    """Import the sample images of DIR (``_sample_images``), compiling them in parallel on I/O threads."""
     from .vmm.manager import Hypervisor
 
     assert isinstance(hv, Hypervisor)
@@ -117,8 +129,8 @@ async def _import_images(hv: object, directory: Path) -> None:
         except MicrovmError as exc:
             log.error("cannot import %s: %s", wasm, exc.message)
 
-    found = [sub / f"{sub.name}.wasm" for sub in sorted(directory.iterdir()) if sub.is_dir()]
-    await asyncio.gather(*(one(w) for w in found if w.is_file()))
+    found = await hv.sched.on_io(_sample_images, directory, fetched)
+    await asyncio.gather(*(one(w) for w in found))
 
 
 def _raise_fd_limit() -> None:
@@ -155,9 +167,10 @@ async def serve(cfg: Config) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     hv = Hypervisor(cfg)
     install_devices(hv)
-    await hv.sched.on_io(hv.load)
+    await hv.load()
+    hv.analyse_images_later()
     if cfg.import_images is not None:
-        await _import_images(hv, cfg.import_images)
+        await _import_images(hv, cfg.import_images, cfg.import_fetched)
 
     from .api import remote
     from .api.gateway import make_gateway

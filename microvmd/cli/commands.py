@@ -9,9 +9,18 @@ import os
 import sys
 import time
 
-from microvmd import __version__, contract
+from microvmd import __version__
 from microvmd.cli import output
-from microvmd.cli.client import ApiClient, ApiError, ClientError, Unreachable, q, read_token_file, resolve_target
+from microvmd.cli.client import (
+    ApiClient,
+    ApiError,
+    ClientError,
+    Unreachable,
+    q,
+    read_token_file,
+    resolve_target,
+    without_typing_extensions,
+)
 from microvmd.cli.spec import (
     EXIT_CLIENT,
     UsageError,
@@ -22,6 +31,9 @@ from microvmd.cli.spec import (
     vm_spec_from_args,
 )
 from microvmd.units import format_duration, format_size, parse_count, parse_duration, parse_size
+
+with without_typing_extensions():  # answers are decoded through the contract's models; see client.py
+    from microvmd import contract
 
 EXIT_INTERRUPTED = 130
 LOG_DRAIN_GRACE = 2.0  # seconds to let console output drain after the VM exited

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 from microvmd.units import parse_count, parse_duration, parse_size
-from microvmd.vmm.restart import RestartPolicy
 
 # Exit status of the client (see CLI.md, "Exit status of the client").
 EXIT_USAGE = 2
@@ -157,6 +156,8 @@ def vm_spec_from_args(ns, *, cwd: str | None = None, environ: dict | None = None
     extra: dict = {}
     restart = getattr(ns, "restart", None)
     if restart is not None:
+        from microvmd.vmm.restart import RestartPolicy  # only here: it costs enum and dataclasses (~3 ms)
+
         try:
             extra["restart"] = str(RestartPolicy.parse(restart))
         except ValueError as e:

@@ -133,7 +133,7 @@ class Controller:
             # held to the rule a VM's own limit is held to: a default no create could use breaks them all
             raise BadRequest(f"limits.memory {lim.memory} is above the daemon's maximum of "
                              f"{h.cfg.limits.max_memory} (limits.max_memory)", code="invalid_limit")
-        img = await h.sched.on_io(h.images.update_manifest, act.ref, contract.to_builtins(act.patch))
+        img = await h.sched.on_io(h.images.update_manifest, act.ref, act.patch)
         return img.to_api()  # type: ignore[no-any-return]
 
     @_applies(a.RemoveImage)
@@ -253,8 +253,8 @@ class Controller:
                     n = stdin.feed(bytes(view))
                     total += n
                     view = view[n:]
-                    if view:  # the guest has not read what it was given: wait for room
-                        await asyncio.sleep(0.01)
+                    if view:  # the guest has not read what it was given: until it reads (or the VM ends)
+                        await stdin.room()
         finally:
             if not stdin.eof:
                 stdin.close()
@@ -294,10 +294,10 @@ class Controller:
 
     @_applies(a.ListSnapshots)
     async def list_snapshots(self, act: a.ListSnapshots) -> dict[str, Any]:
-        found = await self.snapshots.list_all()
+        found, damaged = await self.snapshots.list_all()
         if not act.all:  # a VM's checkpoints are its own, shown by inspect (checkpoint) and by ?all=true
             found = [s for s in found if not s["name"].startswith(f"ckpt-{s['vm']['id'][:12]}-")]
-        return {"snapshots": found, "damaged": await self.hv.sched.on_io(self.snapshots.store.damaged)}
+        return {"snapshots": found, "damaged": damaged}
 
     @_applies(a.GetSnapshot)
     async def get_snapshot(self, act: a.GetSnapshot) -> dict[str, Any]:

@@ -254,7 +254,7 @@ class System:
         used_digests = {vm.digest for vm in self.hv.vms.values()} | {
             (m.get("vm") or {}).get("digest") for m in manifests}
         unused_images = [i for i in images.list() if i.digest not in used_digests]
-        ended = [vm for vm in self.hv.vms.values() if vm.state.terminal and vm.restart_handle is None]
+        ended = [vm for vm in self.hv.vms.values() if vm.state.terminal and vm.rt.restart is None]
         return {
             "images": {"count": len(images.images), "bytes": _size(images.root),
                        "reclaimable": sum(_size(images.root / "blobs" / i.hex) for i in unused_images)},
@@ -275,7 +275,7 @@ class System:
         """Ended VMs (not one waiting for its policy's restart), then images no VM and no snapshot uses,
         then packs no manifest names."""
         hv = self.hv
-        vms = [vm for vm in hv.list(True) if vm.state.terminal and vm.restart_handle is None]
+        vms = [vm for vm in hv.list(True) if vm.state.terminal and vm.rt.restart is None]
         freed = 0
         removed_vms = []
         for vm in vms:

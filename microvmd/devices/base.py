@@ -91,7 +91,8 @@ class GuestVm(Protocol):
 
     def block_on(self, op: HostOp) -> None:
         """On the VM's vCPU worker, inside a device call that returns ``op``: the guest is suspended on
-        it, and the scheduler parks the VM until ``op`` is ready."""
+        it, and the scheduler parks the VM until ``op`` is ready (the op goes to the machine's mailbox; the
+        event loop takes it from there when the slice ends)."""
 
 
 class IoRunner(Protocol):

@@ -108,6 +108,8 @@ class StdinBuffer:
         self._data = bytearray()
         self.eof = not open
         self._waiters: list[HostOp] = []
+        # feeders (POST .../stdin) waiting for the guest to make room, each woken on its own loop
+        self._room: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def feed(self, data: bytes) -> int:
         """Add input; returns how many bytes were taken (fewer when STDIN_LIMIT is buffered already)."""
@@ -127,8 +129,23 @@ class StdinBuffer:
         with self._lock:
             self.eof = True
             waiters, self._waiters = self._waiters, []
+            room, self._room = self._room, []
         for op in waiters:
             op.set_result(None)
+        _wake(room)
+
+    def room(self) -> asyncio.Future[None]:
+        """On the event loop: a future that is done once the buffer has room again (the guest read some of
+        it) or the input is closed (the VM ended, another attacher closed it). A feeder awaits it instead
+        of polling."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self.eof or len(self._data) < STDIN_LIMIT:
+                fut.set_result(None)
+            else:
+                self._room.append((loop, fut))
+        return fut
 
     def reopen(self) -> None:
         with self._lock:
@@ -150,6 +167,8 @@ class StdinBuffer:
         with self._lock:
             self._data = bytearray(data)
             self.eof = eof
+            room, self._room = self._room, []
+        _wake(room)
 
     def take(self, n: int) -> bytes | None:
         """Up to ``n`` bytes; b"" at end of input; None when the guest would have to wait."""
@@ -157,8 +176,11 @@ class StdinBuffer:
             if self._data:
                 out = bytes(self._data[:n])
                 del self._data[:n]
-                return out
-            return b"" if self.eof else None
+                room, self._room = self._room, []
+            else:
+                return b"" if self.eof else None
+        _wake(room)  # (on the guest's vCPU worker: through the feeder's loop)
+        return out
 
     def wake_on_input(self, op: HostOp) -> None:
         with self._lock:
@@ -171,6 +193,16 @@ class StdinBuffer:
         with self._lock:
             if op in self._waiters:
                 self._waiters.remove(op)
+
+
+def _wake(room: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+    for loop, fut in room:
+        loop.call_soon_threadsafe(_settle, fut)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -269,6 +301,7 @@ class WasiDevice(Device):
     def __init__(self, images: Any) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.images = images  # which modules were rewritten: their imports name microvm_wasi
+        self._rewritten: dict[str, bool] = {}  # by image digest
 
     def define(self, linker: wasmtime.Linker) -> None:
         wt.define_host_func(linker, HOST_MODULE, "poll_oneoff", ["i32"] * 4, ["i32"],
@@ -296,11 +329,16 @@ class WasiDevice(Device):
 
     async def attach(self, hv: DeviceHost, vm: GuestVm) -> None:
         self.loop = asyncio.get_running_loop()
-        try:
-            img = self.images.resolve(getattr(vm, "digest", ""))
-        except Exception:  # noqa: BLE001 - no image, no part: the create fails on its own
-            return
-        if any(i.startswith(f"{HOST_MODULE}.") for i in img.imports):
+        digest = getattr(vm, "digest", "")
+        rewritten = self._rewritten.get(digest)
+        if rewritten is None:  # once per image (a digest names one module for good), not at every create
+            try:
+                img = self.images.resolve(digest)
+            except Exception:  # noqa: BLE001 - no image, no part: the create fails on its own
+                return
+            prefix = f"{HOST_MODULE}."
+            rewritten = self._rewritten[digest] = any(i.startswith(prefix) for i in img.imports)
+        if rewritten:
             part = WasiState(stdin_open=bool(getattr(vm.spec, "stdin", False)))
             data = getattr(vm.spec, "stdin_data", None)
             if data is not None:  # all of the input at once, then end of file (a function's request body)

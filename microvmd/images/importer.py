@@ -39,73 +39,70 @@ _background: set[asyncio.Task[Any]] = set()
 
 async def import_module(store: ImageStore, data: bytes, name: str | None, entry: str | None, *,
                         on_io: OnIo, asyncify: bool = True, background: bool = False, durable: bool = True) -> Image:
-    if not durable:  # (durable=false) every image this import writes is written without fsync
-        on_io = _without_fsync(store, on_io)
     module, fmt, hexd = await on_io(store.prepare, data, name)
     if not asyncify:
-        return await _as_is(store, on_io, module, name, entry, hexd, "imported with --no-asyncify", fmt)  # type: ignore[no-any-return]
+        return await _as_is(store, on_io, durable, module, name, entry, hexd, "imported with --no-asyncify", fmt)
     try:
         info = await on_io(wasmbin.parse, module)
     except wasmbin.WasmFormatError:
-        return await on_io(store.import_bytes, module, name, entry)  # type: ignore[no-any-return]  # (says why)
+        return await _import(store, on_io, durable, module, name, entry)  # (import_bytes says why)
     if rewrite.is_rewritten(info):  # e.g. the module of a snapshot made on another host
-        return await on_io(store.import_bytes, module, name, entry, {"source_format": fmt})  # type: ignore[no-any-return]
+        return await _import(store, on_io, durable, module, name, entry, {"source_format": fmt})
     reason = rewrite.skip_reason(info)
     if reason is not None:
-        return await _as_is(store, on_io, module, name, entry, hexd, reason, fmt)  # type: ignore[no-any-return]
+        return await _as_is(store, on_io, durable, module, name, entry, hexd, reason, fmt)
     done = store.find_rewrite_of(hexd)
     if done is not None:
-        return await on_io(store.import_bytes, await on_io(store.module_bytes, done), name, entry)  # type: ignore[no-any-return]
+        return await _import(store, on_io, durable, await on_io(store.module_bytes, done), name, entry)
     version = await on_io(rewrite.binaryen_version)
     if version is None:
-        return await _as_is(store, on_io, module, name, entry, hexd,  # type: ignore[no-any-return]
+        return await _as_is(store, on_io, durable, module, name, entry, hexd,
                             "not rewritten: Binaryen's wasm-opt is not installed", fmt)
     key = rewrite.RewriteCache.key(hexd, version)
     cached = await on_io(store.rewrites.get, key)
     if cached is not None:
-        return await _finish(store, on_io, module, name, entry, hexd, cached, version, fmt)
+        return await _finish(store, on_io, durable, module, name, entry, hexd, cached, version, fmt)
     if background:
-        first = await _as_is(store, on_io, module, name, entry, hexd,
+        first = await _as_is(store, on_io, durable, module, name, entry, hexd,
                              "being rewritten with Asyncify in the background; not snapshottable until then", fmt)
-        task = asyncio.ensure_future(_rewrite_then_import(store, on_io, module, name, entry, hexd, key, version))
+        task = asyncio.ensure_future(_rewrite_then_import(store, on_io, durable, module, name, entry, hexd, key,
+                                                          version))
         _background.add(task)
         task.add_done_callback(_background.discard)
         return first
     result = await _rewrite(store, on_io, module, name, hexd, key)
-    return await _finish(store, on_io, module, name, entry, hexd, result, version, fmt)
+    return await _finish(store, on_io, durable, module, name, entry, hexd, result, version, fmt)
 
 
-def _without_fsync(store: ImageStore, on_io: OnIo) -> OnIo:
-    async def run(fn: Any, *args: Any) -> Any:
-        if fn == store.import_bytes:
-            fn = functools.partial(store.import_bytes, durable=False)
-        return await on_io(fn, *args)
-    return run
-
-
-async def _as_is(store: ImageStore, on_io: OnIo, module: bytes, name: str | None, entry: str | None,
-                 hexd: str, note: str, fmt: str = "wasm") -> Image:
-    img: Image = await on_io(store.import_bytes, module, name, entry, {"snapshot_note": note, "source_format": fmt})
+async def _import(store: ImageStore, on_io: OnIo, durable: bool, module: bytes, name: str | None,
+                  entry: str | None, meta: dict[str, Any] | None = None) -> Image:
+    """Every image an import writes goes through here: ``durable`` (the request's; false for the
+    benchmarks' throw-away images) says whether its files are fsynced before it counts as imported."""
+    img: Image = await on_io(functools.partial(store.import_bytes, durable=durable), module, name, entry, meta)
     return img
 
 
-async def _finish(store: ImageStore, on_io: OnIo, module: bytes, name: str | None, entry: str | None, hexd: str,
-                  result: rewrite.Result, version: str, fmt: str = "wasm") -> Image:
+async def _as_is(store: ImageStore, on_io: OnIo, durable: bool, module: bytes, name: str | None, entry: str | None,
+                 hexd: str, note: str, fmt: str = "wasm") -> Image:
+    return await _import(store, on_io, durable, module, name, entry, {"snapshot_note": note, "source_format": fmt})
+
+
+async def _finish(store: ImageStore, on_io: OnIo, durable: bool, module: bytes, name: str | None,
+                  entry: str | None, hexd: str, result: rewrite.Result, version: str, fmt: str = "wasm") -> Image:
     if result.module is None:
         log.warning("image %s (sha256:%s) is imported as it is, stopped_only: %s", name or "-", hexd[:12],
                     result.reason)
-        return await _as_is(store, on_io, module, name, entry, hexd, f"stopped_only: {result.reason}", fmt)
+        return await _as_is(store, on_io, durable, module, name, entry, hexd, f"stopped_only: {result.reason}", fmt)
     note = f"rewritten with Asyncify by {version}" + (f" in {result.seconds:.1f} s" if result.seconds else "")
     try:
         module_out: bytes = await on_io(rewrite.to_host_imports, result.module)
     except (wasmbin.WasmFormatError, StopIteration) as exc:
-        return await _as_is(store, on_io, module, name, entry, hexd,
+        return await _as_is(store, on_io, durable, module, name, entry, hexd,
                             f"stopped_only: the rewritten module is not readable: {exc}", fmt)
     rewritten_hex = await on_io(_sha256, module_out)
-    img: Image = await on_io(store.import_bytes, module_out, name, entry,
-                             {"original_digest": f"sha256:{hexd}", "rewritten_digest": f"sha256:{rewritten_hex}",
-                              "snapshot_note": note, "source_format": fmt})
-    return img
+    return await _import(store, on_io, durable, module_out, name, entry,
+                         {"original_digest": f"sha256:{hexd}", "rewritten_digest": f"sha256:{rewritten_hex}",
+                          "snapshot_note": note, "source_format": fmt})
 
 
 def _sha256(data: bytes) -> str:
@@ -150,15 +147,16 @@ async def _rewrite(store: ImageStore, on_io: OnIo, module: bytes, name: str | No
         store.importing.pop(job, None)
 
 
-async def _rewrite_then_import(store: ImageStore, on_io: OnIo, module: bytes, name: str | None,
+async def _rewrite_then_import(store: ImageStore, on_io: OnIo, durable: bool, module: bytes, name: str | None,
                                entry: str | None, hexd: str, key: str, version: str) -> None:
     try:
         result = await _rewrite(store, on_io, module, name, hexd, key)
         if result.module is None:
-            await on_io(store.import_bytes, module, name, entry, {"snapshot_note": f"stopped_only: {result.reason}"})
+            await _import(store, on_io, durable, module, name, entry,
+                          {"snapshot_note": f"stopped_only: {result.reason}"})
             await on_io(store.update_note, f"sha256:{hexd}", f"stopped_only: {result.reason}")
             return
-        img = await _finish(store, on_io, module, name, entry, hexd, result, version)
+        img = await _finish(store, on_io, durable, module, name, entry, hexd, result, version)
         if img.rewritten_digest is not None:  # the module as it was stays for the VMs made from it meanwhile
             await on_io(store.update_note, f"sha256:{hexd}", f"stopped_only: its rewrite is image {img.digest}")
         log.info("image %s is now the rewritten module %s (snapshottable)", name or "-", img.digest[:19])
@@ -166,3 +164,22 @@ async def _rewrite_then_import(store: ImageStore, on_io: OnIo, module: bytes, na
         raise
     except Exception as exc:  # a background job has nobody to answer: log it
         log.error("background rewrite of %s failed: %s", name or "-", exc)
+
+
+def analyse_tables_later(store: ImageStore, on_io: OnIo) -> None:
+    """Images with Asyncify imported by a daemon that did not record ``tables_fixed`` get it worked out once,
+    in the background (a Binaryen run of about 2 s for CPython); until then their VMs record their tables."""
+    todo = [img for img in store.list() if img.asyncify and img.tables_fixed is None]
+    if not todo:
+        return
+
+    async def run() -> None:
+        for img in todo:
+            try:
+                await on_io(store.record_tables_fixed, img)
+            except OSError as exc:
+                log.warning("cannot analyse the tables of image %s: %s", img.digest[:19], exc)
+
+    task = asyncio.ensure_future(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,8 +36,12 @@ HOST_MODULE = "microvm_wasi"  # the daemon's suspending versions of the WASI cal
 SUSPENDING = ("fd_read", "poll_oneoff")
 # also served by the daemon, not suspension points: the monotonic clock must go on across a snapshot
 RENAMED = (*SUSPENDING, "clock_time_get")
-PASS_ARGS = ("--asyncify", "--pass-arg=asyncify-imports@" + ",".join(f"{WASI}.{n}" for n in SUSPENDING), "-O1")
-# Measured on 2 cores: CPython (26 MB) ~4 min, QuickJS (1.4 MB) ~18 s, a small C program ~1 s.
+# -O3 after the pass: CPython's pure-Python loop costs 1.235x the original's CPU time instead of 1.29x at -O1
+# or -O2 (docs/benchmarks.md, section 11). QuickJS is the exception: -O3 takes 95 s instead of 13 s and runs
+# 6% slower than -O1 (2.7x the original either way); the rewrite is once per host, CPython is the target.
+PASS_ARGS = ("--asyncify", "--pass-arg=asyncify-imports@" + ",".join(f"{WASI}.{n}" for n in SUSPENDING), "-O3")
+# Measured on 2 cores (-O3, a busy machine): CPython (26 MB) ~2.6 min, QuickJS (1.4 MB) ~95 s, a small C
+# program ~2 s.
 SECONDS_PER_MB = 10.0
 
 _version_cache: dict[str, str | None] = {}
@@ -232,6 +237,32 @@ async def run_wasm_opt(data: bytes, tmp_dir: Path, on_io: Callable[..., object],
         return Result(out, None, seconds)
     finally:
         await on_io(shutil.rmtree, work, True)  # type: ignore[misc]
+
+
+# Binaryen's --metrics names of the instructions that only read a table; any other "Table*" writes one
+_TABLE_READS = ("TableGet", "TableSize")
+
+
+def tables_fixed(path: Path) -> bool | None:
+    """Whether no instruction of the module at ``path`` can change a table (``table.set``, ``grow``, ``fill``,
+    ``copy``, ``init``), from Binaryen's instruction counts: True, False, or None when that cannot be told
+    (no Binaryen, a module it cannot read). A guest whose tables cannot change needs no record of them as
+    instantiated, which costs two FFI calls per slot at every instantiation (CPython has 5,902 slots).
+    Blocking (a subprocess of about 2 s for CPython): call it on an I/O thread."""
+    exe = wasm_opt_path()
+    if exe is None:
+        return None
+    try:  # -all: any feature the module uses parses; no validation: wasmtime validated it already
+        out = subprocess.run([*_wrapper(), exe, "-all", "--no-validation", "--metrics", str(path)],
+                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    counts = dict(re.findall(r"^ *(\w+) *: *(\d+)", out.stdout, re.M))
+    if "total" not in out.stdout or not counts:
+        return None
+    return not any(k.startswith("Table") and k not in _TABLE_READS and int(v) > 0 for k, v in counts.items())
 
 
 def _first_error(stderr: str, code: int | None) -> str:

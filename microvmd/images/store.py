@@ -31,6 +31,8 @@ from typing import Any
 
 import wasmtime
 
+from .. import contract
+from ..contract import UNSET
 from ..durable import sync_dir, sync_tree, write_atomic
 from ..errors import BadRequest, Conflict, NotFound, Unprocessable
 from . import rewrite, wasmbin
@@ -66,6 +68,9 @@ class Image:
     original_digest: str | None = None   # the module the user imported; ``digest`` is the one that runs
     rewritten_digest: str | None = None  # set when the daemon rewrote it with Asyncify (== digest)
     snapshot_note: str | None = None     # how it became snapshottable, or why it is stopped_only
+    # no instruction can change a table (rewrite.tables_fixed), so its VMs keep no record of them; None: not
+    # worked out yet (an image imported by an older daemon: importer.analyse_tables_later)
+    tables_fixed: bool | None = None
 
     @property
     def hex(self) -> str:
@@ -99,6 +104,7 @@ class ImageStore:
         self._modules: dict[str, wasmtime.Module] = {}
         self._pres: dict[str, wasmtime.InstancePre] = {}
         self._lock = threading.Lock()
+        self._importing: dict[str, list[Any]] = {}  # hex digest -> [its import lock, imports waiting on it]
         self.compiles = 0  # for tests and metrics: how many times we really compiled
         for sub in ("blobs", "names", "cache", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -160,10 +166,24 @@ class ImageStore:
         files, its directory and its name are on stable storage before this returns."""
         data, source_format, hexd = self.prepare(data, name)
         with self._lock:
+            busy = self._importing.setdefault(hexd, [threading.Lock(), 0])
+            busy[1] += 1
+        try:
+            with busy[0]:  # two imports of the same bytes at once (two names): the second finds the first's
+                return self._import_one(data, source_format, hexd, name, entry, meta, durable)
+        finally:
+            with self._lock:
+                busy[1] -= 1
+                if not busy[1]:
+                    del self._importing[hexd]
+
+    def _import_one(self, data: bytes, source_format: str, hexd: str, name: str | None, entry: str | None,
+                    meta: dict[str, Any] | None, durable: bool) -> Image:
+        with self._lock:
             existing = self.images.get(hexd)
         if existing is not None:
             if entry is not None and entry != existing.entry:
-                self.update_manifest(existing.digest, {"entry": entry})
+                self.update_manifest(existing.digest, contract.ImagePatch(entry=entry))
             note = (meta or {}).get("snapshot_note")
             if note and not existing.asyncify and note != existing.snapshot_note:
                 self.update_note(existing.digest, note)
@@ -194,6 +214,8 @@ class ImageStore:
         try:
             (tmp / "original.wasm").write_bytes(data)
             (tmp / "module.wasm").write_bytes(normalized)
+            if img.asyncify:  # only a guest snapshotted after it ran has its tables compared
+                img.tables_fixed = rewrite.tables_fixed(tmp / "original.wasm") is True
             (tmp / "manifest.json").write_text(json.dumps(asdict(img) | {"names": []}, indent=1))
             if not self._cache_path(hexd).exists():  # (a compile child wrote it already)
                 self._write_cache(hexd, module)
@@ -325,38 +347,22 @@ class ImageStore:
         tmp.write_bytes(module.serialize())
         os.replace(tmp, path)
 
-    def update_manifest(self, ref: str, changes: dict[str, Any]) -> Image:
-        """Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}."""
+    def update_manifest(self, ref: str, patch: contract.ImagePatch) -> Image:
+        """Set the image's defaults: entry, args, env, limits {fuel, memory, timeout}. The patch's shape and
+        bounds are the contract's (``ImagePatch``); what only the image can say (its exports) is checked
+        here. A field left out keeps its value; a limit set to null is removed."""
         img = self.resolve(ref)
-        unknown = set(changes) - {"entry", "args", "env", "limits"}
-        if unknown:
-            raise BadRequest(f"unknown manifest field(s): {', '.join(sorted(unknown))}", code="invalid_field")
-        if "entry" in changes:
-            entry = changes["entry"]
-            if not isinstance(entry, str) or entry not in img.exports:
-                raise BadRequest(f"entry {entry!r} is not an exported function of the image", code="invalid_entry")
-            img.entry = entry
-        if "args" in changes:
-            args = changes["args"]
-            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise BadRequest("args must be a list of strings", code="invalid_field")
-            img.args = args
-        if "env" in changes:
-            env = changes["env"]
-            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k
-                                                    for k, v in env.items()):
-                raise BadRequest("env must map variable names to strings", code="invalid_field")
-            img.env = env
-        if "limits" in changes:
-            lim = changes["limits"]
-            if not isinstance(lim, dict) or set(lim) - {"fuel", "memory", "timeout"}:
-                raise BadRequest("limits may set fuel, memory and timeout", code="invalid_field")
-            for k, v in lim.items():
-                ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                   and (k == "timeout" or isinstance(v, int)))
-                if not ok:
-                    raise BadRequest(f"limits.{k} must be a positive {'number' if k == 'timeout' else 'integer'}",
-                                     code="invalid_field")
+        if patch.entry is not UNSET:
+            if patch.entry not in img.exports:
+                raise BadRequest(f"entry {patch.entry!r} is not an exported function of the image",
+                                 code="invalid_entry")
+            img.entry = patch.entry
+        if patch.args is not UNSET:
+            img.args = list(patch.args)
+        if patch.env is not UNSET:
+            img.env = dict(patch.env)
+        if patch.limits is not UNSET:
+            lim = contract.to_builtins(patch.limits)  # (fields left out are not in it)
             img.limits = {k: v for k, v in lim.items() if v is not None}
         path = self.root / "blobs" / img.hex / "manifest.json"
         tmp = path.with_suffix(".tmp")
@@ -373,6 +379,15 @@ class ImageStore:
             img.rewritten_digest = img.digest
             self._write_manifest(img)
         return img
+
+    def record_tables_fixed(self, img: Image) -> None:
+        """Work out ``tables_fixed`` for an image that does not have it yet (blocking: an I/O thread)."""
+        fixed = rewrite.tables_fixed(self.root / "blobs" / img.hex / "original.wasm") is True
+        with self._lock:
+            if img.hex not in self.images:
+                return  # removed meanwhile
+            img.tables_fixed = fixed
+            self._write_manifest(img)
 
     def update_note(self, ref: str, note: str) -> Image:
         img = self.resolve(ref)

@@ -140,7 +140,7 @@ class Snapshots:
                              code="no_parent_snapshot")
         lock = self._vm_locks.setdefault(vm.id, asyncio.Lock())
         async with lock, self.write_lock:
-            writer = await self.hv.sched.on_io(PackWriter, self.store)
+            writer = await self.hv.sched.on_io(PackWriter, self.store, durable)
             try:
                 async with vm.lock:
                     manifest, memory, changed = await self.capture(vm, name, writer, diff)
@@ -307,8 +307,12 @@ class Snapshots:
         return summary(st.finish(manifest))
 
     # ------------------------------------------------------------------ queries
-    async def list_all(self) -> list[dict[str, Any]]:
-        return [summary(m) for m in await self.hv.sched.on_io(self.store.iter_manifests)]
+    async def list_all(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Every snapshot's summary, and the damaged ones: set aside at start-up, or unreadable now."""
+        def scan() -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+            found, unreadable = self.store.scan()
+            return [summary(m) for m in found], self.store.damaged() + unreadable
+        return await self.hv.sched.on_io(scan)  # type: ignore[no-any-return]
 
     async def needing_image(self, digest: str) -> list[str]:
         """The snapshots that need the image ``digest`` to be restored or exported."""
@@ -482,7 +486,7 @@ class Snapshots:
                     hv.end_suspended(vm, name)
             except BaseException:
                 await hv.sched.on_io(writer.abort)
-                if vm.frozen and not vm.state.terminal:
+                if vm.rt.frozen and not vm.state.terminal:
                     hv.thaw(vm)
                 raise
         return name
@@ -589,7 +593,7 @@ class Snapshots:
         until this answers) the fsyncs run right after the answer instead of before it."""
         hv = self.hv
         async with self.write_lock:
-            writer = await hv.sched.on_io(PackWriter, self.store)
+            writer = await hv.sched.on_io(PackWriter, self.store, durable)
             try:
                 m, image = await transfer.read_stream(readexactly, hv.sched.on_io, self.store, writer,
                                                       hv.cfg.upload_limit)

@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 
 from .. import contract
-from ..durable import sync_dir, sync_fd, sync_file, write_atomic
+from ..durable import start_writeback, sync_dir, sync_fd, sync_file, write_atomic
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound, Unprocessable
 
 log = logging.getLogger("microvmd.snapshot")
@@ -126,90 +126,48 @@ def decode_manifest(raw: bytes, where: str, stored: bool = True) -> dict[str, An
     return manifest  # type: ignore[no-any-return]
 
 
-def _refs_ok(refs: Any, size: Any, where: str, what: str, npacks: int | None) -> None:
-    if not isinstance(size, int) or size < 0 or size > (1 << 40):
-        raise SnapshotError(f"{where}: {what} size {size!r} is out of range")
-    if not isinstance(refs, list) or len(refs) != (size + CHUNK - 1) // CHUNK:
+def _refs_ok(refs: list[Any], size: int, where: str, what: str, npacks: int | None) -> None:
+    """What the types cannot say of a chunk list (contract.Manifest typed it): one reference per chunk of
+    ``size``, each [sha256, crc32] and, once stored, a location in one of the ``npacks`` packs."""
+    if len(refs) != (size + CHUNK - 1) // CHUNK:
         raise SnapshotError(f"{where}: {what} chunk list does not match its size")
     for i, r in enumerate(refs):
         if r is None:
             continue
         expect = min(CHUNK, size - i * CHUNK)
-        if not (isinstance(r, list) and len(r) >= 2 and isinstance(r[0], bytes) and len(r[0]) == 32
+        if not (len(r) >= 2 and isinstance(r[0], bytes) and len(r[0]) == 32
                 and isinstance(r[1], int) and 0 <= r[1] < 1 << 32):
             raise SnapshotError(f"{where}: {what} has a malformed chunk reference")
         if npacks is not None:
-            if not (len(r) == 5 and all(isinstance(x, int) for x in r[2:]) and 0 <= r[2] < npacks
-                    and r[3] >= 0 and r[3] % CHUNK == 0 and r[4] == expect):
+            if not (len(r) == 5 and all(isinstance(x, int) for x in r[2:]) and 0 <= r[2] < npacks  # type: ignore[operator]
+                    and r[3] >= 0 and r[3] % CHUNK == 0 and r[4] == expect):  # type: ignore[operator]
                 raise SnapshotError(f"{where}: {what} has a malformed chunk location")
 
 
 def validate_manifest(m: Any, where: str, stored: bool = True) -> None:
-    """Snapshots are untrusted input: check every field we will use, with bounds."""
+    """Snapshots are untrusted input: the whole manifest is typed by ``contract.Manifest`` (a field of the
+    wrong shape names itself), then the rules across fields are checked here, with bounds."""
     if not isinstance(m, dict):
         raise SnapshotError(f"{where}: manifest is not a map")
-    for key, typ in (("name", str), ("kind", str), ("vm", dict), ("memory", dict), ("globals", dict),
-                     ("disks", list), ("created", (int, float))):
-        if not isinstance(m.get(key), typ):
-            raise SnapshotError(f"{where}: manifest field {key!r} is missing or of the wrong type")
-    if m["kind"] not in ("created", "unwound"):
-        raise SnapshotError(f"{where}: unknown snapshot kind {m['kind']!r}")
-    if not NAME_RE.fullmatch(m["name"]):
-        raise SnapshotError(f"{where}: invalid snapshot name")
-    packs = m.get("packs", [])
-    if not isinstance(packs, list) or len(packs) > 1 << 16 or not all(
-            isinstance(p, str) and re.fullmatch(r"[0-9a-f]{32}", p) for p in packs):
-        raise SnapshotError(f"{where}: malformed pack list")
-    npacks = len(packs) if stored else None
-    mem = m["memory"]
-    _refs_ok(mem.get("chunks"), mem.get("size"), where, "memory", npacks)
-    if mem["size"] % 65536 or mem["size"] > (1 << 32):
-        raise SnapshotError(f"{where}: memory size {mem['size']} is not a whole number of Wasm pages ≤ 4 GiB")
-    bounds = {"i32": 1 << 32, "i64": 1 << 64}
-    for name, v in m["globals"].items():
-        if not (isinstance(name, str) and isinstance(v, list) and len(v) == 2 and v[0] in ("i32", "i64", "f32", "f64")
-                and isinstance(v[1], (int, float)) and not isinstance(v[1], bool)):
-            raise SnapshotError(f"{where}: malformed global {name!r}")
-        if v[0] in bounds and not (isinstance(v[1], int) and -bounds[v[0]] // 2 <= v[1] < bounds[v[0]] // 2):
-            raise SnapshotError(f"{where}: global {name!r} is out of range for {v[0]}")
-    tables = m.get("tables", {})
-    if not isinstance(tables, dict) or len(tables) > 64:
-        raise SnapshotError(f"{where}: malformed table list")
-    for name, t in tables.items():
-        if not (isinstance(name, str) and isinstance(t, dict) and isinstance(t.get("size"), int)
-                and not isinstance(t["size"], bool) and 0 <= t["size"] <= 1 << 24
-                and isinstance(t.get("elems"), list) and len(t["elems"]) == t["size"]):
-            raise SnapshotError(f"{where}: malformed table {name!r}")
-        for e in t["elems"]:
-            if e is not None and not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                                      and isinstance(e[1], int) and not isinstance(e[1], bool) and e[1] >= 0):
-                raise SnapshotError(f"{where}: malformed element in table {name!r}")
-    if len(m["disks"]) > 64:
-        raise SnapshotError(f"{where}: too many disks")
-    for d in m["disks"]:
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("index"), int):
-            raise SnapshotError(f"{where}: malformed disk entry")
-        _refs_ok(d.get("chunks"), d.get("size"), where, f"disk {d.get('name')}", npacks)
-    vm = m["vm"]
-    for key in ("spec", "digest"):
-        if key not in vm:
-            raise SnapshotError(f"{where}: manifest has no vm.{key}")
-    if not isinstance(vm["spec"], dict):
-        raise SnapshotError(f"{where}: vm.spec is not a map")
-    try:  # the contract's own checks: a snapshot's spec is as untrusted as a request
-        contract.convert(vm["spec"], contract.VmSpec)
+    try:
+        t = contract.check_manifest(m)
     except contract.ContractError as exc:
-        raise SnapshotError(f"{where}: vm.spec is invalid: {exc.message}") from None
-    fc, fb = vm.get("fuel_consumed", 0), vm.get("fuel_budget")
-    if not (isinstance(fc, int) and not isinstance(fc, bool) and 0 <= fc < 1 << 63):
-        raise SnapshotError(f"{where}: vm.fuel_consumed is not a count")
-    if fb is not None and not (isinstance(fb, int) and not isinstance(fb, bool) and 0 < fb < 1 << 63):
-        raise SnapshotError(f"{where}: vm.fuel_budget is not a positive count")
-    ml = vm.get("memory_limit")
-    if ml is not None and not (isinstance(ml, int) and 0 < ml <= 1 << 32):
-        raise SnapshotError(f"{where}: vm.memory_limit is out of range")
-    if not isinstance(vm["digest"], str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", vm["digest"]):
-        raise SnapshotError(f"{where}: malformed image digest")
+        raise SnapshotError(f"{where}: {exc.message.replace('invalid Manifest: ', 'manifest: ', 1)}") from None
+    if not NAME_RE.fullmatch(t.name):
+        raise SnapshotError(f"{where}: invalid snapshot name")
+    npacks = len(t.packs) if stored else None
+    if t.memory.size % 65536 or t.memory.size > (1 << 32):
+        raise SnapshotError(f"{where}: memory size {t.memory.size} is not a whole number of Wasm pages ≤ 4 GiB")
+    _refs_ok(t.memory.chunks, t.memory.size, where, "memory", npacks)
+    bounds = {"i32": 1 << 32, "i64": 1 << 64}
+    for name, (ty, value) in t.globals.items():
+        if ty in bounds and not (isinstance(value, int) and -bounds[ty] // 2 <= value < bounds[ty] // 2):
+            raise SnapshotError(f"{where}: global {name!r} is out of range for {ty}")
+    for name, table in t.tables.items():
+        if len(table.elems) != table.size:
+            raise SnapshotError(f"{where}: malformed table {name!r}")
+    for d in t.disks:
+        _refs_ok(d.chunks, d.size, where, f"disk {d.name}", npacks)
 
 
 def portable(m: dict[str, Any]) -> dict[str, Any]:
@@ -238,8 +196,10 @@ class Stored:
 class PackWriter:
     """Appends chunks to a new pack at 64 KiB-aligned offsets; ``publish`` renames it into place."""
 
-    def __init__(self, store: SnapshotStore) -> None:
+    def __init__(self, store: SnapshotStore, durable: bool = True) -> None:
         self.store = store
+        # a pack that will be fsynced goes to the disk as it is written (start_writeback), not all at publish
+        self.durable = durable
         spare = store.take_spare()  # an empty file made in advance: creating one is ~1 ms on ext4
         self.tmp = spare or store.root / "tmp" / f"{uuid.uuid4().hex}.pack"
         self.id = self.tmp.stem
@@ -269,6 +229,8 @@ class PackWriter:
                 data = b"".join(bytes(v) for v in views)
                 while done < total:
                     done += os.pwrite(self.fd, data[done:], off + done)
+            if self.durable:
+                start_writeback(self.fd, off, total)
 
     def publish(self, durable: bool = True) -> str | None:
         if durable and self.used:
@@ -760,13 +722,22 @@ class SnapshotStore:
         return sorted(p.stem for p in self.manifests.glob("*.snap"))
 
     def iter_manifests(self) -> list[dict[str, Any]]:
-        out = []
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Every readable manifest, and the ones that cannot be read (name, reason, path: as ``damaged``
+        lists those set aside at start-up; a manifest rewritten since, e.g. tampered with, is one)."""
+        out, bad = [], []
         for n in self.names():
             try:
                 out.append(self.load_manifest(n))
-            except (SnapshotError, NotFound) as exc:
+            except NotFound:
+                continue  # (removed meanwhile)
+            except (SnapshotError, OSError) as exc:
                 log.warning("skipping unreadable snapshot %s: %s", n, exc)
-        return out
+                bad.append({"name": n, "reason": exc.message if isinstance(exc, SnapshotError) else str(exc),
+                            "path": str(self.manifest_path(n))})
+        return out, bad
 
 
 def memcmp(a: int, b: int, n: int) -> int:

@@ -116,7 +116,7 @@ class Builder:
             memories=lim.memories, stdout=vm.console.writer("stdout"), stderr=vm.console.writer("stderr"),
             entry=img.entry or "", boot=list(img.boot),
             asyncify_globals=tuple(img.asyncify_globals) if img.asyncify_globals else None,  # type: ignore[arg-type]
-            budget=self.memory,
+            tables_fixed=img.tables_fixed is True, budget=self.memory,
         )
         if isinstance(vm.console, Console) and vm.console.use_files:
             mspec.stdout_file, mspec.stderr_file = vm.console.files()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,6 +18,7 @@ import wasmtime
 
 from ..devices.wasip1 import wasi_helper
 from ..engine import wt
+from ..engine.hostop import HostOp
 from ..images.asyncify import GROWN_BUFFER_PAGES, STATE_NORMAL, STATE_REWINDING, STATE_UNWINDING, AsyncifyCtl
 from ..images.rewrite import HOST_MODULE, WASI
 from .budget import MemoryBudget
@@ -54,14 +56,31 @@ class MachineSpec:
     entry: str = "_start"
     boot: list[str] = field(default_factory=list)  # exports to call before the entry (e.g. rewritten start)
     asyncify_globals: tuple[int, int] | None = None
+    tables_fixed: bool = False  # the module has no instruction that changes a table (images/rewrite.py)
     stdout_file: str | None = None  # wasmtime writes the console to these files itself (truncating them)
     stderr_file: str | None = None
     budget: MemoryBudget | None = None  # the daemon's memory for all guests (limits.total_memory)
+    # whether the module imports the daemon's fd_read (rewritten at import); None: read from the module. The
+    # builder passes the image's recorded imports: Module.imports costs ~28 µs per instantiation (FFI)
 
 
 def _val(ty: str, value: int | float) -> wasmtime.Val:
     return {"i32": wasmtime.Val.i32, "i64": wasmtime.Val.i64, "f32": wasmtime.Val.f32,
             "f64": wasmtime.Val.f64}[ty](value)  # type: ignore[operator,arg-type]
+
+
+_facts: weakref.WeakKeyDictionary[wasmtime.Module, tuple[int, list[str]]] = weakref.WeakKeyDictionary()
+
+
+def _module_facts(module: wasmtime.Module) -> tuple[int, list[str]]:
+    """(helper instances it needs, export names) of a compiled module, read once per module: listing a
+    module's imports and exports through the C API costs ~0.5 ms for CPython, at every instantiation."""
+    facts = _facts.get(module)
+    if facts is None:
+        helper = int(any((i.module == HOST_MODULE and i.name == "fd_read")
+                         or (i.module == WASI and i.name == "path_open") for i in module.imports))
+        facts = _facts[module] = (helper, [e.name for e in module.exports])
+    return facts
 
 
 class Machine:
@@ -83,10 +102,9 @@ class Machine:
         self.store.set_wasi(wasi)
         # a module rewritten at import reads through the daemon's fd_read, and the daemon counts the WASI
         # calls that open and close files (devices/files.py): both go on to wasmtime's own functions through
-        # a helper instance in the same store (devices/wasip1.py)
-        # (only a module that imports path_open is linked with the counting calls: store.OPENS_FILES)
-        self._helper_instances = int(any((i.module == HOST_MODULE and i.name == "fd_read")
-                                         or (i.module == WASI and i.name == "path_open") for i in module.imports))
+        # a helper instance in the same store (devices/wasip1.py); only a module that imports path_open is
+        # linked with the counting calls (store.OPENS_FILES)
+        self._helper_instances, self.export_names = _module_facts(module)
         self._memory_cap = -1
         self.memory_bytes = 0
         self._cap_memory()  # (instantiation may not take more than the budget has left either)
@@ -95,7 +113,6 @@ class Machine:
         self._fuel_interval: int | None = None
         self.instance = wt.instantiate(self.store, linker, module, pre)
         self.exports = wt.Exports(self.store, self.instance)  # (by name: instance.exports() is quadratic)
-        self.export_names = [e.name for e in module.exports]
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
         self.wasi_calls: dict[str, wasmtime.Func] = {}
@@ -104,6 +121,12 @@ class Machine:
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
         self.call: wt.GuestCall | None = None
+        # the guest's side of a slice, written only by the thread running it: the device call it was last
+        # suspended in (Vm.block_on; the loop copies it into the VM's runtime at the slice end, and may
+        # interrupt it meanwhile through the op's own lock), and this slice's spin window and end
+        self.blocked_on: HostOp | None = None
+        self.spin = 0.0
+        self.slice_end = 0.0
         self.outcome: wt.Outcome | None = None
         self.fuel_consumed = 0
         self.fuel_base = 0  # fuel consumed before this store existed (restored VMs)
@@ -112,13 +135,13 @@ class Machine:
         self._initial_memory = self.memory_bytes
         self._grown_by_host = 0  # unwind buffers (ensure_unwind_buffer)
         # the tables as instantiated, by raw function pointer: the names a snapshot gives the functions in a
-        # table the guest changed (only guests that can be snapshotted after they ran need them)
+        # table the guest changed (only guests that can be snapshotted after they ran need them). Reading
+        # them is two FFI calls per slot (15 ms for CPython's 5,902): skipped when the module cannot change
+        # its tables, whose snapshots then hold none.
         self.tables_at_start: dict[str, list[int]] | None = None
-        if spec.asyncify_globals is not None:
-            try:
-                self.tables_at_start = self._table_refs()
-            except ValueError:
-                self.tables_at_start = None  # a non-function reference at start: snapshots will say so
+        self._tables_fixed = spec.tables_fixed
+        if spec.asyncify_globals is not None and not self._tables_fixed:
+            self._record_tables_at_start()
         self.asyncify: AsyncifyCtl | None = None
         if spec.asyncify_globals is not None and self.memory is not None:
             if "microvm_asyncify_data" in self.export_names:  # an SDK guest: its own buffer
@@ -159,9 +182,10 @@ class Machine:
         the thread back (ping-pong traffic then stays on this worker: no hand-off through the event loop).
         """
         end = time.monotonic() + quantum
-        vm.spin, vm.slice_end = spin, end  # for device calls that wait in the call (hostop.wait_in_call)
+        self.spin, self.slice_end = spin, end  # for device calls that wait in the call (hostop.wait_in_call)
+        rt = vm.rt  # (read only: the loop decides what follows from the SliceEnd)
         while True:
-            if vm.control is not None:
+            if rt.control is not None:
                 return SliceEnd.CONTROL
             if self.call is None:
                 if not self._queue:
@@ -197,10 +221,10 @@ class Machine:
                 self.outcome = out
                 self._queue.clear()
                 return SliceEnd.DONE
-            op = vm.waiting
+            op = self.blocked_on
             if op is not None and not op.ready():
                 # (not again if the device already waited inside the call: hostop.wait_in_call)
-                if spin > 0 and not op.spun and vm.control is None \
+                if spin > 0 and not op.spun and rt.control is None \
                         and op.wait(min(spin, max(0.0, end - time.monotonic()))):
                     continue  # answered while we waited: same slice
                 self._sample_memory()
@@ -307,12 +331,20 @@ class Machine:
     def _table_refs(self) -> dict[str, list[int]]:
         return {n: wt.table_refs(self.store, t) for n, t in self._tables().items()}
 
+    def _record_tables_at_start(self) -> None:
+        try:
+            self.tables_at_start = self._table_refs()
+        except ValueError:
+            self.tables_at_start = None  # a non-function reference at start: snapshots will say so
+
     def capture_tables(self) -> dict[str, dict[str, Any]]:
         """The tables the guest changed since instantiation, each slot named as the (table, slot) that held
         its function at instantiation (None for null); only while not running. Raises NotSnapshottable for
         a function that was in no table at instantiation (``ref.func`` of a declared function), or a
         non-function reference: a snapshot could not name it."""
         if self.tables_at_start is None:
+            if self._tables_fixed:
+                return {}  # no instruction of the module changes a table: they are as instantiated
             if self.spec.asyncify_globals is not None and self._tables():
                 raise NotSnapshottable("a table held a non-function reference at instantiation")
             return {}  # this guest is snapshotted only before it runs: its tables are as instantiated
@@ -397,7 +429,10 @@ class Machine:
             if not isinstance(item, wasmtime.Global):
                 raise ValueError(f"snapshot global {name!r} is not exported by the module")
             item.set_value(self.store, _val(ty, value))
-        if tables:
+        if tables:  # (from a module that can change its tables: record them before they change here)
+            if self._tables_fixed:
+                self._tables_fixed = False
+                self._record_tables_at_start()
             self._restore_tables(tables)
         self.fuel_base = fuel_consumed
         self.fuel_consumed = fuel_consumed

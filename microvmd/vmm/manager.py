@@ -2,8 +2,10 @@
 
 Its parts: the registry (``registry.py``: the table of VMs and their records), the builder (``builder.py``:
 boot and restore paths), the scheduler (``scheduler.py``: vCPU workers and I/O threads). State changes happen
-on the event loop, through ``_transition`` and ``_finish``; guest code runs on vCPU workers, which only report
-the end of a slice (``_on_slice_end``), and blocking work (instantiation, file I/O) on I/O workers.
+on the event loop, each VM's in its ``VmRuntime`` (``vm.rt``, runtime.py) through ``rt.apply``, called from here
+(``_transition``, ``_finish``, ``_request``/``_apply_control``, quiesce/thaw); guest code runs on vCPU workers,
+which only report the end of a slice (``_on_slice_end``), and blocking work (instantiation, file I/O) on I/O
+workers.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import wasmtime
 
@@ -27,19 +29,24 @@ from ..engine import wt
 from ..engine.hostop import loop_waker
 from ..errors import BadRequest, Conflict, InvalidState, MicrovmError, RequestTimeout, ShuttingDown, Unprocessable
 from ..images.compiler import CompileLimits, Compiler
-from ..images.importer import import_module
+from ..images.importer import analyse_tables_later, import_module
 from ..images.store import Image, ImageStore
 from ..looplag import LoopLagMonitor
 from . import restart
 from .builder import Builder, RestoreData
 from .machine import Machine, SliceEnd
 from .registry import DirRecords, VmRegistry
+from .runtime import Changes, ExitRecord, VmRuntime
 from .scheduler import Scheduler
 from .state import Control, ExitReason, VmState, check_transition
-from .vm import ExitRecord, Vm, VmSpec
+from .vm import Vm, VmSpec
 
 log = logging.getLogger("microvmd.vmm")
 T = TypeVar("T")
+
+def _vm_log(vm_id: str) -> logging.LoggerAdapter[logging.Logger]:
+    return logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
+
 
 _TRAP_REASONS = {wasmtime.TrapCode.STACK_OVERFLOW: ExitReason.STACK_OVERFLOW,
                  wasmtime.TrapCode.OUT_OF_FUEL: ExitReason.OUT_OF_FUEL,
@@ -88,9 +95,9 @@ class Hypervisor:
     def _suspension_hook(mem: wt.GuestMemory) -> list[int] | None:
         vm = wt.current_vm()
         m = vm.machine if vm is not None else None
-        if m is None or m.asyncify is None or not (m.asyncify.rewinding or vm.snapshot_wanted):
+        if m is None or m.asyncify is None or not (m.asyncify.rewinding or vm.rt.snapshot_wanted):
             return None  # the common case, on every blocking device call: nothing to finish or start
-        return m.at_suspension_point(mem, vm.snapshot_wanted)
+        return m.at_suspension_point(mem, vm.rt.snapshot_wanted)
 
     def add_device(self, device: Device) -> None:
         self.devices.add(device)
@@ -99,19 +106,39 @@ class Hypervisor:
             device.define(self.plain_linker)
 
     # ------------------------------------------------------------------ start-up and shutdown
-    def load(self) -> None:
-        """On an I/O thread at start-up: images, then VM records (a VM that was live is now stopped)."""
+    async def load(self) -> None:
+        """At start-up: images and VM records are read on an I/O thread; then, on the loop, every VM joins the
+        table and one that was live when the previous daemon died is stopped (reason daemon_restart: its
+        native state died with that daemon), its record rewritten before the API serves."""
+        vms = await self.sched.on_io(self._read)
+        lost = []
+        now = time.time()
+        for vm in vms:
+            self.registry.add(vm)
+            if vm.state.live:
+                vm.rt.apply(ExitReason.DAEMON_RESTART.value, state=VmState.STOPPED, finished=now,
+                            exit=ExitRecord(None, ExitReason.DAEMON_RESTART.wire(), vm.fuel_consumed,
+                                            vm.peak_memory, 0.0 if vm.started is None else now - vm.started))
+                lost.append(vm)
+        if lost:
+            await self.registry.save_all_now(lost)
+        log.info("loaded %d VM records", len(vms))
+
+    def _read(self) -> builtins.list[Vm]:
         self.images.load()
-        self.registry.load(self._vm_from_record)
+        return self.registry.read(self._vm_from_record)
 
     def _vm_from_record(self, raw: Any, d: Path) -> Vm:
+        """On an I/O thread: a VM as its record left it (not in the table yet)."""
         rec = contract.convert(raw, contract.VmRecord)  # a record is checked like a request
-        vm = Vm(rec.id, VmSpec.from_contract(rec.spec), rec.digest, rec.image_name, d, self.cfg.limits.log_bytes,
-                self.cfg.limits.memory if rec.memory_limit is None else rec.memory_limit)
-        vm.state = VmState(rec.state)
-        vm.created, vm.started, vm.finished = rec.created, rec.started, rec.finished
         e = rec.exit
-        vm.exit = None if e is None else ExitRecord(e.code, e.reason, e.fuel_consumed, e.peak_memory, e.wall_time_s)
+        vm = Vm(rec.id, VmSpec.from_contract(rec.spec), rec.digest, rec.image_name, d, self.cfg.limits.log_bytes,
+                self.cfg.limits.memory if rec.memory_limit is None else rec.memory_limit,
+                recorded=VmRuntime(rec.id, _vm_log(rec.id), VmState(rec.state),
+                                   None if e is None else ExitRecord(e.code, e.reason, e.fuel_consumed,
+                                                                     e.peak_memory, e.wall_time_s),
+                                   rec.started, rec.finished))
+        vm.created = rec.created
         vm.fuel_consumed = rec.fuel_consumed
         vm.fuel_budget = rec.fuel_budget
         vm.peak_memory = rec.peak_memory
@@ -160,6 +187,10 @@ class Hypervisor:
         return self.registry.list(all_)
 
     # ------------------------------------------------------------------ images
+    def analyse_images_later(self) -> None:
+        """On the loop after ``load``: image facts an older daemon did not record, worked out in the background."""
+        analyse_tables_later(self.images, self.sched.on_io)
+
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
                            asyncify: bool = True, background: bool = False, durable: bool = True,
                            wait: bool = False) -> Image:
@@ -188,6 +219,9 @@ class Hypervisor:
 
     # ------------------------------------------------------------------ create
     def _validate(self, spec: VmSpec) -> int:
+        """What only this daemon can check of a spec the contract accepted (contract.check_vm_spec: every
+        request, record and snapshot spec passes there): names in use, the memory limit against its
+        configuration, host directories. Returns the VM's memory limit."""
         lim = self.cfg.limits
         if spec.name is not None:
             if not contract.valid_vm_name(spec.name):
@@ -198,33 +232,15 @@ class Hypervisor:
             if other is not None:
                 raise BadRequest(f"VM name {spec.name!r} reads as a prefix of VM {other.id[:12]}'s id; choose "
                                  f"another name", code="invalid_name")
-        if spec.fuel is not None and (not isinstance(spec.fuel, int) or spec.fuel <= 0):
-            raise BadRequest("fuel must be a positive integer", code="invalid_limit")
-        if spec.timeout is not None and (not isinstance(spec.timeout, (int, float)) or spec.timeout <= 0):
-            raise BadRequest("timeout must be a positive number of seconds", code="invalid_limit")
         memory = spec.memory if spec.memory is not None else lim.memory
         if not isinstance(memory, int) or memory < 65536:
             raise BadRequest("memory must be at least 64KiB", code="invalid_limit")
         if memory > lim.max_memory:
             raise BadRequest(f"memory {memory} is above the daemon's maximum of {lim.max_memory}",
                              code="invalid_limit")
-        if spec.checkpoint_interval is not None and spec.ephemeral:
-            raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have checkpoints",
-                             code="invalid_checkpoint_interval")
-        if spec.restart != "no" and (spec.ephemeral or spec.auto_remove):
-            raise BadRequest("a VM removed when it ends (--rm) cannot have a restart policy",
-                             code="invalid_restart_policy")
-        if spec.ephemeral and any(d.mode == "cow" for d in spec.disks):
-            raise BadRequest("an ephemeral VM keeps nothing on disk: it cannot have a cow disk (use ro, or a "
-                             "VM that is not ephemeral)", code="invalid_disk")
-        for d in spec.dirs:
+        for d in spec.dirs:  # (the spec's own rules, and the guest path's, are the contract's: check_vm_spec)
             if not os.path.isabs(d.host) or not os.path.isdir(d.host):
                 raise BadRequest(f"--dir {d.host}: not an existing absolute directory", code="invalid_dir")
-            if not d.guest.startswith("/") and d.guest != ".":
-                raise BadRequest(f"--dir guest path {d.guest!r} must be absolute", code="invalid_dir")
-        for k in spec.env:
-            if not k or "=" in k or "\0" in k:
-                raise BadRequest(f"invalid environment variable name {k!r}", code="invalid_env")
         return memory
 
     async def create(self, spec: VmSpec, start: bool = False, durable: bool = True) -> Vm:
@@ -243,8 +259,7 @@ class Hypervisor:
         if vm.state.terminal:  # killed while it was being built
             self._release(vm)
             return vm
-        vm.started = t_wall
-        self._transition(vm, VmState.RUNNING, "start", since=t_mono)
+        self._transition(vm, VmState.RUNNING, "start", since=t_mono, started=t_wall)
         self._on_slice_end(vm, first)
         if not vm.state.terminal:  # it lives on: durable before the API answers
             await self.registry.save_now(vm, durable)
@@ -320,18 +335,18 @@ class Hypervisor:
     async def _boot_and_run(self, vm: Vm, img: Image) -> tuple[SliceEnd | BaseException, float, float]:
         """Boot and the first slice on one vCPU worker; (how the slice ended, when it began: wall, monotonic).
         The VM leaves the CPU when the worker's job has really ended, even if the create is cancelled."""
-        vm.enter_cpu()
+        vm.rt.enter_cpu()
         t_wall, t_mono = time.time(), time.monotonic()  # the first slice runs before the transition
-        job = self.sched.submit_cpu(self.builder.boot_and_run, vm, img, self.sched.run_slice)
+        job, ended = self.sched.submit_cpu(self.builder.boot_and_run, vm, img, self.sched.run_slice)
         try:
-            first = await asyncio.shield(job)  # (a plain future: no task, no extra loop turn)
+            first = await job  # (a plain future: no task, no shield, no extra loop turn)
         except asyncio.CancelledError:
             # the create was cancelled (its client went away, or shutdown): the worker still runs the slice;
             # the machine is torn down only once it is back
-            await asyncio.wait([job])
+            await asyncio.wait([ended])
             raise
         finally:
-            vm.leave_cpu()
+            vm.rt.leave_cpu()
         return first, t_wall, t_mono
 
     def console_fds(self) -> int:
@@ -346,35 +361,41 @@ class Hypervisor:
         await self.registry.delete(vm)
 
     # ------------------------------------------------------------------ lifecycle
-    def _transition(self, vm: Vm, target: VmState, action: str, since: float | None = None) -> None:
-        """``since``: when the VM really began running (its first slice may run before the transition)."""
-        check_transition(vm.id, vm.state, target, action)
+    def _transition(self, vm: Vm, target: VmState, action: str, since: float | None = None,
+                    **more: Unpack[Changes]) -> None:
+        """A live VM's change of state (``_finish`` ends one, ``rerun`` runs an ended one again), with the
+        wall-clock limit's accounting and timer; ``more``: other fields changed with it. ``since``: when the VM
+        really began running (its first slice may run before the transition)."""
+        rt = vm.rt
         now = time.monotonic()
-        if vm.state == VmState.RUNNING and vm.run_since is not None:
-            vm.run_seconds += now - vm.run_since
-            vm.run_since = None
+        run_seconds, run_since = rt.run_seconds, rt.run_since
+        if rt.state == VmState.RUNNING and run_since is not None:
+            run_seconds += now - run_since
+            run_since = None
         if target == VmState.RUNNING:
-            vm.run_since = since if since is not None else now
-        vm.log.debug("%s -> %s (%s)", vm.state.value, target.value, action)
-        vm.state = target
-        self._arm_timeout(vm)
+            run_since = since if since is not None else now
+        changes: Changes = {"state": target, "run_seconds": run_seconds, "run_since": run_since,
+                            "deadline": self._deadline(vm, target, run_seconds, run_since)}
+        changes.update(more)
+        rt.apply(action, **changes)
         if target != VmState.RUNNING or action == "start":
             self._save(vm)
-        vm.notify()
 
-    def _arm_timeout(self, vm: Vm) -> None:
-        """The wall-clock limit counts time in state running (blocked included, paused excluded)."""
-        if vm.deadline_handle is not None:
-            vm.deadline_handle.cancel()
-            vm.deadline_handle = None
-        if vm.spec.timeout is None or vm.state != VmState.RUNNING:
-            return
-        running = time.monotonic() - vm.run_since if vm.run_since is not None else 0.0
-        left = vm.spec.timeout - vm.run_seconds - running
-        vm.deadline_handle = asyncio.get_running_loop().call_later(max(0.0, left), self._on_timeout, vm)
+    def _deadline(self, vm: Vm, state: VmState, run_seconds: float,
+                  run_since: float | None) -> asyncio.TimerHandle | None:
+        """The wall-clock limit's timer for a VM entering ``state`` (the old one cancelled): it counts time in
+        state running (blocked included, paused excluded)."""
+        old = vm.rt.deadline
+        if old is not None:
+            old.cancel()
+        if vm.spec.timeout is None or state != VmState.RUNNING:
+            return None
+        running = time.monotonic() - run_since if run_since is not None else 0.0
+        left = vm.spec.timeout - run_seconds - running
+        return asyncio.get_running_loop().call_later(max(0.0, left), self._on_timeout, vm)
 
     def _on_timeout(self, vm: Vm) -> None:
-        vm.deadline_handle = None
+        vm.rt.apply("timer", deadline=None)
         if vm.state == VmState.RUNNING:
             self._request(vm, Control.TIMEOUT)
 
@@ -385,13 +406,13 @@ class Hypervisor:
             if vm.state.terminal:
                 self._cancel_restart(vm)
                 await self.rerun(vm, "start")
-                vm.restart_count, vm.backoff_streak, vm.user_stopped = 0, 0, False
+                vm.restart_count, vm.user_stopped = 0, False
+                vm.rt.apply("start", backoff_streak=0)
                 await self.registry.save_now(vm)
                 return vm
             if vm.machine is None:
                 raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value}")
-            self._transition(vm, VmState.RUNNING, "start")
-            vm.started = time.time()
+            self._transition(vm, VmState.RUNNING, "start", started=time.time())
             self._dispatch(vm)
         return vm
 
@@ -403,14 +424,14 @@ class Hypervisor:
         if vm.spec.ephemeral or vm.spec.auto_remove:
             raise InvalidState(f"cannot start VM {vm.id}: it is {vm.state.value} and removed when it ends")
         img = self.images.resolve(vm.digest)
-        await vm.off_cpu()
+        await vm.rt.off_cpu()
         if vm.machine is not None:
             self._release(vm)
-        if vm.machine_closed is not None:  # the old store and its console descriptors are gone first
-            await asyncio.shield(vm.machine_closed)
+        if vm.rt.machine_closed is not None:  # the old store and its console descriptors are gone first
+            await asyncio.shield(vm.rt.machine_closed)
         vm.devices = DeviceSet()
-        vm.control, vm.waiting, vm.frozen, vm.snapshot_wanted = None, None, False, False
-        vm.fuel_consumed, vm.fuel_budget, vm.run_seconds = 0, vm.spec.fuel, 0.0
+        vm.rt.apply(action, control=None, waiting=None, frozen=False, snapshot_wanted=False, run_seconds=0.0)
+        vm.fuel_consumed, vm.fuel_budget = 0, vm.spec.fuel
         # the console appends to the earlier output (hook mode); file mode would truncate the logs
         try:
             for dev in self.devices:
@@ -431,23 +452,18 @@ class Hypervisor:
             raise
         check_transition(vm.id, vm.state, VmState.RUNNING, action)
         vm.log.info("%s -> running (%s, image %s)", vm.state.value, action, vm.image_name)
-        vm.state = VmState.RUNNING
-        vm.exit, vm.finished, vm.started = None, None, time.time()
         vm.suspended_to = None  # (a resume used it; any other run makes it stale)
         if restore is None:
             vm.checkpoint = None  # a run from the image: the last run's checkpoints are stale
-        vm.run_since = time.monotonic()
-        self._arm_timeout(vm)
+        self._transition(vm, VmState.RUNNING, action, exit=None, finished=None, started=time.time())
         self._save(vm)
-        vm.notify()
-        if vm.waiting is None or vm.waiting.ready():
-            self._dispatch(vm)
+        self._dispatch(vm)
 
     # ------------------------------------------------------------------ restart policies
     def _cancel_restart(self, vm: Vm) -> None:
-        if vm.restart_handle is not None:
-            vm.restart_handle.cancel()
-            vm.restart_handle = None
+        if vm.rt.restart is not None:
+            vm.rt.restart.cancel()
+            vm.rt.apply("restart cancelled", restart=None)
 
     def _maybe_restart(self, vm: Vm, code: int | None, why: ExitReason) -> None:
         """After ``_finish``: the VM's policy may want it running again, after its back-off."""
@@ -457,19 +473,18 @@ class Hypervisor:
         if not vm.policy.after_exit(failed, vm.user_stopped, vm.restart_count):
             return
         ran = vm.exit.wall_time_s if vm.exit is not None else 0.0
-        if ran >= restart.RESET_AFTER:
-            vm.backoff_streak = 0
-        wait = restart.delay(vm.backoff_streak)
-        vm.backoff_streak += 1
+        streak = 0 if ran >= restart.RESET_AFTER else vm.rt.backoff_streak
+        wait = restart.delay(streak)
         vm.log.info("restarting in %.1f s (policy %s, restart %d)", wait, vm.policy, vm.restart_count + 1)
         loop = asyncio.get_running_loop()
-        vm.restart_handle = loop.call_later(wait, lambda: loop.create_task(self._policy_restart(vm)))
+        vm.rt.apply("restart policy", backoff_streak=streak + 1,
+                    restart=loop.call_later(wait, lambda: loop.create_task(self._policy_restart(vm))))
 
     async def _policy_restart(self, vm: Vm) -> None:
         async with vm.lock:
-            if vm.restart_handle is None or vm not in self.registry or not vm.state.terminal:
+            if vm.rt.restart is None or vm not in self.registry or not vm.state.terminal:
                 return  # cancelled (start, stop, rm, shutdown) while it waited
-            vm.restart_handle = None
+            vm.rt.apply("restart", restart=None)
             vm.restart_count += 1
             try:
                 await self.rerun(vm, "restart")
@@ -491,7 +506,8 @@ class Hypervisor:
                 chosen.append(vm)
         loop = asyncio.get_running_loop()
         for vm in chosen:
-            vm.restart_handle = loop.call_later(0, lambda v=vm: loop.create_task(self._start_again(v)))  # type: ignore[misc]
+            vm.rt.apply("daemon start", restart=loop.call_later(
+                0, lambda v=vm: loop.create_task(self._start_again(v))))  # type: ignore[misc]
         return chosen
 
     @staticmethod
@@ -501,24 +517,28 @@ class Hypervisor:
 
     async def _start_again(self, vm: Vm) -> None:
         async with vm.lock:
-            if vm.restart_handle is None or vm not in self.registry or not vm.state.terminal:
+            if vm.rt.restart is None or vm not in self.registry or not vm.state.terminal:
                 return
-            vm.restart_handle = None
+            vm.rt.apply("daemon start", restart=None)
             try:
                 await self.rerun(vm, "daemon start")
             except MicrovmError as exc:
                 vm.log.warning("cannot start again at daemon start (policy %s): %s", vm.policy, exc.message)
 
     def _dispatch(self, vm: Vm) -> None:
-        if vm.on_cpu or vm.machine is None or vm.frozen:
-            return
+        rt = vm.rt
+        if rt.on_cpu or vm.machine is None or rt.frozen or rt.waiting is not None and not rt.waiting.ready():
+            return  # (blocked: the op's waker dispatches it when the op is ready)
         self.sched.dispatch(vm, self._on_slice_end)
 
     def _wake(self, vm: Vm) -> None:
-        if vm.state == VmState.RUNNING and not vm.on_cpu and vm.control is None:
+        rt = vm.rt
+        if rt.state == VmState.RUNNING and not rt.on_cpu and rt.control is None:
             self._dispatch(vm)
 
     def _on_slice_end(self, vm: Vm, end: SliceEnd | BaseException) -> None:
+        rt = vm.rt
+        m = vm.machine
         vm.sync_from_machine()
         if vm.console.use_files:
             vm.console.ran()
@@ -527,51 +547,53 @@ class Hypervisor:
         if vm.state.terminal:  # finished while this slice ran: the machine is ours to release now
             self._release(vm)
             return
+        if m is not None and m.blocked_on is not rt.waiting:  # the machine's mailbox, read now it is off-CPU
+            rt.apply("blocked", waiting=m.blocked_on)
         if isinstance(end, BaseException):
             vm.log.error("vCPU error: %r", end)
             self._finish(vm, None, ExitReason.TRAP, f"host error: {end}")
             return
         if end is SliceEnd.UNWOUND:
-            vm.snapshot_wanted = False
-            vm.frozen = True  # parked with its stack in memory until the snapshot is taken
-            self._resolve_unwound(vm, None)
-            if vm.control is not None:
+            # parked with its stack in memory until the snapshot is taken
+            self._resolve_unwound(vm, None, snapshot_wanted=False, frozen=True)
+            if rt.control is not None:
                 self._apply_control(vm)
         elif end is SliceEnd.DONE:
             self._finish_outcome(vm)
-        elif vm.control is not None or end is SliceEnd.CONTROL:
+        elif rt.control is not None or end is SliceEnd.CONTROL:
             self._apply_control(vm)
         elif end is SliceEnd.YIELDED:
-            if vm.state == VmState.RUNNING or vm.snapshot_wanted:  # (a paused VM runs only to a snapshot)
+            if rt.state == VmState.RUNNING or rt.snapshot_wanted:  # (a paused VM runs only to a snapshot)
                 self._dispatch(vm)
         elif end is SliceEnd.BLOCKED:
-            op = vm.waiting
-            if vm.snapshot_wanted and op is not None and not op.consumed and not op.ready() \
-                    and vm.machine is not None:
+            op = rt.waiting
+            if rt.snapshot_wanted and op is not None and not op.consumed and not op.ready() and m is not None:
                 # a snapshot was asked for while the guest was entering this call (after the suspension
-                # hook, before the op was published): unwind from it now, as snapshot() does for a parked VM
-                op.interrupt(vm.machine.start_unwind)
+                # hook, before quiesce could see the op): unwind from it now, as quiesce does for a parked VM
+                op.interrupt(m.start_unwind)
             loop = asyncio.get_running_loop()
             if op is None or op.on_ready(loop_waker(loop, self._wake, vm)):
-                if vm.state == VmState.RUNNING or vm.snapshot_wanted:
+                if rt.state == VmState.RUNNING or rt.snapshot_wanted:
                     self._dispatch(vm)
-            else:
-                vm.notify()  # blocked_in changed
         elif end is SliceEnd.OUT_OF_FUEL:
             self._transition(vm, VmState.OUT_OF_FUEL, "fuel budget used")
 
     def _request(self, vm: Vm, what: Control) -> None:
         """Ask for pause/stop/kill/timeout; applied now if the VM is off-CPU, else at its next yield."""
-        if vm.control is None or what > vm.control:
-            vm.control = what
-        if not vm.on_cpu:
+        rt = vm.rt
+        if rt.control is None or what > rt.control:
+            rt.apply(what.name.lower(), control=what)
+        if not rt.on_cpu:
             self._apply_control(vm)
 
     def _apply_control(self, vm: Vm) -> None:
-        if vm.frozen:
+        rt = vm.rt
+        if rt.frozen:
             return  # being captured; thaw() applies it
-        what, vm.control = vm.control, None
-        if what is None or vm.state.terminal:
+        what = rt.control
+        if what is not None:
+            rt.apply("control applied", control=None)
+        if what is None or rt.state.terminal:
             return
         if what == Control.PAUSE:
             if vm.state == VmState.RUNNING:
@@ -594,8 +616,12 @@ class Hypervisor:
             case wt.Returned():
                 self._finish(vm, 0, ExitReason.EXIT)
 
-    def _resolve_unwound(self, vm: Vm, exc: BaseException | None) -> None:
-        waiters, vm.unwound_waiters = vm.unwound_waiters, []
+    def _resolve_unwound(self, vm: Vm, exc: BaseException | None, **more: Unpack[Changes]) -> None:
+        """Answer the quiesce() calls waiting for the unwind; ``more``: fields changed with it."""
+        waiters = vm.rt.unwound_waiters
+        changes: Changes = {"unwound_waiters": ()}
+        changes.update(more)
+        vm.rt.apply("unwound" if exc is None else "unwind failed", **changes)
         for f in waiters:
             if not f.done():
                 f.set_exception(exc) if exc is not None else f.set_result(None)
@@ -608,30 +634,33 @@ class Hypervisor:
         """
         if vm.state.terminal or vm.machine is None:
             raise InvalidState(f"cannot snapshot VM {vm.id}: it is {vm.state.value}")
-        m = vm.machine
+        m, rt = vm.machine, vm.rt
         if vm.state == VmState.CREATED:
-            vm.frozen = True
+            rt.apply("quiesce", frozen=True)
             return "created"
         if m.asyncify is None:
             raise Conflict(f"VM {vm.id} is {vm.state.value} and its guest has no Asyncify support: it can only "
                            f"be snapshotted before it starts (rebuild it with guest-sdk/mvcc)",
                            code="not_snapshottable")
         if m.asyncify.unwound:
-            vm.frozen = True
+            rt.apply("quiesce", frozen=True)
             return "unwound"
         # at a suspension point: in a device call whose answer the guest has not taken yet (it may be
-        # ready already, e.g. a sleep that ended while the VM was paused; the guest repeats the call)
-        blocked = vm.waiting is not None and not vm.waiting.consumed
+        # ready already, e.g. a sleep that ended while the VM was paused; the guest repeats the call). The
+        # machine's own mailbox, not rt.waiting: a guest on a CPU may have entered the call since its last
+        # slice ended (the op's lock makes interrupting it safe); one entering it only now is unwound at
+        # the end of its slice (_on_slice_end)
+        op = m.blocked_on
+        blocked = op is not None and not op.consumed
         if vm.state == VmState.OUT_OF_FUEL and not blocked:
             raise Conflict(f"VM {vm.id} ran out of fuel in the middle of computing, not at a suspension point; "
                            f"add fuel (microvm fuel add) and snapshot it while it runs",
                            code="not_at_suspension_point")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        vm.unwound_waiters.append(fut)
-        vm.snapshot_wanted = True
+        rt.apply("quiesce", unwound_waiters=(*rt.unwound_waiters, fut), snapshot_wanted=True)
         if blocked:
-            assert vm.waiting is not None
-            vm.waiting.interrupt(m.start_unwind)
+            assert op is not None
+            op.interrupt(m.start_unwind)
         if vm.state != VmState.RUNNING:
             # a paused VM runs on, unseen, to its next suspension point (at once if it is blocked in one),
             # unwinds there and stays paused; it is parked again if it does not get there in time
@@ -639,9 +668,8 @@ class Hypervisor:
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            vm.snapshot_wanted = False
-            if fut in vm.unwound_waiters:
-                vm.unwound_waiters.remove(fut)
+            rt.apply("quiesce timed out", snapshot_wanted=False,
+                     unwound_waiters=tuple(f for f in rt.unwound_waiters if f is not fut))
             raise Conflict(f"VM {vm.id} did not reach a suspension point within {timeout:g} s "
                            f"(it is computing without calling sleep, yield or a blocking device call)",
                            code="no_suspension_point") from None
@@ -651,8 +679,8 @@ class Hypervisor:
 
     def thaw(self, vm: Vm) -> None:
         """Let a quiesced VM run on: it rewinds into the call it was suspended in."""
-        vm.frozen = False
-        if vm.control is not None:
+        vm.rt.apply("thaw", frozen=False)
+        if vm.rt.control is not None:
             self._apply_control(vm)
         if vm.state == VmState.RUNNING:
             self._dispatch(vm)
@@ -660,39 +688,33 @@ class Hypervisor:
     def end_suspended(self, vm: Vm, snapshot: str) -> None:
         """Snapshotted at a clean daemon stop: it ends here (reason ``suspended``); the next daemon resumes it
         from ``snapshot`` in the same record."""
-        vm.frozen = False
+        vm.rt.apply("suspended", frozen=False)
         vm.suspended_to = snapshot
         self._finish(vm, None, ExitReason.SUSPENDED)
 
     def end_migrated(self, vm: Vm) -> None:
         """The VM runs on another daemon now: it ends here (reason ``migrated``) without running again."""
-        vm.frozen = False
+        vm.rt.apply("migrated", frozen=False)
         self._finish(vm, None, ExitReason.MIGRATED)
 
     def _finish(self, vm: Vm, code: int | None, why: ExitReason, detail: str | None = None) -> None:
         if vm.state.terminal:
             return
         reason = why.wire(detail)
-        self._resolve_unwound(vm, InvalidState(f"VM {vm.id} ended ({reason})"))
-        if vm.waiting is not None:
-            vm.waiting.cancel()
-            vm.waiting = None
+        rt = vm.rt
+        if rt.unwound_waiters:
+            self._resolve_unwound(vm, InvalidState(f"VM {vm.id} ended ({reason})"))
+        if rt.waiting is not None:
+            rt.waiting.cancel()
         target = VmState.EXITED if why == ExitReason.EXIT else VmState.STOPPED
-        if vm.run_since is not None:
-            vm.run_seconds += time.monotonic() - vm.run_since
-            vm.run_since = None
-        vm.finished = time.time()
-        vm.exit = ExitRecord(code, reason, vm.fuel_consumed, vm.peak_memory,
-                             round(vm.finished - (vm.started or vm.finished), 6))
-        self.fuel_total_finished += vm.fuel_consumed
-        check_transition(vm.id, vm.state, target, reason)
-        vm.log.info("%s -> %s (code=%s reason=%s fuel=%d)", vm.state.value, target.value, code, reason,
+        finished = time.time()
+        check_transition(vm.id, rt.state, target, reason)
+        vm.log.info("%s -> %s (code=%s reason=%s fuel=%d)", rt.state.value, target.value, code, reason,
                     vm.fuel_consumed)
-        vm.state = target
-        self._arm_timeout(vm)
-        self._save(vm)
-        vm.notify()
-        if not vm.on_cpu:
+        self.fuel_total_finished += vm.fuel_consumed
+        self._transition(vm, target, reason, waiting=None, finished=finished, exit=ExitRecord(
+            code, reason, vm.fuel_consumed, vm.peak_memory, round(finished - (rt.started or finished), 6)))
+        if not rt.on_cpu:
             self._release(vm)
         vm.devices.close()
         if (vm.spec.auto_remove or vm.spec.ephemeral) and not self.closing:
@@ -705,8 +727,8 @@ class Hypervisor:
         """Free the store (and its linear memory) on an I/O thread."""
         machine, vm.machine = vm.machine, None
         if machine is not None:
-            vm.machine_closed = asyncio.get_running_loop().run_in_executor(self.sched.io, self._close_machine,
-                                                                           vm, machine)
+            vm.rt.apply("release", machine_closed=asyncio.get_running_loop().run_in_executor(
+                self.sched.io, self._close_machine, vm, machine))
 
     def _close_machine(self, vm: Vm, machine: Machine) -> None:
         """On an I/O thread: drop the store (closing the console files in file mode), check the log cap."""
@@ -723,7 +745,7 @@ class Hypervisor:
         async with vm.lock:
             check_transition(vm.id, vm.state, VmState.PAUSED, "pause")
             self._request(vm, Control.PAUSE)
-            await self._settle(vm, lambda: vm.state != VmState.RUNNING or vm.control is None)
+            await self._settle(vm, lambda: vm.state != VmState.RUNNING or vm.rt.control is None)
         return vm
 
     async def resume(self, vm: Vm) -> Vm:
@@ -731,8 +753,7 @@ class Hypervisor:
             if vm.state != VmState.PAUSED:
                 raise InvalidState(f"cannot resume VM {vm.id}: it is {vm.state.value}")
             self._transition(vm, VmState.RUNNING, "resume")
-            if vm.waiting is None or vm.waiting.ready():
-                self._dispatch(vm)
+            self._dispatch(vm)  # (unless it is blocked in a call: then when that is ready)
         return vm
 
     async def stop(self, vm: Vm) -> Vm:
@@ -744,14 +765,19 @@ class Hypervisor:
     async def _user_end(self, vm: Vm, how: Control) -> Vm:
         """A user's stop or kill: its policy does not restart it (a restart waiting for its back-off is
         dropped, and answered like a stop of a running VM)."""
-        if vm.state.terminal and vm.restart_handle is not None:
+        if vm.state.terminal and vm.rt.restart is not None:
             self._cancel_restart(vm)
             vm.user_stopped = True
             await self.registry.save_now(vm)
             return vm
         if vm.state.live:
             vm.user_stopped = True
-        return await self._end(vm, how)
+        await self._end(vm, how)
+        # answered once the record says so: a daemon killed right after must not restart it by its policy
+        # (unless-stopped) as a VM that was running when the daemon died
+        if vm in self.registry and not vm.spec.auto_remove:  # (one being removed keeps no record)
+            await self.registry.save_now(vm)
+        return vm
 
     async def _end(self, vm: Vm, how: Control) -> Vm:
         async with vm.lock:
@@ -770,7 +796,7 @@ class Hypervisor:
     async def _settle(self, vm: Vm, cond: Callable[[], bool], timeout: float = 5.0) -> None:
         end = time.monotonic() + timeout
         while not cond() and time.monotonic() < end:
-            ev = vm.changed
+            ev = vm.rt.changed
             try:
                 await asyncio.wait_for(ev.wait(), timeout=max(0.01, end - time.monotonic()))
             except TimeoutError:
@@ -797,7 +823,7 @@ class Hypervisor:
         """Until the VM has exited or is parked out of fuel (the client reports both)."""
         end = None if timeout is None else time.monotonic() + timeout
         while not (vm.state.terminal or vm.state == VmState.OUT_OF_FUEL):
-            ev = vm.changed
+            ev = vm.rt.changed
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise RequestTimeout(f"VM {vm.id} still {vm.state.value} after {timeout} s", code="wait_timeout")
@@ -827,7 +853,7 @@ class Hypervisor:
             return  # removed already (an auto-removal and a user's rm -f can race here)
         self._cancel_restart(vm)
         self.registry.discard(vm)
-        await vm.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
+        await vm.rt.off_cpu()  # a slice still running ends within a quantum; only then is the store closed
         vm.devices.close()
         await self._teardown(vm)
         for hook in self.on_remove:

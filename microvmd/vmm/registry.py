@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +21,8 @@ from typing import Any, Protocol
 
 from ..durable import sync_dir, write_atomic
 from ..errors import Conflict, MicrovmError, NotFound
-from .state import ExitReason, VmState
-from .vm import ExitRecord, Vm
+from .state import VmState
+from .vm import Vm
 
 log = logging.getLogger("microvmd.vmm")
 
@@ -218,25 +217,17 @@ class VmRegistry:
         self._flush_handle: asyncio.Handle | None = None
 
     # ------------------------------------------------------------------ start-up
-    def load(self, make: Callable[[dict[str, Any], Path], Vm]) -> None:
-        """On an I/O thread at start-up: every record back as a VM (one that was live is now stopped)."""
-        rewritten = []
+    def read(self, make: Callable[[dict[str, Any], Path], Vm]) -> builtins.list[Vm]:
+        """On an I/O thread at start-up: every record as a VM, as the record left it (a damaged one is
+        skipped, logged). The Hypervisor adds them to the table on the loop and settles the ones that were
+        live (``Hypervisor.load``)."""
+        out = []
         for rec, d in self.records.load():
             try:
-                vm = make(rec, d)
+                out.append(make(rec, d))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping damaged VM record %s: %s", d.name, exc)
-                continue
-            if vm.state.live:
-                # its native state died with the previous daemon
-                vm.state = VmState.STOPPED
-                vm.exit = ExitRecord(None, ExitReason.DAEMON_RESTART.wire(), vm.fuel_consumed, vm.peak_memory,
-                                     0.0 if vm.started is None else time.time() - vm.started)
-                vm.finished = time.time()
-                rewritten.append((vm.dir, vm.record()))
-            self.vms[vm.id] = vm
-        _write_records(rewritten)
-        log.info("loaded %d VM records", len(self.vms))
+        return out
 
     # ------------------------------------------------------------------ the table
     def new_id(self, ephemeral: bool) -> tuple[str, Path, bool]:
@@ -311,6 +302,10 @@ class VmRegistry:
         """Write the VM's record and return once it is written (the API answers after it)."""
         if not vm.spec.ephemeral:
             await self.records.write_now([(vm.dir, vm.record())], durable)
+
+    async def save_all_now(self, vms: builtins.list[Vm]) -> None:
+        """Write these VMs' records in one batch and return once they are written."""
+        await self.records.write_now([(vm.dir, vm.record()) for vm in vms if not vm.spec.ephemeral])
 
     def save_soon(self, vm: Vm, durable: bool = True) -> asyncio.Future[builtins.list[str]] | None:
         """Start writing the record now (awaited later, e.g. while the VM is built): the future's result is

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,10 @@ from ..devices.console import Console, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
 from .restart import RestartPolicy
+from .runtime import ExitRecord, VmRuntime
 from .state import Control, VmState
+
+__all__ = ["DirSpec", "DiskSpec", "ExitRecord", "PublishSpec", "Vm", "VmSpec"]
 
 
 @dataclass
@@ -76,7 +79,7 @@ class VmSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """As a request would give it (a record, a snapshot's manifest, an answer): the daemon's own fields left out."""
-        d = asdict(self)
+        d: dict[str, Any] = contract.to_builtins(self)
         del d["stdin_data"], d["owner"]
         return d
 
@@ -93,22 +96,13 @@ def _limiter(c: contract.RateLimiter | None) -> dict[str, Any] | None:
     return contract.to_builtins(c)  # type: ignore[no-any-return]
 
 
-@dataclass
-class ExitRecord:
-    code: int | None
-    reason: str  # "exit" or why the host stopped it
-    fuel_consumed: int = 0
-    peak_memory: int = 0
-    wall_time_s: float = 0.0
-
-    @property
-    def host_stopped(self) -> bool:
-        return self.reason != "exit"
-
-
 class Vm:
+    """One VM: what was asked for (spec, limits), its record's bookkeeping, its devices and machine, and its
+    lifecycle in ``rt`` (a ``VmRuntime``: changed only by ``rt.apply`` on the event loop). ``state``, ``exit``,
+    ``started`` and ``finished`` read through to ``rt`` and cannot be assigned here."""
+
     def __init__(self, vm_id: str, spec: VmSpec, image_digest: str, image_name: str, directory: Path,
-                 log_cap: int, memory_limit: int) -> None:
+                 log_cap: int, memory_limit: int, recorded: VmRuntime | None = None) -> None:
         self.id = vm_id
         self.name = spec.name or vm_id[:12]
         self.spec = spec
@@ -118,11 +112,12 @@ class Vm:
         self.console: Console | MemoryConsole = MemoryConsole(log_cap) if spec.ephemeral else \
             Console(directory, log_cap)
         self.memory_limit = memory_limit
-        self.state = VmState.CREATED
+        # a function's instances come and go by the thousand: their lines are debug-level (microvmd.vm.fn)
+        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm.fn" if spec.owner else "microvmd.vm"),
+                                         {"vm": vm_id[:12]})
+        # ``recorded``: the lifecycle as a record left it (registry.read); the Hypervisor settles it on the loop
+        self.rt = recorded if recorded is not None else VmRuntime(vm_id, self.log)
         self.created = time.time()
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.exit: ExitRecord | None = None
         self.fuel_consumed = 0
         self.fuel_budget: int | None = spec.fuel
         self.memory_bytes = 0
@@ -133,56 +128,54 @@ class Vm:
         self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
         self.suspended_to: str | None = None  # snapshot taken at a clean daemon stop, to resume it from
         self.checkpoint: str | None = None    # its last checkpoint, to resume it from after a crash
-        # a function's instances come and go by the thousand: their lines are debug-level (microvmd.vm.fn)
-        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm.fn" if spec.owner else "microvmd.vm"),
-                                         {"vm": vm_id[:12]})
-        # runtime (not persisted)
+        # the native side (built off the loop by the builder; owned by whichever thread runs or builds it)
         self.machine: Machine | None = None
         self.devices = DeviceSet()
-        self.on_cpu = False
-        self.control: Control | None = None  # request seen by the worker at its next yield
-        self.waiting: HostOp | None = None
-        self.spin = 0.0                   # this slice's spin window (set by Machine.run_slice) ...
-        self.slice_end = 0.0              # ... and when the slice ends (time.monotonic)
         self.lock = asyncio.Lock()
-        self.changed = asyncio.Event()    # set and replaced at every state change
-        self.deadline_handle: asyncio.TimerHandle | None = None
-        self.run_since: float | None = None
-        self.run_seconds = 0.0
         self._spec_api: dict[str, Any] | None = None
-        self.snapshot_wanted = False      # unwind at the next suspension point
-        self.frozen = False               # being captured: do not run it
-        self.unwound_waiters: list[asyncio.Future[None]] = []
-        self._off_cpu_waiters: list[asyncio.Future[None]] = []
-        self.restart_handle: asyncio.TimerHandle | None = None  # a policy restart waiting for its back-off
-        self.backoff_streak = 0           # restarts in a row after short runs (restart.delay)
-        self.machine_closed: asyncio.Future[None] | None = None  # the old store's close, before a re-run
 
-    # ---------------------------------------------------------------- on and off a vCPU (event loop only)
-    def enter_cpu(self) -> None:
-        self.on_cpu = True
+    # ---------------------------------------------------------------- the lifecycle, read-only here
+    @property
+    def state(self) -> VmState:
+        return self.rt.state
 
-    def leave_cpu(self) -> None:
-        """The slice has returned to the event loop: whoever waits for the machine to be free may go on."""
-        self.on_cpu = False
-        waiters, self._off_cpu_waiters = self._off_cpu_waiters, []
-        for f in waiters:
-            if not f.done():
-                f.set_result(None)
+    @property
+    def exit(self) -> ExitRecord | None:
+        return self.rt.exit
 
-    async def off_cpu(self) -> None:
-        """Until no slice of this VM runs. A slice ends within one quantum (epoch interruption), so this
-        needs no timeout; the store is never closed under a running slice."""
-        if self.on_cpu:
-            fut = asyncio.get_running_loop().create_future()
-            self._off_cpu_waiters.append(fut)
-            await fut
+    @property
+    def started(self) -> float | None:
+        return self.rt.started
+
+    @property
+    def finished(self) -> float | None:
+        return self.rt.finished
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (and replaced) at every change of state or of the call the guest waits in."""
+        return self.rt.changed
+
+    # what a device call that waits inside itself reads (engine.hostop.wait_in_call), on the vCPU worker
+    @property
+    def control(self) -> Control | None:
+        return self.rt.control
+
+    @property
+    def snapshot_wanted(self) -> bool:
+        return self.rt.snapshot_wanted
+
+    @property
+    def spin(self) -> float:
+        m = self.machine
+        return m.spin if m is not None else 0.0
+
+    @property
+    def slice_end(self) -> float:
+        m = self.machine
+        return m.slice_end if m is not None else 0.0
 
     # ---------------------------------------------------------------- bookkeeping
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
     def sync_from_machine(self) -> None:
         m = self.machine
         if m is not None:
@@ -191,15 +184,19 @@ class Vm:
             self.peak_memory = max(self.peak_memory, m.peak_memory)
 
     def block_on(self, op: HostOp) -> None:
-        """A device call suspends the guest on ``op`` (on the vCPU worker, inside the call): the scheduler
-        parks the VM until ``op`` is ready. The one way devices say that a VM waits."""
-        self.waiting = op
+        """A device call suspends the guest on ``op`` (on the vCPU worker, inside the call). It goes to the
+        machine's mailbox, not to ``rt``: the loop copies it in when the slice ends and parks the VM until
+        ``op`` is ready. The one way devices say that a VM waits."""
+        m = self.machine
+        if m is not None:
+            m.blocked_on = op
 
     def blocked_in(self) -> str | None:
-        w = self.waiting
+        w = self.rt.waiting
         return w.name if w is not None and not w.ready() else None
 
     def to_api(self) -> dict[str, Any]:
+        rt = self.rt
         spec = self._spec_api
         if spec is None:  # the spec does not change after creation: convert it once
             spec = self._spec_api = self.spec.to_dict()
@@ -209,7 +206,7 @@ class Vm:
             "name": self.name,
             "image": self.image_name,
             "digest": self.digest,
-            "state": self.state.value,
+            "state": rt.state.value,
             "blocked_in": self.blocked_in(),
             "args": self.spec.args,
             "env": self.spec.env,
@@ -219,24 +216,26 @@ class Vm:
             "memory_bytes": self.memory_bytes,
             "peak_memory": self.peak_memory,
             "created": self.created,
-            "started": self.started,
-            "finished": self.finished,
-            "exit": asdict(self.exit) if self.exit else None,
+            "started": rt.started,
+            "finished": rt.finished,
+            "exit": contract.to_builtins(rt.exit) if rt.exit else None,
             "devices": self.devices.to_api(),
             "snapshot_kind": self.snapshot_kind,
             "spec": spec,
             "restart_policy": str(self.policy),
             "restart_count": self.restart_count,
-            "restarting": self.restart_handle is not None,
+            "restarting": self.rt.restart is not None,
             "checkpoint": self.checkpoint,
         }
 
     def record(self) -> dict[str, Any]:
         """What survives a daemon restart."""
+        rt = self.rt
         return {
-            "id": self.id, "spec": self.spec.to_dict(), "digest": self.digest, "image_name": self.image_name,
-            "state": self.state.value, "created": self.created, "started": self.started,
-            "finished": self.finished, "exit": asdict(self.exit) if self.exit else None,
+            "id": self.id, "spec": self.spec.to_dict(), "digest": self.digest,
+            "image_name": self.image_name,
+            "state": rt.state.value, "created": self.created, "started": rt.started,
+            "finished": rt.finished, "exit": contract.to_builtins(rt.exit) if rt.exit else None,
             "fuel_consumed": self.fuel_consumed, "fuel_budget": self.fuel_budget,
             "peak_memory": self.peak_memory, "memory_limit": self.memory_limit,
             "snapshot_kind": self.snapshot_kind,

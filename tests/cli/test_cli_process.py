@@ -135,6 +135,24 @@ def test_running_a_command_stays_light():
     assert r.stdout.strip() == "125 []"
 
 
+def test_client_decodes_through_the_contract_without_typing_extensions():
+    # `microvm ps` pays for every module it loads (bench_ps): typing_extensions and what it drags in (inspect,
+    # ast, dis) are hidden from msgspec while the client loads it, and come back for whoever imports them later.
+    code = (
+        "import sys\n"
+        "import microvmd.cli.commands as c, msgspec\n"
+        "print('typing_extensions' in sys.modules, 'inspect' in sys.modules)\n"
+        "vm = msgspec.json.decode(b'{\"id\": \"x\", \"image\": \"hello\", \"state\": \"nope\"}', type=c.contract.Vm)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.strip() == "False False"
+    # the models still check the answers
+    assert "msgspec.ValidationError: Invalid enum value 'nope' - at `$.state`" in r.stderr
+    code = "import microvmd.cli.commands, typing_extensions; print(typing_extensions.get_type_hints is not None)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert r.stdout.strip() == "True"
+
+
 def test_version_without_daemon():
     r = run_cli("--socket", "/nonexistent", "version")
     assert r.returncode == 0

@@ -348,9 +348,13 @@ class Daemon:
         return p.returncode
 
     def close(self, sig: int = signal.SIGTERM) -> None:
-        """stop(), then remove `root` (for daemons made by fresh())."""
+        """stop(), then remove `root` (for daemons made by fresh()). A daemon that broke the VM runtime rule
+        (microvmd/vmm/runtime.py; the guard is on in tests) fails the test that used it, whatever it answered."""
         self.stop(sig)
+        logs = sorted(self.root.glob("daemon-*.log"))
+        broken = [p.name for p in logs if b"RuntimeRuleBroken" in p.read_bytes()]
         shutil.rmtree(self.root, ignore_errors=True)
+        assert not broken, f"a VM runtime field was set outside VmRuntime.apply on the loop: see {broken}"
 
     def __enter__(self) -> Self:
         return self

@@ -290,3 +290,23 @@ def test_listen_pid_of_another_process_is_ignored(make_daemon: Callable[..., Dae
     d.start()
     assert d.socket.exists()
     assert request(d.socket, "GET", "/v1/info").status == 200
+
+
+def test_import_images_skips_the_fetched_interpreters_unless_asked(make_daemon: Callable[..., Daemon],
+                                                                   tmp_path: Path) -> None:
+    """An image directory with a SHA256SUMS holds a fetched module (scripts/fetch-interpreters: python, js):
+    --import-images leaves it out, so a test daemon never compiles and rewrites CPython; --import-fetched
+    (make run) imports it too."""
+    imgs = tmp_path / "imgs"
+    for name, fetched in (("hello", False), ("interp", True)):
+        (imgs / name).mkdir(parents=True)
+        (imgs / name / f"{name}.wasm").write_bytes(Path(HELLO).read_bytes())
+        if fetched:
+            (imgs / name / "SHA256SUMS").write_text(f"0  {name}.wasm\n")
+    (imgs / "empty").mkdir()  # a directory without its module is skipped as before
+
+    def names(d: Daemon) -> set[str]:
+        return {n for img in d.api.ok("GET", "/v1/images")["images"] for n in img["names"]}
+
+    assert names(make_daemon("--import-images", str(imgs))) == {"hello"}
+    assert names(make_daemon("--import-images", str(imgs), "--import-fetched")) == {"hello", "interp"}

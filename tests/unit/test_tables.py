@@ -100,3 +100,20 @@ def test_a_bad_table_in_a_snapshot_is_an_error_not_a_crash(parts, tables, messag
     with pytest.raises((ValueError, wasmtime.WasmtimeError), match=message):
         m._restore_tables(tables)
     m.close()
+
+
+def test_a_module_that_cannot_change_its_tables_keeps_no_record_of_them(parts) -> None:  # type: ignore[no-untyped-def]
+    """An image whose code has no table-writing instruction (images/rewrite.py, tables_fixed) skips the
+    per-slot read at instantiation; its snapshots hold no tables. A snapshot that does carry tables (made
+    from a module that could change them) still restores, and the next capture sees the change."""
+    engine, linker, module = parts
+    spec = MachineSpec(args=["t"], env={}, dirs=[], memory_limit=1 << 20, table_elements=100, instances=1,
+                       tables=4, memories=1, stdout=lambda b: None, stderr=lambda b: None, tables_fixed=True)
+    m = Machine(engine, linker, module, spec)
+    assert m.tables_at_start is None
+    assert m.capture_tables() == {}
+    tables = {"tab": {"size": 4, "elems": [["tab", 2], None, ["tab", 2], None]}}
+    m.restore(0, lambda a, s: None, {}, False, 0, lambda n: [], tables)
+    assert calls(m, 3) == [3, "null", 3]
+    assert m.capture_tables() == tables
+    m.close()
