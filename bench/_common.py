@@ -556,6 +556,7 @@ class Daemon:
     """A private microvmd on a temporary socket and state dir, with the sample images imported."""
 
     def __init__(self, *, nofile: str = "inherit", config: str | None = None, log_level: str = "warning",
+                 gateway: str = "off",
                  keep: bool = False, base_dir: str | None = None, state_dir: str | Path | None = None,
                  import_images: bool = True) -> None:
         """``state_dir``: a state directory kept across runs (never removed here; bench_python keeps its
@@ -569,6 +570,7 @@ class Daemon:
         self.nofile = nofile
         self.config = config
         self.log_level = log_level
+        self.gateway = gateway  # the function gateway: HOST:PORT, or off
         self.keep = keep
         self.proc: subprocess.Popen[bytes] | None = None
         self.nofile_note = ""
@@ -591,7 +593,7 @@ class Daemon:
 
     def start(self, timeout: float = 60.0) -> Daemon:
         cmd = [PY, "-m", "microvmd.daemon", "--socket", str(self.socket), "--state-dir", str(self.state),
-               "--log-level", self.log_level]
+               "--log-level", self.log_level, "--gateway", self.gateway]
         if self.import_images:
             cmd += ["--import-images", str(images_dir())]
         if self.config:

@@ -99,7 +99,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token_file: Path | None = None
-    gateway: tuple[str, int] | None = None
+    gateway: tuple[str, int] | None = ("127.0.0.1", 8080)  # the function gateway; None: off
+    gateway_explicit: bool = False  # asked for (flag or file): a port that cannot be bound stops start-up
     import_images: Path | None = None
     import_fetched: bool = False  # --import-images also imports DIR/<name> holding a SHA256SUMS (python, js)
     upload_limit: int = 256 * MiB
@@ -121,9 +122,6 @@ class Config:
                 raise ConfigError(
                     "--listen needs TLS and a token: missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
                 )
-        if self.gateway is not None:
-            raise ConfigError("the function gateway (--gateway) is not part of this microvmd yet; "
-                              "leave it off (--gateway off)")
         if self.limits.memory > self.limits.max_memory:
             raise ConfigError("limits.memory is larger than limits.max_memory")
         if self.limits.memory < 65536:
@@ -231,7 +229,8 @@ def load(args: argparse.Namespace) -> Config:
         tls_cert=Path(v) if (v := pick("tls_cert")) else None,
         tls_key=Path(v) if (v := pick("tls_key")) else None,
         token_file=Path(v) if (v := pick("token_file")) else None,
-        gateway=None if not gateway or gateway == "off" else _hostport(gateway, "--gateway"),
+        gateway=("127.0.0.1", 8080) if not gateway else None if gateway == "off" else _hostport(gateway, "--gateway"),
+        gateway_explicit=bool(gateway),
         import_images=Path(v) if (v := pick("import_images")) else None,
         import_fetched=_flag(pick("import_fetched"), "import_fetched"),
         limits=limits,

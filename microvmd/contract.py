@@ -778,6 +778,127 @@ def check_manifest(data: Any) -> Manifest:
     return m
 
 
+# ================================================================== functions (docs/functions.md)
+ROUTE_PATTERN = r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,255}(?![\s\S])"
+RoutePath = Annotated[str, Meta(pattern=ROUTE_PATTERN,
+                                description="the gateway path: /NAME serves /NAME and /NAME/...; a final /... "
+                                            "says the same")]
+FnExecutor = Literal["wagi", "sdk", "python", "js"]
+HeaderMap = dict[str, str]
+
+
+class FunctionDeploy(Request):
+    """``POST /v1/functions``: deploy (or replace) a function. Exactly one of ``image``, ``python`` (a
+    handler's source) and ``js`` says what runs."""
+
+    name: Name
+    image: Annotated[str, Meta(min_length=1, description="image name or digest (wagi or sdk executor)")] | None = None
+    python: Annotated[str, Meta(description="Python source defining handle(request)")] | None = None
+    js: Annotated[str, Meta(description="JavaScript source defining handle(request)")] | None = None
+    route: RoutePath | None = None
+    executor: Literal["wagi", "sdk"] | None = None
+    env: dict[str, str] = {}
+    fuel: Positive | None = None
+    memory: Annotated[int, Meta(ge=65536, le=U63 - 1, description="bytes")] | None = None
+    timeout: Annotated[float, Meta(gt=0, le=3600, description="seconds per invocation")] | None = None
+    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    reuse: Annotated[bool, Meta(description="keep warm instances between requests (state is shared: "
+                                            "docs/functions.md)")] = False
+
+    error_codes: ClassVar[dict[str, str]] = {"name": "invalid_name", "route": "invalid_route",
+                                             "fuel": "invalid_limit", "memory": "invalid_limit",
+                                             "timeout": "invalid_limit", "max_concurrency": "invalid_limit"}
+    error_hints: ClassVar[dict[str, str]] = {
+        "name": "invalid function name: 1-128 of A-Z a-z 0-9 _ . -, starting with a letter or digit",
+        "route": "invalid route: a path starting with / of at most 256 URL characters"}
+
+
+class FunctionRecord(Struct, forbid_unknown_fields=False):
+    """What survives a daemon restart (``functions/NAME.json`` in the state directory)."""
+
+    name: str
+    executor: FnExecutor
+    digest: str  # the image that runs (for python and js: the interpreter's)
+    image_name: str
+    route: str
+    created: float
+    updated: float
+    version: int = 1
+    source: str | None = None  # python and js: the handler's source
+    snapshot: str | None = None  # python, js and sdk: the pre-initialised snapshot every request restores
+    env: dict[str, str] = {}
+    fuel: int | None = None
+    memory: int | None = None
+    timeout: float | None = None
+    max_concurrency: int | None = None
+    reuse: bool = False
+
+
+class FunctionStats(Response):
+    invocations: int
+    errors: dict[str, int]
+    active: int
+    queued: int
+    instances: int
+    last_invoked: float | None = None
+    fresh_instance_us: dict[str, float] | None = None  # p50, p99 (and count) of the last 1,000 requests: the
+    # time from the request to a fresh instance ready to run (WAGI: boot and first slice; sdk/python/js: a
+    # spare restored ahead of time, or a restore when there is none)
+    restore_us: dict[str, float] | None = None  # the same for the restores themselves (sdk, python, js)
+
+
+class FunctionLimits(Response):
+    fuel: int | None
+    memory: int | None
+    timeout: float
+    max_concurrency: int
+    queue: int
+
+
+class Function(Response):
+    name: str
+    route: str
+    executor: FnExecutor
+    image: str
+    digest: str
+    version: int
+    created: float
+    updated: float
+    env: dict[str, str]
+    limits: FunctionLimits
+    reuse: bool
+    snapshot: str | None
+    url: str | None  # on the gateway, when it is on
+    stats: FunctionStats
+
+
+class FunctionList(Response):
+    functions: list[Function]
+    gateway: str | None  # HOST:PORT, or null when it is off
+
+
+class InvokeRequest(Request):
+    """``POST /v1/functions/NAME/invoke``: an HTTP request as the function sees it."""
+
+    method: Annotated[str, Meta(pattern=r"^[A-Z]{1,16}(?![\s\S])")] = "GET"
+    path: Annotated[str, Meta(pattern=r"^/[^\x00-\x20\x7f]{0,4095}(?![\s\S])",
+                              description="path and query string")] = "/"
+    headers: HeaderMap = {}
+    body: str | None = None
+    body_base64: str | None = None
+
+    error_codes: ClassVar[dict[str, str]] = {"method": "invalid_method", "path": "invalid_path"}
+
+
+class InvokeResult(Response):
+    status: int
+    headers: HeaderMap
+    body: str | None = None
+    body_base64: str | None = None  # when the body is not UTF-8
+    request_id: str = ""
+    duration_ms: float = 0.0
+
+
 # ================================================================== decoding
 class ContractError(ValueError):
     """A body that does not fit its type. ``code`` is the API error code; the message names the field."""

@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-cert", dest="tls_cert")
     p.add_argument("--tls-key", dest="tls_key")
     p.add_argument("--token-file", dest="token_file")
-    p.add_argument("--gateway", help="function HTTP gateway HOST:PORT, or 'off' (default)")
+    p.add_argument("--gateway", metavar="HOST:PORT|off",
+                   help="the function HTTP gateway (default 127.0.0.1:8080; 'off' disables it)")
     p.add_argument("--import-images", dest="import_images", metavar="DIR",
                    help="at start-up, import every DIR/<name>/<name>.wasm as image <name>, except the fetched "
                         "ones (a DIR/<name> with a SHA256SUMS: python and js, from scripts/fetch-interpreters) "
@@ -67,6 +68,8 @@ def _setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if root.level > logging.DEBUG:  # one line per function instance only when debugging
+        logging.getLogger("microvmd.vm.fn").setLevel(logging.WARNING)
 
 
 def _bind_unix(path: Path) -> socket.socket:
@@ -170,17 +173,24 @@ async def serve(cfg: Config) -> int:
         await _import_images(hv, cfg.import_images, cfg.import_fetched)
 
     from .api import remote
+    from .api.gateway import make_gateway
     from .control.controller import Controller
+    from .functions.service import Functions
     from .snapshot.controller import Snapshots
 
     snaps = Snapshots(hv)
     await snaps.startup()
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
     hv.on_remove.append(snaps.checkpoints.removed)
+    functions = Functions(hv, snaps, cfg.gateway)
+    await functions.startup()
+    controller = Controller(hv, snaps, functions)
     token = remote.load_token(cfg)
-    app = make_app(Controller(hv, snaps), api_routes(hv), [remote.token_middleware(token)] if token else None)
+    app = make_app(controller, api_routes(hv), [remote.token_middleware(token)] if token else None)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
+    gateway = web.AppRunner(make_gateway(controller), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await gateway.setup()
     inherited = systemd.listen_fds()
     sock = inherited[0] if inherited else _bind_unix(cfg.socket)
     # the inode we bound: at exit the path is removed only if it is still ours (not a successor's socket)
@@ -192,6 +202,20 @@ async def serve(cfg: Config) -> int:
     sites.extend(remote.sites(cfg, runner))
     for s in sites:
         await s.start()
+    gateway_sites: list[web.BaseSite] = []
+    if cfg.gateway is not None:
+        site = web.TCPSite(gateway, cfg.gateway[0], cfg.gateway[1], backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+            gateway_sites.append(site)
+            log.info("function gateway on http://%s:%d", *cfg.gateway)
+        except OSError as exc:
+            if cfg.gateway_explicit:
+                raise ConfigError(f"cannot serve the function gateway on {cfg.gateway[0]}:{cfg.gateway[1]}: "
+                                  f"{exc.strerror or exc}") from None
+            log.warning("function gateway off: cannot listen on %s:%d (%s); choose a port with --gateway",
+                        cfg.gateway[0], cfg.gateway[1], exc.strerror or exc)
+            functions.gateway = None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,13 +239,14 @@ async def serve(cfg: Config) -> int:
     await stop.wait()
     if not resuming.done():
         resuming.cancel()
-    await shutdown(cfg, hv, snaps, app, runner, sites, notifier, bound_inode)
+    await shutdown(cfg, hv, snaps, app, runner, sites + gateway_sites, notifier, bound_inode, gateway, functions)
     log.info("stopped")
     return 0
 
 
 async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runner: web.AppRunner,
-                   sites: list[web.BaseSite], notifier: systemd.Notifier, bound_inode: int | None) -> None:
+                   sites: list[web.BaseSite], notifier: systemd.Notifier, bound_inode: int | None,
+                   gateway: web.AppRunner | None = None, functions: Any = None) -> None:
     """The one ordered shutdown path (docs/architecture.md, "Shutdown"). Each step relies on the ones before
     it: no request is answered 500 because a pool, the snapshot store or a device closed under it, and
     nothing reaches a component after it has closed."""
@@ -232,14 +257,18 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     await hv.loop_lag.stop()
     await hv.heap_trim.stop()
 
-    # 1. No new connections: the listening sockets close (a client is refused, not answered 5xx).
+    # 1. No new connections: the listening sockets close (a client is refused, not answered 5xx); no deploys.
     for site in sites:
         await site.stop()
+    if functions is not None:
+        functions.closing = True
 
     # 2. Requests in flight finish on their own while everything they use still works; idle keep-alive
     #    connections close now, busy ones after their answer.
     drain = app[DRAIN]
     busy = await drain.drain(runner.server, DRAIN_GRACE)
+    if functions is not None:  # function requests in flight finish too (their instances still run)
+        busy += await functions.drain(DRAIN_GRACE)
     log.info("shutting down: stopping guests (%d API connections still busy)", busy)
 
     # 3. Guests stop. create() refuses from here on (503 shutting_down), and requests waiting for a guest
@@ -259,7 +288,11 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     if busy:
         log.warning("shutting down: cancelling %d API requests still in flight", busy)
     await runner.cleanup()
+    if gateway is not None:  # its requests waited for their guests in step 3: they have their answers
+        await gateway.cleanup()
     log.debug("shutdown: HTTP server closed")
+    if functions is not None:
+        await functions.close()
 
     # 5. VM records: ephemeral VMs removed, every record written, the persist thread ended.
     await hv.close()

@@ -19,6 +19,7 @@ import wasmtime
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
 FETCHED = {d.name for d in IMAGES.iterdir() if (d / "SHA256SUMS").is_file()}  # scripts/fetch-interpreters
+NOT_GUESTS = FETCHED | {"functions"}  # images/functions: handler sources for `fn deploy --python/--js`
 WASMS = sorted(p for p in IMAGES.glob("*/*.wasm") if p.parent.name not in FETCHED)
 SDK_GUESTS = sorted(d.name for d in IMAGES.iterdir() if (d / "Makefile").is_file()
                     and "mvcc" in (d / "Makefile").read_text())
@@ -41,7 +42,7 @@ def test_expected_guests_present() -> None:
     assert {"hello", "spin", "grow"} <= set(PLAIN_GUESTS)
     assert {"kv", "echo", "fetch", "counter"} <= set(SDK_GUESTS)
     for d in IMAGES.iterdir():
-        if d.is_dir() and d.name not in FETCHED:
+        if d.is_dir() and d.name not in NOT_GUESTS:
             for f in (f"{d.name}.c", "Makefile", f"{d.name}.wasm"):
                 assert (d / f).is_file(), f"images/{d.name}/{f} is missing"
 
@@ -68,7 +69,7 @@ def test_sdk_guest_exports(engine: wasmtime.Engine, name: str) -> None:
         assert want in exports, f"{name}.wasm lacks export {want}"
     sp = exports["__stack_pointer"]
     assert isinstance(sp, wasmtime.GlobalType) and sp.mutable
-    assert {imp.module for imp in mod.imports} <= {"wasi_snapshot_preview1", "microvm", "microvm_blk",
+    assert {imp.module for imp in mod.imports} <= {"wasi_snapshot_preview1", "microvm", "microvm_blk", "microvm_fn",
                                                    "microvm_net"}
 
 

@@ -34,9 +34,9 @@ extern "C" {
 #define MV_ABI_VERSION 1
 /* SDK release (source-level API), independent of the ABI version. */
 #define MV_SDK_VERSION_MAJOR 1
-#define MV_SDK_VERSION_MINOR 1
+#define MV_SDK_VERSION_MINOR 2
 #define MV_SDK_VERSION_PATCH 0
-#define MV_SDK_VERSION "1.1.0"
+#define MV_SDK_VERSION "1.2.0"
 
 /* Size of the Asyncify unwind buffer (see microvm_asyncify_data in ABI.md). */
 #define MV_ASYNCIFY_BUF_SIZE (64 * 1024)
@@ -207,6 +207,45 @@ const char *mv_env_str(const char *name, const char *def);
 /* ABI version compiled in (MV_ABI_VERSION); same as the exported
  * microvm_abi_version(). */
 int mv_abi_version(void);
+
+/* ---- functions (microvm fn deploy NAME IMAGE --executor sdk; docs/functions.md) ----
+ * Each request runs in a fresh instance restored from a snapshot taken while the guest waited in
+ * mv_fn_request(): module state set up before that call is there for every request, and nothing a
+ * request changes reaches the next.  The request lives in linear memory until the instance ends. */
+#define MV_FN_MAX_HEADERS 64
+struct mv_fn_header {
+    const char *name;  /* lower-case */
+    const char *value;
+};
+struct mv_fn_request {
+    const char *method;  /* "GET", "POST", ... */
+    const char *path;    /* "/hello/x" */
+    const char *query;   /* the raw query string, without '?' ("" if none) */
+    size_t nheaders;     /* at most MV_FN_MAX_HEADERS (more are dropped) */
+    struct mv_fn_header headers[MV_FN_MAX_HEADERS];
+    const char *body;    /* body_len bytes, NUL-terminated for convenience */
+    size_t body_len;
+};
+
+/* Wait for this instance's request and parse it into *req.  0, or -1 with errno set (ENOSYS: not
+ * running as a function; ENOMEM). */
+int mv_fn_request(struct mv_fn_request *req);
+
+/* The value of header name (lower-case), or NULL. */
+const char *mv_fn_header(const struct mv_fn_request *req, const char *name);
+
+/* Answer the request: status (100-599), headers as "Name: value" lines separated by '\n' (NULL for
+ * none), and the body.  Call it once; the instance then returns from main.  0, or -1 with errno set. */
+int mv_fn_respond(int status, const char *headers, const void *body, size_t len);
+
+/* main() for a function: waits for the request, then returns handler(&req) (which calls
+ * mv_fn_respond).  Usage: static int handle(const struct mv_fn_request *req) { ... }  MV_FUNCTION(handle) */
+#define MV_FUNCTION(handler)                                          \
+    int main(void) {                                                  \
+        static struct mv_fn_request mv_fn_req_;                       \
+        if (mv_fn_request(&mv_fn_req_) < 0) return 1;                 \
+        return handler(&mv_fn_req_);                                  \
+    }
 
 #ifdef __cplusplus
 }

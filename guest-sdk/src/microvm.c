@@ -45,6 +45,10 @@ MV_IMPORT("microvm_net", "net_poll_recv")
 int32_t __mv_net_poll_recv(struct mv_pollfd *fds, int32_t nfds, int32_t timeout_ms, void *buf, int32_t len,
                            struct mv_rx_out *out);
 
+MV_IMPORT("microvm_fn", "fn_request") int32_t __mv_fn_request(void *buf, int32_t cap);
+MV_IMPORT("microvm_fn", "fn_respond")
+int32_t __mv_fn_respond(int32_t status, const char *headers, int32_t hlen, const void *body, int32_t blen);
+
 /* ---- exports read by the daemon ------------------------------------------ */
 
 __attribute__((export_name("microvm_abi_version"))) int32_t microvm_abi_version(void) {
@@ -407,4 +411,70 @@ long mv_env_int(const char *name, long def) {
 const char *mv_env_str(const char *name, const char *def) {
     const char *s = getenv(name);
     return s ? s : def;
+}
+
+/* ---- functions -------------------------------------------------------------- */
+
+static int mv_fn_parse(struct mv_fn_request *req);
+
+int mv_fn_request(struct mv_fn_request *req) {
+    int r = mv_fn_parse(req);
+    if (r < 0) {
+        errno = -r;
+        return -1;
+    }
+    return 0;
+}
+
+static int mv_fn_parse(struct mv_fn_request *req) {
+    static char small[16384];
+    char *buf = small;
+    int32_t cap = (int32_t)sizeof small - 1;
+    int32_t n = __mv_fn_request(buf, cap);
+    if (n < 0) return n;
+    if (n > cap) { /* too big for the static buffer: ask again with room for it */
+        buf = malloc((size_t)n + 1);
+        if (!buf) return -ENOMEM;
+        int32_t m = __mv_fn_request(buf, n);
+        if (m != n) return m < 0 ? m : -EIO;
+    }
+    buf[n] = 0;
+    /* METHOD\0PATH\0QUERY\0 (NAME\0VALUE\0)* \0 BODY */
+    char *p = buf, *end = buf + n;
+    const char **fields[3] = {&req->method, &req->path, &req->query};
+    for (int i = 0; i < 3; i++) {
+        *fields[i] = p;
+        p += strnlen(p, (size_t)(end - p)) + 1;
+        if (p > end) return -EIO;
+    }
+    req->nheaders = 0;
+    while (p < end && *p) {
+        const char *name = p;
+        p += strnlen(p, (size_t)(end - p)) + 1;
+        if (p > end) return -EIO;
+        const char *value = p;
+        p += strnlen(p, (size_t)(end - p)) + 1;
+        if (p > end) return -EIO;
+        if (req->nheaders < MV_FN_MAX_HEADERS) {
+            req->headers[req->nheaders].name = name;
+            req->headers[req->nheaders].value = value;
+            req->nheaders++;
+        }
+    }
+    p++; /* the empty name */
+    if (p > end) p = end;
+    req->body = p;
+    req->body_len = (size_t)(end - p);
+    return 0;
+}
+
+const char *mv_fn_header(const struct mv_fn_request *req, const char *name) {
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (strcmp(req->headers[i].name, name) == 0) return req->headers[i].value;
+    return NULL;
+}
+
+int mv_fn_respond(int status, const char *headers, const void *body, size_t len) {
+    size_t hlen = headers ? strlen(headers) : 0;
+    return mv_ret32(__mv_fn_respond(status, headers ? headers : "", (int32_t)hlen, body ? body : "", (int32_t)len));
 }

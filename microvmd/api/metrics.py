@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import logsafe
@@ -24,11 +24,14 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class StateCollector(Collector):
     """The controller's state as metric families, read when /metrics is asked for (nothing to keep in step)."""
 
-    def __init__(self, hv: Any) -> None:
+    def __init__(self, hv: Any, functions: Any = None) -> None:
         self.hv = hv
+        self.functions = functions
 
     def collect(self) -> Iterator[Metric]:
         hv = self.hv
+        if self.functions is not None:
+            yield from _function_metrics(self.functions)
         vms = GaugeMetricFamily("microvmd_vms", "VMs by state", labels=["state"])
         for state, n in hv.counts().items():
             vms.add_metric([state], n)
@@ -61,12 +64,35 @@ class StateCollector(Collector):
                                   "counted by their own metrics)", value=logsafe.suppressed_total)
 
 
+def _function_metrics(functions: Any) -> Iterator[Metric]:
+    from ..functions.service import LATENCY_BUCKETS
+
+    calls = CounterMetricFamily("microvmd_function_invocations_total", "Requests served by each function",
+                                labels=["function"])
+    errors = CounterMetricFamily("microvmd_function_errors_total", "Requests a function did not answer itself, "
+                                 "by kind (timeout, trap, out_of_fuel, handler_error, bad_response, overloaded...)",
+                                 labels=["function", "kind"])
+    instances = GaugeMetricFamily("microvmd_function_instances", "Instances running now, and requests queued",
+                                  labels=["function", "kind"])
+    latency = HistogramMetricFamily("microvmd_function_request_seconds", "Time to answer a request (queue, "
+                                    "fresh instance, run)", labels=["function"])
+    for fn in functions.ordered():
+        calls.add_metric([fn.name], fn.invocations)
+        for kind, n in sorted(fn.errors.items()):
+            errors.add_metric([fn.name, kind], n)
+        instances.add_metric([fn.name, "running"], fn.active)
+        instances.add_metric([fn.name, "queued"], fn.queued)
+        buckets = [(str(b), fn.latency[i]) for i, b in enumerate(LATENCY_BUCKETS)] + [("+Inf", fn.latency[-1])]
+        latency.add_metric([fn.name], buckets, fn.latency_sum)
+    yield from (calls, errors, instances, latency)
+
+
 class Metrics:
     """One application's registry: the state collector plus the API's request counter and latency histogram."""
 
-    def __init__(self, hv: Any) -> None:
+    def __init__(self, hv: Any, functions: Any = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(StateCollector(hv))
+        self.registry.register(StateCollector(hv, functions))
         self.requests = Counter("microvmd_api_requests_total", "API requests by route and status",
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("microvmd_api_request_seconds", "API latency", ["method", "route"],

@@ -22,7 +22,7 @@ from aiohttp.client_exceptions import ClientConnectionResetError
 from .. import __version__, contract
 from ..control import actions as a
 from ..control.controller import Controller
-from ..errors import BadRequest, MicrovmError, NotImplementedYet, ShuttingDown
+from ..errors import BadRequest, MicrovmError, ShuttingDown
 from ..vmm.manager import Hypervisor
 from . import codec
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -254,12 +254,6 @@ async def vm_stdin(request: web.Request) -> web.StreamResponse:
     return codec.reply(request, contract.StdinResult, await apply(request, act))
 
 
-# ------------------------------------------------------------------ functions (not built yet)
-async def functions_unavailable(request: web.Request) -> web.StreamResponse:
-    raise NotImplementedYet("serverless functions and their HTTP gateway are not part of this microvmd yet; "
-                            "run the guest as a VM with --publish instead", code="not_implemented")
-
-
 # ------------------------------------------------------------------ table
 ROUTES: list[Route] = [
     Route("GET", "/v1/info", info, "Daemon version, state and VM counts", response=contract.Info, tag="system"),
@@ -316,12 +310,6 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/vms/{ref}/stdin", vm_stdin,
           "Stream the body to the guest's standard input (a VM created with stdin: true); the end of the body "
           "closes it", request="binary", response=contract.StdinResult),
-] + [
-    Route(m, p, functions_unavailable, "Functions: not built yet (501 not_implemented)", status=501,
-          tag="functions")
-    for m, p in (("POST", "/v1/functions"), ("GET", "/v1/functions"), ("GET", "/v1/functions/{name}"),
-                 ("DELETE", "/v1/functions/{name}"), ("POST", "/v1/functions/{name}/invoke"),
-                 ("GET", "/v1/functions/{name}/logs"))
 ]
 
 
@@ -454,7 +442,7 @@ def make_app(controller: Controller, routes: list[Route], middlewares: list[Any]
     app[HV] = h
     app[CONTROLLER] = controller
     app[DRAIN] = Drain()
-    app[METRICS] = Metrics(h)
+    app[METRICS] = Metrics(h, controller.functions)
     app[ROUTE_TABLE] = routes
     app[OPENAPI] = {}
     add_routes(app, routes)

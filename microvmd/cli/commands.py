@@ -1029,13 +1029,20 @@ def cmd_migrate(ctx: Ctx, ns) -> int:
 # --- functions -----------------------------------------------------------------------------------------
 
 def cmd_fn_deploy(ctx: Ctx, ns) -> int:
-    if bool(ns.image) == bool(ns.python):
-        raise UsageError("give either IMAGE or --python FILE.py (exactly one)")
+    given = [x for x in (ns.image, ns.python, ns.js) if x]
+    if len(given) != 1:
+        raise UsageError("give exactly one of IMAGE, --python FILE.py and --js FILE.js")
     body: dict = {"name": ns.name}
-    if ns.python:
-        body["python"] = _read_file(ns.python).decode("utf-8", "replace")
+    if ns.python or ns.js:
+        path = ns.python or ns.js
+        try:
+            body["python" if ns.python else "js"] = _read_file(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not UTF-8 text") from None
     else:
         body["image"] = resolve_image(ctx, ns.image)
+    if ns.reuse:
+        body["reuse"] = True
     if ns.route:
         if not ns.route.startswith("/"):
             raise UsageError(f"--route {ns.route!r}: must start with /")
@@ -1054,7 +1061,7 @@ def cmd_fn_deploy(ctx: Ctx, ns) -> int:
         body["max_concurrency"] = ns.max_concurrency
     if ns.env:
         body["env"] = _parse_env(ns.env)
-    fn = ctx.api.post("/v1/functions", body)
+    fn = _deploy_with_progress(ctx, body, "python" if ns.python else "js" if ns.js else None)
     if ctx.json:
         ctx.emit(fn)
     elif isinstance(fn, dict) and fn.get("route"):
@@ -1064,8 +1071,55 @@ def cmd_fn_deploy(ctx: Ctx, ns) -> int:
     return 0
 
 
+def _deploy_with_progress(ctx: Ctx, body: dict, runtime: str | None) -> dict:
+    """The deploy; the first one of a Python or JavaScript function imports the interpreter and rewrites it for
+    snapshots (minutes for CPython, once per host): that is shown on stderr while the request runs."""
+    if runtime is None:
+        return ctx.api.post("/v1/functions", body, answer=contract.Function)
+    import threading
+
+    box: dict = {}
+
+    def deploy() -> None:
+        try:
+            box["fn"] = ctx.api.post("/v1/functions", body, answer=contract.Function)
+        except BaseException as e:  # handed to the main thread
+            box["exc"] = e
+
+    t = threading.Thread(target=deploy, daemon=True)
+    t.start()
+    t.join(2.0)
+    shown, last_line = False, 0.0
+    tty = sys.stderr.isatty()
+    while t.is_alive():
+        try:
+            answer = ctx.api.get("/v1/images", answer=contract.ImageList)
+        except ClientError:
+            answer = None
+        jobs = [j for j in (answer.get("importing") or []) if isinstance(j, dict)] if isinstance(answer, dict) else []
+        job = next((j for j in jobs if j.get("name") == runtime), None)
+        text = (f"{body['name']}: preparing the {runtime} interpreter for snapshots (once per host): "
+                f"{job.get('elapsed', 0):.0f} s of about {job.get('expected_seconds', 0):.0f} s") if job else \
+            f"{body['name']}: starting the handler and taking its snapshot"
+        now = time.monotonic()
+        if tty:
+            sys.stderr.write(f"\r{text}  ")
+            sys.stderr.flush()
+            shown = True
+        elif now - last_line >= 15:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            last_line = now
+        t.join(1.0)
+    if shown:
+        sys.stderr.write("\n")
+    if "exc" in box:
+        raise box["exc"]
+    return box["fn"]  # type: ignore[no-any-return]
+
+
 def cmd_fn_ls(ctx: Ctx, ns) -> int:
-    answer = ctx.api.get("/v1/functions")
+    answer = ctx.api.get("/v1/functions", answer=contract.FunctionList)
     if ctx.json:
         ctx.emit(answer)
         return 0
@@ -1078,6 +1132,13 @@ def cmd_fn_ls(ctx: Ctx, ns) -> int:
                      output.ago(fn.get("created"))])
     output.table(["NAME", "ROUTE", "EXECUTOR", "IMAGE", "CREATED"], rows)
     return 0
+
+
+def cmd_fn_inspect(ctx: Ctx, ns) -> int:
+    status, results = _each(ctx, ns.refs,
+                            lambda ref: ctx.api.get(f"/v1/functions/{q(ref)}", answer=contract.Function))
+    _emit_results(ctx, results, always_json=True)
+    return status
 
 
 def _invoke_body(data: bytes | None, method: str, path: str, headers: dict) -> dict:
@@ -1109,7 +1170,8 @@ def cmd_fn_invoke(ctx: Ctx, ns) -> int:
         headers[k.strip()] = v.strip()
     method = (ns.method or ("POST" if data is not None else "GET")).upper()
     path = ns.path if ns.path.startswith("/") else "/" + ns.path
-    answer = ctx.api.post(f"/v1/functions/{q(ns.name)}/invoke", _invoke_body(data, method, path, headers))
+    answer = ctx.api.post(f"/v1/functions/{q(ns.name)}/invoke", _invoke_body(data, method, path, headers),
+                          answer=contract.InvokeResult)
     if ctx.json:
         ctx.emit(answer)
         status = answer.get("status") if isinstance(answer, dict) else None

@@ -68,7 +68,7 @@ GROUP_COMMANDS = {
     "fuel": ("add",),
     "disk": ("create", "ls", "list", "rm", "remove"),
     "snapshot": ("create", "ls", "list", "inspect", "rm", "remove", "export", "import"),
-    "fn": ("deploy", "ls", "list", "invoke", "logs", "rm", "remove"),
+    "fn": ("deploy", "ls", "list", "inspect", "invoke", "logs", "rm", "remove"),
     "system": ("check", "df", "prune"),
 }
 _GROUPS = tuple(GROUP_COMMANDS)
@@ -444,21 +444,30 @@ def build_parser(only: tuple[str, ...] | None = None):
     p = cmd(
         nsubs, "deploy", "fn_deploy", "Deploy (or replace) a function.",
         [
-            "microvm fn deploy hello images/hello/hello.wasm --route /hello",
+            "microvm fn deploy hello images/wagi/wagi.wasm --route /hello   # curl 127.0.0.1:8080/hello",
             "microvm fn deploy greet --python greet.py --max-concurrency 4",
+            "microvm fn deploy hi --js hi.js --route /hi --timeout 2s",
         ],
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("image", metavar="IMAGE", nargs="?", help="image name or reference, or a module file to upload")
-    p.add_argument("--python", metavar="FILE.py", help="deploy a Python handler instead of an image")
-    p.add_argument("--route", metavar="/PATH", help="gateway route (default: chosen by the daemon)")
-    p.add_argument("--executor", choices=["wagi", "sdk"], help="how requests reach the guest")
+    p.add_argument("--python", metavar="FILE.py", help="a Python handler (def handle(request)) instead of an image")
+    p.add_argument("--js", metavar="FILE.js",
+                   help="a JavaScript handler (function handle(request)) instead of an image")
+    p.add_argument("--route", metavar="/PATH", help="gateway route; it serves /PATH and /PATH/... (default: /NAME)")
+    p.add_argument("--executor", choices=["wagi", "sdk"],
+                   help="how requests reach an image's guest (default wagi: CGI over WASI)")
     p.add_argument("--fuel", metavar="N", help="fuel per invocation")
     p.add_argument("--memory", metavar="SIZE", help="memory limit per invocation")
     p.add_argument("--timeout", metavar="D", help="time limit per invocation")
     p.add_argument("--max-concurrency", metavar="N", type=int, help="concurrent invocations at most")
     p.add_argument("-e", "--env", metavar="K=V", action="append", default=[], help="environment (repeatable)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep warm instances between requests (faster; requests then share module state)")
     cmd(nsubs, "ls", "fn_ls", "List functions.", "microvm fn ls", aliases=["list"])
+    p = cmd(nsubs, "inspect", "fn_inspect", "Show functions as JSON (route, limits, counters).",
+            "microvm fn inspect hello")
+    p.add_argument("refs", metavar="NAME", nargs="+")
     p = cmd(
         nsubs, "invoke", "fn_invoke", "Invoke a function and print its response body.",
         [

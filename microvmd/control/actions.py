@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from .. import contract
+from ..functions.http import FnRequest
 
 
 class Action:
@@ -250,6 +251,40 @@ class MigrateVm(Action):
     to: str
     token: str | None = None
     ca_file: str | None = None
+
+
+# ------------------------------------------------------------------ functions
+@dataclass(frozen=True)
+class DeployFunction(Action):
+    spec: contract.FunctionDeploy
+
+
+@dataclass(frozen=True)
+class ListFunctions(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class GetFunction(Action):
+    name: str
+
+
+@dataclass(frozen=True)
+class RemoveFunction(Action):
+    name: str
+
+
+@dataclass(frozen=True)
+class InvokeFunction(Action):
+    """Answered with a ``FnResponse``. ``name`` None: the function whose route matches the request's path
+    (the gateway); 404 when none does."""
+    name: str | None
+    request: FnRequest
+
+
+@dataclass(frozen=True)
+class ReadFunctionLogs(Action):
+    name: str
 
 
 # ------------------------------------------------------------------ streamed results

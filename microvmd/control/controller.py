@@ -18,6 +18,8 @@ from ..devices.console import MemoryConsole
 from ..devices.wasip1 import WasiState
 from ..engine import wt
 from ..errors import BadRequest, Conflict, MicrovmError
+from ..functions.http import FnResponse, error_response
+from ..functions.service import Functions
 from ..snapshot import dirty
 from ..snapshot.controller import Grants, Snapshots
 from ..snapshot.migrate import migrate
@@ -41,9 +43,10 @@ def _applies(kind: type[A]) -> Callable[[Callable[[Controller, A], Awaitable[Any
 
 
 class Controller:
-    def __init__(self, hv: Hypervisor, snapshots: Snapshots) -> None:
+    def __init__(self, hv: Hypervisor, snapshots: Snapshots, functions: Functions | None = None) -> None:
         self.hv = hv
         self.snapshots = snapshots
+        self.functions = functions or Functions(hv, snapshots, None)
         self.system = System(hv, snapshots)
 
     async def apply(self, action: a.Action) -> Any:
@@ -136,6 +139,10 @@ class Controller:
     @_applies(a.RemoveImage)
     async def remove_image(self, act: a.RemoveImage) -> None:
         img = self.hv.images.resolve(act.ref)
+        users = self.functions.needing_image(img.digest)
+        if users:
+            raise Conflict(f"image {act.ref} runs function(s) {', '.join(users)}: remove them first",
+                           code="image_in_use")
         await self.hv.remove_image(act.ref, await self.snapshots.needing_image(img.digest))
 
     # ------------------------------------------------------------------ VMs
@@ -150,7 +157,8 @@ class Controller:
 
     @_applies(a.ListVms)
     async def list_vms(self, act: a.ListVms) -> dict[str, Any]:
-        return {"vms": [v.to_api() for v in self.hv.list(act.all)]}
+        # a function's instances are its own (fn ls counts them): listed with all=true only
+        return {"vms": [v.to_api() for v in self.hv.list(act.all) if act.all or v.spec.owner is None]}
 
     @_applies(a.GetVm)
     async def get_vm(self, act: a.GetVm) -> dict[str, Any]:
@@ -332,3 +340,43 @@ class Controller:
     @_applies(a.MigrateVm)
     async def migrate_vm(self, act: a.MigrateVm) -> dict[str, Any]:
         return await migrate(self.hv, self.snapshots, self._vm(act.ref), act.to, act.token, act.ca_file)
+
+    # ------------------------------------------------------------------ functions
+    @_applies(a.DeployFunction)
+    async def deploy_function(self, act: a.DeployFunction) -> dict[str, Any]:
+        f = self.functions
+        return f.to_api(await f.deploy(act.spec))
+
+    @_applies(a.ListFunctions)
+    async def list_functions(self, _: a.ListFunctions) -> dict[str, Any]:
+        f = self.functions
+        gw = f.gateway
+        return {"functions": [f.to_api(fn) for fn in f.ordered()], "gateway": f"{gw[0]}:{gw[1]}" if gw else None}
+
+    @_applies(a.GetFunction)
+    async def get_function(self, act: a.GetFunction) -> dict[str, Any]:
+        return self.functions.to_api(self.functions.get(act.name))
+
+    @_applies(a.RemoveFunction)
+    async def remove_function(self, act: a.RemoveFunction) -> None:
+        await self.functions.remove(act.name)
+
+    @_applies(a.InvokeFunction)
+    async def invoke_function(self, act: a.InvokeFunction) -> FnResponse:
+        f = self.functions
+        if act.name is None:
+            fn = f.match(act.request.path)
+            if fn is None:
+                return error_response(404, "no_route", f"no function serves {act.request.path}", "-")
+        else:
+            fn = f.get(act.name)
+        req = act.request
+        if act.name is not None and not req.route:  # through the API: the function's own route
+            req.route = fn.rec.route
+        elif act.name is None:
+            req.route = fn.rec.route
+        return await f.invoke(fn, req)
+
+    @_applies(a.ReadFunctionLogs)
+    async def read_function_logs(self, act: a.ReadFunctionLogs) -> str:
+        return self.functions.get(act.name).log.text()

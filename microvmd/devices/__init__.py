@@ -24,10 +24,12 @@ class Installer(DeviceHost, Protocol):
 
 
 def install_devices(hv: Installer) -> None:
-    """The composition root's device list: descriptor budgets, clock, WASI's blocking calls, disks, sockets."""
+    """The composition root's device list: descriptor budgets, clock, WASI's blocking calls, disks, sockets,
+    function I/O."""
     from .blk import BlockDevice
     from .clock import ClockDevice
     from .files import FilesDevice
+    from .fnio import FnDevice
     from .net import NetDevice
     from .wasip1 import WasiDevice
 
@@ -36,3 +38,4 @@ def install_devices(hv: Installer) -> None:
     hv.add_device(WasiDevice(hv.images))  # for modules rewritten with Asyncify at import
     hv.add_device(BlockDevice(hv))
     hv.add_device(NetDevice(hv))
+    hv.add_device(FnDevice(hv.images))  # a function instance's request and response (--executor sdk)

@@ -339,7 +339,11 @@ class WasiDevice(Device):
             prefix = f"{HOST_MODULE}."
             rewritten = self._rewritten[digest] = any(i.startswith(prefix) for i in img.imports)
         if rewritten:
-            vm.devices.add(WasiState(stdin_open=bool(getattr(vm.spec, "stdin", False))))
+            part = WasiState(stdin_open=bool(getattr(vm.spec, "stdin", False)))
+            data = getattr(vm.spec, "stdin_data", None)
+            if data is not None:  # all of the input at once, then end of file (a function's request body)
+                part.stdin.replace(data, True)
+            vm.devices.add(part)
 
     # ---- poll_oneoff ----
     def _poll(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:

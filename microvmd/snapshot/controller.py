@@ -11,9 +11,11 @@ import ctypes
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import contract
 from ..devices.blk import BlkState, BlockDevice
 from ..engine import wt
 from ..errors import BadRequest, Conflict, MicrovmError, NotFound, Unprocessable
@@ -90,6 +92,8 @@ class Snapshots:
         self.write_lock = asyncio.Lock()  # one writer of packs + manifests at a time
         self._seq = 0
         self._background: set[asyncio.Future[None]] = set()
+        self._kept: dict[str, tuple[dict[str, Any], contract.VmSpec]] = {}  # instance(): manifests read once
+        self.protected: list[Callable[[str], str | None]] = []  # who needs a snapshot (a function): rm is refused
         from .checkpoints import Checkpointer  # (it uses this class)
         self.checkpoints = Checkpointer(self)
 
@@ -208,7 +212,7 @@ class Snapshots:
             manifest = {
                 "name": name, "created": time.time(), "kind": kind,
                 "wasmtime": wt.WASMTIME_VERSION, "engine": hv.opts.fingerprint(),
-                "vm": {"id": vm.id, "name": vm.name, "spec": asdict(vm.spec), "image_name": vm.image_name,
+                "vm": {"id": vm.id, "name": vm.name, "spec": vm.spec.to_dict(), "image_name": vm.image_name,
                        "digest": vm.digest, "memory_limit": vm.memory_limit, "fuel_budget": vm.fuel_budget,
                        "fuel_consumed": vm.fuel_consumed, "state": vm.state.value,
                        "original_digest": _original_digest(hv, vm.digest)},
@@ -318,7 +322,15 @@ class Snapshots:
     async def get(self, name: str) -> dict[str, Any]:
         return summary(await self.hv.sched.on_io(self.store.load_manifest, name))
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, owner: str | None = None) -> None:
+        """Remove a snapshot; one that a function restores from is refused (409) unless ``owner`` is that
+        function (its own redeploy or removal)."""
+        for needs in self.protected:
+            who = needs(name)
+            if who is not None and who != owner:
+                raise Conflict(f"snapshot {name} is the pre-initialised state of function {who}: remove or "
+                               f"redeploy the function instead", code="snapshot_in_use")
+        self._kept.pop(name, None)
         async with self.write_lock:
             await self.hv.sched.on_io(self.store.remove, name)
         for vm_id, p in list(self._parents.items()):
@@ -366,6 +378,25 @@ class Snapshots:
         if start:
             await hv.start(vm)
         return vm
+
+    async def instance(self, name: str, adjust: Callable[[VmSpec], None], fuel: int | None = None) -> Vm:
+        """A new ephemeral VM restored from snapshot ``name``, not started: a function's fresh instance for one
+        request. The manifest is read once and kept (the snapshot is the daemon's own: nothing to distrust);
+        the memory comes from the packs through the page cache. ``adjust`` sets the instance's limits and
+        input; ``fuel`` is its budget beyond what the snapshot had consumed."""
+        kept = self._kept.get(name)
+        if kept is None:
+            m = await self.hv.sched.on_io(self.store.load_manifest, name)
+            kept = self._kept[name] = (m, contract.convert(m["vm"]["spec"], contract.VmSpec))
+        m, stored = kept
+        spec = VmSpec.from_contract(stored)
+        spec.image = m["vm"]["digest"]
+        spec.name = None
+        spec.auto_remove = spec.stdin = False
+        spec.ephemeral = True
+        adjust(spec)
+        consumed = int(m["vm"].get("fuel_consumed") or 0)
+        return await self.hv.restore(spec, self._restore_data(m, None if fuel is None else consumed + fuel))
 
     def _distrust(self, name: str, spec: VmSpec, m: dict[str, Any], fuel_budget: int | None) -> int | None:
         """An imported snapshot's spec is what a file asked for, and anyone can write a file whose checksums

@@ -60,6 +60,9 @@ class VmSpec:
     net_rate_limiter: dict[str, Any] | None = None  # Firecracker-style buckets for socket bytes and calls
     restart: str = "no"  # restart policy (vmm/restart.py)
     checkpoint_interval: float | None = None  # seconds between checkpoints (snapshot/checkpoints.py)
+    # set by the daemon, never by a request (not in the contract, not recorded):
+    stdin_data: bytes | None = None  # the whole standard input, given at creation (a function's request body)
+    owner: str | None = None  # "fn:NAME" for a function's instances: listed only with all=true
 
     @classmethod
     def from_contract(cls, c: contract.VmSpec) -> VmSpec:
@@ -73,6 +76,12 @@ class VmSpec:
             net_rate_limiter=_limiter(c.net_rate_limiter), restart=c.restart,
             checkpoint_interval=c.checkpoint_interval,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a request would give it (a record, a snapshot's manifest, an answer): the daemon's own fields left out."""
+        d: dict[str, Any] = contract.to_builtins(self)
+        del d["stdin_data"], d["owner"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> VmSpec:
@@ -103,7 +112,9 @@ class Vm:
         self.console: Console | MemoryConsole = MemoryConsole(log_cap) if spec.ephemeral else \
             Console(directory, log_cap)
         self.memory_limit = memory_limit
-        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm"), {"vm": vm_id[:12]})
+        # a function's instances come and go by the thousand: their lines are debug-level (microvmd.vm.fn)
+        self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm.fn" if spec.owner else "microvmd.vm"),
+                                         {"vm": vm_id[:12]})
         # ``recorded``: the lifecycle as a record left it (registry.read); the Hypervisor settles it on the loop
         self.rt = recorded if recorded is not None else VmRuntime(vm_id, self.log)
         self.created = time.time()
@@ -188,7 +199,7 @@ class Vm:
         rt = self.rt
         spec = self._spec_api
         if spec is None:  # the spec does not change after creation: convert it once
-            spec = self._spec_api = contract.to_builtins(self.spec)
+            spec = self._spec_api = self.spec.to_dict()
         budget = self.fuel_budget
         return {
             "id": self.id,
@@ -221,7 +232,7 @@ class Vm:
         """What survives a daemon restart."""
         rt = self.rt
         return {
-            "id": self.id, "spec": contract.to_builtins(self.spec), "digest": self.digest,
+            "id": self.id, "spec": self.spec.to_dict(), "digest": self.digest,
             "image_name": self.image_name,
             "state": rt.state.value, "created": self.created, "started": rt.started,
             "finished": rt.finished, "exit": contract.to_builtins(rt.exit) if rt.exit else None,

@@ -348,9 +348,7 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET":
                 return self._send(200, {"disks": [_disk("d1", 1 << 20)]})
             return self._send(204)
-        if parts[:2] == ["v1", "functions"]:  # as the real daemon: not built yet
-            raise ApiFail(501, "not_implemented", "serverless functions and their HTTP gateway are not part of "
-                          "this microvmd yet; run the guest as a VM with --publish instead")
+        # functions are tested against the real daemon (tests/integration/test_it_functions.py)
         raise ApiFail(404, "not_found", f"no route {method} /{'/'.join(parts)}")
 
     def _logs(self, vm, query):

@@ -291,8 +291,10 @@ class Daemon:
         return _thread_count(self.pid)
 
     def argv(self) -> list[str]:
+        # the function gateway only where a test asks for it (its default port is one for the whole host)
+        gateway = [] if any(a.startswith("--gateway") for a in self.args) else ["--gateway", "off"]
         return [*self.prefix, sys.executable, "-m", "microvmd.daemon", "--socket", str(self.socket),
-                "--state-dir", str(self.state_dir), *self.args]
+                "--state-dir", str(self.state_dir), *gateway, *self.args]
 
     def start(self, *, wait: bool = True, popen_argv: list[str] | None = None, **popen_kw: Any) -> Self:
         assert self.proc is None or self.proc.poll() is not None, "already running"

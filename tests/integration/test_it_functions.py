@@ -1,21 +1,400 @@
-"""Functions are not built yet: their routes say so with a 501, the gateway flag is refused at start-up."""
+"""Functions through the real gateway (real HTTP on loopback) and the real API: WAGI (C), JavaScript and
+Python handlers; isolation, errors, back-pressure, redeploy under load, restart of the daemon."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import http.client
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
-from mvapi import REPO, Api
+import pytest
+from mvapi import IMAGES, Api, Daemon, cli
+
+WAGI = IMAGES / "wagi" / "wagi.wasm"
+FNSDK = IMAGES / "fnsdk" / "fnsdk.wasm"
+JS_WASM = IMAGES / "js" / "js.wasm"          # scripts/fetch-interpreters
+PYTHON_WASM = IMAGES / "python" / "python.wasm"
+EXAMPLES = IMAGES / "functions"
 
 
-def test_function_routes_answer_501(api: Api) -> None:
-    for method, path in (("GET", "/v1/functions"), ("POST", "/v1/functions"), ("POST", "/v1/functions/f/invoke")):
-        r = api(method, path, {})
-        assert r.status == 501 and r.error["code"] == "not_implemented", (method, path, r.status)
-        assert "not part of this microvmd" in r.error["message"]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def test_gateway_flag_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    p = subprocess.run([sys.executable, "-m", "microvmd.daemon", "--socket", str(tmp_path / "s.sock"),
-                        "--state-dir", str(tmp_path / "st"), "--gateway", "127.0.0.1:9"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert p.returncode == 2 and "--gateway" in p.stderr
+class Gateway:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __call__(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None
+                 ) -> tuple[int, dict[str, str], bytes]:
+        c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            if conn is None:
+                c.close()
+
+
+@pytest.fixture(scope="module")
+def fnd() -> Iterator[tuple[Daemon, Gateway]]:
+    port = free_port()
+    with Daemon.fresh("mvd-fn-", "--gateway", f"127.0.0.1:{port}") as d:
+        for path, name in ((WAGI, "wagi"), (FNSDK, "fnsdk")):
+            r = d.api.import_image(path.read_bytes(), name)
+            assert r.status == 201, r.body
+        yield d, Gateway(port)
+
+
+@pytest.fixture
+def deploy(fnd: tuple[Daemon, Gateway]) -> Iterator[Callable[..., dict[str, Any]]]:
+    api = fnd[0].api
+    made: list[str] = []
+
+    def make(name: str, **body: Any) -> dict[str, Any]:
+        r = api("POST", "/v1/functions", {"name": name, **body})
+        assert r.status == 201, r.body
+        made.append(name)
+        return r.doc  # type: ignore[no-any-return]
+
+    yield make
+    for n in made:
+        api("DELETE", f"/v1/functions/{n}")
+
+
+def test_wagi_function_gets_the_cgi_request(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    _, gw = fnd
+    fn = deploy("hello", image="wagi", route="/hello")
+    assert fn["executor"] == "wagi" and fn["route"] == "/hello" and fn["url"].endswith("/hello")
+    status, headers, body = gw("GET", "/hello?name=ada")
+    assert (status, body) == (200, b"hello ada, call 1\n")
+    assert headers["content-type"] == "text/plain" and headers["x-calls"] == "1" and headers["x-request-id"]
+    status, _, body = gw("GET", "/hello/sub/path?env=1", headers={"X-Test": "yes", "User-Agent": "t/1"})
+    env = dict(line.split("=", 1) for line in body.decode().splitlines() if "=" in line)
+    assert status == 200
+    assert env["REQUEST_METHOD"] == "GET" and env["QUERY_STRING"] == "env=1"
+    assert env["SCRIPT_NAME"] == "/hello" and env["PATH_INFO"] == "/sub/path" and env["X_MATCHED_ROUTE"] == "/hello"
+    assert env["HTTP_X_TEST"] == "yes" and env["HTTP_USER_AGENT"] == "t/1" and env["GATEWAY_INTERFACE"] == "CGI/1.1"
+    assert env["SERVER_PORT"] == str(gw.port)
+    status, _, body = gw("POST", "/hello", b"0123456789", {"Content-Type": "application/octet-stream"})
+    assert (status, body) == (201, b"got 10 bytes, call 1\n")  # the body on stdin, Status: from the guest
+
+
+def test_every_request_gets_a_fresh_instance_on_one_keep_alive_connection(
+        fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    _, gw = fnd
+    deploy("fresh", image="wagi")  # no --route: /NAME
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    answers = {gw("GET", f"/fresh?name={i}", conn=conn)[2] for i in range(20)}
+    conn.close()
+    assert answers == {f"hello {i}, call 1\n".encode() for i in range(20)}
+
+
+def test_failures_have_their_status_and_an_id_in_the_log(fnd: tuple[Daemon, Gateway],
+                                                        deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    deploy("bad", image="wagi", timeout=0.3)
+    status, headers, body = gw("GET", "/bad?spin=1")
+    assert status == 504 and b"did not answer within 0.3 s" in body
+    rid = headers["x-request-id"]
+    assert rid in body.decode()
+    status, _, body = gw("GET", "/bad?trap=1")
+    assert status == 502 and b"trap" in body
+    status, _, body = gw("GET", "/bad?nohead=1")
+    assert status == 502 and b"not a CGI response" in body
+    logs = d.api("GET", "/v1/functions/bad/logs").text
+    assert f"request {rid}: 504 timeout" in logs and "502 trap" in logs and "502 bad_response" in logs
+    info = d.api.ok("GET", "/v1/functions/bad")
+    assert info["stats"]["errors"] == {"timeout": 1, "trap": 1, "bad_response": 1}
+    status, _, _ = gw("GET", "/nowhere")
+    assert status == 404
+    status, _, body = gw("POST", "/bad", b"x" * (2 << 20))
+    assert status == 413
+    assert gw("GET", "/bad?name=ok")[0] == 200  # and the function still works
+
+
+def test_the_query_string_stays_raw_and_control_characters_are_refused(
+        fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    _, gw = fnd
+    deploy("rawq", image="wagi")
+    status, _, body = gw("GET", "/rawq/a%20b?env=1&p=100%25&x=%00")
+    env = dict(line.split("=", 1) for line in body.decode().splitlines() if "=" in line)
+    assert status == 200 and env["QUERY_STRING"] == "env=1&p=100%25&x=%00" and env["PATH_INFO"] == "/a b"
+    assert gw("GET", "/rawq/x%00y")[0] == 400
+    assert gw("GET", "/rawq", headers={"Proxy": "http://evil"})[0] == 200
+
+
+def test_remove_then_deploy_again_under_load(fnd: tuple[Daemon, Gateway]) -> None:
+    d, gw = fnd
+    api = d.api
+    body = {"name": "again", "image": "fnsdk", "executor": "sdk", "route": "/again"}
+    assert api("POST", "/v1/functions", body).status == 201
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def hammer() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        while not stop.is_set():
+            seen.append(gw("GET", "/again", conn=conn)[0])
+        conn.close()
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)
+            assert api("DELETE", "/v1/functions/again").status == 204
+            assert api("POST", "/v1/functions", body).status == 201
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(seen) <= {200, 404}, sorted(set(seen))  # 404 only in the moments it was removed
+    assert gw("GET", "/again")[0] == 200  # its snapshot is its own: not dropped by the removed version's
+    snaps = [s["name"] for s in api.ok("GET", "/v1/snapshots")["snapshots"] if s["name"].startswith("fn.again.")]
+    assert len(snaps) == 1, snaps
+    api("DELETE", "/v1/functions/again")
+
+
+def test_bad_deploys_say_what_to_fix(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    api = fnd[0].api
+    deploy("taken", image="wagi", route="/taken")
+    cases = [
+        ({"name": "x", "image": "nosuchimage"}, 404, "image_not_found"),
+        ({"name": "x"}, 400, "invalid_function"),
+        ({"name": "x", "image": "wagi", "js": "1"}, 400, "invalid_function"),
+        ({"name": "x", "image": "wagi", "route": "no-slash"}, 400, "invalid_route"),
+        ({"name": "x", "image": "wagi", "route": "/taken"}, 409, "route_in_use"),
+        ({"name": "bad name!", "image": "wagi"}, 400, "invalid_name"),
+        ({"name": "x", "image": "wagi", "executor": "sdk"}, 400, "invalid_function"),  # no mv_fn_request
+        ({"name": "x", "image": "wagi", "reuse": True}, 400, "invalid_function"),  # CGI: one request per run
+        ({"name": "x", "image": "wagi", "max_concurrency": 0}, 400, "invalid_limit"),
+    ]
+    for body, status, code in cases:
+        r = api("POST", "/v1/functions", body)
+        assert (r.status, r.code) == (status, code), (body, r.status, r.body)
+    assert api("GET", "/v1/functions/x").status == 404
+    r = api("DELETE", "/v1/images/wagi")
+    assert r.status == 409 and "taken" in r.message  # the image runs a function
+
+
+def test_the_concurrency_limit_queues_then_answers_503(fnd: tuple[Daemon, Gateway],
+                                                      deploy: Callable[..., Any]) -> None:
+    _, gw = fnd
+    fn = deploy("narrow", image="wagi", max_concurrency=1, timeout=0.5)
+    assert fn["limits"]["queue"] == 4
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: gw("GET", "/narrow?spin=1"), range(8)))
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(504) >= 1 and 503 in statuses, statuses  # 1 running + 4 queued; the rest refused
+    refused = next(h for s, h, _ in results if s == 503)
+    assert refused["retry-after"] == "1"
+
+
+def test_redeploy_under_load_fails_no_request(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    deploy("live", image="wagi", route="/live", env={"V": "1"})
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def hammer() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        while not stop.is_set():
+            seen.append(gw("GET", "/live?name=x", conn=conn)[0])
+        conn.close()
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for v in range(2, 6):
+            time.sleep(0.2)
+            assert d.api("POST", "/v1/functions", {"name": "live", "image": "wagi", "route": "/live",
+                                                  "env": {"V": str(v)}}).status == 201
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(seen) > 20 and set(seen) == {200}, sorted(set(seen))
+    assert d.api.ok("GET", "/v1/functions/live")["version"] == 5
+
+
+def test_metrics_count_invocations_and_errors(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    deploy("counted", image="wagi")
+    for q in ("a", "b", "trap=1"):
+        gw("GET", f"/counted?{q}")
+    text = d.api.metrics()
+    assert 'microvmd_function_invocations_total{function="counted"} 3.0' in text
+    assert 'microvmd_function_errors_total{function="counted",kind="trap"} 1.0' in text
+    assert 'microvmd_function_request_seconds_count{function="counted"} 3.0' in text
+    # a function's instances are not VMs a user made: ps leaves them out
+    assert all(v["spec"].get("ephemeral") is not True for v in d.api.ok("GET", "/v1/vms")["vms"])
+
+
+def test_the_cli_deploys_lists_invokes_and_removes(fnd: tuple[Daemon, Gateway]) -> None:
+    d, gw = fnd
+    mv = lambda *a: cli(d.socket, *a)  # noqa: E731
+    r = mv("fn", "deploy", "clihello", "wagi", "--route", "/cli", "--timeout", "5s", "--max-concurrency", "3",
+           "-e", "A=1")
+    assert r.returncode == 0 and r.stdout.split() == ["clihello", "/cli"], r.stderr
+    r = mv("fn", "ls")
+    assert r.returncode == 0 and "clihello" in r.stdout and "/cli" in r.stdout and "wagi" in r.stdout
+    r = mv("fn", "invoke", "clihello", "--path", "/cli?name=cli")
+    assert (r.returncode, r.stdout) == (0, "hello cli, call 1\n"), r.stderr
+    r = mv("fn", "invoke", "clihello", "--data", "abc")  # POST, as curl -d
+    assert (r.returncode, r.stdout) == (0, "got 3 bytes, call 1\n"), r.stderr
+    r = mv("fn", "invoke", "clihello", "--path", "/?trap=1")
+    assert r.returncode == 1 and "502" in r.stderr
+    r = mv("fn", "logs", "clihello")
+    assert r.returncode == 0 and "502 trap" in r.stdout
+    r = mv("--json", "fn", "inspect", "clihello")
+    assert r.returncode == 0 and '"max_concurrency": 3' in r.stdout and '"A": "1"' in r.stdout
+    assert mv("fn", "rm", "clihello").returncode == 0
+    assert gw("GET", "/cli")[0] == 404
+    r = mv("fn", "invoke", "clihello")
+    assert r.returncode == 125 and "no such function" in r.stderr
+
+
+def test_functions_survive_a_restart(make_daemon: Callable[..., Daemon]) -> None:
+    port = free_port()
+    d = make_daemon("--gateway", f"127.0.0.1:{port}")
+    assert d.api.import_image(WAGI.read_bytes(), "wagi").status == 201
+    assert d.api("POST", "/v1/functions", {"name": "kept", "image": "wagi", "route": "/k"}).status == 201
+    gw = Gateway(port)
+    assert gw("GET", "/k?name=1")[2] == b"hello 1, call 1\n"
+    d.stop(signal.SIGTERM)
+    d.start()
+    assert gw("GET", "/k?name=2")[2] == b"hello 2, call 1\n"
+    assert [f["name"] for f in d.api.ok("GET", "/v1/functions")["functions"]] == ["kept"]
+
+
+def test_sigterm_under_gateway_load_gives_answers_or_503(make_daemon: Callable[..., Daemon]) -> None:
+    port = free_port()
+    d = make_daemon("--gateway", f"127.0.0.1:{port}")
+    assert d.api.import_image(WAGI.read_bytes(), "wagi").status == 201
+    assert d.api("POST", "/v1/functions", {"name": "busy", "image": "wagi"}).status == 201
+    gw = Gateway(port)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                while not stop.is_set():
+                    seen.append(gw("GET", "/busy?name=x", conn=conn)[0])
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)  # refused or closed: the daemon is going away
+                if d.proc is not None and d.proc.poll() is not None:
+                    return
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    d.send_signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(60) == 0
+    stop.set()
+    for t in threads:
+        t.join()
+    assert seen and set(seen) <= {200, 503}, sorted(set(seen))
+
+
+def test_a_taken_gateway_port_is_refused_only_when_asked_for(make_daemon: Callable[..., Daemon]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        d = make_daemon("--gateway", f"127.0.0.1:{port}", start=False)
+        d.start(wait=False)
+        assert d.proc is not None and d.proc.wait(60) != 0
+        assert "cannot serve the function gateway" in d.log()
+
+
+def test_sdk_function_passes_request_and_response_through_memory(fnd: tuple[Daemon, Gateway],
+                                                                 deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    fn = deploy("sdkf", image="fnsdk", executor="sdk", route="/sdk")
+    assert fn["executor"] == "sdk" and fn["snapshot"]
+    for i in range(2):  # restored per request from the snapshot taken in mv_fn_request: state fresh, init kept
+        status, headers, body = gw("POST", f"/sdk/p?i={i}", b"xyz", {"User-Agent": "ua/1"})
+        assert (status, body) == (200, f"sdk POST /sdk/p?i={i} 3 bytes, call 1, agent ua/1, table 3\n".encode())
+        assert headers["x-sdk"] == "1" and headers["content-type"] == "text/plain"
+    status, _, body = gw("GET", "/sdk?trap=1")
+    assert status == 502 and b"trap" in body
+    status, _, body = gw("GET", "/sdk?silent=1")
+    assert status == 502 and b"without mv_fn_respond" in body
+    assert d.api.ok("GET", "/v1/functions/sdkf")["stats"]["fresh_instance_us"]["count"] >= 4
+
+
+# ------------------------------------------------------------------ JavaScript and Python handlers
+@pytest.mark.skipif(not JS_WASM.is_file(), reason="run scripts/fetch-interpreters first")
+def test_javascript_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    api: Api = d.api
+    fn = deploy("jsf", js=(EXAMPLES / "hello.js").read_text(), route="/js")
+    assert fn["executor"] == "js" and fn["snapshot"]
+    assert gw("GET", "/js/x")[:3:2] == (200, b"js GET /js/x 1 0")
+    status, _, body = gw("POST", "/js", b"abcd")
+    assert (status, body) == (200, b"js POST /js 1 4")  # module state fresh again
+    status, _, body = gw("GET", "/js?fail=1")
+    assert status == 502 and b"asked to fail" in body
+    assert "asked to fail" in api("GET", "/v1/functions/jsf/logs").text
+    r = api("DELETE", f"/v1/snapshots/{fn['snapshot']}")
+    assert r.status == 409 and r.code == "snapshot_in_use"
+    r = api("POST", "/v1/functions", {"name": "jsbad", "js": "function handle( {"})
+    assert r.status == 400 and r.code == "handler_failed" and "SyntaxError" in r.message, r.body
+    r = api("POST", "/v1/functions", {"name": "jsnone", "js": "let x = 1;"})
+    assert r.status == 400 and "no handle(request)" in r.message, r.body
+
+
+@pytest.mark.skipif(not JS_WASM.is_file(), reason="run scripts/fetch-interpreters first")
+def test_reuse_keeps_warm_instances_that_share_state(fnd: tuple[Daemon, Gateway],
+                                                     deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    deploy("jswarm", js=(EXAMPLES / "hello.js").read_text(), route="/warm", reuse=True, timeout=2)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    counts = [int(gw("GET", "/warm", conn=conn)[2].split()[-2]) for _ in range(5)]
+    assert counts == [1, 2, 3, 4, 5]  # one warm instance, its module state shared (as --reuse documents)
+    status, _, body = gw("GET", "/warm?fail=1", conn=conn)
+    assert status == 502 and b"asked to fail" in body
+    assert int(gw("GET", "/warm", conn=conn)[2].split()[-2]) == 7  # a handler error does not end the instance
+    conn.close()
+    running = [v for v in d.api.ok("GET", "/v1/vms?all=true")["vms"] if v["state"] == "running"]
+    assert len(running) == 1  # the warm instance waits for the next request
+    deploy("jswarm", js="function handle(r) { while (true) {} }", route="/warm", reuse=True, timeout=0.5)
+    assert gw("GET", "/warm")[0] == 504  # redeployed: a new instance; stuck: stopped and answered 504
+    assert d.api.ok("GET", "/v1/functions/jswarm")["version"] == 2
+
+
+@pytest.mark.slow  # the first import rewrites CPython for snapshots: about 4 minutes on 2 cores
+@pytest.mark.skipif(not PYTHON_WASM.is_file(), reason="run scripts/fetch-interpreters first")
+def test_python_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    d, gw = fnd
+    fn = deploy("pyf", python=(EXAMPLES / "counter.py").read_text(), route="/py")
+    assert fn["executor"] == "python" and fn["snapshot"]
+    for _ in range(2):
+        status, _, body = gw("POST", "/py/x?name=ada", b"abc")
+        assert status == 200 and b'"count": 1' in body and b'"hello": "ada"' in body and b'"bytes": 3' in body
+    status, _, body = gw("GET", "/py?fail=1")
+    assert status == 502
+    assert "RuntimeError: asked to fail" in d.api("GET", "/v1/functions/pyf/logs").text
+    r = d.api("POST", "/v1/functions", {"name": "pybad", "python": "import nosuchmodule\n"})
+    assert r.status == 400 and "ModuleNotFoundError" in r.message, r.body
+
+
+def test_examples_are_where_the_docs_say() -> None:
+    for f in ("counter.py", "hello.js", "README.md"):
+        assert (EXAMPLES / f).is_file()
+    assert Path(IMAGES / "wagi" / "wagi.c").is_file()
