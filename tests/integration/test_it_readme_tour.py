@@ -5,8 +5,9 @@ Each command line of the tour's code block runs, in order, in one bash process (
 over), with ``MICROVM_SOCKET`` and ``PATH`` set as the README says. Its exit status must be the one its
 comment promises (``exit N``, ``code (N)``; else 0), and every quoted phrase in its comment (``"timeout"``)
 must be in its output. Only what cannot be the same on a test machine is replaced: the published port 8000
-(a free port), and the migration target ``/run/other/microvmd.sock`` (a second daemon). The CPython lines
-run only when the interpreter was fetched (``make run`` fetches it; the tests do not need the network).
+(a free port), the function gateway's 8080 (a free port), the migration target ``/run/other/microvmd.sock`` (a
+second daemon), and ``images/`` paths (the repository's). The CPython and QuickJS lines run only when the
+interpreters were fetched (``make run`` fetches them; the tests do not need the network).
 """
 from __future__ import annotations
 
@@ -63,9 +64,11 @@ def test_the_readme_tour_runs_as_written(make_daemon: Callable[..., Daemon], tmp
     readme = (REPO / "README.md").read_text()
     lines = tour_lines(readme)
     assert any(line.startswith("microvm info") for line in lines) and len(lines) > 20, lines
-    d = make_daemon("--import-images", str(IMAGES))
+    gateway = free_port()
+    d = make_daemon("--import-images", str(IMAGES), "--gateway", f"127.0.0.1:{gateway}")
     other = make_daemon()
     have_python = (IMAGES / "python" / "python.wasm").exists()
+    have_js = (IMAGES / "js" / "js.wasm").exists()
     port = free_port()
 
     script = ["set +e", f"export MICROVM_SOCKET={d.socket}", f"export PATH={Path(sys.executable).parent}:$PATH"]
@@ -74,8 +77,12 @@ def test_the_readme_tour_runs_as_written(make_daemon: Callable[..., Daemon], tmp
         code = _code(line)
         if not code or (not have_python and re.search(r"\bpython\b|\battach py\b", code)):
             continue
+        if not have_js and re.search(r"--js\b|\bfn invoke hi\b", code):
+            continue
         code = code.replace("unix:///run/other/microvmd.sock", f"unix://{other.socket}")
         code = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        code = code.replace("127.0.0.1:8080", f"127.0.0.1:{gateway}")  # the function gateway
+        code = re.sub(r"(?<![\w/])images/", f"{IMAGES}/", code)
         comment = _comment(line)
         status: int | None = expected_status(comment)
         if any(k in code for k in NO_STATUS):
