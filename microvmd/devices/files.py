@@ -102,6 +102,7 @@ class OpenFiles(DevicePart[NoState]):
         self.files: set[int] = set()
         self.pending = 0  # opens under way (counted before wasmtime opens the file)
         self.sockets = 0
+        self.guest_only = 0  # of ``sockets``: those with no host descriptor (listeners), not in the budget
         self.refused = 0
         self.closed = False
         self._lock = threading.Lock()
@@ -109,14 +110,18 @@ class OpenFiles(DevicePart[NoState]):
     def count(self) -> int:
         return len(self.files) + self.pending + self.sockets
 
-    def take(self, force: bool = False) -> None:
+    def take(self, force: bool = False, host: bool = True) -> None:
         """Count one descriptor more, or raise GuestError(EMFILE/ENFILE). ``force``: count it anyway (a
-        restored socket that exists already)."""
+        restored socket that exists already). ``host`` False: a guest-only socket (a listener), counted
+        against this VM's limit but not the daemon's descriptor budget."""
         with self._lock:
             if not force and self.count() >= self.limit:
                 self.refused += 1
                 self.budget.refused += 1  # (a plain counter for metrics: a lost update costs nothing)
                 raise GuestError(EMFILE)
+            if not host:
+                self.pending += 1
+                return
             if not self.budget.take():
                 if not force:
                     self.refused += 1
@@ -133,16 +138,21 @@ class OpenFiles(DevicePart[NoState]):
             else:
                 self.files.add(fd)
 
-    def socket_opened(self) -> None:
+    def socket_opened(self, host: bool = True) -> None:
         with self._lock:
             self.pending -= 1
             self.sockets += 1
+            if not host:
+                self.guest_only += 1
 
-    def socket_closed(self) -> None:
+    def socket_closed(self, host: bool = True) -> None:
         with self._lock:
             if self.sockets > 0 and not self.closed:
                 self.sockets -= 1
-                self.budget.give()
+                if host:
+                    self.budget.give()
+                elif self.guest_only > 0:
+                    self.guest_only -= 1
 
     def file_closed(self, fd: int) -> None:
         with self._lock:
@@ -171,9 +181,9 @@ class OpenFiles(DevicePart[NoState]):
             if self.closed:
                 return
             self.closed = True
-            self.budget.give(len(self.files) + self.sockets)
+            self.budget.give(len(self.files) + self.sockets - self.guest_only)
             self.files.clear()
-            self.sockets = 0
+            self.sockets = self.guest_only = 0
 
     def save(self) -> NoState | None:
         return None  # open WASI files are not part of a snapshot: the restored VM starts with none

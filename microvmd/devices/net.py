@@ -510,25 +510,28 @@ class NetState(DevicePart[NetSaved]):
             self.wake(lst)
 
     # ---- guest side (vCPU worker)
-    def _alloc_sd(self, check: bool = True) -> int:
+    def _alloc_sd(self, check: bool = True, host: bool = True) -> int:
         """A new socket number; with ``check`` the socket is charged to the VM's descriptors first (the caller
-        puts it in ``socks`` at once). Published connections are charged when the guest accepts them."""
+        puts it in ``socks`` at once). Published connections are charged when the guest accepts them.
+        ``host`` False: no host descriptor stands behind it (a guest listener: a published port's host socket
+        is the daemon's, made with the VM), so it counts against the VM's own limit only."""
         if check:
-            self.charge()
+            self.charge(host=host)
         sd = self.next_sd
         self.next_sd += 1
         return sd
 
-    def charge(self, force: bool = False) -> None:
-        """Count one socket more against the VM's ``limits.open_files`` (files and sockets together) and the
-        daemon's descriptor budget; GuestError(EMFILE or ENFILE) when either is spent."""
+    def charge(self, force: bool = False, host: bool = True) -> None:
+        """Count one socket more against the VM's ``limits.open_files`` (files and sockets together) and, when
+        a host descriptor stands behind it, the daemon's descriptor budget; GuestError(EMFILE or ENFILE) when
+        either is spent."""
         files = self.vm.devices.get(OpenFiles)
         if files is None:
             if not force and len(self.socks) >= self.limits.max_sockets:
                 raise GuestError(EMFILE)
             return
-        files.take(force)
-        files.socket_opened()
+        files.take(force, host=host)
+        files.socket_opened(host=host)
 
     def get(self, sd: int, kind: str | None = None) -> GSock:
         s = self.socks.get(sd)
@@ -539,7 +542,7 @@ class NetState(DevicePart[NetSaved]):
     def close_sock(self, s: GSock) -> None:
         s.closed = True
         if self.socks.pop(s.sd, None) is not None and (files := self.vm.devices.get(OpenFiles)) is not None:
-            files.socket_closed()
+            files.socket_closed(host=s.kind != "listener")
         if s.kind == "listener":
             self.listeners.pop(s.port, None)
             pending = list(s.backlog)
@@ -603,7 +606,7 @@ class NetState(DevicePart[NetSaved]):
                         s.backlog.append(c)
                 else:
                     s.eof, s.error = True, ECONNRESET  # the peer is gone: reset
-                self.charge(force=True)
+                self.charge(force=True, host=rec.kind != "listener")
                 self.socks[rec.sd] = s
 
     async def release_published(self) -> None:
@@ -764,7 +767,7 @@ class NetDevice(Device):
             return [-EINVAL]
         if port in st.listeners:
             return [-EADDRINUSE]
-        s = GSock(st._alloc_sd(), "listener")
+        s = GSock(st._alloc_sd(host=False), "listener")
         s.port = port
         st.socks[s.sd] = s
         st.listeners[port] = s
