@@ -134,7 +134,7 @@ def python_part(a: argparse.Namespace, t: c.Targets) -> dict:
     gport = free_port()
     Path(a.python_state).mkdir(parents=True, exist_ok=True)
     with c.Daemon(state_dir=a.python_state, import_images=False, gateway=f"127.0.0.1:{gport}") as d:
-        cl = d.client()
+        cl = c.UnixHttp(d.socket, timeout=1200.0)  # a first deploy imports and rewrites CPython (minutes)
         source = PY_HANDLER.read_text()
         t0 = time.perf_counter()
         cl.call("POST", "/v1/functions", {"name": "pybench", "python": source, "route": "/py"})
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--blocks", type=int, default=None, help="blocks per side (default 3)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per block (default 5)")
     ap.add_argument("--no-python", action="store_true", help="skip the Python part")
-    ap.add_argument("--python-state", default="/tmp/microvmd-bench-python",
+    ap.add_argument("--python-state", default="/tmp/microvmd-bench-functions-python",
                     help="state directory kept between runs for the CPython image (its rewrite takes minutes)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--ref", metavar="GIT-REV", help="benchmark a clean export of this revision's microvmd/ and "

@@ -375,9 +375,16 @@ class Functions:
         for snapshots, once per host: minutes for CPython) from the interpreters that set-up fetched."""
         name = RUNTIMES[runtime]
         try:
-            return self.hv.images.resolve(name)
+            img = self.hv.images.resolve(name)
         except NotFound:
-            pass
+            img = None
+        if img is not None:
+            if not any(i.startswith("microvm_wasi.fd_read") for i in img.imports):
+                raise Unprocessable(f"image {name!r} reads stdin through wasmtime's own WASI (imported with "
+                                    f"--no-asyncify, or its rewrite failed): a function's snapshot needs the "
+                                    f"rewritten interpreter; import {name}.wasm again without --no-asyncify",
+                                    code="runtime_not_snapshottable")
+            return img
         for base in filter(None, (self.hv.cfg.import_images, Path(__file__).resolve().parents[2] / "images")):
             wasm = Path(base) / name / f"{name}.wasm"
             if await self.hv.sched.on_io(wasm.is_file):

@@ -398,3 +398,12 @@ def test_examples_are_where_the_docs_say() -> None:
     for f in ("counter.py", "hello.js", "README.md"):
         assert (EXAMPLES / f).is_file()
     assert Path(IMAGES / "wagi" / "wagi.c").is_file()
+
+
+def test_an_interpreter_image_that_cannot_be_snapshotted_is_refused(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon()
+    # an image named like the interpreter but kept as it is (--no-asyncify): its stdin is wasmtime's own
+    r = d.api("POST", "/v1/images?name=js&no_asyncify=true", raw=(IMAGES / "hello" / "hello.wasm").read_bytes())
+    assert r.status == 201, r.body
+    r = d.api("POST", "/v1/functions", {"name": "x", "js": "function handle(r) { return 'hi'; }"})
+    assert r.status == 422 and r.code == "runtime_not_snapshottable", r.body
