@@ -1,6 +1,7 @@
 """Schemathesis against the OpenAPI document of a live daemon (issue 13 item 9): random requests for every
 operation, shaped by the document (valid ones and, in the negative mode, invalid ones), never get a 5xx,
-and the daemon serves on after them all.
+every JSON answer matches the schema the document gives for its status (the Error body for 4xx), and the
+daemon serves on after them all.
 
 Schemathesis's pytest plugin does not load under pytest 9, so each operation's strategy is drawn here with
 Hypothesis directly, and each case is sent to the daemon through a TCP forwarder to its Unix socket.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
 import schemathesis
 from fuzzhelp import FUZZ_EXAMPLES, SLOW_EXAMPLES, UnixForwarder
@@ -26,7 +28,22 @@ def _operations(daemon: Daemon) -> list[Any]:
     return [op.ok() for op in schema.get_all_operations()]
 
 
+def _response_schema(doc: dict[str, Any], path: str, method: str, status: int) -> dict[str, Any] | None:
+    """The JSON schema the document gives for this answer (with the components, for its $refs), or None."""
+    responses = doc["paths"][path][method.lower()]["responses"]
+    entry = responses.get(str(status)) or responses.get(f"{str(status)[0]}XX")
+    if entry is None:
+        return None
+    if "$ref" in entry:  # #/components/responses/Error
+        entry = doc["components"]["responses"][entry["$ref"].rsplit("/", 1)[1]]
+    media = entry.get("content", {}).get("application/json")
+    if media is None:
+        return None
+    return {**media["schema"], "components": doc["components"]}
+
+
 def _fuzz(daemon: Daemon, fwd: UnixForwarder, examples: int, modes: tuple[GenerationMode, ...]) -> None:
+    doc = daemon.api.ok("GET", "/v1/openapi.json")
     ops = _operations(daemon)
     assert len(ops) > 20, [o.label for o in ops]
     failures: list[str] = []
@@ -43,6 +60,16 @@ def _fuzz(daemon: Daemon, fwd: UnixForwarder, examples: int, modes: tuple[Genera
                 assert response.status_code < 500 or response.status_code == 501, (
                     case.method, case.formatted_path, case.query, repr(case.body)[:300], response.status_code,
                     response.text[:500])
+                if "application/json" in response.headers.get("Content-Type", ""):
+                    schema = _response_schema(doc, case.path, case.method, response.status_code)
+                    assert schema is not None, ("no documented JSON answer", case.method, case.path,
+                                                response.status_code)
+                    try:
+                        jsonschema.validate(response.json(), schema, cls=jsonschema.Draft202012Validator)
+                    except jsonschema.ValidationError as exc:
+                        raise AssertionError(("answer does not match its schema", case.method,
+                                              case.formatted_path, response.status_code, exc.message[:300],
+                                              response.text[:300])) from None
 
             try:
                 run()
