@@ -307,6 +307,10 @@ class NetOp(HostOp):
         """The guest parks on this op (event loop): let the loop read its connections until one delivers."""
         st = self.state
         with st.lock:
+            if self.ready():
+                # completed before the guest parked (a socket woke it on the loop first): the answer may come
+                # from a socket's kernel buffer, which the loop must not start reading now
+                return super().on_ready(waker)
             for s in self.socks:
                 st.arm(s)
         return super().on_ready(waker)
@@ -972,7 +976,11 @@ class NetDevice(Device):
                 res = self._recv_direct(st, s, mem, ptr, length)
                 # None: the socket looked readable and was not (a spurious wake-up); never report EOF for it
                 return res if res is not None else [-EAGAIN]
-            return [-s.error] if s.error else [0]
+            if s.error:
+                return [-s.error]
+            if s.eof or s.fd < 0:
+                return [0]
+            return [-EAGAIN]  # the loop reads it and has delivered nothing yet: not the end of the stream
         n = rbuf.take_into(mem.view(ptr, min(length, len(rbuf), MAX_IO)))
         self._charge(st, n)
         if s.reading_paused and len(rbuf) < st.limits.buffer_bytes // 2 and s.transport is not None and s.fd < 0:

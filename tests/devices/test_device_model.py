@@ -125,3 +125,42 @@ def test_devices_are_found_by_type() -> None:
     assert table.get(ClockDevice) is clock and list(table) == [clock]
     with pytest.raises(ValueError):
         table.add(ClockDevice())  # one device per name
+
+
+def test_a_poll_completed_before_the_guest_parks_leaves_its_sockets_to_the_vcpu() -> None:
+    """The race behind a 50-client echo failure under load: a socket woke the op on the loop before the
+    scheduler parked the guest on it, on data still in the kernel. Parking then must not hand the socket to
+    the loop's reader, and a receive from a socket the loop reads that has delivered nothing yet is not the
+    end of the stream (it was answered 0, and the echo guest closed a live client)."""
+    import socket
+
+    from microvmd.devices.net import GSock, NetDevice, NetOp
+
+    loop = asyncio.new_event_loop()
+    dev = NetDevice(SimpleNamespace(cfg=SimpleNamespace(listen=None, gateway=None), vms={}))
+    _vm, st = _net_vm(dev, loop, "vm-race")
+    a, b = socket.socketpair()
+    resumed: list[int] = []
+    try:
+        conn = GSock(4, "conn")
+        conn.fd = a.fileno()
+        conn.transport = SimpleNamespace(  # type: ignore[assignment]
+            resume_reading=lambda: resumed.append(1), close=lambda: None)
+        st.socks[4] = conn
+        b.sendall(b"hello")
+        op = NetOp("net_recv", st, [conn], lambda: True, lambda m: [0])
+        op.set_result(None)  # the wake-up came first
+        assert op.on_ready(lambda: None) is True
+        assert not conn.armed and not resumed
+        # the other order: parked first, so the loop reads it; nothing delivered yet
+        op2 = NetOp("net_recv", st, [conn], lambda: False, lambda m: [0])
+        assert op2.on_ready(lambda: None) is False
+        assert conn.armed and resumed == [1]
+        assert dev._recv_now(st, conn, None, 0, 16) == [-wasi.EAGAIN]  # type: ignore[arg-type]
+        conn.eof = True
+        assert dev._recv_now(st, conn, None, 0, 16) == [0]  # type: ignore[arg-type]
+    finally:
+        a.close()
+        b.close()
+        st.close()
+        loop.close()
