@@ -40,6 +40,10 @@ class Limits:
     tables: int = 4
     memories: int = 1
     log_bytes: int = 8 * MiB  # cap per console stream; older output is dropped beyond it
+    # console output one VM may write a second (both streams; 0: no limit), and at once: a VM that writes
+    # faster is held off its vCPU until its budget refills (nothing is dropped); log_burst 0: log_bytes
+    log_rate: int = 1 * MiB
+    log_burst: int = 0
     # linear memory all guests together may hold; 0: three quarters of the host's physical memory
     total_memory: int = 0
     # descriptors (WASI files and sockets) one VM may hold; one more is EMFILE to the guest
@@ -55,6 +59,10 @@ class Limits:
     compile_timeout: float = 300.0
     compile_memory: int = 4096 * MiB
     max_functions: int = 1_000_000  # functions one module may have (422 too_many_functions beyond)
+
+    def log_rate_budget(self) -> tuple[int, int]:
+        """(bytes a second, burst) of one VM's console output; (0, 0): unlimited."""
+        return (self.log_rate, self.log_burst or self.log_bytes) if self.log_rate else (0, 0)
 
     def total_memory_budget(self) -> int:
         if self.total_memory:
@@ -134,6 +142,10 @@ class Config:
             value = getattr(self.limits, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
                 raise ConfigError(f"limits.{key} must be a count of descriptors")
+        for key in ("log_rate", "log_burst"):
+            value = getattr(self.limits, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 50:
+                raise ConfigError(f"limits.{key} must be a size (bytes; a rate is per second), or 0")
         for key in ("compile_jobs", "compile_queue", "max_functions"):
             value = getattr(self.limits, key)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
@@ -162,8 +174,8 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1", int(port))
 
 
-_SIZE_KEYS = {"memory", "max_memory", "total_memory", "compile_memory", "max_wasm_stack", "log_bytes", "upload_limit",
-              "json_limit", "memory_reservation", "memory_guard_size"}
+_SIZE_KEYS = {"memory", "max_memory", "total_memory", "compile_memory", "max_wasm_stack", "log_bytes", "log_rate",
+              "log_burst", "upload_limit", "json_limit", "memory_reservation", "memory_guard_size"}
 _DURATION_KEYS = {"timeout", "compile_timeout", "epoch_interval", "shutdown_timeout", "spin_wait"}
 
 

@@ -313,6 +313,8 @@ class DaemonLimits(Response):
     compile_queue: int = 0  # imports that may wait beyond those (then 503 compile_busy)
     compile_admitted: int = 0  # imports compiling or waiting now
     max_functions: int = 0  # functions one module may have
+    log_rate: int = 0  # console bytes a second one VM may write (0: no limit)
+    log_burst: int = 0  # ... and at once
 
 
 class SnapshotsInfo(Response):
@@ -501,6 +503,17 @@ class Devices(Response):
     wasi: WasiInfo | UnsetType = UNSET
 
 
+class ConsoleUse(Response):
+    """What the guest has written to its console, and its output rate (limits.log_rate)."""
+
+    written: int  # bytes, both streams (file consoles: as of the last cap check)
+    write_errors: int  # writes lost to the host (a full disk)
+    rate: int  # bytes a second it may write (0: no limit)
+    burst: int  # bytes it may write at once
+    holds: int  # times it was held off its vCPU for writing faster
+    held_s: float  # seconds held, in all
+
+
 class Vm(Response):
     id: str
     name: str
@@ -527,6 +540,7 @@ class Vm(Response):
     restarting: Annotated[bool, Meta(description="ended, and to be restarted by its policy after a back-off")] \
         = False
     checkpoint: Annotated[str | None, Meta(description="its last checkpoint (a snapshot name)")] = None
+    console: ConsoleUse | UnsetType = UNSET
 
 
 class VmList(Response):

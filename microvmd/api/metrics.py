@@ -59,6 +59,10 @@ class StateCollector(Collector):
         budget.add_metric(["total"], hv.builder.memory.total)
         budget.add_metric(["used"], hv.builder.memory.used)
         yield budget
+        yield CounterMetricFamily("microvmd_console_holds_total", "Times a VM was held off its vCPU for writing "
+                                  "console output faster than limits.log_rate", value=hv.console_holds)
+        yield CounterMetricFamily("microvmd_console_held_seconds_total", "Seconds VMs were held for their "
+                                  "console output rate", value=hv.console_held_s)
         yield CounterMetricFamily("microvmd_log_suppressed_total",
                                   "Log lines of repeated events left out by their throttle (the events are "
                                   "counted by their own metrics)", value=logsafe.suppressed_total)

@@ -86,7 +86,8 @@ class Controller:
                        "total_open_files_used": h.files.used, "reserved_files": h.files.reserve,
                        "process_open_files": files.process_limit(),
                        "compile_jobs": cfg.limits.compile_jobs, "compile_queue": cfg.limits.compile_queue,
-                       "compile_admitted": h.compiler.admitted, "max_functions": cfg.limits.max_functions},
+                       "compile_admitted": h.compiler.admitted, "max_functions": cfg.limits.max_functions,
+                       "log_rate": cfg.limits.log_rate_budget()[0], "log_burst": cfg.limits.log_rate_budget()[1]},
             "snapshots": {"dirty_tracking": dirty.describe(cfg.engine.dirty_tracking)},
             "console": {"mode": cfg.engine.console, "file_descriptors": h.console_fds()},
         }

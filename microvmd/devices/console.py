@@ -15,6 +15,10 @@ Once a stream exceeds twice its cap, the oldest bytes are released with FALLOC_F
 keeps its logical size (offsets stay valid for followers) but only the last ``cap`` bytes use disk, and
 readers start at ``size - cap``. In file mode the daemon cannot see writes as they happen, so the cap is
 checked after a VM's slices at most every ``CHECK_EVERY`` seconds, and when it finishes.
+
+A VM's output rate is bounded too (``limits.log_rate`` bytes a second, ``limits.log_burst`` at once; see
+``LogRate``): nothing is dropped for it, a VM that writes faster is held off its vCPU until its budget has
+refilled, as a pipe that nobody reads fast enough holds its writer.
 """
 from __future__ import annotations
 
@@ -41,10 +45,52 @@ STREAMS = ("stdout", "stderr")
 CHECK_EVERY = 0.25  # file mode: seconds between cap checks of a VM that keeps running
 
 
+class LogRate:
+    """A VM's console output budget: a token bucket of ``burst`` bytes refilled at ``rate`` bytes a second,
+    charged (on the event loop, at the end of a slice that wrote) with what the guest wrote since the last look.
+
+    When the bucket is overdrawn, ``hold_for`` says how long the VM must stay off its vCPU for the bucket to
+    be back at zero: the guest's average output rate stays at ``rate`` whatever it writes, and no byte is
+    lost for it. In file mode the daemon sees the files' sizes only at its checks (after every slice while
+    the VM writes, see ``Console.ran``), so a guest can pass its budget by one slice's output (at most one
+    epoch, 10 ms); the hold then pays for all of it."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "seen", "holds", "held_s")
+
+    def __init__(self, rate: int, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.tokens = float(self.burst)
+        self.stamp = time.monotonic()
+        # the console's byte count at the last look; None: not looked yet, in this daemon (a VM from its record)
+        self.seen: int | None = 0
+        self.holds = 0  # times the VM was held
+        self.held_s = 0.0  # seconds it was held, in all
+
+    def hold_for(self, written: int) -> float:
+        """``written``: every byte the console has taken so far. Seconds the VM must wait (0: none)."""
+        seen, self.seen = self.seen, written
+        new = written - seen if seen is not None else 0  # (the first look, after a daemon restart: a baseline)
+        if new <= 0:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate) - new
+        self.stamp = now
+        if self.tokens >= 0:
+            return 0.0
+        wait = -self.tokens / self.rate
+        self.holds += 1
+        self.held_s += wait
+        return wait
+
+
 class Console:
-    def __init__(self, directory: Path, cap: int) -> None:
+    def __init__(self, directory: Path, cap: int, rate: LogRate | None = None) -> None:
         self.dir = directory
         self.cap = cap
+        self.rate = rate
+        self.written = 0  # bytes in both logs at the last cap check (what the guest has written, in all)
+        self.hot = rate is not None  # file mode: check after every slice (see ran)
         self.released = {s: 0 for s in STREAMS}  # bytes punched out at the start of each stream
         self.dirty = False  # written since the last cap check
         self._fds: dict[str, int] = {}
@@ -60,7 +106,12 @@ class Console:
         return str(self.path("stdout")), str(self.path("stderr"))
 
     def ran(self) -> None:
-        """File mode, after a slice: the guest may have written; mark a cap check if one is due."""
+        """File mode, after a slice: the guest may have written; mark a cap check if one is due. Under an
+        output rate, a VM whose last check found new output is checked after every slice (two ``stat``),
+        so what it writes past its budget is at most one slice's worth."""
+        if self.hot:
+            self.dirty = True
+            return
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_EVERY
@@ -113,8 +164,10 @@ class Console:
     def enforce_cap(self) -> None:
         """Cheap when under the cap: one stat per stream. Called after slices that wrote output."""
         self.dirty = False
+        written = 0
         for s in STREAMS:
             size = self.size(s)
+            written += size
             if size <= 2 * self.cap:
                 continue
             cut = (size - self.cap) & ~0xFFF
@@ -130,6 +183,8 @@ class Console:
             finally:
                 os.close(fd)
             self.released[s] = cut
+        self.hot = self.rate is not None and written != self.written
+        self.written = written
 
     def start_offset(self, stream: str) -> int:
         return max(self.released[stream], self.size(stream) - self.cap)
@@ -158,10 +213,12 @@ class MemoryConsole:
 
     use_files = False
     premade = False
-    dirty = False
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, rate: LogRate | None = None) -> None:
         self.cap = cap
+        self.rate = rate
+        self.dirty = False  # written since the last look (enforce_cap)
+        self.written = 0  # what the guest has written, in all, at the last look
         self._buf = {s: bytearray() for s in STREAMS}
         self.released = {s: 0 for s in STREAMS}  # bytes dropped from the front of each stream
         self.write_errors = 0
@@ -173,6 +230,7 @@ class MemoryConsole:
         slack = min(cap, 64 << 10)
 
         def write(data: bytes) -> None:  # never raises: wasmtime would see 0 bytes written
+            self.dirty = True
             with self._lock:
                 buf.extend(data)
                 if len(buf) > cap + slack:  # trimmed back to the cap in steps of ``slack``
@@ -188,7 +246,10 @@ class MemoryConsole:
         pass
 
     def enforce_cap(self) -> None:
-        pass
+        """The cap is kept by the writers; this counts what was written, for the output rate."""
+        self.dirty = False
+        with self._lock:
+            self.written = sum(self.released[s] + len(self._buf[s]) for s in STREAMS)
 
     def size(self, stream: str) -> int:
         with self._lock:

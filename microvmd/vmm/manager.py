@@ -86,6 +86,8 @@ class Hypervisor:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.fuel_total_finished = 0
+        self.console_holds = 0  # VMs held for their console output rate (limits.log_rate), and for how long
+        self.console_held_s = 0.0
         self.closing = False
         self._removals: set[asyncio.Task[None]] = set()  # auto-removals under way (close() waits for them)
         self.on_remove: list[Callable[[Vm], None]] = []
@@ -136,6 +138,7 @@ class Hypervisor:
         e = rec.exit
         vm = Vm(rec.id, VmSpec.from_contract(rec.spec), rec.digest, rec.image_name, d, self.cfg.limits.log_bytes,
                 self.cfg.limits.memory if rec.memory_limit is None else rec.memory_limit,
+                log_rate=self.cfg.limits.log_rate_budget(),
                 recorded=VmRuntime(rec.id, _vm_log(rec.id), VmState(rec.state),
                                    None if e is None else ExitRecord(e.code, e.reason, e.fuel_consumed,
                                                                      e.peak_memory, e.wall_time_s),
@@ -294,7 +297,7 @@ class Hypervisor:
                              code="not_snapshottable")
         vm_id, d, premade = self.registry.new_id(spec.ephemeral)  # (ephemeral: nothing on disk)
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
-                self.cfg.limits.log_bytes, memory)
+                self.cfg.limits.log_bytes, memory, log_rate=self.cfg.limits.log_rate_budget())
         vm.console.premade = premade
         self.builder.console_mode(vm)
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
@@ -535,7 +538,21 @@ class Hypervisor:
         rt = vm.rt
         if rt.on_cpu or vm.machine is None or rt.frozen or rt.waiting is not None and not rt.waiting.ready():
             return  # (blocked: the op's waker dispatches it when the op is ready)
+        if rt.log_hold is not None and not rt.snapshot_wanted:
+            return  # held for its console output rate: the hold's timer wakes it
         self.sched.dispatch(vm, self._on_slice_end)
+
+    def _hold_for_output(self, vm: Vm, seconds: float) -> None:
+        """Over its console output rate (limits.log_rate): off its vCPU for ``seconds``, then woken."""
+        def release() -> None:
+            vm.rt.apply("log rate", log_hold=None)
+            self._wake(vm)
+        old = vm.rt.log_hold
+        if old is not None:
+            old.cancel()
+        self.console_holds += 1
+        self.console_held_s += seconds
+        vm.rt.apply("log rate", log_hold=asyncio.get_running_loop().call_later(seconds, release))
 
     def _wake(self, vm: Vm) -> None:
         rt = vm.rt
@@ -546,10 +563,15 @@ class Hypervisor:
         rt = vm.rt
         m = vm.machine
         vm.sync_from_machine()
-        if vm.console.use_files:
-            vm.console.ran()
-        if vm.console.dirty:
-            vm.console.enforce_cap()
+        con = vm.console
+        if con.use_files:
+            con.ran()
+        if con.dirty:
+            con.enforce_cap()
+            if con.rate is not None and not vm.state.terminal:
+                hold = con.rate.hold_for(con.written)
+                if hold > 0:
+                    self._hold_for_output(vm, hold)
         if vm.state.terminal:  # finished while this slice ran: the machine is ours to release now
             self._release(vm)
             return
@@ -667,9 +689,10 @@ class Hypervisor:
         if blocked:
             assert op is not None
             op.interrupt(m.start_unwind)
-        if vm.state != VmState.RUNNING:
-            # a paused VM runs on, unseen, to its next suspension point (at once if it is blocked in one),
-            # unwinds there and stays paused; it is parked again if it does not get there in time
+        if vm.state != VmState.RUNNING or rt.log_hold is not None:
+            # a paused VM (or one held for its output rate) runs on, unseen, to its next suspension point (at
+            # once if it is blocked in one), unwinds there and stays paused; it is parked again if it does not
+            # get there in time
             self._dispatch(vm)
         try:
             await asyncio.wait_for(fut, timeout)
@@ -712,6 +735,9 @@ class Hypervisor:
             self._resolve_unwound(vm, InvalidState(f"VM {vm.id} ended ({reason})"))
         if rt.waiting is not None:
             rt.waiting.cancel()
+        if rt.log_hold is not None:
+            rt.log_hold.cancel()
+            rt.apply("end", log_hold=None)
         target = VmState.EXITED if why == ExitReason.EXIT else VmState.STOPPED
         finished = time.time()
         check_transition(vm.id, rt.state, target, reason)

@@ -53,6 +53,7 @@ class Changes(TypedDict, total=False):
     run_seconds: float
     deadline: asyncio.TimerHandle | None
     restart: asyncio.TimerHandle | None
+    log_hold: asyncio.TimerHandle | None
     backoff_streak: int
     unwound_waiters: tuple[asyncio.Future[None], ...]
     off_cpu_waiters: tuple[asyncio.Future[None], ...]
@@ -82,6 +83,7 @@ class VmRuntime:
     run_seconds: float                  # time spent running before run_since (the wall-clock limit)
     deadline: asyncio.TimerHandle | None  # its wall-clock limit's timer
     restart: asyncio.TimerHandle | None   # a restart by its policy, waiting for its back-off
+    log_hold: asyncio.TimerHandle | None  # held off its vCPU for its console output rate, until this fires
     backoff_streak: int                 # restarts in a row after short runs (restart.delay)
     unwound_waiters: tuple[asyncio.Future[None], ...]  # quiesce() calls waiting for the unwind
     off_cpu_waiters: tuple[asyncio.Future[None], ...]  # off_cpu() calls waiting for the slice to end
@@ -96,6 +98,7 @@ class VmRuntime:
                             ("started", started), ("finished", finished), ("on_cpu", False), ("control", None),
                             ("waiting", None), ("frozen", False), ("snapshot_wanted", False),
                             ("run_since", None), ("run_seconds", 0.0), ("deadline", None), ("restart", None),
+                            ("log_hold", None),
                             ("backoff_streak", 0), ("unwound_waiters", ()), ("off_cpu_waiters", ()),
                             ("machine_closed", None), ("changed", asyncio.Event())):
             _set(self, name, value)

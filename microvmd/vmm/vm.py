@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import contract
 from ..devices.base import DeviceSet
-from ..devices.console import Console, MemoryConsole
+from ..devices.console import Console, LogRate, MemoryConsole
 from ..engine.hostop import HostOp
 from .machine import Machine
 from .restart import RestartPolicy
@@ -102,15 +102,19 @@ class Vm:
     ``started`` and ``finished`` read through to ``rt`` and cannot be assigned here."""
 
     def __init__(self, vm_id: str, spec: VmSpec, image_digest: str, image_name: str, directory: Path,
-                 log_cap: int, memory_limit: int, recorded: VmRuntime | None = None) -> None:
+                 log_cap: int, memory_limit: int, recorded: VmRuntime | None = None,
+                 log_rate: tuple[int, int] = (0, 0)) -> None:
         self.id = vm_id
         self.name = spec.name or vm_id[:12]
         self.spec = spec
         self.digest = image_digest
         self.image_name = image_name
         self.dir = directory
-        self.console: Console | MemoryConsole = MemoryConsole(log_cap) if spec.ephemeral else \
-            Console(directory, log_cap)
+        rate = LogRate(*log_rate) if log_rate[0] > 0 else None  # (bytes a second, burst): limits.log_rate
+        if rate is not None and recorded is not None:
+            rate.seen = None  # its logs hold what an earlier daemon saw: the first look is a baseline
+        self.console: Console | MemoryConsole = MemoryConsole(log_cap, rate) if spec.ephemeral else \
+            Console(directory, log_cap, rate)
         self.memory_limit = memory_limit
         # a function's instances come and go by the thousand: their lines are debug-level (microvmd.vm.fn)
         self.log = logging.LoggerAdapter(logging.getLogger("microvmd.vm.fn" if spec.owner else "microvmd.vm"),
@@ -226,7 +230,15 @@ class Vm:
             "restart_count": self.restart_count,
             "restarting": self.rt.restart is not None,
             "checkpoint": self.checkpoint,
+            "console": self.console_api(),
         }
+
+    def console_api(self) -> dict[str, Any]:
+        con = self.console
+        rate = con.rate
+        return {"written": con.written, "write_errors": con.write_errors,
+                **({"rate": rate.rate, "burst": rate.burst, "holds": rate.holds, "held_s": round(rate.held_s, 3)}
+                   if rate is not None else {"rate": 0, "burst": 0, "holds": 0, "held_s": 0.0})}
 
     def record(self) -> dict[str, Any]:
         """What survives a daemon restart."""
