@@ -510,9 +510,11 @@ class Snapshots:
                 m = await hv.sched.on_io(self.store.load_manifest, name)
                 async with vm.lock:
                     if vm.state.terminal and name in (vm.suspended_to, vm.checkpoint):
-                        # in the state it had: a VM paused when it was captured comes back paused
+                        # in the state it had: suspended, as it was captured; after a crash, as its record
+                        # last said (a VM paused since its last checkpoint comes back paused)
+                        paused = m["vm"].get("state") == "paused" if suspended else vm.paused_at_crash
                         await hv.rerun(vm, "resume" if suspended else "resume from checkpoint",
-                                       restore=self._restore_data(m), paused=m["vm"].get("state") == "paused")
+                                       restore=self._restore_data(m), paused=paused)
                         resumed += 1
             except MicrovmError as exc:
                 log.warning("vm=%s cannot be resumed from %s (%s): starting it from its image", vm.id[:12],

@@ -120,6 +120,7 @@ class Hypervisor:
         for vm in vms:
             self.registry.add(vm)
             if vm.state.live:
+                vm.paused_at_crash = vm.state == VmState.PAUSED
                 vm.rt.apply(ExitReason.DAEMON_RESTART.value, state=VmState.STOPPED, finished=now,
                             exit=ExitRecord(None, ExitReason.DAEMON_RESTART.wire(), vm.fuel_consumed,
                                             vm.peak_memory, 0.0 if vm.started is None else now - vm.started))
@@ -779,6 +780,8 @@ class Hypervisor:
             check_transition(vm.id, vm.state, VmState.PAUSED, "pause")
             self._request(vm, Control.PAUSE)
             await self._settle(vm, lambda: vm.state != VmState.RUNNING or vm.rt.control is None)
+            if vm.state == VmState.PAUSED:
+                await self.registry.save_now(vm)  # acknowledged, so a crash from now on brings it back paused
         return vm
 
     async def resume(self, vm: Vm) -> Vm:
@@ -787,6 +790,7 @@ class Hypervisor:
                 raise InvalidState(f"cannot resume VM {vm.id}: it is {vm.state.value}")
             self._transition(vm, VmState.RUNNING, "resume")
             self._dispatch(vm)  # (unless it is blocked in a call: then when that is ready)
+            await self.registry.save_now(vm)  # (as for pause: what was acknowledged survives a crash)
         return vm
 
     async def stop(self, vm: Vm) -> Vm:

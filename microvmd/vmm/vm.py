@@ -131,6 +131,8 @@ class Vm:
         self.restart_count = 0     # restarts by the policy since the user last started it
         self.user_stopped = False  # the user stopped or killed it: its policy does not restart it
         self.suspended_to: str | None = None  # snapshot taken at a clean daemon stop, to resume it from
+        # paused when the previous daemon died (its record said so): resumed from its checkpoint, it stays so
+        self.paused_at_crash = False
         self.checkpoint: str | None = None    # its last checkpoint, to resume it from after a crash
         # the native side (built off the loop by the builder; owned by whichever thread runs or builds it)
         self.machine: Machine | None = None

@@ -46,3 +46,32 @@ def test_checkpoints_need_a_snapshottable_guest(daemon: Daemon) -> None:
     assert r.returncode == 125 and "not_snapshottable" in r.stderr, r.stderr
     r = daemon.cli("run", "-d", "--checkpoint-interval", "10ms", "counter")
     assert r.returncode == 2 and "50ms" in r.stderr
+
+
+def test_a_vm_paused_after_its_last_checkpoint_comes_back_paused_after_a_crash(
+        make_daemon: Callable[..., Daemon]) -> None:
+    """The record holds what the user last asked for: a VM paused since its last checkpoint is resumed from
+    that checkpoint paused (it was running when the checkpoint was taken); one resumed again runs on."""
+    d = make_daemon("--import-images", str(IMAGES))
+    for name in ("p", "r"):
+        d.mv("run", "-d", "--name", name, "--restart", "always", "--checkpoint-interval", "300ms",
+             "--env", "INTERVAL_MS=30", "counter")
+    deadline = time.monotonic() + 30
+    while not all(d.get(n)["checkpoint"] for n in ("p", "r")):
+        assert time.monotonic() < deadline, [d.get(n)["checkpoint"] for n in ("p", "r")]
+        time.sleep(0.05)
+    d.mv("pause", "p")
+    d.mv("pause", "r")
+    d.mv("resume", "r")
+    d.stop(signal.SIGKILL)
+    d.start()
+    deadline = time.monotonic() + 30
+    while d.get("p")["state"] != "paused" or d.get("r")["state"] != "running":
+        assert time.monotonic() < deadline, (d.get("p")["state"], d.get("r")["state"])
+        time.sleep(0.05)
+    before = max(numbers(d.logs("p")) or [0])
+    d.mv("resume", "p")
+    deadline = time.monotonic() + 30
+    while max(numbers(d.logs("p")) or [0]) <= before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
