@@ -10,6 +10,8 @@ import errno
 import json
 import logging
 import math
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -154,11 +156,28 @@ async def metrics(request: web.Request) -> web.StreamResponse:
                                                                     "X-Content-Type-Options": "nosniff"})
 
 
+def client_of(request: web.Request) -> str:
+    """Who sent a request, for fairness between clients (the compile pool): the peer's process on the Unix
+    socket (SO_PEERCRED), the peer's address on TCP."""
+    t = request.transport
+    sock = t.get_extra_info("socket") if t is not None else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+            return f"pid {pid} uid {uid}"
+        except OSError:
+            return "unix"
+    peer = t.get_extra_info("peername") if t is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+
 # ------------------------------------------------------------------ images
 async def image_import(request: web.Request) -> web.StreamResponse:
     data = await codec.read_limited(request, hv(request).cfg.upload_limit)
     act = a.ImportImage(data, request.query.get("name") or None, request.query.get("entry") or None,
-                        asyncify=not _bool(request, "no_asyncify"), durable=durable(request))
+                        asyncify=not _bool(request, "no_asyncify"), durable=durable(request),
+                        client=client_of(request))
     return codec.reply(request, contract.Image, await apply(request, act), status=201)
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 from .. import contract
 from ..control import actions as a
 from . import codec
-from .server import Route, _bool, apply, body, durable
+from .server import Route, _bool, apply, body, client_of, durable
 
 log = logging.getLogger("microvmd.api")
 
@@ -53,7 +53,8 @@ async def snapshot_export(request: web.Request) -> web.StreamResponse:
 
 
 async def snapshot_import(request: web.Request) -> web.StreamResponse:
-    summary = await apply(request, a.ImportSnapshot(request.content.readexactly, durable(request)))
+    summary = await apply(request, a.ImportSnapshot(request.content.readexactly, durable(request),
+                                                    client_of(request)))
     return codec.reply(request, contract.Snapshot, summary, status=201)
 
 

@@ -51,6 +51,7 @@ class ImportImage(Action):
     entry: str | None = None
     asyncify: bool = True  # rewrite a plain WASI module with Asyncify, so that it can be snapshotted running
     durable: bool = True  # fsynced before the answer (durable=false: not)
+    client: str | None = None  # who asked: one client holds at most its share of the compile pool
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class ExportSnapshot(Action):
 class ImportSnapshot(Action):
     readexactly: Callable[[int], Awaitable[bytes]]
     durable: bool = True  # false: fsynced just after the answer (a migration's downtime)
+    client: str | None = None  # who asked (the compile of the image it carries is theirs)
 
 
 @dataclass(frozen=True)

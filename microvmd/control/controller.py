@@ -114,7 +114,7 @@ class Controller:
         if not act.data:
             raise BadRequest("empty body: send the module's bytes", code="empty_body")
         return (await self.hv.import_image(act.data, act.name, act.entry, asyncify=act.asyncify,
-                                           durable=act.durable)).to_api()
+                                           durable=act.durable, client=act.client)).to_api()
 
     @_applies(a.ListImages)
     async def list_images(self, _: a.ListImages) -> dict[str, Any]:
@@ -323,7 +323,7 @@ class Controller:
 
     @_applies(a.ImportSnapshot)
     async def import_snapshot(self, act: a.ImportSnapshot) -> dict[str, Any]:
-        return await self.snapshots.import_stream(act.readexactly, act.durable)
+        return await self.snapshots.import_stream(act.readexactly, act.durable, act.client)
 
     @_applies(a.RestoreSnapshot)
     async def restore_snapshot(self, act: a.RestoreSnapshot) -> dict[str, Any]:

@@ -85,8 +85,9 @@ class System:
         packs_used = self._check_snapshots(r, repair, digests)
         disks = self._check_disks(r, repair)
         self._check_vms(r, repair, digests, disks)
-        r.checked["packs_unreferenced"] = len([p for p in self.snapshots.store.packs.glob("*.pack")
-                                                if p.stem not in packs_used])
+        st = self.snapshots.store
+        r.checked["packs_unreferenced"] = len([p for p in st.packs.glob("*.pack")
+                                                if p.stem not in packs_used and p.stem not in st.pinned])
         return r
 
     def _check_images(self, r: Report, repair: bool) -> set[str]:
@@ -296,7 +297,7 @@ class System:
         st = self.snapshots.store
         live = {p for m in manifests for p in m.get("packs", [])}
         async with self.snapshots.write_lock:
-            orphans = [p for p in st.packs.glob("*.pack") if p.stem not in live]
+            orphans = [p for p in st.packs.glob("*.pack") if p.stem not in live and p.stem not in st.pinned]
             for p in orphans:
                 freed += p.stat().st_size
                 if not dry_run:

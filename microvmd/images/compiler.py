@@ -5,6 +5,8 @@ allocator keeps after it. So:
 
 - **Admission.** An import holds one of ``compile_jobs + compile_queue`` slots from its first byte of work
   to its answer; one more is ``503 compile_busy`` (retry later), never a queue that grows without bound.
+  One client (a process on the Unix socket, an address on TCP) holds at most half of the slots, so it
+  cannot fill the pool and keep others out.
 - **Its own pool.** Imports run on a pool of ``compile_jobs`` threads of their own, never on the I/O pool
   that snapshots, ``ps`` and ``logs`` use, and a compile holds no lock they need.
 - **A child process for big modules.** A module of ``INLINE_BYTES`` or more is compiled by
@@ -66,15 +68,31 @@ class Compiler:
         self.limits = limits
         self.pool = ThreadPoolExecutor(max(1, limits.jobs), thread_name_prefix="compile")
         self.admitted = 0
+        self.by_client: dict[str, int] = {}  # slots each client holds now
         self.refused = 0
         self.children = 0  # compiles done in a child process (for tests and metrics)
         self._waiters: list[asyncio.Future[None]] = []
 
+    @property
+    def places(self) -> int:
+        return max(1, self.limits.jobs) + self.limits.queue
+
+    @property
+    def share(self) -> int:
+        """The places one client may hold at once: half of them (at least one)."""
+        return max(1, self.places // 2)
+
     @contextlib.asynccontextmanager
-    async def slot(self, wait: bool = False) -> AsyncIterator[None]:
-        """One import's place (on the event loop). When every place is taken: CompileBusy, or with ``wait``
-        (the daemon's own imports at start-up) the next place that frees."""
-        while self.admitted >= max(1, self.limits.jobs) + self.limits.queue:
+    async def slot(self, wait: bool = False, client: str | None = None) -> AsyncIterator[None]:
+        """One import's place (on the event loop). When every place is taken, or ``client`` holds its
+        share already: CompileBusy, or with ``wait`` (the daemon's own imports at start-up) the next place
+        that frees."""
+        if client is not None and self.by_client.get(client, 0) >= self.share:
+            self.refused += 1
+            raise CompileBusy(f"this client ({client}) has {self.by_client[client]} imports being compiled or "
+                              f"waiting, its share of the compile pool (half of limits.compile_jobs + "
+                              f"limits.compile_queue); retry when one is answered")
+        while self.admitted >= self.places:
             if not wait:
                 self.refused += 1
                 raise CompileBusy(f"{self.admitted} imports are being compiled or waiting for it "
@@ -83,10 +101,16 @@ class Compiler:
             self._waiters.append(freed)
             await freed
         self.admitted += 1
+        if client is not None:
+            self.by_client[client] = self.by_client.get(client, 0) + 1
         try:
             yield
         finally:
             self.admitted -= 1
+            if client is not None:
+                n = self.by_client.pop(client) - 1
+                if n:
+                    self.by_client[client] = n
             while self._waiters:
                 waiter = self._waiters.pop(0)
                 if not waiter.done():

@@ -594,34 +594,28 @@ class Snapshots:
                                      wt.WASMTIME_VERSION, self.hv.opts.fingerprint())
         return m, gen
 
-    async def import_stream(self, readexactly: Any, durable: bool = True) -> dict[str, Any]:
+    async def import_stream(self, readexactly: Any, durable: bool = True, client: str | None = None
+                            ) -> dict[str, Any]:
         """Import an exported snapshot. Without ``durable`` (a migration: the VM is frozen at its source
-        until this answers) the fsyncs run right after the answer instead of before it."""
+        until this answers) the fsyncs run right after the answer instead of before it.
+
+        The stream is read into a new pack under the write lock (its chunks go into the index as they
+        arrive). The pack is then published, and it and the packs whose chunks the import reuses are
+        pinned, so the lock is released while the image in the stream is imported: compiling it never
+        holds up other snapshots. The manifest is saved under the lock again; an import that fails after
+        the pack was published leaves it to be collected, unless a snapshot taken meanwhile uses it."""
         hv = self.hv
         async with self.write_lock:
             writer = await hv.sched.on_io(PackWriter, self.store, durable)
             try:
                 m, image = await transfer.read_stream(readexactly, hv.sched.on_io, self.store, writer,
                                                       hv.cfg.upload_limit)
-                if image is not None:
-                    img = await hv.import_image(image, None)
-                    if img.digest != m["vm"]["digest"]:
-                        raise Unprocessable("the image in the snapshot export does not match its manifest",
-                                            code="invalid_snapshot")
-                    # the module that ran (rewritten with Asyncify at its first import, if it was): no rewrite
-                    # here; the digest of the module it was made from is kept
-                    await hv.sched.on_io(hv.images.adopt_origin, img.digest, m["vm"].get("original_digest"))
-                if self.store.exists(m["name"]):
-                    old = await hv.sched.on_io(self.store.load_manifest, m["name"])
-                    if old["created"] != m["created"] or old["vm"]["id"] != m["vm"]["id"]:
-                        raise Conflict(f"a different snapshot named {m['name']!r} already exists here",
-                                       code="snapshot_exists")
-                stored = self._locate(m)
-                stored["origin"] = "import"
+                await self._check_import_name(m)
+                pinned = self.store.packs_of(all_refs(m)) - {writer.id}
 
                 def publish() -> str | None:
                     pack = writer.publish(durable)
-                    self.store.save(self.store.finish(stored), True, durable)
+                    self.store.pin(pinned | ({pack} if pack else set()))
                     return pack
                 pack = await hv.sched.on_io(publish)
             except BaseException:
@@ -629,11 +623,44 @@ class Snapshots:
                 raise
             finally:
                 self.refill_spares_later()
+        if pack is not None:
+            pinned.add(pack)
+        saved = False
+        try:
+            if image is not None:
+                # outside the write lock: a compile (seconds for a big module) must not stall snapshots
+                img = await hv.import_image(image, None, client=client)
+                if img.digest != m["vm"]["digest"]:
+                    raise Unprocessable("the image in the snapshot export does not match its manifest",
+                                        code="invalid_snapshot")
+                # the module that ran (rewritten with Asyncify at its first import, if it was): no rewrite
+                # here; the digest of the module it was made from is kept
+                await hv.sched.on_io(hv.images.adopt_origin, img.digest, m["vm"].get("original_digest"))
+            async with self.write_lock:
+                await self._check_import_name(m)
+                stored = self._locate(m)
+                stored["origin"] = "import"
+                await hv.sched.on_io(self.store.save, self.store.finish(stored), True, durable)
+                saved = True
+        finally:
+            def release() -> None:
+                self.store.unpin(pinned)
+                if not saved and pack is not None:
+                    self.store.collect({pack})  # (kept if a snapshot taken meanwhile shares its chunks)
+            await hv.sched.on_io(release)
         if not durable:
             fut = asyncio.get_running_loop().run_in_executor(hv.sched.io, self.store.sync_later, pack, m["name"])
             self._background.add(fut)
             fut.add_done_callback(self._background.discard)
         return summary(self.store.finish(stored))
+
+    async def _check_import_name(self, m: dict[str, Any]) -> None:
+        """The same snapshot (its name, time and VM) may be imported again; another of that name may not."""
+        if self.store.exists(m["name"]):
+            old = await self.hv.sched.on_io(self.store.load_manifest, m["name"])
+            if old["created"] != m["created"] or old["vm"]["id"] != m["vm"]["id"]:
+                raise Conflict(f"a different snapshot named {m['name']!r} already exists here",
+                               code="snapshot_exists")
 
     def _locate(self, m: dict[str, Any]) -> dict[str, Any]:
         """Give a portable manifest this store's chunk locations (every chunk is here by now)."""

@@ -276,6 +276,9 @@ class SnapshotStore:
         self.held: set[str] = set()
         # packs published without their fsyncs (?durable=false, a migration's import until sync_later)
         self.unsynced: set[str] = set()
+        # packs an import in progress needs before its manifest is saved (not collected meanwhile): a count
+        # per pack, since two imports may share one
+        self.pinned: dict[str, int] = {}
 
     # ------------------------------------------------------------------ start-up
     def load(self) -> int:
@@ -732,9 +735,29 @@ class SnapshotStore:
             held, self.held = self.held, set()
             self._collect(held)
 
+    def pin(self, packs: set[str]) -> None:
+        """Keep these packs (a manifest to be saved will use them) until ``unpin``."""
+        with self._lock:
+            for p in packs:
+                self.pinned[p] = self.pinned.get(p, 0) + 1
+
+    def unpin(self, packs: set[str]) -> None:
+        with self._lock:
+            for p in packs:
+                n = self.pinned.pop(p, 0) - 1
+                if n > 0:
+                    self.pinned[p] = n
+
+    def packs_of(self, refs: list[Ref]) -> set[str]:
+        """The packs that hold these chunks now (every one must be in the index)."""
+        with self._lock:
+            return {self.index[r[0]].pack for r in refs}
+
     def _collect(self, candidates: set[str]) -> None:
-        """Delete the candidate packs that no remaining manifest references (nor a damaged one may)."""
+        """Delete the candidate packs that no remaining manifest references (nor a damaged one may, nor an
+        import in progress)."""
         candidates -= self.held
+        candidates -= set(self.pinned)
         if not candidates:
             return
         for other in self.iter_manifests():

@@ -199,11 +199,12 @@ class Hypervisor:
 
     async def import_image(self, data: bytes, name: str | None, entry: str | None = None, *,
                            asyncify: bool = True, background: bool = False, durable: bool = True,
-                           wait: bool = False) -> Image:
+                           wait: bool = False, client: str | None = None) -> Image:
         """``asyncify``: rewrite a plain WASI module for snapshots (images/importer.py); ``background``: import
         it as it is at once and move the name to the rewrite when that is done; ``durable``: its files are on
-        stable storage before it is answered; ``wait``: wait for a compile slot instead of 503 compile_busy."""
-        async with self.compiler.slot(wait):  # 503 compile_busy when too many imports are under way
+        stable storage before it is answered; ``wait``: wait for a compile slot instead of 503 compile_busy;
+        ``client``: who asked (one client holds at most its share of the compile pool)."""
+        async with self.compiler.slot(wait, client):  # 503 compile_busy when too many imports are under way
             # on the compile pool, not the I/O pool that snapshots, ps and logs use
             return await import_module(self.images, data, name, entry, on_io=self.compiler.on_pool,
                                        asyncify=asyncify, background=background, durable=durable)

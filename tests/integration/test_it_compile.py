@@ -25,7 +25,7 @@ def _import(d: Daemon, name: str, data: bytes, out: dict[str, Resp]) -> None:
 def test_compile_bombs_wait_their_turn_and_never_block_snapshots(make_daemon: Callable[..., Daemon],
                                                                  tmp_path: Path) -> None:
     cfg = tmp_path / "compile.toml"
-    cfg.write_text("[limits]\ncompile_jobs = 1\ncompile_queue = 1\n")
+    cfg.write_text("[limits]\ncompile_jobs = 1\ncompile_queue = 3\n")  # four places, two per client
     d = make_daemon("--config", str(cfg))
     d.mv("image", "import", str(IMAGES / "counter" / "counter.wasm"), "--name", "counter")
     counter = d.api.create("counter", start=True, env={"INTERVAL_MS": "20"})
@@ -39,7 +39,7 @@ def test_compile_bombs_wait_their_turn_and_never_block_snapshots(make_daemon: Ca
     second.start()
     while d.api.ok("GET", "/v1/info")["limits"]["compile_admitted"] < 2:
         pass
-    # both places are taken: a third import is told to come back, at once
+    # this client's places are taken: its third import is told to come back, at once
     r = d.api("POST", "/v1/images?name=bomb2", raw=bomb(10, 2))
     assert r.status == 503 and r.code == "compile_busy", r.text
     # the snapshot and the listing do not queue behind the compiles (they use the I/O pool)
@@ -76,3 +76,63 @@ def test_an_invalid_big_module_is_a_422_from_the_compile_child(daemon: Daemon) -
     assert len(data) > 256 * 1024  # big enough for the child
     r = daemon.api("POST", "/v1/images?name=badbig", raw=data, headers={"Content-Type": "application/wasm"})
     assert r.status == 422 and r.code == "invalid_module", r.text
+
+
+def test_a_snapshot_import_compiles_its_image_without_holding_up_snapshots(make_daemon: Callable[..., Daemon]) -> None:
+    """The image inside an exported snapshot is compiled after the stream's chunks are stored and the
+    store's write lock is let go: a snapshot of another VM is taken meanwhile (it used to wait for the
+    whole compile)."""
+    a = make_daemon()
+    r = a.api("POST", "/v1/images?name=bombimg&no_asyncify=true", raw=bomb(40_000, 7), timeout=600)
+    assert r.status == 201, r.text
+    vm = a.api.create("bombimg")  # created, not started: any module can be snapshotted then
+    assert a.api("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": "bs"}).status == 201
+    blob = a.api("GET", "/v1/snapshots/bs/export", timeout=600).body
+
+    b = make_daemon()
+    b.mv("image", "import", str(IMAGES / "counter" / "counter.wasm"), "--name", "counter")
+    counter = b.api.create("counter", start=True, env={"INTERVAL_MS": "20"})
+    b.api.wait_state(counter["id"], "running")
+    results: dict[str, Resp] = {}
+
+    def import_it() -> None:
+        results["import"] = b.api("POST", "/v1/snapshots/import", raw=blob, timeout=600,
+                                  headers={"Content-Type": "application/octet-stream"})
+    t = threading.Thread(target=import_it)
+    t.start()
+    while b.api.ok("GET", "/v1/info")["limits"]["compile_admitted"] < 1:
+        assert t.is_alive(), results  # (the image is compiled after the stream is stored: seconds)
+    snap = b.api("POST", f"/v1/vms/{counter['id']}/snapshots", {"name": "during-import"})
+    assert snap.status == 201, snap.text
+    # answered while the image still compiles (seconds for 40,000 functions): the snapshot did not wait
+    assert b.api.ok("GET", "/v1/info")["limits"]["compile_admitted"] >= 1 and t.is_alive()
+    t.join()
+    assert results["import"].status == 201, results["import"].text
+    assert {s["name"] for s in b.api.ok("GET", "/v1/snapshots")["snapshots"]} >= {"bs", "during-import"}
+    restored = b.api("POST", "/v1/snapshots/bs/restore", {"name": "bomb-again"})
+    assert restored.status == 201, restored.text
+
+
+def test_one_client_cannot_fill_the_compile_pool(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """A client (a process on the Unix socket) holds at most half of the compile places: its next import is
+    503 compile_busy at once, while another process's import is admitted."""
+    cfg = tmp_path / "compile.toml"
+    cfg.write_text("[limits]\ncompile_jobs = 1\ncompile_queue = 3\n")  # four places: two per client
+    d = make_daemon("--config", str(cfg))
+    results: dict[str, Resp] = {}
+    threads = [threading.Thread(target=_import, args=(d, f"mine{i}", bomb(40_000, 10 + i), results))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    while d.api.ok("GET", "/v1/info")["limits"]["compile_admitted"] < 2:
+        pass
+    r = d.api("POST", "/v1/images?name=mine2", raw=bomb(10, 12))  # this process, a third time
+    assert r.status == 503 and r.code == "compile_busy" and "this client" in r.text, r.text
+    assert any(t.is_alive() for t in threads)  # (40,000-function compiles take seconds)
+    small = tmp_path / "small.wasm"
+    small.write_bytes(wat2wasm(bomb(10, 13).decode()))
+    d.mv("image", "import", str(small), "--name", "theirs")  # another process: its own share
+    assert d.api.ok("GET", "/v1/images/theirs")["names"] == ["theirs"]
+    for t in threads:
+        t.join()
+    assert results["mine0"].status == 201 and results["mine1"].status == 201, results
