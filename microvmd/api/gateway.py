@@ -8,6 +8,7 @@ import logging
 import re
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ..control import actions as a
 from ..control.controller import Controller
@@ -30,8 +31,13 @@ _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 def _answer(resp: FnResponse) -> web.Response:
     if not 200 <= resp.status <= 599:  # 1xx would leave the client waiting for the real answer
         resp = error_response(502, "bad_response", f"the function answered status {resp.status}", resp.request_id)
-    headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROPPED and _TOKEN.match(k)
-               and not any(ch in v for ch in "\r\n\0")}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for k, v in resp.headers.items():
+        if k.lower() in _DROPPED or not _TOKEN.match(k):
+            continue
+        for one in v.split("\n"):  # a header given several times (add_header) goes out once per value
+            if "\r" not in one and "\0" not in one:
+                headers.add(k, one)
     if resp.request_id:
         headers["X-Request-Id"] = resp.request_id
     out = web.Response(status=resp.status, body=resp.body, headers=headers)

@@ -38,7 +38,8 @@ def _serve(raw):
             headers["Content-Type"] = "text/plain; charset=utf-8"
         if not isinstance(res, dict):
             raise TypeError("handle() must return a dict or a str, not %s" % type(res).__name__)
-        headers.update({str(k): str(v) for k, v in (res.get("headers") or {}).items()})
+        headers.update({str(k): [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v)
+                        for k, v in (res.get("headers") or {}).items()})
         body = res.get("body", b"")
         if body is None:
             body = b""
@@ -81,7 +82,10 @@ function _serve(raw) {
     let headers = {};
     if (typeof r === "string") { r = { body: r }; headers["Content-Type"] = "text/plain; charset=utf-8"; }
     if (r === null || typeof r !== "object") throw new TypeError("handle() must return an object or a string");
-    for (const k in (r.headers || {})) headers[String(k)] = String(r.headers[k]);
+    for (const k in (r.headers || {})) {
+      const v = r.headers[k];
+      headers[String(k)] = Array.isArray(v) ? v.map(String) : String(v);
+    }
     let body = r.body;
     if (body === undefined || body === null) body = "";
     else if (typeof body !== "string") {

@@ -28,9 +28,20 @@ class FnRequest:
         return rest if rest.startswith("/") or not rest else "/" + rest
 
 
+def add_header(headers: dict[str, str], name: str, value: str) -> None:
+    """Add a response header; a name given again (in any case) keeps every value, joined by a newline: the
+    gateway sends each as a header line of its own (several ``Set-Cookie``, say)."""
+    for have in headers:
+        if have.lower() == name.lower():
+            headers[have] = f"{headers[have]}\n{value}"
+            return
+    headers[name] = value
+
+
 @dataclass
 class FnResponse:
     status: int
+    # a header sent several times holds its values joined by "\n" (add_header)
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     request_id: str = ""

@@ -35,7 +35,7 @@ from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import Vm, VmSpec
 from . import drivers, wagi
-from .http import FnRequest, FnResponse, error_response
+from .http import FnRequest, FnResponse, add_header, error_response
 
 log = logging.getLogger("microvmd.functions")
 
@@ -122,6 +122,16 @@ class Function:
     @property
     def queue_limit(self) -> int:
         return self.concurrency * QUEUE_PER_SLOT
+
+
+def gateway_base(host: str, port: int) -> str:
+    """The address a client on this host reaches the gateway at: a wildcard bind is reached at loopback, an
+    IPv6 address goes in brackets."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def normalise_route(route: str) -> str:
@@ -220,8 +230,7 @@ class Functions:
         rec = fn.rec
         url = None
         if self.gateway is not None:
-            host, port = self.gateway
-            url = f"http://{host}:{port}{rec.route}"
+            url = f"{gateway_base(*self.gateway)}{rec.route}"
         return {
             "name": rec.name, "route": rec.route, "executor": rec.executor, "image": rec.image_name,
             "digest": rec.digest, "version": rec.version, "created": rec.created, "updated": rec.updated,
@@ -712,11 +721,11 @@ class Functions:
                 return self._error(fn, rid, 502, "bad_response", f"the function ended (exit code {vm.exit.code}) "
                                    f"without mv_fn_respond", err)
             self._log_stderr(fn, rid, err + _read(vm, "stdout"))
-            headers = {}
+            headers: dict[str, str] = {}
             for line in part.headers.decode("latin-1").split("\n"):
                 name, colon, value = line.partition(":")
                 if colon and name.strip() and "\r" not in line:
-                    headers[name.strip()] = value.strip()
+                    add_header(headers, name.strip(), value.strip())
             return FnResponse(part.status, headers, part.body)
         out = _read(vm, "stdout")
         if _truncated(vm, "stdout"):
@@ -749,8 +758,11 @@ class Functions:
             status = int(raw.get("status", 200))
             if not 100 <= status <= 599:
                 raise ValueError(f"status {status}")
-            headers = {str(k): str(v) for k, v in (raw.get("headers") or {}).items()
-                       if "\n" not in str(k) + str(v) and "\r" not in str(k) + str(v)}
+            headers: dict[str, str] = {}
+            for k, v in (raw.get("headers") or {}).items():  # a list: the header sent once per value
+                for one in (v if isinstance(v, list) else [v]):
+                    if not any(ch in str(k) + str(one) for ch in "\r\n"):
+                        add_header(headers, str(k), str(one))
             if "body_base64" in raw:
                 body = base64.b64decode(raw["body_base64"])
             else:

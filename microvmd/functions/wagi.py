@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .http import FnRequest, FnResponse
+from .http import FnRequest, FnResponse, add_header
 
 SOFTWARE = "microvmd"
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -73,7 +73,7 @@ def parse(out: bytes) -> FnResponse:
                 raise CgiError(f"Status: {value[:40]!r} is not an HTTP status")
             status = int(code)
         else:
-            headers[name] = value
+            add_header(headers, name, value)  # (a repeated header, Set-Cookie say, keeps every line)
     if status is None:
         status = 302 if any(k.lower() == "location" for k in headers) else 200
     return FnResponse(status, headers, body)

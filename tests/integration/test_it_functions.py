@@ -89,6 +89,36 @@ def test_wagi_function_gets_the_cgi_request(fnd: tuple[Daemon, Gateway], deploy:
     assert (status, body) == (201, b"got 10 bytes, call 1\n")  # the body on stdin, Status: from the guest
 
 
+COOKIES_WAT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "Content-Type: text/plain\\nSet-Cookie: a=1; Path=/\\nSet-Cookie: b=2\\n\\nok")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 68))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+def test_a_header_given_twice_reaches_the_client_twice(fnd: tuple[Daemon, Gateway],
+                                                       deploy: Callable[..., Any]) -> None:
+    """Several Set-Cookie lines from a CGI response are several headers, not one joined with commas."""
+    from wasmtime import wat2wasm
+
+    d, gw = fnd
+    assert d.api.import_image(bytes(wat2wasm(COOKIES_WAT)), "cookies").status == 201
+    fn = deploy("cookies", image="cookies", executor="wagi")
+    assert fn["url"] == f"http://127.0.0.1:{gw.port}/cookies"
+    c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    try:
+        c.request("GET", "/cookies")
+        r = c.getresponse()
+        assert (r.status, r.read()) == (200, b"ok")
+        assert r.msg.get_all("Set-Cookie") == ["a=1; Path=/", "b=2"]
+    finally:
+        c.close()
+
+
 def test_every_request_gets_a_fresh_instance_on_one_keep_alive_connection(
         fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     _, gw = fnd
@@ -392,6 +422,17 @@ def test_python_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]
     assert "RuntimeError: asked to fail" in d.api("GET", "/v1/functions/pyf/logs").text
     r = d.api("POST", "/v1/functions", {"name": "pybad", "python": "import nosuchmodule\n"})
     assert r.status == 400 and "ModuleNotFoundError" in r.message, r.body
+    # a list of values: the header once per value
+    deploy("pycookies", python='def handle(r):\n    return {"headers": {"Set-Cookie": ["a=1", "b=2"]}, '
+                               '"body": "ok"}\n', route="/pyc")
+    c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+    try:
+        c.request("GET", "/pyc")
+        resp = c.getresponse()
+        assert (resp.status, resp.read()) == (200, b"ok")
+        assert resp.msg.get_all("Set-Cookie") == ["a=1", "b=2"]
+    finally:
+        c.close()
 
 
 def test_examples_are_where_the_docs_say() -> None:
