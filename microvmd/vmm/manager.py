@@ -133,13 +133,19 @@ class Hypervisor:
         self.images.load()
         return self.registry.read(self._vm_from_record)
 
+    def _log_rate(self, spec: VmSpec) -> tuple[int, int]:
+        """A VM's console output rate (limits.log_rate); none for a function's instances, whose standard output
+        is their response (bounded by log_bytes), not a log."""
+        return (0, 0) if spec.owner else self.cfg.limits.log_rate_budget()
+
     def _vm_from_record(self, raw: Any, d: Path) -> Vm:
         """On an I/O thread: a VM as its record left it (not in the table yet)."""
         rec = contract.convert(raw, contract.VmRecord)  # a record is checked like a request
         e = rec.exit
-        vm = Vm(rec.id, VmSpec.from_contract(rec.spec), rec.digest, rec.image_name, d, self.cfg.limits.log_bytes,
+        spec = VmSpec.from_contract(rec.spec)
+        vm = Vm(rec.id, spec, rec.digest, rec.image_name, d, self.cfg.limits.log_bytes,
                 self.cfg.limits.memory if rec.memory_limit is None else rec.memory_limit,
-                log_rate=self.cfg.limits.log_rate_budget(),
+                log_rate=self._log_rate(spec),
                 recorded=VmRuntime(rec.id, _vm_log(rec.id), VmState(rec.state),
                                    None if e is None else ExitRecord(e.code, e.reason, e.fuel_consumed,
                                                                      e.peak_memory, e.wall_time_s),
@@ -299,7 +305,7 @@ class Hypervisor:
                              code="not_snapshottable")
         vm_id, d, premade = self.registry.new_id(spec.ephemeral)  # (ephemeral: nothing on disk)
         vm = Vm(vm_id, spec, img.digest, img.names[0] if img.names else img.digest, d,
-                self.cfg.limits.log_bytes, memory, log_rate=self.cfg.limits.log_rate_budget())
+                self.cfg.limits.log_bytes, memory, log_rate=self._log_rate(spec))
         vm.console.premade = premade
         self.builder.console_mode(vm)
         vm.snapshot_kind = "asyncify" if img.asyncify else "stopped_only"
