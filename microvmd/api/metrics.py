@@ -7,6 +7,7 @@ test apps) in one process never share or clash over series.
 """
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +54,8 @@ class StateCollector(Collector):
         for dev in hv.devices:
             yield from dev.metrics(hv)
         yield from hv.loop_lag.metrics()
+        yield GaugeMetricFamily("microvmd_gc_frozen_objects", "Objects made at start-up, kept out of the cycle "
+                                "collector's full collections (gc.freeze)", value=gc.get_freeze_count())
         yield from hv.heap_trim.metrics()
         budget = GaugeMetricFamily("microvmd_memory_budget_bytes", "Linear memory of all guests: the budget "
                                    "(limits.total_memory) and what they hold", labels=["kind"])
