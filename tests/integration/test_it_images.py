@@ -7,11 +7,13 @@ import os
 import re
 import secrets
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mvapi import (
+    IMAGES,
     WAT_EXIT_7,
     WAT_MISSING_IMPORT,
     WAT_START_ONCE,
@@ -247,3 +249,17 @@ def test_compiled_cache_survives_a_restart(make_daemon: Callable[..., Daemon]) -
     vm = d.api.create("hello", "6", start=True)
     assert d.api.wait(vm["id"])["code"] == 6
     assert d.api.metric("microvmd_compiles_total") == 1
+
+
+def test_a_background_rewrite_is_listed_until_its_name_has_moved(make_daemon: Callable[..., Daemon]) -> None:
+    """``GET /v1/images``'s ``importing`` lists a background rewrite (--import-images) until the image's name
+    points at the rewritten module: a client that waits for the list to empty finds every sample image
+    snapshottable (it emptied while the rewritten module was still being compiled and named)."""
+    d = make_daemon("--import-images", str(IMAGES))
+    deadline = time.monotonic() + 300
+    while d.api.ok("GET", "/v1/images")["importing"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    pending = [(name, img["snapshot_note"]) for img in d.api.ok("GET", "/v1/images")["images"]
+               for name in img["names"] if "in the background" in (img.get("snapshot_note") or "")]
+    assert not pending, pending
