@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import gc
 import logging
 import os
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microvmd: {exc}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level)
+    # a crash in native code (wasmtime, a mapping) leaves every thread's Python stack in the log (journald
+    # under systemd), not only "segfault" in the kernel's
+    faulthandler.enable(all_threads=True)
     run: Any = asyncio.run
     try:
         import uvloop

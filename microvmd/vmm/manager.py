@@ -323,7 +323,7 @@ class Hypervisor:
                 await self.sched.on_io(partial(vm.dir.mkdir, parents=True, exist_ok=True))
             for dev in self.devices:
                 await dev.attach(self, vm)
-            result = await build()
+            result = await _outlived(build())
             if devices is not None:
                 try:
                     vm.devices.restore(devices)
@@ -913,3 +913,22 @@ class Hypervisor:
 
     def fuel_total(self) -> int:
         return self.fuel_total_finished + sum(v.fuel_consumed for v in self.vms.values() if v.state.live)
+
+
+async def _outlived(work: Awaitable[T]) -> T:
+    """Await ``work`` (a machine being built or restored on a worker thread); if the caller is cancelled
+    meanwhile, wait until the thread is done before the cancellation goes on. The caller's clean-up frees
+    the VM's store: freed under a restore that is still writing its memory, it crashed the daemon (a
+    function removed while a spare instance was restored: SIGSEGV in Machine.restore)."""
+    fut = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue  # cancelled again: the thread still has to finish first
+        if not fut.cancelled():
+            fut.exception()  # (retrieved: the cancellation is what the caller sees)
+        raise
