@@ -492,19 +492,12 @@ def build_parser(only: tuple[str, ...] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import gc
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    # start-up makes tens of thousands of objects (argparse, msgspec, the contract's types) and no garbage
-    # worth collecting: without the collector's passes over them, `microvm ps` starts ~2 ms sooner
-    gc.disable()
-    try:
-        ns = build_parser(only=command_path(argv)).parse_args(argv)
-        if not hasattr(ns, "handler"):  # command_path guessed differently from argparse: parse for real
-            ns = build_parser().parse_args(argv)
-        from microvmd.cli.commands import run_command
-    finally:
-        gc.enable()  # (a command may run for hours: logs -f, attach)
+    ns = build_parser(only=command_path(argv)).parse_args(argv)
+    if not hasattr(ns, "handler"):  # command_path guessed differently from argparse: parse for real
+        ns = build_parser().parse_args(argv)
+    from microvmd.cli.commands import run_command
+
     return run_command(ns)
 
 
