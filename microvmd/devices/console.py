@@ -51,9 +51,10 @@ class LogRate:
 
     When the bucket is overdrawn, ``hold_for`` says how long the VM must stay off its vCPU for the bucket to
     be back at zero: the guest's average output rate stays at ``rate`` whatever it writes, and no byte is
-    lost for it. In file mode the daemon sees the files' sizes only at its checks (after every slice while
-    the VM writes, see ``Console.ran``), so a guest can pass its budget by one slice's output (at most one
-    epoch, 10 ms); the hold then pays for all of it."""
+    lost for it. In file mode the daemon sees the files' sizes only at its checks (every ``CHECK_EVERY``
+    seconds, then after every slice while the VM writes, see ``Console.ran``), so a guest can pass its
+    budget by what it writes before its first check, then by one slice's output; the hold pays for all of
+    it. (A first check at once would cost every short VM two ``stat`` calls on the event loop.)"""
 
     __slots__ = ("rate", "burst", "tokens", "stamp", "seen", "holds", "held_s")
 
@@ -90,7 +91,7 @@ class Console:
         self.cap = cap
         self.rate = rate
         self.written = 0  # bytes in both logs at the last cap check (what the guest has written, in all)
-        self.hot = rate is not None  # file mode: check after every slice (see ran)
+        self.hot = False  # file mode: its last check found new output, under a rate: check after every slice
         self.released = {s: 0 for s in STREAMS}  # bytes punched out at the start of each stream
         self.dirty = False  # written since the last cap check
         self._fds: dict[str, int] = {}

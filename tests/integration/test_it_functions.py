@@ -44,6 +44,16 @@ class Gateway:
             if conn is None:
                 c.close()
 
+    def get_all(self, path: str, header: str) -> tuple[int, bytes, list[str]]:
+        """GET ``path``: the status, the body and every value of ``header`` (each line it came on)."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            return r.status, r.read(), r.msg.get_all(header) or []
+        finally:
+            c.close()
+
 
 @pytest.fixture(scope="module")
 def fnd() -> Iterator[tuple[Daemon, Gateway]]:
@@ -109,14 +119,7 @@ def test_a_header_given_twice_reaches_the_client_twice(fnd: tuple[Daemon, Gatewa
     assert d.api.import_image(bytes(wat2wasm(COOKIES_WAT)), "cookies").status == 201
     fn = deploy("cookies", image="cookies", executor="wagi")
     assert fn["url"] == f"http://127.0.0.1:{gw.port}/cookies"
-    c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-    try:
-        c.request("GET", "/cookies")
-        r = c.getresponse()
-        assert (r.status, r.read()) == (200, b"ok")
-        assert r.msg.get_all("Set-Cookie") == ["a=1; Path=/", "b=2"]
-    finally:
-        c.close()
+    assert gw.get_all("/cookies", "Set-Cookie") == (200, b"ok", ["a=1; Path=/", "b=2"])
 
 
 def test_every_request_gets_a_fresh_instance_on_one_keep_alive_connection(
@@ -425,14 +428,7 @@ def test_python_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]
     # a list of values: the header once per value
     deploy("pycookies", python='def handle(r):\n    return {"headers": {"Set-Cookie": ["a=1", "b=2"]}, '
                                '"body": "ok"}\n', route="/pyc")
-    c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
-    try:
-        c.request("GET", "/pyc")
-        resp = c.getresponse()
-        assert (resp.status, resp.read()) == (200, b"ok")
-        assert resp.msg.get_all("Set-Cookie") == ["a=1", "b=2"]
-    finally:
-        c.close()
+    assert gw.get_all("/pyc", "Set-Cookie") == (200, b"ok", ["a=1", "b=2"])
 
 
 def test_examples_are_where_the_docs_say() -> None:
