@@ -97,6 +97,26 @@ def run_command(ns) -> int:
 
 # --- helpers -------------------------------------------------------------------------------------------
 
+def _background(target, *args, name: str | None = None):
+    """Start ``target(*args)`` in a daemon thread that never takes Ctrl-C, SIGTERM or SIGHUP.
+
+    Python runs signal handlers in the main thread only, but the kernel may deliver a process's signal to
+    any thread that does not block it: one that landed in a log copier would leave the main thread blocked
+    in its request (`run --rm` waiting for a VM that never ends) and Ctrl-C would do nothing. The thread
+    is started with those signals blocked (it inherits the mask), so they always reach the main thread."""
+    import signal
+    import threading
+
+    t = threading.Thread(target=target, args=args, daemon=True, name=name)
+    blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        t.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return t
+
+
 def _items(answer, key: str) -> list:
     """{"vms": [...]} or a bare list -> the list."""
     if isinstance(answer, dict):
@@ -166,7 +186,6 @@ def _upload_image(ctx: Ctx, path: str, name: str | None = None, entry: str | Non
 def _upload_with_progress(ctx: Ctx, path: str, name: str, entry: str | None, no_asyncify: bool) -> dict:
     """The upload, while the daemon's one-time Asyncify rewrite of a big module (minutes for CPython) is
     shown on stderr: the upload runs in a thread, this one polls GET /v1/images for its ``importing`` entry."""
-    import threading
 
     box: dict = {}
 
@@ -176,8 +195,7 @@ def _upload_with_progress(ctx: Ctx, path: str, name: str, entry: str | None, no_
         except BaseException as e:  # handed to the main thread
             box["exc"] = e
 
-    t = threading.Thread(target=upload, daemon=True)
-    t.start()
+    t = _background(upload)
     t.join(2.0)  # most imports are done by then: nothing to show
     shown, last_line = False, 0.0
     tty = sys.stderr.isatty()
@@ -301,13 +319,10 @@ class LogFollower:
 
     def start(self) -> None:
         """Open the streams and copy each in a background thread."""
-        import threading
-
         if not self.responses:
             self.open()
         for resp, (_, out) in zip(self.responses, self.plan, strict=True):
-            t = threading.Thread(target=self._copy, args=(resp, out), daemon=True)
-            t.start()
+            t = _background(self._copy, resp, out)
             self.threads.append(t)
 
     def run(self) -> None:
@@ -559,7 +574,6 @@ class _StdinStream:
 def _send_stdin(ctx: Ctx, vm_id: str, required: bool) -> None:
     """In a thread: stream our stdin to the guest until it ends. A VM that takes no input is fine when we
     were not asked for it (attach without -i), else worth a line."""
-    import threading
 
     def run() -> None:
         try:
@@ -570,7 +584,7 @@ def _send_stdin(ctx: Ctx, vm_id: str, required: bool) -> None:
                 ctx.error(f"cannot send input: {e.message}")
         except ClientError:
             pass  # the VM ended and the daemon closed the stream: nothing left to send it
-    threading.Thread(target=run, daemon=True, name="stdin").start()
+    _background(run, name="stdin")
 
 
 def _report_exit(ctx: Ctx, label: str, exit_obj) -> int:
@@ -1076,7 +1090,6 @@ def _deploy_with_progress(ctx: Ctx, body: dict, runtime: str | None) -> dict:
     snapshots (minutes for CPython, once per host): that is shown on stderr while the request runs."""
     if runtime is None:
         return ctx.api.post("/v1/functions", body, answer=contract.Function)
-    import threading
 
     box: dict = {}
 
@@ -1086,8 +1099,7 @@ def _deploy_with_progress(ctx: Ctx, body: dict, runtime: str | None) -> dict:
         except BaseException as e:  # handed to the main thread
             box["exc"] = e
 
-    t = threading.Thread(target=deploy, daemon=True)
-    t.start()
+    t = _background(deploy)
     t.join(2.0)
     shown, last_line = False, 0.0
     tty = sys.stderr.isatty()

@@ -122,19 +122,40 @@ def test_run_unknown_image_is_an_api_error(cli, fake_daemon):
 
 
 def test_run_ctrl_c_kills_the_ephemeral_vm(fake_daemon, img):
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # faulthandler: should the client not exit, SIGABRT makes it print every thread's stack (below)
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONFAULTHANDLER="1")
     p = subprocess.Popen(
         [sys.executable, "-m", "microvmd.cli.main", "--socket", fake_daemon.socket_path, "run", "--rm", "img",
          "out:started", "hang"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO,
     )
-    assert p.stdout.readline() == b"started\n"
-    for _ in range(100):  # wait until the client is blocked in wait
-        if any(r["path"].endswith("/start") for r in fake_daemon.requests):
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=15)
+    try:
+        assert p.stdout.readline() == b"started\n"
+        for _ in range(100):  # wait until the client is blocked in wait
+            if any(r["path"].endswith("/start") for r in fake_daemon.requests):
+                break
+            time.sleep(0.05)
+        # the kernel may hand a process's SIGINT to any thread that does not block it, and Python runs the
+        # handler in the main thread only: the log copiers block it, so Ctrl-C always reaches the main thread
+        blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        for tid in os.listdir(f"/proc/{p.pid}/task"):
+            if int(tid) != p.pid:
+                with open(f"/proc/{p.pid}/task/{tid}/status") as f:
+                    status = f.read()
+                mask = int(status.split("SigBlk:")[1].split()[0], 16)
+                assert all(mask & (1 << (sig - 1)) for sig in blocked), (tid, hex(mask))
+        p.send_signal(signal.SIGINT)
+        try:
+            out, err = p.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            out, err = p.communicate(timeout=15)
+            requests = [(r["method"], r["path"]) for r in fake_daemon.requests]
+            pytest.fail(f"the client did not exit after SIGINT; requests {requests}; its stderr:\n{err.decode()}")
+    finally:
+        if p.poll() is None:  # never leave the process behind (its Popen warning would fail a later test)
+            p.kill()
+            p.communicate()
     assert p.returncode == 137, err
     assert err.decode().endswith("stopped by host: killed\n")
     assert fake_daemon.requests[-1]["path"].endswith("/kill")  # its answer has the exit: nothing more to ask
