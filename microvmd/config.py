@@ -109,6 +109,12 @@ class Config:
     token_file: Path | None = None
     gateway: tuple[str, int] | None = ("127.0.0.1", 8080)  # the function gateway; None: off
     gateway_explicit: bool = False  # asked for (flag or file): a port that cannot be bound stops start-up
+    # connections the gateway holds at once (one more is answered 503 and closed); 0: half of the descriptors
+    # the daemon reserves for itself (limits.reserved_files)
+    gateway_connections: int = 0
+    # a gateway connection that has not sent a whole request head within it (or sits idle between
+    # keep-alive requests that long) is closed
+    gateway_idle_timeout: float = 15.0
     import_images: Path | None = None
     import_fetched: bool = False  # --import-images also imports DIR/<name> holding a SHA256SUMS (python, js)
     upload_limit: int = 256 * MiB
@@ -164,6 +170,13 @@ class Config:
             raise ConfigError(f"engine.console must be \"auto\", \"file\" or \"hook\", not {self.engine.console!r}")
         if self.upload_limit < 1024:
             raise ConfigError("upload_limit is too small")
+        if isinstance(self.gateway_connections, bool) or not isinstance(self.gateway_connections, int) \
+                or not 0 <= self.gateway_connections < 1 << 31:
+            raise ConfigError("gateway_connections must be a count of connections (0: half of the reserved "
+                              "descriptors)")
+        if isinstance(self.gateway_idle_timeout, bool) or not isinstance(self.gateway_idle_timeout, (int, float)) \
+                or not 0 < self.gateway_idle_timeout <= 3600:
+            raise ConfigError("gateway_idle_timeout must be a duration above 0 and at most 1h")
         return self
 
 
@@ -176,7 +189,8 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
 
 _SIZE_KEYS = {"memory", "max_memory", "total_memory", "compile_memory", "max_wasm_stack", "log_bytes", "log_rate",
               "log_burst", "upload_limit", "json_limit", "memory_reservation", "memory_guard_size"}
-_DURATION_KEYS = {"timeout", "compile_timeout", "epoch_interval", "shutdown_timeout", "spin_wait"}
+_DURATION_KEYS = {"timeout", "compile_timeout", "epoch_interval", "shutdown_timeout", "spin_wait",
+                  "gateway_idle_timeout"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -249,7 +263,7 @@ def load(args: argparse.Namespace) -> Config:
         engine=engine,
     )
     rest = {k: _coerce(k, v) for k, v in daemon.items()}
-    known = {"upload_limit", "json_limit", "shutdown_timeout"}
+    known = {"upload_limit", "json_limit", "shutdown_timeout", "gateway_connections", "gateway_idle_timeout"}
     if set(rest) - known:
         raise ConfigError(f"unknown key(s) in [daemon]: {', '.join(sorted(set(rest) - known))}")
     return replace(cfg, **rest).validate()

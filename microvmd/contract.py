@@ -851,9 +851,10 @@ class FunctionRecord(Struct, forbid_unknown_fields=False):
 class FunctionStats(Response):
     invocations: int
     errors: dict[str, int]
-    active: int
-    queued: int
-    instances: int
+    active: int  # instances answering a request now
+    queued: int  # requests waiting for a slot (or for their body to arrive)
+    instances: int  # live instances: active ones and idle ones
+    idle_instances: int = 0  # spare fresh instances restored ahead of time, and --reuse warm ones
     last_invoked: float | None = None
     fresh_instance_us: dict[str, float] | None = None  # p50, p99 (and count) of the last 1,000 requests: the
     # time from the request to a fresh instance ready to run (WAGI: boot and first slice; sdk/python/js: a

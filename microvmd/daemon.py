@@ -157,7 +157,7 @@ CANCEL_AFTER = 5.0
 
 async def serve(cfg: Config) -> int:
     from .api import remote
-    from .api.gateway import make_gateway
+    from .api.gateway import GatewaySite, GatewayStats, make_gateway
     from .api.routes import api_routes
     from .api.server import make_app
     from .control.controller import Controller
@@ -190,13 +190,17 @@ async def serve(cfg: Config) -> int:
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
     hv.on_remove.append(snaps.checkpoints.removed)
     functions = Functions(hv, snaps, cfg.gateway)
+    functions.gateway_stats = GatewayStats(cfg.gateway_connections or max(16, hv.files.reserve // 2))
     await functions.startup()
     controller = Controller(hv, snaps, functions)
     token = remote.load_token(cfg)
     app = make_app(controller, api_routes(hv), [remote.token_middleware(token)] if token else None)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    gateway = web.AppRunner(make_gateway(controller), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    # keepalive_timeout: aiohttp arms it when a connection opens and after each answer, and closes a
+    # connection still without a whole request head then (a slow-headers client cannot hold one forever)
+    gateway = web.AppRunner(make_gateway(controller), access_log=None, handle_signals=False, shutdown_timeout=0.5,
+                            keepalive_timeout=cfg.gateway_idle_timeout)
     await gateway.setup()
     inherited = systemd.listen_fds()
     sock = inherited[0] if inherited else _bind_unix(cfg.socket)
@@ -211,7 +215,7 @@ async def serve(cfg: Config) -> int:
         await s.start()
     gateway_sites: list[web.BaseSite] = []
     if cfg.gateway is not None:
-        site = web.TCPSite(gateway, cfg.gateway[0], cfg.gateway[1], backlog=1024, reuse_address=True)
+        site = GatewaySite(gateway, cfg.gateway[0], cfg.gateway[1], stats=functions.gateway_stats)
         try:
             await site.start()
             gateway_sites.append(site)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from typing import cast
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from ..control import actions as a
 from ..control.controller import Controller
-from ..errors import MicrovmError
+from ..errors import BadRequest, MicrovmError, PayloadTooLarge, RequestTimeout
 from ..functions.http import FnRequest, FnResponse, error_response
 from ..functions.service import MAX_BODY
 
@@ -50,13 +51,6 @@ async def serve(request: web.Request) -> web.StreamResponse:
     try:
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _answer(error_response(413, "too_large", f"the request body is above {MAX_BODY} bytes", "-"))
-        try:
-            data = await asyncio.wait_for(request.read(), READ_TIMEOUT)
-        except TimeoutError:
-            return _answer(error_response(408, "slow_client", f"the body did not arrive within {READ_TIMEOUT:g} s",
-                                          "-"))
-        except web.HTTPRequestEntityTooLarge:
-            return _answer(error_response(413, "too_large", f"the request body is above {MAX_BODY} bytes", "-"))
         headers: dict[str, str] = {}
         for k, v in request.headers.items():
             k = k.lower()
@@ -68,12 +62,114 @@ async def serve(request: web.Request) -> web.StreamResponse:
         host = request.url.host or "localhost"
         port = request.url.port or 0
         peer = request.remote or ""
-        req = FnRequest(request.method, path, query, headers, data, route="",
+        req = FnRequest(request.method, path, query, headers, b"", route="",
                         server_name=host, server_port=port, remote_addr=peer)
-        resp: FnResponse = await request.app[CONTROLLER].apply(a.InvokeFunction(None, req))
+        # the body is read once the function has a place for the request: an unknown route, a full queue
+        # or a stopping daemon answers without holding the body in memory
+        reader = _body_reader(request) if request.body_exists else None
+        resp: FnResponse = await request.app[CONTROLLER].apply(a.InvokeFunction(None, req, reader))
     except MicrovmError as exc:  # e.g. shutting down (503)
         resp = error_response(exc.status, exc.code, exc.message, "-")
     return _answer(resp)
+
+
+def _body_reader(request: web.Request):  # type: ignore[no-untyped-def]
+    async def read() -> bytes:
+        try:
+            return await asyncio.wait_for(request.read(), READ_TIMEOUT)
+        except TimeoutError:
+            raise RequestTimeout(f"the body did not arrive within {READ_TIMEOUT:g} s", code="slow_client") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"the request body is above {MAX_BODY} bytes", code="too_large") from None
+        except Exception as exc:  # noqa: BLE001 - the client went away or sent a broken body: its failure, a 400
+            raise BadRequest(f"the request body could not be read: {exc}", code="bad_body") from None
+    return read
+
+
+class GatewayStats:
+    """The gateway's connections: open now, and refused at the cap (``/metrics``)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.refused = 0
+        self.server: web.Server | None = None  # set when the site starts
+
+    @property
+    def open(self) -> int:
+        # aiohttp keeps a handler listed until its task has finished: a closing connection still counts
+        return len(self.server.connections) if self.server is not None else 0
+
+
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+REFUSAL_LINGER = 0.5  # seconds a refused connection waits for its request head before it is closed
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond the gateway's cap: answered 503 once its request head arrives (or at once after
+    REFUSAL_LINGER), then closed. Reading the head first lets the client see the answer: closing a socket
+    with unread data would reset the connection instead."""
+
+    def __init__(self, site: GatewaySite) -> None:
+        self.site = site
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's transports do not subclass it)
+        self.site.lingering += 1
+        if self.site.lingering > self.site.cap:  # a flood: no lingering at all
+            self._answer()
+        else:
+            self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data or b"\n\n" in data:
+            self._answer()
+
+    def _answer(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        text = f"503 Service Unavailable: the gateway holds its maximum of {self.site.cap} connections\n".encode()
+        self.transport.write(_REFUSAL % (len(text), text))
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.site.lingering -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class GatewaySite(web.TCPSite):
+    """The gateway's TCP site: at most ``cap`` connections at once (each is one of the daemon's descriptors,
+    outside the guests' budget); a connection beyond them is answered 503 with Retry-After and closed.
+    A connection that has not sent a whole request head within the runner's ``keepalive_timeout`` (and an
+    idle keep-alive one) is closed by aiohttp itself."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, stats: GatewayStats,
+                 backlog: int = 1024) -> None:
+        super().__init__(runner, host, port, backlog=backlog, reuse_address=True)
+        self.cap = stats.cap
+        self.stats = stats
+        self.lingering = 0
+
+    def _protocol(self) -> asyncio.Protocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) >= self.cap:
+            self.stats.refused += 1
+            if self.stats.refused & (self.stats.refused - 1) == 0:  # 1, 2, 4, 8...: the log is not flooded
+                log.warning("function gateway: %d connection(s) refused so far at its cap of %d ("
+                            "[daemon] gateway_connections)", self.stats.refused, self.cap)
+            return _Refused(self)
+        return server()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        self.stats.server = self._runner.server
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
 def make_gateway(controller: Controller) -> web.Application:

@@ -79,7 +79,8 @@ def _function_metrics(functions: Any) -> Iterator[Metric]:
     errors = CounterMetricFamily("microvmd_function_errors_total", "Requests a function did not answer itself, "
                                  "by kind (timeout, trap, out_of_fuel, handler_error, bad_response, overloaded...)",
                                  labels=["function", "kind"])
-    instances = GaugeMetricFamily("microvmd_function_instances", "Instances running now, and requests queued",
+    instances = GaugeMetricFamily("microvmd_function_instances", "Instances running now, idle ones (spares, "
+                                  "--reuse warm ones), and requests queued",
                                   labels=["function", "kind"])
     latency = HistogramMetricFamily("microvmd_function_request_seconds", "Time to answer a request (queue, "
                                     "fresh instance, run)", labels=["function"])
@@ -89,9 +90,18 @@ def _function_metrics(functions: Any) -> Iterator[Metric]:
             errors.add_metric([fn.name, kind], n)
         instances.add_metric([fn.name, "running"], fn.active)
         instances.add_metric([fn.name, "queued"], fn.queued)
+        instances.add_metric([fn.name, "idle"], len(fn.spares) + len(fn.warm))  # spares and --reuse warm ones
         buckets = [(str(b), fn.latency[i]) for i, b in enumerate(LATENCY_BUCKETS)] + [("+Inf", fn.latency[-1])]
         latency.add_metric([fn.name], buckets, fn.latency_sum)
     yield from (calls, errors, instances, latency)
+    stats = getattr(functions, "gateway_stats", None)
+    if stats is not None:
+        yield GaugeMetricFamily("microvmd_gateway_connections", "Connections the function gateway holds now",
+                                value=stats.open)
+        yield GaugeMetricFamily("microvmd_gateway_connections_max", "Connections the gateway holds at most "
+                                "([daemon] gateway_connections)", value=stats.cap)
+        yield CounterMetricFamily("microvmd_gateway_connections_refused_total", "Gateway connections answered "
+                                  "503 and closed at the cap", value=stats.refused)
 
 
 class Metrics:

@@ -279,9 +279,11 @@ class RemoveFunction(Action):
 @dataclass(frozen=True)
 class InvokeFunction(Action):
     """Answered with a ``FnResponse``. ``name`` None: the function whose route matches the request's path
-    (the gateway); 404 when none does."""
+    (the gateway); 404 when none does. With ``read_body`` the request's body is read by it once the function
+    has admitted the request (it raises a MicrovmError, 408 or 413, when the client cannot deliver it)."""
     name: str | None
     request: FnRequest
+    read_body: Callable[[], Awaitable[bytes]] | None = None
 
 
 @dataclass(frozen=True)

@@ -376,7 +376,7 @@ class Controller:
             req.route = fn.rec.route
         elif act.name is None:
             req.route = fn.rec.route
-        return await f.invoke(fn, req)
+        return await f.invoke(fn, req, act.read_body)
 
     @_applies(a.ReadFunctionLogs)
     async def read_function_logs(self, act: a.ReadFunctionLogs) -> str:

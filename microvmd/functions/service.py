@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ class Functions:
         self.hv = hv
         self.snaps = snapshots
         self.gateway = gateway
+        self.gateway_stats: Any = None  # api.gateway.GatewayStats, set by the daemon (its connections, /metrics)
         self.dir = hv.cfg.state_dir / "functions"
         self.by_name: dict[str, Function] = {}
         self.routes: dict[str, Function] = {}
@@ -238,7 +240,8 @@ class Functions:
             "limits": {"fuel": rec.fuel, "memory": rec.memory, "timeout": self.timeout(rec),
                        "max_concurrency": fn.concurrency, "queue": fn.queue_limit},
             "stats": {"invocations": fn.invocations, "errors": dict(fn.errors), "active": fn.active,
-                      "queued": fn.queued, "instances": fn.active, "last_invoked": fn.last_invoked,
+                      "queued": fn.queued, "instances": fn.active + len(fn.spares) + len(fn.warm),
+                      "idle_instances": len(fn.spares) + len(fn.warm), "last_invoked": fn.last_invoked,
                       "fresh_instance_us": _percentiles(fn.instance_times),
                       "restore_us": _percentiles(fn.restore_times)},
         }
@@ -435,21 +438,32 @@ class Functions:
                 await self.hv.kill(vm)
 
     # ------------------------------------------------------------------ invoke
-    async def invoke(self, fn: Function, req: FnRequest) -> FnResponse:
+    async def invoke(self, fn: Function, req: FnRequest,
+                     read_body: Callable[[], Awaitable[bytes]] | None = None) -> FnResponse:
+        """Answer one request. ``read_body`` (the gateway's) fills ``req.body`` once the request is admitted:
+        a full queue answers 503 without holding the body in memory."""
         rid = secrets.token_hex(6)
         if self.closing:
             resp = error_response(503, "shutting_down", "microvmd is shutting down", rid)
             resp.headers["Connection"] = "close"
             return resp
-        if len(req.body) > MAX_BODY:
-            return self._failed(fn, error_response(413, "too_large", f"the request body is above {MAX_BODY} bytes",
-                                                   rid), None)
         if fn.slots.locked():
             if fn.queued >= fn.queue_limit:
                 resp = error_response(503, "overloaded", f"function {fn.name} is at its concurrency limit "
                                       f"({fn.concurrency}) and its queue is full", rid)
                 resp.headers["Retry-After"] = "1"
                 return self._failed(fn, resp, None)
+        if read_body is not None:
+            fn.queued += 1  # counted as queued while its body arrives: the queue bounds the bodies held too
+            try:
+                req.body = await read_body()
+            except MicrovmError as exc:
+                return self._failed(fn, error_response(exc.status, exc.code, exc.message, rid), None)
+            finally:
+                fn.queued -= 1
+        if len(req.body) > MAX_BODY:
+            return self._failed(fn, error_response(413, "too_large", f"the request body is above {MAX_BODY} bytes",
+                                                   rid), None)
         t0 = time.perf_counter()
         fn.queued += 1
         try:  # a request waits for a slot at most its timeout

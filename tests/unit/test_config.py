@@ -28,3 +28,14 @@ def test_retired_engine_key_is_ignored_with_a_warning(tmp_path: Path, caplog: py
 def test_unknown_engine_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cache_compiledd"):
         _load(tmp_path, "[engine]\ncache_compiledd = true\n")
+
+
+def test_gateway_bounds(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, '[daemon]\ngateway_connections = 64\ngateway_idle_timeout = "2500ms"\n')
+    assert cfg.gateway_connections == 64 and cfg.gateway_idle_timeout == pytest.approx(2.5)
+    default = _load(tmp_path, "")
+    assert default.gateway_connections == 0 and default.gateway_idle_timeout == 15.0  # 0: half the reserve
+    for bad in ("gateway_connections = -1", "gateway_connections = true", 'gateway_idle_timeout = "0s"',
+                'gateway_idle_timeout = "2h"'):
+        with pytest.raises(ConfigError, match=bad.split(" ")[0]):
+            _load(tmp_path, f"[daemon]\n{bad}\n")
