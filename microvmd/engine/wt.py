@@ -242,6 +242,23 @@ def table_refs(store: wasmtime.Store, table: wasmtime.Table) -> list[int]:
     return out
 
 
+_VAL_KINDS = {"i32": (ffi.WASMTIME_I32.value, "i32"), "i64": (ffi.WASMTIME_I64.value, "i64"),
+              "f32": (ffi.WASMTIME_F32.value, "f32"), "f64": (ffi.WASMTIME_F64.value, "f64")}
+
+
+def set_global(store: wasmtime.Store, glob: wasmtime.Global, ty: str, value: int | float) -> None:
+    """``glob.set_value(store, Val.<ty>(value))`` without its type round trips: wasmtime-py reads the global's
+    type and makes and frees four ``wasm_valtype`` objects per set (~8 µs, and each C call gives up the GIL,
+    which under load means waiting to get it back); this is one call (~1.5 µs). wasmtime still refuses a
+    value of the wrong type and an immutable global (WasmtimeError)."""
+    kind, name = _VAL_KINDS[ty]
+    raw = ffi.wasmtime_val_t(kind=kind)
+    setattr(raw.of, name, value)
+    error = ffi.wasmtime_global_set(store._context(), ctypes.byref(glob._global), ctypes.byref(raw))
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
 class Exports:
     """An instance's exports, looked up by name when asked for.
 

@@ -263,6 +263,7 @@ class SnapshotStore:
     def __init__(self, root: Path, hash_threads: int = 2) -> None:
         self.root = root
         self.packs = root / "packs"
+        self._packs_prefix = f"{self.packs}{os.sep}"  # (a pathlib join costs more than the open: every restore)
         self.manifests = root / "manifests"
         self.damaged_dir = root / "damaged"  # manifests that could not be read at start-up, set aside
         for d in (self.packs, self.manifests, self.damaged_dir, root / "tmp"):
@@ -480,7 +481,7 @@ class SnapshotStore:
             fd = self.fds.get(pack)
             if fd is None:
                 try:
-                    fd = self.fds[pack] = os.open(self.store.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = self.fds[pack] = os.open(f"{self.store._packs_prefix}{pack}.pack", os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise SnapshotError(f"snapshot pack {pack[:12]} is missing from the store") from None
             return fd

@@ -51,6 +51,9 @@ class Builder:
         self.memory = MemoryBudget(cfg.limits.total_memory_budget())  # what all guests together may hold
         self._console_fds = 0
         self._console_lock = threading.Lock()
+        # images whose microvm_abi_version was checked (a constant of the module: asked once, not at every
+        # VM; a function's fresh instance per request paid for the guest call each time)
+        self._abi_checked: set[str] = set()
 
     # ------------------------------------------------------------------ consoles
     def console_mode(self, vm: Vm) -> None:
@@ -136,7 +139,8 @@ class Builder:
             raise Unprocessable(f"cannot set up the VM: {str(exc).splitlines()[0]}", code="vm_setup_failed") from None
         finally:
             wt.set_current_vm(None)
-        if img.kind == "sdk" and machine.export("microvm_abi_version") is not None:
+        if img.kind == "sdk" and img.digest not in self._abi_checked \
+                and machine.export("microvm_abi_version") is not None:
             try:
                 want = machine.call_sync("microvm_abi_version")[0]
             except (RuntimeError, TimeoutError, KeyError) as exc:
@@ -145,4 +149,5 @@ class Builder:
                 raise Unprocessable(f"the guest was built for microvm ABI version {want}; this daemon serves "
                                     f"version {ABI_VERSION}: rebuild it with this SDK or upgrade microvmd",
                                     code="abi_version_unsupported")
+            self._abi_checked.add(img.digest)
         return machine

@@ -64,11 +64,6 @@ class MachineSpec:
     # builder passes the image's recorded imports: Module.imports costs ~28 µs per instantiation (FFI)
 
 
-def _val(ty: str, value: int | float) -> wasmtime.Val:
-    return {"i32": wasmtime.Val.i32, "i64": wasmtime.Val.i64, "f32": wasmtime.Val.f32,
-            "f64": wasmtime.Val.f64}[ty](value)  # type: ignore[operator,arg-type]
-
-
 _facts: weakref.WeakKeyDictionary[wasmtime.Module, tuple[int, list[str]]] = weakref.WeakKeyDictionary()
 
 
@@ -213,7 +208,7 @@ class Machine:
                 if a is not None and a.unwinding and isinstance(out, wt.Returned):
                     a.unwinding = False
                     a.unwound = True
-                    a.state.set_value(self.store, wasmtime.Val.i32(STATE_NORMAL))  # asyncify_stop_unwind
+                    wt.set_global(self.store, a.state, "i32", STATE_NORMAL)  # asyncify_stop_unwind
                     self._queue.insert(0, self._current)
                     return SliceEnd.UNWOUND
                 if isinstance(out, wt.Returned) and self._queue:
@@ -237,8 +232,8 @@ class Machine:
         self._current = name
         a = self.asyncify
         if a is not None and a.unwound:  # asyncify_start_rewind, then re-enter the same export
-            a.state.set_value(self.store, wasmtime.Val.i32(STATE_REWINDING))
-            a.data.set_value(self.store, wasmtime.Val.i32(a.data_ptr))
+            wt.set_global(self.store, a.state, "i32", STATE_REWINDING)
+            wt.set_global(self.store, a.data, "i32", a.data_ptr)
             a.unwound = False
             a.rewinding = True
         func = self.exports.get(name)
@@ -428,7 +423,7 @@ class Machine:
             item = self.exports.get(name)
             if not isinstance(item, wasmtime.Global):
                 raise ValueError(f"snapshot global {name!r} is not exported by the module")
-            item.set_value(self.store, _val(ty, value))
+            wt.set_global(self.store, item, ty, value)
         if tables:  # (from a module that can change its tables: record them before they change here)
             if self._tables_fixed:
                 self._tables_fixed = False

@@ -417,3 +417,21 @@ def test_wait_in_call_does_not_wait_when_the_worker_may_not(why: str) -> None:
     op.set_result(1)  # even a completed op is left to the normal path: the guest suspends on it
     assert wait_in_call(vm, op, None) is None  # type: ignore[arg-type]
     assert not op.spun and not op.consumed
+
+
+def test_set_global_sets_numbers_and_wasmtime_still_checks_types() -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    module = wasmtime.Module(engine, """(module
+        (global (export "a") (mut i32) (i32.const 0)) (global (export "b") (mut i64) (i64.const 0))
+        (global (export "c") (mut f32) (f32.const 0)) (global (export "d") (mut f64) (f64.const 0))
+        (global (export "k") i32 (i32.const 7)))""")
+    ex = wasmtime.Instance(store, module, []).exports(store)
+    for name, ty, value in (("a", "i32", -5), ("b", "i64", 1 << 40), ("c", "f32", 1.5), ("d", "f64", 2.25)):
+        wt.set_global(store, ex[name], ty, value)
+        assert ex[name].value(store) == value
+    with pytest.raises(wasmtime.WasmtimeError):
+        wt.set_global(store, ex["a"], "i64", 1)  # the wrong type
+    with pytest.raises(wasmtime.WasmtimeError):
+        wt.set_global(store, ex["k"], "i32", 1)  # immutable
+    assert ex["a"].value(store) == -5 and ex["k"].value(store) == 7
