@@ -167,10 +167,29 @@ def test_module_binaryen_cannot_read_is_imported_stopped_only_and_runs(make_daem
     a.mv("image", "import", str(src), "--name", "eh")
     img = a.ok("GET", "/v1/images/eh")
     assert img["snapshot_kind"] == "stopped_only", img
-    assert "Binaryen cannot rewrite" in img["snapshot_note"], img["snapshot_note"]
+    # (not even handed to wasm-opt: a module with exception tags is one Asyncify cannot rewrite)
+    assert "exception handling" in img["snapshot_note"], img["snapshot_note"]
     assert img["rewritten_digest"] is None
     r = a.cli("run", "eh")
     assert r.returncode == 0 and r.stdout == "caught 7\n", (r.returncode, r.stdout, r.stderr)
+
+
+def test_a_module_wasm_opt_fails_on_gets_binaryens_reason(tmp_path: Path) -> None:
+    """The path a module takes when wasm-opt itself fails (Binaryen 108 cannot read exception handling)."""
+    import asyncio
+
+    import wasmtime
+
+    from microvmd.images import rewrite
+
+    async def inline(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+
+    if rewrite.wasm_opt_path() is None:
+        pytest.skip("Binaryen's wasm-opt is not installed")
+    result = asyncio.run(rewrite.run_wasm_opt(wasmtime.wat2wasm(EH_WAT), tmp_path, inline))
+    assert result.module is None
+    assert result.reason is not None and result.reason.startswith("Binaryen cannot rewrite this module"), result
 
 
 WASITEST = IMAGES / "wasitest" / "wasitest.wasm"
