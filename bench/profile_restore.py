@@ -62,7 +62,7 @@ async def profile(state: Path, restores: int) -> tuple[cProfile.Profile, list[fl
         return fn(*args)
 
     hv.sched.on_io = inline  # type: ignore[method-assign]
-    await hv.sched.on_io(hv.load)
+    await hv.load()
     snaps = Snapshots(hv)
     await snaps.startup()
     prof = cProfile.Profile()

@@ -259,6 +259,9 @@ class PackWriter:
         self.store.forget_pack(self.id)
 
 
+VALIDATED_KEPT = 256  # manifests whose validated bytes are kept (the oldest go first)
+
+
 class SnapshotStore:
     def __init__(self, root: Path, hash_threads: int = 2) -> None:
         self.root = root
@@ -272,6 +275,10 @@ class SnapshotStore:
         self.index: dict[bytes, Loc] = {}
         self._pool = ThreadPoolExecutor(hash_threads, thread_name_prefix="hash")
         self.verified: set[str] = set()  # packs whose chunks were checked (or written) in this daemon's life
+        # manifests as last read and validated, by name: a restore that reads the same bytes again skips the
+        # checksum and the validation (~0.9 ms for an 11 MiB CPython's); other bytes are checked in full
+        self._validated: dict[str, bytes] = {}
+        self._validated_lock = threading.Lock()
         self._spares: list[Path] = []  # empty files in tmp/, made in advance for packs and manifests
         # packs no readable manifest references, kept while a damaged manifest (which may use them) exists
         self.held: set[str] = set()
@@ -675,7 +682,16 @@ class SnapshotStore:
             raw = self.manifest_path(name).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
-        return decode_manifest(raw, f"snapshot {name}")
+        with self._validated_lock:
+            same = self._validated.get(name) == raw
+        if same:  # the very bytes checked before: decoded anew (the caller's to change), not checked again
+            return msgpack.unpackb(raw[14:len(raw) - 32], raw=False, strict_map_key=False)  # type: ignore[no-any-return]
+        m = decode_manifest(raw, f"snapshot {name}")
+        with self._validated_lock:
+            if len(self._validated) >= VALIDATED_KEPT:
+                self._validated.pop(next(iter(self._validated)))
+            self._validated[name] = raw
+        return m
 
     def remove(self, name: str) -> None:
         """Remove a snapshot, or a damaged manifest set aside under that name; then collect the packs no
@@ -688,6 +704,8 @@ class SnapshotStore:
         except NotFound:
             self._remove_damaged(name)
             return
+        with self._validated_lock:
+            self._validated.pop(name, None)
         try:
             self.manifest_path(name).unlink()
         except FileNotFoundError:
