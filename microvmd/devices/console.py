@@ -30,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 
 log = logging.getLogger("microvmd.console")
@@ -93,6 +94,7 @@ class Console:
         self.written = 0  # bytes in both logs at the last cap check (what the guest has written, in all)
         self.hot = False  # file mode: its last check found new output, under a rate: check after every slice
         self.released = {s: 0 for s in STREAMS}  # bytes punched out at the start of each stream
+        self._trimming = False  # a hole punch is on its way on an I/O thread (enforce_cap)
         self.dirty = False  # written since the last cap check
         self._fds: dict[str, int] = {}
         self.write_errors = 0
@@ -162,30 +164,54 @@ class Console:
         except FileNotFoundError:
             return 0
 
-    def enforce_cap(self) -> None:
-        """Cheap when under the cap: one stat per stream. Called after slices that wrote output."""
+    def enforce_cap(self, trim_on: Executor | None = None) -> None:
+        """Cheap when under the cap: one stat per stream. Called after slices that wrote output (on the loop,
+        with ``trim_on`` its I/O pool) and when the VM's store goes (on an I/O thread, without). A stream
+        past twice the cap has its head released with a hole punch, which can take a while on a big file:
+        with ``trim_on`` that runs there, one trim at a time per console, and ``released`` moves when it
+        is done (a reader meanwhile starts at the last ``cap`` bytes anyway, see start_offset)."""
         self.dirty = False
         written = 0
+        cuts: list[tuple[str, int]] = []
         for s in STREAMS:
             size = self.size(s)
             written += size
             if size <= 2 * self.cap:
                 continue
             cut = (size - self.cap) & ~0xFFF
-            if cut <= self.released[s]:
-                continue
-            fd = os.open(self.path(s), os.O_WRONLY)
-            try:
-                if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, cut) != 0:
-                    err = ctypes.get_errno()
-                    if err != errno.EOPNOTSUPP:
-                        log.warning("cannot trim %s: %s", self.path(s), os.strerror(err))
-                    continue
-            finally:
-                os.close(fd)
-            self.released[s] = cut
+            if cut > self.released[s]:
+                cuts.append((s, cut))
         self.hot = self.rate is not None and written != self.written
         self.written = written
+        if not cuts:
+            return
+        if trim_on is None:
+            self._trim(cuts)
+        elif not self._trimming:
+            self._trimming = True
+            try:
+                trim_on.submit(self._trim, cuts)
+            except RuntimeError:  # the pool is shut down (the daemon is stopping): here, then
+                self._trim(cuts)
+
+    def _trim(self, cuts: list[tuple[str, int]]) -> None:
+        try:
+            for s, cut in cuts:
+                try:
+                    fd = os.open(self.path(s), os.O_WRONLY)
+                except FileNotFoundError:  # (the VM was removed meanwhile)
+                    continue
+                try:
+                    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, cut) != 0:
+                        err = ctypes.get_errno()
+                        if err != errno.EOPNOTSUPP:
+                            log.warning("cannot trim %s: %s", self.path(s), os.strerror(err))
+                        continue
+                finally:
+                    os.close(fd)
+                self.released[s] = max(self.released[s], cut)
+        finally:
+            self._trimming = False
 
     def start_offset(self, stream: str) -> int:
         return max(self.released[stream], self.size(stream) - self.cap)
@@ -246,7 +272,7 @@ class MemoryConsole:
     def release(self) -> None:
         pass
 
-    def enforce_cap(self) -> None:
+    def enforce_cap(self, trim_on: Executor | None = None) -> None:
         """The cap is kept by the writers; this counts what was written, for the output rate."""
         self.dirty = False
         with self._lock:

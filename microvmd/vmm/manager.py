@@ -575,7 +575,7 @@ class Hypervisor:
         if con.use_files:
             con.ran()
         if con.dirty:
-            con.enforce_cap()
+            con.enforce_cap(self.sched.io)  # (stats here; a trim of a big log on an I/O thread)
             if con.rate is not None and not vm.state.terminal:
                 hold = con.rate.hold_for(con.written)
                 if hold > 0:
