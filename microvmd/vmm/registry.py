@@ -299,12 +299,17 @@ class VmRegistry:
             self._flush_handle = asyncio.get_running_loop().call_later(0.05, self._flush)
 
     async def save_now(self, vm: Vm, durable: bool = True) -> None:
-        """Write the VM's record and return once it is written (the API answers after it)."""
+        """Write the VM's record and return once it is written (the API answers after it). A batched write
+        marked before (``save``) is dropped: this record has what it would have (pause wrote it twice)."""
         if not vm.spec.ephemeral:
+            if durable:  # (the batched write is durable: a write that is not does not stand in for it)
+                self._dirty.pop(vm.id, None)
             await self.records.write_now([(vm.dir, vm.record())], durable)
 
     async def save_all_now(self, vms: builtins.list[Vm]) -> None:
         """Write these VMs' records in one batch and return once they are written."""
+        for vm in vms:
+            self._dirty.pop(vm.id, None)
         await self.records.write_now([(vm.dir, vm.record()) for vm in vms if not vm.spec.ephemeral])
 
     def save_soon(self, vm: Vm, durable: bool = True) -> asyncio.Future[builtins.list[str]] | None:
@@ -312,6 +317,8 @@ class VmRegistry:
         empty once it is written, else it names the VM (see ``written``)."""
         if vm.spec.ephemeral:
             return None
+        if durable:
+            self._dirty.pop(vm.id, None)
         return self.records.write_now([(vm.dir, vm.record())], durable)
 
     @staticmethod

@@ -212,6 +212,24 @@ def test_stop_and_kill_of_created_and_paused_vms(daemon: Daemon) -> None:
 
 
 # ------------------------------------------------------------------------------------------ pause/resume
+def test_pause_and_resume_write_the_record_once(daemon: Daemon) -> None:
+    """Each answers once the record is written (it survives a crash); the batched write that the state
+    change had also marked is dropped, not done again 50 ms later."""
+    import json
+
+    vm_id = daemon.cli("run", "-d", "spin", "100000000000").stdout.strip()
+    rec = daemon.state_dir / "vms" / vm_id / "vm.json"
+    try:
+        for action, state in (("pause", "paused"), ("resume", "running")):
+            assert daemon.cli(action, vm_id).returncode == 0
+            ino = rec.stat().st_ino  # (each write is a new file renamed over the old)
+            assert json.loads(rec.read_text())["state"] == state
+            time.sleep(0.3)  # well past the batch's 50 ms
+            assert rec.stat().st_ino == ino, f"the record was written again after {action} answered"
+    finally:
+        daemon.cli("rm", "-f", vm_id)
+
+
 def test_pause_and_resume_a_cpu_bound_guest(daemon: Daemon, spin_ref: Callable[[int], str],
                                             record_property: Callable[[str, object], None]) -> None:
     n = 200_000_000
