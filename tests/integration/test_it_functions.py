@@ -415,6 +415,11 @@ def test_reuse_keeps_warm_instances_that_share_state(fnd: tuple[Daemon, Gateway]
 @pytest.mark.skipif(not PYTHON_WASM.is_file(), reason="run scripts/fetch-interpreters first")
 def test_python_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     d, gw = fnd
+    # the interpreter first, with time for its one-time rewrite (a deploy would import it too, within the
+    # request timeout of the test's client)
+    r = d.api("POST", "/v1/images?name=python", raw=PYTHON_WASM.read_bytes(),
+              headers={"Content-Type": "application/wasm"}, timeout=900)
+    assert r.status == 201, r.body
     fn = deploy("pyf", python=(EXAMPLES / "counter.py").read_text(), route="/py")
     assert fn["executor"] == "python" and fn["snapshot"]
     for _ in range(2):
