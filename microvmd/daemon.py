@@ -190,7 +190,8 @@ async def serve(cfg: Config) -> int:
     hv.on_remove.append(lambda vm: snaps.forget(vm.id))
     hv.on_remove.append(snaps.checkpoints.removed)
     functions = Functions(hv, snaps, cfg.gateway)
-    functions.gateway_stats = GatewayStats(cfg.gateway_connections or max(16, hv.files.reserve // 2))
+    if cfg.gateway is not None:  # (no gateway, no gateway series in /metrics)
+        functions.gateway_stats = GatewayStats(cfg.gateway_connections or max(16, hv.files.reserve // 2))
     await functions.startup()
     controller = Controller(hv, snaps, functions)
     token = remote.load_token(cfg)
@@ -227,6 +228,7 @@ async def serve(cfg: Config) -> int:
             log.warning("function gateway off: cannot listen on %s:%d (%s); choose a port with --gateway",
                         cfg.gateway[0], cfg.gateway[1], exc.strerror or exc)
             functions.gateway = None
+            functions.gateway_stats = None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

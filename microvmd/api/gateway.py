@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import weakref
 from typing import cast
 
 from aiohttp import web
@@ -92,12 +93,13 @@ class GatewayStats:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.refused = 0
-        self.server: web.Server | None = None  # set when the site starts
+        self.open = 0  # connections made and not yet lost (counted by GatewaySite's protocols)
 
-    @property
-    def open(self) -> int:
-        # aiohttp keeps a handler listed until its task has finished: a closing connection still counts
-        return len(self.server.connections) if self.server is not None else 0
+    def release(self, cell: list[bool]) -> None:
+        """Give back one connection's place, once (``cell`` says whether it still holds it)."""
+        if cell[0]:
+            cell[0] = False
+            self.open -= 1
 
 
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
@@ -140,6 +142,43 @@ class _Refused(asyncio.Protocol):
             self.timer.cancel()
 
 
+class _Counted(asyncio.Protocol):
+    """aiohttp's handler for one connection, holding a place under the cap from the moment it is made: all
+    calls go to the handler, and the place is given back when the connection is lost (or, should the loop
+    never report that, when this object goes). aiohttp's own table of connections lists one only from its
+    connection_made, a loop iteration after the accept: a burst accepted at once would all see it short."""
+
+    __slots__ = ("inner", "stats", "cell", "__weakref__")
+
+    def __init__(self, inner: asyncio.Protocol, stats: GatewayStats) -> None:
+        self.inner = inner
+        self.stats = stats
+        self.cell = [True]
+        stats.open += 1
+        weakref.finalize(self, stats.release, self.cell)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.inner.connection_lost(exc)
+        finally:
+            self.stats.release(self.cell)
+
+
 class GatewaySite(web.TCPSite):
     """The gateway's TCP site: at most ``cap`` connections at once (each is one of the daemon's descriptors,
     outside the guests' budget); a connection beyond them is answered 503 with Retry-After and closed.
@@ -156,17 +195,16 @@ class GatewaySite(web.TCPSite):
     def _protocol(self) -> asyncio.Protocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) >= self.cap:
+        if self.stats.open >= self.cap:
             self.stats.refused += 1
             if self.stats.refused & (self.stats.refused - 1) == 0:  # 1, 2, 4, 8...: the log is not flooded
                 log.warning("function gateway: %d connection(s) refused so far at its cap of %d ("
                             "[daemon] gateway_connections)", self.stats.refused, self.cap)
             return _Refused(self)
-        return server()
+        return _Counted(server(), self.stats)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
-        self.stats.server = self._runner.server
         self._server = await asyncio.get_running_loop().create_server(
             self._protocol, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port

@@ -447,10 +447,13 @@ class Functions:
             resp = error_response(503, "shutting_down", "microvmd is shutting down", rid)
             resp.headers["Connection"] = "close"
             return resp
-        if fn.slots.locked():
+        # a request whose body is still to come waits for it as queued (the queue bounds the bodies held
+        # in memory), free slots or not
+        if fn.slots.locked() or read_body is not None:
             if fn.queued >= fn.queue_limit:
-                resp = error_response(503, "overloaded", f"function {fn.name} is at its concurrency limit "
-                                      f"({fn.concurrency}) and its queue is full", rid)
+                resp = error_response(503, "overloaded", f"function {fn.name}'s queue is full ({fn.queue_limit} "
+                                      f"requests waiting for an instance or for their body; {fn.concurrency} "
+                                      f"run at once)", rid)
                 resp.headers["Retry-After"] = "1"
                 return self._failed(fn, resp, None)
         if read_body is not None:

@@ -3,6 +3,8 @@ slow-headers and idle connections closed, and a full queue answered without read
 from __future__ import annotations
 
 import http.client
+import os
+import signal
 import socket
 import threading
 import time
@@ -175,3 +177,71 @@ def test_a_full_queue_answers_without_waiting_for_the_body(gwd: tuple[Daemon, in
         time.sleep(0.05)
     assert stats()["errors"].get("bad_body") == 1, stats()
     d.api("DELETE", "/v1/functions/narrow")
+
+
+def _wait_no_connections(d: Daemon) -> None:
+    deadline = time.monotonic() + 30
+    while metric(d, "microvmd_gateway_connections") > 0:
+        assert time.monotonic() < deadline, "the gateway still holds connections"
+        time.sleep(0.05)
+
+
+def test_a_burst_of_connections_never_holds_more_than_the_cap(gwd: tuple[Daemon, int]) -> None:
+    """Connections accepted in one batch are counted as they are made, not when aiohttp lists them a loop
+    iteration later: of 3 x CAP opened at once, exactly 2 x CAP are refused."""
+    d, port = gwd
+    _wait_no_connections(d)
+    socks = []
+    os.kill(d.pid, signal.SIGSTOP)  # the kernel completes the handshakes into the backlog meanwhile...
+    try:
+        for _ in range(3 * CAP):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            socks.append(s)
+        time.sleep(0.2)
+    finally:
+        os.kill(d.pid, signal.SIGCONT)  # ... and the daemon accepts them in one batch
+    try:
+        answers = []
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(30)
+            got = b""
+            try:
+                while chunk := s.recv(4096):
+                    got += chunk
+            except (ConnectionResetError, TimeoutError):
+                pass
+            answers.append(got)
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(refused) == 2 * CAP, [a[:40] for a in answers]
+        assert all(a == b"" for a in answers if a not in refused)  # held, then closed idle
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_bodies_on_their_way_are_bounded_by_the_queue_even_with_free_slots(gwd: tuple[Daemon, int]) -> None:
+    d, port = gwd
+    _wait_no_connections(d)
+    assert d.api("POST", "/v1/functions", {"name": "slim", "image": "wagi", "max_concurrency": 1}).status == 201
+    head = b"POST /slim HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # the queue: 4 x 1
+    try:
+        for s in slow:
+            s.sendall(head)
+        deadline = time.monotonic() + 30
+        while d.api.ok("GET", "/v1/functions/slim")["stats"]["queued"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        c = socket.create_connection(("127.0.0.1", port))
+        c.settimeout(10)
+        c.sendall(head)
+        refused = c.recv(4096)
+        c.close()
+        assert refused.startswith(b"HTTP/1.1 503") and b"queue is full" in refused, refused
+    finally:
+        for s in slow:
+            s.close()
+    d.api("DELETE", "/v1/functions/slim")
