@@ -95,6 +95,7 @@ class Console:
         self.hot = False  # file mode: its last check found new output, under a rate: check after every slice
         self.released = {s: 0 for s in STREAMS}  # bytes punched out at the start of each stream
         self._trimming = False  # a hole punch is on its way on an I/O thread (enforce_cap)
+        self._trim_lock = threading.Lock()
         self.dirty = False  # written since the last cap check
         self._fds: dict[str, int] = {}
         self.write_errors = 0
@@ -190,13 +191,21 @@ class Console:
         elif not self._trimming:
             self._trimming = True
             try:
-                trim_on.submit(self._trim, cuts)
+                trim_on.submit(self._trim_then_done, cuts)
             except RuntimeError:  # the pool is shut down (the daemon is stopping): here, then
-                self._trim(cuts)
+                self._trim_then_done(cuts)
+
+    def _trim_then_done(self, cuts: list[tuple[str, int]]) -> None:
+        try:
+            self._trim(cuts)
+        finally:
+            self._trimming = False
 
     def _trim(self, cuts: list[tuple[str, int]]) -> None:
-        try:
+        with self._trim_lock:  # (the store's last check, on another I/O thread, may trim at the same time)
             for s, cut in cuts:
+                if cut <= self.released[s]:
+                    continue
                 try:
                     fd = os.open(self.path(s), os.O_WRONLY)
                 except FileNotFoundError:  # (the VM was removed meanwhile)
@@ -209,9 +218,7 @@ class Console:
                         continue
                 finally:
                     os.close(fd)
-                self.released[s] = max(self.released[s], cut)
-        finally:
-            self._trimming = False
+                self.released[s] = cut
 
     def start_offset(self, stream: str) -> int:
         return max(self.released[stream], self.size(stream) - self.cap)

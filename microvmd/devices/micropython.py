@@ -3,9 +3,10 @@
 That package lets its own Python host register functions a guest calls by name (``host_call``: a name and a
 JSON payload in, a JSON answer written to a buffer of ``host_result_cap()`` bytes). microvmd registers none:
 a guest gets no door into the daemon that way. Every call is answered
-``{"ok": false, "error": "LookupError: ..."}``, which MicroPython raises in the guest like any failed host
-function, so the build runs as the plain WASI program it otherwise is (docs/snapshot-format.md says why it
-cannot be snapshotted mid-run: it uses Wasm exception handling, which Binaryen's Asyncify cannot rewrite).
+``{"ok": false, "error": "LookupError: ..."}`` (``host.call`` returns that text to the guest; the package's
+Python-side wrappers raise on it), so the build runs as the plain WASI program it otherwise is
+(docs/snapshot-format.md says why it cannot be snapshotted mid-run: it uses Wasm exception handling, which
+Binaryen's Asyncify cannot rewrite).
 """
 from __future__ import annotations
 

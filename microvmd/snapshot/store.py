@@ -259,7 +259,7 @@ class PackWriter:
         self.store.forget_pack(self.id)
 
 
-VALIDATED_KEPT = 256  # manifests whose validated bytes are kept (the oldest go first)
+VALIDATED_BYTES = 16 << 20  # validated manifests kept, in bytes (the least recently used go first)
 
 
 class SnapshotStore:
@@ -278,6 +278,7 @@ class SnapshotStore:
         # manifests as last read and validated, by name: a restore that reads the same bytes again skips the
         # checksum and the validation (~0.9 ms for an 11 MiB CPython's); other bytes are checked in full
         self._validated: dict[str, bytes] = {}
+        self._validated_bytes = 0
         self._validated_lock = threading.Lock()
         self._spares: list[Path] = []  # empty files in tmp/, made in advance for packs and manifests
         # packs no readable manifest references, kept while a damaged manifest (which may use them) exists
@@ -684,13 +685,19 @@ class SnapshotStore:
             raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
         with self._validated_lock:
             same = self._validated.get(name) == raw
+            if same:  # (the most recently used last: the oldest go first)
+                self._validated[name] = self._validated.pop(name)
         if same:  # the very bytes checked before: decoded anew (the caller's to change), not checked again
             return msgpack.unpackb(raw[14:len(raw) - 32], raw=False, strict_map_key=False)  # type: ignore[no-any-return]
         m = decode_manifest(raw, f"snapshot {name}")
-        with self._validated_lock:
-            if len(self._validated) >= VALIDATED_KEPT:
-                self._validated.pop(next(iter(self._validated)))
-            self._validated[name] = raw
+        if len(raw) <= VALIDATED_BYTES // 8:  # (a huge one is checked each time rather than crowd out the rest)
+            with self._validated_lock:
+                old = self._validated.pop(name, None)
+                self._validated_bytes -= len(old) if old is not None else 0
+                while self._validated and self._validated_bytes + len(raw) > VALIDATED_BYTES:
+                    self._validated_bytes -= len(self._validated.pop(next(iter(self._validated))))
+                self._validated[name] = raw
+                self._validated_bytes += len(raw)
         return m
 
     def remove(self, name: str) -> None:
@@ -705,7 +712,8 @@ class SnapshotStore:
             self._remove_damaged(name)
             return
         with self._validated_lock:
-            self._validated.pop(name, None)
+            gone = self._validated.pop(name, None)
+            self._validated_bytes -= len(gone) if gone is not None else 0
         try:
             self.manifest_path(name).unlink()
         except FileNotFoundError:

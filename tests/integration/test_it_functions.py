@@ -55,6 +55,17 @@ class Gateway:
             c.close()
 
 
+def interpreter(d: Daemon, name: str, path: Path) -> None:
+    """Import a fetched interpreter as image ``name`` (once per daemon), with time for its one-time Asyncify
+    rewrite: a deploy would import it too, but within the test client's request timeout, which a rewrite on
+    a busy machine can outlast (QuickJS about 20 s alone, CPython minutes)."""
+    if d.api("GET", f"/v1/images/{name}").status == 200:
+        return
+    r = d.api("POST", f"/v1/images?name={name}", raw=path.read_bytes(), headers={"Content-Type": "application/wasm"},
+              timeout=900)
+    assert r.status == 201, r.body
+
+
 @pytest.fixture(scope="module")
 def fnd() -> Iterator[tuple[Daemon, Gateway]]:
     port = free_port()
@@ -376,6 +387,7 @@ def test_sdk_function_passes_request_and_response_through_memory(fnd: tuple[Daem
 def test_javascript_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     d, gw = fnd
     api: Api = d.api
+    interpreter(d, "js", JS_WASM)
     fn = deploy("jsf", js=(EXAMPLES / "hello.js").read_text(), route="/js")
     assert fn["executor"] == "js" and fn["snapshot"]
     assert gw("GET", "/js/x")[:3:2] == (200, b"js GET /js/x 1 0")
@@ -396,6 +408,7 @@ def test_javascript_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., 
 def test_reuse_keeps_warm_instances_that_share_state(fnd: tuple[Daemon, Gateway],
                                                      deploy: Callable[..., Any]) -> None:
     d, gw = fnd
+    interpreter(d, "js", JS_WASM)
     deploy("jswarm", js=(EXAMPLES / "hello.js").read_text(), route="/warm", reuse=True, timeout=2)
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
     counts = [int(gw("GET", "/warm", conn=conn)[2].split()[-2]) for _ in range(5)]
@@ -415,11 +428,7 @@ def test_reuse_keeps_warm_instances_that_share_state(fnd: tuple[Daemon, Gateway]
 @pytest.mark.skipif(not PYTHON_WASM.is_file(), reason="run scripts/fetch-interpreters first")
 def test_python_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     d, gw = fnd
-    # the interpreter first, with time for its one-time rewrite (a deploy would import it too, within the
-    # request timeout of the test's client)
-    r = d.api("POST", "/v1/images?name=python", raw=PYTHON_WASM.read_bytes(),
-              headers={"Content-Type": "application/wasm"}, timeout=900)
-    assert r.status == 201, r.body
+    interpreter(d, "python", PYTHON_WASM)
     fn = deploy("pyf", python=(EXAMPLES / "counter.py").read_text(), route="/py")
     assert fn["executor"] == "python" and fn["snapshot"]
     for _ in range(2):
