@@ -115,6 +115,8 @@ class Config:
     # a gateway connection that has not sent a whole request head within it (or sits idle between
     # keep-alive requests that long) is closed
     gateway_idle_timeout: float = 15.0
+    # a gateway request admitted by its function whose body has not all arrived within it is answered 408
+    gateway_body_timeout: float = 30.0
     import_images: Path | None = None
     import_fetched: bool = False  # --import-images also imports DIR/<name> holding a SHA256SUMS (python, js)
     upload_limit: int = 256 * MiB
@@ -174,9 +176,10 @@ class Config:
                 or not 0 <= self.gateway_connections < 1 << 31:
             raise ConfigError("gateway_connections must be a count of connections (0: half of the reserved "
                               "descriptors)")
-        if isinstance(self.gateway_idle_timeout, bool) or not isinstance(self.gateway_idle_timeout, (int, float)) \
-                or not 0 < self.gateway_idle_timeout <= 3600:
-            raise ConfigError("gateway_idle_timeout must be a duration above 0 and at most 1h")
+        for key in ("gateway_idle_timeout", "gateway_body_timeout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"{key} must be a duration above 0 and at most 1h")
         return self
 
 
@@ -190,7 +193,7 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
 _SIZE_KEYS = {"memory", "max_memory", "total_memory", "compile_memory", "max_wasm_stack", "log_bytes", "log_rate",
               "log_burst", "upload_limit", "json_limit", "memory_reservation", "memory_guard_size"}
 _DURATION_KEYS = {"timeout", "compile_timeout", "epoch_interval", "shutdown_timeout", "spin_wait",
-                  "gateway_idle_timeout"}
+                  "gateway_idle_timeout", "gateway_body_timeout"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -263,7 +266,8 @@ def load(args: argparse.Namespace) -> Config:
         engine=engine,
     )
     rest = {k: _coerce(k, v) for k, v in daemon.items()}
-    known = {"upload_limit", "json_limit", "shutdown_timeout", "gateway_connections", "gateway_idle_timeout"}
+    known = {"upload_limit", "json_limit", "shutdown_timeout", "gateway_connections", "gateway_idle_timeout",
+             "gateway_body_timeout"}
     if set(rest) - known:
         raise ConfigError(f"unknown key(s) in [daemon]: {', '.join(sorted(set(rest) - known))}")
     return replace(cfg, **rest).validate()

@@ -200,8 +200,8 @@ async def serve(cfg: Config) -> int:
     await runner.setup()
     # keepalive_timeout: aiohttp arms it when a connection opens and after each answer, and closes a
     # connection still without a whole request head then (a slow-headers client cannot hold one forever)
-    gateway = web.AppRunner(make_gateway(controller), access_log=None, handle_signals=False, shutdown_timeout=0.5,
-                            keepalive_timeout=cfg.gateway_idle_timeout)
+    gateway = web.AppRunner(make_gateway(controller, cfg.gateway_body_timeout), access_log=None,
+                            handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=cfg.gateway_idle_timeout)
     await gateway.setup()
     inherited = systemd.listen_fds()
     sock = inherited[0] if inherited else _bind_unix(cfg.socket)

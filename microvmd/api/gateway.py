@@ -21,7 +21,9 @@ from ..functions.service import MAX_BODY
 log = logging.getLogger("microvmd.gateway")
 
 CONTROLLER = web.AppKey("controller", Controller)
-READ_TIMEOUT = 30.0  # seconds for a client to send its whole body (a slow client gets 408, not a slot forever)
+# seconds for a client to send its whole body once its request is admitted (a slow client gets 408, not a
+# place in the queue forever): [daemon] gateway_body_timeout
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
 # hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp sets itself: a function does not choose them
 _DROPPED = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "te", "trailer",
             "proxy-connection"}
@@ -76,10 +78,11 @@ async def serve(request: web.Request) -> web.StreamResponse:
 
 def _body_reader(request: web.Request):  # type: ignore[no-untyped-def]
     async def read() -> bytes:
+        timeout = request.app[BODY_TIMEOUT]
         try:
-            return await asyncio.wait_for(request.read(), READ_TIMEOUT)
+            return await asyncio.wait_for(request.read(), timeout)
         except TimeoutError:
-            raise RequestTimeout(f"the body did not arrive within {READ_TIMEOUT:g} s", code="slow_client") from None
+            raise RequestTimeout(f"the body did not arrive within {timeout:g} s", code="slow_client") from None
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"the request body is above {MAX_BODY} bytes", code="too_large") from None
         except Exception as exc:  # noqa: BLE001 - the client went away or sent a broken body: its failure, a 400
@@ -120,7 +123,7 @@ class _Refused(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's transports do not subclass it)
         self.site.lingering += 1
-        if self.site.lingering > self.site.cap:  # a flood: no lingering at all
+        if self.site.lingering > self.site.stats.cap:  # a flood: no lingering at all
             self._answer()
         else:
             self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._answer)
@@ -132,7 +135,7 @@ class _Refused(asyncio.Protocol):
     def _answer(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        text = f"503 Service Unavailable: the gateway holds its maximum of {self.site.cap} connections\n".encode()
+        text = f"503 Service Unavailable: the gateway holds its maximum of {self.site.stats.cap} connections\n".encode()
         self.transport.write(_REFUSAL % (len(text), text))
         self.transport.close()
 
@@ -188,18 +191,17 @@ class GatewaySite(web.TCPSite):
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, stats: GatewayStats,
                  backlog: int = 1024) -> None:
         super().__init__(runner, host, port, backlog=backlog, reuse_address=True)
-        self.cap = stats.cap
         self.stats = stats
         self.lingering = 0
 
     def _protocol(self) -> asyncio.Protocol:
         server = self._runner.server
         assert server is not None
-        if self.stats.open >= self.cap:
+        if self.stats.open >= self.stats.cap:
             self.stats.refused += 1
             if self.stats.refused & (self.stats.refused - 1) == 0:  # 1, 2, 4, 8...: the log is not flooded
                 log.warning("function gateway: %d connection(s) refused so far at its cap of %d ("
-                            "[daemon] gateway_connections)", self.stats.refused, self.cap)
+                            "[daemon] gateway_connections)", self.stats.refused, self.stats.cap)
             return _Refused(self)
         return _Counted(server(), self.stats)
 
@@ -210,8 +212,9 @@ class GatewaySite(web.TCPSite):
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
-def make_gateway(controller: Controller) -> web.Application:
+def make_gateway(controller: Controller, body_timeout: float = 30.0) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY + 1)
     app[CONTROLLER] = controller
+    app[BODY_TIMEOUT] = body_timeout
     app.router.add_route("*", "/{tail:.*}", serve)
     return app

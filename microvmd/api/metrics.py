@@ -94,7 +94,7 @@ def _function_metrics(functions: Any) -> Iterator[Metric]:
         buckets = [(str(b), fn.latency[i]) for i, b in enumerate(LATENCY_BUCKETS)] + [("+Inf", fn.latency[-1])]
         latency.add_metric([fn.name], buckets, fn.latency_sum)
     yield from (calls, errors, instances, latency)
-    stats = getattr(functions, "gateway_stats", None)
+    stats = functions.gateway_stats
     if stats is not None:
         yield GaugeMetricFamily("microvmd_gateway_connections", "Connections the function gateway holds now",
                                 value=stats.open)

@@ -439,11 +439,8 @@ class Snapshots:
         refs, size, packs = m["memory"]["chunks"], m["memory"]["size"], m["packs"]
         devices = m.get("devices")
 
-        def zero_chunks(limit: int) -> list[int]:
-            return [i for i, r in enumerate(refs) if r is None and i * CHUNK < limit]
-
         return RestoreData(memory_size=size, load=lambda addr, n: st.map_into(refs, n, addr, packs),
-                           zero_chunks=zero_chunks,
+                           clear=lambda addr, below: st.map_zeros(refs, below, addr),
                            globals={k: (v[0], v[1]) for k, v in m["globals"].items()},
                            unwound=m["kind"] == "unwound", fuel_consumed=int(m["vm"].get("fuel_consumed") or 0),
                            fuel_budget=m["vm"].get("fuel_budget") if fuel_budget is None else fuel_budget,

@@ -58,6 +58,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.mmap.restype = ctypes.c_void_p
 _PROT_RW = 0x1 | 0x2
 _MAP_PRIVATE_FIXED = 0x02 | 0x10
+_MAP_ANONYMOUS = 0x20
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -105,7 +106,11 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
     return MANIFEST_MAGIC + struct.pack("<HI", FORMAT_VERSION, len(body)) + body + hashlib.sha256(body).digest()
 
 
-def decode_manifest(raw: bytes, where: str, stored: bool = True) -> dict[str, Any]:
+def decode_manifest(raw: bytes, where: str, stored: bool = True, checked: bool = False) -> dict[str, Any]:
+    """A manifest file's body, its framing, checksum and contents checked; with ``checked``, bytes that were
+    checked before (byte for byte: SnapshotStore.load_manifest), only decoded."""
+    if checked:
+        return msgpack.unpackb(raw[14:len(raw) - 32], raw=False, strict_map_key=False)  # type: ignore[no-any-return]
     if len(raw) < 14 or not raw.startswith(MANIFEST_MAGIC):
         raise SnapshotError(f"{where}: not a microvmd snapshot manifest (bad magic)")
     version, length = struct.unpack_from("<HI", raw, 8)
@@ -523,6 +528,28 @@ class SnapshotStore:
                 if got == _MAP_FAILED or got != address + mo:
                     raise OSError(ctypes.get_errno(), "mmap of a snapshot pack failed")
 
+    @staticmethod
+    def map_zeros(refs: Sequence[Ref | None], below: int, address: int) -> None:
+        """Fresh zero pages over the chunks ``refs`` has as zeros below offset ``below`` of guest memory at
+        ``address`` (the instance's initial memory, which instantiation may have filled with data segments):
+        one anonymous MAP_FIXED mapping per run of them. Nothing is touched, where memset would fault every
+        page in (and copy those of the module's data image) only to write zeros; like map_into's, these
+        mappings replace part of wasmtime's, which it unmaps whole when the store goes."""
+        runs: list[list[int]] = []  # memory offset, length
+        for i, r in enumerate(refs):
+            if i * CHUNK >= below:
+                break
+            if r is None:
+                if runs and runs[-1][0] + runs[-1][1] == i * CHUNK:
+                    runs[-1][1] += CHUNK
+                else:
+                    runs.append([i * CHUNK, CHUNK])
+        for mo, ln in runs:
+            ln = min(ln, below - mo)
+            got = _libc.mmap(address + mo, ln, _PROT_RW, _MAP_PRIVATE_FIXED | _MAP_ANONYMOUS, -1, 0)
+            if got == _MAP_FAILED or got != address + mo:
+                raise OSError(ctypes.get_errno(), "mmap of zero pages over guest memory failed")
+
     def verify_manifest(self, m: dict[str, Any]) -> None:
         """Check every chunk of the packs this manifest uses that were not checked in this daemon's life."""
         packs = m["packs"]
@@ -687,9 +714,9 @@ class SnapshotStore:
             same = self._validated.get(name) == raw
             if same:  # (the most recently used last: the oldest go first)
                 self._validated[name] = self._validated.pop(name)
-        if same:  # the very bytes checked before: decoded anew (the caller's to change), not checked again
-            return msgpack.unpackb(raw[14:len(raw) - 32], raw=False, strict_map_key=False)  # type: ignore[no-any-return]
-        m = decode_manifest(raw, f"snapshot {name}")
+        m = decode_manifest(raw, f"snapshot {name}", checked=same)  # (decoded anew: the caller's to change)
+        if same:
+            return m
         if len(raw) <= VALIDATED_BYTES // 8:  # (a huge one is checked each time rather than crowd out the rest)
             with self._validated_lock:
                 old = self._validated.pop(name, None)

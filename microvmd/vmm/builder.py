@@ -33,7 +33,7 @@ ABI_VERSION = 1
 class RestoreData:
     memory_size: int
     load: Callable[[int, int], None]            # fills guest memory at (address, size)
-    zero_chunks: Callable[[int], list[int]]     # chunks the snapshot has as zeros below an offset
+    clear: Callable[[int, int], None]           # zeroes what the snapshot has as zeros at (address, below)
     globals: dict[str, tuple[str, int | float]]
     unwound: bool
     fuel_consumed: int
@@ -100,7 +100,7 @@ class Builder:
         machine = self._instantiate(vm, img)
         try:
             machine.restore(data.memory_size, data.load, data.globals, data.unwound, data.fuel_consumed,
-                            data.zero_chunks, data.tables)
+                            data.clear, data.tables)
         except (ValueError, wasmtime.WasmtimeError) as exc:
             raise Unprocessable(f"the snapshot does not fit its image: {str(exc).splitlines()[0]}",
                                 code="invalid_snapshot") from None

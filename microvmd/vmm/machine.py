@@ -64,33 +64,6 @@ class MachineSpec:
     # builder passes the image's recorded imports: Module.imports costs ~28 µs per instantiation (FFI)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.mmap.restype = ctypes.c_void_p
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_PROT_RW = 0x1 | 0x2
-_MAP_PRIVATE_FIXED_ANON = 0x02 | 0x10 | 0x20
-CHUNK = 65536  # a snapshot's chunk of linear memory (snapshot/store.py)
-
-
-def zero_chunks_at(address: int, chunks: list[int]) -> None:
-    """Fresh zero pages over ``chunks`` (indices of 64 KiB chunks) of linear memory at ``address``: one
-    anonymous MAP_FIXED mapping per run of adjacent chunks. Nothing is touched: memset would fault every page
-    in (and copy those of the module's data image) only to write zeros; these stay unbacked until the guest
-    writes them. Like the restore's pack mappings, they replace part of wasmtime's mapping of the memory,
-    which it unmaps whole when the store goes."""
-    i = 0
-    while i < len(chunks):
-        j = i
-        while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
-            j += 1
-        start, length = address + chunks[i] * CHUNK, (j - i + 1) * CHUNK
-        got = _libc.mmap(start, length, _PROT_RW, _MAP_PRIVATE_FIXED_ANON, -1, 0)
-        if got == _MAP_FAILED or got != start:
-            raise OSError(ctypes.get_errno(), "mmap of zero pages over guest memory failed")
-        i = j + 1
-
-
 _facts: weakref.WeakKeyDictionary[wasmtime.Module, tuple[int, list[str]]] = weakref.WeakKeyDictionary()
 
 
@@ -424,13 +397,13 @@ class Machine:
                 tab.set(self.store, i, None if e is None else funcs[(e[0], e[1])])
 
     def restore(self, size: int, load: Callable[[int, int], None], globals_: dict[str, tuple[str, int | float]],
-                unwound: bool, fuel_consumed: int, zero_chunks: Callable[[int], list[int]],
+                unwound: bool, fuel_consumed: int, clear: Callable[[int, int], None],
                 tables: dict[str, dict[str, Any]] | None = None) -> None:
         """Load a captured state into this freshly instantiated machine (before it first runs).
 
-        ``load(address, size)`` fills linear memory in place; ``zero_chunks(initial_size)`` lists the
-        64 KiB chunks the snapshot has as zeros within the instance's initial memory, which instantiation
-        may have filled with data segments and which are cleared first.
+        ``clear(address, initial_size)`` first zeroes what the snapshot has as zeros within the instance's
+        initial memory (instantiation may have filled it with data segments); ``load(address, size)`` then
+        fills linear memory in place.
         """
         if self.memory is None:
             if size:
@@ -442,7 +415,7 @@ class Machine:
             if size > have:
                 self.memory.grow(self.store, (size - have) // 65536)
             address, _ = self.memory_region()
-            zero_chunks_at(address, zero_chunks(have))  # (memory sizes are whole 64 KiB pages: whole chunks)
+            clear(address, have)
             load(address, size)
         for name, (ty, value) in globals_.items():
             item = self.exports.get(name)

@@ -27,7 +27,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def gwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, int]]:
     cfg: Path = tmp_path_factory.mktemp("gwcfg") / "microvmd.toml"
-    cfg.write_text(f'[daemon]\ngateway_connections = {CAP}\ngateway_idle_timeout = "1s"\n')
+    cfg.write_text(f'[daemon]\ngateway_connections = {CAP}\ngateway_idle_timeout = "1s"\n'
+                   'gateway_body_timeout = "4s"\n')  # (the slow uploads below must outlast their probes)
     port = free_port()
     with Daemon.fresh("mvd-gwl-", "--gateway", f"127.0.0.1:{port}", "--config", str(cfg)) as d:
         assert d.api.import_image(WAGI.read_bytes(), "wagi").status == 201
@@ -175,7 +176,7 @@ def test_a_full_queue_answers_without_waiting_for_the_body(gwd: tuple[Daemon, in
     deadline = time.monotonic() + 30
     while stats()["errors"].get("bad_body") is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert stats()["errors"].get("bad_body") == 1, stats()
+    assert stats()["errors"].get("bad_body") == 1, stats()  # (its 4 s body deadline had not come)
     d.api("DELETE", "/v1/functions/narrow")
 
 
@@ -245,3 +246,22 @@ def test_bodies_on_their_way_are_bounded_by_the_queue_even_with_free_slots(gwd: 
         for s in slow:
             s.close()
     d.api("DELETE", "/v1/functions/slim")
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(gwd: tuple[Daemon, int]) -> None:
+    d, port = gwd
+    _wait_no_connections(d)
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.settimeout(30)
+        c.sendall(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")  # 10 of 100
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = c.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 408"), got
+    finally:
+        c.close()
+    errors = d.api.ok("GET", "/v1/functions/hello")["stats"]["errors"]
+    assert errors.get("slow_client") == 1, errors

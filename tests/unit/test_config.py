@@ -31,11 +31,14 @@ def test_unknown_engine_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_gateway_bounds(tmp_path: Path) -> None:
-    cfg = _load(tmp_path, '[daemon]\ngateway_connections = 64\ngateway_idle_timeout = "2500ms"\n')
+    cfg = _load(tmp_path, '[daemon]\ngateway_connections = 64\ngateway_idle_timeout = "2500ms"\n'
+                          'gateway_body_timeout = "5s"\n')
     assert cfg.gateway_connections == 64 and cfg.gateway_idle_timeout == pytest.approx(2.5)
+    assert cfg.gateway_body_timeout == 5.0
     default = _load(tmp_path, "")
     assert default.gateway_connections == 0 and default.gateway_idle_timeout == 15.0  # 0: half the reserve
+    assert default.gateway_body_timeout == 30.0
     for bad in ("gateway_connections = -1", "gateway_connections = true", 'gateway_idle_timeout = "0s"',
-                'gateway_idle_timeout = "2h"'):
+                'gateway_idle_timeout = "2h"', "gateway_body_timeout = 0"):
         with pytest.raises(ConfigError, match=bad.split(" ")[0]):
             _load(tmp_path, f"[daemon]\n{bad}\n")
