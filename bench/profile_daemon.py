@@ -9,6 +9,9 @@ Workloads (each runs for --seconds while py-spy samples the daemon, all threads,
   net-stream 8 connections streaming 4 MiB each through the echo VM, repeatedly (bench_net)
   snapshot   full snapshots of fresh memtouch MB=64 VMs (bench_snapshot; boots are sampled too, see the
              per-thread summary: the hashing and I/O threads are the snapshot's)
+  py-answer  bench_python's "first answer": restore the idle CPython REPL, stream a line to its stdin, read the
+             answer from logs?follow=true, delete (the daemon runs on bench_python's kept state dir, which must
+             hold the rewritten python image: run bench/bench_python.py once first)
 
 Output: samples per thread, then the top functions by own samples ("self") and by samples anywhere on the stack
 ("total"), each as a share of all samples of the process (py-spy --idle is off: a thread waiting in the
@@ -33,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-WORKLOADS = ("run-wait", "run-two", "net-rtt", "net-stream", "snapshot")
+WORKLOADS = ("run-wait", "run-two", "net-rtt", "net-stream", "snapshot", "py-answer")
 
 
 def loop_run(d: c.Daemon, stop: threading.Event, wait_param: bool) -> int:
@@ -106,6 +109,32 @@ def loop_snapshot(d: c.Daemon, stop: threading.Event) -> int:
     return n
 
 
+def py_answer_setup(d: c.Daemon) -> None:
+    import bench_python as bp
+
+    cl = c.UnixHttp(d.socket, timeout=120)
+    bp.cleanup(cl)
+    vm = cl.call("POST", "/v1/vms", {"image": "python", "name": bp.PREFIX + "repl", "args": ["-u", "-c", bp.REPL],
+                                     "stdin": True, "start": True})
+    bp.wait_blocked(cl, vm["id"])
+    cl.call("POST", f"/v1/vms/{vm['id']}/snapshots", {"name": f"{bp.PREFIX}idle-0"})
+    cl.call("DELETE", f"/v1/vms/{vm['id']}?force=true")
+    cl.close()
+
+
+def loop_py_answer(d: c.Daemon, stop: threading.Event) -> int:
+    import bench_python as bp
+
+    cl = c.UnixHttp(d.socket, timeout=120)
+    n = 0
+    while not stop.is_set():
+        bp.first_answer(d.socket, cl, lambda: cl.call("POST", f"/v1/snapshots/{bp.PREFIX}idle-0/restore",
+                                                      {"start": True})["id"])
+        n += 1
+    cl.close()
+    return n
+
+
 def summarise(raw: Path, top: int) -> str:
     """py-spy's raw format: one line per distinct stack, 'thread;frame;frame;... count'."""
     per_thread: collections.Counter[str] = collections.Counter()
@@ -158,8 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     done: list[int] = []
     try:
-        with c.Daemon() as d:
-            if a.workload in ("run-wait", "run-two"):
+        if a.workload == "py-answer":
+            import bench_python as bp
+
+            daemon = c.Daemon(state_dir=bp.state_dir(), import_images=False)
+        else:
+            daemon = c.Daemon()
+        with daemon as d:
+            if a.workload == "py-answer":
+                py_answer_setup(d)
+
+                def work() -> None:
+                    done.append(loop_py_answer(d, stop))
+            elif a.workload in ("run-wait", "run-two"):
                 def work() -> None:
                     done.append(loop_run(d, stop, a.workload == "run-wait"))
             elif a.workload in ("net-rtt", "net-stream"):

@@ -30,6 +30,7 @@ from . import actions as a
 from .system import System
 
 A = TypeVar("A", bound=a.Action)
+INLINE_READ = 1 << 16  # console bytes a log reader reads on the event loop (page-cache reads of new output)
 Apply = Callable[[Any, Any], Awaitable[Any]]
 _HANDLERS: dict[type[a.Action], Apply] = {}
 
@@ -207,16 +208,39 @@ class Controller:
         return a.LogStream(self._log_chunks(vm, start, act.follow))
 
     async def _log_chunks(self, vm: Vm, offsets: dict[str, int], follow: bool) -> AsyncIterator[bytes]:
+        if not follow:
+            async for data in self._log_rounds(vm, offsets, False):
+                yield data
+            return
+        vm.follow_loop = asyncio.get_running_loop()
+        vm.followers += 1
+        try:
+            async for data in self._log_rounds(vm, offsets, True):
+                yield data
+        finally:
+            vm.followers -= 1
+
+    async def _log_rounds(self, vm: Vm, offsets: dict[str, int], follow: bool) -> AsyncIterator[bytes]:
         h = self.hv
         streams = list(offsets)
         while True:
+            ev = vm.changed  # (taken before the look: a change or a poke after it is not missed)
             # a parked out_of_fuel VM writes nothing until fuel is added: the stream ends, like at exit
             ended = vm.state.terminal or vm.state == VmState.OUT_OF_FUEL or vm.id not in h.vms
             wrote = False
             for s in streams:
+                inline = True
                 while True:
                     if isinstance(vm.console, MemoryConsole):  # in memory: a copy under a lock, no file
                         data, offsets[s] = vm.console.read(s, offsets[s])
+                    elif inline:  # what a follower usually finds (a line or a few): read here, no thread hop
+                        data, offsets[s] = vm.console.read(s, offsets[s], INLINE_READ)
+                        if len(data) < INLINE_READ:  # all there is: no second look
+                            if data:
+                                wrote = True
+                                yield data
+                            break
+                        inline = False  # more behind it: the rest on an I/O thread
                     else:
                         data, offsets[s] = await h.sched.on_io(vm.console.read, s, offsets[s])
                     if not data:
@@ -226,7 +250,6 @@ class Controller:
             if not follow or ended:
                 return
             if not wrote:
-                ev = vm.changed
                 try:
                     await asyncio.wait_for(ev.wait(), 0.05)
                 except TimeoutError:

@@ -118,6 +118,14 @@ class VmRuntime:
             _set(self, "changed", asyncio.Event())
             changed.set()
 
+    def poke(self) -> None:
+        """Wake whoever waits on ``changed`` without a change (event loop only): the guest blocked in a device
+        call with log followers, who then read what it wrote (the waiters all look again at what they wait
+        for)."""
+        changed = self.changed
+        _set(self, "changed", asyncio.Event())
+        changed.set()
+
     # ---------------------------------------------------------------- on and off a vCPU
     def enter_cpu(self) -> None:
         self.apply("slice", on_cpu=True)

@@ -139,6 +139,9 @@ class Vm:
         self.devices = DeviceSet()
         self.lock = asyncio.Lock()
         self._spec_api: dict[str, Any] | None = None
+        # log followers (GET logs?follow=true) and their loop: poked when the guest blocks (see block_on)
+        self.followers = 0
+        self.follow_loop: asyncio.AbstractEventLoop | None = None
 
     # ---------------------------------------------------------------- the lifecycle, read-only here
     @property
@@ -196,6 +199,14 @@ class Vm:
         m = self.machine
         if m is not None:
             m.blocked_on = op
+        # what the guest wrote before it waits is in its console now: followers read it at once, not when the
+        # slice ends (after the worker's spin window, and a hop through the loop)
+        loop = self.follow_loop
+        if self.followers and loop is not None and not op.ready():
+            try:
+                loop.call_soon_threadsafe(self.rt.poke)
+            except RuntimeError:  # the loop is closed (the daemon is stopping)
+                pass
 
     def blocked_in(self) -> str | None:
         w = self.rt.waiting

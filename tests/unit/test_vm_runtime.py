@@ -131,3 +131,32 @@ async def test_real_guests_run_block_pause_and_stop_under_the_guard(tmp_path: Pa
         await hv.remove(vm, force=True)
     finally:
         await hv.shutdown()
+
+
+async def test_a_guest_that_blocks_pokes_its_log_followers(tmp_path: Path) -> None:
+    """A device call that suspends the guest wakes the VM's log followers (on the loop, from the vCPU thread)
+    at once: what the guest wrote before it waits is there, and they need not wait for the slice to end."""
+    from microvmd.engine.hostop import HostOp
+    from microvmd.vmm.vm import Vm, VmSpec
+
+    vm = Vm("e" * 32, VmSpec(image="hello"), "sha256:" + "0" * 64, "hello", tmp_path, 1 << 20, 1 << 24)
+
+    async def block_on_a_worker() -> asyncio.Event:
+        ev = vm.changed
+        t = threading.Thread(target=vm.block_on, args=(HostOp(),))
+        t.start()
+        t.join()
+        await asyncio.sleep(0)  # the callbacks the worker scheduled run
+        await asyncio.sleep(0)
+        return ev
+
+    assert not (await block_on_a_worker()).is_set()  # nobody follows: no wake-up
+    vm.followers, vm.follow_loop = 1, asyncio.get_running_loop()
+    assert (await block_on_a_worker()).is_set()
+    assert vm.state == VmState.CREATED  # a poke changes nothing
+    done = HostOp()
+    done.set_result(0)
+    ev = vm.changed
+    threading.Thread(target=vm.block_on, args=(done,)).start()
+    await asyncio.sleep(0.05)
+    assert not ev.is_set()  # an op that is already answered does not suspend the guest
