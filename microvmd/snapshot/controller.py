@@ -343,7 +343,7 @@ class Snapshots:
         hv = self.hv
         st = self.store
         grants = grants or Grants()
-        m = await hv.sched.on_io(st.load_manifest, name)
+        m = st.manifest_if_unchanged(name) or await hv.sched.on_io(st.load_manifest, name)
         try:
             hv.images.resolve(m["vm"]["digest"])
         except NotFound:

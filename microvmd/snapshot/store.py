@@ -265,6 +265,11 @@ class PackWriter:
 
 
 VALIDATED_BYTES = 16 << 20  # validated manifests kept, in bytes (the least recently used go first)
+INLINE_MANIFEST = 64 << 10  # a validated manifest up to this size is decoded on the event loop
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class SnapshotStore:
@@ -284,6 +289,9 @@ class SnapshotStore:
         # checksum and the validation (~0.9 ms for an 11 MiB CPython's); other bytes are checked in full
         self._validated: dict[str, bytes] = {}
         self._validated_bytes = 0
+        # the file each of them was read from (device, inode, size, mtime, ctime): the same file need not be
+        # read again (manifest_if_unchanged). A write, a rename over it, a utime all change one of these.
+        self._validated_files: dict[str, tuple[int, ...]] = {}
         self._validated_lock = threading.Lock()
         self._spares: list[Path] = []  # empty files in tmp/, made in advance for packs and manifests
         # packs no readable manifest references, kept while a damaged manifest (which may use them) exists
@@ -707,13 +715,16 @@ class SnapshotStore:
     def load_manifest(self, name: str) -> dict[str, Any]:
         self.check_name(name)
         try:
-            raw = self.manifest_path(name).read_bytes()
+            with open(self.manifest_path(name), "rb") as f:
+                ident = _file_identity(os.fstat(f.fileno()))
+                raw = f.read()
         except FileNotFoundError:
             raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
         with self._validated_lock:
             same = self._validated.get(name) == raw
             if same:  # (the most recently used last: the oldest go first)
                 self._validated[name] = self._validated.pop(name)
+                self._validated_files[name] = ident
         m = decode_manifest(raw, f"snapshot {name}", checked=same)  # (decoded anew: the caller's to change)
         if same:
             return m
@@ -722,10 +733,29 @@ class SnapshotStore:
                 old = self._validated.pop(name, None)
                 self._validated_bytes -= len(old) if old is not None else 0
                 while self._validated and self._validated_bytes + len(raw) > VALIDATED_BYTES:
-                    self._validated_bytes -= len(self._validated.pop(next(iter(self._validated))))
+                    oldest = next(iter(self._validated))
+                    self._validated_files.pop(oldest, None)
+                    self._validated_bytes -= len(self._validated.pop(oldest))
                 self._validated[name] = raw
+                self._validated_files[name] = ident
                 self._validated_bytes += len(raw)
         return m
+
+    def manifest_if_unchanged(self, name: str) -> dict[str, Any] | None:
+        """The manifest ``name`` without reading its file, when this store validated it and the file is the
+        one it read then (one ``stat``, so the event loop may call it); None otherwise (load_manifest reads
+        and checks it). Only small manifests: decoding a big one is not for the event loop."""
+        with self._validated_lock:
+            raw = self._validated.get(name)
+            ident = self._validated_files.get(name)
+        if raw is None or ident is None or len(raw) > INLINE_MANIFEST:
+            return None
+        try:
+            if _file_identity(os.stat(self.manifest_path(name))) != ident:
+                return None
+        except OSError:
+            return None
+        return decode_manifest(raw, f"snapshot {name}", checked=True)  # (decoded anew: the caller's to change)
 
     def remove(self, name: str) -> None:
         """Remove a snapshot, or a damaged manifest set aside under that name; then collect the packs no
@@ -739,6 +769,7 @@ class SnapshotStore:
             self._remove_damaged(name)
             return
         with self._validated_lock:
+            self._validated_files.pop(name, None)
             gone = self._validated.pop(name, None)
             self._validated_bytes -= len(gone) if gone is not None else 0
         try:
