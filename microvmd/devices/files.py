@@ -6,7 +6,7 @@ the process may have, and the API can no longer accept a connection. So:
 
 - ``wasi_snapshot_preview1.path_open``, ``fd_close`` and ``fd_renumber`` are shadowed on the daemon's
   linker by the host functions here. They count, and pass the call on to wasmtime's own function through
-  the VM's WASI helper instance (``Machine.wasi_calls``, devices/wasip1.py).
+  the VM's WASI helper instance (``Machine.wasi_call``, devices/wasip1.py).
 - Each VM has an ``OpenFiles`` part: its files and its sockets (devices/net.py charges them here too)
   together may number ``limits.open_files``; one more gets ``EMFILE``.
 - All guests together may hold ``DescriptorBudget.total`` (``limits.total_open_files``); one more gets
@@ -227,16 +227,16 @@ class FilesDevice(Device):
         return [fam, refused]
 
     @staticmethod
-    def _context() -> tuple[Any, OpenFiles | None]:
+    def _context(name: str, mem: wt.GuestMemory) -> tuple[Any, OpenFiles | None]:
+        """wasmtime's own call ``name`` for the calling VM (None: it has none) and the VM's open-files part."""
         vm = wt.current_vm()
         machine = getattr(vm, "machine", None)
-        calls = getattr(machine, "wasi_calls", None) or {}
+        real = machine.wasi_call(name, mem) if machine is not None else None
         part = vm.devices.get(OpenFiles) if vm is not None else None
-        return calls, part
+        return real, part
 
     def _path_open(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
-        calls, part = self._context()
-        real = calls.get("path_open")
+        real, part = self._context("path_open", mem)
         if real is None:
             return [ENOSYS]
         dirfd, dirflags, path, path_len, oflags, base, inheriting, fdflags, out = args
@@ -254,8 +254,7 @@ class FilesDevice(Device):
         return [rc]
 
     def _fd_close(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
-        calls, part = self._context()
-        real = calls.get("fd_close")
+        real, part = self._context("fd_close", mem)
         if real is None:
             return [ENOSYS]
         rc = mem.call(real, [args[0]])[0]
@@ -264,8 +263,7 @@ class FilesDevice(Device):
         return [rc]
 
     def _fd_renumber(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
-        calls, part = self._context()
-        real = calls.get("fd_renumber")
+        real, part = self._context("fd_renumber", mem)
         if real is None:
             return [ENOSYS]
         rc = mem.call(real, [args[0], args[1]])[0]

@@ -73,11 +73,12 @@ _helpers: dict[int, wasmtime.Module] = {}
 _helpers_lock = threading.Lock()
 
 
-def wasi_helper(engine: wasmtime.Engine, store: wasmtime.Store, memory: wasmtime.Memory) -> dict[str, wasmtime.Func]:
-    """wasmtime's own WASI calls for this store, callable from a host function (on the machine's thread,
-    before the guest runs): ``fd_read`` (the daemon's own serves stdin only) and the calls that open and
-    close descriptors (devices/files.py counts them). ``path_open`` takes its two i64 rights as (low, high)
-    i32 pairs, so that every argument is an i32."""
+def wasi_helper(engine: wasmtime.Engine, store: Any, memory: wasmtime.Memory) -> dict[str, wasmtime.Func]:
+    """wasmtime's own WASI calls for this store (``store``: a wasmtime.Store, or the caller's store inside a
+    host call, where Machine.wasi_call makes them on first use), callable from a host function: ``fd_read``
+    (the daemon's own serves stdin only) and the calls that open and close descriptors (devices/files.py
+    counts them). ``path_open`` takes its two i64 rights as (low, high) i32 pairs, so that every argument is
+    an i32."""
     with _helpers_lock:
         mod = _helpers.get(id(engine))
         if mod is None:
@@ -422,7 +423,7 @@ class WasiDevice(Device):
         fd, iovs, iovs_len, nread_ptr = args
         machine = vm.machine
         if fd != 0:
-            real = (getattr(machine, "wasi_calls", None) or {}).get("fd_read")
+            real = machine.wasi_call("fd_read", mem) if machine is not None else None
             if real is None:
                 return [EBADF]
             return mem.call(real, list(args))

@@ -370,6 +370,19 @@ class _MemoryRef:
         self.addr = 0
 
 
+class _CallerStore:
+    """A store as wasmtime-py's functions take it (they only ask for ``_context()``): the caller's, from a
+    host call."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+
+    def _context(self) -> Any:
+        return self._ctx
+
+
 class GuestMemory:
     """Bounds-checked access to the caller's exported ``memory``, valid for one host call.
 
@@ -392,6 +405,11 @@ class GuestMemory:
         if not ctx:
             ctx = self._ctx = _caller_context(self._caller)
         return ctx  # type: ignore[no-any-return]
+
+    def store_context(self) -> Any:
+        """The caller's store, for wasmtime-py calls that take one (``Linker.define``, instantiation, exports)
+        from inside this host call."""
+        return _CallerStore(ctypes.cast(self._context(), ctypes.POINTER(ffi.wasmtime_context_t)))
 
     def _load(self) -> int:
         ctx = self._context()

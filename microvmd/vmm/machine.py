@@ -110,9 +110,8 @@ class Machine:
         self.exports = wt.Exports(self.store, self.instance)  # (by name: instance.exports() is quadratic)
         mem = self.exports.get("memory")
         self.memory: wasmtime.Memory | None = mem if isinstance(mem, wasmtime.Memory) else None
-        self.wasi_calls: dict[str, wasmtime.Func] = {}
-        if self.memory is not None and self._helper_instances:
-            self.wasi_calls = wasi_helper(engine, self.store, self.memory)
+        self._engine = engine
+        self._wasi_calls: dict[str, wasmtime.Func] | None = None  # made by the first wasi_call
         self._queue = [*spec.boot, spec.entry]
         self._current = spec.entry
         self.call: wt.GuestCall | None = None
@@ -147,6 +146,18 @@ class Machine:
                 self.asyncify = AsyncifyCtl.lazy(self.exports, self.store, spec.asyncify_globals)
 
     # ---- helpers the VM's devices and snapshots use (on the owning thread) ----
+    def wasi_call(self, name: str, mem: wt.GuestMemory) -> wasmtime.Func | None:
+        """wasmtime's own WASI call ``name`` (one of wasip1.HELPER_CALLS) for this store, from inside the device
+        call ``mem`` is for; None when the module needs none. The helper instance behind it is made by the first
+        call that needs it (~0.3 ms, a linker and an instantiation): most guests never open a file or read
+        anything but stdin after a restore, and a VM made for one request or one line should not pay for it."""
+        calls = self._wasi_calls
+        if calls is None:
+            if self.memory is None or not self._helper_instances:
+                return None
+            calls = self._wasi_calls = wasi_helper(self._engine, mem.store_context(), self.memory)
+        return calls.get(name)
+
     def export(self, name: str) -> Any:
         return self.exports.get(name)
 
