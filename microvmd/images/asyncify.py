@@ -79,6 +79,7 @@ class AsyncifyCtl:
     rewinding: bool = False   # re-entered; the first suspension point reached stops the rewind
     grown: bool = False       # the buffer is memory the daemon grew (a module rewritten at import)
     settled: bool = False     # ... and the guest's allocator cannot have claimed it (Machine.ensure_unwind_buffer)
+    saved_end: int = 0        # where the saved stack of the rewind under way ends (its header's pointer)
 
     @classmethod
     def setup(cls, exports: object, store: wasmtime.Store, globals_: tuple[int, int], data_ptr: int,
