@@ -214,8 +214,11 @@ class System:
         n = 0
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             rec_path = d / "vm.json"
-            if not rec_path.exists():
-                continue  # a directory made in advance for the next create
+            try:
+                if rec_path.stat().st_size == 0:
+                    continue  # a directory made in advance for the next create (its record file still empty)
+            except FileNotFoundError:
+                continue  # (made by an older daemon, or a create's moments before its record)
             n += 1
             try:
                 rec = contract.convert(json.loads(rec_path.read_text()), contract.VmRecord)

@@ -112,13 +112,14 @@ def test_sigkill_then_restart_marks_live_vms_daemon_restart(make_daemon: Callabl
 
 def test_directories_made_in_advance_are_used_and_never_outlive_the_daemon(
         make_daemon: Callable[..., Daemon]) -> None:
-    """VM directories (with empty console logs) are made ahead of the creates that use them; unused ones
-    are removed at a clean stop, and after a kill -9 the next start removes them without a word."""
+    """VM directories (with empty console logs and an empty record file, synced) are made ahead of the creates
+    that use them; unused ones are removed at a clean stop, and after a kill -9 the next start removes them
+    without a word."""
     d = make_daemon("--import-images", str(IMAGES))
     vms = d.state_dir / "vms"
 
     def spare() -> set[str]:
-        return {p.name for p in vms.iterdir() if not (p / "vm.json").exists()}
+        return {p.name for p in vms.iterdir() if not (p / "vm.json").exists() or not (p / "vm.json").stat().st_size}
 
     ready = spare()
     assert ready, "no directory made in advance at start-up"
