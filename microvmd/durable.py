@@ -67,14 +67,18 @@ def sync_tree(path: str | Path) -> None:
         sync_dir(root)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_atomic(path: Path, data: bytes, tmp: Path | None = None, durable: bool = True) -> None:
     """``data`` at ``path`` whole or not at all; on stable storage before returning when ``durable``."""
     tmp = tmp or path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
     finally:

@@ -229,11 +229,13 @@ class Controller:
             ended = vm.state.terminal or vm.state == VmState.OUT_OF_FUEL or vm.id not in h.vms
             wrote = False
             for s in streams:
-                inline = True
+                # a follower at the end of the output usually finds a line or a few, just written (in the page
+                # cache): read here, no thread hop. Not a plain read of a whole log, not during a hole punch.
+                inline = follow and not vm.console.trimming
                 while True:
                     if isinstance(vm.console, MemoryConsole):  # in memory: a copy under a lock, no file
                         data, offsets[s] = vm.console.read(s, offsets[s])
-                    elif inline:  # what a follower usually finds (a line or a few): read here, no thread hop
+                    elif inline:
                         data, offsets[s] = vm.console.read(s, offsets[s], INLINE_READ)
                         if len(data) < INLINE_READ:  # all there is: no second look
                             if data:

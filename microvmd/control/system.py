@@ -22,6 +22,7 @@ from ..devices.blk import BlockDevice
 from ..snapshot.controller import Snapshots
 from ..snapshot.store import SnapshotError, all_refs, decode_manifest, validate_manifest
 from ..vmm.manager import Hypervisor
+from ..vmm.registry import unused
 
 
 @dataclass
@@ -214,11 +215,8 @@ class System:
         n = 0
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             rec_path = d / "vm.json"
-            try:
-                if rec_path.stat().st_size == 0:
-                    continue  # a directory made in advance for the next create (its record file still empty)
-            except FileNotFoundError:
-                continue  # (made by an older daemon, or a create's moments before its record)
+            if unused(d):
+                continue  # a directory made in advance for the next create, or a create's before its record
             n += 1
             try:
                 rec = contract.convert(json.loads(rec_path.read_text()), contract.VmRecord)

@@ -103,6 +103,11 @@ class Console:
         self.premade = False  # the directory and both (empty) logs exist already
         self.use_files = False  # file mode for this VM (decided at create, see Builder.console_mode)
 
+    @property
+    def trimming(self) -> bool:
+        """A hole punch is on its way on an I/O thread (readers of the file should not wait on it here)."""
+        return self._trimming
+
     def files(self) -> tuple[str, str]:
         """File mode: make the VM's directory (wasmtime creates the files in it) and name the two logs."""
         if not self.premade:
@@ -247,6 +252,8 @@ class MemoryConsole:
 
     use_files = False
     premade = False
+
+    trimming = False  # (nothing to punch: the interface is the file console's)
 
     def __init__(self, cap: int, rate: LogRate | None = None) -> None:
         self.cap = cap

@@ -73,16 +73,23 @@ _helpers: dict[int, wasmtime.Module] = {}
 _helpers_lock = threading.Lock()
 
 
+def helper_module(engine: wasmtime.Engine) -> wasmtime.Module:
+    """The helper module, compiled once per engine (the builder asks for it at start-up, so that no VM's
+    first file call compiles it on a vCPU worker)."""
+    with _helpers_lock:
+        mod = _helpers.get(id(engine))
+        if mod is None:
+            mod = _helpers[id(engine)] = wasmtime.Module(engine, HELPER_WAT)
+        return mod
+
+
 def wasi_helper(engine: wasmtime.Engine, store: Any, memory: wasmtime.Memory) -> dict[str, wasmtime.Func]:
     """wasmtime's own WASI calls for this store (``store``: a wasmtime.Store, or the caller's store inside a
     host call, where Machine.wasi_call makes them on first use), callable from a host function: ``fd_read``
     (the daemon's own serves stdin only) and the calls that open and close descriptors (devices/files.py
     counts them). ``path_open`` takes its two i64 rights as (low, high) i32 pairs, so that every argument is
     an i32."""
-    with _helpers_lock:
-        mod = _helpers.get(id(engine))
-        if mod is None:
-            mod = _helpers[id(engine)] = wasmtime.Module(engine, HELPER_WAT)
+    mod = helper_module(engine)
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
     linker.define(store, "env", "memory", memory)

@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -266,6 +267,7 @@ class PackWriter:
 
 VALIDATED_BYTES = 16 << 20  # validated manifests kept, in bytes (the least recently used go first)
 INLINE_MANIFEST = 64 << 10  # a validated manifest up to this size is decoded on the event loop
+RACY_NS = 1_000_000_000  # a manifest file changed this recently is not taken unread (manifest_if_unchanged)
 
 
 def _file_identity(st: os.stat_result) -> tuple[int, ...]:
@@ -286,12 +288,11 @@ class SnapshotStore:
         self._pool = ThreadPoolExecutor(hash_threads, thread_name_prefix="hash")
         self.verified: set[str] = set()  # packs whose chunks were checked (or written) in this daemon's life
         # manifests as last read and validated, by name: a restore that reads the same bytes again skips the
-        # checksum and the validation (~0.9 ms for an 11 MiB CPython's); other bytes are checked in full
-        self._validated: dict[str, bytes] = {}
+        # checksum and the validation (~0.9 ms for an 11 MiB CPython's); other bytes are checked in full. With
+        # the bytes, the file they were read from (device, inode, size, mtime, ctime), when it had not changed
+        # for RACY_NS: that same file need not be read again (manifest_if_unchanged)
+        self._validated: dict[str, tuple[bytes, tuple[int, ...] | None]] = {}
         self._validated_bytes = 0
-        # the file each of them was read from (device, inode, size, mtime, ctime): the same file need not be
-        # read again (manifest_if_unchanged). A write, a rename over it, a utime all change one of these.
-        self._validated_files: dict[str, tuple[int, ...]] = {}
         self._validated_lock = threading.Lock()
         self._spares: list[Path] = []  # empty files in tmp/, made in advance for packs and manifests
         # packs no readable manifest references, kept while a damaged manifest (which may use them) exists
@@ -716,28 +717,30 @@ class SnapshotStore:
         self.check_name(name)
         try:
             with open(self.manifest_path(name), "rb") as f:
-                ident = _file_identity(os.fstat(f.fileno()))
+                st = os.fstat(f.fileno())
                 raw = f.read()
         except FileNotFoundError:
             raise NotFound(f"no such snapshot: {name}", code="snapshot_not_found") from None
+        # (a file changed within RACY_NS of this read could change again within the same timestamp tick
+        # without its identity showing it: it is read again next time, like git's "racily clean" entries)
+        ident = _file_identity(st) if time.time_ns() - st.st_ctime_ns > RACY_NS else None
         with self._validated_lock:
-            same = self._validated.get(name) == raw
-            if same:  # (the most recently used last: the oldest go first)
-                self._validated[name] = self._validated.pop(name)
-                self._validated_files[name] = ident
+            kept = self._validated.pop(name, None)
+            same = kept is not None and kept[0] == raw
+            if same:  # (put back last: the most recently used last, the oldest go first)
+                self._validated[name] = (raw, ident)
+            elif kept is not None:  # the file is no longer those bytes: not kept, whatever these turn out to be
+                self._validated_bytes -= len(kept[0])
         m = decode_manifest(raw, f"snapshot {name}", checked=same)  # (decoded anew: the caller's to change)
         if same:
             return m
         if len(raw) <= VALIDATED_BYTES // 8:  # (a huge one is checked each time rather than crowd out the rest)
             with self._validated_lock:
                 old = self._validated.pop(name, None)
-                self._validated_bytes -= len(old) if old is not None else 0
+                self._validated_bytes -= len(old[0]) if old is not None else 0
                 while self._validated and self._validated_bytes + len(raw) > VALIDATED_BYTES:
-                    oldest = next(iter(self._validated))
-                    self._validated_files.pop(oldest, None)
-                    self._validated_bytes -= len(self._validated.pop(oldest))
-                self._validated[name] = raw
-                self._validated_files[name] = ident
+                    self._validated_bytes -= len(self._validated.pop(next(iter(self._validated)))[0])
+                self._validated[name] = (raw, ident)
                 self._validated_bytes += len(raw)
         return m
 
@@ -745,17 +748,20 @@ class SnapshotStore:
         """The manifest ``name`` without reading its file, when this store validated it and the file is the
         one it read then (one ``stat``, so the event loop may call it); None otherwise (load_manifest reads
         and checks it). Only small manifests: decoding a big one is not for the event loop."""
+        self.check_name(name)
         with self._validated_lock:
-            raw = self._validated.get(name)
-            ident = self._validated_files.get(name)
-        if raw is None or ident is None or len(raw) > INLINE_MANIFEST:
+            kept = self._validated.get(name)
+        if kept is None or kept[1] is None or len(kept[0]) > INLINE_MANIFEST:
             return None
         try:
-            if _file_identity(os.stat(self.manifest_path(name))) != ident:
+            if _file_identity(os.stat(self.manifest_path(name))) != kept[1]:
                 return None
         except OSError:
             return None
-        return decode_manifest(raw, f"snapshot {name}", checked=True)  # (decoded anew: the caller's to change)
+        with self._validated_lock:  # (a hit is a use: the most recently used last)
+            if self._validated.get(name) is kept:
+                self._validated[name] = self._validated.pop(name)
+        return decode_manifest(kept[0], f"snapshot {name}", checked=True)  # (decoded anew: the caller's to change)
 
     def remove(self, name: str) -> None:
         """Remove a snapshot, or a damaged manifest set aside under that name; then collect the packs no
@@ -769,9 +775,8 @@ class SnapshotStore:
             self._remove_damaged(name)
             return
         with self._validated_lock:
-            self._validated_files.pop(name, None)
             gone = self._validated.pop(name, None)
-            self._validated_bytes -= len(gone) if gone is not None else 0
+            self._validated_bytes -= len(gone[0]) if gone is not None else 0
         try:
             self.manifest_path(name).unlink()
         except FileNotFoundError:

@@ -19,6 +19,7 @@ import wasmtime
 
 from ..config import Config
 from ..devices.console import Console
+from ..devices.wasip1 import helper_module
 from ..engine import wt
 from ..errors import Unprocessable
 from ..images.store import Image, ImageStore
@@ -54,6 +55,7 @@ class Builder:
         # images whose microvm_abi_version was checked (a constant of the module: asked once, not at every
         # VM; a function's fresh instance per request paid for the guest call each time)
         self._abi_checked: set[str] = set()
+        helper_module(engine)  # (compiled now, not by the first VM that opens a file, on its vCPU worker)
 
     # ------------------------------------------------------------------ consoles
     def console_mode(self, vm: Vm) -> None:

@@ -153,9 +153,14 @@ class Machine:
         anything but stdin after a restore, and a VM made for one request or one line should not pay for it."""
         calls = self._wasi_calls
         if calls is None:
+            calls = self._wasi_calls = {}  # (made once: a helper that cannot be made is not tried at every call)
             if self.memory is None or not self._helper_instances:
                 return None
-            calls = self._wasi_calls = wasi_helper(self._engine, mem.store_context(), self.memory)
+            try:
+                calls.update(wasi_helper(self._engine, mem.store_context(), self.memory))
+            except (wasmtime.WasmtimeError, wt.InstantiationError) as exc:  # the guest's calls answer ENOSYS/EBADF
+                log.error("cannot make the WASI helper instance of this VM (its file calls fail from now): %s",
+                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return calls.get(name)
 
     def export(self, name: str) -> Any:
@@ -271,7 +276,7 @@ class Machine:
                 # Only what it filled: the rest of the buffer is zero already (grown, then cleared like this
                 # after every rewind; an unsettled one is checked before each unwind), and writing all of it
                 # cost a restored guest 256 copy-on-write faults (~1 ms) for a saved stack of a few pages.
-                end = a.saved_end or a.data_end
+                end, a.saved_end = a.saved_end or a.data_end, 0
                 mem.write(a.data_ptr, bytes(end - a.data_ptr))
         if snapshot_wanted:
             return self.start_unwind(mem)

@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..durable import sync_dir, write_atomic
+from ..durable import sync_dir, write_all, write_atomic
 from ..errors import Conflict, MicrovmError, NotFound
 from .state import VmState
 from .vm import Vm
 
 log = logging.getLogger("microvmd.vmm")
 
-READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs)
+READY_DIRS = 8  # VM directories kept made in advance (with their empty console logs and record file)
 
 
 def looks_like_id(ref: str) -> bool:
@@ -98,13 +98,27 @@ def _is_ready_dir(d: Path) -> bool:
         return False
 
 
+FIRST_RECORD_MAX = 4096  # a first record written in place is one block (larger ones are written atomically)
+
+
+def unused(d: Path) -> bool:
+    """A VM directory whose record was never written (no ``vm.json``, or the empty one it was made with): its
+    create was never answered. (The directories made in advance look like this until a create takes one.)"""
+    try:
+        return (d / "vm.json").stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
 def _write_first(path: Path, data: bytes, durable: bool) -> bool:
     """A VM's first record, into the empty ``vm.json`` its ready directory came with: one write (and one
     fdatasync), no rename. A crash before the write leaves it empty, and the directory is removed at start-up
-    (the create was never answered: the answer waits for this write). A record is a few hundred bytes, one
-    block: a crash during the write leaves it empty or whole in practice, and one left torn is reported as a
-    damaged record at start-up, like any other. False when the file is not an empty one made in advance (the
-    caller writes the record atomically then)."""
+    (the create was never answered: the answer waits for this write). Only a record of at most one block
+    (FIRST_RECORD_MAX) goes this way: a crash during the write leaves it empty or whole in practice, and one
+    left torn is reported as a damaged record at start-up, like any other. False when the file is not an
+    empty one made in advance, or the record is bigger than a block: the caller writes it atomically then."""
+    if len(data) > FIRST_RECORD_MAX:
+        return False
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -112,9 +126,7 @@ def _write_first(path: Path, data: bytes, durable: bool) -> bool:
     try:
         if os.fstat(fd).st_size != 0:
             return False
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         if durable:
             os.fdatasync(fd)
     finally:
@@ -123,8 +135,10 @@ def _write_first(path: Path, data: bytes, durable: bool) -> bool:
 
 
 def _write_records(batch: list[tuple[Path, dict[str, Any]]], durable: bool = True) -> list[str]:
-    """Each record replaces the last whole; with ``durable`` it is fsynced with its directory (and a new
-    VM's directory with the directory of all VMs) before the write counts as done. Returns the ids whose
+    """A VM's first record goes into the empty file of its ready directory (``_write_first``); every other
+    replaces the last whole (temporary file, rename). With ``durable`` it is on stable storage (fdatasync;
+    or fsynced with its directory, and a new VM's directory with the directory of all VMs) before the write
+    counts as done. Returns the ids whose
     record could not be written (each logged)."""
     failed = []
     for d, rec in batch:
@@ -132,7 +146,9 @@ def _write_records(batch: list[tuple[Path, dict[str, Any]]], durable: bool = Tru
             data = json.dumps(rec).encode()
             if _write_first(d / "vm.json", data, durable):
                 continue
-            new = not d.exists()
+            # the VM's first record in a directory not made in advance (made just now by this write, by its
+            # console or for its disk overlays): its entry in vms/ is made durable with it
+            new = not (d / "vm.json").exists()
             d.mkdir(parents=True, exist_ok=True)
             write_atomic(d / "vm.json", data, d / "vm.json.tmp", durable)
             if durable and new:
@@ -163,11 +179,7 @@ class DirRecords:
         found = []
         for d in sorted(self.root.iterdir()):
             rec = d / "vm.json"
-            try:
-                empty = rec.stat().st_size == 0
-            except FileNotFoundError:
-                empty = True
-            if empty:
+            if unused(d):
                 # made in advance and never used, or created moments before a crash with its first record
                 # never written, so never acknowledged: nothing can be restored
                 if not _is_ready_dir(d):

@@ -114,9 +114,7 @@ class VmRuntime:
         for name, value in changes.items():
             _set(self, name, value)
         if target is not None or "waiting" in changes:
-            changed = self.changed
-            _set(self, "changed", asyncio.Event())
-            changed.set()
+            self.poke()
 
     def poke(self) -> None:
         """Wake whoever waits on ``changed`` without a change (event loop only): the guest blocked in a device

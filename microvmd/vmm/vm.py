@@ -139,9 +139,11 @@ class Vm:
         self.devices = DeviceSet()
         self.lock = asyncio.Lock()
         self._spec_api: dict[str, Any] | None = None
-        # log followers (GET logs?follow=true) and their loop: poked when the guest blocks (see block_on)
+        # log followers (GET logs?follow=true) and their loop: poked when the guest blocks (see block_on), one
+        # poke on its way at a time (set on the vCPU worker, cleared by the poke on the loop)
         self.followers = 0
         self.follow_loop: asyncio.AbstractEventLoop | None = None
+        self._poking = False
 
     # ---------------------------------------------------------------- the lifecycle, read-only here
     @property
@@ -202,11 +204,16 @@ class Vm:
         # what the guest wrote before it waits is in its console now: followers read it at once, not when the
         # slice ends (after the worker's spin window, and a hop through the loop)
         loop = self.follow_loop
-        if self.followers and loop is not None and not op.ready():
+        if self.followers and loop is not None and not self._poking and not op.ready():
+            self._poking = True  # (a guest that blocks again before the loop got to it adds nothing)
             try:
-                loop.call_soon_threadsafe(self.rt.poke)
+                loop.call_soon_threadsafe(self._poke)
             except RuntimeError:  # the loop is closed (the daemon is stopping)
-                pass
+                self._poking = False
+
+    def _poke(self) -> None:
+        self._poking = False
+        self.rt.poke()
 
     def blocked_in(self) -> str | None:
         w = self.rt.waiting

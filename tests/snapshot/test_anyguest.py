@@ -245,6 +245,31 @@ def test_wasi_behaviour_is_the_same_with_and_without_the_rewrite(make_daemon, tm
     assert (data / "out.txt").read_text() == "written by wasitest\n"
 
 
+def test_file_calls_of_a_guest_restored_while_it_waits_for_stdin(make_daemon, tmp_path: Path) -> None:
+    """wasmtime's own WASI calls (files through a preopen) go through a helper instance made by the first call
+    that needs it: in a restored VM that is after the restore, inside the rewound guest's first path_open.
+    wasitest, snapshotted while it waits for stdin, restored, then given EOF, prints what a fresh run does."""
+    a = make_daemon("a", images=())
+    a.mv("image", "import", str(WASITEST), "--name", "wt")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("hello file\n")
+    vm = a.ok("POST", "/v1/vms", {"image": "wt", "name": "w", "args": ["7", "a b"], "env": {"WT": "x"},
+                                  "dirs": [{"host": str(data), "guest": "/data"}], "stdin": True, "start": True})
+    a.wait_blocked("w", "fd_read")
+    _snapshot(a, "w", "w-0")
+    assert a.call("DELETE", f"/v1/vms/{vm['id']}?force=true")[0] == 204
+    r = a.ok("POST", "/v1/snapshots/w-0/restore", {"name": "w2", "start": True})
+    status, _ = a.call("POST", f"/v1/vms/{r['id']}/stdin", raw=b"",  # EOF: the guest goes on to its files
+                       headers={"Content-Type": "application/octet-stream"})
+    assert status == 200
+    done = a.wait(r["id"])
+    assert done["code"] == 7, done
+    after = WASITEST_OUT[WASITEST_OUT.index("stdin 0 eof 1"):]  # (what it printed before is the first VM's)
+    assert a.logs("w2").endswith(after), a.logs("w2")
+    assert (data / "out.txt").read_text() == "written by wasitest\n"
+
+
 def test_import_images_at_start_up_rewrites_in_the_background(make_daemon, tmp_path: Path) -> None:
     """`microvmd --import-images DIR` (make run) does not wait for rewrites: the module is usable at once as it
     is, and its name moves to the rewritten image when that is ready."""

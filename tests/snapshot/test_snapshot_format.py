@@ -504,10 +504,11 @@ def test_spare_files_carry_the_next_pack_and_manifest(sample: dict[str, bytes], 
 
 
 def test_a_manifest_is_taken_unread_only_from_the_file_the_store_validated(sample: dict[str, bytes],
-                                                                           tmp_path: Path) -> None:
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """manifest_if_unchanged (a restore on the event loop) answers only for a manifest load_manifest read and
-    validated, and only while the file is that same file: rewritten in place, replaced by a rename or merely
-    touched, it is read and checked again."""
+    validated, and only while the file is that same file, settled for RACY_NS before that read: rewritten,
+    replaced by a rename or merely touched, it is read and checked again; bytes that fail are not kept."""
     store = st.SnapshotStore(tmp_path / "s")
     try:
         m = st.decode_manifest(sample["stored"], "sample")
@@ -515,22 +516,26 @@ def test_a_manifest_is_taken_unread_only_from_the_file_the_store_validated(sampl
         store.save(m)
         assert store.manifest_if_unchanged(name) is None  # never read (and validated) by this store
         assert store.load_manifest(name)["name"] == name
+        assert store.manifest_if_unchanged(name) is None  # written just now: racy, read again next time
+        monkeypatch.setattr(st, "RACY_NS", -1)  # (as if the file had been settled for long)
+        store.load_manifest(name)
         got = store.manifest_if_unchanged(name)
         assert got is not None and got == store.load_manifest(name)
         got["name"] = "changed by its caller"  # each answer is a fresh copy
         assert store.manifest_if_unchanged(name)["name"] == name  # type: ignore[index]
         path = store.manifest_path(name)
         raw = path.read_bytes()
-        os.utime(path, ns=(0, path.stat().st_mtime_ns))  # the same bytes, touched: ctime moved
+        st_ = path.stat()
+        os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))  # the same bytes, touched
         assert store.manifest_if_unchanged(name) is None
         store.load_manifest(name)
         assert store.manifest_if_unchanged(name) is not None
         with open(path, "r+b") as f:  # one byte flipped in place, the size kept
             f.seek(len(raw) - 1)
             f.write(bytes([raw[-1] ^ 1]))
-        assert store.manifest_if_unchanged(name) is None
         with pytest.raises(SnapshotError):
             store.load_manifest(name)
+        assert store.manifest_if_unchanged(name) is None  # the bytes the file no longer holds are not kept
         other = path.with_name("other")
         other.write_bytes(raw)
         other.rename(path)  # the valid bytes again, in a new file
