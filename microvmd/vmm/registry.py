@@ -57,9 +57,8 @@ class RecordStore(Protocol):
 READY_FILES = ("stdout.log", "stderr.log", "vm.json")
 
 
-def _make_ready_dirs(parent: Path, n: int, remove: Callable[[Path], None] = shutil.rmtree,
-                     durable: bool = True) -> list[str]:
-    """Off the loop (the ready-dirs thread): ``n`` VM directories named by the ids the next VMs will get, each
+def _make_ready_dirs(parent: Path, n: int, remove: Callable[[Path], None] = shutil.rmtree) -> list[str]:
+    """Off the loop (the ready-dirs thread; at start-up, load's): ``n`` VM directories named by the ids the next VMs get, each
     with its two empty console logs and an empty record file, on stable storage (each directory and then
     their parent synced). Making one costs a millisecond or more on ext4 (bench/bench_console.py), off the
     path of the create that uses it; and the VM's first record is then one write and one fdatasync into a
@@ -72,14 +71,13 @@ def _make_ready_dirs(parent: Path, n: int, remove: Callable[[Path], None] = shut
             d.mkdir()
             for name in READY_FILES:
                 os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
-            if durable:
-                sync_dir(d)
+            sync_dir(d)
         except OSError as exc:
             log.warning("cannot prepare a VM directory: %s", exc)
             remove(d)
             break
         ids.append(vm_id)
-    if ids and durable:
+    if ids:
         try:
             sync_dir(parent)
         except OSError as exc:
