@@ -58,11 +58,12 @@ READY_FILES = ("stdout.log", "stderr.log", "vm.json")
 
 
 def _make_ready_dirs(parent: Path, n: int, remove: Callable[[Path], None] = shutil.rmtree) -> list[str]:
-    """Off the loop (the ready-dirs thread; at start-up, load's): ``n`` VM directories named by the ids the next VMs get, each
-    with its two empty console logs and an empty record file, on stable storage (each directory and then
-    their parent synced). Making one costs a millisecond or more on ext4 (bench/bench_console.py), off the
-    path of the create that uses it; and the VM's first record is then one write and one fdatasync into a
-    file that already exists durably, instead of a temporary file, a rename and two syncs (_write_records)."""
+    """Off the loop (the ready-dirs thread; at start-up, load's): ``n`` VM directories named by the ids the
+    next VMs get, each with its two empty console logs and an empty record file, on stable storage (each
+    directory and then their parent synced). Making one costs a millisecond or more on ext4
+    (bench/bench_console.py), off the path of the create that uses it; and the VM's first record is then one
+    write and one fdatasync into a file that already exists durably, instead of a temporary file, a rename
+    and two syncs (_write_records)."""
     ids = []
     for _ in range(n):
         vm_id = uuid.uuid4().hex
