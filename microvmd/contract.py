@@ -857,9 +857,13 @@ class FunctionStats(Response):
     idle_instances: int = 0  # spare fresh instances restored ahead of time, and --reuse warm ones
     last_invoked: float | None = None
     fresh_instance_us: dict[str, float] | None = None  # p50, p99 (and count) of the last 1,000 requests: the
-    # time from the request to a fresh instance ready to run (WAGI: boot and first slice; sdk/python/js: a
-    # spare restored ahead of time, or a restore when there is none)
+    # time from the request to a fresh instance ready to run (WAGI: a direct instance made, or a VM booted
+    # with its first slice; sdk/python/js: a spare restored ahead of time, or a restore when there is none)
     restore_us: dict[str, float] | None = None  # the same for the restores themselves (sdk, python, js)
+    # WAGI: requests answered by a direct instance (docs/functions.md), and those that began as one and went
+    # on as an ephemeral VM (they waited, or needed more than one quantum or fuel slice)
+    direct: int = 0
+    direct_to_vm: int = 0
 
 
 class FunctionLimits(Response):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import wasmtime
 
 from .. import contract, durable, logsafe
 from ..devices import fnio
@@ -35,7 +36,7 @@ from ..snapshot.controller import Snapshots
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
 from ..vmm.vm import Vm, VmSpec
-from . import drivers, wagi
+from . import direct, drivers, wagi
 from .http import FnRequest, FnResponse, add_header, error_response
 
 log = logging.getLogger("microvmd.functions")
@@ -76,6 +77,9 @@ class Version:
     rec: contract.FunctionRecord
     in_flight: int = 0
     retired: bool = False  # replaced or removed: its snapshot goes when its last request ends
+    # WAGI: the image pre-linked for direct instances (direct.py), False when it does not qualify, None before
+    # the first request looked
+    direct: Any = None
 
 
 @dataclass
@@ -111,6 +115,8 @@ class Function:
     spares: deque[tuple[Vm, Version]] = field(default_factory=deque)  # fresh instances restored ahead of time
     refill: asyncio.Task[None] | None = None
     last_request: float = 0.0
+    direct: int = 0  # WAGI requests answered by a direct instance
+    direct_to_vm: int = 0  # ... and those that went on as a VM
 
     @property
     def rec(self) -> contract.FunctionRecord:
@@ -160,6 +166,9 @@ class Functions:
         self.closing = False
         self._reaper_task: asyncio.Task[None] | None = None
         snapshots.protected.append(self._owner_of)
+        sched = hv.sched
+        self.direct = direct.DirectRunner(hv.engine, sched.epoch_interval, sched.quantum, sched.fuel_slice,
+                                          hv.builder.memory)
 
     # ------------------------------------------------------------------ start-up and records
     async def startup(self) -> None:
@@ -243,7 +252,8 @@ class Functions:
                       "queued": fn.queued, "instances": fn.active + len(fn.spares) + len(fn.warm),
                       "idle_instances": len(fn.spares) + len(fn.warm), "last_invoked": fn.last_invoked,
                       "fresh_instance_us": _percentiles(fn.instance_times),
-                      "restore_us": _percentiles(fn.restore_times)},
+                      "restore_us": _percentiles(fn.restore_times), "direct": fn.direct,
+                      "direct_to_vm": fn.direct_to_vm},
         }
 
     # ------------------------------------------------------------------ deploy and remove
@@ -520,6 +530,13 @@ class Functions:
         rec = version.rec
         timeout = self.timeout(rec)
         if rec.executor == "wagi":
+            if version.direct is not False:
+                resp = await self._run_direct(fn, version, req, rid)
+                if resp is not None:
+                    fn.direct += 1
+                    return resp
+                if version.direct is not False:
+                    fn.direct_to_vm += 1
             spec = VmSpec(image=rec.digest, args=[], env=wagi.environment(req, rec.env), fuel=rec.fuel,
                           memory=rec.memory, timeout=timeout, ephemeral=True, owner=f"fn:{rec.name}",
                           stdin_data=req.body)
@@ -540,6 +557,43 @@ class Functions:
             await self.hv.start(vm)
         await self.hv.wait(vm)
         return self._outcome(fn, rec, vm, rid)
+
+    async def _run_direct(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse | None:
+        """A WAGI request as a direct instance (direct.py); None when it has to run as a VM (the image does not
+        qualify, or the request needs more than a direct run gives)."""
+        rec = version.rec
+        hv = self.hv
+        img = hv.images.resolve(rec.digest)
+        if version.direct is None:
+            if not direct.qualifies(img.imports, img.kind) or not img.entry:
+                version.direct = False
+                return None
+            try:
+                version.direct = await hv.sched.on_io(self.direct.prepared, img.hex, lambda: hv.images.module(img))
+            except wasmtime.WasmtimeError as exc:  # (it links against WASI alone, which the check above says is
+                # all it imports; a mismatch is a bug, and the VM path still serves the function)
+                log.error("function %s: no direct instances: %s", fn.name, exc)
+                version.direct = False
+                return None
+        lim = hv.cfg.limits
+        fuel = rec.fuel if rec.fuel is not None else img.limits.get("fuel", lim.fuel)
+        memory = rec.memory if rec.memory is not None else img.limits.get("memory", lim.memory)
+        limits = direct.limits_for(fuel, memory, self.timeout(rec), lim)
+        env = {**img.env, **wagi.environment(req, rec.env)}
+        ended = await hv.sched.on_cpu_pool(self.direct.run, version.direct, img.entry, list(img.boot),
+                                           ["guest", *img.args], env, req.body, limits, lim.log_bytes)
+        if ended is None:
+            return None
+        fn.instance_times.append(ended.instance_s)
+        if ended.reason == "exit":
+            return self._wagi_answer(fn, rid, ended.stdout, ended.stdout_truncated, ended.stderr, ended.code)
+        if ended.reason == "out_of_fuel":
+            return self._error(fn, rid, 502, "out_of_fuel", "the function ran out of fuel", ended.stderr)
+        if ended.reason == "timeout":
+            return self._error(fn, rid, 504, "timeout", f"the function did not answer within {self.timeout(rec):g} s",
+                               ended.stderr)
+        reason = ended.reason if ended.reason != "trap" else f"trap: {ended.message}"
+        return self._error(fn, rid, 502, ended.reason, f"the function's guest was stopped: {reason}", ended.stderr)
 
     async def _fresh(self, fn: Function, version: Version) -> Vm:
         """A fresh instance of ``version`` (never run a request), not started: a spare restored ahead of time
@@ -745,17 +799,23 @@ class Functions:
                     add_header(headers, name.strip(), value.strip())
             return FnResponse(part.status, headers, part.body)
         out = _read(vm, "stdout")
+        if rec.executor == "wagi":
+            return self._wagi_answer(fn, rid, out, _truncated(vm, "stdout"), err, vm.exit.code)
         if _truncated(vm, "stdout"):
             return self._error(fn, rid, 502, "bad_response", "the response is larger than the console cap", err)
-        if rec.executor == "wagi":
-            try:
-                resp = wagi.parse(out)
-            except wagi.CgiError as exc:
-                return self._error(fn, rid, 502, "bad_response",
-                                   f"not a CGI response (exit code {vm.exit.code}): {exc}", err)
-            self._log_stderr(fn, rid, err)
-            return resp
         return self._interpreted(fn, rid, out, err, vm.exit.code)
+
+    def _wagi_answer(self, fn: Function, rid: str, out: bytes, truncated: bool, err: bytes,
+                     code: int | None) -> FnResponse:
+        """The HTTP answer of a WAGI instance that ended by itself, from its stdout."""
+        if truncated:
+            return self._error(fn, rid, 502, "bad_response", "the response is larger than the console cap", err)
+        try:
+            resp = wagi.parse(out)
+        except wagi.CgiError as exc:
+            return self._error(fn, rid, 502, "bad_response", f"not a CGI response (exit code {code}): {exc}", err)
+        self._log_stderr(fn, rid, err)
+        return resp
 
     def _interpreted(self, fn: Function, rid: str, out: bytes, err: bytes, code: int | None) -> FnResponse:
         mark = drivers.MARK.encode()

@@ -166,6 +166,72 @@ def test_failures_have_their_status_and_an_id_in_the_log(fnd: tuple[Daemon, Gate
     assert gw("GET", "/bad?name=ok")[0] == 200  # and the function still works
 
 
+SLEEP_WAT = """(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 256) "Content-Type: text/plain\\n\\nslept")
+  (func (export "_start")
+    ;; one subscription at 0: a clock (tag 0), the monotonic one (id 1 at 16), 30 ms from now (at 24)
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const 30000000))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 96)))
+    (i32.store (i32.const 128) (i32.const 256))
+    (i32.store (i32.const 132) (i32.const 31))
+    (drop (call $w (i32.const 1) (i32.const 128) (i32.const 1) (i32.const 136)))))
+"""
+
+LONG_WAT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "Content-Type: text/plain\\n\\ndone")
+  (func (export "_start") (local $i i32)
+    ;; 20 million turns: several of the daemon's 10-million fuel slices
+    (loop $l
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const 20000000))))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 30))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+def test_wagi_requests_run_as_direct_instances_and_go_on_as_vms_when_they_must(
+        fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
+    """A WAGI request is a direct instance (one store and instance on a vCPU worker, no VM); one that waits, or
+    needs more than a quantum or a fuel slice, goes on as an ephemeral VM and gets the same answer."""
+    from wasmtime import wat2wasm
+
+    d, gw = fnd
+    stats = lambda name: d.api.ok("GET", f"/v1/functions/{name}")["stats"]  # noqa: E731
+    deploy("dhello", image="wagi")
+    for i in range(5):
+        assert gw("GET", f"/dhello?name={i}")[::2] == (200, f"hello {i}, call 1\n".encode())
+    assert gw("POST", "/dhello", b"x" * 100_000)[::2] == (201, b"got 100000 bytes, call 1\n")
+    assert (stats("dhello")["direct"], stats("dhello")["direct_to_vm"]) == (6, 0)
+    assert stats("dhello")["fresh_instance_us"]["count"] == 6
+
+    for name, wat in (("sleepy", SLEEP_WAT), ("longloop", LONG_WAT)):
+        assert d.api.import_image(bytes(wat2wasm(wat)), name).status == 201
+        r = d.api("POST", f"/v1/images?name={name}-plain&no_asyncify=true", raw=bytes(wat2wasm(wat)),
+                  headers={"Content-Type": "application/wasm"})
+        assert r.status == 201, r.body
+    for image, answer in (("sleepy", b"slept"), ("sleepy-plain", b"slept"), ("longloop", b"done"),
+                          ("longloop-plain", b"done")):
+        deploy(image, image=image, executor="wagi")
+        assert gw("GET", f"/{image}")[::2] == (200, answer), image
+        assert (stats(image)["direct"], stats(image)["direct_to_vm"]) == (0, 1), image
+    # the function's own fuel is below a slice: its end is the direct instance's, answered as such
+    deploy("starved", image="longloop", executor="wagi", fuel=1_000_000)
+    status, _, body = gw("GET", "/starved")
+    assert status == 502 and b"ran out of fuel" in body
+    assert (stats("starved")["direct"], stats("starved")["errors"]) == (1, {"out_of_fuel": 1})
+    # a timeout shorter than a quantum ends the direct instance (or the VM, if its fuel slice ended first)
+    deploy("hasty", image="longloop", executor="wagi", timeout=0.001)
+    status, _, body = gw("GET", "/hasty")
+    assert status == 504 and stats("hasty")["direct"] + stats("hasty")["direct_to_vm"] == 1
+
+
 def test_the_query_string_stays_raw_and_control_characters_are_refused(
         fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     _, gw = fnd

@@ -1,0 +1,391 @@
+"""Direct instances: a WAGI request run as one plain wasmtime instance, start to end, in one vCPU job.
+
+A WAGI function's request needs none of what makes a VM a VM: no id, no record, no console file, no API
+object, no snapshot. For the common case, a program that reads its request, writes its answer and ends
+within one scheduler quantum, the gateway runs it here: a store, its WASI context (the CGI environment,
+the body as stdin, stdout and stderr captured in memory) and an instance made from the image's
+pre-linked module, then the entry called to its end, all in one job on a vCPU worker (tens of
+microseconds of setup instead of a VM's milliseconds: docs/functions.md, "Direct instances").
+
+The run is bounded as one slice of a VM is: at most one scheduler quantum of wall time (an epoch deadline)
+and one fuel slice, under the function's memory limit and the daemon's memory budget. A request that needs
+more, or a guest that would have to wait (a ``poll_oneoff`` on a clock), is not failed: the run is dropped
+and the request runs again from the start as an ephemeral VM, which time-slices, suspends and honours the
+function's own timeout and fuel. That is safe because nothing of a direct run leaves it (no file system, no
+network, output only in memory) and a fresh instance is deterministic up to clocks and random numbers.
+
+Only modules whose imports are all WASI preview 1 qualify (with, for a module rewritten with Asyncify at
+import, the three calls the rewrite renames to ``microvm_wasi``, served here without suspending); anything
+else (devices of the guest SDK) takes the VM path.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import wasmtime
+from wasmtime import _bindings as ffi  # (a store's fuel, set from inside a host call)
+
+from ..devices import wasip1 as p1
+from ..engine import wt
+from ..images.rewrite import HOST_MODULE, RENAMED, WASI
+from ..vmm.budget import MemoryBudget
+
+I32 = wasmtime.ValType.i32()
+I64 = wasmtime.ValType.i64()
+STDERR_KEEP = 4096  # bytes of stderr kept for the function's log (its last ones)
+_RENAMED = frozenset(f"{HOST_MODULE}.{name}" for name in RENAMED)
+
+
+@dataclass(slots=True)
+class Limits:
+    fuel: int | None  # the function's own fuel budget (None: unlimited)
+    memory: int  # bytes of linear memory
+    timeout: float  # the function's own timeout, in seconds
+    table_elements: int
+    instances: int
+    tables: int
+    memories: int
+
+
+@dataclass(slots=True)
+class Ended:
+    """How a direct run ended: ``reason`` is ``exit`` (with ``code``), ``out_of_fuel``, ``timeout``,
+    ``stack_overflow`` or ``trap`` (``message``)."""
+    reason: str
+    code: int | None
+    message: str
+    stdout: bytes
+    stdout_truncated: bool
+    stderr: bytes
+    instance_s: float  # from the store's creation to the instance, ready to run
+
+
+class _Outputs:
+    """A vCPU worker's stdout and stderr for direct runs: two memory files (``memfd``), which wasmtime opens by
+    their ``/proc/self/fd`` path, truncating them, at every run. (wasmtime-py's in-process output callback
+    costs a runtime-thread hop and a GIL round trip per write: 150 us of a hello-world run.) What a run
+    writes is held until the next run truncates them; past ``cap`` it is not read."""
+
+    def __init__(self) -> None:
+        self.out = os.memfd_create("microvmd-direct-stdout", os.MFD_CLOEXEC)
+        self.err = os.memfd_create("microvmd-direct-stderr", os.MFD_CLOEXEC)
+        self.out_path = f"/proc/self/fd/{self.out}".encode()
+        self.err_path = f"/proc/self/fd/{self.err}".encode()
+
+    def read(self, cap: int) -> tuple[bytes, bool, bytes]:
+        """(stdout up to ``cap``, whether it went beyond, the last STDERR_KEEP bytes of stderr); then both
+        files are emptied, so that a big output is not kept."""
+        size = os.fstat(self.out).st_size
+        out = os.pread(self.out, min(size, cap), 0) if size else b""
+        esize = os.fstat(self.err).st_size
+        err = os.pread(self.err, min(esize, STDERR_KEEP), max(0, esize - STDERR_KEEP)) if esize else b""
+        if size > (1 << 20) or esize > (1 << 20):
+            os.ftruncate(self.out, 0)
+            os.ftruncate(self.err, 0)
+        return out, size > cap, err
+
+
+def _outputs() -> _Outputs:
+    outs: _Outputs | None = getattr(_current, "outputs", None)
+    if outs is None:
+        outs = _current.outputs = _Outputs()
+    return outs
+
+
+class _Run:
+    """What the host functions of one run see (one run per vCPU worker at a time: a thread-local)."""
+
+    __slots__ = ("stdin", "pos", "mono0", "needs_vm")
+
+    def __init__(self, stdin: bytes) -> None:
+        self.stdin = stdin
+        self.pos = 0
+        self.mono0 = time.monotonic_ns()
+        self.needs_vm = False  # the guest asked for what only a VM gives: the request goes to one
+
+
+_current = threading.local()
+
+
+def qualifies(imports: list[str], kind: str) -> bool:
+    """Whether a module with these imports can run as a direct instance."""
+    return kind == "wasi" and all(i.startswith(f"{WASI}.") or i in _RENAMED for i in imports)
+
+
+# The short calls of a run keep the GIL (PyDLL, as engine/wt.py binds its own): with the event loop and
+# the other vCPU worker wanting it, every release is a hand-off that costs a wake-up, and a run makes a
+# dozen of them. Instantiation and the guest's own run go through ``wasmtime_call_future_poll``, which
+# releases it.
+_P, _U64, _I64 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
+_lib = ctypes.PyDLL(ffi.dll._name)
+_set_fuel = wt._pyfunc(_lib, "wasmtime_context_set_fuel", _P, _P, _U64)
+_set_deadline = wt._pyfunc(_lib, "wasmtime_context_set_epoch_deadline", None, _P, _U64)
+_limiter = wt._pyfunc(_lib, "wasmtime_store_limiter", None, _P, _I64, _I64, _I64, _I64, _I64)
+_wasi_new = wt._pyfunc(_lib, "wasi_config_new", _P)
+_wasi_argv = wt._pyfunc(_lib, "wasi_config_set_argv", ctypes.c_bool, _P, ctypes.c_size_t, _P)
+_wasi_env = wt._pyfunc(_lib, "wasi_config_set_env", ctypes.c_bool, _P, ctypes.c_size_t, _P, _P)
+_wasi_stdout = wt._pyfunc(_lib, "wasi_config_set_stdout_file", ctypes.c_bool, _P, ctypes.c_char_p)
+_wasi_stderr = wt._pyfunc(_lib, "wasi_config_set_stderr_file", ctypes.c_bool, _P, ctypes.c_char_p)
+_set_wasi = wt._pyfunc(_lib, "wasmtime_context_set_wasi", _P, _P, _P)
+_error_delete = wt._pyfunc(_lib, "wasmtime_error_delete", None, _P)
+
+
+def _strings(items: list[bytes]) -> Any:
+    return (ctypes.c_char_p * max(1, len(items)))(*items)
+
+
+class DirectRunner:
+    """Direct instances for the daemon's engine: a linker with wasmtime's WASI and the three renamed calls,
+    a pre-linked module per image, and the run itself (``run``, on a vCPU worker)."""
+
+    def __init__(self, engine: wasmtime.Engine, epoch_interval: float, quantum: float, fuel_slice: int,
+                 budget: MemoryBudget | None) -> None:
+        self.engine = engine
+        self.epoch_interval = epoch_interval
+        self.quantum = quantum
+        self.fuel_slice = fuel_slice
+        self.budget = budget
+        self.linker = wasmtime.Linker(engine)
+        self.linker.allow_shadowing = True
+        self.linker.define_wasi()
+        # stdin and waits are served here under both names: a module not rewritten at import (--no-asyncify)
+        # imports wasmtime's own, which would read no body and sleep on the worker
+        for module in (HOST_MODULE, WASI):
+            wt.define_host_func(self.linker, module, "fd_read", ["i32"] * 4, ["i32"], _fd_read)
+            wt.define_host_func(self.linker, module, "poll_oneoff", ["i32"] * 4, ["i32"], _poll_oneoff)
+        wt.define_host_func(self.linker, HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], ["i32"], _clock)
+        self._pres: dict[str, tuple[wasmtime.Module, wasmtime.InstancePre]] = {}
+        self._lock = threading.Lock()
+        self.runs = 0
+        self.fallbacks = 0
+
+    def prepared(self, key: str, module: Callable[[], wasmtime.Module]) -> tuple[wasmtime.Module,
+                                                                                  wasmtime.InstancePre]:
+        """The module pre-linked against this runner's linker, made once per image (off the loop: compiling
+        or loading a module is not loop work)."""
+        with self._lock:
+            found = self._pres.get(key)
+        if found is None:
+            mod = module()
+            found = (mod, self.linker.instantiate_pre(mod))
+            with self._lock:
+                self._pres[key] = found
+        return found
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._pres.pop(key, None)
+
+    # ------------------------------------------------------------------ the run (a vCPU worker)
+    def run(self, prepared: tuple[wasmtime.Module, wasmtime.InstancePre], entry: str, boot: list[str],
+            argv: list[str], env: dict[str, str], stdin: bytes, lim: Limits, stdout_cap: int) -> Ended | None:
+        """Run the instance to its end; None when the request must run as a VM instead (module docstring)."""
+        t0 = time.perf_counter()
+        store = wasmtime.Store(self.engine)
+        ctx = ctypes.cast(store._context(), _P).value
+        slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
+        err = _set_fuel(ctx, slice_fuel)
+        if err:
+            _error_delete(err)
+        # the run's wall-clock bound: the function's timeout when it is shorter than a quantum, else a quantum
+        # (past it the request goes to a VM, which time-slices); an epoch deadline traps at the tick after it
+        own_timeout = lim.timeout <= self.quantum
+        bound = lim.timeout if own_timeout else self.quantum
+        _set_deadline(ctx, max(1, math.ceil(bound / self.epoch_interval)))
+        budget = self.budget
+        cap = lim.memory if budget is None else min(lim.memory, budget.headroom())
+        _limiter(ctypes.cast(store.ptr(), _P).value, cap, lim.table_elements, lim.instances, lim.tables,
+                 lim.memories)
+        outs = _outputs()
+        wasi = _wasi_new()
+        args = [a.encode() for a in argv]
+        names = [k.encode() for k in env]
+        values = [v.encode() for v in env.values()]
+        if not (_wasi_argv(wasi, len(args), _strings(args)) and _wasi_env(wasi, len(names), _strings(names),
+                                                                          _strings(values))
+                and _wasi_stdout(wasi, outs.out_path) and _wasi_stderr(wasi, outs.err_path)):
+            raise OSError("the WASI context of a direct instance could not be set up")
+        err = _set_wasi(ctx, wasi)  # (takes the configuration)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        run = _current.run = _Run(stdin)
+        ended: tuple[str, int | None, str]
+        held = 0
+        t_inst = 0.0
+        try:
+            made = wt.Instantiation(store, self.linker, prepared[0], prepared[1])
+            try:
+                while not made.poll():
+                    pass
+                instance = made.result()
+            finally:
+                made.close()
+            t_inst = time.perf_counter() - t0
+            exports = wt.Exports(store, instance)
+            mem = exports.get("memory")
+            if isinstance(mem, wasmtime.Memory) and budget is not None:
+                held = mem.data_len(store)
+                budget.change(held)
+            ended = ("exit", 0, "")
+            for name in [*boot, entry]:
+                func = exports.get(name)
+                if not isinstance(func, wasmtime.Func):
+                    ended = ("trap", None, f"the module exports no function {name!r}")
+                    break
+                call = wt.GuestCall(store, func)
+                try:
+                    while not call.poll():
+                        pass
+                    outcome = call.outcome()
+                finally:
+                    call.close()
+                if run.needs_vm:
+                    self.fallbacks += 1
+                    return None
+                match outcome:
+                    case wt.Returned():
+                        continue
+                    case wt.Exited(code):
+                        ended = ("exit", code, "")
+                    case wt.Trapped(message, code):
+                        why = self._trapped(code, message, own_timeout, lim, slice_fuel)
+                        if why is None:
+                            self.fallbacks += 1
+                            return None
+                        ended = why
+                    case wt.Failed(message):
+                        ended = ("trap", None, message)
+                break
+        except wt.InstantiationError as exc:
+            if exc.trap_code is not None:
+                why = self._trapped(exc.trap_code, str(exc), own_timeout, lim, slice_fuel)
+                if why is None:
+                    self.fallbacks += 1
+                    return None
+                ended = why
+            else:
+                ended = ("trap", None, f"instantiation failed: {exc}")
+        finally:
+            _current.run = None
+            if held and budget is not None:
+                budget.change(-held)
+            store.close()
+        self.runs += 1
+        out, truncated, errs = outs.read(stdout_cap)
+        return Ended(ended[0], ended[1], ended[2], out, truncated, errs, t_inst)
+
+    def _trapped(self, code: wasmtime.TrapCode | None, message: str, own_timeout: bool, lim: Limits,
+                 slice_fuel: int) -> tuple[str, int | None, str] | None:
+        """(reason, None, message) of a trap; None when it only ended the direct run's slice."""
+        if code == wasmtime.TrapCode.INTERRUPT:
+            return ("timeout", None, "") if own_timeout else None  # (a quantum passed: the rest runs as a VM)
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            if lim.fuel is None or slice_fuel < lim.fuel:
+                return None  # a fuel slice used up, not the function's budget
+            return ("out_of_fuel", None, "")
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            return ("stack_overflow", None, "")
+        return ("trap", None, message)
+
+
+# ---------------------------------------------------------------------- microvm_wasi, without suspending
+def _needs_vm(why: str) -> wt.HostTrap:
+    """The guest asked for what only a VM gives (to wait): the run ends here and the request goes to a VM."""
+    run: _Run = _current.run
+    run.needs_vm = True
+    return wt.HostTrap(f"direct instance: {why}")
+
+
+def _fd_read(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
+    run: _Run = _current.run
+    fd, iovs, iovs_len, nread_ptr = args
+    if fd != 0:
+        return [p1.EBADF]  # no file can be open: a WAGI instance has no preopened directory
+    try:
+        if iovs_len < 0 or not mem.check(nread_ptr, 4):
+            return [p1.EFAULT]
+        raw = mem.read(iovs, 8 * iovs_len)
+        done = 0
+        for i in range(iovs_len):
+            ptr, length = struct.unpack_from("<II", raw, 8 * i)
+            if not mem.check(ptr, length):
+                return [p1.EFAULT]
+            chunk = run.stdin[run.pos:run.pos + length]
+            if chunk:
+                mem.write(ptr, chunk)
+                run.pos += len(chunk)
+                done += len(chunk)
+            if len(chunk) < length:
+                break
+        mem.write(nread_ptr, struct.pack("<I", done))
+    except wt.MemoryFault:
+        return [p1.EFAULT]
+    return [p1.ESUCCESS]
+
+
+def _poll_oneoff(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
+    """Whatever is ready now (stdin always is: the whole body is there); a clock that has not fired means a
+    wait, which only a VM can do without holding a worker."""
+    run: _Run = _current.run
+    in_ptr, out_ptr, nsubs, nevents_ptr = args
+    if nsubs <= 0 or nsubs > p1.MAX_SUBSCRIPTIONS:
+        return [p1.EINVAL]
+    try:
+        raw = mem.read(in_ptr, nsubs * p1.SUB_SIZE)
+        if not (mem.check(out_ptr, nsubs * p1.EVENT_SIZE) and mem.check(nevents_ptr, 4)):
+            return [p1.EFAULT]
+    except wt.MemoryFault:
+        return [p1.EFAULT]
+    now = time.monotonic_ns()
+    events = []
+    for i in range(nsubs):
+        userdata, tag, which, timeout, _precision, flags = p1._SUB.unpack_from(raw, i * p1.SUB_SIZE)
+        if tag == p1.TAG_CLOCK:
+            if not flags & p1.ABSTIME:
+                left = timeout
+            elif which == p1.CLOCK_REALTIME:
+                left = timeout - time.time_ns()
+            else:
+                left = timeout - (now - run.mono0)
+            if left <= 0:
+                events.append(p1._EVENT.pack(userdata, 0, p1.TAG_CLOCK, 0, 0))
+        elif tag == p1.TAG_FD_READ and which == 0:
+            n = len(run.stdin) - run.pos
+            events.append(p1._EVENT.pack(userdata, 0, tag, n, 0 if n else p1.HANGUP))
+        elif tag in (p1.TAG_FD_READ, p1.TAG_FD_WRITE):
+            events.append(p1._EVENT.pack(userdata, 0 if which in (1, 2) else p1.EBADF, tag, 0, 0))
+        else:
+            return [p1.EINVAL]
+    if not events:
+        raise _needs_vm("poll_oneoff waits")
+    mem.write(out_ptr, b"".join(events))
+    mem.write(nevents_ptr, struct.pack("<I", len(events)))
+    return [p1.ESUCCESS]
+
+
+def _clock(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
+    """Realtime is the host's; the monotonic (and CPU-time) clocks count from the instance's start, as a
+    VM's do from its creation."""
+    run: _Run = _current.run
+    clock, _precision, out = args
+    if clock < 0 or clock > 3:
+        return [p1.EINVAL]
+    now = time.time_ns() if clock == p1.CLOCK_REALTIME else time.monotonic_ns() - run.mono0
+    try:
+        mem.write(out, struct.pack("<Q", now))
+    except wt.MemoryFault:
+        return [p1.EFAULT]
+    return [p1.ESUCCESS]
+
+
+def limits_for(fuel: int | None, memory: int, timeout: float, lim: Any) -> Limits:
+    return Limits(fuel=fuel, memory=memory, timeout=timeout, table_elements=lim.table_elements,
+                  instances=lim.instances, tables=lim.tables, memories=lim.memories)

@@ -1,0 +1,134 @@
+"""Direct instances (functions/direct.py) with the real wasmtime: output, stdin, exits, traps, limits, and
+the runs that must go on as VMs."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import wasmtime
+
+from microvmd.engine import wt
+from microvmd.functions import direct
+from microvmd.vmm.budget import MemoryBudget
+
+WRITE = '(import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))'
+
+
+def module(engine: wasmtime.Engine, body: str, imports: str = WRITE, pages: int = 1) -> wasmtime.Module:
+    return wasmtime.Module(engine, f'(module {imports} (memory (export "memory") {pages}) {body})')
+
+
+def write(fd: int, ptr: int, length: int) -> str:
+    """WAT that writes ``length`` bytes at ``ptr`` to ``fd`` (the iovec at 0)."""
+    return (f"(i32.store (i32.const 0) (i32.const {ptr})) (i32.store (i32.const 4) (i32.const {length})) "
+            f"(drop (call $w (i32.const {fd}) (i32.const 0) (i32.const 1) (i32.const 8)))")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[wasmtime.Engine]:
+    eng = wt.make_engine(wt.EngineOptions())
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.01):
+            eng.increment_epoch()
+
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    yield eng
+    stop.set()
+    t.join()
+
+
+def runner(engine: wasmtime.Engine, budget: MemoryBudget | None = None) -> direct.DirectRunner:
+    return direct.DirectRunner(engine, 0.01, 0.02, 10_000_000, budget)
+
+
+def run(r: direct.DirectRunner, mod: wasmtime.Module, stdin: bytes = b"", fuel: int | None = None,
+        memory: int = 1 << 20, timeout: float = 30.0, cap: int = 1 << 20) -> direct.Ended | None:
+    lim = direct.Limits(fuel, memory, timeout, 1000, 1, 1, 1)
+    return r.run(r.prepared(str(id(mod)), lambda: mod), "_start", [], ["guest"], {"A": "1"}, stdin, lim, cap)
+
+
+def test_output_exit_code_and_the_stdout_cap(engine: wasmtime.Engine) -> None:
+    r = runner(engine)
+    mod = module(engine, f'''(data (i32.const 64) "0123456789") (data (i32.const 128) "oops")
+        (func (export "_start") {write(1, 64, 10)} {write(2, 128, 4)} (call $exit (i32.const 3)))''',
+                 imports=WRITE + '(import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))')
+    ended = run(r, mod)
+    assert ended is not None
+    assert (ended.reason, ended.code, ended.stdout, ended.stdout_truncated, ended.stderr) == \
+        ("exit", 3, b"0123456789", False, b"oops")
+    ended = run(r, mod, cap=4)
+    assert ended is not None and (ended.stdout, ended.stdout_truncated) == (b"0123", True)
+    assert ended.instance_s > 0
+
+
+def test_stdin_reads_in_pieces_then_end_of_file(engine: wasmtime.Engine) -> None:
+    """fd_read on fd 0 gives the body across iovecs and calls, then 0 bytes; poll_oneoff says stdin is ready
+    with what is left; other descriptors are EBADF."""
+    r = runner(engine)
+    imports = WRITE + '''
+      (import "wasi_snapshot_preview1" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'''
+    body = f'''
+      (func (export "_start") (local $n i32) (local $at i32)
+        (local.set $at (i32.const 1024))
+        ;; poll: one fd_read subscription on fd 0 (tag 1 at 8, fd at 16); nbytes of the event at 512+16
+        (i32.store8 (i32.const 200) (i32.const 1)) (i32.store (i32.const 208) (i32.const 0))
+        (drop (call $p (i32.const 192) (i32.const 512) (i32.const 1) (i32.const 600)))
+        (i64.store (i32.const 700) (i64.load (i32.const 528)))
+        ;; fd 5 is no descriptor
+        (i32.store (i32.const 708) (call $r (i32.const 5) (i32.const 16) (i32.const 1) (i32.const 24)))
+        (loop $more
+          ;; two iovecs of 3 bytes each
+          (i32.store (i32.const 16) (local.get $at)) (i32.store (i32.const 20) (i32.const 3))
+          (i32.store (i32.const 24) (i32.add (local.get $at) (i32.const 3))) (i32.store (i32.const 28) (i32.const 3))
+          (drop (call $r (i32.const 0) (i32.const 16) (i32.const 2) (i32.const 32)))
+          (local.set $n (i32.load (i32.const 32)))
+          (local.set $at (i32.add (local.get $at) (local.get $n)))
+          (br_if $more (local.get $n)))
+        {write(1, 1024, 11)} {write(2, 700, 12)})'''
+    ended = run(r, module(engine, body, imports), stdin=b"hello world")
+    assert ended is not None and ended.reason == "exit"
+    assert ended.stdout == b"hello world"
+    assert int.from_bytes(ended.stderr[:8], "little") == 11  # poll's nbytes: the whole body is there
+    assert int.from_bytes(ended.stderr[8:], "little") == 8  # EBADF
+
+
+def test_traps_fuel_and_memory(engine: wasmtime.Engine) -> None:
+    budget = MemoryBudget(64 << 20)
+    r = runner(engine, budget)
+    trap = module(engine, '(func (export "_start") unreachable)')
+    ended = run(r, trap)
+    assert ended is not None and ended.reason == "trap" and "unreachable" in ended.message
+    spin = module(engine, '(func (export "_start") (loop $l (br $l)))')
+    ended = run(r, spin, fuel=100_000)  # its own budget, below a fuel slice: the function's end
+    assert ended is not None and ended.reason == "out_of_fuel"
+    assert run(r, spin) is None  # a whole fuel slice or quantum: the request goes on as a VM
+    big = module(engine, '(func (export "_start"))', pages=32)
+    ended = run(r, big, memory=1 << 20)  # 2 MiB asked, 1 MiB allowed
+    assert ended is not None and ended.reason == "trap" and "instantiation failed" in ended.message
+    assert budget.used == 0  # every run gave back what it held
+    assert r.fallbacks == 1
+
+
+def test_a_wait_for_a_clock_goes_on_as_a_vm(engine: wasmtime.Engine) -> None:
+    r = runner(engine)
+    imports = WRITE + '(import "microvm_wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
+    sleep = module(engine, '''(func (export "_start")
+        (i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 1000000000))
+        (drop (call $p (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 96))))''', imports)
+    assert run(r, sleep) is None
+    now = module(engine, '''(func (export "_start")
+        (i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 0))
+        (drop (call $p (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 96))))''', imports)
+    ended = run(r, now)  # a clock that has fired already is no wait
+    assert ended is not None and ended.reason == "exit"
+
+
+def test_which_modules_qualify() -> None:
+    assert direct.qualifies(["wasi_snapshot_preview1.fd_write", "microvm_wasi.fd_read"], "wasi")
+    assert not direct.qualifies(["wasi_snapshot_preview1.fd_write", "microvm.sleep_ms"], "wasi")
+    assert not direct.qualifies(["wasi_snapshot_preview1.fd_write"], "sdk")
