@@ -85,10 +85,10 @@ class RequestOp(HostOp):
         self.part, self.buf, self.cap = part, buf, cap
 
     def finish(self, mem: wt.GuestMemory) -> Sequence[int]:
-        return [_write_request(self.part, mem, self.buf, self.cap)]
+        return [write_request(self.part, mem, self.buf, self.cap)]
 
 
-def _write_request(part: FnPart, mem: wt.GuestMemory, buf: int, cap: int) -> int:
+def write_request(part: FnPart, mem: wt.GuestMemory, buf: int, cap: int) -> int:
     """The request's length; written at ``buf`` only if it fits in ``cap`` (else the guest asks again with
     room for it)."""
     data = part.request or b""
@@ -133,7 +133,7 @@ class FnDevice(Device):
         if part is None:
             return [-ENOSYS]
         if part.request is not None:
-            return [_write_request(part, mem, buf, cap)]
+            return [write_request(part, mem, buf, cap)]
         op = RequestOp(part, buf, cap)
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self._park, part, op)
@@ -148,19 +148,22 @@ class FnDevice(Device):
             part.wait(op)
 
     def _respond(self, mem: wt.GuestMemory, args: Sequence[int]) -> Any:
-        status, hptr, hlen, bptr, blen = args
-        if not 100 <= status <= 599 or hlen < 0 or blen < 0:
-            return [-EINVAL]
-        if hlen + blen > MAX_RESPONSE:
-            return [-EINVAL]
         vm = wt.current_vm()
         part = vm.devices.get(FnPart) if vm is not None else None
         if part is None:
             return [-ENOSYS]
-        try:
-            part.headers = mem.read(hptr, hlen) if hlen else b""
-            part.body = mem.read(bptr, blen) if blen else b""
-        except wt.MemoryFault:
-            return [-EFAULT]
-        part.status = status
-        return [0]
+        return [take_response(part, mem, args)]
+
+
+def take_response(part: FnPart, mem: wt.GuestMemory, args: Sequence[int]) -> int:
+    """``fn_respond(status, headers, headers_len, body, body_len)``: the response into ``part``; 0 or -errno."""
+    status, hptr, hlen, bptr, blen = args
+    if not 100 <= status <= 599 or hlen < 0 or blen < 0 or hlen + blen > MAX_RESPONSE:
+        return -EINVAL
+    try:
+        part.headers = mem.read(hptr, hlen) if hlen else b""
+        part.body = mem.read(bptr, blen) if blen else b""
+    except wt.MemoryFault:
+        return -EFAULT
+    part.status = status
+    return 0

@@ -329,7 +329,7 @@ def instantiate(store: wasmtime.Store, linker: wasmtime.Linker, module: wasmtime
 #   and slice assignment cost no foreign call and no ctypes object. Every address used with it comes from
 #   wasmtime or is a guest range checked against the memory's current size, exactly as with ctypes; it is
 #   private to this module.
-def _pyfunc(lib: ctypes.PyDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+def _pyfunc(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
     fn = lib[name]  # a fresh function object: wasmtime-py's own bindings stay as they are
     fn.restype = restype
     fn.argtypes = argtypes
@@ -352,6 +352,7 @@ _VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_t)
 _VAL_OF = ffi.wasmtime_val_t.of.offset
 _EXTERN_OF = ffi.wasmtime_extern_t.of.offset
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+_EXTERN_FUNC, _EXTERN_GLOBAL = ffi.WASMTIME_EXTERN_FUNC.value, ffi.WASMTIME_EXTERN_GLOBAL.value
 _MEMORY_NAME = b"memory"
 _MASK = {I32: 0xFFFFFFFF, I64: 0xFFFFFFFFFFFFFFFF}
 
@@ -526,6 +527,20 @@ class GuestMemory:
         val.kind = I32  # type: ignore[assignment]
         val.of.i32 = value
         err = _global_set(self._context(), ctypes.addressof(glob._global), ctypes.addressof(val))
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+
+    def set_export_global_i32(self, name: str, value: int) -> None:
+        """Set the calling instance's exported i32 global ``name`` from inside a host call (KeyError when it
+        exports no such global)."""
+        ext = ffi.wasmtime_extern_t()
+        raw = name.encode()
+        if not _caller_export_get(self._caller, raw, len(raw), ctypes.addressof(ext)) or ext.kind != _EXTERN_GLOBAL:
+            raise KeyError(name)
+        val = ffi.wasmtime_val_t()
+        val.kind = I32  # type: ignore[assignment]
+        val.of.i32 = value
+        err = _global_set(self._context(), ctypes.addressof(ext) + _EXTERN_OF, ctypes.addressof(val))
         if err:
             raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
@@ -731,3 +746,164 @@ def define_host_func(linker: wasmtime.Linker, module: str, name: str,
     ffi.wasm_functype_delete(functype)
     if err:
         raise wasmtime.WasmtimeError._from_ptr(err)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A store for short-lived instances, driven with the GIL held
+# --------------------------------------------------------------------------------------------------------
+# A function's direct instance (functions/direct.py) is made, run and dropped in one job on a vCPU worker,
+# while the event loop and the other workers want the GIL too. wasmtime-py's bindings release the GIL at every
+# C call, and getting it back is a hand-off that costs a thread wake-up (tens of microseconds in a VM) when
+# another thread holds it: two dozen of those made a 100 us instance take a millisecond under load. Here every
+# short call keeps the GIL (PyDLL); only the futures that run Wasm (instantiation, the entry) release it while
+# they are polled, and the store's deletion (its memory is unmapped).
+_c_lib = ctypes.CDLL(ffi.dll._name)
+_I64, _U64 = ctypes.c_int64, ctypes.c_uint64
+_store_new = _pyfunc(_wt_lib, "wasmtime_store_new", _P, _P, _P, _P)
+_store_context = _pyfunc(_wt_lib, "wasmtime_store_context", _P, _P)
+_store_delete = _pyfunc(_c_lib, "wasmtime_store_delete", None, _P)
+_set_fuel = _pyfunc(_wt_lib, "wasmtime_context_set_fuel", _P, _P, _U64)
+_set_deadline = _pyfunc(_wt_lib, "wasmtime_context_set_epoch_deadline", None, _P, _U64)
+_limiter = _pyfunc(_wt_lib, "wasmtime_store_limiter", None, _P, _I64, _I64, _I64, _I64, _I64)
+_wasi_new = _pyfunc(_wt_lib, "wasi_config_new", _P)
+_wasi_argv = _pyfunc(_wt_lib, "wasi_config_set_argv", ctypes.c_bool, _P, _SZ, _P)
+_wasi_env = _pyfunc(_wt_lib, "wasi_config_set_env", ctypes.c_bool, _P, _SZ, _P, _P)
+_wasi_stdout = _pyfunc(_wt_lib, "wasi_config_set_stdout_file", ctypes.c_bool, _P, ctypes.c_char_p)
+_wasi_stderr = _pyfunc(_wt_lib, "wasi_config_set_stderr_file", ctypes.c_bool, _P, ctypes.c_char_p)
+_wasi_delete = _pyfunc(_wt_lib, "wasi_config_delete", None, _P)
+_set_wasi = _pyfunc(_wt_lib, "wasmtime_context_set_wasi", _P, _P, _P)
+_export_get = _pyfunc(_wt_lib, "wasmtime_instance_export_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, _SZ, _P)
+_memory_grow = _pyfunc(_wt_lib, "wasmtime_memory_grow", _P, _P, _P, _U64, _P)
+_pre_instantiate = _pyfunc(_wt_lib, "wasmtime_instance_pre_instantiate_async", _P, _P, _P, _P, _P, _P)
+_func_call = _pyfunc(_wt_lib, "wasmtime_func_call_async", _P, _P, _P, _P, _SZ, _P, _SZ, _P, _P)
+_future_poll = _pyfunc(_c_lib, "wasmtime_call_future_poll", ctypes.c_bool, _P)  # (runs Wasm: releases the GIL)
+_future_delete = _pyfunc(_wt_lib, "wasmtime_call_future_delete", None, _P)
+
+
+def _cstrings(items: Sequence[bytes]) -> Any:
+    return (ctypes.c_char_p * max(1, len(items)))(*items)
+
+
+class LeanStore:
+    """A store, its WASI context and one instance, for an instance that lives for one short run (a function's
+    direct instance). Use on one thread; ``close`` frees everything."""
+
+    __slots__ = ("_ptr", "ctx", "_instance", "_externs", "memory")
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._ptr = _store_new(ctypes.addressof(engine.ptr().contents), None, None)
+        self.ctx: int = _store_context(self._ptr)
+        self._instance = ffi.wasmtime_instance_t()
+        self._externs: list[Any] = []  # (they own the handles the addresses below point into)
+        self.memory = 0  # the instance's exported memory (a wasmtime_memory_t address), 0 for none
+
+    def limit(self, fuel: int, deadline_ticks: int, memory: int, table_elements: int, instances: int,
+              tables: int, memories: int) -> None:
+        err = _set_fuel(self.ctx, fuel)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        _set_deadline(self.ctx, deadline_ticks)  # (no yield is configured: the deadline traps)
+        _limiter(self._ptr, memory, table_elements, instances, tables, memories)
+
+    def set_wasi(self, argv: Sequence[str], env: dict[str, str], stdout: bytes, stderr: bytes) -> None:
+        """WASI with these arguments and environment, stdout and stderr written to the files at these paths
+        (opened and truncated now), no stdin (a direct instance's own ``fd_read`` serves it) and no files."""
+        cfg = _wasi_new()
+        args = [a.encode() for a in argv]
+        names = [k.encode() for k in env]
+        values = [v.encode() for v in env.values()]
+        if not (_wasi_argv(cfg, len(args), _cstrings(args)) and _wasi_env(cfg, len(names), _cstrings(names),
+                                                                          _cstrings(values))
+                and _wasi_stdout(cfg, stdout) and _wasi_stderr(cfg, stderr)):
+            _wasi_delete(cfg)
+            raise OSError("cannot set up the WASI context (an argument with a NUL byte, or the output files)")
+        err = _set_wasi(self.ctx, cfg)  # (takes the configuration)
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+
+    def instantiate(self, pre: wasmtime.InstancePre) -> None:
+        """Instantiate (raises InstantiationError); the instance's ``memory`` export is looked up."""
+        trap, error = ctypes.POINTER(ffi.wasm_trap_t)(), ctypes.POINTER(ffi.wasmtime_error_t)()
+        fut = _pre_instantiate(ctypes.addressof(pre.ptr().contents), self.ctx, ctypes.addressof(self._instance),
+                               ctypes.addressof(trap), ctypes.addressof(error))
+        try:
+            while not _future_poll(fut):
+                pass
+        finally:
+            _future_delete(fut)
+        ended = _failure(trap, error)
+        if isinstance(ended, Trapped):
+            raise InstantiationError(ended.message, trap_code=ended.code)
+        if ended is not None:
+            raise InstantiationError(ended.message if isinstance(ended, Failed) else f"exit {ended.code}")
+        ext = self._export(b"memory")
+        self.memory = ctypes.addressof(ext) + _EXTERN_OF if ext is not None and ext.kind == _EXTERN_MEMORY else 0
+
+    def _export(self, name: bytes) -> Any:
+        ext = ffi.wasmtime_extern_t()
+        if not _export_get(self.ctx, ctypes.addressof(self._instance), name, len(name), ctypes.addressof(ext)):
+            return None
+        self._externs.append(ext)
+        return ext
+
+    def memory_size(self) -> int:
+        return _memory_data_size(self.ctx, self.memory) if self.memory else 0  # type: ignore[no-any-return]
+
+    def memory_address(self) -> int:
+        return (_memory_data(self.ctx, self.memory) or 0) if self.memory else 0
+
+    def grow(self, pages: int) -> bool:
+        old = _U64()
+        err = _memory_grow(self.ctx, self.memory, pages, ctypes.addressof(old)) if self.memory else 1
+        if err and self.memory:
+            ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        return not err
+
+    def set_global(self, name: str, ty: str, value: int | float) -> bool:
+        """Set the exported global ``name``; False when there is no such global (wasmtime's refusal of a
+        wrong type or an immutable global raises WasmtimeError)."""
+        ext = self._export(name.encode())
+        if ext is None or ext.kind != _EXTERN_GLOBAL:
+            return False
+        kind, field = _VAL_KINDS[ty]
+        raw = ffi.wasmtime_val_t(kind=kind)
+        setattr(raw.of, field, value)
+        err = _global_set(self.ctx, ctypes.addressof(ext) + _EXTERN_OF, ctypes.addressof(raw))
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        return True
+
+    def call(self, name: str) -> Outcome:
+        """Call the exported function ``name`` (no parameters; results ignored) to its end."""
+        ext = self._export(name.encode())
+        if ext is None or ext.kind != _EXTERN_FUNC:
+            return Failed(f"the module exports no function {name!r}")
+        results = (ffi.wasmtime_val_t * 4)()
+        trap, error = ctypes.POINTER(ffi.wasm_trap_t)(), ctypes.POINTER(ffi.wasmtime_error_t)()
+        fut = _func_call(self.ctx, ctypes.addressof(ext) + _EXTERN_OF, None, 0, ctypes.addressof(results), 0,
+                         ctypes.addressof(trap), ctypes.addressof(error))
+        try:
+            while not _future_poll(fut):
+                pass
+        finally:
+            _future_delete(fut)
+        return _failure(trap, error) or Returned([])
+
+    def close(self) -> None:
+        ptr, self._ptr = self._ptr, None
+        self._externs.clear()
+        self.memory = 0
+        if ptr:
+            _store_delete(ptr)
+
+
+def _failure(trap: Any, error: Any) -> Exited | Trapped | Failed | None:
+    if trap:
+        t = wasmtime.Trap._from_ptr(trap)
+        return Trapped(trap_text(t.message), t.trap_code)
+    if error:
+        err = wasmtime.WasmtimeError._from_ptr(error)
+        if isinstance(err, wasmtime.ExitTrap):
+            return Exited(err.code)
+        return Failed(trap_text(str(err)) if str(err) else "error")
+    return None

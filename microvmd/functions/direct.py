@@ -20,7 +20,7 @@ else (devices of the guest SDK) takes the VM path.
 """
 from __future__ import annotations
 
-import ctypes
+import logging
 import math
 import os
 import struct
@@ -31,17 +31,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
-from wasmtime import _bindings as ffi  # (a store's fuel, set from inside a host call)
 
+from ..devices import fnio
 from ..devices import wasip1 as p1
 from ..engine import wt
+from ..images.asyncify import STATE_NORMAL, STATE_REWINDING
 from ..images.rewrite import HOST_MODULE, RENAMED, WASI
 from ..vmm.budget import MemoryBudget
+from ..vmm.builder import RestoreData
 
+log = logging.getLogger("microvmd.functions")
 I32 = wasmtime.ValType.i32()
 I64 = wasmtime.ValType.i64()
 STDERR_KEEP = 4096  # bytes of stderr kept for the function's log (its last ones)
 _RENAMED = frozenset(f"{HOST_MODULE}.{name}" for name in RENAMED)
+_FN = frozenset(f"{fnio.HOST_MODULE}.{name}" for name in ("fn_request", "fn_respond"))
 
 
 @dataclass(slots=True)
@@ -103,43 +107,33 @@ def _outputs() -> _Outputs:
 class _Run:
     """What the host functions of one run see (one run per vCPU worker at a time: a thread-local)."""
 
-    __slots__ = ("stdin", "pos", "mono0", "needs_vm")
+    __slots__ = ("stdin", "pos", "mono0", "needs_vm", "part", "rewinding")
 
-    def __init__(self, stdin: bytes) -> None:
+    def __init__(self, stdin: bytes, part: fnio.FnPart | None) -> None:
         self.stdin = stdin
         self.pos = 0
         self.mono0 = time.monotonic_ns()
         self.needs_vm = False  # the guest asked for what only a VM gives: the request goes to one
+        self.part = part  # an SDK function's request and response
+        self.rewinding: str | None = None  # a resumed guest's Asyncify state global, until it is back
 
 
 _current = threading.local()
 
 
 def qualifies(imports: list[str], kind: str) -> bool:
-    """Whether a module with these imports can run as a direct instance."""
-    return kind == "wasi" and all(i.startswith(f"{WASI}.") or i in _RENAMED for i in imports)
+    """Whether a module with these imports can run as a direct instance: WASI preview 1 only (a WAGI
+    program), or that and the request calls of ``microvm_fn`` (an SDK function)."""
+    return kind in ("wasi", "sdk") and all(i.startswith(f"{WASI}.") or i in _RENAMED or i in _FN for i in imports)
 
 
-# The short calls of a run keep the GIL (PyDLL, as engine/wt.py binds its own): with the event loop and
-# the other vCPU worker wanting it, every release is a hand-off that costs a wake-up, and a run makes a
-# dozen of them. Instantiation and the guest's own run go through ``wasmtime_call_future_poll``, which
-# releases it.
-_P, _U64, _I64 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
-_lib = ctypes.PyDLL(ffi.dll._name)
-_set_fuel = wt._pyfunc(_lib, "wasmtime_context_set_fuel", _P, _P, _U64)
-_set_deadline = wt._pyfunc(_lib, "wasmtime_context_set_epoch_deadline", None, _P, _U64)
-_limiter = wt._pyfunc(_lib, "wasmtime_store_limiter", None, _P, _I64, _I64, _I64, _I64, _I64)
-_wasi_new = wt._pyfunc(_lib, "wasi_config_new", _P)
-_wasi_argv = wt._pyfunc(_lib, "wasi_config_set_argv", ctypes.c_bool, _P, ctypes.c_size_t, _P)
-_wasi_env = wt._pyfunc(_lib, "wasi_config_set_env", ctypes.c_bool, _P, ctypes.c_size_t, _P, _P)
-_wasi_stdout = wt._pyfunc(_lib, "wasi_config_set_stdout_file", ctypes.c_bool, _P, ctypes.c_char_p)
-_wasi_stderr = wt._pyfunc(_lib, "wasi_config_set_stderr_file", ctypes.c_bool, _P, ctypes.c_char_p)
-_set_wasi = wt._pyfunc(_lib, "wasmtime_context_set_wasi", _P, _P, _P)
-_error_delete = wt._pyfunc(_lib, "wasmtime_error_delete", None, _P)
-
-
-def _strings(items: list[bytes]) -> Any:
-    return (ctypes.c_char_p * max(1, len(items)))(*items)
+@dataclass(slots=True)
+class Resume:
+    """How a direct instance starts from a function's snapshot (SDK functions): the snapshot's memory (mapped
+    copy-on-write from its packs, as a restored VM's is) and globals, then a rewind into the ``fn_request``
+    call the guest was suspended in at deploy."""
+    data: RestoreData
+    state: str  # the export name of the Asyncify state global
 
 
 class DirectRunner:
@@ -162,6 +156,8 @@ class DirectRunner:
             wt.define_host_func(self.linker, module, "fd_read", ["i32"] * 4, ["i32"], _fd_read)
             wt.define_host_func(self.linker, module, "poll_oneoff", ["i32"] * 4, ["i32"], _poll_oneoff)
         wt.define_host_func(self.linker, HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], ["i32"], _clock)
+        wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_request", ["i32", "i32"], ["i32"], _fn_request)
+        wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_respond", ["i32"] * 5, ["i32"], _fn_respond)
         self._pres: dict[str, tuple[wasmtime.Module, wasmtime.InstancePre]] = {}
         self._lock = threading.Lock()
         self.runs = 0
@@ -186,93 +182,66 @@ class DirectRunner:
 
     # ------------------------------------------------------------------ the run (a vCPU worker)
     def run(self, prepared: tuple[wasmtime.Module, wasmtime.InstancePre], entry: str, boot: list[str],
-            argv: list[str], env: dict[str, str], stdin: bytes, lim: Limits, stdout_cap: int) -> Ended | None:
-        """Run the instance to its end; None when the request must run as a VM instead (module docstring)."""
+            argv: list[str], env: dict[str, str], stdin: bytes, lim: Limits, stdout_cap: int,
+            resume: Resume | None = None, part: fnio.FnPart | None = None) -> Ended | None:
+        """Run the instance to its end; None when the request must run as a VM instead (module docstring).
+        ``resume``: start from a snapshot instead of the entry's beginning; ``part``: an SDK function's
+        request, which gets its response."""
         t0 = time.perf_counter()
-        store = wasmtime.Store(self.engine)
-        ctx = ctypes.cast(store._context(), _P).value
+        store = wt.LeanStore(self.engine)
+        run = _current.run = _Run(stdin, part)
+        held = 0
+        t_inst = 0.0
+        budget = self.budget
         slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
-        err = _set_fuel(ctx, slice_fuel)
-        if err:
-            _error_delete(err)
         # the run's wall-clock bound: the function's timeout when it is shorter than a quantum, else a quantum
         # (past it the request goes to a VM, which time-slices); an epoch deadline traps at the tick after it
         own_timeout = lim.timeout <= self.quantum
         bound = lim.timeout if own_timeout else self.quantum
-        _set_deadline(ctx, max(1, math.ceil(bound / self.epoch_interval)))
-        budget = self.budget
-        cap = lim.memory if budget is None else min(lim.memory, budget.headroom())
-        _limiter(ctypes.cast(store.ptr(), _P).value, cap, lim.table_elements, lim.instances, lim.tables,
-                 lim.memories)
-        outs = _outputs()
-        wasi = _wasi_new()
-        args = [a.encode() for a in argv]
-        names = [k.encode() for k in env]
-        values = [v.encode() for v in env.values()]
-        if not (_wasi_argv(wasi, len(args), _strings(args)) and _wasi_env(wasi, len(names), _strings(names),
-                                                                          _strings(values))
-                and _wasi_stdout(wasi, outs.out_path) and _wasi_stderr(wasi, outs.err_path)):
-            raise OSError("the WASI context of a direct instance could not be set up")
-        err = _set_wasi(ctx, wasi)  # (takes the configuration)
-        if err:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        run = _current.run = _Run(stdin)
-        ended: tuple[str, int | None, str]
-        held = 0
-        t_inst = 0.0
+        ended: tuple[str, int | None, str] = ("exit", 0, "")
         try:
-            made = wt.Instantiation(store, self.linker, prepared[0], prepared[1])
+            store.limit(slice_fuel, max(1, math.ceil(bound / self.epoch_interval)),
+                        lim.memory if budget is None else min(lim.memory, budget.headroom()),
+                        lim.table_elements, lim.instances, lim.tables, lim.memories)
+            outs = _outputs()
+            store.set_wasi(argv, env, outs.out_path, outs.err_path)
             try:
-                while not made.poll():
-                    pass
-                instance = made.result()
-            finally:
-                made.close()
-            t_inst = time.perf_counter() - t0
-            exports = wt.Exports(store, instance)
-            mem = exports.get("memory")
-            if isinstance(mem, wasmtime.Memory) and budget is not None:
-                held = mem.data_len(store)
-                budget.change(held)
-            ended = ("exit", 0, "")
-            for name in [*boot, entry]:
-                func = exports.get(name)
-                if not isinstance(func, wasmtime.Func):
-                    ended = ("trap", None, f"the module exports no function {name!r}")
+                store.instantiate(prepared[1])
+                if resume is not None:
+                    if not self._resume(store, resume, run):
+                        self.fallbacks += 1
+                        return None
+                    boot = []
+                t_inst = time.perf_counter() - t0
+                if budget is not None:
+                    held = store.memory_size()
+                    budget.change(held)
+                for name in [*boot, entry]:
+                    outcome = store.call(name)
+                    if run.needs_vm:
+                        self.fallbacks += 1
+                        return None
+                    match outcome:
+                        case wt.Returned():
+                            continue
+                        case wt.Exited(code):
+                            ended = ("exit", code, "")
+                        case wt.Trapped(message, code):
+                            why = self._trapped(code, message, own_timeout, lim, slice_fuel)
+                            if why is None:
+                                self.fallbacks += 1
+                                return None
+                            ended = why
+                        case wt.Failed(message):
+                            ended = ("trap", None, message)
                     break
-                call = wt.GuestCall(store, func)
-                try:
-                    while not call.poll():
-                        pass
-                    outcome = call.outcome()
-                finally:
-                    call.close()
-                if run.needs_vm:
-                    self.fallbacks += 1
-                    return None
-                match outcome:
-                    case wt.Returned():
-                        continue
-                    case wt.Exited(code):
-                        ended = ("exit", code, "")
-                    case wt.Trapped(message, code):
-                        why = self._trapped(code, message, own_timeout, lim, slice_fuel)
-                        if why is None:
-                            self.fallbacks += 1
-                            return None
-                        ended = why
-                    case wt.Failed(message):
-                        ended = ("trap", None, message)
-                break
-        except wt.InstantiationError as exc:
-            if exc.trap_code is not None:
-                why = self._trapped(exc.trap_code, str(exc), own_timeout, lim, slice_fuel)
+            except wt.InstantiationError as exc:
+                why = self._trapped(exc.trap_code, str(exc), own_timeout, lim, slice_fuel) \
+                    if exc.trap_code is not None else ("trap", None, f"instantiation failed: {exc}")
                 if why is None:
                     self.fallbacks += 1
                     return None
                 ended = why
-            else:
-                ended = ("trap", None, f"instantiation failed: {exc}")
         finally:
             _current.run = None
             if held and budget is not None:
@@ -281,6 +250,32 @@ class DirectRunner:
         self.runs += 1
         out, truncated, errs = outs.read(stdout_cap)
         return Ended(ended[0], ended[1], ended[2], out, truncated, errs, t_inst)
+
+    @staticmethod
+    def _resume(store: wt.LeanStore, resume: Resume, run: _Run) -> bool:
+        """The snapshot's memory and globals in the fresh instance, its Asyncify state set to rewind (as
+        Machine.restore and Machine._begin do for a VM). False when they do not fit it (the VM path then
+        answers with its own error)."""
+        data = resume.data
+        try:
+            have = store.memory_size()
+            if not store.memory or data.memory_size < have:
+                return False
+            if data.memory_size > have and not store.grow((data.memory_size - have) // 65536):
+                return False
+            address = store.memory_address()
+            data.clear(address, have)
+            data.load(address, data.memory_size)
+            for name, (ty, value) in data.globals.items():
+                if not store.set_global(name, ty, value):
+                    return False
+            if not store.set_global(resume.state, "i32", STATE_REWINDING):
+                return False
+        except (ValueError, OSError, wasmtime.WasmtimeError) as exc:
+            log.debug("direct instance: the snapshot does not fit (%s): a VM restores it", exc)
+            return False
+        run.rewinding = resume.state
+        return True
 
     def _trapped(self, code: wasmtime.TrapCode | None, message: str, own_timeout: bool, lim: Limits,
                  slice_fuel: int) -> tuple[str, int | None, str] | None:
@@ -329,6 +324,28 @@ def _fd_read(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
     except wt.MemoryFault:
         return [p1.EFAULT]
     return [p1.ESUCCESS]
+
+
+def _fn_request(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
+    """The request, at once: a direct instance has it before it runs. The first call of a resumed guest is
+    where its rewind ends (the call it was suspended in at deploy)."""
+    run: _Run = _current.run
+    if run.rewinding is not None:
+        mem.set_export_global_i32(run.rewinding, STATE_NORMAL)
+        run.rewinding = None
+    buf, cap = args
+    if cap < 0:
+        return [-p1.EINVAL]
+    if run.part is None:
+        return [-fnio.ENOSYS]
+    return [fnio.write_request(run.part, mem, buf, cap)]
+
+
+def _fn_respond(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
+    run: _Run = _current.run
+    if run.part is None:
+        return [-fnio.ENOSYS]
+    return [fnio.take_response(run.part, mem, args)]
 
 
 def _poll_oneoff(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:

@@ -32,6 +32,7 @@ from ..devices import fnio
 from ..devices.console import MemoryConsole
 from ..devices.wasip1 import STDIN_LIMIT, WasiState
 from ..errors import BadRequest, Conflict, MicrovmError, NotFound, ShuttingDown, Unprocessable
+from ..images.store import RESERVED_PREFIX
 from ..snapshot.controller import Snapshots
 from ..vmm.manager import Hypervisor
 from ..vmm.state import VmState
@@ -80,6 +81,18 @@ class Version:
     # WAGI: the image pre-linked for direct instances (direct.py), False when it does not qualify, None before
     # the first request looked
     direct: Any = None
+
+
+@dataclass
+class _DirectStart:
+    """What an SDK function's direct instances start from (one per version, made at its first request)."""
+
+    prepared: tuple[wasmtime.Module, wasmtime.InstancePre]
+    entry: str
+    argv: list[str]
+    env: dict[str, str]
+    memory: int
+    resume: direct.Resume
 
 
 @dataclass
@@ -587,6 +600,61 @@ class Functions:
         fn.instance_times.append(ended.instance_s)
         if ended.reason == "exit":
             return self._wagi_answer(fn, rid, ended.stdout, ended.stdout_truncated, ended.stderr, ended.code)
+        return self._direct_failed(fn, rid, rec, ended)
+
+    async def _run_sdk_direct(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse | None:
+        """An SDK request as a direct instance resumed from the function's snapshot (direct.py); None when it
+        has to run as a VM (the image or the snapshot does not qualify, or the request needs more)."""
+        rec = version.rec
+        hv = self.hv
+        if version.direct is None:
+            version.direct = await self._sdk_direct_start(version)
+            if version.direct is False:
+                return None
+        start: _DirectStart = version.direct
+        part = fnio.FnPart()
+        part.request = fnio.encode_request(req.method, req.path, req.query, req.headers, req.body)
+        lim = hv.cfg.limits
+        limits = direct.limits_for(rec.fuel or lim.fuel, start.memory, self.timeout(rec), lim)
+        ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, [], start.argv, start.env,
+                                           b"", limits, lim.log_bytes, start.resume, part)
+        if ended is None:
+            return None
+        fn.instance_times.append(ended.instance_s)
+        fn.restore_times.append(ended.instance_s)
+        if ended.reason == "exit":
+            return self._sdk_answer(fn, rid, part, ended.code, ended.stderr, ended.stdout)
+        return self._direct_failed(fn, rid, rec, ended)
+
+    async def _sdk_direct_start(self, version: Version) -> _DirectStart | bool:
+        """What an SDK function's direct instances start from, made at its first request; False when they
+        cannot (a module that imports other devices, a snapshot with changed tables)."""
+        rec = version.rec
+        hv = self.hv
+        assert rec.snapshot is not None
+        try:
+            digest, spec, data = await self.snaps.resume_data(rec.snapshot)
+            img = hv.images.resolve(digest)
+        except MicrovmError as exc:
+            log.info("function %s: no direct instances: %s", rec.name, exc.message)
+            return False
+        if not direct.qualifies(img.imports, img.kind) or not img.entry or not img.asyncify_globals \
+                or not data.unwound or data.tables:
+            return False
+        try:
+            prepared = await hv.sched.on_io(self.direct.prepared, img.hex, lambda: hv.images.module(img))
+        except wasmtime.WasmtimeError as exc:
+            log.error("function %s: no direct instances: %s", rec.name, exc)
+            return False
+        memory = rec.memory if rec.memory is not None else spec.memory
+        if memory is None:
+            memory = img.limits.get("memory", hv.cfg.limits.memory)
+        state = f"{RESERVED_PREFIX}global_{img.asyncify_globals[0]}"
+        return _DirectStart(prepared, img.entry, ["guest", *(spec.args or img.args)], {**img.env, **spec.env},
+                            memory, direct.Resume(data, state))
+
+    def _direct_failed(self, fn: Function, rid: str, rec: contract.FunctionRecord, ended: direct.Ended) -> FnResponse:
+        """The answer for a direct instance the host stopped (fuel, timeout, a trap)."""
         if ended.reason == "out_of_fuel":
             return self._error(fn, rid, 502, "out_of_fuel", "the function ran out of fuel", ended.stderr)
         if ended.reason == "timeout":
@@ -760,6 +828,13 @@ class Functions:
 
     async def _run_sdk(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
         rec = version.rec
+        if version.direct is not False:
+            resp = await self._run_sdk_direct(fn, version, req, rid)
+            if resp is not None:
+                fn.direct += 1
+                return resp
+            if version.direct is not False:
+                fn.direct_to_vm += 1
         vm = await self._fresh(fn, version)
         part = vm.devices.get(fnio.FnPart)
         if part is None:
@@ -787,23 +862,27 @@ class Functions:
             kind = reason.split(":", 1)[0]
             return self._error(fn, rid, 502, kind, f"the function's guest was stopped: {reason}", err)
         if rec.executor == "sdk":
-            part = vm.devices.get(fnio.FnPart)
-            if part is None or part.status is None:
-                return self._error(fn, rid, 502, "bad_response", f"the function ended (exit code {vm.exit.code}) "
-                                   f"without mv_fn_respond", err)
-            self._log_stderr(fn, rid, err + _read(vm, "stdout"))
-            headers: dict[str, str] = {}
-            for line in part.headers.decode("latin-1").split("\n"):
-                name, colon, value = line.partition(":")
-                if colon and name.strip() and "\r" not in line:
-                    add_header(headers, name.strip(), value.strip())
-            return FnResponse(part.status, headers, part.body)
+            return self._sdk_answer(fn, rid, vm.devices.get(fnio.FnPart), vm.exit.code, err, _read(vm, "stdout"))
         out = _read(vm, "stdout")
         if rec.executor == "wagi":
             return self._wagi_answer(fn, rid, out, _truncated(vm, "stdout"), err, vm.exit.code)
         if _truncated(vm, "stdout"):
             return self._error(fn, rid, 502, "bad_response", "the response is larger than the console cap", err)
         return self._interpreted(fn, rid, out, err, vm.exit.code)
+
+    def _sdk_answer(self, fn: Function, rid: str, part: fnio.FnPart | None, code: int | None, err: bytes,
+                    out: bytes) -> FnResponse:
+        """The HTTP answer of an SDK instance that ended by itself: what it gave ``fn_respond``."""
+        if part is None or part.status is None:
+            return self._error(fn, rid, 502, "bad_response", f"the function ended (exit code {code}) without "
+                               f"mv_fn_respond", err)
+        self._log_stderr(fn, rid, err + out)
+        headers: dict[str, str] = {}
+        for line in part.headers.decode("latin-1").split("\n"):
+            name, colon, value = line.partition(":")
+            if colon and name.strip() and "\r" not in line:
+                add_header(headers, name.strip(), value.strip())
+        return FnResponse(part.status, headers, part.body)
 
     def _wagi_answer(self, fn: Function, rid: str, out: bytes, truncated: bool, err: bytes,
                      code: int | None) -> FnResponse:

@@ -384,11 +384,7 @@ class Snapshots:
         request. The manifest is read once and kept (the snapshot is the daemon's own: nothing to distrust);
         the memory comes from the packs through the page cache. ``adjust`` sets the instance's limits and
         input; ``fuel`` is its budget beyond what the snapshot had consumed."""
-        kept = self._kept.get(name)
-        if kept is None:
-            m = await self.hv.sched.on_io(self.store.load_manifest, name)
-            kept = self._kept[name] = (m, contract.convert(m["vm"]["spec"], contract.VmSpec))
-        m, stored = kept
+        m, stored = await self._kept_manifest(name)
         spec = VmSpec.from_contract(stored)
         spec.image = m["vm"]["digest"]
         spec.name = None
@@ -397,6 +393,19 @@ class Snapshots:
         adjust(spec)
         consumed = int(m["vm"].get("fuel_consumed") or 0)
         return await self.hv.restore(spec, self._restore_data(m, None if fuel is None else consumed + fuel))
+
+    async def _kept_manifest(self, name: str) -> tuple[dict[str, Any], contract.VmSpec]:
+        kept = self._kept.get(name)
+        if kept is None:
+            m = await self.hv.sched.on_io(self.store.load_manifest, name)
+            kept = self._kept[name] = (m, contract.convert(m["vm"]["spec"], contract.VmSpec))
+        return kept
+
+    async def resume_data(self, name: str) -> tuple[str, VmSpec, RestoreData]:
+        """What a function's direct instance starts from (functions/direct.py): the snapshot's image digest,
+        its VM's spec and its restore data, from the kept manifest (as ``instance``)."""
+        m, stored = await self._kept_manifest(name)
+        return m["vm"]["digest"], VmSpec.from_contract(stored), self._restore_data(m)
 
     def _distrust(self, name: str, spec: VmSpec, m: dict[str, Any], fuel_budget: int | None) -> int | None:
         """An imported snapshot's spec is what a file asked for, and anyone can write a file whose checksums

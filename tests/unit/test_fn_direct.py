@@ -114,6 +114,17 @@ def test_traps_fuel_and_memory(engine: wasmtime.Engine) -> None:
     assert r.fallbacks == 1
 
 
+def test_the_wall_clock_bound_is_the_timeout_or_a_quantum(engine: wasmtime.Engine) -> None:
+    """A timeout shorter than a quantum is the function's own end (504); past a quantum the request goes on
+    as a VM (fuel slices large enough that only the clock can end this spin)."""
+    r = direct.DirectRunner(engine, 0.01, 0.02, 1 << 60, None)
+    spin = module(engine, '(func (export "_start") (loop $l (br $l)))')
+    ended = run(r, spin, timeout=0.005)
+    assert ended is not None and ended.reason == "timeout"
+    assert run(r, spin, timeout=30.0) is None
+    assert (r.runs, r.fallbacks) == (1, 1)
+
+
 def test_a_wait_for_a_clock_goes_on_as_a_vm(engine: wasmtime.Engine) -> None:
     r = runner(engine)
     imports = WRITE + '(import "microvm_wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
@@ -131,4 +142,7 @@ def test_a_wait_for_a_clock_goes_on_as_a_vm(engine: wasmtime.Engine) -> None:
 def test_which_modules_qualify() -> None:
     assert direct.qualifies(["wasi_snapshot_preview1.fd_write", "microvm_wasi.fd_read"], "wasi")
     assert not direct.qualifies(["wasi_snapshot_preview1.fd_write", "microvm.sleep_ms"], "wasi")
-    assert not direct.qualifies(["wasi_snapshot_preview1.fd_write"], "sdk")
+    assert direct.qualifies(["wasi_snapshot_preview1.fd_write", "microvm_fn.fn_request", "microvm_fn.fn_respond"],
+                            "sdk")
+    assert not direct.qualifies(["microvm_fn.fn_request", "microvm_net.net_send"], "sdk")
+    assert not direct.qualifies(["wasi_snapshot_preview1.fd_write"], "reactor")
