@@ -3,12 +3,15 @@
 
 Measured side by side in one run, on loopback, with wrk (Debian `wrk`, installed by scripts/setup-deps):
   peer       an aiohttp + uvloop hello-world server (one process), GET /hello answering "hello x"
-  microvmd   the WAGI sample function (images/wagi) deployed at /hello: every request boots a fresh VM
-  microvmd sdk  the SDK sample function (images/fnsdk): every request restores a fresh VM from its snapshot
+  microvmd   the WAGI sample function (images/wagi) deployed at /hello: every request is a fresh instance (a
+             direct instance on a vCPU worker, docs/functions.md; a VM only when it must)
+  microvmd sdk  the SDK sample function (images/fnsdk): every request is a fresh instance resumed from its
+             snapshot (a direct instance as well)
 Blocks alternate (--blocks of each, --seconds each, wrk -t2 -c16); the figure is the median block rate.
 Then, at half of microvmd's measured rate, an open-loop client (requests sent on a fixed schedule, latency
 counted from the scheduled time) gives the p99. The daemon reports the time to a fresh instance itself
-(`fn inspect`: stats.restore_us and fresh_instance_us, the last 1,000 requests).
+(`fn inspect`: stats.restore_us and fresh_instance_us, the last 1,000 requests; stats.direct and direct_to_vm
+say how many requests were direct instances).
 With the CPython image (scripts/fetch-interpreters; its Asyncify rewrite is kept in --python-state, the
 same directory bench_python uses), a Python function restored per request is compared with starting CPython
 per request (an ephemeral VM running the same handler with `python -c`).
@@ -221,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                     bad += nbad if side != "aiohttp" else 0
             peak = c.median(rates["microvmd"])
             lat, failed = asyncio.run(open_loop(gport, "/hello?name=x", peak / 2, seconds * (0.5 if a.quick else 1)))
-            inside = cl.call("GET", "/v1/functions/hello")["stats"]["fresh_instance_us"]
+            hello_stats = cl.call("GET", "/v1/functions/hello")["stats"]
+            inside = hello_stats["fresh_instance_us"]
             # the snapshot function, not saturated: what a restore costs, and what a request waits for one
             cl.call("POST", "/v1/functions", {"name": "seqsdk", "image": "fnsdk", "executor": "sdk", "route": "/seq"})
             for _ in range(200):
@@ -238,16 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
     p99 = c.pct(lat, 99)
     c.emit(f"open loop at {peak / 2:.0f} requests/s for {len(lat)} requests: p50 {c.ms(c.median(lat))} ms, "
            f"p99 {c.ms(p99)} ms, {failed} failed")
-    c.emit(f"WAGI, inside the daemon, boot + first slice under the open loop: {inside}")
-    restore, wait = sdk_stats["restore_us"], sdk_stats["fresh_instance_us"]
-    c.emit(f"SDK function (images/fnsdk), 200 sequential requests: a restore from its snapshot {restore}; "
-           f"the wait for a fresh instance at a request (spares restored ahead of time) {wait}")
+    c.emit(f"WAGI, inside the daemon, a fresh instance made (store, WASI, instance) under the open loop: {inside}; "
+           f"direct instances {hello_stats['direct']}, went on as VMs {hello_stats['direct_to_vm']}")
+    restore = sdk_stats["restore_us"]
+    c.emit(f"SDK function (images/fnsdk), 200 sequential requests: a fresh instance resumed from its snapshot "
+           f"(store, WASI, instance, snapshot memory and globals) {restore}; direct instances "
+           f"{sdk_stats['direct']}, went on as VMs {sdk_stats['direct_to_vm']}")
     t.check("C function, fresh VM per request >= 50% of aiohttp hello-world req/s", share >= 0.5 and bad == 0,
             f"{share:.2f}x ({best}: {c.median(rates[best]):.0f} vs {c.median(rates['aiohttp']):.0f})")
     t.check("p99 <= 5 ms at half the maximum rate", p99 <= 0.005 and failed == 0, f"{c.ms(p99)} ms")
     p50_us = restore["p50"] if restore else float("inf")
     t.check("fresh instance from the snapshot <= 100 us p50 (the restore itself, inside the daemon)", p50_us <= 100,
-            f"{p50_us:.0f} us (a request waits {wait['p50'] if wait else '?'} us: spares)")
+            f"{p50_us:.0f} us")
     py = {} if a.no_python else python_part(a, t)
     warning = watch.emit()
     c.emit("")

@@ -864,6 +864,9 @@ class FunctionStats(Response):
     # on as an ephemeral VM (they waited, or needed more than one quantum or fuel slice)
     direct: int = 0
     direct_to_vm: int = 0
+    # whether its requests start as direct instances: "preparing" (made in the background after a deploy or
+    # a restart; requests run as VMs meanwhile), "ready", or "off" (the image or snapshot does not allow them)
+    direct_state: Literal["preparing", "ready", "off"] = "preparing"
 
 
 class FunctionLimits(Response):

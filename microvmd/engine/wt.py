@@ -47,7 +47,17 @@ class EngineOptions:
         )
 
 
-def make_engine(opts: EngineOptions) -> wasmtime.Engine:
+@dataclass(frozen=True)
+class PoolOptions:
+    """wasmtime's pooling instance allocator: ``slots`` instances (each with one memory, one table and one
+    async stack) kept mapped and reused, for stores that come and go by the thousand (direct instances).
+    A module compiled by the daemon's engine loads into such an engine: code generation is the same."""
+    slots: int
+    max_memory: int  # bytes a slot's memory may grow to
+    table_elements: int
+
+
+def make_engine(opts: EngineOptions, pool: PoolOptions | None = None) -> wasmtime.Engine:
     cfg = wasmtime.Config()
     cfg.consume_fuel = True
     cfg.epoch_interruption = True
@@ -58,6 +68,18 @@ def make_engine(opts: EngineOptions) -> wasmtime.Engine:
         cfg.memory_reservation = opts.memory_reservation
     if opts.memory_guard_size is not None:
         cfg.memory_guard_size = opts.memory_guard_size
+    if pool is not None:
+        pc = ffi.wasmtime_pooling_allocation_config_new()
+        for setter, value in ((ffi.wasmtime_pooling_allocation_config_total_core_instances_set, pool.slots),
+                              (ffi.wasmtime_pooling_allocation_config_total_memories_set, pool.slots),
+                              (ffi.wasmtime_pooling_allocation_config_total_tables_set, pool.slots),
+                              (ffi.wasmtime_pooling_allocation_config_total_stacks_set, pool.slots),
+                              (ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set, pool.slots),
+                              (ffi.wasmtime_pooling_allocation_config_max_memory_size_set, pool.max_memory),
+                              (ffi.wasmtime_pooling_allocation_config_table_elements_set, pool.table_elements)):
+            setter(pc, value)
+        ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)  # (copies the configuration)
+        ffi.wasmtime_pooling_allocation_config_delete(pc)
     return wasmtime.Engine(cfg)
 
 

@@ -78,21 +78,23 @@ class Version:
     rec: contract.FunctionRecord
     in_flight: int = 0
     retired: bool = False  # replaced or removed: its snapshot goes when its last request ends
-    # WAGI: the image pre-linked for direct instances (direct.py), False when it does not qualify, None before
-    # the first request looked
+    # what its direct instances start from (direct.py, a _DirectStart): None before anyone asked, the task
+    # making it meanwhile (requests run as VMs until it is done), False when the function cannot have them
     direct: Any = None
 
 
 @dataclass
 class _DirectStart:
-    """What an SDK function's direct instances start from (one per version, made at its first request)."""
+    """What a version's direct instances start from (Functions._make_direct_start)."""
 
+    key: str  # the runner's name for its pre-linked module
     prepared: tuple[wasmtime.Module, wasmtime.InstancePre]
     entry: str
+    boot: list[str]
     argv: list[str]
     env: dict[str, str]
-    memory: int
-    resume: direct.Resume
+    memory: int | None  # SDK: the instance's memory limit (WAGI: per request, from the image)
+    rewind: str | None  # SDK: the Asyncify state global of the baked snapshot (the module starts rewinding)
 
 
 @dataclass
@@ -180,8 +182,10 @@ class Functions:
         self._reaper_task: asyncio.Task[None] | None = None
         snapshots.protected.append(self._owner_of)
         sched = hv.sched
-        self.direct = direct.DirectRunner(hv.engine, sched.epoch_interval, sched.quantum, sched.fuel_slice,
-                                          hv.builder.memory)
+        self.direct = direct.DirectRunner.for_daemon(hv.engine, hv.opts, hv.cfg.limits, sched.workers,
+                                                     sched.epoch_interval, sched.quantum, sched.fuel_slice,
+                                                     hv.builder.memory)
+        sched.engines.append(self.direct.engine)
 
     # ------------------------------------------------------------------ start-up and records
     async def startup(self) -> None:
@@ -190,6 +194,7 @@ class Functions:
             fn = Function(rec.name, Version(rec), asyncio.Semaphore(rec.max_concurrency or DEFAULT_CONCURRENCY))
             self.by_name[rec.name] = fn
             self.routes[rec.route] = fn
+            self._direct_start(fn.current)
         if records:
             log.info("%d functions deployed: %s", len(records), ", ".join(sorted(self.by_name)))
         self._reaper_task = asyncio.get_running_loop().create_task(self._reaper())
@@ -266,7 +271,7 @@ class Functions:
                       "idle_instances": len(fn.spares) + len(fn.warm), "last_invoked": fn.last_invoked,
                       "fresh_instance_us": _percentiles(fn.instance_times),
                       "restore_us": _percentiles(fn.restore_times), "direct": fn.direct,
-                      "direct_to_vm": fn.direct_to_vm},
+                      "direct_to_vm": fn.direct_to_vm, "direct_state": self._direct_state(fn.current)},
         }
 
     # ------------------------------------------------------------------ deploy and remove
@@ -360,6 +365,7 @@ class Functions:
                 fn.slots = asyncio.Semaphore(fn.concurrency)  # requests holding old slots release those
         self.by_name[d.name] = fn
         self.routes[route] = fn
+        self._direct_start(fn.current)  # (made in the background, before the first request if it can)
         log.info("function %s deployed (version %d, %s, route %s)", d.name, version, executor, route)
         fn.log.write(f"{_stamp()} deployed version {version} ({executor}, route {route})")
         return fn
@@ -380,6 +386,11 @@ class Functions:
 
     def _retire(self, v: Version) -> None:
         v.retired = True
+        d, v.direct = v.direct, False
+        if isinstance(d, asyncio.Task):
+            d.cancel()
+        elif isinstance(d, _DirectStart):
+            self.direct.forget(d.key)
         if v.in_flight == 0 and v.rec.snapshot is not None:
             task = asyncio.get_running_loop().create_task(self._drop_snapshot(v.rec.snapshot, v.rec.name))
             self._retiring.add(task)
@@ -491,16 +502,19 @@ class Functions:
             return self._failed(fn, error_response(413, "too_large", f"the request body is above {MAX_BODY} bytes",
                                                    rid), None)
         t0 = time.perf_counter()
-        fn.queued += 1
-        try:  # a request waits for a slot at most its timeout
-            await asyncio.wait_for(fn.slots.acquire(), self.timeout(fn.rec))
-        except TimeoutError:
-            resp = error_response(503, "overloaded", f"function {fn.name} had no free instance slot within "
-                                  f"{self.timeout(fn.rec):g} s", rid)
-            resp.headers["Retry-After"] = "1"
-            return self._failed(fn, resp, None)
-        finally:
-            fn.queued -= 1
+        if not fn.slots.locked():  # a free slot: taken at once (wait_for would make a task per request)
+            await fn.slots.acquire()
+        else:
+            fn.queued += 1
+            try:  # a request waits for a slot at most its timeout
+                await asyncio.wait_for(fn.slots.acquire(), self.timeout(fn.rec))
+            except TimeoutError:
+                resp = error_response(503, "overloaded", f"function {fn.name} had no free instance slot within "
+                                      f"{self.timeout(fn.rec):g} s", rid)
+                resp.headers["Retry-After"] = "1"
+                return self._failed(fn, resp, None)
+            finally:
+                fn.queued -= 1
         slots = fn.slots
         if self.by_name.get(fn.name) is not fn:  # removed while this request waited
             slots.release()
@@ -543,13 +557,13 @@ class Functions:
         rec = version.rec
         timeout = self.timeout(rec)
         if rec.executor == "wagi":
-            if version.direct is not False:
-                resp = await self._run_direct(fn, version, req, rid)
+            start = self._direct_start(version)
+            if start is not None:
+                resp = await self._run_direct(fn, version, start, req, rid)
                 if resp is not None:
                     fn.direct += 1
                     return resp
-                if version.direct is not False:
-                    fn.direct_to_vm += 1
+                fn.direct_to_vm += 1
             spec = VmSpec(image=rec.digest, args=[], env=wagi.environment(req, rec.env), fuel=rec.fuel,
                           memory=rec.memory, timeout=timeout, ephemeral=True, owner=f"fn:{rec.name}",
                           stdin_data=req.body)
@@ -571,30 +585,86 @@ class Functions:
         await self.hv.wait(vm)
         return self._outcome(fn, rec, vm, rid)
 
-    async def _run_direct(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse | None:
-        """A WAGI request as a direct instance (direct.py); None when it has to run as a VM (the image does not
-        qualify, or the request needs more than a direct run gives)."""
+    # ------------------------------------------------------------------ direct instances (direct.py)
+    def _direct_start(self, version: Version) -> _DirectStart | None:
+        """What ``version``'s direct instances start from; None while it is being made (in the background: the
+        request runs as a VM meanwhile) or when the function cannot have them."""
+        d = version.direct
+        if d is None:
+            d = version.direct = asyncio.get_running_loop().create_task(self._make_direct_start(version))
+        if isinstance(d, asyncio.Task):
+            if not d.done():
+                return None
+            exc = None if d.cancelled() else d.exception()
+            if exc is not None:  # (a bug, or a snapshot that cannot be read: the VM path says which)
+                log.error("function %s: no direct instances: %s: %s", version.rec.name, type(exc).__name__, exc)
+            version.direct = False if d.cancelled() or exc is not None else d.result()
+        return version.direct or None
+
+    def _direct_state(self, version: Version) -> str:
+        d = version.direct
+        if d is None or isinstance(d, asyncio.Task) and not d.done():
+            return "preparing"
+        return "ready" if self._direct_start(version) is not None else "off"
+
+    async def _make_direct_start(self, version: Version) -> _DirectStart | bool:
+        """WAGI: the image pre-linked. SDK: the function's snapshot baked into a copy of its module (memory,
+        globals, a rewind into fn_request; direct.baked) and compiled. False when the image imports more
+        than direct instances serve, or the snapshot cannot be baked (the VM path serves the function)."""
+        rec = version.rec
+        hv = self.hv
+        key = f"{rec.name}.{rec.version}.{id(version):x}"
+        if rec.executor == "wagi":
+            img = hv.images.resolve(rec.digest)
+            if not direct.qualifies(img.imports, img.kind) or not img.entry:
+                return False
+            prepared = await hv.sched.on_io(self.direct.prepared, key, lambda: hv.images.module(img))
+            return _DirectStart(key, prepared, img.entry, list(img.boot), ["guest", *img.args], dict(img.env), None,
+                                None)
+        if rec.executor != "sdk" or rec.snapshot is None:
+            return False
+        snap = await self.snaps.image_of(rec.snapshot)
+        img = hv.images.resolve(snap.digest)
+        if not direct.qualifies(img.imports, img.kind) or not img.entry or not img.asyncify_globals \
+                or not snap.unwound or snap.tables_changed:
+            return False
+        state = img.asyncify_globals[0]
+
+        def make() -> tuple[wasmtime.Module, wasmtime.InstancePre]:
+            data = direct.baked(hv.images.normalized_bytes(img), snap.memory_size // 65536, snap.segments,
+                                snap.globals, state)
+            cache = self.dir / f".{key}.cwasm"  # (a big module is compiled by a child process that writes here)
+            try:
+                return self.direct.prepared(key, lambda: hv.images.compiler.compile(data, cache))
+            finally:
+                cache.unlink(missing_ok=True)
+
+        try:
+            prepared = await hv.sched.on_io(make)
+        except (ValueError, MicrovmError) as exc:
+            log.info("function %s: its snapshot cannot be baked for direct instances (%s): each request restores "
+                     "a VM", rec.name, exc)
+            return False
+        memory = rec.memory if rec.memory is not None else snap.spec.memory
+        if memory is None:
+            memory = img.limits.get("memory", hv.cfg.limits.memory)
+        return _DirectStart(key, prepared, img.entry, [], ["guest", *(snap.spec.args or img.args)],
+                            {**img.env, **snap.spec.env}, memory, f"{RESERVED_PREFIX}global_{state}")
+
+    async def _run_direct(self, fn: Function, version: Version, start: _DirectStart, req: FnRequest,
+                          rid: str) -> FnResponse | None:
+        """A WAGI request as a direct instance; None when it has to go on as a VM (it waited, or needed more
+        than a quantum or a fuel slice)."""
         rec = version.rec
         hv = self.hv
         img = hv.images.resolve(rec.digest)
-        if version.direct is None:
-            if not direct.qualifies(img.imports, img.kind) or not img.entry:
-                version.direct = False
-                return None
-            try:
-                version.direct = await hv.sched.on_io(self.direct.prepared, img.hex, lambda: hv.images.module(img))
-            except wasmtime.WasmtimeError as exc:  # (it links against WASI alone, which the check above says is
-                # all it imports; a mismatch is a bug, and the VM path still serves the function)
-                log.error("function %s: no direct instances: %s", fn.name, exc)
-                version.direct = False
-                return None
         lim = hv.cfg.limits
         fuel = rec.fuel if rec.fuel is not None else img.limits.get("fuel", lim.fuel)
         memory = rec.memory if rec.memory is not None else img.limits.get("memory", lim.memory)
         limits = direct.limits_for(fuel, memory, self.timeout(rec), lim)
-        env = {**img.env, **wagi.environment(req, rec.env)}
-        ended = await hv.sched.on_cpu_pool(self.direct.run, version.direct, img.entry, list(img.boot),
-                                           ["guest", *img.args], env, req.body, limits, lim.log_bytes)
+        env = {**start.env, **wagi.environment(req, rec.env)}
+        ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, start.boot, start.argv, env,
+                                           req.body, limits, lim.log_bytes)
         if ended is None:
             return None
         fn.instance_times.append(ended.instance_s)
@@ -602,22 +672,18 @@ class Functions:
             return self._wagi_answer(fn, rid, ended.stdout, ended.stdout_truncated, ended.stderr, ended.code)
         return self._direct_failed(fn, rid, rec, ended)
 
-    async def _run_sdk_direct(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse | None:
-        """An SDK request as a direct instance resumed from the function's snapshot (direct.py); None when it
-        has to run as a VM (the image or the snapshot does not qualify, or the request needs more)."""
+    async def _run_sdk_direct(self, fn: Function, version: Version, start: _DirectStart, req: FnRequest,
+                              rid: str) -> FnResponse | None:
+        """An SDK request as a direct instance of the baked snapshot; None when it has to go on as a VM."""
         rec = version.rec
         hv = self.hv
-        if version.direct is None:
-            version.direct = await self._sdk_direct_start(version)
-            if version.direct is False:
-                return None
-        start: _DirectStart = version.direct
         part = fnio.FnPart()
         part.request = fnio.encode_request(req.method, req.path, req.query, req.headers, req.body)
         lim = hv.cfg.limits
+        assert start.memory is not None
         limits = direct.limits_for(rec.fuel or lim.fuel, start.memory, self.timeout(rec), lim)
         ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, [], start.argv, start.env,
-                                           b"", limits, lim.log_bytes, start.resume, part)
+                                           b"", limits, lim.log_bytes, start.rewind, part)
         if ended is None:
             return None
         fn.instance_times.append(ended.instance_s)
@@ -625,33 +691,6 @@ class Functions:
         if ended.reason == "exit":
             return self._sdk_answer(fn, rid, part, ended.code, ended.stderr, ended.stdout)
         return self._direct_failed(fn, rid, rec, ended)
-
-    async def _sdk_direct_start(self, version: Version) -> _DirectStart | bool:
-        """What an SDK function's direct instances start from, made at its first request; False when they
-        cannot (a module that imports other devices, a snapshot with changed tables)."""
-        rec = version.rec
-        hv = self.hv
-        assert rec.snapshot is not None
-        try:
-            digest, spec, data = await self.snaps.resume_data(rec.snapshot)
-            img = hv.images.resolve(digest)
-        except MicrovmError as exc:
-            log.info("function %s: no direct instances: %s", rec.name, exc.message)
-            return False
-        if not direct.qualifies(img.imports, img.kind) or not img.entry or not img.asyncify_globals \
-                or not data.unwound or data.tables:
-            return False
-        try:
-            prepared = await hv.sched.on_io(self.direct.prepared, img.hex, lambda: hv.images.module(img))
-        except wasmtime.WasmtimeError as exc:
-            log.error("function %s: no direct instances: %s", rec.name, exc)
-            return False
-        memory = rec.memory if rec.memory is not None else spec.memory
-        if memory is None:
-            memory = img.limits.get("memory", hv.cfg.limits.memory)
-        state = f"{RESERVED_PREFIX}global_{img.asyncify_globals[0]}"
-        return _DirectStart(prepared, img.entry, ["guest", *(spec.args or img.args)], {**img.env, **spec.env},
-                            memory, direct.Resume(data, state))
 
     def _direct_failed(self, fn: Function, rid: str, rec: contract.FunctionRecord, ended: direct.Ended) -> FnResponse:
         """The answer for a direct instance the host stopped (fuel, timeout, a trap)."""
@@ -828,13 +867,13 @@ class Functions:
 
     async def _run_sdk(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
         rec = version.rec
-        if version.direct is not False:
-            resp = await self._run_sdk_direct(fn, version, req, rid)
+        start = self._direct_start(version)
+        if start is not None:
+            resp = await self._run_sdk_direct(fn, version, start, req, rid)
             if resp is not None:
                 fn.direct += 1
                 return resp
-            if version.direct is not False:
-                fn.direct_to_vm += 1
+            fn.direct_to_vm += 1
         vm = await self._fresh(fn, version)
         part = vm.devices.get(fnio.FnPart)
         if part is None:
@@ -956,6 +995,8 @@ class Functions:
             self._reaper_task.cancel()
         for fn in self.by_name.values():
             self._drain_warm(fn)
+            if isinstance(fn.current.direct, asyncio.Task):
+                fn.current.direct.cancel()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 

@@ -335,6 +335,10 @@ class ImageStore:
                 self._pres[img.hex] = pre
         return mod, pre
 
+    def normalized_bytes(self, img: Image) -> bytes:
+        """The module that runs (``module.wasm``: normalised, as compiled)."""
+        return (self.root / "blobs" / img.hex / "module.wasm").read_bytes()
+
     def module_bytes(self, img: Image) -> bytes:
         return (self.root / "blobs" / img.hex / "original.wasm").read_bytes()
 

@@ -13,6 +13,8 @@ payloads are walked section-wise and copied verbatim by :func:`normalize`.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -564,3 +566,110 @@ def normalize(data: bytes, prefix: str = "__microvm_") -> tuple[bytes, Normalize
     if insert_at == len(info.sections):
         out.append(new_export)
     return b"".join(out), report
+
+
+# --------------------------------------------------------------------------- bake
+
+_NUM_VALTYPES = ("i32", "i64", "f32", "f64")
+
+
+def _const_expr(ty: str, value: int | float) -> bytes:
+    """``<ty>.const value; end``."""
+    if ty == "i32":
+        v = int(value) & 0xFFFFFFFF
+        return b"\x41" + encode_s32(v - (1 << 32) if v >= 1 << 31 else v) + b"\x0b"
+    if ty == "i64":
+        v = int(value) & 0xFFFFFFFFFFFFFFFF
+        return b"\x42" + encode_s64(v - (1 << 64) if v >= 1 << 63 else v) + b"\x0b"
+    if ty == "f32":
+        return b"\x43" + struct.pack("<f", value) + b"\x0b"
+    if ty == "f64":
+        return b"\x44" + struct.pack("<d", value) + b"\x0b"
+    raise ValueError(f"no constant of type {ty}")
+
+
+def _encode_section(sid: int, payload: bytes) -> bytes:
+    return bytes([sid]) + encode_u32(len(payload)) + payload
+
+
+def bake(data: bytes, pages: int, segments: Sequence[tuple[int, bytes]],
+         values: dict[int, tuple[str, int | float]]) -> bytes:
+    """A copy of the module whose instances begin where a snapshot of one stands, as Wizer makes of an
+    initialised instance: its memory ``pages`` long, holding ``segments`` ((offset, bytes); zeros elsewhere),
+    and the defined globals of ``values`` (global index -> (type, value)) starting at those values. The code is
+    the module's own, so wasmtime maps the memory from the compiled module's copy-on-write image at each
+    instantiation and nothing is copied per instance.
+
+    The module's own data segments are replaced. When it has a data count section (its code may name segments
+    in ``memory.init`` and ``data.drop``), they are kept, made passive, ahead of the new ones, so that every
+    index its code names is still the same segment. ValueError for what cannot be baked: an imported, 64-bit
+    or shared memory, a maximum below ``pages``, an imported or non-numeric global among ``values``, a value of
+    the wrong type."""
+    data = bytes(data)
+    info = parse(data)
+    if info.imported_count("memory") or len(info.memories) != 1:
+        raise ValueError("only a module that defines its one memory can be baked")
+    mem = info.memories[0]
+    if mem.memory64 or mem.shared:
+        raise ValueError("a 64-bit or shared memory cannot be baked")
+    if mem.max is not None and mem.max < pages:
+        raise ValueError(f"the memory's maximum ({mem.max} pages) is below the snapshot's {pages}")
+    defined = {g.index: g for g in info.globals}
+    for idx, (ty, _value) in values.items():
+        g = defined.get(idx)
+        if g is None:
+            raise ValueError(f"global {idx} is not defined by the module")
+        if g.type.valtype not in _NUM_VALTYPES or g.type.valtype != ty:
+            raise ValueError(f"global {idx} is {g.type.valtype}, not {ty}")
+    if not any(sec.id == 10 for sec in info.sections) and segments:
+        raise ValueError("a module without code cannot be baked")
+    new_active = [b"\x00" + _const_expr("i32", off) + encode_u32(len(chunk)) + chunk for off, chunk in segments]
+    kept: list[bytes] = []  # the module's own segments, as passive ones (only with a data count section)
+    for sec in info.sections:
+        if sec.id != 11 or info.data_count is None:
+            continue
+        r = _Reader(data, sec.payload_offset, sec.end)
+        for _ in range(r.count("data count")):
+            at, flag = r.pos, r.leb()
+            if flag == 2:
+                r.leb()
+            if flag in (0, 2):
+                r.const_expr()
+            elif flag != 1:
+                raise r.fail(f"invalid data segment flags {flag}", at)
+            body = r.take(r.count("data length"))
+            kept.append(b"\x01" + encode_u32(len(body)) + body)
+    data_payload = encode_u32(len(kept) + len(new_active)) + b"".join(kept) + b"".join(new_active)
+    out = [data[:8]]
+    wrote_data = False
+    for sec in info.sections:
+        if sec.id == 5:
+            flags = b"\x01" if mem.max is not None else b"\x00"
+            payload = encode_u32(1) + flags + encode_u32(pages) + (encode_u32(mem.max) if mem.max is not None else b"")
+            out.append(_encode_section(5, payload))
+        elif sec.id == 6:
+            r = _Reader(data, sec.payload_offset, sec.end)
+            n = r.count("global count")
+            parts = [encode_u32(n)]
+            idx = info.imported_count("global")
+            for _ in range(n):
+                start = r.pos
+                r.globaltype()
+                init_at = r.pos
+                r.const_expr()
+                parts.append(data[start:init_at] + _const_expr(*values[idx]) if idx in values else data[start:r.pos])
+                idx += 1
+            out.append(_encode_section(6, b"".join(parts)))
+        elif sec.id == 12:
+            out.append(_encode_section(12, encode_u32(len(kept) + len(new_active))))
+        elif sec.id == 11:
+            out.append(_encode_section(11, data_payload))
+            wrote_data = True
+        else:
+            out.append(data[sec.offset:sec.end])
+            if sec.id == 10 and not any(s.id == 11 for s in info.sections):
+                out.append(_encode_section(11, data_payload))
+                wrote_data = True
+    if not wrote_data and new_active:
+        raise ValueError("the module has no code section to place the data after")
+    return b"".join(out)

@@ -80,6 +80,19 @@ class Grants:
     publish: list[PublishSpec] | None = None
 
 
+@dataclass(frozen=True)
+class SnapshotImage:
+    """A snapshot as a module's starting point (``Snapshots.image_of``)."""
+
+    digest: str
+    spec: VmSpec
+    memory_size: int
+    segments: list[tuple[int, bytes]]  # (offset, bytes) of the stored memory; zeros elsewhere
+    globals: dict[str, tuple[str, int | float]]
+    unwound: bool
+    tables_changed: bool
+
+
 class Snapshots:
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
@@ -401,11 +414,30 @@ class Snapshots:
             kept = self._kept[name] = (m, contract.convert(m["vm"]["spec"], contract.VmSpec))
         return kept
 
-    async def resume_data(self, name: str) -> tuple[str, VmSpec, RestoreData]:
-        """What a function's direct instance starts from (functions/direct.py): the snapshot's image digest,
-        its VM's spec and its restore data, from the kept manifest (as ``instance``)."""
+    async def image_of(self, name: str) -> SnapshotImage:
+        """Snapshot ``name`` as a function's direct instances start from it (functions/direct.py): the VM's
+        spec and image, its memory as runs of stored bytes (chunks read and checked off the loop), its globals,
+        and whether it was taken inside a call (unwound) and with changed tables."""
         m, stored = await self._kept_manifest(name)
-        return m["vm"]["digest"], VmSpec.from_contract(stored), self._restore_data(m)
+        refs, size, packs = m["memory"]["chunks"], int(m["memory"]["size"]), m["packs"]
+
+        def read() -> list[tuple[int, bytes]]:
+            runs: list[tuple[int, bytearray]] = []
+            for i, r in enumerate(refs):
+                if r is None:
+                    continue
+                chunk = self.store.read_chunk(r, packs)
+                at = i * CHUNK
+                if runs and runs[-1][0] + len(runs[-1][1]) == at:
+                    runs[-1][1].extend(chunk)
+                else:
+                    runs.append((at, bytearray(chunk)))
+            return [(at, bytes(b)) for at, b in runs]
+
+        segments = await self.hv.sched.on_io(read)
+        return SnapshotImage(m["vm"]["digest"], VmSpec.from_contract(stored), size, segments,
+                             {k: (v[0], v[1]) for k, v in m["globals"].items()}, m["kind"] == "unwound",
+                             bool(m.get("tables")))
 
     def _distrust(self, name: str, spec: VmSpec, m: dict[str, Any], fuel_budget: int | None) -> int | None:
         """An imported snapshot's spec is what a file asked for, and anyone can write a file whose checksums

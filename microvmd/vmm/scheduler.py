@@ -62,6 +62,7 @@ class Scheduler:
     def __init__(self, engine: wasmtime.Engine, workers: int, epoch_interval: float, fuel_slice: int,
                  quantum: float = 0.02, spin_wait: float = 0.0003) -> None:
         self.engine = engine
+        self.engines = [engine]  # every engine whose epoch this clock advances (functions/direct.py adds its own)
         self.workers = workers
         self.epoch_interval = epoch_interval
         self.fuel_slice = fuel_slice
@@ -76,7 +77,8 @@ class Scheduler:
 
     def _tick(self) -> None:
         while not self._stop.wait(self.epoch_interval):
-            wt.increment_epoch(self.engine)
+            for engine in self.engines:
+                wt.increment_epoch(engine)
 
     def dispatch(self, vm: Any, on_end: Callable[[Any, SliceEnd | BaseException], None]) -> None:
         """Queue one slice of ``vm`` on a vCPU worker; ``on_end`` runs on the event loop afterwards."""

@@ -486,3 +486,59 @@ def test_fuzz_random_sections() -> None:
         sid = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 13])
         assert_only_format_errors(_module((sid, body)))
         assert_only_format_errors(b"\0asm\1\0\0\0" + body)
+
+
+# ----------------------------------------------------------------------------------------------- bake
+BAKE_WAT = """(module
+  (memory (export "memory") 1 8)
+  (global $g (export "g") (mut i32) (i32.const 7))
+  (global $h (export "h") (mut i64) (i64.const 1))
+  (global $k (export "k") i32 (i32.const 5))
+  (data (i32.const 16) "module data")
+  (func (export "_start")))
+"""
+
+
+def test_bake_puts_the_snapshot_memory_and_globals_in_the_module() -> None:
+    data = bytes(wasmtime.wat2wasm(BAKE_WAT))
+    info = wb.parse(data)
+    idx = {e.name: e.index for e in info.exports}
+    baked = wb.bake(data, 3, [(65536, b"snap" * 10), (100, b"x")],
+                         {idx["g"]: ("i32", -2), idx["h"]: ("i64", 1 << 40)})
+    store = wasmtime.Store()
+    inst = wasmtime.Instance(store, wasmtime.Module(store.engine, baked), [])
+    ex = inst.exports(store)
+    mem = ex["memory"]
+    assert mem.size(store) == 3  # the snapshot's size, its maximum kept
+    assert mem.type(store).limits.max == 8
+    assert mem.read(store, 65536, 65576) == b"snap" * 10 and mem.read(store, 100, 101) == b"x"
+    assert mem.read(store, 16, 27) == b"\0" * 11  # the module's own data is not laid over the snapshot's
+    assert (ex["g"].value(store), ex["h"].value(store), ex["k"].value(store)) == (-2, 1 << 40, 5)
+
+
+def test_bake_keeps_segment_indices_when_code_can_name_them() -> None:
+    """With a data count section, memory.init in the code still reads the module's own segment 0."""
+    wat = """(module
+      (memory (export "memory") 1)
+      (data $d "abc")
+      (func (export "copy") (memory.init $d (i32.const 200) (i32.const 0) (i32.const 3))))"""
+    data = bytes(wasmtime.wat2wasm(wat))
+    assert wb.parse(data).data_count == 1
+    baked = wb.bake(data, 1, [(0, b"zz")], {})
+    assert wb.parse(baked).data_count == 2
+    store = wasmtime.Store()
+    ex = wasmtime.Instance(store, wasmtime.Module(store.engine, baked), []).exports(store)
+    ex["copy"](store)
+    assert ex["memory"].read(store, 0, 2) == b"zz" and ex["memory"].read(store, 200, 203) == b"abc"
+
+
+def test_bake_refuses_what_it_cannot_express() -> None:
+    data = bytes(wasmtime.wat2wasm(BAKE_WAT))
+    g = next(e.index for e in wb.parse(data).exports if e.name == "g")
+    with pytest.raises(ValueError, match="maximum"):
+        wb.bake(data, 9, [], {})
+    with pytest.raises(ValueError, match="not i64"):
+        wb.bake(data, 1, [], {g: ("i64", 1)})
+    imported = bytes(wasmtime.wat2wasm('(module (import "e" "m" (memory 1)))'))
+    with pytest.raises(ValueError, match="defines its one memory"):
+        wb.bake(imported, 1, [], {})

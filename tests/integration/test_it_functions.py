@@ -92,6 +92,17 @@ def deploy(fnd: tuple[Daemon, Gateway]) -> Iterator[Callable[..., dict[str, Any]
         api("DELETE", f"/v1/functions/{n}")
 
 
+def direct_ready(d: Daemon, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The function's stats once its direct instances are made (in the background after a deploy); the
+    requests before that run as VMs."""
+    end = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = d.api.ok("GET", f"/v1/functions/{name}")["stats"]
+        if stats["direct_state"] != "preparing" or time.monotonic() > end:
+            return stats
+        time.sleep(0.02)
+
+
 def test_wagi_function_gets_the_cgi_request(fnd: tuple[Daemon, Gateway], deploy: Callable[..., Any]) -> None:
     _, gw = fnd
     fn = deploy("hello", image="wagi", route="/hello")
@@ -205,6 +216,7 @@ def test_wagi_requests_run_as_direct_instances_and_go_on_as_vms_when_they_must(
     d, gw = fnd
     stats = lambda name: d.api.ok("GET", f"/v1/functions/{name}")["stats"]  # noqa: E731
     deploy("dhello", image="wagi")
+    assert direct_ready(d, "dhello")["direct_state"] == "ready"
     for i in range(5):
         assert gw("GET", f"/dhello?name={i}")[::2] == (200, f"hello {i}, call 1\n".encode())
     assert gw("POST", "/dhello", b"x" * 100_000)[::2] == (201, b"got 100000 bytes, call 1\n")
@@ -219,10 +231,12 @@ def test_wagi_requests_run_as_direct_instances_and_go_on_as_vms_when_they_must(
     for image, answer in (("sleepy", b"slept"), ("sleepy-plain", b"slept"), ("longloop", b"done"),
                           ("longloop-plain", b"done")):
         deploy(image, image=image, executor="wagi")
+        direct_ready(d, image)
         assert gw("GET", f"/{image}")[::2] == (200, answer), image
         assert (stats(image)["direct"], stats(image)["direct_to_vm"]) == (0, 1), image
     # the function's own fuel is below a slice: its end is the direct instance's, answered as such
     deploy("starved", image="longloop", executor="wagi", fuel=1_000_000)
+    direct_ready(d, "starved")
     status, _, body = gw("GET", "/starved")
     assert status == 502 and b"ran out of fuel" in body
     assert (stats("starved")["direct"], stats("starved")["errors"]) == (1, {"out_of_fuel": 1})
@@ -433,6 +447,7 @@ def test_sdk_function_passes_request_and_response_through_memory(fnd: tuple[Daem
     d, gw = fnd
     fn = deploy("sdkf", image="fnsdk", executor="sdk", route="/sdk")
     assert fn["executor"] == "sdk" and fn["snapshot"]
+    assert direct_ready(d, "sdkf")["direct_state"] == "ready"  # (its snapshot baked into a module, compiled)
     for i in range(2):  # restored per request from the snapshot taken in mv_fn_request: state fresh, init kept
         status, headers, body = gw("POST", f"/sdk/p?i={i}", b"xyz", {"User-Agent": "ua/1"})
         assert (status, body) == (200, f"sdk POST /sdk/p?i={i} 3 bytes, call 1, agent ua/1, table 3\n".encode())
@@ -464,6 +479,8 @@ def test_javascript_function(fnd: tuple[Daemon, Gateway], deploy: Callable[..., 
     assert gw("GET", "/js/x")[:3:2] == (200, b"js GET /js/x 1 0")
     status, _, body = gw("POST", "/js", b"abcd")
     assert (status, body) == (200, b"js POST /js 1 4")  # module state fresh again
+    stats = direct_ready(d, "jsf")  # an interpreter's instances are VMs restored from its snapshot
+    assert (stats["direct_state"], stats["direct"]) == ("off", 0)
     status, _, body = gw("GET", "/js?fail=1")
     assert status == 502 and b"asked to fail" in body
     assert "asked to fail" in api("GET", "/v1/functions/jsf/logs").text
