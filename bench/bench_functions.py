@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
@@ -114,6 +115,15 @@ async def open_loop(port: int, path: str, rate: float, seconds: float, conns: in
     while not idle.empty():
         idle.get_nowait()[1].close()
     return lat, failed
+
+
+def ready(cl: Any, name: str, timeout: float = 60.0) -> None:
+    """Until the function's direct instances are made (in the background after its deploy)."""
+    end = time.monotonic() + timeout
+    while (state := cl.call("GET", f"/v1/functions/{name}")["stats"].get("direct_state", "ready")) != "ready":
+        if state == "off" or time.monotonic() > end:
+            raise RuntimeError(f"function {name}: no direct instances ({state}; see the daemon's log)")
+        time.sleep(0.02)
 
 
 def gateway_get(port: int, path: str) -> tuple[int, bytes]:
@@ -210,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
             cl.call("POST", "/v1/functions", {"name": "hello", "image": "wagi", "route": "/hello"})
             cl.call("POST", "/v1/functions", {"name": "hellosdk", "image": "fnsdk", "executor": "sdk",
                                               "route": "/sdk"})
+            for name in ("hello", "hellosdk"):
+                ready(cl, name)
             urls = {"aiohttp": f"http://127.0.0.1:{pport}/hello?name=x",
                     "microvmd": f"http://127.0.0.1:{gport}/hello?name=x",
                     "microvmd sdk": f"http://127.0.0.1:{gport}/sdk?name=x"}
@@ -228,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
             inside = hello_stats["fresh_instance_us"]
             # the snapshot function, not saturated: what a restore costs, and what a request waits for one
             cl.call("POST", "/v1/functions", {"name": "seqsdk", "image": "fnsdk", "executor": "sdk", "route": "/seq"})
+            ready(cl, "seqsdk")
             for _ in range(200):
                 gateway_get(gport, "/seq?name=y")
             sdk_stats = cl.call("GET", "/v1/functions/seqsdk")["stats"]

@@ -860,8 +860,8 @@ class FunctionStats(Response):
     # time from the request to a fresh instance ready to run (WAGI: a direct instance made, or a VM booted
     # with its first slice; sdk/python/js: a spare restored ahead of time, or a restore when there is none)
     restore_us: dict[str, float] | None = None  # the same for the restores themselves (sdk, python, js)
-    # WAGI: requests answered by a direct instance (docs/functions.md), and those that began as one and went
-    # on as an ephemeral VM (they waited, or needed more than one quantum or fuel slice)
+    # WAGI and SDK: requests answered by a direct instance (docs/functions.md), and those that began as one and
+    # went on as an ephemeral VM (they waited, or needed more than one quantum or fuel slice)
     direct: int = 0
     direct_to_vm: int = 0
     # whether its requests start as direct instances: "preparing" (made in the background after a deploy or

@@ -830,10 +830,11 @@ class LeanStore:
     def set_wasi(self, argv: Sequence[str], env: dict[str, str], stdout: bytes, stderr: bytes) -> None:
         """WASI with these arguments and environment, stdout and stderr written to the files at these paths
         (opened and truncated now), no stdin (a direct instance's own ``fd_read`` serves it) and no files."""
+        # (a header's bytes that are not UTF-8 reach the environment as they came: surrogateescape)
+        args = [a.encode("utf-8", "surrogateescape") for a in argv]
+        names = [k.encode("utf-8", "surrogateescape") for k in env]
+        values = [v.encode("utf-8", "surrogateescape") for v in env.values()]
         cfg = _wasi_new()
-        args = [a.encode() for a in argv]
-        names = [k.encode() for k in env]
-        values = [v.encode() for v in env.values()]
         if not (_wasi_argv(cfg, len(args), _cstrings(args)) and _wasi_env(cfg, len(names), _cstrings(names),
                                                                           _cstrings(values))
                 and _wasi_stdout(cfg, stdout) and _wasi_stderr(cfg, stderr)):
@@ -895,15 +896,15 @@ class LeanStore:
             raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
         return True
 
-    def call(self, name: str) -> Outcome:
-        """Call the exported function ``name`` (no parameters; results ignored) to its end."""
+    def call(self, name: str, nresults: int = 0) -> Outcome:
+        """Call the exported function ``name`` (no parameters, ``nresults`` results, ignored) to its end."""
         ext = self._export(name.encode())
         if ext is None or ext.kind != _EXTERN_FUNC:
             return Failed(f"the module exports no function {name!r}")
-        results = (ffi.wasmtime_val_t * 4)()
+        results = (ffi.wasmtime_val_t * max(1, nresults))()
         trap, error = ctypes.POINTER(ffi.wasm_trap_t)(), ctypes.POINTER(ffi.wasmtime_error_t)()
-        fut = _func_call(self.ctx, ctypes.addressof(ext) + _EXTERN_OF, None, 0, ctypes.addressof(results), 0,
-                         ctypes.addressof(trap), ctypes.addressof(error))
+        fut = _func_call(self.ctx, ctypes.addressof(ext) + _EXTERN_OF, None, 0, ctypes.addressof(results),
+                         nresults, ctypes.addressof(trap), ctypes.addressof(error))
         try:
             while not _future_poll(fut):
                 pass

@@ -26,7 +26,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ from ..images.rewrite import HOST_MODULE, RENAMED, WASI
 from ..vmm.budget import MemoryBudget
 
 log = logging.getLogger("microvmd.functions")
+DEFAULT_RESERVATION = 4 << 30  # wasmtime's memory reservation on a 64-bit host when none is configured
 I32 = wasmtime.ValType.i32()
 I64 = wasmtime.ValType.i64()
 STDERR_KEEP = 4096  # bytes of stderr kept for the function's log (its last ones)
@@ -127,6 +128,14 @@ def qualifies(imports: list[str], kind: str) -> bool:
     return kind in ("wasi", "sdk") and all(i.startswith(f"{WASI}.") or i in _RENAMED or i in _FN for i in imports)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A module loaded into a runner's engine and pre-linked against its linker (``DirectRunner.load``)."""
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre
+    results: dict[str, int]  # result count of each exported function (a call must make room for them)
+
+
 class DirectRunner:
     """Direct instances for the daemon's engine: a linker with wasmtime's WASI and the three renamed calls,
     a pre-linked module per image, and the run itself (``run``, on a vCPU worker)."""
@@ -134,7 +143,8 @@ class DirectRunner:
     def __init__(self, engine: wasmtime.Engine, epoch_interval: float, quantum: float, fuel_slice: int,
                  budget: MemoryBudget | None, modules_from: wasmtime.Engine | None = None) -> None:
         self.engine = engine  # (see ``for_daemon``: an engine of its own, with the pooling allocator)
-        self._engine_of_modules = modules_from or engine  # the engine the modules given to ``prepared`` are for
+        self._engine_of_modules = modules_from or engine  # the engine the modules given to ``load`` are for
+        self.max_memory: int | None = None  # a pooled slot's memory at most: a larger limit is the VM path's
         self.epoch_interval = epoch_interval
         self.quantum = quantum
         self.fuel_slice = fuel_slice
@@ -142,16 +152,15 @@ class DirectRunner:
         self.linker = wasmtime.Linker(engine)
         self.linker.allow_shadowing = True
         self.linker.define_wasi()
-        # stdin and waits are served here under both names: a module not rewritten at import (--no-asyncify)
-        # imports wasmtime's own, which would read no body and sleep on the worker
+        wt.define_host_func(self.linker, HOST_MODULE, "fd_read", ["i32"] * 4, ["i32"], _fd_read)
+        # waits are served here under both names: a module not rewritten at import (--no-asyncify) imports
+        # wasmtime's own poll_oneoff, whose sleep would hold the worker (its fd_read stays wasmtime's, as in a
+        # VM: no body reaches such a module either way)
         for module in (HOST_MODULE, WASI):
-            wt.define_host_func(self.linker, module, "fd_read", ["i32"] * 4, ["i32"], _fd_read)
             wt.define_host_func(self.linker, module, "poll_oneoff", ["i32"] * 4, ["i32"], _poll_oneoff)
         wt.define_host_func(self.linker, HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], ["i32"], _clock)
         wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_request", ["i32", "i32"], ["i32"], _fn_request)
         wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_respond", ["i32"] * 5, ["i32"], _fn_respond)
-        self._pres: dict[str, tuple[wasmtime.Module, wasmtime.InstancePre]] = {}
-        self._lock = threading.Lock()
         self.runs = 0
         self.fallbacks = 0
 
@@ -162,58 +171,65 @@ class DirectRunner:
         daemon's compiled modules load into it), with wasmtime's pooling allocator: a direct instance takes a
         slot whose memory stays mapped instead of mapping a new one (about 15 us of each instance here). One
         run at a time per vCPU worker: two slots per worker leave room."""
-        pool = wt.PoolOptions(slots=2 * workers, max_memory=limits.max_memory, table_elements=limits.table_elements)
-        return cls(wt.make_engine(opts, pool), epoch_interval, quantum, fuel_slice, budget, modules_from=engine)
+        # a slot cannot outgrow the engine's memory reservation (wasmtime aborts the process on such a
+        # configuration, it does not return an error): wasmtime's default is 4 GiB on a 64-bit host
+        max_memory = min(limits.max_memory, opts.memory_reservation or DEFAULT_RESERVATION)
+        pool = wt.PoolOptions(slots=2 * workers, max_memory=max_memory, table_elements=limits.table_elements)
+        runner = cls(wt.make_engine(opts, pool), epoch_interval, quantum, fuel_slice, budget, modules_from=engine)
+        runner.max_memory = max_memory
+        return runner
 
-    def prepared(self, key: str, module: Callable[[], wasmtime.Module]) -> tuple[wasmtime.Module,
-                                                                                  wasmtime.InstancePre]:
-        """The module (``module()``, compiled for ``modules_from``, an engine of the same options) loaded into
-        this runner's engine and pre-linked against its linker, made once per key (off the loop: loading a
-        module is not loop work)."""
-        with self._lock:
-            found = self._pres.get(key)
-        if found is None:
-            mod = module()
-            if self.engine is not self._engine_of_modules:
-                mod = wasmtime.Module.deserialize(self.engine, mod.serialize())
-            found = (mod, self.linker.instantiate_pre(mod))
-            with self._lock:
-                self._pres[key] = found
-        return found
-
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._pres.pop(key, None)
+    def load(self, module: wasmtime.Module) -> Prepared:
+        """``module`` (compiled for ``modules_from``, an engine of the same options) loaded into this runner's
+        engine and pre-linked (off the loop: loading a module is not loop work). What holds the result holds
+        the module: there is no cache to forget."""
+        if self.engine is not self._engine_of_modules:
+            module = wasmtime.Module.deserialize(self.engine, module.serialize())
+        results = {e.name: len(e.type.results) for e in module.exports if isinstance(e.type, wasmtime.FuncType)}
+        return Prepared(module, self.linker.instantiate_pre(module), results)
 
     # ------------------------------------------------------------------ the run (a vCPU worker)
-    def run(self, prepared: tuple[wasmtime.Module, wasmtime.InstancePre], entry: str, boot: list[str],
-            argv: list[str], env: dict[str, str], stdin: bytes, lim: Limits, stdout_cap: int,
-            rewind: str | None = None, part: fnio.FnPart | None = None) -> Ended | None:
+    def run(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], env: dict[str, str],
+            stdin: bytes, lim: Limits, stdout_cap: int, rewind: str | None = None, part: fnio.FnPart | None = None,
+            mono_ns: int = 0) -> Ended | None:
         """Run the instance to its end; None when the request must run as a VM instead (module docstring).
         ``rewind``: the module is a snapshot baked into a module (``bake``), whose Asyncify state global of this
         name starts as "rewinding": the entry rewinds into the call the snapshot was taken in. ``part``: an
-        SDK function's request, which gets its response."""
+        SDK function's request, which gets its response. ``mono_ns``: where the monotonic clock stands at the
+        start (a snapshot's, which goes on from there)."""
+        try:
+            return self._run(prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part, mono_ns)
+        except (OSError, UnicodeError) as exc:  # (no descriptor for the outputs...): the VM path answers
+            log.warning("direct instance not run (%s: %s): the request runs as a VM", type(exc).__name__, exc)
+            self.fallbacks += 1
+            return None
+
+    def _run(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], env: dict[str, str],
+             stdin: bytes, lim: Limits, stdout_cap: int, rewind: str | None, part: fnio.FnPart | None,
+             mono_ns: int) -> Ended | None:
         t0 = time.perf_counter()
         store = wt.LeanStore(self.engine)
         run = _current.run = _Run(stdin, part)
         run.rewinding = rewind
+        run.mono0 -= mono_ns
         held = 0
         t_inst = 0.0
         budget = self.budget
         slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
         # the run's wall-clock bound: the function's timeout when it is shorter than a quantum, else a quantum
-        # (past it the request goes to a VM, which time-slices); an epoch deadline traps at the tick after it
+        # (past it the request goes to a VM, which time-slices). An epoch deadline of n ticks traps at the n-th
+        # tick from now, the first of which may come at once: one more tick makes it at least the bound.
         own_timeout = lim.timeout <= self.quantum
         bound = lim.timeout if own_timeout else self.quantum
         ended: tuple[str, int | None, str] = ("exit", 0, "")
         try:
-            store.limit(slice_fuel, max(1, math.ceil(bound / self.epoch_interval)),
+            store.limit(slice_fuel, math.ceil(bound / self.epoch_interval) + 1,
                         lim.memory if budget is None else min(lim.memory, budget.headroom()),
                         lim.table_elements, lim.instances, lim.tables, lim.memories)
             outs = _outputs()
             store.set_wasi(argv, env, outs.out_path, outs.err_path)
             try:
-                store.instantiate(prepared[1])
+                store.instantiate(prepared.pre)
                 if rewind is not None:
                     boot = []
                 t_inst = time.perf_counter() - t0
@@ -221,7 +237,7 @@ class DirectRunner:
                     held = store.memory_size()
                     budget.change(held)
                 for name in [*boot, entry]:
-                    outcome = store.call(name)
+                    outcome = store.call(name, prepared.results.get(name, 0))
                     if run.needs_vm:
                         self.fallbacks += 1
                         return None
@@ -287,9 +303,10 @@ def _fd_read(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
     try:
         if iovs_len < 0 or not mem.check(nread_ptr, 4):
             return [p1.EFAULT]
-        raw = mem.read(iovs, 8 * iovs_len)
+        n = min(iovs_len, 1024)  # (as the VM path's fd_read: a guest cannot make the host loop for long)
+        raw = mem.read(iovs, 8 * n)
         done = 0
-        for i in range(iovs_len):
+        for i in range(n):
             ptr, length = struct.unpack_from("<II", raw, 8 * i)
             if not mem.check(ptr, length):
                 return [p1.EFAULT]

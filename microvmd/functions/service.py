@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import secrets
+import shutil
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -87,14 +88,14 @@ class Version:
 class _DirectStart:
     """What a version's direct instances start from (Functions._make_direct_start)."""
 
-    key: str  # the runner's name for its pre-linked module
-    prepared: tuple[wasmtime.Module, wasmtime.InstancePre]
+    prepared: direct.Prepared
     entry: str
     boot: list[str]
     argv: list[str]
     env: dict[str, str]
     memory: int | None  # SDK: the instance's memory limit (WAGI: per request, from the image)
     rewind: str | None  # SDK: the Asyncify state global of the baked snapshot (the module starts rewinding)
+    mono_ns: int  # SDK: the snapshot's monotonic clock, which goes on from there
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Function:
     spares: deque[tuple[Vm, Version]] = field(default_factory=deque)  # fresh instances restored ahead of time
     refill: asyncio.Task[None] | None = None
     last_request: float = 0.0
-    direct: int = 0  # WAGI requests answered by a direct instance
+    direct: int = 0  # WAGI and SDK requests answered by a direct instance
     direct_to_vm: int = 0  # ... and those that went on as a VM
 
     @property
@@ -189,6 +190,8 @@ class Functions:
 
     # ------------------------------------------------------------------ start-up and records
     async def startup(self) -> None:
+        # (compiles of baked snapshots that a crash interrupted left their files here)
+        await self.hv.sched.on_io(shutil.rmtree, self.dir / ".baking", True)
         records = await self.hv.sched.on_io(self._read_records)
         for rec in records:
             fn = Function(rec.name, Version(rec), asyncio.Semaphore(rec.max_concurrency or DEFAULT_CONCURRENCY))
@@ -386,11 +389,9 @@ class Functions:
 
     def _retire(self, v: Version) -> None:
         v.retired = True
-        d, v.direct = v.direct, False
+        d, v.direct = v.direct, False  # (requests in flight keep what they started with)
         if isinstance(d, asyncio.Task):
             d.cancel()
-        elif isinstance(d, _DirectStart):
-            self.direct.forget(d.key)
         if v.in_flight == 0 and v.rec.snapshot is not None:
             task = asyncio.get_running_loop().create_task(self._drop_snapshot(v.rec.snapshot, v.rec.name))
             self._retiring.add(task)
@@ -613,43 +614,61 @@ class Functions:
         than direct instances serve, or the snapshot cannot be baked (the VM path serves the function)."""
         rec = version.rec
         hv = self.hv
-        key = f"{rec.name}.{rec.version}.{id(version):x}"
+        if rec.executor not in ("wagi", "sdk"):
+            return False  # (an interpreter: its instances are VMs)
+
+        def off(why: str) -> bool:
+            log.info("function %s: no direct instances (%s): its requests run as VMs", rec.name, why)
+            return False
+
         if rec.executor == "wagi":
             img = hv.images.resolve(rec.digest)
             if not direct.qualifies(img.imports, img.kind) or not img.entry:
-                return False
-            prepared = await hv.sched.on_io(self.direct.prepared, key, lambda: hv.images.module(img))
-            return _DirectStart(key, prepared, img.entry, list(img.boot), ["guest", *img.args], dict(img.env), None,
-                                None)
-        if rec.executor != "sdk" or rec.snapshot is None:
+                return off("its image imports devices of the guest SDK")
+            memory = rec.memory if rec.memory is not None else img.limits.get("memory", hv.cfg.limits.memory)
+            if self.direct.max_memory is not None and memory > self.direct.max_memory:
+                return off(f"its memory limit is above the direct instances' {self.direct.max_memory} bytes "
+                           f"([engine] memory_reservation)")
+            try:
+                prepared = await hv.sched.on_io(lambda: self.direct.load(hv.images.module(img)))
+            except wasmtime.WasmtimeError as exc:  # (a module beyond the pooling allocator's limits)
+                return off(str(exc).splitlines()[0])
+            return _DirectStart(prepared, img.entry, list(img.boot), [_argv0(img), *img.args], dict(img.env), None,
+                                None, 0)
+        if rec.snapshot is None:
             return False
         snap = await self.snaps.image_of(rec.snapshot)
         img = hv.images.resolve(snap.digest)
-        if not direct.qualifies(img.imports, img.kind) or not img.entry or not img.asyncify_globals \
-                or not snap.unwound or snap.tables_changed:
-            return False
+        if not direct.qualifies(img.imports, img.kind) or not img.entry or not img.asyncify_globals:
+            return off("its image imports devices of the guest SDK beyond microvm_fn")
+        if not snap.unwound or snap.tables_changed:
+            return off("its snapshot was not taken inside fn_request" if not snap.unwound else
+                       "its snapshot changed the module's tables")
+        memory = rec.memory if rec.memory is not None else snap.spec.memory
+        if memory is None:
+            memory = img.limits.get("memory", hv.cfg.limits.memory)
+        if self.direct.max_memory is not None and memory > self.direct.max_memory:
+            return off(f"its memory limit is above the direct instances' {self.direct.max_memory} bytes "
+                       f"([engine] memory_reservation)")
         state = img.asyncify_globals[0]
+        baking = self.dir / ".baking"
 
-        def make() -> tuple[wasmtime.Module, wasmtime.InstancePre]:
+        def make() -> direct.Prepared:
             data = direct.baked(hv.images.normalized_bytes(img), snap.memory_size // 65536, snap.segments,
                                 snap.globals, state)
-            cache = self.dir / f".{key}.cwasm"  # (a big module is compiled by a child process that writes here)
-            try:
-                return self.direct.prepared(key, lambda: hv.images.compiler.compile(data, cache))
+            baking.mkdir(exist_ok=True)
+            cache = baking / f"{rec.name}.{rec.version}.{secrets.token_hex(4)}.cwasm"  # (a big module's compile
+            try:  # child writes its code here; a small one compiles in this thread)
+                return self.direct.load(hv.images.compiler.compile(data, cache))
             finally:
                 cache.unlink(missing_ok=True)
 
         try:
             prepared = await hv.sched.on_io(make)
-        except (ValueError, MicrovmError) as exc:
-            log.info("function %s: its snapshot cannot be baked for direct instances (%s): each request restores "
-                     "a VM", rec.name, exc)
-            return False
-        memory = rec.memory if rec.memory is not None else snap.spec.memory
-        if memory is None:
-            memory = img.limits.get("memory", hv.cfg.limits.memory)
-        return _DirectStart(key, prepared, img.entry, [], ["guest", *(snap.spec.args or img.args)],
-                            {**img.env, **snap.spec.env}, memory, f"{RESERVED_PREFIX}global_{state}")
+        except (ValueError, MicrovmError, wasmtime.WasmtimeError) as exc:
+            return off(f"its snapshot cannot be baked into its module: {str(exc).splitlines()[0]}")
+        return _DirectStart(prepared, img.entry, [], [_argv0(img), *(snap.spec.args or img.args)],
+                            {**img.env, **snap.spec.env}, memory, f"{RESERVED_PREFIX}global_{state}", snap.mono_ns)
 
     async def _run_direct(self, fn: Function, version: Version, start: _DirectStart, req: FnRequest,
                           rid: str) -> FnResponse | None:
@@ -683,7 +702,7 @@ class Functions:
         assert start.memory is not None
         limits = direct.limits_for(rec.fuel or lim.fuel, start.memory, self.timeout(rec), lim)
         ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, [], start.argv, start.env,
-                                           b"", limits, lim.log_bytes, start.rewind, part)
+                                           b"", limits, lim.log_bytes, start.rewind, part, start.mono_ns)
         if ended is None:
             return None
         fn.instance_times.append(ended.instance_s)
@@ -999,6 +1018,11 @@ class Functions:
                 fn.current.direct.cancel()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+def _argv0(img: Any) -> str:
+    """A guest's ``argv[0]``, as the VM builder makes it: the image's first name."""
+    return img.names[0] if img.names and not img.names[0].startswith("sha256:") else "guest"
 
 
 def _payload(rec: contract.FunctionRecord, req: FnRequest) -> bytes:

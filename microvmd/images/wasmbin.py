@@ -600,7 +600,8 @@ def bake(data: bytes, pages: int, segments: Sequence[tuple[int, bytes]],
     the module's own, so wasmtime maps the memory from the compiled module's copy-on-write image at each
     instantiation and nothing is copied per instance.
 
-    The module's own data segments are replaced. When it has a data count section (its code may name segments
+    The module's start function is dropped (it ran before the snapshot). Its own data segments are
+    replaced. When it has a data count section (its code may name segments
     in ``memory.init`` and ``data.drop``), they are kept, made passive, ahead of the new ones, so that every
     index its code names is still the same segment. ValueError for what cannot be baked: an imported, 64-bit
     or shared memory, a maximum below ``pages``, an imported or non-numeric global among ``values``, a value of
@@ -660,6 +661,8 @@ def bake(data: bytes, pages: int, segments: Sequence[tuple[int, bytes]],
                 parts.append(data[start:init_at] + _const_expr(*values[idx]) if idx in values else data[start:r.pos])
                 idx += 1
             out.append(_encode_section(6, b"".join(parts)))
+        elif sec.id == 8:
+            continue  # the start function ran before the snapshot: its effects are in it
         elif sec.id == 12:
             out.append(_encode_section(12, encode_u32(len(kept) + len(new_active))))
         elif sec.id == 11:

@@ -91,6 +91,7 @@ class SnapshotImage:
     globals: dict[str, tuple[str, int | float]]
     unwound: bool
     tables_changed: bool
+    mono_ns: int  # a rewritten guest's monotonic clock at the snapshot (its WASI part), else 0
 
 
 class Snapshots:
@@ -435,9 +436,12 @@ class Snapshots:
             return [(at, bytes(b)) for at, b in runs]
 
         segments = await self.hv.sched.on_io(read)
+        devices = m.get("devices")
+        wasi = devices.get("wasi") if isinstance(devices, dict) else None
+        mono = wasi.get("monotonic_ns") if isinstance(wasi, dict) else None
         return SnapshotImage(m["vm"]["digest"], VmSpec.from_contract(stored), size, segments,
                              {k: (v[0], v[1]) for k, v in m["globals"].items()}, m["kind"] == "unwound",
-                             bool(m.get("tables")))
+                             bool(m.get("tables")), mono if isinstance(mono, int) and mono >= 0 else 0)
 
     def _distrust(self, name: str, spec: VmSpec, m: dict[str, Any], fuel_budget: int | None) -> int | None:
         """An imported snapshot's spec is what a file asked for, and anyone can write a file whose checksums

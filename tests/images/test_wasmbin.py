@@ -542,3 +542,16 @@ def test_bake_refuses_what_it_cannot_express() -> None:
     imported = bytes(wasmtime.wat2wasm('(module (import "e" "m" (memory 1)))'))
     with pytest.raises(ValueError, match="defines its one memory"):
         wb.bake(imported, 1, [], {})
+
+
+def test_bake_drops_the_start_function() -> None:
+    """Its effects are in the snapshot: running it again would undo the snapshot's state."""
+    wat = """(module
+      (memory (export "memory") 1)
+      (func $init (i32.store (i32.const 0) (i32.const 1)))
+      (start $init))"""
+    baked = wb.bake(bytes(wasmtime.wat2wasm(wat)), 1, [(0, b"\x05")], {})
+    assert wb.parse(baked).start is None
+    store = wasmtime.Store()
+    ex = wasmtime.Instance(store, wasmtime.Module(store.engine, baked), []).exports(store)
+    assert ex["memory"].read(store, 0, 1) == b"\x05"

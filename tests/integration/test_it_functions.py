@@ -431,6 +431,25 @@ def test_sigterm_under_gateway_load_gives_answers_or_503(make_daemon: Callable[.
     assert seen and set(seen) <= {200, 503}, sorted(set(seen))
 
 
+def test_a_small_memory_reservation_limits_direct_instances(make_daemon: Callable[..., Daemon],
+                                                           tmp_path: Path) -> None:
+    """[engine] memory_reservation caps what a pooled slot's memory can be: a function allowed more runs its
+    requests as VMs (the daemon starts; wasmtime would abort on a pool larger than the reservation)."""
+    conf = tmp_path / "d.toml"
+    conf.write_text('[engine]\nmemory_reservation = "64MiB"\n')
+    port = free_port()
+    d = make_daemon("--config", str(conf), "--gateway", f"127.0.0.1:{port}")
+    assert d.api.import_image(WAGI.read_bytes(), "wagi").status == 201
+    gw = Gateway(port)
+    for name, memory in (("small", 32 << 20), ("large", None)):
+        r = d.api("POST", "/v1/functions", {"name": name, "image": "wagi", "memory": memory})
+        assert r.status == 201, r.body
+        stats = direct_ready(d, name)
+        assert stats["direct_state"] == ("ready" if memory else "off"), name
+        assert gw("GET", f"/{name}?name={name}")[::2] == (200, f"hello {name}, call 1\n".encode())
+    assert "no direct instances (its memory limit is above" in d.log()
+
+
 def test_a_taken_gateway_port_is_refused_only_when_asked_for(make_daemon: Callable[..., Daemon]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,7 @@ the runs that must go on as VMs."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -48,7 +49,7 @@ def runner(engine: wasmtime.Engine, budget: MemoryBudget | None = None) -> direc
 def run(r: direct.DirectRunner, mod: wasmtime.Module, stdin: bytes = b"", fuel: int | None = None,
         memory: int = 1 << 20, timeout: float = 30.0, cap: int = 1 << 20) -> direct.Ended | None:
     lim = direct.Limits(fuel, memory, timeout, 1000, 1, 1, 1)
-    return r.run(r.prepared(str(id(mod)), lambda: mod), "_start", [], ["guest"], {"A": "1"}, stdin, lim, cap)
+    return r.run(r.load(mod), "_start", [], ["guest"], {"A": "1"}, stdin, lim, cap)
 
 
 def test_output_exit_code_and_the_stdout_cap(engine: wasmtime.Engine) -> None:
@@ -66,11 +67,12 @@ def test_output_exit_code_and_the_stdout_cap(engine: wasmtime.Engine) -> None:
 
 
 def test_stdin_reads_in_pieces_then_end_of_file(engine: wasmtime.Engine) -> None:
-    """fd_read on fd 0 gives the body across iovecs and calls, then 0 bytes; poll_oneoff says stdin is ready
+    """fd_read on fd 0 (as a module rewritten at import imports it) gives the body across iovecs and calls, then
+    0 bytes; poll_oneoff says stdin is ready
     with what is left; other descriptors are EBADF."""
     r = runner(engine)
     imports = WRITE + '''
-      (import "wasi_snapshot_preview1" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+      (import "microvm_wasi" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
       (import "wasi_snapshot_preview1" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'''
     body = f'''
       (func (export "_start") (local $n i32) (local $at i32)
@@ -118,8 +120,10 @@ def test_the_wall_clock_bound_is_the_timeout_or_a_quantum(engine: wasmtime.Engin
     as a VM (fuel slices large enough that only the clock can end this spin)."""
     r = direct.DirectRunner(engine, 0.01, 0.02, 1 << 60, None)
     spin = module(engine, '(func (export "_start") (loop $l (br $l)))')
+    t0 = time.monotonic()
     ended = run(r, spin, timeout=0.005)
     assert ended is not None and ended.reason == "timeout"
+    assert time.monotonic() - t0 >= 0.005  # never before the timeout (the first tick may come at once)
     assert run(r, spin, timeout=30.0) is None
     assert (r.runs, r.fallbacks) == (1, 1)
 
@@ -156,7 +160,20 @@ def test_the_daemons_runner_pools_instances_of_modules_compiled_elsewhere(engine
     assert r.engine is not engine
     mod = module(engine, f'''(data (i32.const 64) "pooled") (func (export "_start") {write(1, 64, 6)})''')
     lim = direct.Limits(None, 1 << 20, 30.0, 1000, 1, 1, 1)
-    prepared = r.prepared("pooled", lambda: mod)
+    prepared = r.load(mod)
     for _ in range(5):  # more than its 2 slots
         ended = r.run(prepared, "_start", [], ["guest"], {}, b"", lim, 1 << 20)
         assert ended is not None and (ended.reason, ended.stdout) == ("exit", b"pooled")
+
+
+def test_an_entry_with_results_and_the_clock_of_a_snapshot(engine: wasmtime.Engine) -> None:
+    """An entry that returns a value runs (its result is ignored, as a VM's is); the monotonic clock goes on
+    from where a snapshot left it."""
+    r = runner(engine)
+    imports = WRITE + '(import "microvm_wasi" "clock_time_get" (func $c (param i32 i64 i32) (result i32)))'
+    mod = module(engine, f'''(func (export "_start") (result i32)
+        (drop (call $c (i32.const 1) (i64.const 0) (i32.const 32))) {write(1, 32, 8)} (i32.const 7))''', imports)
+    lim = direct.Limits(None, 1 << 20, 30.0, 1000, 1, 1, 1)
+    ended = r.run(r.load(mod), "_start", [], ["guest"], {}, b"", lim, 1 << 20, mono_ns=10**15)
+    assert ended is not None and (ended.reason, ended.code) == ("exit", 0)
+    assert 10**15 <= int.from_bytes(ended.stdout, "little") < 10**15 + 10**10
