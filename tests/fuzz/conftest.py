@@ -24,6 +24,11 @@ def fuzz_daemon() -> Iterator[Daemon]:
     with Daemon.fresh("mvd-fz-", "--config", str(cfg_root / "fuzz.toml")) as d:
         for name in ("hello", "counter"):
             d.mv("image", "import", str(IMAGES / name / f"{name}.wasm"), "--name", name)
+        # Where the interpreters are fetched, a random Python or JavaScript deploy would import and rewrite one
+        # (QuickJS about 20-95 s, CPython minutes), past a request's timeout. Images of those names that
+        # cannot be an interpreter's make such deploys a prompt 422 instead.
+        for name in ("python", "js"):
+            d.mv("image", "import", str(IMAGES / "hello" / "hello.wasm"), "--name", name, "--no-asyncify")
         yield d
 
 
