@@ -256,11 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
     c.emit(f"open loop at {peak / 2:.0f} requests/s for {len(lat)} requests: p50 {c.ms(c.median(lat))} ms, "
            f"p99 {c.ms(p99)} ms, {failed} failed")
     c.emit(f"WAGI, inside the daemon, a fresh instance made (store, WASI, instance) under the open loop: {inside}; "
-           f"direct instances {hello_stats['direct']}, went on as VMs {hello_stats['direct_to_vm']}")
+           f"direct instances {hello_stats.get('direct', '-')}, went on as VMs {hello_stats.get('direct_to_vm', '-')}")
     restore = sdk_stats["restore_us"]
     c.emit(f"SDK function (images/fnsdk), 200 sequential requests: a fresh instance resumed from its snapshot "
            f"(store, WASI, instance, snapshot memory and globals) {restore}; direct instances "
-           f"{sdk_stats['direct']}, went on as VMs {sdk_stats['direct_to_vm']}")
+           f"{sdk_stats.get('direct', '-')}, went on as VMs {sdk_stats.get('direct_to_vm', '-')}")
     t.check("C function, fresh VM per request >= 50% of aiohttp hello-world req/s", share >= 0.5 and bad == 0,
             f"{share:.2f}x ({best}: {c.median(rates[best]):.0f} vs {c.median(rates['aiohttp']):.0f})")
     t.check("p99 <= 5 ms at half the maximum rate", p99 <= 0.005 and failed == 0, f"{c.ms(p99)} ms")
