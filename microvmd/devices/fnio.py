@@ -33,7 +33,8 @@ def encode_request(method: str, path: str, query: str, headers: dict[str, str], 
     for k, v in headers.items():
         if k and "\0" not in k and "\0" not in v:
             parts += [k, v]
-    # (a header's bytes that are not UTF-8 come from the HTTP parser as surrogates: they go as they came)
+    # (a header's bytes that are not UTF-8 come from the HTTP parser as surrogates: they go as they came, to a
+    # VM and a direct instance alike)
     return "\0".join(parts).encode("utf-8", "surrogateescape") + b"\0\0" + body
 
 

@@ -830,10 +830,9 @@ class LeanStore:
     def set_wasi(self, argv: Sequence[str], env: dict[str, str], stdout: bytes, stderr: bytes) -> None:
         """WASI with these arguments and environment, stdout and stderr written to the files at these paths
         (opened and truncated now), no stdin (a direct instance's own ``fd_read`` serves it) and no files."""
-        # (a header's bytes that are not UTF-8 reach the environment as they came: surrogateescape)
-        args = [a.encode("utf-8", "surrogateescape") for a in argv]
-        names = [k.encode("utf-8", "surrogateescape") for k in env]
-        values = [v.encode("utf-8", "surrogateescape") for v in env.values()]
+        args = [a.encode() for a in argv]
+        names = [k.encode() for k in env]
+        values = [v.encode() for v in env.values()]
         cfg = _wasi_new()
         if not (_wasi_argv(cfg, len(args), _cstrings(args)) and _wasi_env(cfg, len(names), _cstrings(names),
                                                                           _cstrings(values))

@@ -45,6 +45,7 @@ DEFAULT_RESERVATION = 4 << 30  # wasmtime's memory reservation on a 64-bit host 
 I32 = wasmtime.ValType.i32()
 I64 = wasmtime.ValType.i64()
 STDERR_KEEP = 4096  # bytes of stderr kept for the function's log (its last ones)
+BIG_OUTPUT = 1 << 20  # a run's output files above this are emptied when it ends
 _RENAMED = frozenset(f"{HOST_MODULE}.{name}" for name in RENAMED)
 _FN = frozenset(f"{fnio.HOST_MODULE}.{name}" for name in ("fn_request", "fn_respond"))
 
@@ -81,21 +82,27 @@ class _Outputs:
 
     def __init__(self) -> None:
         self.out = os.memfd_create("microvmd-direct-stdout", os.MFD_CLOEXEC)
-        self.err = os.memfd_create("microvmd-direct-stderr", os.MFD_CLOEXEC)
+        try:
+            self.err = os.memfd_create("microvmd-direct-stderr", os.MFD_CLOEXEC)
+        except OSError:
+            os.close(self.out)
+            raise
         self.out_path = f"/proc/self/fd/{self.out}".encode()
         self.err_path = f"/proc/self/fd/{self.err}".encode()
 
     def read(self, cap: int) -> tuple[bytes, bool, bytes]:
-        """(stdout up to ``cap``, whether it went beyond, the last STDERR_KEEP bytes of stderr); then both
-        files are emptied, so that a big output is not kept."""
+        """(stdout up to ``cap``, whether it went beyond, the last STDERR_KEEP bytes of stderr)."""
         size = os.fstat(self.out).st_size
         out = os.pread(self.out, min(size, cap), 0) if size else b""
         esize = os.fstat(self.err).st_size
         err = os.pread(self.err, min(esize, STDERR_KEEP), max(0, esize - STDERR_KEEP)) if esize else b""
-        if size > (1 << 20) or esize > (1 << 20):
+        return out, size > cap, err
+
+    def release(self) -> None:
+        """After every run, read or dropped: a big output is not kept until the next run truncates it."""
+        if os.fstat(self.out).st_size > BIG_OUTPUT or os.fstat(self.err).st_size > BIG_OUTPUT:
             os.ftruncate(self.out, 0)
             os.ftruncate(self.err, 0)
-        return out, size > cap, err
 
 
 def _outputs() -> _Outputs:
@@ -156,8 +163,8 @@ class DirectRunner:
         # waits are served here under both names: a module not rewritten at import (--no-asyncify) imports
         # wasmtime's own poll_oneoff, whose sleep would hold the worker (its fd_read stays wasmtime's, as in a
         # VM: no body reaches such a module either way)
-        for module in (HOST_MODULE, WASI):
-            wt.define_host_func(self.linker, module, "poll_oneoff", ["i32"] * 4, ["i32"], _poll_oneoff)
+        wt.define_host_func(self.linker, HOST_MODULE, "poll_oneoff", ["i32"] * 4, ["i32"], _poll_oneoff)
+        wt.define_host_func(self.linker, WASI, "poll_oneoff", ["i32"] * 4, ["i32"], _poll_oneoff_no_stdin)
         wt.define_host_func(self.linker, HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], ["i32"], _clock)
         wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_request", ["i32", "i32"], ["i32"], _fn_request)
         wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_respond", ["i32"] * 5, ["i32"], _fn_respond)
@@ -173,7 +180,8 @@ class DirectRunner:
         run at a time per vCPU worker: two slots per worker leave room."""
         # a slot cannot outgrow the engine's memory reservation (wasmtime aborts the process on such a
         # configuration, it does not return an error): wasmtime's default is 4 GiB on a 64-bit host
-        max_memory = min(limits.max_memory, opts.memory_reservation or DEFAULT_RESERVATION)
+        reservation = DEFAULT_RESERVATION if opts.memory_reservation is None else opts.memory_reservation
+        max_memory = min(limits.max_memory, reservation)
         pool = wt.PoolOptions(slots=2 * workers, max_memory=max_memory, table_elements=limits.table_elements)
         runner = cls(wt.make_engine(opts, pool), epoch_interval, quantum, fuel_slice, budget, modules_from=engine)
         runner.max_memory = max_memory
@@ -203,6 +211,13 @@ class DirectRunner:
             log.warning("direct instance not run (%s: %s): the request runs as a VM", type(exc).__name__, exc)
             self.fallbacks += 1
             return None
+        finally:
+            outs: _Outputs | None = getattr(_current, "outputs", None)
+            if outs is not None:
+                try:
+                    outs.release()
+                except OSError as exc:
+                    log.warning("direct instance outputs not emptied: %s", exc)
 
     def _run(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], env: dict[str, str],
              stdin: bytes, lim: Limits, stdout_cap: int, rewind: str | None, part: fnio.FnPart | None,
@@ -348,6 +363,15 @@ def _fn_respond(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
 def _poll_oneoff(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
     """Whatever is ready now (stdin always is: the whole body is there); a clock that has not fired means a
     wait, which only a VM can do without holding a worker."""
+    return _poll(mem, args, True)
+
+
+def _poll_oneoff_no_stdin(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
+    """The same for a module not rewritten at import, whose stdin is wasmtime's own (empty, as in a VM)."""
+    return _poll(mem, args, False)
+
+
+def _poll(mem: wt.GuestMemory, args: Sequence[int], body: bool) -> list[int]:
     run: _Run = _current.run
     in_ptr, out_ptr, nsubs, nevents_ptr = args
     if nsubs <= 0 or nsubs > p1.MAX_SUBSCRIPTIONS:
@@ -372,7 +396,7 @@ def _poll_oneoff(mem: wt.GuestMemory, args: Sequence[int]) -> list[int]:
             if left <= 0:
                 events.append(p1._EVENT.pack(userdata, 0, p1.TAG_CLOCK, 0, 0))
         elif tag == p1.TAG_FD_READ and which == 0:
-            n = len(run.stdin) - run.pos
+            n = len(run.stdin) - run.pos if body else 0
             events.append(p1._EVENT.pack(userdata, 0, tag, n, 0 if n else p1.HANGUP))
         elif tag in (p1.TAG_FD_READ, p1.TAG_FD_WRITE):
             events.append(p1._EVENT.pack(userdata, 0 if which in (1, 2) else p1.EBADF, tag, 0, 0))

@@ -623,8 +623,10 @@ class Functions:
 
         if rec.executor == "wagi":
             img = hv.images.resolve(rec.digest)
-            if not direct.qualifies(img.imports, img.kind) or not img.entry:
-                return off("its image imports devices of the guest SDK")
+            if not img.entry:
+                return off("its image has no entry")
+            if not direct.qualifies(img.imports, img.kind):
+                return off(f"its image is a {img.kind} module that imports more than WASI")
             memory = rec.memory if rec.memory is not None else img.limits.get("memory", hv.cfg.limits.memory)
             if self.direct.max_memory is not None and memory > self.direct.max_memory:
                 return off(f"its memory limit is above the direct instances' {self.direct.max_memory} bytes "
@@ -636,10 +638,12 @@ class Functions:
             return _DirectStart(prepared, img.entry, list(img.boot), [_argv0(img), *img.args], dict(img.env), None,
                                 None, 0)
         if rec.snapshot is None:
-            return False
+            return off("it has no snapshot")
         snap = await self.snaps.image_of(rec.snapshot)
         img = hv.images.resolve(snap.digest)
-        if not direct.qualifies(img.imports, img.kind) or not img.entry or not img.asyncify_globals:
+        if not img.entry or not img.asyncify_globals:
+            return off("its image has no entry or no Asyncify state")
+        if not direct.qualifies(img.imports, img.kind):
             return off("its image imports devices of the guest SDK beyond microvm_fn")
         if not snap.unwound or snap.tables_changed:
             return off("its snapshot was not taken inside fn_request" if not snap.unwound else
@@ -680,6 +684,8 @@ class Functions:
         lim = hv.cfg.limits
         fuel = rec.fuel if rec.fuel is not None else img.limits.get("fuel", lim.fuel)
         memory = rec.memory if rec.memory is not None else img.limits.get("memory", lim.memory)
+        if self.direct.max_memory is not None and memory > self.direct.max_memory:
+            return None  # (the image's default memory was raised since: more than a pooled slot holds)
         limits = direct.limits_for(fuel, memory, self.timeout(rec), lim)
         env = {**start.env, **wagi.environment(req, rec.env)}
         ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, start.boot, start.argv, env,

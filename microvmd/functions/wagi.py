@@ -48,7 +48,10 @@ def environment(req: FnRequest, extra: dict[str, str]) -> dict[str, str]:
     for name, value in req.headers.items():
         if name in _NOT_FORWARDED or not _HEADER_NAME.match(name) or "\0" in value:
             continue
-        env["HTTP_" + name.upper().replace("-", "_")] = value
+        # a value's bytes that are not UTF-8 come from the HTTP parser as surrogates, which no environment
+        # can hold: they become U+FFFD (the guest's environment is UTF-8, a VM's and a direct instance's alike)
+        env["HTTP_" + name.upper().replace("-", "_")] = value.encode("utf-8", "surrogateescape").decode(
+            "utf-8", "replace")
     env.update(extra)
     return env
 

@@ -2,6 +2,7 @@
 the runs that must go on as VMs."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -73,7 +74,7 @@ def test_stdin_reads_in_pieces_then_end_of_file(engine: wasmtime.Engine) -> None
     r = runner(engine)
     imports = WRITE + '''
       (import "microvm_wasi" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
-      (import "wasi_snapshot_preview1" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'''
+      (import "microvm_wasi" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'''
     body = f'''
       (func (export "_start") (local $n i32) (local $at i32)
         (local.set $at (i32.const 1024))
@@ -177,3 +178,34 @@ def test_an_entry_with_results_and_the_clock_of_a_snapshot(engine: wasmtime.Engi
     ended = r.run(r.load(mod), "_start", [], ["guest"], {}, b"", lim, 1 << 20, mono_ns=10**15)
     assert ended is not None and (ended.reason, ended.code) == ("exit", 0)
     assert 10**15 <= int.from_bytes(ended.stdout, "little") < 10**15 + 10**10
+
+
+def test_a_module_not_rewritten_polls_an_empty_stdin_as_it_reads_one(engine: wasmtime.Engine) -> None:
+    """wasmtime's own fd_read serves such a module (no body reaches it, as in a VM): its poll_oneoff says so."""
+    r = runner(engine)
+    imports = WRITE + '(import "wasi_snapshot_preview1" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))'
+    mod = module(engine, f'''(func (export "_start")
+        (i32.store8 (i32.const 200) (i32.const 1)) (i32.store (i32.const 208) (i32.const 0))
+        (drop (call $p (i32.const 192) (i32.const 512) (i32.const 1) (i32.const 600)))
+        {write(1, 528, 10)})''', imports)
+    ended = run(r, mod, stdin=b"a body")
+    assert ended is not None and ended.stdout[:8] == bytes(8) and ended.stdout[8:] == b"\x01\x00"  # 0, HANGUP
+
+
+def test_a_big_output_is_dropped_after_the_run_even_when_it_goes_on_as_a_vm(engine: wasmtime.Engine) -> None:
+    r = runner(engine)
+    mod = module(engine, f'''(func (export "_start") (local $i i32)
+        (loop $l {write(1, 0, 65536)} (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $l (i32.lt_u (local.get $i) (i32.const 40))))
+        (loop $spin (br $spin)))''', pages=2)
+    assert run(r, mod) is None  # 2.5 MiB written, then a spin past its slice: a VM's request
+    outs = direct._current.outputs
+    assert os.fstat(outs.out).st_size == 0
+
+
+def test_header_bytes_that_are_not_utf8_reach_the_cgi_environment_replaced() -> None:
+    from microvmd.functions import wagi
+    from microvmd.functions.http import FnRequest
+
+    req = FnRequest("GET", "/x", "", {"x-name": "caf\udce9"}, b"", route="/x")
+    assert wagi.environment(req, {})["HTTP_X_NAME"] == "caf\ufffd"
