@@ -89,6 +89,7 @@ class _Outputs:
             raise
         self.out_path = f"/proc/self/fd/{self.out}".encode()
         self.err_path = f"/proc/self/fd/{self.err}".encode()
+        self._sizes: tuple[int, int] | None = None  # what ``read`` found, for ``release``
 
     def read(self, cap: int) -> tuple[bytes, bool, bytes]:
         """(stdout up to ``cap``, whether it went beyond, the last STDERR_KEEP bytes of stderr)."""
@@ -96,11 +97,15 @@ class _Outputs:
         out = os.pread(self.out, min(size, cap), 0) if size else b""
         esize = os.fstat(self.err).st_size
         err = os.pread(self.err, min(esize, STDERR_KEEP), max(0, esize - STDERR_KEEP)) if esize else b""
+        self._sizes = (size, esize)
         return out, size > cap, err
 
     def release(self) -> None:
         """After every run, read or dropped: a big output is not kept until the next run truncates it."""
-        if os.fstat(self.out).st_size > BIG_OUTPUT or os.fstat(self.err).st_size > BIG_OUTPUT:
+        sizes, self._sizes = self._sizes, None
+        if sizes is None:  # (a run that went on as a VM: not read)
+            sizes = (os.fstat(self.out).st_size, os.fstat(self.err).st_size)
+        if max(sizes) > BIG_OUTPUT:
             os.ftruncate(self.out, 0)
             os.ftruncate(self.err, 0)
 
