@@ -795,7 +795,6 @@ _wasi_stderr = _pyfunc(_wt_lib, "wasi_config_set_stderr_file", ctypes.c_bool, _P
 _wasi_delete = _pyfunc(_wt_lib, "wasi_config_delete", None, _P)
 _set_wasi = _pyfunc(_wt_lib, "wasmtime_context_set_wasi", _P, _P, _P)
 _export_get = _pyfunc(_wt_lib, "wasmtime_instance_export_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, _SZ, _P)
-_memory_grow = _pyfunc(_wt_lib, "wasmtime_memory_grow", _P, _P, _P, _U64, _P)
 _pre_instantiate = _pyfunc(_wt_lib, "wasmtime_instance_pre_instantiate_async", _P, _P, _P, _P, _P, _P)
 _func_call = _pyfunc(_wt_lib, "wasmtime_func_call_async", _P, _P, _P, _P, _SZ, _P, _SZ, _P, _P)
 _future_poll = _pyfunc(_c_lib, "wasmtime_call_future_poll", ctypes.c_bool, _P)  # (runs Wasm: releases the GIL)
@@ -870,30 +869,6 @@ class LeanStore:
 
     def memory_size(self) -> int:
         return _memory_data_size(self.ctx, self.memory) if self.memory else 0  # type: ignore[no-any-return]
-
-    def memory_address(self) -> int:
-        return (_memory_data(self.ctx, self.memory) or 0) if self.memory else 0
-
-    def grow(self, pages: int) -> bool:
-        old = _U64()
-        err = _memory_grow(self.ctx, self.memory, pages, ctypes.addressof(old)) if self.memory else 1
-        if err and self.memory:
-            ffi.wasmtime_error_delete(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        return not err
-
-    def set_global(self, name: str, ty: str, value: int | float) -> bool:
-        """Set the exported global ``name``; False when there is no such global (wasmtime's refusal of a
-        wrong type or an immutable global raises WasmtimeError)."""
-        ext = self._export(name.encode())
-        if ext is None or ext.kind != _EXTERN_GLOBAL:
-            return False
-        kind, field = _VAL_KINDS[ty]
-        raw = ffi.wasmtime_val_t(kind=kind)
-        setattr(raw.of, field, value)
-        err = _global_set(self.ctx, ctypes.addressof(ext) + _EXTERN_OF, ctypes.addressof(raw))
-        if err:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        return True
 
     def call(self, name: str, nresults: int = 0) -> Outcome:
         """Call the exported function ``name`` (no parameters, ``nresults`` results, ignored) to its end."""

@@ -210,13 +210,18 @@ class DirectRunner:
         name starts as "rewinding": the entry rewinds into the call the snapshot was taken in. ``part``: an
         SDK function's request, which gets its response. ``mono_ns``: where the monotonic clock stands at the
         start (a snapshot's, which goes on from there)."""
+        ended: Ended | None = None
         try:
-            return self._run(prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part, mono_ns)
+            ended = self._run(prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part, mono_ns)
+            return ended
         except (OSError, UnicodeError) as exc:  # (no descriptor for the outputs...): the VM path answers
             log.warning("direct instance not run (%s: %s): the request runs as a VM", type(exc).__name__, exc)
-            self.fallbacks += 1
             return None
         finally:
+            if ended is None:
+                self.fallbacks += 1
+            else:
+                self.runs += 1
             outs: _Outputs | None = getattr(_current, "outputs", None)
             if outs is not None:
                 try:
@@ -250,8 +255,6 @@ class DirectRunner:
             store.set_wasi(argv, env, outs.out_path, outs.err_path)
             try:
                 store.instantiate(prepared.pre)
-                if rewind is not None:
-                    boot = []
                 t_inst = time.perf_counter() - t0
                 if budget is not None:
                     held = store.memory_size()
@@ -259,7 +262,6 @@ class DirectRunner:
                 for name in [*boot, entry]:
                     outcome = store.call(name, prepared.results.get(name, 0))
                     if run.needs_vm:
-                        self.fallbacks += 1
                         return None
                     match outcome:
                         case wt.Returned():
@@ -269,7 +271,6 @@ class DirectRunner:
                         case wt.Trapped(message, code):
                             why = self._trapped(code, message, own_timeout, lim, slice_fuel)
                             if why is None:
-                                self.fallbacks += 1
                                 return None
                             ended = why
                         case wt.Failed(message):
@@ -281,7 +282,6 @@ class DirectRunner:
                 why = self._trapped(exc.trap_code, str(exc), own_timeout, lim, slice_fuel) \
                     if exc.trap_code is not None else None
                 if why is None:
-                    self.fallbacks += 1
                     return None
                 ended = why
         finally:
@@ -289,7 +289,6 @@ class DirectRunner:
             if held and budget is not None:
                 budget.change(-held)
             store.close()
-        self.runs += 1
         out, truncated, errs = outs.read(stdout_cap)
         return Ended(ended[0], ended[1], ended[2], out, truncated, errs, t_inst)
 

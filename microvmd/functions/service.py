@@ -558,13 +558,9 @@ class Functions:
         rec = version.rec
         timeout = self.timeout(rec)
         if rec.executor == "wagi":
-            start = self._direct_start(version)
-            if start is not None:
-                resp = await self._run_direct(fn, version, start, req, rid)
-                if resp is not None:
-                    fn.direct += 1
-                    return resp
-                fn.direct_to_vm += 1
+            resp = await self._run_direct(fn, version, req, rid)
+            if resp is not None:
+                return resp
             spec = VmSpec(image=rec.digest, args=[], env=wagi.environment(req, rec.env), fuel=rec.fuel,
                           memory=rec.memory, timeout=timeout, ephemeral=True, owner=f"fn:{rec.name}",
                           stdin_data=req.body)
@@ -627,7 +623,7 @@ class Functions:
                 return off("its image has no entry")
             if not direct.qualifies(img.imports, img.kind):
                 return off(f"its image is a {img.kind} module that imports more than WASI")
-            memory = rec.memory if rec.memory is not None else img.limits.get("memory", hv.cfg.limits.memory)
+            memory = self._wagi_memory(rec, img)
             if self.direct.max_memory is not None and memory > self.direct.max_memory:
                 return off(f"its memory limit is above the direct instances' {self.direct.max_memory} bytes "
                            f"([engine] memory_reservation)")
@@ -648,9 +644,8 @@ class Functions:
         if not snap.unwound or snap.tables_changed:
             return off("its snapshot was not taken inside fn_request" if not snap.unwound else
                        "its snapshot changed the module's tables")
-        memory = rec.memory if rec.memory is not None else snap.spec.memory
-        if memory is None:
-            memory = img.limits.get("memory", hv.cfg.limits.memory)
+        asked = rec.memory if rec.memory is not None else snap.spec.memory
+        memory = asked if asked is not None else img.limits.get("memory", hv.cfg.limits.memory)
         if self.direct.max_memory is not None and memory > self.direct.max_memory:
             return off(f"its memory limit is above the direct instances' {self.direct.max_memory} bytes "
                        f"([engine] memory_reservation)")
@@ -674,51 +669,47 @@ class Functions:
         return _DirectStart(prepared, img.entry, [], [_argv0(img), *(snap.spec.args or img.args)],
                             {**img.env, **snap.spec.env}, memory, f"{RESERVED_PREFIX}global_{state}", snap.mono_ns)
 
-    async def _run_direct(self, fn: Function, version: Version, start: _DirectStart, req: FnRequest,
-                          rid: str) -> FnResponse | None:
-        """A WAGI request as a direct instance; None when it has to go on as a VM (it waited, or needed more
-        than a quantum or a fuel slice)."""
+    async def _run_direct(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse | None:
+        """A WAGI or SDK request as a direct instance (for SDK, of the baked snapshot); None when the function
+        has none yet or the request has to go on as a VM (it waited, or needed more than a quantum or a fuel
+        slice): the caller runs it as one."""
+        start = self._direct_start(version)
+        if start is None:
+            return None
         rec = version.rec
         hv = self.hv
-        img = hv.images.resolve(rec.digest)
         lim = hv.cfg.limits
-        fuel = rec.fuel if rec.fuel is not None else img.limits.get("fuel", lim.fuel)
-        memory = rec.memory if rec.memory is not None else img.limits.get("memory", lim.memory)
-        if self.direct.max_memory is not None and memory > self.direct.max_memory:
-            return None  # (the image's default memory was raised since: more than a pooled slot holds)
-        limits = direct.limits_for(fuel, memory, self.timeout(rec), lim)
-        env = {**start.env, **wagi.environment(req, rec.env)}
-        ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, start.boot, start.argv, env,
-                                           req.body, limits, lim.log_bytes)
+        part = None
+        if rec.executor == "wagi":
+            img = hv.images.resolve(rec.digest)
+            memory = self._wagi_memory(rec, img)
+            if self.direct.max_memory is not None and memory > self.direct.max_memory:
+                ended = None  # (the image's default memory was raised since: more than a pooled slot holds)
+            else:
+                fuel = rec.fuel if rec.fuel is not None else img.limits.get("fuel", lim.fuel)
+                ended = await hv.sched.on_cpu_pool(
+                    self.direct.run, start.prepared, start.entry, start.boot, start.argv,
+                    {**start.env, **wagi.environment(req, rec.env)}, req.body,
+                    direct.limits_for(fuel, memory, self.timeout(rec), lim), lim.log_bytes)
+        else:
+            part = fnio.FnPart()
+            part.request = fnio.encode_request(req.method, req.path, req.query, req.headers, req.body)
+            assert start.memory is not None
+            ended = await hv.sched.on_cpu_pool(
+                self.direct.run, start.prepared, start.entry, [], start.argv, start.env, b"",
+                direct.limits_for(rec.fuel or lim.fuel, start.memory, self.timeout(rec), lim), lim.log_bytes,
+                start.rewind, part, start.mono_ns)
         if ended is None:
+            fn.direct_to_vm += 1
             return None
+        fn.direct += 1
         fn.instance_times.append(ended.instance_s)
+        if part is not None:
+            fn.restore_times.append(ended.instance_s)
         if ended.reason == "exit":
+            if part is not None:
+                return self._sdk_answer(fn, rid, part, ended.code, ended.stderr, ended.stdout)
             return self._wagi_answer(fn, rid, ended.stdout, ended.stdout_truncated, ended.stderr, ended.code)
-        return self._direct_failed(fn, rid, rec, ended)
-
-    async def _run_sdk_direct(self, fn: Function, version: Version, start: _DirectStart, req: FnRequest,
-                              rid: str) -> FnResponse | None:
-        """An SDK request as a direct instance of the baked snapshot; None when it has to go on as a VM."""
-        rec = version.rec
-        hv = self.hv
-        part = fnio.FnPart()
-        part.request = fnio.encode_request(req.method, req.path, req.query, req.headers, req.body)
-        lim = hv.cfg.limits
-        assert start.memory is not None
-        limits = direct.limits_for(rec.fuel or lim.fuel, start.memory, self.timeout(rec), lim)
-        ended = await hv.sched.on_cpu_pool(self.direct.run, start.prepared, start.entry, [], start.argv, start.env,
-                                           b"", limits, lim.log_bytes, start.rewind, part, start.mono_ns)
-        if ended is None:
-            return None
-        fn.instance_times.append(ended.instance_s)
-        fn.restore_times.append(ended.instance_s)
-        if ended.reason == "exit":
-            return self._sdk_answer(fn, rid, part, ended.code, ended.stderr, ended.stdout)
-        return self._direct_failed(fn, rid, rec, ended)
-
-    def _direct_failed(self, fn: Function, rid: str, rec: contract.FunctionRecord, ended: direct.Ended) -> FnResponse:
-        """The answer for a direct instance the host stopped (fuel, timeout, a trap)."""
         if ended.reason == "out_of_fuel":
             return self._error(fn, rid, 502, "out_of_fuel", "the function ran out of fuel", ended.stderr)
         if ended.reason == "timeout":
@@ -726,6 +717,11 @@ class Functions:
                                ended.stderr)
         reason = ended.reason if ended.reason != "trap" else f"trap: {ended.message}"
         return self._error(fn, rid, 502, ended.reason, f"the function's guest was stopped: {reason}", ended.stderr)
+
+    def _wagi_memory(self, rec: contract.FunctionRecord, img: Any) -> int:
+        """A WAGI instance's memory limit: the function's, else its image's default, else the daemon's (as a
+        VM's, Hypervisor._admit)."""
+        return rec.memory if rec.memory is not None else img.limits.get("memory", self.hv.cfg.limits.memory)
 
     async def _fresh(self, fn: Function, version: Version) -> Vm:
         """A fresh instance of ``version`` (never run a request), not started: a spare restored ahead of time
@@ -892,13 +888,9 @@ class Functions:
 
     async def _run_sdk(self, fn: Function, version: Version, req: FnRequest, rid: str) -> FnResponse:
         rec = version.rec
-        start = self._direct_start(version)
-        if start is not None:
-            resp = await self._run_sdk_direct(fn, version, start, req, rid)
-            if resp is not None:
-                fn.direct += 1
-                return resp
-            fn.direct_to_vm += 1
+        resp = await self._run_direct(fn, version, req, rid)
+        if resp is not None:
+            return resp
         vm = await self._fresh(fn, version)
         part = vm.devices.get(fnio.FnPart)
         if part is None:

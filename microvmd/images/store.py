@@ -314,7 +314,7 @@ class ImageStore:
         except (wasmtime.WasmtimeError, OSError) as exc:
             log.info("compiling image %s (no usable cache: %s)", img.digest, _first_line(exc))
             cache.unlink(missing_ok=True)
-            mod = self.compiler.compile((self.root / "blobs" / img.hex / "module.wasm").read_bytes(), cache)
+            mod = self.compiler.compile(self.normalized_bytes(img), cache)
             if not cache.exists():
                 self._write_cache(img.hex, mod)
             with self._lock:

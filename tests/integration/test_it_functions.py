@@ -234,6 +234,22 @@ def test_wagi_requests_run_as_direct_instances_and_go_on_as_vms_when_they_must(
         direct_ready(d, image)
         assert gw("GET", f"/{image}")[::2] == (200, answer), image
         assert (stats(image)["direct"], stats(image)["direct_to_vm"]) == (0, 1), image
+    # an answer beyond the console cap (limits.log_bytes, 8 MiB) is no answer: 502, the client gets none of it
+    big = """(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 64) "Content-Type: text/plain\\n\\n")
+      (func (export "_start") (local $i i32)
+        (i32.store (i32.const 0) (i32.const 64)) (i32.store (i32.const 4) (i32.const 65536))
+        (loop $l (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $l (i32.lt_u (local.get $i) (i32.const 136))))))"""
+    assert d.api.import_image(bytes(wat2wasm(big)), "bigout").status == 201
+    deploy("bigout", image="bigout", executor="wagi")
+    direct_ready(d, "bigout")
+    status, _, body = gw("GET", "/bigout")
+    assert status == 502 and b"larger than the console cap" in body and len(body) < 1000
+    assert (stats("bigout")["direct"], stats("bigout")["errors"]) == (1, {"bad_response": 1})
     # the function's own fuel is below a slice: its end is the direct instance's, answered as such
     deploy("starved", image="longloop", executor="wagi", fuel=1_000_000)
     direct_ready(d, "starved")
