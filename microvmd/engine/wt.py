@@ -55,6 +55,8 @@ class PoolOptions:
     slots: int
     max_memory: int  # bytes a slot's memory may grow to
     table_elements: int
+    keep_resident: int = 0  # bytes of a slot's memory (and stack, table) reset in place, not unmapped, at its end
+    memory_init_cow: bool = True  # map data segments copy-on-write (False: copy them into the slot)
 
 
 def make_engine(opts: EngineOptions, pool: PoolOptions | None = None) -> wasmtime.Engine:
@@ -76,8 +78,14 @@ def make_engine(opts: EngineOptions, pool: PoolOptions | None = None) -> wasmtim
                               (ffi.wasmtime_pooling_allocation_config_total_stacks_set, pool.slots),
                               (ffi.wasmtime_pooling_allocation_config_max_unused_warm_slots_set, pool.slots),
                               (ffi.wasmtime_pooling_allocation_config_max_memory_size_set, pool.max_memory),
-                              (ffi.wasmtime_pooling_allocation_config_table_elements_set, pool.table_elements)):
+                              (ffi.wasmtime_pooling_allocation_config_table_elements_set, pool.table_elements),
+                              (ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set,
+                               pool.keep_resident),
+                              (ffi.wasmtime_pooling_allocation_config_table_keep_resident_set, pool.keep_resident),
+                              (ffi.wasmtime_pooling_allocation_config_async_stack_keep_resident_set,
+                               pool.keep_resident)):
             setter(pc, value)
+        ffi.wasmtime_config_memory_init_cow_set(cfg.ptr(), pool.memory_init_cow)
         ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)  # (copies the configuration)
         ffi.wasmtime_pooling_allocation_config_delete(pc)
     return wasmtime.Engine(cfg)
@@ -768,6 +776,45 @@ def define_host_func(linker: wasmtime.Linker, module: str, name: str,
     ffi.wasm_functype_delete(functype)
     if err:
         raise wasmtime.WasmtimeError._from_ptr(err)
+
+
+def define_native_host_func(linker: wasmtime.Linker, module: str, name: str, params: Sequence[str],
+                            results: Sequence[str], callback: int) -> None:
+    """Define ``module.name`` as the C function at address ``callback`` (a ``wasmtime_func_async_callback_t``
+    that completes at once: functions/native.py's host calls), which runs without Python."""
+    for t in (*params, *results):
+        if t not in _VALTYPES:
+            raise ValueError(f"unsupported value type {t!r}")
+    ptypes = _valtypes(params)
+    rtypes = _valtypes(results)
+    functype = ffi.wasm_functype_new(ctypes.byref(ptypes), ctypes.byref(rtypes))
+    m, n = module.encode(), name.encode()
+    err = ffi.wasmtime_linker_define_async_func(
+        linker.ptr(), m, len(m), n, len(n), functype, ctypes.cast(callback, ffi.wasmtime_func_async_callback_t),
+        None, ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
+    ffi.wasm_functype_delete(functype)
+    if err:
+        raise wasmtime.WasmtimeError._from_ptr(err)
+
+
+def layouts() -> tuple[int, int, int, int, int]:
+    """Sizes and union offsets of the C API's value, extern and instance types, as wasmtime-py declares them
+    (functions/native.py checks its build against them)."""
+    return (ctypes.sizeof(ffi.wasmtime_val_t), ffi.wasmtime_val_t.of.offset, ctypes.sizeof(ffi.wasmtime_extern_t),
+            _EXTERN_OF, ctypes.sizeof(ffi.wasmtime_instance_t))
+
+
+def library_path() -> str:
+    """The path of the wasmtime library wasmtime-py loaded."""
+    return str(ffi.dll._name)
+
+
+def engine_address(engine: wasmtime.Engine) -> int:
+    return ctypes.addressof(engine.ptr().contents)
+
+
+def instance_pre_address(pre: wasmtime.InstancePre) -> int:
+    return ctypes.addressof(pre.ptr().contents)
 
 
 # --------------------------------------------------------------------------------------------------------

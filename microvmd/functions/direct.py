@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import wasmtime
@@ -39,6 +39,7 @@ from ..images import wasmbin
 from ..images.asyncify import STATE_NORMAL, STATE_REWINDING
 from ..images.rewrite import HOST_MODULE, RENAMED, WASI
 from ..vmm.budget import MemoryBudget
+from . import native
 
 log = logging.getLogger("microvmd.functions")
 DEFAULT_RESERVATION = 4 << 30  # wasmtime's memory reservation on a 64-bit host when none is configured
@@ -46,6 +47,10 @@ I32 = wasmtime.ValType.i32()
 I64 = wasmtime.ValType.i64()
 STDERR_KEEP = 4096  # bytes of stderr kept for the function's log (its last ones)
 BIG_OUTPUT = 1 << 20  # a run's output files above this are emptied when it ends
+# bytes at the start of a pooled slot's memory (and its stack and table) reset in place when an instance ends,
+# instead of being unmapped and faulted in again by the next: each such page-table change costs a TLB
+# shoot-down across the daemon's threads, which made two native workers slower than one (bench_functions)
+KEEP_RESIDENT = 2 << 20
 _RENAMED = frozenset(f"{HOST_MODULE}.{name}" for name in RENAMED)
 _FN = frozenset(f"{fnio.HOST_MODULE}.{name}" for name in ("fn_request", "fn_respond"))
 
@@ -146,6 +151,9 @@ class Prepared:
     module: wasmtime.Module
     pre: wasmtime.InstancePre
     results: dict[str, int]  # result count of each exported function (a call must make room for them)
+    memory: int  # bytes of linear memory an instance starts with (charged to the budget while it runs)
+    # native jobs made ready but for the request, by (entry, boot, argv, rewind, mono_ns) (DirectRunner._job)
+    templates: dict[tuple[Any, ...], native.Job] = field(default_factory=dict, compare=False)
 
 
 class DirectRunner:
@@ -153,7 +161,10 @@ class DirectRunner:
     a pre-linked module per image, and the run itself (``run``, on a vCPU worker)."""
 
     def __init__(self, engine: wasmtime.Engine, epoch_interval: float, quantum: float, fuel_slice: int,
-                 budget: MemoryBudget | None, modules_from: wasmtime.Engine | None = None) -> None:
+                 budget: MemoryBudget | None, modules_from: wasmtime.Engine | None = None,
+                 native_workers: int | None = None) -> None:
+        """``native_workers``: run instances on that many native workers (native.py) when the native build is
+        there; None runs them in Python, on the caller's thread."""
         self.engine = engine  # (see ``for_daemon``: an engine of its own, with the pooling allocator)
         self._engine_of_modules = modules_from or engine  # the engine the modules given to ``load`` are for
         self.max_memory: int | None = None  # a pooled slot's memory at most: a larger limit is the VM path's
@@ -164,6 +175,17 @@ class DirectRunner:
         self.linker = wasmtime.Linker(engine)
         self.linker.allow_shadowing = True
         self.linker.define_wasi()
+        self.runs = 0
+        self.fallbacks = 0
+        self.pool: native.Pool | None = None
+        self._engine = wt.engine_address(engine)
+        if native_workers is not None:
+            why = native.unavailable()
+            if why is None:
+                self.pool = native.Pool(native_workers)
+                self._define_native()
+                return
+            log.warning("direct instances run in Python, not natively: %s", why)
         wt.define_host_func(self.linker, HOST_MODULE, "fd_read", ["i32"] * 4, ["i32"], _fd_read)
         # waits are served here under both names: a module not rewritten at import (--no-asyncify) imports
         # wasmtime's own poll_oneoff, whose sleep would hold the worker (its fd_read stays wasmtime's, as in a
@@ -173,8 +195,28 @@ class DirectRunner:
         wt.define_host_func(self.linker, HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], ["i32"], _clock)
         wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_request", ["i32", "i32"], ["i32"], _fn_request)
         wt.define_host_func(self.linker, fnio.HOST_MODULE, "fn_respond", ["i32"] * 5, ["i32"], _fn_respond)
-        self.runs = 0
-        self.fallbacks = 0
+
+    def _define_native(self) -> None:
+        """The same host calls, as native.py's C functions."""
+        for module, name, params, host in (
+                (HOST_MODULE, "fd_read", ["i32"] * 4, native.FD_READ),
+                (HOST_MODULE, "poll_oneoff", ["i32"] * 4, native.POLL_ONEOFF),
+                (WASI, "poll_oneoff", ["i32"] * 4, native.POLL_ONEOFF_NO_STDIN),
+                (HOST_MODULE, "clock_time_get", ["i32", "i64", "i32"], native.CLOCK_TIME_GET),
+                (fnio.HOST_MODULE, "fn_request", ["i32", "i32"], native.FN_REQUEST),
+                (fnio.HOST_MODULE, "fn_respond", ["i32"] * 5, native.FN_RESPOND),
+                (WASI, "fd_write", ["i32"] * 4, native.FD_WRITE)):
+            wt.define_native_host_func(self.linker, module, name, params, ["i32"], native.host(host))
+
+    def close(self) -> None:
+        """Stop the native workers (after what is queued has run); for callers without a loop (tests)."""
+        if self.pool is not None:
+            self.pool.close()
+
+    async def aclose(self) -> None:
+        """Stop the native workers (after what is queued has run), from the loop that submitted."""
+        if self.pool is not None:
+            await self.pool.aclose()
 
     @classmethod
     def for_daemon(cls, engine: wasmtime.Engine, opts: wt.EngineOptions, limits: Any, workers: int,
@@ -187,8 +229,10 @@ class DirectRunner:
         # configuration, it does not return an error): wasmtime's default is 4 GiB on a 64-bit host
         reservation = DEFAULT_RESERVATION if opts.memory_reservation is None else opts.memory_reservation
         max_memory = min(limits.max_memory, reservation)
-        pool = wt.PoolOptions(slots=2 * workers, max_memory=max_memory, table_elements=limits.table_elements)
-        runner = cls(wt.make_engine(opts, pool), epoch_interval, quantum, fuel_slice, budget, modules_from=engine)
+        pool = wt.PoolOptions(slots=2 * workers, max_memory=max_memory, table_elements=limits.table_elements,
+                              keep_resident=KEEP_RESIDENT)
+        runner = cls(wt.make_engine(opts, pool), epoch_interval, quantum, fuel_slice, budget, modules_from=engine,
+                     native_workers=workers)
         runner.max_memory = max_memory
         return runner
 
@@ -199,7 +243,9 @@ class DirectRunner:
         if self.engine is not self._engine_of_modules:
             module = wasmtime.Module.deserialize(self.engine, module.serialize())
         results = {e.name: len(e.type.results) for e in module.exports if isinstance(e.type, wasmtime.FuncType)}
-        return Prepared(module, self.linker.instantiate_pre(module), results)
+        types: list[Any] = [e.type for e in module.imports] + [e.type for e in module.exports]
+        memory = sum(int(t.limits.min) for t in types if isinstance(t, wasmtime.MemoryType)) * 65536
+        return Prepared(module, self.linker.instantiate_pre(module), results, memory)
 
     # ------------------------------------------------------------------ the run (a vCPU worker)
     def run(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], env: dict[str, str],
@@ -210,6 +256,12 @@ class DirectRunner:
         name starts as "rewinding": the entry rewinds into the call the snapshot was taken in. ``part``: an
         SDK function's request, which gets its response. ``mono_ns``: where the monotonic clock stands at the
         start (a snapshot's, which goes on from there)."""
+        if self.pool is not None:
+            made = self._job(prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part, mono_ns)
+            if made is None:
+                return None
+            job, tpl = made
+            return self.pool.run(job, lambda j: self._finished(j, prepared, lim, part, tpl))  # type: ignore[no-any-return]
         ended: Ended | None = None
         try:
             ended = self._run(prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part, mono_ns)
@@ -228,6 +280,131 @@ class DirectRunner:
                     outs.release()
                 except OSError as exc:
                     log.warning("direct instance outputs not emptied: %s", exc)
+
+    async def run_async(self, offload: Any, prepared: Prepared, entry: str, boot: list[str], argv: list[str],
+                        env: dict[str, str], stdin: bytes, lim: Limits, stdout_cap: int, rewind: str | None = None,
+                        part: fnio.FnPart | None = None, mono_ns: int = 0) -> Ended | None:
+        """``run`` from the event loop: on the native workers, or else ``await offload(self.run, ...)`` (a vCPU
+        worker of the scheduler)."""
+        if self.pool is None:
+            return await offload(self.run, prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part,
+                                 mono_ns)  # type: ignore[no-any-return]
+        if self.pool.closed:  # (the daemon is stopping: the VM path answers, or refuses)
+            return None
+        made = self._job(prepared, entry, boot, argv, env, stdin, lim, stdout_cap, rewind, part, mono_ns)
+        if made is None:
+            return None
+        job, tpl = made
+        # the finish runs when the job is done, even if this request is cancelled meanwhile: it gives back the
+        # budget and the run's buffers; it holds ``prepared`` (the pre-linked module the worker instantiates)
+        # and the template (whose strings the job points to) until then
+        return await self.pool.submit(job, lambda j: self._finished(j, prepared, lim, part, tpl))  # type: ignore[no-any-return]
+
+    def _job(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], env: dict[str, str],
+             stdin: bytes, lim: Limits, stdout_cap: int, rewind: str | None, part: fnio.FnPart | None,
+             mono_ns: int) -> tuple[native.Job, native.Job] | None:
+        """The native job of a run and its template (whose strings it points to: keep it alive with the job),
+        its memory charged to the budget (``_finished`` gives it back); None when
+        the run cannot be expressed (a NUL or a lone surrogate in an argument or the environment: the VM path
+        answers, as it does for the Python run's OSError)."""
+        key = (entry, tuple(boot), tuple(argv), rewind, mono_ns)
+        tpl = prepared.templates.get(key)
+        if tpl is None:
+            tpl = self._template(prepared, entry, boot, argv, rewind, mono_ns)
+            if tpl is None:
+                self.fallbacks += 1
+                return None
+            if len(prepared.templates) < 16:  # (one per version's start in practice; beyond, made per run)
+                prepared.templates[key] = tpl
+        try:
+            env_blob = "".join([f"{k}\0{v}\0" for k, v in env.items()]).encode()
+        except UnicodeError:
+            self.fallbacks += 1
+            return None
+        if env_blob.count(b"\0") != 2 * len(env):
+            self.fallbacks += 1
+            return None
+        j = native.Job.from_buffer_copy(tpl)  # (its strings are the template's, which ``prepared`` holds)
+        j.env, j.envc = env_blob, len(env)
+        j.stdin_data, j.stdin_len = stdin, len(stdin)
+        if part is not None:
+            request = part.request or b""
+            j.has_request, j.request, j.request_len = 1, request, len(request)
+        slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
+        bound = lim.timeout if lim.timeout <= self.quantum else self.quantum  # (as in _run)
+        j.fuel = slice_fuel
+        j.deadline_ticks = math.ceil(bound / self.epoch_interval) + 1
+        budget = self.budget
+        j.memory = lim.memory if budget is None else min(lim.memory, budget.headroom())
+        j.table_elements, j.instances, j.tables, j.memories = lim.table_elements, lim.instances, lim.tables, \
+            lim.memories
+        j.stdout_cap = stdout_cap
+        if budget is not None:
+            budget.change(prepared.memory)
+        return j, tpl
+
+    def _template(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], rewind: str | None,
+                  mono_ns: int) -> native.Job | None:
+        """A job with what every run of this start shares; None when it cannot be expressed (a NUL or a lone
+        surrogate in an argument)."""
+        names = [*boot, entry]
+        try:
+            argv_blob = "".join([a + "\0" for a in argv]).encode()
+            names_blob = "".join([n + "\0" for n in names]).encode()
+        except UnicodeError:
+            return None
+        if argv_blob.count(b"\0") != len(argv) or names_blob.count(b"\0") != len(names):
+            return None
+        j = native.Job()
+        j.engine = self._engine
+        j.pre = wt.instance_pre_address(prepared.pre)
+        j.names, j.nnames = names_blob, len(names)
+        j.nresults = bytes(min(prepared.results.get(n, 0), 255) for n in names)
+        j.argv, j.argc = argv_blob, len(argv)
+        if rewind is not None:
+            j.rewind = rewind.encode()
+        j.mono_ns = mono_ns
+        j.stderr_keep = STDERR_KEEP
+        return j
+
+    def _finished(self, j: native.Job, prepared: Prepared, lim: Limits, part: fnio.FnPart | None,
+                  template: native.Job) -> Ended | None:
+        """The end of a native run as ``_run`` would say it (on the loop, when the job is done); the job's
+        outputs are freed and its memory given back to the budget."""
+        if self.budget is not None:
+            self.budget.change(-prepared.memory)
+        try:
+            outcome = j.outcome
+            message = wt.trap_text(j.message.decode(errors="replace")) if j.message else ""
+            slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
+            own_timeout = lim.timeout <= self.quantum
+            ended: tuple[str, int | None, str] | None
+            if outcome == native.EXIT:
+                ended = ("exit", j.code, "")
+            elif outcome == native.FAILED:
+                ended = ("trap", None, message)
+            elif outcome in (native.TRAP, native.INST_TRAP):
+                try:
+                    code = wasmtime.TrapCode(j.code) if j.code >= 0 else None
+                except ValueError:
+                    code = None
+                ended = self._trapped(code, message, own_timeout, lim, slice_fuel)
+            else:
+                if outcome == native.SETUP:
+                    log.warning("direct instance not run (%s): the request runs as a VM", message)
+                ended = None
+            if ended is None:
+                self.fallbacks += 1
+                return None
+            self.runs += 1
+            if part is not None and j.resp_status:
+                part.status = j.resp_status
+                part.headers = native.output(j.resp_headers, j.resp_headers_len)
+                part.body = native.output(j.resp_body, j.resp_body_len)
+            return Ended(ended[0], ended[1], ended[2], native.output(j.out, j.out_len), bool(j.out_truncated),
+                         native.output(j.err, j.err_len), j.instance_ns / 1e9)
+        finally:
+            native.release(j)
 
     def _run(self, prepared: Prepared, entry: str, boot: list[str], argv: list[str], env: dict[str, str],
              stdin: bytes, lim: Limits, stdout_cap: int, rewind: str | None, part: fnio.FnPart | None,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import itertools
 import json
 import logging
 import secrets
@@ -122,8 +124,8 @@ class Function:
     invocations: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     last_invoked: float | None = None
-    # latency histogram (cumulative counts per LATENCY_BUCKETS bound, as Prometheus has it), and its sum
-    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    # latency histogram: requests per LATENCY_BUCKETS bucket (the last: above every bound), and their sum
+    latency_hits: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
     instance_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # s to a fresh instance
     restore_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # s of one restore
@@ -133,6 +135,11 @@ class Function:
     last_request: float = 0.0
     direct: int = 0  # WAGI and SDK requests answered by a direct instance
     direct_to_vm: int = 0  # ... and those that went on as a VM
+
+    @property
+    def latency(self) -> list[int]:
+        """Cumulative counts per LATENCY_BUCKETS bound then +Inf, as Prometheus has them."""
+        return list(itertools.accumulate(self.latency_hits))
 
     @property
     def rec(self) -> contract.FunctionRecord:
@@ -180,6 +187,9 @@ class Functions:
         self._commit = asyncio.Lock()  # the tables and records change under it
         self._retiring: set[asyncio.Task[None]] = set()
         self.closing = False
+        # request ids: a random prefix per daemon start and a counter (unique, and no system call per request)
+        self._rid_prefix = secrets.token_hex(3)
+        self._rid_count = itertools.count(1)
         self._reaper_task: asyncio.Task[None] | None = None
         snapshots.protected.append(self._owner_of)
         sched = hv.sched
@@ -477,7 +487,7 @@ class Functions:
                      read_body: Callable[[], Awaitable[bytes]] | None = None) -> FnResponse:
         """Answer one request. ``read_body`` (the gateway's) fills ``req.body`` once the request is admitted:
         a full queue answers 503 without holding the body in memory."""
-        rid = secrets.token_hex(6)
+        rid = self._request_id()
         if self.closing:
             resp = error_response(503, "shutting_down", "microvmd is shutting down", rid)
             resp.headers["Connection"] = "close"
@@ -543,11 +553,14 @@ class Functions:
         resp.request_id = rid
         took = time.perf_counter() - t0
         fn.latency_sum += took
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if took <= bound:
-                fn.latency[i] += 1
-        fn.latency[-1] += 1  # +Inf
+        fn.latency_hits[bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
         return self._failed(fn, resp, None) if resp.error else resp
+
+    def _request_id(self) -> str:
+        n = next(self._rid_count)
+        if n >= 1 << 32:  # (a new prefix every 4 billion requests)
+            self._rid_prefix, self._rid_count = secrets.token_hex(3), itertools.count(1)
+        return f"{self._rid_prefix}{n:08x}"
 
     def _failed(self, fn: Function, resp: FnResponse, detail: str | None) -> FnResponse:
         kind = resp.error or "error"
@@ -687,16 +700,16 @@ class Functions:
                 ended = None  # (the image's default memory was raised since: more than a pooled slot holds)
             else:
                 fuel = rec.fuel if rec.fuel is not None else img.limits.get("fuel", lim.fuel)
-                ended = await hv.sched.on_cpu_pool(
-                    self.direct.run, start.prepared, start.entry, start.boot, start.argv,
+                ended = await self.direct.run_async(
+                    hv.sched.on_cpu_pool, start.prepared, start.entry, start.boot, start.argv,
                     {**start.env, **wagi.environment(req, rec.env)}, req.body,
                     direct.limits_for(fuel, memory, self.timeout(rec), lim), lim.log_bytes)
         else:
             part = fnio.FnPart()
             part.request = fnio.encode_request(req.method, req.path, req.query, req.headers, req.body)
             assert start.memory is not None
-            ended = await hv.sched.on_cpu_pool(
-                self.direct.run, start.prepared, start.entry, [], start.argv, start.env, b"",
+            ended = await self.direct.run_async(
+                hv.sched.on_cpu_pool, start.prepared, start.entry, [], start.argv, start.env, b"",
                 direct.limits_for(rec.fuel or lim.fuel, start.memory, self.timeout(rec), lim), lim.log_bytes,
                 start.rewind, part, start.mono_ns)
         if ended is None:
@@ -1016,6 +1029,7 @@ class Functions:
                 fn.current.direct.cancel()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.direct.aclose()  # (its workers end after what is queued: a quantum at most)
 
 
 def _argv0(img: Any) -> str:

@@ -25,6 +25,8 @@ class CgiError(ValueError):
 def environment(req: FnRequest, extra: dict[str, str]) -> dict[str, str]:
     """The CGI meta-variables of ``req`` (plus the function's own ``extra`` environment, which a request's
     headers cannot override)."""
+    path_info = req.path_info
+    uri = req.path + ("?" + req.query if req.query else "")
     env = {
         "GATEWAY_INTERFACE": "CGI/1.1",
         "SERVER_SOFTWARE": SOFTWARE,
@@ -33,27 +35,41 @@ def environment(req: FnRequest, extra: dict[str, str]) -> dict[str, str]:
         "SERVER_PORT": str(req.server_port),
         "REQUEST_METHOD": req.method,
         "SCRIPT_NAME": req.route.rstrip("/"),
-        "PATH_INFO": req.path_info,
-        "PATH_TRANSLATED": req.path_info,
+        "PATH_INFO": path_info,
+        "PATH_TRANSLATED": path_info,
         "QUERY_STRING": req.query,
         "REMOTE_ADDR": req.remote_addr,
         "REMOTE_HOST": req.remote_addr,
-        "REQUEST_URI": req.path + (f"?{req.query}" if req.query else ""),
+        "REQUEST_URI": uri,
         "X_MATCHED_ROUTE": req.route,
-        "X_RAW_PATH_INFO": req.path_info,
-        "X_FULL_URL": f"http://{req.server_name}:{req.server_port}{req.path}" + (f"?{req.query}" if req.query else ""),
+        "X_RAW_PATH_INFO": path_info,
+        "X_FULL_URL": f"http://{req.server_name}:{req.server_port}{uri}",
         "CONTENT_LENGTH": str(len(req.body)),
         "CONTENT_TYPE": req.headers.get("content-type", ""),
     }
     for name, value in req.headers.items():
-        if name in _NOT_FORWARDED or not _HEADER_NAME.match(name) or "\0" in value:
+        var = _VARIABLES.get(name)
+        if var is None:
+            var = _variable(name)
+            if len(_VARIABLES) < 4096:  # (names are the client's to choose: the cache is bounded)
+                _VARIABLES[name] = var
+        if not var or "\0" in value:
             continue
         # a value's bytes that are not UTF-8 come from the HTTP parser as surrogates, which no environment
         # can hold: they become U+FFFD (the guest's environment is UTF-8, a VM's and a direct instance's alike)
-        env["HTTP_" + name.upper().replace("-", "_")] = value.encode("utf-8", "surrogateescape").decode(
-            "utf-8", "replace")
+        env[var] = value if value.isascii() else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     env.update(extra)
     return env
+
+
+def _variable(name: str) -> str:
+    """The meta-variable of a (lower-case) header name: HTTP_NAME, or "" for one a script must not see."""
+    if name in _NOT_FORWARDED or not _HEADER_NAME.match(name):
+        return ""
+    return "HTTP_" + name.upper().replace("-", "_")
+
+
+_VARIABLES: dict[str, str] = {}  # header name -> its meta-variable (the names clients send: bounded)
 
 
 def parse(out: bytes) -> FnResponse:

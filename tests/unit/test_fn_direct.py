@@ -11,7 +11,7 @@ import pytest
 import wasmtime
 
 from microvmd.engine import wt
-from microvmd.functions import direct
+from microvmd.functions import direct, native
 from microvmd.vmm.budget import MemoryBudget
 
 WRITE = '(import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))'
@@ -43,8 +43,27 @@ def engine() -> Iterator[wasmtime.Engine]:
     t.join()
 
 
-def runner(engine: wasmtime.Engine, budget: MemoryBudget | None = None) -> direct.DirectRunner:
-    return direct.DirectRunner(engine, 0.01, 0.02, 10_000_000, budget)
+_made: list[direct.DirectRunner] = []
+_mode = {"native": False}
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs twice: direct instances in Python, and on the native workers (native.py)."""
+    if request.param == "native" and native.unavailable() is not None:
+        pytest.skip(f"the native build is not there: {native.unavailable()}")
+    _mode["native"] = request.param == "native"
+    yield request.param
+    while _made:
+        _made.pop().close()
+
+
+def runner(engine: wasmtime.Engine, budget: MemoryBudget | None = None, fuel_slice: int = 10_000_000
+           ) -> direct.DirectRunner:
+    r = direct.DirectRunner(engine, 0.01, 0.02, fuel_slice, budget, native_workers=1 if _mode["native"] else None)
+    _made.append(r)
+    assert (r.pool is not None) == _mode["native"]
+    return r
 
 
 def run(r: direct.DirectRunner, mod: wasmtime.Module, stdin: bytes = b"", fuel: int | None = None,
@@ -119,7 +138,7 @@ def test_traps_fuel_and_memory(engine: wasmtime.Engine) -> None:
 def test_the_wall_clock_bound_is_the_timeout_or_a_quantum(engine: wasmtime.Engine) -> None:
     """A timeout shorter than a quantum is the function's own end (504); past a quantum the request goes on
     as a VM (fuel slices large enough that only the clock can end this spin)."""
-    r = direct.DirectRunner(engine, 0.01, 0.02, 1 << 60, None)
+    r = runner(engine, fuel_slice=1 << 60)
     spin = module(engine, '(func (export "_start") (loop $l (br $l)))')
     t0 = time.monotonic()
     ended = run(r, spin, timeout=0.005)
@@ -158,7 +177,9 @@ def test_the_daemons_runner_pools_instances_of_modules_compiled_elsewhere(engine
     from microvmd.config import Limits as DaemonLimits
 
     r = direct.DirectRunner.for_daemon(engine, wt.EngineOptions(), DaemonLimits(), 1, 0.01, 0.02, 10_000_000, None)
+    _made.append(r)
     assert r.engine is not engine
+    assert (r.pool is not None) == (native.unavailable() is None)  # (natively whenever it can)
     mod = module(engine, f'''(data (i32.const 64) "pooled") (func (export "_start") {write(1, 64, 6)})''')
     lim = direct.Limits(None, 1 << 20, 30.0, 1000, 1, 1, 1)
     prepared = r.load(mod)
@@ -192,15 +213,31 @@ def test_a_module_not_rewritten_polls_an_empty_stdin_as_it_reads_one(engine: was
     assert ended is not None and ended.stdout[:8] == bytes(8) and ended.stdout[8:] == b"\x01\x00"  # 0, HANGUP
 
 
-def test_a_big_output_is_dropped_after_the_run_even_when_it_goes_on_as_a_vm(engine: wasmtime.Engine) -> None:
+def test_a_big_output_is_dropped_after_the_run_even_when_it_goes_on_as_a_vm(engine: wasmtime.Engine,
+                                                                           mode: str) -> None:
+    """In Python, the outputs are two memfds per worker, emptied after a big run; natively they are buffers of
+    the run (stdout up to its cap, stderr's last bytes), freed with it."""
     r = runner(engine)
     mod = module(engine, f'''(func (export "_start") (local $i i32)
         (loop $l {write(1, 0, 65536)} (local.set $i (i32.add (local.get $i) (i32.const 1)))
           (br_if $l (i32.lt_u (local.get $i) (i32.const 40))))
         (loop $spin (br $spin)))''', pages=2)
     assert run(r, mod) is None  # 2.5 MiB written, then a spin past its slice: a VM's request
-    outs = direct._current.outputs
-    assert os.fstat(outs.out).st_size == 0
+    if mode == "native":
+        return
+    assert _outputs() and all(os.stat(f"/proc/self/fd/{fd}").st_size == 0 for fd in _outputs())
+
+
+def _outputs() -> list[str]:
+    """The descriptors of the runners' output memfds (a Python runner's, or the native workers')."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "microvmd-direct-std" in os.readlink(f"/proc/self/fd/{fd}"):
+                found.append(fd)
+        except OSError:
+            pass  # (the listing's own descriptor)
+    return found
 
 
 def test_header_bytes_that_are_not_utf8_reach_the_cgi_environment_replaced() -> None:
@@ -209,3 +246,46 @@ def test_header_bytes_that_are_not_utf8_reach_the_cgi_environment_replaced() -> 
 
     req = FnRequest("GET", "/x", "", {"x-name": "caf\udce9"}, b"", route="/x")
     assert wagi.environment(req, {})["HTTP_X_NAME"] == "caf\ufffd"
+
+
+def test_stderr_keeps_its_last_bytes_and_a_bad_iovec_traps(engine: wasmtime.Engine) -> None:
+    """10 KiB written to stderr in 10 writes of a different byte each: the last 4 KiB are kept, in order. A
+    buffer beyond the memory traps the guest, as wasmtime's own fd_write does in a VM (natively: checked
+    before it is read)."""
+    r = runner(engine)
+    writes = "".join(f"(memory.fill (i32.const 4096) (i32.const {65 + i}) (i32.const 1024)) {write(2, 4096, 1024)}"
+                     for i in range(10))
+    ended = run(r, module(engine, f'(func (export "_start") {writes})'))
+    assert ended is not None and ended.reason == "exit"
+    assert ended.stderr == b"G" * 1024 + b"H" * 1024 + b"I" * 1024 + b"J" * 1024
+    for ptr, iovs in ((65530, 0), (0, 65532)):
+        bad = module(engine, '(func (export "_start") '
+                             f'(i32.store (i32.const 0) (i32.const {ptr})) (i32.store (i32.const 4) (i32.const 100)) '
+                             f'(drop (call $w (i32.const 1) (i32.const {iovs}) (i32.const 1) (i32.const 8))))')
+        ended = run(r, bad)
+        assert ended is not None and ended.reason == "trap" and "out of bounds" in ended.message.lower(), ended
+
+
+def test_many_runs_at_once_on_the_native_workers(engine: wasmtime.Engine, mode: str) -> None:
+    """The loop's hand-over under load: 200 runs submitted at once on two workers all come back, each with
+    its own environment and output."""
+    if mode != "native":
+        pytest.skip("native only")
+    import asyncio
+
+    r = direct.DirectRunner(engine, 0.01, 0.02, 10_000_000, None, native_workers=2)
+    _made.append(r)
+    imports = WRITE + '''
+      (import "wasi_snapshot_preview1" "environ_get" (func $eg (param i32 i32) (result i32)))'''
+    mod = module(engine, f'''(func (export "_start")
+        (drop (call $eg (i32.const 0) (i32.const 64))) {write(1, 64, 8)})''', imports)
+    lim = direct.Limits(None, 1 << 20, 30.0, 1000, 1, 1, 1)
+    prepared = r.load(mod)
+
+    async def main() -> list[direct.Ended | None]:
+        return await asyncio.gather(*[r.run_async(None, prepared, "_start", [], ["g"], {"N": f"{i:06d}"}, b"",
+                                                  lim, 1 << 20) for i in range(200)])
+
+    ended = asyncio.run(main())
+    assert [e.stdout if e else None for e in ended] == [f"N={i:06d}".encode() for i in range(200)]
+    assert (r.runs, r.fallbacks) == (200, 0)
