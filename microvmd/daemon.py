@@ -157,7 +157,7 @@ CANCEL_AFTER = 5.0
 
 async def serve(cfg: Config) -> int:
     from .api import remote
-    from .api.gateway import GatewaySite, GatewayStats, make_gateway
+    from .api.gateway import Gateway, GatewayStats
     from .api.routes import api_routes
     from .api.server import make_app
     from .control.controller import Controller
@@ -198,11 +198,6 @@ async def serve(cfg: Config) -> int:
     app = make_app(controller, api_routes(hv), [remote.token_middleware(token)] if token else None)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    # keepalive_timeout: aiohttp arms it when a connection opens and after each answer, and closes a
-    # connection still without a whole request head then (a slow-headers client cannot hold one forever)
-    gateway = web.AppRunner(make_gateway(controller, cfg.gateway_body_timeout), access_log=None,
-                            handle_signals=False, shutdown_timeout=0.5, keepalive_timeout=cfg.gateway_idle_timeout)
-    await gateway.setup()
     inherited = systemd.listen_fds()
     sock = inherited[0] if inherited else _bind_unix(cfg.socket)
     # the inode we bound: at exit the path is removed only if it is still ours (not a successor's socket)
@@ -214,12 +209,14 @@ async def serve(cfg: Config) -> int:
     sites.extend(remote.sites(cfg, runner))
     for s in sites:
         await s.start()
-    gateway_sites: list[web.BaseSite] = []
+    gateway: Gateway | None = None
     if cfg.gateway is not None:
-        site = GatewaySite(gateway, cfg.gateway[0], cfg.gateway[1], stats=functions.gateway_stats)
+        assert functions.gateway_stats is not None
+        # the idle timeout is armed when a connection opens and after each answer: a connection still without
+        # a whole request head then is closed (a slow-headers client cannot hold one forever)
+        gateway = Gateway(controller, functions.gateway_stats, cfg.gateway_body_timeout, cfg.gateway_idle_timeout)
         try:
-            await site.start()
-            gateway_sites.append(site)
+            await gateway.start(cfg.gateway[0], cfg.gateway[1])
             log.info("function gateway on http://%s:%d", *cfg.gateway)
         except OSError as exc:
             if cfg.gateway_explicit:
@@ -229,6 +226,7 @@ async def serve(cfg: Config) -> int:
                         cfg.gateway[0], cfg.gateway[1], exc.strerror or exc)
             functions.gateway = None
             functions.gateway_stats = None
+            gateway = None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -252,14 +250,14 @@ async def serve(cfg: Config) -> int:
     await stop.wait()
     if not resuming.done():
         resuming.cancel()
-    await shutdown(cfg, hv, snaps, app, runner, sites + gateway_sites, notifier, bound_inode, gateway, functions)
+    await shutdown(cfg, hv, snaps, app, runner, sites, notifier, bound_inode, gateway, functions)
     log.info("stopped")
     return 0
 
 
 async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runner: web.AppRunner,
                    sites: list[web.BaseSite], notifier: systemd.Notifier, bound_inode: int | None,
-                   gateway: web.AppRunner | None = None, functions: Any = None) -> None:
+                   gateway: Any = None, functions: Any = None) -> None:
     """The one ordered shutdown path (docs/architecture.md, "Shutdown"). Each step relies on the ones before
     it: no request is answered 500 because a pool, the snapshot store or a device closed under it, and
     nothing reaches a component after it has closed."""
@@ -273,6 +271,8 @@ async def shutdown(cfg: Config, hv: Any, snaps: Any, app: web.Application, runne
     # 1. No new connections: the listening sockets close (a client is refused, not answered 5xx); no deploys.
     for site in sites:
         await site.stop()
+    if gateway is not None:
+        await gateway.stop()
     if functions is not None:
         functions.closing = True
 

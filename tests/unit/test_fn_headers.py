@@ -3,7 +3,7 @@ or JavaScript handler) leaves the gateway once per value, e.g. several Set-Cooki
 is one a client can use whatever address the gateway binds."""
 from __future__ import annotations
 
-from microvmd.api.gateway import _answer
+from microvmd.api.gateway import encode_response
 from microvmd.functions import wagi
 from microvmd.functions.http import FnResponse, add_header
 from microvmd.functions.service import gateway_base
@@ -19,10 +19,26 @@ def test_the_gateway_sends_each_value_as_a_header_line() -> None:
     headers: dict[str, str] = {}
     for k, v in (("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Bad", "x\rInjected: 1"), ("Vary", "a")):
         add_header(headers, k, v)
-    out = _answer(FnResponse(200, headers, b"ok", "rid-1"))
-    assert out.headers.getall("Set-Cookie") == ["a=1", "b=2"]
-    assert "X-Bad" not in out.headers and "Injected" not in out.headers  # a CR never reaches the client
-    assert out.headers["Vary"] == "a" and out.headers["X-Request-Id"] == "rid-1"
+    add_header(headers, "Content-Length", "99")  # (the gateway's to say)
+    wire = encode_response(FnResponse(200, headers, b"ok", "rid-1"), keep_alive=True)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK" and body == b"ok"
+    assert [ln for ln in lines if ln.startswith("Set-Cookie")] == ["Set-Cookie: a=1", "Set-Cookie: b=2"]
+    assert not any("X-Bad" in ln or "Injected" in ln for ln in lines)  # a CR never reaches the client
+    assert "Vary: a" in lines and "X-Request-Id: rid-1" in lines and "Content-Length: 2" in lines
+    assert "Connection: close" not in lines
+
+
+def test_the_gateway_answers_a_head_request_without_its_body_and_a_1xx_as_a_502() -> None:
+    wire = encode_response(FnResponse(200, {}, b"hello", "r"), keep_alive=False, head=True)
+    assert wire.endswith(b"Content-Length: 5\r\nConnection: close\r\n\r\n")
+    wire = encode_response(FnResponse(101, {}, b"", "r"), keep_alive=True)
+    assert wire.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    wire = encode_response(FnResponse(204, {"X-A": "b"}, b"a body it cannot have", "r"), keep_alive=True)
+    assert wire.endswith(b"X-A: b\r\nX-Request-Id: r\r\n\r\n") and b"Content-Length" not in wire
+    wire = encode_response(FnResponse(200, {"X-Odd": "a\ud800b"}, b"", "r"), keep_alive=True, http10=True)
+    assert b"X-Odd: a?b\r\n" in wire and b"Connection: keep-alive\r\n" in wire
 
 
 def test_the_url_of_a_function_names_a_reachable_address() -> None:
