@@ -9,9 +9,9 @@ Measured side by side in one run, on loopback, with wrk (Debian `wrk`, installed
              snapshot (a direct instance as well)
 Blocks alternate (--blocks of each, --seconds each, wrk -t2 -c16); the figure is the median block rate.
 Then, at half of microvmd's measured rate, an open-loop client (requests sent on a fixed schedule, latency
-counted from the scheduled time) gives the p99. The daemon reports the time to a fresh instance itself
-(`fn inspect`: stats.restore_us and fresh_instance_us, the last 1,000 requests; stats.direct and direct_to_vm
-say how many requests were direct instances).
+counted from the scheduled time; uvloop, its collector off while it runs) gives the p99. The daemon reports
+the time to a fresh instance itself (`fn inspect`: stats.restore_us and fresh_instance_us, the last 1,000
+requests; stats.direct and direct_to_vm say how many requests were direct instances).
 With the CPython image (scripts/fetch-interpreters; its Asyncify rewrite is kept in --python-state, the
 same directory bench_python uses), a Python function restored per request is compared with starting CPython
 per request (an ephemeral VM running the same handler with `python -c`).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import re
 import shutil
 import socket
@@ -115,6 +116,19 @@ async def open_loop(port: int, path: str, rate: float, seconds: float, conns: in
     while not idle.empty():
         idle.get_nowait()[1].close()
     return lat, failed
+
+
+def measure_open_loop(port: int, path: str, rate: float, seconds: float) -> tuple[list[float], int]:
+    """``open_loop`` as a lean client: on uvloop, with the collector off while it runs (its own pauses, tens of
+    milliseconds with a request task per scheduled send, were part of the tail it measured)."""
+    import uvloop
+
+    gc.collect()
+    gc.disable()
+    try:
+        return uvloop.run(open_loop(port, path, rate, seconds))  # type: ignore[no-any-return]
+    finally:
+        gc.enable()
 
 
 def ready(cl: Any, name: str, timeout: float = 60.0) -> None:
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rates[side].append(rate)
                     bad += nbad if side != "aiohttp" else 0
             peak = c.median(rates["microvmd"])
-            lat, failed = asyncio.run(open_loop(gport, "/hello?name=x", peak / 2, seconds * (0.5 if a.quick else 1)))
+            lat, failed = measure_open_loop(gport, "/hello?name=x", peak / 2, seconds * (0.5 if a.quick else 1))
             hello_stats = cl.call("GET", "/v1/functions/hello")["stats"]
             inside = hello_stats["fresh_instance_us"]
             # the snapshot function, not saturated: what a restore costs, and what a request waits for one

@@ -24,6 +24,8 @@ _lock = threading.Lock()
 
 def escape(text: str) -> str:
     """``text`` with every line-breaking or direction-changing character written as an escape."""
+    if text.isascii() and text.isprintable():  # (most lines: nothing to escape, and no translate)
+        return text
     return text.translate(_ESCAPES)
 
 

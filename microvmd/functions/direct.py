@@ -224,7 +224,9 @@ class DirectRunner:
         """The daemon's runner: an engine of its own, the daemon's in all that changes compiled code (so the
         daemon's compiled modules load into it), with wasmtime's pooling allocator: a direct instance takes a
         slot whose memory stays mapped instead of mapping a new one (about 15 us of each instance here). One
-        run at a time per vCPU worker: two slots per worker leave room."""
+        run at a time per worker: two slots per vCPU worker leave room. Native workers are one fewer than the
+        vCPU workers (at least one): a gateway request needs the event loop as much as its instance, and with
+        as many workers as cores the loop lost its core to them (bench_functions, p99 at half rate)."""
         # a slot cannot outgrow the engine's memory reservation (wasmtime aborts the process on such a
         # configuration, it does not return an error): wasmtime's default is 4 GiB on a 64-bit host
         reservation = DEFAULT_RESERVATION if opts.memory_reservation is None else opts.memory_reservation
@@ -232,7 +234,7 @@ class DirectRunner:
         pool = wt.PoolOptions(slots=2 * workers, max_memory=max_memory, table_elements=limits.table_elements,
                               keep_resident=KEEP_RESIDENT)
         runner = cls(wt.make_engine(opts, pool), epoch_interval, quantum, fuel_slice, budget, modules_from=engine,
-                     native_workers=workers)
+                     native_workers=max(1, workers - 1))
         runner.max_memory = max_memory
         return runner
 

@@ -1071,8 +1071,15 @@ def _tail(data: bytes, n: int = 600) -> str:
     return text[-n:].replace("\n", " | ")
 
 
+_second: list[Any] = [-1, ""]  # the last second _stamp formatted, and how
+
+
 def _stamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+    now = time.time()
+    sec = int(now)
+    if sec != _second[0]:  # (strftime once a second: a WAGI function logs a stderr line per request)
+        _second[:] = [sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))]
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"
 
 
 def _snapshot_name(name: str, version: int) -> str:

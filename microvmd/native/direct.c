@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -323,14 +324,6 @@ static void run(struct job *j) {
 
 #define SPIN_NS 30000 /* ns a worker looks for a job before it sleeps (see worker) */
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
 static struct job *take(struct pool *p) {
     pthread_mutex_lock(&p->mu);
     if (!p->ready) { /* the loop's newest-first stack, reversed */
@@ -348,12 +341,14 @@ static void *worker(void *arg) {
     struct pool *p = arg;
     for (;;) {
         /* a job is looked for a little before sleeping: under load the next comes within microseconds, and
-         * waking a sleeping worker is a system call and an inter-processor interrupt on the loop's thread */
+         * waking a sleeping worker is a system call and an inter-processor interrupt on the loop's thread.
+         * The look yields the CPU between tries: on a small host a pure spin took it from the event loop
+         * and the clients (p99 at 6,000 req/s on 2 CPUs: 25 ms spinning, 5 ms yielding). */
         bool got = false;
         int64_t until = now_ns(CLOCK_MONOTONIC) + SPIN_NS;
         do {
             if (!sem_trywait(&p->jobs)) { got = true; break; }
-            cpu_relax();
+            sched_yield(); /* (another thread that wants this CPU, the event loop say, gets it) */
         } while (now_ns(CLOCK_MONOTONIC) < until);
         if (!got)
             while (sem_wait(&p->jobs) && errno == EINTR) {}
