@@ -274,7 +274,8 @@ _TREES: dict[str, Path] = {}
 def code_root() -> Path:
     """Where the microvmd under test lives: this working tree, or, when $MICROVMD_BENCH_REF names a git
     revision (run_all.py --ref, or each bench's --ref), a clean export of that revision's microvmd/ and
-    images/ (git archive), so that uncommitted edits in a shared tree do not leak into the figures."""
+    images/ (git archive; its native part built by its scripts/build-native), so that uncommitted edits in a
+    shared tree do not leak into the figures."""
     ref = os.environ.get(REF_ENV)
     if not ref:
         return ROOT
@@ -285,9 +286,13 @@ def code_root() -> Path:
     dest = Path(tempfile.gettempdir()) / f"microvmd-bench-src-{sha[:16]}"
     if not (dest / ".complete").exists():
         tmp = Path(tempfile.mkdtemp(prefix="microvmd-bench-src-"))
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "microvmd", "images"],
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "microvmd", "images", "scripts"],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        build = tmp / "scripts" / "build-native"
+        if build.exists() and (tmp / "microvmd" / "native" / "direct.c").exists():
+            # the revision's native part, as its set-up builds it (without it direct instances run in Python)
+            subprocess.run(["sh", str(build)], check=True, capture_output=True)
         (tmp / ".complete").write_text(sha + "\n")
         try:
             tmp.rename(dest)

@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             peak = c.median(rates["microvmd"])
             lat, failed = measure_open_loop(gport, "/hello?name=x", peak / 2, seconds * (0.5 if a.quick else 1))
             hello_stats = cl.call("GET", "/v1/functions/hello")["stats"]
+            runner = hello_stats.get("direct_runner", "python")  # (older daemons: Python on the vCPU workers)
             inside = hello_stats["fresh_instance_us"]
             # the snapshot function, not saturated: what a restore costs, and what a request waits for one
             cl.call("POST", "/v1/functions", {"name": "seqsdk", "image": "fnsdk", "executor": "sdk", "route": "/seq"})
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     c.emit(f"open loop at {peak / 2:.0f} requests/s for {len(lat)} requests: p50 {c.ms(c.median(lat))} ms, "
            f"p99 {c.ms(p99)} ms, {failed} failed")
     c.emit(f"WAGI, inside the daemon, a fresh instance made (store, WASI, instance) under the open loop: {inside}; "
-           f"direct instances {hello_stats.get('direct', '-')}, went on as VMs {hello_stats.get('direct_to_vm', '-')}")
+           f"direct instances {hello_stats.get('direct', '-')}, went on as VMs {hello_stats.get('direct_to_vm', '-')}; "
+           f"direct instances run {'natively' if runner == 'native' else 'in Python (no native build)'}")
     restore = sdk_stats["restore_us"]
     c.emit(f"SDK function (images/fnsdk), 200 sequential requests: a fresh instance resumed from its snapshot "
            f"(store, WASI, instance, snapshot memory and globals) {restore}; direct instances "

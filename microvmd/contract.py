@@ -867,6 +867,8 @@ class FunctionStats(Response):
     # whether its requests start as direct instances: "preparing" (made in the background after a deploy or
     # a restart; requests run as VMs meanwhile), "ready", or "off" (the image or snapshot does not allow them)
     direct_state: Literal["preparing", "ready", "off"] = "preparing"
+    # where direct instances run: on native workers, or in Python (the daemon has no native build: slower)
+    direct_runner: Literal["native", "python"] = "native"
 
 
 class FunctionLimits(Response):

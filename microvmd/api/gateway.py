@@ -7,7 +7,7 @@ not an aiohttp application: a function's request is a few tens of microseconds o
 direct instance, and aiohttp's request and response objects, router and writer cost about as much again.
 What it does, and what it bounds:
 - keep-alive (HTTP/1.1 by default, HTTP/1.0 when asked), requests on one connection answered in order
-  (pipelined ones wait their turn, at most ``PIPELINED`` read ahead);
+  (pipelined ones wait their turn, at most ``PIPELINED`` parsed ahead; the rest of a read waits unparsed);
 - a connection that has not sent a whole request head within ``idle_timeout`` (a slow-headers client, or
   an idle keep-alive one) is closed; a head above MAX_HEAD bytes or MAX_HEADERS lines is answered 431;
 - at most ``stats.cap`` connections (``[daemon] gateway_connections``); one beyond is answered 503 with
@@ -46,6 +46,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 PIPELINED = 8  # requests read ahead of the one being answered on a connection; reading stops beyond
 MAX_HEAD = 64 << 10  # bytes of a request head (its line and headers): a larger one is answered 431
 MAX_HEADERS = 128  # header lines of a request: more are answered 431
+FEED = 16 << 10  # bytes parsed at a time (between them: the pipelining bound, the body's admission, the limits)
 LINGER, LINGER_BYTES = 2.0, 8 << 20  # an unread body after the answer: read and dropped for so long, so much
 WRITE_HIGH = 1 << 20  # bytes of answers queued for a slow reader before the connection's next request waits
 # (and a reader that takes none of them within the body timeout loses its connection)
@@ -182,6 +183,8 @@ class _Connection(asyncio.Protocol):
         self.since = 0.0  # when the connection last had nothing to do (made, or its last answer sent)
         self.head_bytes = 0  # of the request being parsed: its line and headers so far
         self.head_read = 0  # bytes read while its head was incomplete (bounds what the parser buffers)
+        self.framing = 0  # bytes of the body being parsed that were not body (chunk sizes, trailers)
+        self.unfed = b""  # read, not yet parsed (reading is paused until it is)
         self.reading = True
         self.write_paused: asyncio.Future[None] | None = None
         self.eof = False  # the client will send nothing more
@@ -208,30 +211,62 @@ class _Connection(asyncio.Protocol):
                 return
         if self.broken:
             return
-        continued = self.parsing is not None and not self.parsing.head_complete
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # an Upgrade (or CONNECT) the gateway does not make: that request is answered, without a body,
-            # then the connection closes; what follows it is not read
-            req = self.queue[-1] if self.queue else None
-            if req is not None:
-                req.keep_alive = False
-                if req is self.parsing:
-                    req.complete = True
-                    self.parsing = None
-            self.broken = True
-            self.closing = True
+        self.unfed = self.unfed + data if self.unfed else data
+        self._feed()
+
+    def _feed(self) -> None:
+        """Parse what was read, in slices of at most FEED bytes, while more may be read (``_may_read``): what
+        is left waits, unparsed, for ``_resume``. Parsing a read whole would queue a pipelined flood of one
+        read at once, and parse a body its function has not asked for. After each slice the parser's own
+        buffers are bounded: a head that does not end, or chunk framing and trailers that do not, are
+        refused before they hold more than MAX_HEAD (and a slice) of memory."""
+        while self.unfed and not self.broken and (self._may_read() or self.lingering):
+            data, self.unfed = self.unfed[:FEED], self.unfed[FEED:]
+            req = self.parsing
+            in_head = req is not None and not req.head_complete
+            in_body = req is not None and req.head_complete and not req.complete
+            body_before = req.size if in_body and req is not None else 0
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self._upgraded()
+                return
+            except httptools.HttpParserError as exc:
+                if self.lingering:
+                    self._close()  # (its answer is sent: nothing more is)
+                else:
+                    self._refuse(400, "bad_request", f"the request could not be parsed: {exc}")
+                return
+            now = self.parsing
+            if now is not None and not now.head_complete:  # the parser holds part of a head
+                self.head_read = self.head_read + len(data) if (in_head and now is req) else len(data)
+                if self.head_read > MAX_HEAD + FEED:  # (its complete lines are counted exactly at its end)
+                    self._refuse(431, "head_too_large", f"the request head is above {MAX_HEAD} bytes")
+                    return
+            elif in_body and now is req and req is not None:  # bytes of the body's framing (chunk sizes, trailers)
+                self.framing += len(data) - (req.size - body_before)
+                if self.framing > MAX_HEAD + FEED:
+                    self._refuse(400, "bad_body", "the request's chunk framing or trailers are too large")
+                    return
+        if self.unfed and not self.lingering:
             self._pause()
-            return
-        except httptools.HttpParserError as exc:
-            self._refuse(400, "bad_request", f"the request could not be parsed: {exc}")
-            return
-        req = self.parsing
-        if req is not None and not req.head_complete and not self.lingering:  # the parser holds part of a head
-            self.head_read = self.head_read + len(data) if continued else len(data)
-            if self.head_read > MAX_HEAD + 65536:  # (its complete lines are counted exactly at its end)
-                self._refuse(431, "head_too_large", f"the request head is above {MAX_HEAD} bytes")
+
+    def _upgraded(self) -> None:
+        """An Upgrade (or CONNECT) the gateway does not make: that request is answered without its upgrade
+        (400 if it has a body, which the parser does not read for an upgrade), then the connection closes;
+        what follows it is not read."""
+        req = self.queue[-1] if self.queue else None
+        if req is not None:
+            req.keep_alive = False
+            if not _bodiless(req):
+                req.head_error = (400, "bad_request", "an Upgrade request with a body is not served")
+            if req is self.parsing:
+                req.complete = True
+                self.parsing = None
+        self.broken = True
+        self.closing = True
+        self.unfed = b""
+        self._pause()
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -278,6 +313,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.parsing
         assert req is not None
+        if req.head_complete:
+            return  # a chunked body's trailer: never merged into the headers (RFC 9110 6.5.1)
         self.head_bytes += len(name) + len(value) + 4
         req.nheaders += 1
         if req.nheaders > MAX_HEADERS:
@@ -298,6 +335,7 @@ class _Connection(asyncio.Protocol):
         req.head_only = req.method == "HEAD"
         req.expect_continue = req.headers.get("expect", "").lower() == "100-continue"
         req.head_complete = True
+        self.framing = 0
         if self.head_bytes > MAX_HEAD:
             req.head_error = (431, "head_too_large", f"the request head is above {MAX_HEAD} bytes")
         if req.head_error is not None:
@@ -347,15 +385,24 @@ class _Connection(asyncio.Protocol):
             req is None or not req.head_complete or req.waiter is not None or _bodiless(req))
 
     async def _serve(self) -> None:
+        try:
+            await self._serve_requests()
+        except BaseException:
+            self._abort()  # (a task that ends otherwise never leaves a request unanswered on an open connection)
+            raise
+
+    async def _serve_requests(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self.transport is None or self.transport.is_closing():
+                return
             req = self.queue[0]
             try:
                 resp = await self.gw.invoke(self, req)
             except Exception as exc:  # noqa: BLE001 - a bug: the client gets a 500, the daemon goes on
                 log.exception("function gateway: request failed: %s", exc)
                 resp = error_response(500, "internal", "the gateway failed (see the daemon's log)", "-")
-            if self.transport is None or self.transport.is_closing():
+            if self.transport.is_closing():
                 return
             self.queue.popleft()
             # a body left unread (not admitted, too large, cut) ends the connection, as does a broken stream
@@ -369,18 +416,15 @@ class _Connection(asyncio.Protocol):
                 log.exception("function gateway: an answer could not be sent: %s", exc)
                 self._abort()
                 return
+            self.since = loop.time()
             if not keep:
-                if req.head_complete and not req.complete and not self.broken:
+                if req.head_complete and not req.complete and not self.broken and not self.eof:
                     self._linger()
                 else:
                     self._close()
                 return
-            if self.write_paused is not None:  # a slow reader: its next request waits for its answers to leave
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.write_paused), self.gw.body_timeout)
-                except TimeoutError:
-                    self._abort()  # (it reads nothing: its answers would hold memory for ever)
-                    return
+            if not await self._drained():
+                return
             if self._may_read():
                 self._resume()
             if not self.queue:
@@ -392,8 +436,20 @@ class _Connection(asyncio.Protocol):
                     return  # (the connection was lost)
                 finally:
                     self.wakeup = None
-                if self.transport.is_closing():
-                    return
+
+    async def _drained(self) -> bool:
+        """Wait while a slow reader has more than WRITE_HIGH bytes of answers to take (the next request waits
+        too); False when it took none of them for the body timeout (it is then cut off) or went away."""
+        assert self.transport is not None
+        while self.write_paused is not None:
+            before = self.transport.get_write_buffer_size()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.write_paused), self.gw.body_timeout)
+            except TimeoutError:
+                if self.transport.get_write_buffer_size() >= before:
+                    self._abort()  # (it reads nothing: its answers would hold memory for ever)
+                    return False
+        return not self.transport.is_closing()
 
     def fn_request(self, req: _Request) -> FnRequest | None:
         """The function's view of ``req``; None when its target is not a path (CONNECT host:port, "*")."""
@@ -420,7 +476,7 @@ class _Connection(asyncio.Protocol):
             if not req.complete:
                 if self.eof or self.broken:
                     raise BadRequest("the client closed the connection before its body ended", code="bad_body")
-                if req.expect_continue and self.transport is not None:
+                if req.expect_continue and not req.http10 and self.transport is not None:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 req.waiter = asyncio.get_running_loop().create_future()
                 self._resume()
@@ -436,7 +492,7 @@ class _Connection(asyncio.Protocol):
     def idle_for(self, now: float) -> float:
         """Seconds without a whole request head to answer (0 while one is answered or waits its turn, and
         while lingering, which has a clock of its own)."""
-        if self.queue or self.lingering:
+        if self.queue or self.lingering or self.write_paused is not None:
             return 0.0
         return now - self.since
 
@@ -446,9 +502,19 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume(self) -> None:
+        if self.unfed and not self.broken:  # what was read and left waits first (on the loop's next turn:
+            asyncio.get_running_loop().call_soon(self._refeed)  # parsing calls back into this connection)
+            return
         if not self.reading and self.transport is not None and not self.transport.is_closing():
             self.reading = True
             self.transport.resume_reading()
+
+    def _refeed(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._feed()
+        if not self.unfed:
+            self._resume()
 
     def _refuse(self, status: int, kind: str, message: str) -> None:
         """The stream cannot be parsed further: the requests read before it are still answered, then this
@@ -510,7 +576,7 @@ def _host_port(host: str) -> tuple[str, int | None]:
         port = rest[1:] if rest.startswith(":") else ""
     else:
         name, _, port = host.partition(":")
-    return name.lower(), int(port) if port.isdigit() and len(port) <= 5 else None
+    return name.lower(), int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else None
 
 
 class Gateway:

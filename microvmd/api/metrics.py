@@ -91,7 +91,8 @@ def _function_metrics(functions: Any) -> Iterator[Metric]:
         instances.add_metric([fn.name, "running"], fn.active)
         instances.add_metric([fn.name, "queued"], fn.queued)
         instances.add_metric([fn.name, "idle"], len(fn.spares) + len(fn.warm))  # spares and --reuse warm ones
-        buckets = [(str(b), fn.latency[i]) for i, b in enumerate(LATENCY_BUCKETS)] + [("+Inf", fn.latency[-1])]
+        counts = fn.latency
+        buckets = [(str(b), counts[i]) for i, b in enumerate(LATENCY_BUCKETS)] + [("+Inf", counts[-1])]
         latency.add_metric([fn.name], buckets, fn.latency_sum)
     yield from (calls, errors, instances, latency)
     stats = functions.gateway_stats

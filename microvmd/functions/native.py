@@ -220,8 +220,14 @@ class Pool:
             self._loop.remove_reader(self.fd)
         ptr, self._ptr = self._ptr, None
         assert _slow is not None
-        await asyncio.get_running_loop().run_in_executor(None, _slow.mvd_pool_stop, ptr)
-        self._finish_all()
+        stop = asyncio.get_running_loop().run_in_executor(None, _slow.mvd_pool_stop, ptr)
+        try:
+            await asyncio.shield(stop)
+        finally:  # (cancelled meanwhile: what ran is finished once the workers have ended)
+            if stop.done():
+                self._finish_all()
+            else:
+                stop.add_done_callback(lambda _: self._finish_all())
 
     def close(self) -> None:
         """``aclose`` for callers without a loop (tests): blocks until the workers end."""

@@ -18,6 +18,7 @@ import bisect
 import itertools
 import json
 import logging
+import random
 import secrets
 import shutil
 import time
@@ -187,9 +188,9 @@ class Functions:
         self._commit = asyncio.Lock()  # the tables and records change under it
         self._retiring: set[asyncio.Task[None]] = set()
         self.closing = False
-        # request ids: a random prefix per daemon start and a counter (unique, and no system call per request)
-        self._rid_prefix = secrets.token_hex(3)
-        self._rid_count = itertools.count(1)
+        # request ids: 48 random bits each, from a generator seeded by the system once (no system call per
+        # request; an id says nothing of how many requests came before it)
+        self._rids = random.Random(secrets.randbits(128))
         self._reaper_task: asyncio.Task[None] | None = None
         snapshots.protected.append(self._owner_of)
         sched = hv.sched
@@ -284,7 +285,8 @@ class Functions:
                       "idle_instances": len(fn.spares) + len(fn.warm), "last_invoked": fn.last_invoked,
                       "fresh_instance_us": _percentiles(fn.instance_times),
                       "restore_us": _percentiles(fn.restore_times), "direct": fn.direct,
-                      "direct_to_vm": fn.direct_to_vm, "direct_state": self._direct_state(fn.current)},
+                      "direct_to_vm": fn.direct_to_vm, "direct_state": self._direct_state(fn.current),
+                      "direct_runner": "native" if self.direct.pool is not None else "python"},
         }
 
     # ------------------------------------------------------------------ deploy and remove
@@ -557,10 +559,7 @@ class Functions:
         return self._failed(fn, resp, None) if resp.error else resp
 
     def _request_id(self) -> str:
-        n = next(self._rid_count)
-        if n >= 1 << 32:  # (a new prefix every 4 billion requests)
-            self._rid_prefix, self._rid_count = secrets.token_hex(3), itertools.count(1)
-        return f"{self._rid_prefix}{n:08x}"
+        return f"{self._rids.getrandbits(48):012x}"
 
     def _failed(self, fn: Function, resp: FnResponse, detail: str | None) -> FnResponse:
         kind = resp.error or "error"

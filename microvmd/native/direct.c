@@ -718,7 +718,13 @@ struct pool *mvd_pool_new(int workers, char *why, size_t why_len) {
         int rc = pthread_create(&p->threads[p->nthreads], NULL, worker, p);
         if (rc) { snprintf(why, why_len, "pthread_create: %s", strerror(rc)); break; }
     }
-    if (!p->nthreads) { close(p->efd); free(p); return NULL; }
+    if (!p->nthreads) {
+        close(p->efd);
+        sem_destroy(&p->jobs);
+        pthread_mutex_destroy(&p->mu);
+        free(p);
+        return NULL;
+    }
     return p;
 }
 

@@ -194,3 +194,60 @@ def test_upgrade_connect_and_too_many_headers(gw: tuple[Daemon, int]) -> None:
         assert many.response()[0] == 431 and many.closed()
     finally:
         many.close()
+
+
+def test_a_hundred_pipelined_requests_in_one_send(conn: Conn) -> None:
+    """More than are parsed ahead at once: the rest wait unparsed, and every one is answered, in order."""
+    conn.send(b"".join(b"GET /hello?name=p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(100)))
+    for i in range(100):
+        assert conn.response()[2] == b"hello p%d, call 1\n" % i
+
+
+def test_a_large_body_then_a_small_head_in_one_read_is_no_431(conn: Conn) -> None:
+    conn.send(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200000
+              + b"GET /hello?name=after HTTP/1.1\r\nHo")
+    assert conn.response()[2] == b"got 200000 bytes, call 1\n"
+    conn.send(b"st: x\r\n\r\n")
+    assert conn.response()[2] == b"hello after, call 1\n"
+
+
+def test_trailers_are_not_headers_and_are_bounded(gw: tuple[Daemon, int]) -> None:
+    _, port = gw
+    c = Conn(port)
+    try:  # a trailer never reaches the function's environment as a header
+        c.send(b"POST /hello?env=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"2\r\nab\r\n0\r\nX-Trailer: evil\r\nHost: evil\r\n\r\n")
+        status, _, body = c.response()
+        assert status == 200 and b"evil" not in body and b"HTTP_HOST=x\n" in body
+    finally:
+        c.close()
+    c = Conn(port)
+    try:  # a trailer that never ends is refused before the parser holds much of it
+        c.send(b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nX-T: ")
+        for _ in range(20):
+            try:
+                c.send(b"a" * 16384)
+            except OSError:
+                break
+        status, _, body = c.response()
+        assert status == 400 and b"trailers" in body
+    finally:
+        c.close()
+
+
+def test_an_upgrade_with_a_body_and_an_odd_host_port(gw: tuple[Daemon, int]) -> None:
+    _, port = gw
+    c = Conn(port)
+    try:  # the parser would not read the body of an upgrade: the request is refused, not run without it
+        c.send(b"POST /hello HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 5\r\n\r\n"
+               b"hello")
+        assert c.response()[0] == 400 and c.closed()
+    finally:
+        c.close()
+    c = Conn(port)
+    try:  # a port of non-ASCII digits is no port (the socket's), never a 500
+        c.send("GET /hello?env=1 HTTP/1.1\r\nHost: a:²\r\n\r\n".encode())
+        status, _, body = c.response()
+        assert status == 200 and f"SERVER_PORT={port}\n".encode() in body
+    finally:
+        c.close()
