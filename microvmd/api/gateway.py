@@ -353,9 +353,9 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.parsing
         assert req is not None
+        req.size += len(body)  # (counted even when dropped: the framing bound in _feed is what is not body)
         if self.lingering or req.too_large:
             return
-        req.size += len(body)
         if req.size > MAX_BODY:
             req.too_large = True
             req.body.clear()

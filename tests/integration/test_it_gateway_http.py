@@ -251,3 +251,21 @@ def test_an_upgrade_with_a_body_and_an_odd_host_port(gw: tuple[Daemon, int]) -> 
         assert status == 200 and f"SERVER_PORT={port}\n".encode() in body
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_above_the_limit_is_answered_413_never_reset(gw: tuple[Daemon, int], chunked: bool) -> None:
+    """Sent whole before the client reads (as most clients do): the rest of the body is read and dropped after
+    the 413, so the client reads its answer, then the end of the connection."""
+    c = Conn(gw[1])
+    try:
+        if chunked:
+            chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+            c.send(b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 32 + b"0\r\n\r\n")
+        else:
+            c.send(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n\r\n" + b"x" * (2 << 20))
+        status, headers, _ = c.response()
+        assert status == 413 and headers["connection"] == "close"
+        assert c.closed()
+    finally:
+        c.close()
