@@ -761,27 +761,21 @@ def define_host_func(linker: wasmtime.Linker, module: str, name: str,
     ``HostTrap`` to trap the guest. Only i32/i64 signatures are supported, which is all the ABI uses.
     ``suspends`` marks a suspension point: ``suspension_hook`` sees the call first.
     """
-    for t in (*params, *results):
-        if t not in _VALTYPES:
-            raise ValueError(f"unsupported value type {t!r}")
-    ptypes = _valtypes(params)
-    rtypes = _valtypes(results)
-    functype = ffi.wasm_functype_new(ctypes.byref(ptypes), ctypes.byref(rtypes))
     key = next(_ids)
     _hosts[key] = _Host(fn, [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results], suspends)
-    m, n = module.encode(), name.encode()
-    err = ffi.wasmtime_linker_define_async_func(
-        linker.ptr(), m, len(m), n, len(n), functype, _TRAMPOLINE, key,
-        ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
-    ffi.wasm_functype_delete(functype)
-    if err:
-        raise wasmtime.WasmtimeError._from_ptr(err)
+    _define_async(linker, module, name, params, results, _TRAMPOLINE, key)
 
 
 def define_native_host_func(linker: wasmtime.Linker, module: str, name: str, params: Sequence[str],
                             results: Sequence[str], callback: int) -> None:
     """Define ``module.name`` as the C function at address ``callback`` (a ``wasmtime_func_async_callback_t``
     that completes at once: functions/native.py's host calls), which runs without Python."""
+    _define_async(linker, module, name, params, results, ctypes.cast(callback, ffi.wasmtime_func_async_callback_t),
+                  None)
+
+
+def _define_async(linker: wasmtime.Linker, module: str, name: str, params: Sequence[str], results: Sequence[str],
+                  callback: Any, env: int | None) -> None:
     for t in (*params, *results):
         if t not in _VALTYPES:
             raise ValueError(f"unsupported value type {t!r}")
@@ -790,8 +784,8 @@ def define_native_host_func(linker: wasmtime.Linker, module: str, name: str, par
     functype = ffi.wasm_functype_new(ctypes.byref(ptypes), ctypes.byref(rtypes))
     m, n = module.encode(), name.encode()
     err = ffi.wasmtime_linker_define_async_func(
-        linker.ptr(), m, len(m), n, len(n), functype, ctypes.cast(callback, ffi.wasmtime_func_async_callback_t),
-        None, ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
+        linker.ptr(), m, len(m), n, len(n), functype, callback, env,
+        ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p)))
     ffi.wasm_functype_delete(functype)
     if err:
         raise wasmtime.WasmtimeError._from_ptr(err)

@@ -213,12 +213,9 @@ class Pool:
     async def aclose(self) -> None:
         """Stop the workers once what is queued has run (each run is bounded by a quantum), and finish what
         ran. On the loop that submitted; the wait for the workers is on a thread."""
-        if self.closed:
+        ptr = self._closing()
+        if ptr is None:
             return
-        self.closed = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self.fd)
-        ptr, self._ptr = self._ptr, None
         assert _slow is not None
         stop = asyncio.get_running_loop().run_in_executor(None, _slow.mvd_pool_stop, ptr)
         try:
@@ -231,15 +228,22 @@ class Pool:
 
     def close(self) -> None:
         """``aclose`` for callers without a loop (tests): blocks until the workers end."""
-        if self.closed:
+        ptr = self._closing()
+        if ptr is None:
             return
+        assert _slow is not None
+        _slow.mvd_pool_stop(ptr)
+        self._finish_all()
+
+    def _closing(self) -> int | None:
+        """The pool's pointer, taken for its stop (None when it is closed already): no job is taken any more."""
+        if self.closed:
+            return None
         self.closed = True
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.fd)
         ptr, self._ptr = self._ptr, None
-        assert _slow is not None
-        _slow.mvd_pool_stop(ptr)
-        self._finish_all()
+        return ptr  # type: ignore[no-any-return]
 
     def _finish_all(self) -> None:
         pending, self._pending = self._pending, {}
