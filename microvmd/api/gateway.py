@@ -47,6 +47,8 @@ PIPELINED = 8  # requests read ahead of the one being answered on a connection; 
 MAX_HEAD = 64 << 10  # bytes of a request head (its line and headers): a larger one is answered 431
 MAX_HEADERS = 128  # header lines of a request: more are answered 431
 FEED = 16 << 10  # bytes parsed at a time (between them: the pipelining bound, the body's admission, the limits)
+PIPELINED_FEED = 1 << 10  # ... while requests wait for their answers (so few more than PIPELINED are queued)
+CHUNK_FRAMING = 64  # bytes of framing a chunked body may have per chunk (its size line), beyond MAX_HEAD
 LINGER, LINGER_BYTES = 2.0, 8 << 20  # an unread body after the answer: read and dropped for so long, so much
 WRITE_HIGH = 1 << 20  # bytes of answers queued for a slow reader before the connection's next request waits
 # (and a reader that takes none of them within the body timeout loses its connection)
@@ -118,6 +120,7 @@ class _Refused(asyncio.Protocol):
         self.gw = gw
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's transports do not subclass it)
@@ -128,15 +131,26 @@ class _Refused(asyncio.Protocol):
             self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self._answer)
 
     def data_received(self, data: bytes) -> None:
-        if b"\r\n\r\n" in data or b"\n\n" in data:
+        if not self.answered and (b"\r\n\r\n" in data or b"\n\n" in data):
             self._answer()
 
+    def eof_received(self) -> bool | None:
+        return None  # (the client has read its answer, or never will: the connection closes)
+
     def _answer(self) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.answered or self.transport is None or self.transport.is_closing():
             return
+        self.answered = True
+        if self.timer is not None:
+            self.timer.cancel()
         text = f"503 Service Unavailable: the gateway holds its maximum of {self.gw.stats.cap} connections\n".encode()
         self.transport.write(_REFUSAL % (len(text), text))
-        self.transport.close()
+        if self.gw.lingering > self.gw.stats.cap:
+            self.transport.close()  # (a flood: nothing more is waited for)
+            return
+        # what the client still sends (a body) is read and dropped until it ends its side, or for at most
+        # REFUSAL_LINGER: closing with unread data would reset the connection and lose the answer
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.lingering -= 1
@@ -184,6 +198,8 @@ class _Connection(asyncio.Protocol):
         self.head_bytes = 0  # of the request being parsed: its line and headers so far
         self.head_read = 0  # bytes read while its head was incomplete (bounds what the parser buffers)
         self.framing = 0  # bytes of the body being parsed that were not body (chunk sizes, trailers)
+        self.chunks = 0  # chunks of that body so far
+        self.closed_at: float | None = None  # when _close was asked (a full write buffer may hold it open)
         self.unfed = b""  # read, not yet parsed (reading is paused until it is)
         self.reading = True
         self.write_paused: asyncio.Future[None] | None = None
@@ -221,7 +237,9 @@ class _Connection(asyncio.Protocol):
         buffers are bounded: a head that does not end, or chunk framing and trailers that do not, are
         refused before they hold more than MAX_HEAD (and a slice) of memory."""
         while self.unfed and not self.broken and (self._may_read() or self.lingering):
-            data, self.unfed = self.unfed[:FEED], self.unfed[FEED:]
+            # (smaller slices while requests wait to be answered: a slice of pipelined ones is parsed whole)
+            size = FEED if not self.queue or self.lingering else PIPELINED_FEED
+            data, self.unfed = self.unfed[:size], self.unfed[size:]
             req = self.parsing
             in_head = req is not None and not req.head_complete
             in_body = req is not None and req.head_complete and not req.complete
@@ -243,9 +261,11 @@ class _Connection(asyncio.Protocol):
                 if self.head_read > MAX_HEAD + FEED:  # (its complete lines are counted exactly at its end)
                     self._refuse(431, "head_too_large", f"the request head is above {MAX_HEAD} bytes")
                     return
-            elif in_body and now is req and req is not None:  # bytes of the body's framing (chunk sizes, trailers)
+            elif in_body and now is req and req is not None and not self.lingering:
+                # bytes of the body's framing: chunk-size lines (streamed by the parser: CHUNK_FRAMING each is
+                # allowed) and trailers (buffered by it: MAX_HEAD)
                 self.framing += len(data) - (req.size - body_before)
-                if self.framing > MAX_HEAD + FEED:
+                if self.framing > MAX_HEAD + FEED + CHUNK_FRAMING * self.chunks:
                     self._refuse(400, "bad_body", "the request's chunk framing or trailers are too large")
                     return
         if self.unfed and not self.lingering:
@@ -270,6 +290,9 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.eof = True
+        if self.lingering:
+            self._close()
+            return None
         req = self.parsing
         if req is not None and req.waiter is not None and not req.waiter.done():
             req.waiter.set_exception(BadRequest("the client closed the connection before its body ended",
@@ -315,7 +338,7 @@ class _Connection(asyncio.Protocol):
         assert req is not None
         if req.head_complete:
             return  # a chunked body's trailer: never merged into the headers (RFC 9110 6.5.1)
-        self.head_bytes += len(name) + len(value) + 4
+        self.head_bytes += len(name) + len(value) + 3  # (at least "name:value\r\n")
         req.nheaders += 1
         if req.nheaders > MAX_HEADERS:
             req.head_error = (431, "head_too_large", f"the request has more than {MAX_HEADERS} header lines")
@@ -341,6 +364,7 @@ class _Connection(asyncio.Protocol):
         if req.head_error is not None:
             req.keep_alive = False  # (its body, if any, is not read)
         self.head_read = 0
+        self.chunks = 0
         self.queue.append(req)
         if len(self.queue) == 1:
             if self.task is None:
@@ -349,6 +373,9 @@ class _Connection(asyncio.Protocol):
                 self.wakeup.set_result(None)
         if not self._may_read():  # a body waits until its function wants it (``reader``)
             self._pause()
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_body(self, body: bytes) -> None:
         req = self.parsing
@@ -418,7 +445,7 @@ class _Connection(asyncio.Protocol):
                 return
             self.since = loop.time()
             if not keep:
-                if req.head_complete and not req.complete and not self.broken and not self.eof:
+                if (self.broken or not req.complete) and not self.eof:  # (data may come that is not read)
                     self._linger()
                 else:
                     self._close()
@@ -492,7 +519,7 @@ class _Connection(asyncio.Protocol):
     def idle_for(self, now: float) -> float:
         """Seconds without a whole request head to answer (0 while one is answered or waits its turn, and
         while lingering, which has a clock of its own)."""
-        if self.queue or self.lingering or self.write_paused is not None:
+        if self.queue or self.lingering or self.write_paused is not None or self.closed_at is not None:
             return 0.0
         return now - self.since
 
@@ -513,7 +540,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         self._feed()
-        if not self.unfed:
+        if not self.unfed and self._may_read():
             self._resume()
 
     def _refuse(self, status: int, kind: str, message: str) -> None:
@@ -535,12 +562,13 @@ class _Connection(asyncio.Protocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode_response(error_response(status, kind, message, "-"), False))
-            self._close()
+            self._linger()  # (what follows is dropped unread: closing at once would reset the connection)
 
     def _linger(self) -> None:
-        """The answer went before the body was read (413, a full queue, a stopping daemon): closing now, with
-        unread data, would reset the connection and the client would not see the answer. The rest of the body
-        is read and dropped (at most LINGER_BYTES, for at most LINGER seconds), then the connection closes."""
+        """The answer went before the body was read (413, a full queue, a stopping daemon), or after a stream
+        that could not be parsed: closing now, with unread data, would reset the connection and the client
+        would not see the answer. What comes is read and dropped (the body's end closes the connection at
+        once; at most LINGER_BYTES, for at most LINGER seconds, or until the client ends its side)."""
         self.lingering = True
         self.closing = True
         self.reading = False
@@ -554,13 +582,15 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
+        if self.closed_at is None:
+            self.closed_at = asyncio.get_running_loop().time()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def close_when_idle(self) -> None:
         """At shutdown: close now if nothing is being answered, else once the answers are sent."""
         self.closing = True
-        if not self.queue:
+        if not self.queue and not self.lingering:  # (a lingering one closes by itself within LINGER)
             self._close()
 
 
@@ -619,8 +649,11 @@ class Gateway:
         while True:
             await asyncio.sleep(period)
             now = loop.time()
-            for conn in [c for c in self.connections if c.idle_for(now) >= self.idle_timeout]:
-                conn._close()
+            for conn in list(self.connections):
+                if conn.closed_at is not None and now - conn.closed_at > max(self.body_timeout, LINGER):
+                    conn._abort()  # closed, but its last answers were never taken: the place is given back
+                elif conn.idle_for(now) >= self.idle_timeout:
+                    conn._close()
 
     async def invoke(self, conn: _Connection, req: _Request) -> FnResponse:
         if req.head_error is not None:

@@ -269,3 +269,20 @@ def test_a_body_above_the_limit_is_answered_413_never_reset(gw: tuple[Daemon, in
         assert c.closed()
     finally:
         c.close()
+
+
+def test_a_chunked_body_in_tiny_chunks_is_served(conn: Conn) -> None:
+    """Chunk framing is bounded per chunk, not as a whole: 30,000 one-byte chunks are a valid body."""
+    conn.send(b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 30000
+              + b"0\r\n\r\n")
+    status, _, body = conn.response()
+    assert status == 201 and body == b"got 30000 bytes, call 1\n"
+
+
+def test_a_huge_head_sent_whole_gets_its_431_not_a_reset(gw: tuple[Daemon, int]) -> None:
+    c = Conn(gw[1])
+    try:
+        c.send(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+        assert c.response()[0] == 431 and c.closed()
+    finally:
+        c.close()
