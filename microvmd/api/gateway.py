@@ -189,6 +189,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.transport: asyncio.Transport | None = None
+        self.port = 0  # the gateway's port and the client's address (connection_made)
+        self.peer = ""
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: _Request | None = None  # the request whose head or body is being parsed
         self.queue: deque[_Request] = deque()  # heads complete, not yet answered; the first is being answered
@@ -216,6 +218,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH)
+        # (once: each get_extra_info is a system call on uvloop)
+        sock, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        self.port = int(sock[1]) if sock else 0
+        self.peer = str(peer[0]) if peer else ""
         self.since = asyncio.get_running_loop().time()
         self.gw.connections.add(self)
 
@@ -489,12 +495,8 @@ class _Connection(asyncio.Protocol):
         path = unquote((url.path or b"/").decode("latin-1"), errors="surrogateescape")  # decoded, as CGI's
         query = (url.query or b"").decode("latin-1")  # PATH_INFO is; the query string stays raw (RFC 3875)
         host, port = _host_port(req.headers.get("host", ""))
-        if port is None:
-            sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
-            port = sock[1] if sock else 0
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
         return FnRequest(req.method, path, query, req.headers, b"", route="", server_name=host or "localhost",
-                         server_port=port, remote_addr=peer[0] if peer else "")
+                         server_port=self.port if port is None else port, remote_addr=self.peer)
 
     def reader(self, req: _Request) -> Any:
         async def read() -> bytes:

@@ -56,7 +56,6 @@ class PoolOptions:
     max_memory: int  # bytes a slot's memory may grow to
     table_elements: int
     keep_resident: int = 0  # bytes of a slot's memory (and stack, table) reset in place, not unmapped, at its end
-    memory_init_cow: bool = True  # map data segments copy-on-write (False: copy them into the slot)
 
 
 def make_engine(opts: EngineOptions, pool: PoolOptions | None = None) -> wasmtime.Engine:
@@ -85,7 +84,6 @@ def make_engine(opts: EngineOptions, pool: PoolOptions | None = None) -> wasmtim
                               (ffi.wasmtime_pooling_allocation_config_async_stack_keep_resident_set,
                                pool.keep_resident)):
             setter(pc, value)
-        ffi.wasmtime_config_memory_init_cow_set(cfg.ptr(), pool.memory_init_cow)
         ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pc)  # (copies the configuration)
         ffi.wasmtime_pooling_allocation_config_delete(pc)
     return wasmtime.Engine(cfg)

@@ -39,6 +39,7 @@ from ..images import wasmbin
 from ..images.asyncify import STATE_NORMAL, STATE_REWINDING
 from ..images.rewrite import HOST_MODULE, RENAMED, WASI
 from ..vmm.budget import MemoryBudget
+from ..vmm.scheduler import VCPU_NICE
 from . import native
 
 log = logging.getLogger("microvmd.functions")
@@ -182,7 +183,7 @@ class DirectRunner:
         if native_workers is not None:
             why = native.unavailable()
             if why is None:
-                self.pool = native.Pool(native_workers)
+                self.pool = native.Pool(native_workers, VCPU_NICE)
                 self._define_native()
                 return
             log.warning("direct instances run in Python, not natively: %s", why)
@@ -246,7 +247,8 @@ class DirectRunner:
             module = wasmtime.Module.deserialize(self.engine, module.serialize())
         results = {e.name: len(e.type.results) for e in module.exports if isinstance(e.type, wasmtime.FuncType)}
         types: list[Any] = [e.type for e in module.imports] + [e.type for e in module.exports]
-        memory = sum(int(t.limits.min) for t in types if isinstance(t, wasmtime.MemoryType)) * 65536
+        # (the first memory's: one exported under two names is one memory, and direct instances allow one)
+        memory = next((int(t.limits.min) for t in types if isinstance(t, wasmtime.MemoryType)), 0) * 65536
         return Prepared(module, self.linker.instantiate_pre(module), results, memory)
 
     # ------------------------------------------------------------------ the run (a vCPU worker)
@@ -332,10 +334,7 @@ class DirectRunner:
         if part is not None:
             request = part.request or b""
             j.has_request, j.request, j.request_len = 1, request, len(request)
-        slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
-        bound = lim.timeout if lim.timeout <= self.quantum else self.quantum  # (as in _run)
-        j.fuel = slice_fuel
-        j.deadline_ticks = math.ceil(bound / self.epoch_interval) + 1
+        j.fuel, _, j.deadline_ticks = self._slice(lim)
         budget = self.budget
         j.memory = lim.memory if budget is None else min(lim.memory, budget.headroom())
         j.table_elements, j.instances, j.tables, j.memories = lim.table_elements, lim.instances, lim.tables, \
@@ -378,8 +377,7 @@ class DirectRunner:
         try:
             outcome = j.outcome
             message = wt.trap_text(j.message.decode(errors="replace")) if j.message else ""
-            slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
-            own_timeout = lim.timeout <= self.quantum
+            slice_fuel, own_timeout, _ = self._slice(lim)
             ended: tuple[str, int | None, str] | None
             if outcome == native.EXIT:
                 ended = ("exit", j.code, "")
@@ -419,15 +417,10 @@ class DirectRunner:
         held = 0
         t_inst = 0.0
         budget = self.budget
-        slice_fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
-        # the run's wall-clock bound: the function's timeout when it is shorter than a quantum, else a quantum
-        # (past it the request goes to a VM, which time-slices). An epoch deadline of n ticks traps at the n-th
-        # tick from now, the first of which may come at once: one more tick makes it at least the bound.
-        own_timeout = lim.timeout <= self.quantum
-        bound = lim.timeout if own_timeout else self.quantum
+        slice_fuel, own_timeout, deadline_ticks = self._slice(lim)
         ended: tuple[str, int | None, str] = ("exit", 0, "")
         try:
-            store.limit(slice_fuel, math.ceil(bound / self.epoch_interval) + 1,
+            store.limit(slice_fuel, deadline_ticks,
                         lim.memory if budget is None else min(lim.memory, budget.headroom()),
                         lim.table_elements, lim.instances, lim.tables, lim.memories)
             outs = _outputs()
@@ -470,6 +463,16 @@ class DirectRunner:
             store.close()
         out, truncated, errs = outs.read(stdout_cap)
         return Ended(ended[0], ended[1], ended[2], out, truncated, errs, t_inst)
+
+    def _slice(self, lim: Limits) -> tuple[int, bool, int]:
+        """(the run's fuel, whether its wall-clock bound is the function's own timeout, that bound in epoch
+        ticks). The bound is the function's timeout when it is shorter than a quantum, else a quantum (past it
+        the request goes to a VM, which time-slices). An epoch deadline of n ticks traps at the n-th tick from
+        now, the first of which may come at once: one more tick makes it at least the bound."""
+        own_timeout = lim.timeout <= self.quantum
+        bound = lim.timeout if own_timeout else self.quantum
+        fuel = self.fuel_slice if lim.fuel is None else min(self.fuel_slice, lim.fuel)
+        return fuel, own_timeout, math.ceil(bound / self.epoch_interval) + 1
 
     def _trapped(self, code: wasmtime.TrapCode | None, message: str, own_timeout: bool, lim: Limits,
                  slice_fuel: int) -> tuple[str, int | None, str] | None:

@@ -6,7 +6,7 @@ included, on worker threads that never take the GIL: the loop fills a job, hands
 woken through an eventfd when it is done. The loop's share of a request is then the HTTP and the answer.
 
 The build is optional. ``scripts/build-native`` (run by the package build and ``make native``) compiles it
-with any C compiler; without it, or when it is older than its source, direct instances run in Python and
+with any C compiler; without it, or when it is a build of another source, direct instances run in Python and
 the daemon says why at start-up (``unavailable``).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from ..engine import wt
 
 log = logging.getLogger("microvmd.functions")
-ABI = 1  # direct.c's MVD_ABI
+ABI = 2  # direct.c's MVD_ABI
 SOURCE = Path(__file__).resolve().parents[1] / "native" / "direct.c"
 LIBRARY = SOURCE.with_name("_direct.so")
 
@@ -90,7 +90,7 @@ def _load() -> tuple[ctypes.CDLL | None, ctypes.CDLL | None, str | None]:
     fast.mvd_host.restype = _P
     fast.mvd_host.argtypes = [ctypes.c_int]
     fast.mvd_pool_new.restype = _P
-    fast.mvd_pool_new.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    fast.mvd_pool_new.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
     fast.mvd_pool_fd.argtypes = [_P]
     fast.mvd_submit.argtypes = [_P, _P]
     fast.mvd_submit.restype = None
@@ -140,10 +140,10 @@ class Pool:
     when some are done, and calls each job's ``finish`` there. ``run`` (blocking) is for callers without a
     loop (tests)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, nice: int = 0) -> None:
         assert _lib is not None, "unavailable() first"
         why = ctypes.create_string_buffer(256)
-        self._ptr = _lib.mvd_pool_new(workers, why, len(why))
+        self._ptr = _lib.mvd_pool_new(workers, nice, why, len(why))  # (nice: the workers', as vCPU workers')
         if not self._ptr:
             raise OSError(f"no native workers: {why.value.decode(errors='replace')}")
         self.fd: int = _lib.mvd_pool_fd(self._ptr)

@@ -27,12 +27,14 @@
 #include <sched.h>
 #include <semaphore.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
-#define MVD_ABI 1 /* functions/native.py checks it: a stale build is not used */
+#define MVD_ABI 2 /* functions/native.py checks it: a stale build is not used */
 
 /* ---------------------------------------------------------------- wasmtime's C API, by dlsym */
 /* Layouts, checked against wasmtime-py's own at mvd_init: a value and an extern are a kind byte, padding
@@ -141,7 +143,7 @@ struct pool {
     struct job *ready; /* taken from ``incoming``, oldest first */
     sem_t jobs; /* counts jobs pushed and not yet taken (and, at the end, one wake-up per worker) */
     struct job *done; /* pushed by the workers */
-    int efd, stopping, nthreads;
+    int efd, stopping, nthreads, nice;
     pthread_t threads[64];
 };
 static __thread struct job *current;
@@ -339,6 +341,8 @@ static struct job *take(struct pool *p) {
 
 static void *worker(void *arg) {
     struct pool *p = arg;
+    /* guests yield the CPU to the control plane, as on the vCPU workers (vmm/scheduler.py, VCPU_NICE) */
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), p->nice)) { /* (best effort) */ }
     for (;;) {
         /* a job is looked for a little before sleeping: under load the next comes within microseconds, and
          * waking a sleeping worker is a system call and an inter-processor interrupt on the loop's thread.
@@ -703,11 +707,12 @@ bool mvd_init(const char *libpath, size_t val_size, size_t val_of, size_t extern
     return true;
 }
 
-/* A pool of ``workers`` threads (after mvd_init), or NULL with ``why`` filled in. */
-struct pool *mvd_pool_new(int workers, char *why, size_t why_len) {
+/* A pool of ``workers`` threads at nice value ``nice`` (after mvd_init), or NULL with ``why`` filled in. */
+struct pool *mvd_pool_new(int workers, int nice, char *why, size_t why_len) {
     if (!resolved) { snprintf(why, why_len, "mvd_init was not called"); return NULL; }
     struct pool *p = calloc(1, sizeof *p);
     if (!p) { snprintf(why, why_len, "out of memory"); return NULL; }
+    p->nice = nice;
     pthread_mutex_init(&p->mu, NULL);
     sem_init(&p->jobs, 0, 0);
     p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

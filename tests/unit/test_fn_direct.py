@@ -51,6 +51,8 @@ _mode = {"native": False}
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs twice: direct instances in Python, and on the native workers (native.py)."""
     if request.param == "native" and native.unavailable() is not None:
+        if os.environ.get("MICROVMD_REQUIRE_NATIVE"):  # (CI: the native part must have been built)
+            pytest.fail(f"MICROVMD_REQUIRE_NATIVE is set, and the native build is not there: {native.unavailable()}")
         pytest.skip(f"the native build is not there: {native.unavailable()}")
     _mode["native"] = request.param == "native"
     yield request.param
